@@ -1,0 +1,77 @@
+package hbone
+
+import "time"
+
+// Defaults match ztunnel, so detour behaves like the rest of the mesh on the wire.
+// Sources (istio/ztunnel): src/config.rs (DEFAULT_* window, frame and pool constants) and
+// src/proxy/h2/{client,server}.rs (the h2 builder settings and keepalive).
+const (
+	// DefaultStreamWindow is the initial HTTP/2 stream flow-control window (ztunnel: 4 MiB).
+	DefaultStreamWindow = 4 << 20
+	// DefaultConnWindow is the connection window. ztunnel keeps it larger than the stream window so
+	// that one stalled stream cannot block the connection (16 MiB).
+	DefaultConnWindow = 16 << 20
+	// DefaultMaxFrameSize is the largest DATA frame payload we accept (ztunnel: 1 MiB).
+	DefaultMaxFrameSize = 1 << 20
+	// DefaultMaxConcurrentStreams caps open streams per connection. ztunnel's pool uses at most 100
+	// streams per connection before opening another one.
+	DefaultMaxConcurrentStreams = 100
+	// DefaultServerMaxConcurrentStreams is what the server advertises; a pool client opens more
+	// connections past its own limit, so the server may allow more.
+	DefaultServerMaxConcurrentStreams = 1000
+	// DefaultMaxHeaderListSize bounds a request's decoded header block.
+	DefaultMaxHeaderListSize = 16 << 10
+	// DefaultPingInterval and DefaultPingTimeout: ztunnel pings an idle connection every 10 s and
+	// drops it when no answer arrives within 20 s.
+	DefaultPingInterval = 10 * time.Second
+	DefaultPingTimeout  = 20 * time.Second
+	// DefaultHandshakeTimeout bounds the TLS handshake plus the HTTP/2 preface.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultIdleTimeout closes a connection that carried no stream for this long.
+	DefaultIdleTimeout = 10 * time.Minute
+	// DefaultHalfCloseTimeout bounds how long the remaining direction of a spliced stream may stay
+	// silent after the other direction ended.
+	DefaultHalfCloseTimeout = 5 * time.Minute
+)
+
+// Config holds the HTTP/2 settings of one side of HBONE. The zero value means every default above.
+type Config struct {
+	StreamWindow         uint32        // default DefaultStreamWindow
+	ConnWindow           uint32        // default DefaultConnWindow
+	MaxFrameSize         uint32        // default DefaultMaxFrameSize
+	MaxConcurrentStreams uint32        // default: 100 on a Dialer, 1000 on a Server
+	MaxHeaderListSize    uint32        // default DefaultMaxHeaderListSize
+	PingInterval         time.Duration // default DefaultPingInterval; negative disables pings
+	PingTimeout          time.Duration // default DefaultPingTimeout
+	HandshakeTimeout     time.Duration // default DefaultHandshakeTimeout
+	IdleTimeout          time.Duration // default DefaultIdleTimeout; negative disables
+}
+
+// withDefaults returns c with every zero field set to its default.
+func (c Config) withDefaults(maxStreams uint32) Config {
+	setU32(&c.StreamWindow, DefaultStreamWindow)
+	setU32(&c.ConnWindow, DefaultConnWindow)
+	setU32(&c.MaxFrameSize, DefaultMaxFrameSize)
+	setU32(&c.MaxConcurrentStreams, maxStreams)
+	setU32(&c.MaxHeaderListSize, DefaultMaxHeaderListSize)
+	setDur(&c.PingInterval, DefaultPingInterval)
+	setDur(&c.PingTimeout, DefaultPingTimeout)
+	setDur(&c.HandshakeTimeout, DefaultHandshakeTimeout)
+	setDur(&c.IdleTimeout, DefaultIdleTimeout)
+	c.MaxFrameSize = min(max(c.MaxFrameSize, 1<<14), 1<<24-1)
+	c.StreamWindow = min(c.StreamWindow, 1<<31-1)
+	c.ConnWindow = min(max(c.ConnWindow, 65535), 1<<31-1)
+	return c
+}
+
+func setU32(v *uint32, d uint32) {
+	if *v == 0 {
+		*v = d
+	}
+}
+
+func setDur(v *time.Duration, d time.Duration) {
+	if *v == 0 {
+		*v = d
+	}
+}

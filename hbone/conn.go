@@ -1,0 +1,879 @@
+package hbone
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// conn is one HBONE HTTP/2 connection, client or server side. It speaks only what HBONE needs:
+// CONNECT streams, flow control, SETTINGS, PING and GOAWAY; no push, no priorities, no trailers.
+//
+// Goroutines: the reader (readLoop) owns the framer's read side and the HPACK decoder; the writer
+// (writeLoop) owns the bufio.Writer, the framer's write side and the HPACK encoder. Every other
+// mutable field is guarded by mu. Nothing holds mu across a network write.
+type conn struct {
+	nc   net.Conn // immutable
+	srv  bool     // immutable: server side
+	cfg  Config   // immutable, defaults applied
+	log  *slog.Logger
+	fr   *http2.Framer // read side owned by the reader, write side by the writer
+	bw   *bufio.Writer // owned by the writer
+	henc *hpack.Encoder
+	hbuf []byte // owned by the writer: HPACK scratch
+
+	peerID   spiffeid.ID   // immutable: the peer's verified SPIFFE ID, zero if none
+	onStream func(*Stream) // server: called in its own goroutine for each accepted CONNECT
+	onClose  func(*conn)   // called once when the connection is gone
+
+	mu          sync.Mutex
+	streams     map[uint32]*Stream
+	nextID      uint32 // client: next stream ID to open
+	lastPeerID  uint32 // server: highest stream ID the peer opened
+	reserved    int    // client: stream slots promised to dialers but not yet opened
+	peerFrame   uint32 // peer's SETTINGS_MAX_FRAME_SIZE
+	peerWindow  int32  // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerStreams uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	sendWin     int64  // connection send window
+	recvWin     int64  // bytes the peer may still send on the connection
+	recvUnacked int64  // consumed bytes not yet returned by WINDOW_UPDATE
+	goAwaySent  bool
+	goAwayRecv  bool
+	idleSince   time.Time // when the last stream ended; zero while streams are open
+	err         error     // why the connection closed; set once
+
+	lastRead atomic.Int64 // unix nanos of the last frame read, for keepalive
+	pingSent atomic.Int64 // unix nanos of the unanswered keepalive ping, 0 if none
+
+	wmu     sync.Mutex  // guards the write queues
+	ctrlQ   []writeItem // control frames, written first
+	ordQ    []writeItem // HEADERS, DATA and RST_STREAM, in order
+	closing bool        // guarded by wmu: flush the queues, then close
+	wake    chan struct{}
+
+	done       chan struct{} // closed when the connection is closed
+	writerDone chan struct{} // closed when the writer has exited
+	closeOnce  sync.Once
+	keepalive  *time.Timer
+}
+
+type writeKind uint8
+
+const (
+	wData writeKind = iota
+	wHeaders
+	wRST
+	wWindow
+	wPing
+	wPingAck
+	wSettings
+	wSettingsAck
+	wGoAway
+	wTableSize
+	wBarrier // writes nothing; its notification tells a writer the queue is past its items
+)
+
+// writeItem is one frame for the writer. Data items point into the caller's buffer: the caller
+// waits for the notification before it reuses the buffer.
+type writeItem struct {
+	kind   writeKind
+	s      *Stream
+	id     uint32
+	data   []byte
+	end    bool
+	notify bool
+	fields   []hpack.HeaderField
+	settings []http2.Setting
+	code     http2.ErrCode
+	n      uint32
+	ping   [8]byte
+}
+
+func newConn(nc net.Conn, srv bool, cfg Config, log *slog.Logger) *conn {
+	c := &conn{
+		nc:          nc,
+		srv:         srv,
+		cfg:         cfg,
+		log:         log,
+		bw:          bufio.NewWriterSize(nc, 64<<10),
+		streams:     map[uint32]*Stream{},
+		nextID:      1,
+		peerFrame:   1 << 14,
+		peerWindow:  65535,
+		peerStreams: 1<<31 - 1,
+		sendWin:     65535,
+		recvWin:     int64(cfg.ConnWindow),
+		wake:        make(chan struct{}, 1),
+		done:        make(chan struct{}),
+		writerDone:  make(chan struct{}),
+	}
+	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(nc, 64<<10))
+	c.fr.SetMaxReadFrameSize(cfg.MaxFrameSize)
+	c.fr.MaxHeaderListSize = cfg.MaxHeaderListSize
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.SetReuseFrames()
+	c.henc = hpack.NewEncoder(hbufWriter{c})
+	c.lastRead.Store(time.Now().UnixNano())
+	return c
+}
+
+type hbufWriter struct{ c *conn }
+
+func (w hbufWriter) Write(p []byte) (int, error) {
+	w.c.hbuf = append(w.c.hbuf, p...)
+	return len(p), nil
+}
+
+// start sends our preface and SETTINGS and starts the writer and keepalive. The caller then runs
+// readLoop.
+func (c *conn) start() {
+	settings := []http2.Setting{
+		{ID: http2.SettingInitialWindowSize, Val: c.cfg.StreamWindow},
+		{ID: http2.SettingMaxFrameSize, Val: c.cfg.MaxFrameSize},
+		{ID: http2.SettingMaxHeaderListSize, Val: c.cfg.MaxHeaderListSize},
+	}
+	if c.srv {
+		settings = append(settings, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.cfg.MaxConcurrentStreams})
+	} else {
+		settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+	}
+	c.queueCtrl(writeItem{kind: wSettings, settings: settings})
+	if inc := c.cfg.ConnWindow - 65535; inc > 0 {
+		c.queueCtrl(writeItem{kind: wWindow, id: 0, n: inc})
+	}
+	go c.writeLoop()
+	if c.cfg.PingInterval > 0 {
+		c.keepalive = time.AfterFunc(c.cfg.PingInterval, c.checkAlive)
+	}
+}
+
+func (c *conn) queueCtrl(it writeItem) {
+	c.wmu.Lock()
+	c.ctrlQ = append(c.ctrlQ, it)
+	c.wmu.Unlock()
+	c.poke()
+}
+
+func (c *conn) queueOrdered(it writeItem) {
+	c.wmu.Lock()
+	c.ordQ = append(c.ordQ, it)
+	c.wmu.Unlock()
+	c.poke()
+}
+
+func (c *conn) poke() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop writes queued frames, control frames first, and flushes when the queues run dry, so
+// frames queued together leave in one TLS write.
+func (c *conn) writeLoop() {
+	defer close(c.writerDone)
+	var ctrl, ord []writeItem
+	for {
+		c.wmu.Lock()
+		ctrl, c.ctrlQ = c.ctrlQ, ctrl[:0]
+		ord, c.ordQ = c.ordQ, ord[:0]
+		closing := c.closing
+		c.wmu.Unlock()
+		if len(ctrl)+len(ord) == 0 {
+			if c.bw.Buffered() > 0 {
+				if err := c.bw.Flush(); err != nil {
+					c.close(fmt.Errorf("hbone: writing: %w", err))
+					return
+				}
+			}
+			if closing {
+				c.close(nil)
+				return
+			}
+			select {
+			case <-c.wake:
+				continue
+			case <-c.done:
+				return
+			}
+		}
+		for _, q := range [][]writeItem{ctrl, ord} {
+			for i := range q {
+				if err := c.writeFrame(&q[i]); err != nil {
+					c.close(fmt.Errorf("hbone: writing: %w", err))
+					c.notifyAll(q[i:])
+					return
+				}
+				q[i] = writeItem{}
+			}
+		}
+	}
+}
+
+// notifyAll releases writers waiting on items that will never be written.
+func (c *conn) notifyAll(items []writeItem) {
+	for _, it := range items {
+		if it.notify {
+			it.s.wrote <- struct{}{}
+		}
+	}
+}
+
+func (c *conn) writeFrame(it *writeItem) error {
+	switch it.kind {
+	case wData:
+		return c.writeData(it)
+	case wHeaders:
+		return c.writeHeaders(it)
+	case wRST:
+		return c.fr.WriteRSTStream(it.id, it.code)
+	case wWindow:
+		return c.fr.WriteWindowUpdate(it.id, it.n)
+	case wPing:
+		return c.fr.WritePing(false, it.ping)
+	case wPingAck:
+		return c.fr.WritePing(true, it.ping)
+	case wSettings:
+		return c.fr.WriteSettings(it.settings...)
+	case wSettingsAck:
+		return c.fr.WriteSettingsAck()
+	case wGoAway:
+		return c.fr.WriteGoAway(it.id, it.code, nil)
+	case wTableSize:
+		c.henc.SetMaxDynamicTableSizeLimit(it.n)
+	case wBarrier:
+		it.s.wrote <- struct{}{}
+	}
+	return nil
+}
+
+// writeData writes one DATA frame. The frame header is written by hand so that the payload goes
+// from the caller's buffer to the bufio.Writer (and, when large, straight to TLS) with no copy
+// into the framer's buffer.
+func (c *conn) writeData(it *writeItem) error {
+	s := it.s
+	defer func() {
+		if it.notify {
+			s.wrote <- struct{}{}
+		}
+	}()
+	if s.endWritten || s.rstWritten.Load() {
+		return nil // the stream ended under the writer: drop what is left
+	}
+	var hdr [9]byte
+	n := len(it.data)
+	hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
+	hdr[3] = byte(http2.FrameData)
+	if it.end {
+		hdr[4] = byte(http2.FlagDataEndStream)
+		s.endWritten = true
+	}
+	id := s.id
+	hdr[5], hdr[6], hdr[7], hdr[8] = byte(id>>24&0x7f), byte(id>>16), byte(id>>8), byte(id)
+	if _, err := c.bw.Write(hdr[:]); err != nil {
+		return err
+	}
+	_, err := c.bw.Write(it.data)
+	return err
+}
+
+func (c *conn) writeHeaders(it *writeItem) error {
+	if it.s != nil && it.s.rstWritten.Load() {
+		return nil
+	}
+	c.hbuf = c.hbuf[:0]
+	for _, f := range it.fields {
+		if err := c.henc.WriteField(f); err != nil {
+			return err
+		}
+	}
+	c.mu.Lock()
+	max := int(c.peerFrame)
+	c.mu.Unlock()
+	block := c.hbuf
+	first := block[:min(len(block), max)]
+	block = block[len(first):]
+	if it.end && it.s != nil {
+		it.s.endWritten = true
+	}
+	err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: it.id, BlockFragment: first, EndStream: it.end, EndHeaders: len(block) == 0})
+	for err == nil && len(block) > 0 {
+		frag := block[:min(len(block), max)]
+		block = block[len(frag):]
+		err = c.fr.WriteContinuation(it.id, len(block) == 0, frag)
+	}
+	return err
+}
+
+// checkAlive runs from the keepalive timer: it pings a connection that has been quiet for a ping
+// interval and closes it when a ping stays unanswered for the ping timeout. It runs off the writer
+// goroutine so that a writer stuck on a dead peer is still detected. A server also closes a
+// connection that has had no stream for the idle timeout.
+func (c *conn) checkAlive() {
+	now := time.Now()
+	if sent := c.pingSent.Load(); sent != 0 && now.Sub(time.Unix(0, sent)) >= c.cfg.PingTimeout {
+		c.close(ErrPingTimeout)
+		return
+	}
+	if c.pingSent.Load() == 0 && now.Sub(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingInterval {
+		c.pingSent.Store(now.UnixNano())
+		var data [8]byte
+		copy(data[:], "detour!!")
+		c.queueCtrl(writeItem{kind: wPing, ping: data})
+	}
+	if c.cfg.IdleTimeout > 0 {
+		c.mu.Lock()
+		idle := !c.idleSince.IsZero() && now.Sub(c.idleSince) >= c.cfg.IdleTimeout
+		c.mu.Unlock()
+		if idle {
+			c.goAway(http2.ErrCodeNo, nil)
+		}
+	}
+	next := min(c.cfg.PingInterval, c.cfg.PingTimeout)
+	select {
+	case <-c.done:
+	default:
+		c.keepalive.Reset(next)
+	}
+}
+
+// goAway tells the peer no new streams will be accepted. With streams still open the connection
+// stays up for them (graceful); without, or with a protocol error (cause != nil), it closes after
+// the GOAWAY is flushed.
+func (c *conn) goAway(code http2.ErrCode, cause error) {
+	c.mu.Lock()
+	already := c.goAwaySent
+	c.goAwaySent = true
+	last := c.lastPeerID
+	open := len(c.streams)
+	c.mu.Unlock()
+	if !already {
+		c.queueCtrl(writeItem{kind: wGoAway, id: last, code: code})
+	}
+	if cause != nil || open == 0 {
+		c.closeAfterFlush(cause)
+	}
+}
+
+// closeAfterFlush lets the writer flush what is queued, then close. A writer stuck on the network
+// is cut off after a second.
+func (c *conn) closeAfterFlush(cause error) {
+	c.mu.Lock()
+	if c.err == nil && cause != nil {
+		c.err = cause
+	}
+	c.mu.Unlock()
+	c.wmu.Lock()
+	c.closing = true
+	c.wmu.Unlock()
+	c.poke()
+	time.AfterFunc(time.Second, func() { c.close(cause) })
+}
+
+// close tears the connection down: every stream fails with err (or ErrConnClosed).
+func (c *conn) close(err error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		if c.err == nil {
+			c.err = err
+		}
+		if c.err == nil {
+			c.err = ErrConnClosed
+		}
+		streams := c.streams
+		c.streams = map[uint32]*Stream{}
+		c.mu.Unlock()
+		close(c.done)
+		c.nc.Close()
+		if c.keepalive != nil {
+			c.keepalive.Stop()
+		}
+		for _, s := range streams {
+			s.fail(fmt.Errorf("%w: %w", ErrConnClosed, c.err))
+		}
+		if c.onClose != nil {
+			c.onClose(c)
+		}
+	})
+}
+
+// closeErr is the reason the connection closed.
+func (c *conn) closeErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// readLoop reads frames until the connection fails. It returns the reason, nil for a clean close.
+func (c *conn) readLoop() error {
+	for {
+		f, err := c.fr.ReadFrame()
+		if err == nil {
+			c.lastRead.Store(time.Now().UnixNano())
+			err = c.handle(f)
+		}
+		if err == nil {
+			continue
+		}
+		var se http2.StreamError
+		var ce connError
+		var h2ce http2.ConnectionError
+		switch {
+		case errors.As(err, &se):
+			c.resetStream(se.StreamID, se.Code, true)
+			continue
+		case errors.As(err, &ce):
+			c.goAway(ce.code, err)
+		case errors.As(err, &h2ce):
+			c.goAway(http2.ErrCode(h2ce), fmt.Errorf("hbone: reading frame: %w", err))
+		default:
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				err = nil
+			}
+			c.close(err)
+		}
+		<-c.done
+		<-c.writerDone
+		if errors.Is(c.closeErr(), ErrConnClosed) {
+			return nil
+		}
+		return c.closeErr()
+	}
+}
+
+func (c *conn) handle(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		return c.onData(f)
+	case *http2.MetaHeadersFrame:
+		return c.onHeaders(f)
+	case *http2.SettingsFrame:
+		return c.onSettings(f)
+	case *http2.WindowUpdateFrame:
+		return c.onWindowUpdate(f)
+	case *http2.PingFrame:
+		if f.IsAck() {
+			c.pingSent.Store(0)
+			return nil
+		}
+		c.queueCtrl(writeItem{kind: wPingAck, ping: f.Data})
+	case *http2.RSTStreamFrame:
+		c.onReset(f)
+	case *http2.GoAwayFrame:
+		c.onGoAway(f)
+	case *http2.PushPromiseFrame:
+		return connError{http2.ErrCodeProtocol, "PUSH_PROMISE received"}
+	}
+	return nil // PRIORITY and unknown frames are ignored
+}
+
+func (c *conn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
+		return connError{http2.ErrCodeProtocol, err.Error()}
+	}
+	c.mu.Lock()
+	err := f.ForeachSetting(c.applySettingLocked)
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	c.queueCtrl(writeItem{kind: wSettingsAck})
+	return nil
+}
+
+func (c *conn) applySettingLocked(s http2.Setting) error {
+	switch s.ID {
+	case http2.SettingMaxFrameSize:
+		c.peerFrame = s.Val
+	case http2.SettingMaxConcurrentStreams:
+		c.peerStreams = s.Val
+	case http2.SettingHeaderTableSize:
+		c.wmu.Lock()
+		c.ordQ = append(c.ordQ, writeItem{kind: wTableSize, n: min(s.Val, 4096)})
+		c.wmu.Unlock()
+	case http2.SettingInitialWindowSize:
+		delta := int64(s.Val) - int64(c.peerWindow)
+		c.peerWindow = int32(s.Val)
+		for _, st := range c.streams {
+			st.sendWin += delta
+			if st.sendWin > 1<<31-1 {
+				return connError{http2.ErrCodeFlowControl, "stream window overflow"}
+			}
+			st.pokeWindow()
+		}
+	}
+	return nil
+}
+
+func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.StreamID == 0 {
+		c.sendWin += int64(f.Increment)
+		if c.sendWin > 1<<31-1 {
+			return connError{http2.ErrCodeFlowControl, "connection window overflow"}
+		}
+		for _, s := range c.streams {
+			s.pokeWindow()
+		}
+		return nil
+	}
+	s := c.streams[f.StreamID]
+	if s == nil {
+		return nil // closed streams may still get updates
+	}
+	s.sendWin += int64(f.Increment)
+	if s.sendWin > 1<<31-1 {
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+	}
+	s.pokeWindow()
+	return nil
+}
+
+func (c *conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Length)
+	data := f.Data()
+	c.mu.Lock()
+	if n > c.recvWin {
+		c.mu.Unlock()
+		return connError{http2.ErrCodeFlowControl, "DATA beyond the connection window"}
+	}
+	c.recvWin -= n
+	s := c.streams[f.StreamID]
+	if s == nil || s.recvEnded {
+		c.creditConnLocked(n)
+		idle := c.isIdleIDLocked(f.StreamID)
+		c.mu.Unlock()
+		if idle {
+			return connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
+		}
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed}
+	}
+	if n > s.recvWin {
+		c.creditConnLocked(n)
+		c.mu.Unlock()
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+	}
+	s.recvWin -= n
+	if pad := n - int64(len(data)); pad > 0 {
+		c.creditConnLocked(pad) // padding is never read by anyone
+	}
+	end := f.StreamEnded()
+	if end {
+		s.recvEnded = true
+	}
+	c.mu.Unlock()
+	s.push(data, end)
+	if end {
+		c.maybeRemove(s)
+	}
+	return nil
+}
+
+// isIdleIDLocked reports whether id names a stream that was never opened.
+func (c *conn) isIdleIDLocked(id uint32) bool {
+	if c.srv {
+		return id%2 == 1 && id > c.lastPeerID
+	}
+	return id%2 == 1 && id >= c.nextID
+}
+
+// creditConnLocked returns n bytes to the peer's connection window, batching the WINDOW_UPDATE.
+func (c *conn) creditConnLocked(n int64) {
+	c.recvUnacked += n
+	if c.recvUnacked >= int64(c.cfg.ConnWindow)/4 {
+		c.ctrlQ2(writeItem{kind: wWindow, id: 0, n: uint32(c.recvUnacked)})
+		c.recvWin += c.recvUnacked
+		c.recvUnacked = 0
+	}
+}
+
+// ctrlQ2 queues a control frame while mu is held (mu before wmu is the lock order).
+func (c *conn) ctrlQ2(it writeItem) {
+	c.wmu.Lock()
+	c.ctrlQ = append(c.ctrlQ, it)
+	c.wmu.Unlock()
+	c.poke()
+}
+
+// credit returns n consumed bytes of s to the peer's windows.
+func (c *conn) credit(s *Stream, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.creditConnLocked(int64(n))
+	if s.recvEnded || c.streams[s.id] != s {
+		return
+	}
+	s.recvUnacked += int64(n)
+	if s.recvUnacked >= int64(c.cfg.StreamWindow)/4 {
+		c.ctrlQ2(writeItem{kind: wWindow, id: s.id, n: uint32(s.recvUnacked)})
+		s.recvWin += s.recvUnacked
+		s.recvUnacked = 0
+	}
+}
+
+func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
+	c.mu.Lock()
+	s := c.streams[f.StreamID]
+	if s != nil {
+		c.mu.Unlock()
+		if !c.srv && !s.responded {
+			return c.onResponse(s, f)
+		}
+		// Trailers: HBONE sends none, but END_STREAM on them still ends the stream.
+		if !f.StreamEnded() {
+			return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol}
+		}
+		c.mu.Lock()
+		s.recvEnded = true
+		c.mu.Unlock()
+		s.push(nil, true)
+		c.maybeRemove(s)
+		return nil
+	}
+	if !c.srv {
+		c.mu.Unlock()
+		if c.isIdleIDLocked(f.StreamID) || f.StreamID%2 == 0 {
+			return connError{http2.ErrCodeProtocol, "HEADERS on a stream the client never opened"}
+		}
+		return nil // a response to a stream we already reset
+	}
+	if f.StreamID%2 == 0 || f.StreamID <= c.lastPeerID {
+		c.mu.Unlock()
+		return connError{http2.ErrCodeProtocol, "HEADERS with a reused or even stream ID"}
+	}
+	c.lastPeerID = f.StreamID
+	if c.goAwaySent || uint32(len(c.streams)) >= c.cfg.MaxConcurrentStreams {
+		c.mu.Unlock()
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeRefusedStream}
+	}
+	s = c.newStreamLocked(f.StreamID)
+	s.recvEnded = f.StreamEnded()
+	c.mu.Unlock()
+
+	req, status, err := parseRequest(f.Fields)
+	if f.Truncated {
+		status, err = http.StatusRequestHeaderFieldsTooLarge, errors.New("hbone: request headers too large")
+	}
+	if err == nil && f.StreamEnded() {
+		status, err = http.StatusBadRequest, errors.New("hbone: CONNECT ended the stream in its headers")
+	}
+	if err != nil {
+		c.log.Debug("hbone: refusing CONNECT", "stream", f.StreamID, "status", status, "err", err)
+		s.respond(status)
+		return nil
+	}
+	req.PeerID, req.LocalAddr, req.RemoteAddr = c.peerID, c.nc.LocalAddr(), c.nc.RemoteAddr()
+	s.req = req
+	go c.onStream(s)
+	return nil
+}
+
+func (c *conn) onResponse(s *Stream, f *http2.MetaHeadersFrame) error {
+	code, err := strconv.Atoi(f.PseudoValue("status"))
+	if err != nil || code < 100 || code > 999 {
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol}
+	}
+	if code < 200 {
+		return nil // informational
+	}
+	c.mu.Lock()
+	if s.responded {
+		c.mu.Unlock()
+		return nil
+	}
+	s.responded = true
+	s.status = code
+	if f.StreamEnded() {
+		s.recvEnded = true
+	}
+	c.mu.Unlock()
+	close(s.respCh)
+	if f.StreamEnded() {
+		s.push(nil, true)
+		c.maybeRemove(s)
+	}
+	return nil
+}
+
+func (c *conn) onReset(f *http2.RSTStreamFrame) {
+	c.mu.Lock()
+	s := c.streams[f.StreamID]
+	if s != nil {
+		c.removeLocked(s)
+	}
+	c.mu.Unlock()
+	if s != nil {
+		s.fail(&ResetError{Code: f.ErrCode, Remote: true})
+	}
+}
+
+func (c *conn) onGoAway(f *http2.GoAwayFrame) {
+	c.mu.Lock()
+	c.goAwayRecv = true
+	var refused []*Stream
+	for id, s := range c.streams {
+		if !c.srv && id > f.LastStreamID {
+			refused = append(refused, s)
+			c.removeLocked(s)
+		}
+	}
+	open := len(c.streams)
+	c.mu.Unlock()
+	for _, s := range refused {
+		s.fail(&ResetError{Code: http2.ErrCodeRefusedStream, Remote: true})
+	}
+	if c.onClose != nil {
+		c.onClose(c) // a pool stops handing out this connection
+	}
+	if open == 0 {
+		c.closeAfterFlush(nil)
+	}
+}
+
+// resetStream fails the stream id if it is still open and sends RST_STREAM for it; for a stream
+// already closed, only when always is set (a stream error on a frame for a closed stream).
+func (c *conn) resetStream(id uint32, code http2.ErrCode, always bool) {
+	c.mu.Lock()
+	s := c.streams[id]
+	if s != nil {
+		c.removeLocked(s)
+	}
+	c.mu.Unlock()
+	if s != nil {
+		s.rstWritten.Store(true)
+		s.fail(&ResetError{Code: code})
+	}
+	if s != nil || always {
+		c.queueOrdered(writeItem{kind: wRST, id: id, code: code})
+	}
+}
+
+func (c *conn) newStreamLocked(id uint32) *Stream {
+	s := newStream(c, id)
+	s.sendWin = int64(c.peerWindow)
+	s.recvWin = int64(c.cfg.StreamWindow)
+	c.streams[id] = s
+	c.idleSince = time.Time{}
+	return s
+}
+
+// maybeRemove forgets s once both directions have ended.
+func (c *conn) maybeRemove(s *Stream) {
+	c.mu.Lock()
+	done := s.recvEnded && s.sentEnd && c.streams[s.id] == s
+	if done {
+		c.removeLocked(s)
+	}
+	c.mu.Unlock()
+	if done {
+		s.finish()
+	}
+}
+
+func (c *conn) removeLocked(s *Stream) {
+	if c.streams[s.id] != s {
+		return
+	}
+	delete(c.streams, s.id)
+	if len(c.streams) == 0 {
+		c.idleSince = time.Now()
+		if c.goAwaySent || c.goAwayRecv {
+			go c.closeAfterFlush(nil)
+		}
+	}
+}
+
+// openStream opens a client stream for req: the ID is allocated and HEADERS queued under one
+// lock, so IDs reach the wire in increasing order.
+func (c *conn) openStream(req *Request) (*Stream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reserved > 0 {
+		c.reserved--
+	}
+	if c.err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrConnClosed, c.err)
+	}
+	if c.goAwayRecv || c.nextID > 1<<31-1 {
+		return nil, &ResetError{Code: http2.ErrCodeRefusedStream}
+	}
+	s := c.newStreamLocked(c.nextID)
+	c.nextID += 2
+	s.req = req
+	s.respCh = make(chan struct{})
+	c.wmu.Lock()
+	c.ordQ = append(c.ordQ, writeItem{kind: wHeaders, s: s, id: s.id, fields: req.fields()})
+	c.wmu.Unlock()
+	c.poke()
+	return s, nil
+}
+
+// reserve takes a stream slot for a dialer if the connection can carry one more stream.
+func (c *conn) reserve(limit uint32) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil || c.goAwayRecv || c.nextID > 1<<31-1-2*uint32(c.reserved) {
+		return false
+	}
+	if uint32(len(c.streams)+c.reserved) >= min(limit, c.peerStreams) {
+		return false
+	}
+	c.reserved++
+	return true
+}
+
+// usable reports whether the connection may still open streams.
+func (c *conn) usable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil && !c.goAwayRecv
+}
+
+// sendWindow blocks until s may send, and takes up to want bytes of both windows.
+func (c *conn) sendWindow(ctx context.Context, s *Stream, want int) (int, error) {
+	for {
+		c.mu.Lock()
+		if c.err != nil {
+			err := c.err
+			c.mu.Unlock()
+			return 0, fmt.Errorf("%w: %w", ErrConnClosed, err)
+		}
+		if err := s.writeErrLocked(); err != nil {
+			c.mu.Unlock()
+			return 0, err
+		}
+		n := min(s.sendWin, c.sendWin, int64(c.peerFrame), int64(want))
+		if n > 0 {
+			s.sendWin -= n
+			c.sendWin -= n
+			c.mu.Unlock()
+			return int(n), nil
+		}
+		c.mu.Unlock()
+		select {
+		case <-s.winCh:
+		case <-s.wdl.wait():
+			return 0, errDeadline
+		case <-c.done:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}

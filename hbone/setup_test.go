@@ -1,0 +1,119 @@
+package hbone_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.uber.org/goleak"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity/devca"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+const (
+	serverID = "spiffe://cluster.local/ns/detour/sa/waypoint"
+	clientID = "spiffe://cluster.local/ns/default/sa/client"
+)
+
+// pki is a CA with a server and a client identity.
+type pki struct {
+	ca        *devca.CA
+	serverTLS *tls.Config
+	clientTLS *tls.Config
+}
+
+func newPKI(t testing.TB) *pki {
+	t.Helper()
+	ca, err := devca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ca.Issue(serverID, time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := ca.Issue(clientID, time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &pki{
+		ca:        ca,
+		serverTLS: ca.ServerTLS(srv),
+		clientTLS: ca.ClientTLS(cli, spiffeid.RequireFromString(serverID)),
+	}
+}
+
+// echoServer echoes every connection and half-closes after the client's FIN. It returns the
+// address; it stops when the test ends.
+func echoServer(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		l.Close()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+// startServer runs an hbone.Server with h on a loopback port and closes it when the test ends.
+func startServer(t testing.TB, p *pki, h hbone.Handler) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: p.serverTLS}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-done; !errors.Is(err, hbone.ErrServerClosed) {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return l.Addr().String()
+}
+
+func newDialer(t testing.TB) *hbone.Dialer {
+	d := &hbone.Dialer{}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,192 @@
+package hbone
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+var errTooManyFiles = syscall.EMFILE
+
+// copyBufSize is the pooled copy buffer: large enough that a bulk stream moves in few writes.
+const copyBufSize = 128 << 10
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// Splice moves bytes both ways between a and b until both directions end, then closes both.
+// A clean EOF on one side is passed on as CloseWrite (END_STREAM or a TCP FIN) and the other
+// direction keeps flowing, for as long as it makes progress within halfCloseTimeout (0 means
+// DefaultHalfCloseTimeout). An error or reset in either direction aborts both sides: a Stream is
+// reset with CONNECT_ERROR and a TCP connection closed with RST. It returns the first error.
+func Splice(a, b net.Conn, halfCloseTimeout time.Duration) error {
+	if halfCloseTimeout <= 0 {
+		halfCloseTimeout = DefaultHalfCloseTimeout
+	}
+	var progress, finished atomic.Int64
+	var watchdog atomic.Pointer[time.Timer]
+	var firstErr error
+	var once sync.Once
+	end := func(err error) {
+		if err != nil {
+			once.Do(func() { firstErr = err })
+			abort(a, b)
+			return
+		}
+		if finished.Add(1) == 1 {
+			watchdog.Store(watch(&progress, halfCloseTimeout, func() { abort(a, b) }))
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		end(pipe(b, a, &progress))
+	}()
+	end(pipe(a, b, &progress))
+	<-done
+	if t := watchdog.Load(); t != nil {
+		t.Stop()
+	}
+	return errors.Join(firstErr, closeBoth(a, b))
+}
+
+// watch calls stall when progress has not moved for d.
+func watch(progress *atomic.Int64, d time.Duration, stall func()) *time.Timer {
+	last := progress.Load()
+	var t *time.Timer
+	var mu sync.Mutex
+	t = time.AfterFunc(d, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if now := progress.Load(); now != last {
+			last = now
+			t.Reset(d)
+			return
+		}
+		stall()
+	})
+	return t
+}
+
+// pipe copies src to dst and half-closes dst at src's EOF.
+func pipe(dst, src net.Conn, progress *atomic.Int64) error {
+	var err error
+	if s, ok := src.(*Stream); ok {
+		_, err = s.WriteTo(progressWriter{dst, progress})
+	} else {
+		_, err = copyProgress(dst, src, progress)
+	}
+	if err != nil {
+		return err
+	}
+	return closeWrite(dst)
+}
+
+type progressWriter struct {
+	w io.Writer
+	p *atomic.Int64
+}
+
+func (pw progressWriter) Write(b []byte) (int, error) {
+	n, err := pw.w.Write(b)
+	pw.p.Add(int64(n))
+	return n, err
+}
+
+func copyPooled(dst io.Writer, src io.Reader) (int64, error) {
+	return copyProgress(dst, src, nil)
+}
+
+// copyProgress copies with a pooled buffer taken only once src has data, so an idle stream holds
+// no copy buffer.
+func copyProgress(dst io.Writer, src io.Reader, progress *atomic.Int64) (int64, error) {
+	var total int64
+	for {
+		if err := waitReadable(src); err != nil {
+			return total, err
+		}
+		bp := copyBufPool.Get().(*[]byte)
+		n, rerr := src.Read(*bp)
+		var werr error
+		if n > 0 {
+			var w int
+			w, werr = dst.Write((*bp)[:n])
+			total += int64(w)
+			if progress != nil {
+				progress.Add(int64(w))
+			}
+		}
+		copyBufPool.Put(bp)
+		switch {
+		case werr != nil:
+			return total, werr
+		case rerr == io.EOF:
+			return total, nil
+		case rerr != nil:
+			return total, rerr
+		}
+	}
+}
+
+// waitReadable blocks until a socket has data (or EOF or an error) without holding a buffer.
+// Other readers return at once.
+func waitReadable(r io.Reader) error {
+	sc, ok := r.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	if _, isStream := r.(*Stream); isStream {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var one [1]byte
+	err = rc.Read(func(fd uintptr) bool {
+		_, _, err := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return err != syscall.EAGAIN
+	})
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
+	}
+	return nil
+}
+
+func closeWrite(c net.Conn) error {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
+// abort ends both sides abruptly, so a reset on one side reaches the other.
+func abort(cs ...net.Conn) {
+	for _, c := range cs {
+		switch c := c.(type) {
+		case *Stream:
+			c.Reset(http2.ErrCodeConnect)
+		case *net.TCPConn:
+			c.SetLinger(0)
+			c.Close()
+		default:
+			c.Close()
+		}
+	}
+}
+
+func closeBoth(a, b net.Conn) error {
+	return errors.Join(ignoreClosed(a.Close()), ignoreClosed(b.Close()))
+}
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, ErrStreamClosed) {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,509 @@
+package hbone
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+var errDeadline = os.ErrDeadlineExceeded
+
+// Stream is one CONNECT tunnel: a net.Conn whose bytes travel as DATA frames of one HTTP/2
+// stream. CloseWrite sends END_STREAM (a TCP FIN) while reads go on; Close ends both directions,
+// with RST_STREAM if the peer was still sending. Reset aborts the stream with a code.
+//
+// Read and Write may be called concurrently with each other; like a net.Conn, each should be
+// called from one goroutine at a time.
+type Stream struct {
+	c   *conn  // immutable
+	id  uint32 // immutable
+	req *Request
+
+	// Guarded by c.mu.
+	sendWin     int64
+	recvWin     int64
+	recvUnacked int64
+	sentEnd     bool  // END_STREAM queued (or a final status sent)
+	recvEnded   bool  // END_STREAM received
+	responded   bool  // client: final response headers received
+	werr        error // writes fail with this once set
+
+	endWritten bool        // owned by the writer: END_STREAM is on the wire
+	rstWritten atomic.Bool // RST_STREAM queued: the writer drops further frames
+
+	// Receive buffer, guarded by mu.
+	mu     sync.Mutex
+	chunks []*chunk
+	rerr   error // io.EOF after END_STREAM, or why the stream failed
+	closed bool  // Close was called
+
+	readable chan struct{} // poked when chunks or rerr change
+	winCh    chan struct{} // poked when the send window grows or the stream fails
+	wrote    chan struct{} // the writer finished an item with notify set
+	wmu      sync.Mutex    // serializes Write and CloseWrite
+
+	rdl, wdl deadline
+
+	status   int           // client: the response status, valid once respCh is closed
+	respCh   chan struct{} // client: closed on the final response
+	accepted atomic.Bool   // server: the 200 was queued
+
+	ctx      context.Context
+	cancel   context.CancelFunc
+	finOnce  sync.Once
+	closeMu  sync.Once
+	onClose  func() error // optional: releases what the stream runs over (double HBONE)
+	closeErr error
+}
+
+func newStream(c *conn, id uint32) *Stream {
+	s := &Stream{
+		c:        c,
+		id:       id,
+		readable: make(chan struct{}, 1),
+		winCh:    make(chan struct{}, 1),
+		wrote:    make(chan struct{}, 1),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
+}
+
+// Request is the CONNECT this stream answers (server) or made (client).
+func (s *Stream) Request() *Request { return s.req }
+
+// ID is the HTTP/2 stream ID.
+func (s *Stream) ID() uint32 { return s.id }
+
+// Context is cancelled when the stream ends: both sides done, reset, or the connection lost.
+func (s *Stream) Context() context.Context { return s.ctx }
+
+// LocalAddr and RemoteAddr are the addresses of the connection the stream runs on.
+func (s *Stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
+func (s *Stream) RemoteAddr() net.Addr { return s.c.nc.RemoteAddr() }
+
+func (s *Stream) SetDeadline(t time.Time) error {
+	s.rdl.set(t)
+	s.wdl.set(t)
+	return nil
+}
+func (s *Stream) SetReadDeadline(t time.Time) error  { s.rdl.set(t); return nil }
+func (s *Stream) SetWriteDeadline(t time.Time) error { s.wdl.set(t); return nil }
+
+// Accept answers the CONNECT with 200. A server Handler calls it once the stream can be served,
+// that is after its upstream dial succeeded; Write before Accept fails.
+func (s *Stream) Accept() error {
+	if !s.c.srv {
+		return errors.New("hbone: Accept on a client stream")
+	}
+	if s.accepted.Swap(true) {
+		return nil
+	}
+	s.c.mu.Lock()
+	err := s.writeErrLocked()
+	s.c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	s.c.queueOrdered(writeItem{kind: wHeaders, s: s, id: s.id, fields: statusFields(http.StatusOK)})
+	return nil
+}
+
+func statusFields(code int) []hpack.HeaderField {
+	return []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(code)}}
+}
+
+// respond sends a final non-200 status with END_STREAM and ends the stream; if the client was
+// still sending, RST_STREAM(NO_ERROR) tells it to stop (RFC 9113 section 8.1).
+func (s *Stream) respond(code int) {
+	c := s.c
+	c.mu.Lock()
+	if c.streams[s.id] != s || s.sentEnd {
+		c.mu.Unlock()
+		return
+	}
+	s.sentEnd = true
+	s.werr = &StatusError{Code: code}
+	recvEnded := s.recvEnded
+	c.removeLocked(s)
+	c.mu.Unlock()
+	s.accepted.Store(true)
+	c.queueOrdered(writeItem{kind: wHeaders, s: s, id: s.id, fields: statusFields(code), end: true})
+	if !recvEnded {
+		c.queueOrdered(writeItem{kind: wRST, id: s.id, code: http2.ErrCodeNo})
+	}
+	s.fail(&StatusError{Code: code})
+}
+
+func (s *Stream) writeErrLocked() error {
+	if s.werr != nil {
+		return s.werr
+	}
+	if s.sentEnd {
+		return ErrStreamClosed
+	}
+	return nil
+}
+
+func (s *Stream) pokeWindow() {
+	select {
+	case s.winCh <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Stream) pokeRead() {
+	select {
+	case s.readable <- struct{}{}:
+	default:
+	}
+}
+
+// Write sends p as DATA frames, as flow control allows. It returns once the writer has taken
+// all of p, so p may be reused.
+func (s *Stream) Write(p []byte) (int, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.c.srv && !s.accepted.Load() {
+		return 0, errors.New("hbone: Write before Accept")
+	}
+	n := 0
+	for n < len(p) {
+		k, err := s.c.sendWindow(context.Background(), s, len(p)-n)
+		if err != nil {
+			if n > 0 {
+				s.barrier()
+			}
+			return n, err
+		}
+		s.c.queueOrdered(writeItem{kind: wData, s: s, data: p[n : n+k], notify: n+k == len(p)})
+		n += k
+	}
+	if n > 0 && !s.waitWritten() {
+		return n, fmt.Errorf("%w: %w", ErrConnClosed, s.c.closeErr())
+	}
+	return n, nil
+}
+
+// barrier waits until the writer is past every item queued for s.
+func (s *Stream) barrier() {
+	s.c.queueOrdered(writeItem{kind: wBarrier, s: s, notify: true})
+	s.waitWritten()
+}
+
+func (s *Stream) waitWritten() bool {
+	select {
+	case <-s.wrote:
+		return true
+	case <-s.c.writerDone:
+		return false
+	}
+}
+
+// CloseWrite sends END_STREAM: the peer reads EOF, and this side can still read.
+func (s *Stream) CloseWrite() error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.c.srv && !s.accepted.Load() {
+		return errors.New("hbone: CloseWrite before Accept")
+	}
+	c := s.c
+	c.mu.Lock()
+	if s.sentEnd && s.werr == nil {
+		c.mu.Unlock()
+		return nil
+	}
+	if err := s.writeErrLocked(); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	s.sentEnd = true
+	c.mu.Unlock()
+	c.queueOrdered(writeItem{kind: wData, s: s, end: true})
+	c.maybeRemove(s)
+	return nil
+}
+
+// Read reads the peer's bytes; io.EOF after the peer's END_STREAM (or RST_STREAM NO_ERROR).
+func (s *Stream) Read(p []byte) (int, error) {
+	for {
+		s.mu.Lock()
+		if len(s.chunks) > 0 {
+			n := 0
+			for n < len(p) && len(s.chunks) > 0 {
+				ch := s.chunks[0]
+				k := copy(p[n:], ch.buf[ch.r:ch.w])
+				ch.r += k
+				n += k
+				if ch.r == ch.w {
+					s.chunks[0] = nil
+					s.chunks = s.chunks[1:]
+					putChunk(ch)
+				}
+			}
+			more := len(s.chunks) > 0
+			s.mu.Unlock()
+			if more {
+				s.pokeRead()
+			}
+			s.c.credit(s, n)
+			return n, nil
+		}
+		if err := s.readErrLocked(); err != nil {
+			s.mu.Unlock()
+			return 0, err
+		}
+		s.mu.Unlock()
+		if len(p) == 0 {
+			return 0, nil
+		}
+		select {
+		case <-s.readable:
+		case <-s.rdl.wait():
+			return 0, errDeadline
+		}
+	}
+}
+
+func (s *Stream) readErrLocked() error {
+	if s.closed {
+		return ErrStreamClosed
+	}
+	return s.rerr
+}
+
+// WriteTo copies the peer's bytes to w straight from the receive buffer, with no copy buffer;
+// io.Copy uses it. It returns nil at the peer's END_STREAM.
+func (s *Stream) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		s.mu.Lock()
+		if len(s.chunks) > 0 {
+			ch := s.chunks[0]
+			s.chunks[0] = nil
+			s.chunks = s.chunks[1:]
+			s.mu.Unlock()
+			n, err := w.Write(ch.buf[ch.r:ch.w])
+			total += int64(n)
+			s.c.credit(s, ch.w-ch.r)
+			putChunk(ch)
+			if err != nil {
+				return total, err
+			}
+			continue
+		}
+		err := s.readErrLocked()
+		s.mu.Unlock()
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		select {
+		case <-s.readable:
+		case <-s.rdl.wait():
+			return total, errDeadline
+		}
+	}
+}
+
+// ReadFrom copies r into the stream until r's EOF; it does not send END_STREAM.
+func (s *Stream) ReadFrom(r io.Reader) (int64, error) {
+	return copyPooled(s, r)
+}
+
+// push appends received DATA to the buffer; end marks the peer's END_STREAM.
+func (s *Stream) push(p []byte, end bool) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		if len(p) > 0 {
+			s.c.credit(s, len(p))
+		}
+		return
+	}
+	for len(p) > 0 {
+		var ch *chunk
+		if n := len(s.chunks); n > 0 && s.chunks[n-1].w < len(s.chunks[n-1].buf) {
+			ch = s.chunks[n-1]
+		} else {
+			ch = getChunk()
+			s.chunks = append(s.chunks, ch)
+		}
+		k := copy(ch.buf[ch.w:], p)
+		ch.w += k
+		p = p[k:]
+	}
+	if end && s.rerr == nil {
+		s.rerr = io.EOF
+	}
+	s.mu.Unlock()
+	s.pokeRead()
+}
+
+// fail ends the stream with err: reads see it after the buffered bytes (io.EOF for a reset with
+// NO_ERROR or after the peer's END_STREAM), writes see it at once.
+func (s *Stream) fail(err error) {
+	var re *ResetError
+	readErr := err
+	if errors.As(err, &re) && re.Remote && re.Code == http2.ErrCodeNo {
+		readErr = io.EOF
+	}
+	s.mu.Lock()
+	if s.rerr == nil {
+		s.rerr = readErr
+	}
+	s.mu.Unlock()
+	s.c.mu.Lock()
+	if s.werr == nil {
+		s.werr = err
+	}
+	s.c.mu.Unlock()
+	s.pokeRead()
+	s.pokeWindow()
+	s.finish()
+}
+
+// finish runs once, when the stream is gone from its connection.
+func (s *Stream) finish() {
+	s.finOnce.Do(func() {
+		s.cancel()
+		if s.respCh != nil {
+			s.c.mu.Lock()
+			responded := s.responded
+			s.responded = true
+			s.c.mu.Unlock()
+			if !responded {
+				close(s.respCh)
+			}
+		}
+	})
+}
+
+// Reset aborts the stream with RST_STREAM(code); both directions fail.
+func (s *Stream) Reset(code http2.ErrCode) {
+	s.c.resetStream(s.id, code, false)
+}
+
+// Close ends the stream like closing a socket: a graceful END_STREAM when the peer already
+// finished sending, RST_STREAM otherwise (NO_ERROR if we had sent END_STREAM, CANCEL if not).
+// A server stream closed before Accept is answered 502. Close is idempotent.
+func (s *Stream) Close() error {
+	s.closeMu.Do(func() {
+		s.closeErr = s.close()
+	})
+	return s.closeErr
+}
+
+func (s *Stream) close() error {
+	c := s.c
+	if c.srv && !s.accepted.Load() {
+		s.respond(http.StatusBadGateway)
+	}
+	s.mu.Lock()
+	s.closed = true
+	for _, ch := range s.chunks {
+		putChunk(ch)
+	}
+	s.chunks = nil
+	s.mu.Unlock()
+	s.pokeRead()
+
+	c.mu.Lock()
+	open := c.streams[s.id] == s
+	sentEnd, recvEnded := s.sentEnd, s.recvEnded
+	if open && recvEnded && !sentEnd {
+		s.sentEnd = true
+	}
+	c.mu.Unlock()
+	switch {
+	case !open:
+	case !recvEnded && sentEnd:
+		c.resetStream(s.id, http2.ErrCodeNo, false)
+	case !recvEnded:
+		c.resetStream(s.id, http2.ErrCodeCancel, false)
+	case !sentEnd:
+		c.queueOrdered(writeItem{kind: wData, s: s, end: true})
+		c.maybeRemove(s)
+	}
+	s.finish()
+	if s.onClose != nil {
+		return s.onClose()
+	}
+	return nil
+}
+
+// chunk is a piece of the receive buffer; buffers come from a pool and go back once read.
+type chunk struct {
+	buf  []byte
+	r, w int
+}
+
+const chunkSize = 32 << 10
+
+var chunkPool = sync.Pool{New: func() any { return &chunk{buf: make([]byte, chunkSize)} }}
+
+func getChunk() *chunk { return chunkPool.Get().(*chunk) }
+
+func putChunk(ch *chunk) {
+	ch.r, ch.w = 0, 0
+	chunkPool.Put(ch)
+}
+
+// deadline is a settable deadline whose channel closes when it passes (as in net.Pipe).
+type deadline struct {
+	mu    sync.Mutex
+	timer *time.Timer
+	ch    chan struct{} // nil: no deadline set yet
+}
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil && !d.timer.Stop() {
+		<-d.ch // the timer fired: wait for it to close ch
+	}
+	d.timer = nil
+	closed := d.ch != nil && isClosed(d.ch)
+	if t.IsZero() {
+		if closed {
+			d.ch = nil
+		}
+		return
+	}
+	if d.ch == nil || closed {
+		d.ch = make(chan struct{})
+	}
+	if dur := time.Until(t); dur > 0 {
+		ch := d.ch
+		d.timer = time.AfterFunc(dur, func() { close(ch) })
+		return
+	}
+	close(d.ch)
+}
+
+func (d *deadline) wait() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ch
+}
+
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}

@@ -1,0 +1,142 @@
+// Package devca is an in-process certificate authority that mints SPIFFE X.509-SVIDs, for the
+// embedded demo and for tests: every peer, Istio's own HBONE code included, can get a
+// certificate chained to the same root.
+package devca
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"net/url"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// CA signs SVIDs for one trust domain. It is immutable after New.
+type CA struct {
+	td   spiffeid.TrustDomain
+	cert *x509.Certificate
+	key  crypto.Signer
+	now  func() time.Time
+}
+
+// New creates a CA for trustDomain with a fresh P-256 root valid for ten years.
+func New(trustDomain string) (*CA, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("devca: trust domain %q: %w", trustDomain, err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("devca: generating root key: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               pkix.Name{Organization: []string{"detour dev CA"}, CommonName: td.String()},
+		NotBefore:             now.Add(-time.Minute),
+		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{td.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return nil, fmt.Errorf("devca: signing root: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("devca: parsing root: %w", err)
+	}
+	return &CA{td: td, cert: cert, key: key, now: time.Now}, nil
+}
+
+// TrustDomain is the CA's trust domain.
+func (ca *CA) TrustDomain() spiffeid.TrustDomain { return ca.td }
+
+// Root is the CA certificate.
+func (ca *CA) Root() *x509.Certificate { return ca.cert }
+
+// Bundle is the trust bundle holding the root.
+func (ca *CA) Bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(ca.td, []*x509.Certificate{ca.cert})
+}
+
+// Issue mints an SVID for id valid from notBefore to notAfter (zero: now-1m to now+24h, the
+// Istio CA's default lifetime). The id must belong to the CA's trust domain unless foreign is set.
+func (ca *CA) Issue(id string, notBefore, notAfter time.Time) (*x509svid.SVID, error) {
+	sid, err := spiffeid.FromString(id)
+	if err != nil {
+		return nil, fmt.Errorf("devca: SPIFFE ID %q: %w", id, err)
+	}
+	if !sid.MemberOf(ca.td) {
+		return nil, fmt.Errorf("devca: %s is not in trust domain %s", sid, ca.td)
+	}
+	if notBefore.IsZero() {
+		notBefore = ca.now().Add(-time.Minute)
+	}
+	if notAfter.IsZero() {
+		notAfter = ca.now().Add(24 * time.Hour)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("devca: generating key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		NotBefore:             notBefore,
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		URIs:                  []*url.URL{sid.URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("devca: signing %s: %w", sid, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("devca: parsing %s: %w", sid, err)
+	}
+	return &x509svid.SVID{ID: sid, Certificates: []*x509.Certificate{cert}, PrivateKey: key}, nil
+}
+
+// ServerTLS is a TLS config presenting svid and requiring a client SVID from this CA's trust
+// domain.
+func (ca *CA) ServerTLS(svid *x509svid.SVID) *tls.Config {
+	return tlsconfig.MTLSServerConfig(svid, ca.Bundle(), tlsconfig.AuthorizeMemberOf(ca.td))
+}
+
+// ClientTLS is a TLS config presenting svid and requiring the server to be serverID.
+func (ca *CA) ClientTLS(svid *x509svid.SVID, serverID spiffeid.ID) *tls.Config {
+	return tlsconfig.MTLSClientConfig(svid, ca.Bundle(), tlsconfig.AuthorizeID(serverID))
+}
+
+// Certificate converts an SVID to a tls.Certificate.
+func Certificate(svid *x509svid.SVID) tls.Certificate {
+	c := tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
+	for _, cert := range svid.Certificates {
+		c.Certificate = append(c.Certificate, cert.Raw)
+	}
+	return c
+}
+
+func serial() *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		panic(fmt.Sprintf("devca: reading randomness: %v", err))
+	}
+	return n
+}
