@@ -19,16 +19,21 @@ const (
 	// DefaultServerMaxConcurrentStreams is what the server advertises; a pool client opens more
 	// connections past its own limit, so the server may allow more.
 	DefaultServerMaxConcurrentStreams = 1000
-	// DefaultMaxHeaderListSize bounds a request's decoded header block.
-	DefaultMaxHeaderListSize = 16 << 10
+	// DefaultMaxHeaderListSize bounds a decoded header block: ztunnel's server allows 64 KiB
+	// (src/proxy/h2/server.rs), its client 16 KiB (src/proxy/h2/client.rs).
+	DefaultMaxHeaderListSize       = 16 << 10
+	DefaultServerMaxHeaderListSize = 64 << 10
 	// DefaultPingInterval and DefaultPingTimeout: ztunnel pings an idle connection every 10 s and
 	// drops it when no answer arrives within 20 s.
 	DefaultPingInterval = 10 * time.Second
 	DefaultPingTimeout  = 20 * time.Second
 	// DefaultHandshakeTimeout bounds the TLS handshake plus the HTTP/2 preface.
 	DefaultHandshakeTimeout = 10 * time.Second
-	// DefaultIdleTimeout closes a connection that carried no stream for this long.
+	// DefaultIdleTimeout closes a server connection that carried no stream for this long.
 	DefaultIdleTimeout = 10 * time.Minute
+	// DefaultPoolIdleTimeout releases an unused pooled client connection
+	// (ztunnel: DEFAULT_POOL_UNUSED_RELEASE_TIMEOUT, 5 min).
+	DefaultPoolIdleTimeout = 5 * time.Minute
 	// DefaultHalfCloseTimeout bounds how long the remaining direction of a spliced stream may stay
 	// silent after the other direction ended.
 	DefaultHalfCloseTimeout = 5 * time.Minute
@@ -40,24 +45,30 @@ type Config struct {
 	ConnWindow           uint32        // default DefaultConnWindow
 	MaxFrameSize         uint32        // default DefaultMaxFrameSize
 	MaxConcurrentStreams uint32        // default: 100 on a Dialer, 1000 on a Server
-	MaxHeaderListSize    uint32        // default DefaultMaxHeaderListSize
+	MaxHeaderListSize    uint32        // default: 16 KiB on a Dialer, 64 KiB on a Server
 	PingInterval         time.Duration // default DefaultPingInterval; negative disables pings
 	PingTimeout          time.Duration // default DefaultPingTimeout
 	HandshakeTimeout     time.Duration // default DefaultHandshakeTimeout
-	IdleTimeout          time.Duration // default DefaultIdleTimeout; negative disables
+	IdleTimeout          time.Duration // default: 5 min on a Dialer, 10 min on a Server; negative disables
 }
 
-// withDefaults returns c with every zero field set to its default.
-func (c Config) withDefaults(maxStreams uint32) Config {
+// withDefaults returns c with every zero field set to its default for a server or a client.
+func (c Config) withDefaults(server bool) Config {
 	setU32(&c.StreamWindow, DefaultStreamWindow)
 	setU32(&c.ConnWindow, DefaultConnWindow)
 	setU32(&c.MaxFrameSize, DefaultMaxFrameSize)
-	setU32(&c.MaxConcurrentStreams, maxStreams)
-	setU32(&c.MaxHeaderListSize, DefaultMaxHeaderListSize)
+	if server {
+		setU32(&c.MaxConcurrentStreams, DefaultServerMaxConcurrentStreams)
+		setU32(&c.MaxHeaderListSize, DefaultServerMaxHeaderListSize)
+		setDur(&c.IdleTimeout, DefaultIdleTimeout)
+	} else {
+		setU32(&c.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
+		setU32(&c.MaxHeaderListSize, DefaultMaxHeaderListSize)
+		setDur(&c.IdleTimeout, DefaultPoolIdleTimeout)
+	}
 	setDur(&c.PingInterval, DefaultPingInterval)
 	setDur(&c.PingTimeout, DefaultPingTimeout)
 	setDur(&c.HandshakeTimeout, DefaultHandshakeTimeout)
-	setDur(&c.IdleTimeout, DefaultIdleTimeout)
 	c.MaxFrameSize = min(max(c.MaxFrameSize, 1<<14), 1<<24-1)
 	c.StreamWindow = min(c.StreamWindow, 1<<31-1)
 	c.ConnWindow = min(max(c.ConnWindow, 65535), 1<<31-1)

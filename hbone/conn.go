@@ -89,17 +89,17 @@ const (
 // writeItem is one frame for the writer. Data items point into the caller's buffer: the caller
 // waits for the notification before it reuses the buffer.
 type writeItem struct {
-	kind   writeKind
-	s      *Stream
-	id     uint32
-	data   []byte
-	end    bool
-	notify bool
+	kind     writeKind
+	s        *Stream
+	id       uint32
+	data     []byte
+	end      bool
+	notify   bool
 	fields   []hpack.HeaderField
 	settings []http2.Setting
 	code     http2.ErrCode
-	n      uint32
-	ping   [8]byte
+	n        uint32
+	ping     [8]byte
 }
 
 func newConn(nc net.Conn, srv bool, cfg Config, log *slog.Logger) *conn {
@@ -239,6 +239,9 @@ func (c *conn) writeFrame(it *writeItem) error {
 	case wHeaders:
 		return c.writeHeaders(it)
 	case wRST:
+		if it.s != nil {
+			it.s.rstWritten = true
+		}
 		return c.fr.WriteRSTStream(it.id, it.code)
 	case wWindow:
 		return c.fr.WriteWindowUpdate(it.id, it.n)
@@ -270,7 +273,7 @@ func (c *conn) writeData(it *writeItem) error {
 			s.wrote <- struct{}{}
 		}
 	}()
-	if s.endWritten || s.rstWritten.Load() {
+	if s.endWritten || s.rstWritten {
 		return nil // the stream ended under the writer: drop what is left
 	}
 	var hdr [9]byte
@@ -291,7 +294,7 @@ func (c *conn) writeData(it *writeItem) error {
 }
 
 func (c *conn) writeHeaders(it *writeItem) error {
-	if it.s != nil && it.s.rstWritten.Load() {
+	if it.s != nil && it.s.rstWritten {
 		return nil
 	}
 	c.hbuf = c.hbuf[:0]
@@ -415,6 +418,20 @@ func (c *conn) closeErr() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err
+}
+
+// readSettings reads the peer's first frame, which must be SETTINGS (RFC 9113 section 3.4).
+func (c *conn) readSettings() error {
+	f, err := c.fr.ReadFrame()
+	if err != nil {
+		return err
+	}
+	sf, ok := f.(*http2.SettingsFrame)
+	if !ok || sf.IsAck() {
+		return connError{http2.ErrCodeProtocol, fmt.Sprintf("first frame is %v, not SETTINGS", f.Header().Type)}
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	return c.onSettings(sf)
 }
 
 // readLoop reads frames until the connection fails. It returns the reason, nil for a clean close.
@@ -756,12 +773,11 @@ func (c *conn) resetStream(id uint32, code http2.ErrCode, always bool) {
 		c.removeLocked(s)
 	}
 	c.mu.Unlock()
-	if s != nil {
-		s.rstWritten.Store(true)
-		s.fail(&ResetError{Code: code})
-	}
 	if s != nil || always {
-		c.queueOrdered(writeItem{kind: wRST, id: id, code: code})
+		c.queueOrdered(writeItem{kind: wRST, s: s, id: id, code: code})
+	}
+	if s != nil {
+		s.fail(&ResetError{Code: code})
 	}
 }
 

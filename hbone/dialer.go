@@ -77,8 +77,7 @@ func (d *Dialer) Dial(ctx context.Context, proxyAddr, target string, o DialOptio
 			return nil, fmt.Errorf("hbone: dialing %s via %s: %w", target, proxyAddr, err)
 		}
 		s, err := roundTrip(ctx, c, req)
-		var re *ResetError
-		if errors.As(err, &re) && re.Code == http2.ErrCodeRefusedStream && attempt < dialRetries {
+		if retryable(err) && attempt < dialRetries {
 			continue
 		}
 		if err != nil {
@@ -86,6 +85,13 @@ func (d *Dialer) Dial(ctx context.Context, proxyAddr, target string, o DialOptio
 		}
 		return s, nil
 	}
+}
+
+// retryable reports errors that prove the proxy never acted on the CONNECT: a refused stream,
+// or a pooled connection that died before any response.
+func retryable(err error) bool {
+	var re *ResetError
+	return errors.As(err, &re) && re.Code == http2.ErrCodeRefusedStream || errors.Is(err, ErrConnClosed)
 }
 
 func newRequest(target string, o DialOptions) (*Request, error) {
@@ -126,7 +132,7 @@ func roundTrip(ctx context.Context, c *conn, req *Request) (*Stream, error) {
 
 // conn returns a pooled connection with a stream slot reserved, dialing one if needed.
 func (d *Dialer) conn(ctx context.Context, key poolKey, tlsCfg *tls.Config) (*conn, error) {
-	limit := d.Config.withDefaults(DefaultMaxConcurrentStreams).MaxConcurrentStreams
+	limit := d.Config.withDefaults(false).MaxConcurrentStreams
 	for {
 		d.mu.Lock()
 		if d.closed {
@@ -171,10 +177,10 @@ func (d *Dialer) conn(ctx context.Context, key poolKey, tlsCfg *tls.Config) (*co
 // the handshake timeout, not by any one caller's context.
 func (d *Dialer) dial(key poolKey, tlsCfg *tls.Config, p *pool, call *dialCall) {
 	defer d.wg.Done()
-	cfg := d.Config.withDefaults(DefaultMaxConcurrentStreams)
+	cfg := d.Config.withDefaults(false)
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
 	defer cancel()
-	c, err := d.connect(ctx, key.addr, tlsCfg, cfg)
+	c, err := d.connect(ctx, key.addr, tlsCfg, cfg, func(c *conn) { d.forget(key, c) })
 	d.mu.Lock()
 	p.dialing = nil
 	if err == nil && d.closed {
@@ -183,7 +189,6 @@ func (d *Dialer) dial(key poolKey, tlsCfg *tls.Config, p *pool, call *dialCall) 
 	} else if err == nil {
 		p.conns = append(p.conns, c)
 		d.all[c] = struct{}{}
-		c.onClose = func(c *conn) { d.forget(key, c) }
 	}
 	call.err = err
 	d.mu.Unlock()
@@ -224,7 +229,7 @@ func (d *Dialer) forget(key poolKey, c *conn) {
 }
 
 // connect dials TCP, runs the TLS handshake and starts HTTP/2 on it.
-func (d *Dialer) connect(ctx context.Context, addr string, tlsCfg *tls.Config, cfg Config) (*conn, error) {
+func (d *Dialer) connect(ctx context.Context, addr string, tlsCfg *tls.Config, cfg Config, onClose func(*conn)) (*conn, error) {
 	dial := d.NetDial
 	if dial == nil {
 		dial = (&net.Dialer{}).DialContext
@@ -233,12 +238,13 @@ func (d *Dialer) connect(ctx context.Context, addr string, tlsCfg *tls.Config, c
 	if err != nil {
 		return nil, err
 	}
-	return startClient(ctx, nc, tlsCfg, cfg, d.log())
+	return startClient(ctx, nc, tlsCfg, cfg, d.log(), onClose)
 }
 
-// startClient runs the client TLS handshake on nc, checks ALPN and starts HTTP/2. The caller runs
-// the returned connection's readLoop.
-func startClient(ctx context.Context, nc net.Conn, tlsCfg *tls.Config, cfg Config, log *slog.Logger) (*conn, error) {
+// startClient runs the client TLS handshake on nc, checks ALPN, starts HTTP/2 and waits for the
+// server's SETTINGS: a TLS 1.3 server refuses our certificate only after our side of the
+// handshake returned, so that first read is where a refusal shows. The caller runs readLoop.
+func startClient(ctx context.Context, nc net.Conn, tlsCfg *tls.Config, cfg Config, log *slog.Logger, onClose func(*conn)) (*conn, error) {
 	tc := tls.Client(nc, clientTLS(tlsCfg))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
@@ -248,15 +254,25 @@ func startClient(ctx context.Context, nc net.Conn, tlsCfg *tls.Config, cfg Confi
 		tc.Close()
 		return nil, fmt.Errorf("negotiating ALPN with %s: got %q, want h2", nc.RemoteAddr(), p)
 	}
-	c := newConn(tc, false, cfg, log)
-	c.peerID = peerID(tc.ConnectionState().PeerCertificates)
-	tc.SetWriteDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(cfg.HandshakeTimeout)
+	}
+	tc.SetDeadline(deadline)
 	if _, err := tc.Write([]byte(http2.ClientPreface)); err != nil {
 		tc.Close()
-		return nil, fmt.Errorf("writing the HTTP/2 preface: %w", err)
+		return nil, fmt.Errorf("writing the HTTP/2 preface to %s: %w", nc.RemoteAddr(), err)
 	}
-	tc.SetWriteDeadline(time.Time{})
+	c := newConn(tc, false, cfg, log)
+	c.peerID = peerID(tc.ConnectionState().PeerCertificates)
+	c.onClose = onClose
 	c.start()
+	if err := c.readSettings(); err != nil {
+		c.close(err)
+		<-c.writerDone
+		return nil, fmt.Errorf("TLS handshake with %s: reading the server's SETTINGS: %w", nc.RemoteAddr(), err)
+	}
+	tc.SetDeadline(time.Time{})
 	return c, nil
 }
 
@@ -287,8 +303,8 @@ func (d *Dialer) DialDouble(ctx context.Context, gatewayAddr, outerTarget string
 	if err != nil {
 		return nil, err
 	}
-	cfg := d.Config.withDefaults(DefaultMaxConcurrentStreams)
-	c, err := startClient(ctx, os, inner.TLSConfig, cfg, d.log())
+	cfg := d.Config.withDefaults(false)
+	c, err := startClient(ctx, os, inner.TLSConfig, cfg, d.log(), nil)
 	if err != nil {
 		os.Close()
 		return nil, fmt.Errorf("hbone: inner HBONE to %s: %w", target, err)

@@ -155,7 +155,7 @@ func (srv *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 }
 
 func (srv *Server) serveConn(ctx context.Context, nc net.Conn) error {
-	cfg := srv.Config.withDefaults(DefaultServerMaxConcurrentStreams)
+	cfg := srv.Config.withDefaults(true)
 	tlsCfg, err := srv.tlsConfig()
 	if err != nil {
 		nc.Close()

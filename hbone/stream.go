@@ -39,8 +39,8 @@ type Stream struct {
 	responded   bool  // client: final response headers received
 	werr        error // writes fail with this once set
 
-	endWritten bool        // owned by the writer: END_STREAM is on the wire
-	rstWritten atomic.Bool // RST_STREAM queued: the writer drops further frames
+	endWritten bool // owned by the writer: END_STREAM is on the wire
+	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
 
 	// Receive buffer, guarded by mu.
 	mu     sync.Mutex
@@ -140,7 +140,7 @@ func (s *Stream) respond(code int) {
 	s.accepted.Store(true)
 	c.queueOrdered(writeItem{kind: wHeaders, s: s, id: s.id, fields: statusFields(code), end: true})
 	if !recvEnded {
-		c.queueOrdered(writeItem{kind: wRST, id: s.id, code: http2.ErrCodeNo})
+		c.queueOrdered(writeItem{kind: wRST, s: s, id: s.id, code: http2.ErrCodeNo})
 	}
 	s.fail(&StatusError{Code: code})
 }
