@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -148,12 +149,22 @@ func waitReadable(r io.Reader) error {
 		return nil
 	}
 	var one [1]byte
+	var peekErr error
 	err = rc.Read(func(fd uintptr) bool {
 		_, _, err := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		return err != syscall.EAGAIN
+		if err == syscall.EAGAIN {
+			return false
+		}
+		// A pending socket error (ECONNRESET) is reported once: keep it, the next Read
+		// would see a clean EOF instead.
+		peekErr = err
+		return true
 	})
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		return err
+	}
+	if peekErr != nil {
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", peekErr)}
 	}
 	return nil
 }
