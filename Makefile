@@ -1,0 +1,46 @@
+# detour: make is the front door. `make help` lists the targets.
+GO        ?= go
+BIN       ?= bin
+FUZZTIME  ?= 10s
+BENCHTIME ?= 3s
+VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
+.PHONY: help build test test-unit test-integration verify fuzz bench demo clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+build: ## build bin/detour
+	$(GO) build -ldflags "-X github.com/detour-mesh/detour/cmd/detour/cli.Version=$(VERSION)" -o $(BIN)/detour ./cmd/detour
+
+demo: build ## run detour's HBONE data path on an embedded default (no cluster)
+	$(BIN)/detour demo
+
+test: test-unit test-integration ## unit and integration tests, with -race
+
+test-unit: ## unit tests of the main module, with -race
+	$(GO) test -race -count=1 ./...
+
+test-integration: ## interop tests against Istio's own HBONE code (integration/ module), with -race
+	cd integration && $(GO) test -race -count=1 -timeout 20m ./...
+
+verify: ## fail on gofmt, go vet or go mod tidy drift
+	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt needed" && exit 1)
+	$(GO) vet ./...
+	cd integration && $(GO) vet ./...
+	$(GO) mod tidy -diff
+	cd integration && $(GO) mod tidy -diff
+
+fuzz: ## short run of every fuzz target (FUZZTIME each)
+	@for pkg in $$($(GO) list ./...); do \
+	  for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$t"; \
+	    $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
+
+bench: ## side-by-side benchmarks (detour vs Istio's Go HBONE vs TLS vs TCP); see BENCHMARKS.md
+	cd integration && $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -benchmem ./bench/
+
+clean: ## remove build output
+	rm -rf $(BIN)

@@ -1,0 +1,54 @@
+// Package cli holds detour's subcommands, one file each; each owns its flags.
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/spf13/cobra"
+)
+
+// Version is set at build time with -ldflags "-X github.com/detour-mesh/detour/cmd/detour/cli.Version=...".
+var Version = "dev"
+
+// Run executes the command line args and returns the process exit code.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root := &cobra.Command{
+		Use:           "detour",
+		Short:         "Istio-native, HBONE-aware proxy: steal or mirror live mesh traffic to a laptop",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	var verbose bool
+	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "log at debug level")
+	logger := func() *slog.Logger {
+		level := slog.LevelInfo
+		if verbose {
+			level = slog.LevelDebug
+		}
+		return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	}
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(newVersionCmd(), newDemoCmd(logger), newServeCmd(logger))
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(stderr, "detour:", err)
+		return 1
+	}
+	return 0
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print detour's version",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintln(cmd.OutOrStdout(), "detour", Version)
+			return nil
+		},
+	}
+}
