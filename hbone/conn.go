@@ -647,6 +647,12 @@ func (c *conn) credit(s *Stream, n int) {
 
 func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	c.mu.Lock()
+	if c.err != nil {
+		// Closed under the reader (by the writer or the keepalive): no new streams, or they
+		// would never be failed.
+		c.mu.Unlock()
+		return c.err
+	}
 	s := c.streams[f.StreamID]
 	if s != nil {
 		c.mu.Unlock()

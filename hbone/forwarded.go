@@ -52,8 +52,8 @@ func FormatForwarded(els ...ForwardedElement) string {
 
 var errForwarded = errors.New("hbone: malformed Forwarded header")
 
-// ParseForwarded parses a Forwarded header value into its elements. Unknown parameters are
-// ignored; a parameter repeated within one element, bad syntax, or a value over 4 KiB is an error.
+// ParseForwarded parses a Forwarded header value into its elements. Unknown parameters and empty
+// values are ignored (an element left with nothing is dropped); a parameter repeated within one element, bad syntax, or a value over 4 KiB is an error.
 func ParseForwarded(v string) ([]ForwardedElement, error) {
 	if len(v) > maxForwardedLen {
 		return nil, fmt.Errorf("%w: %d bytes", errForwarded, len(v))
@@ -69,7 +69,9 @@ func ParseForwarded(v string) ([]ForwardedElement, error) {
 		if err != nil {
 			return nil, err
 		}
-		els = append(els, e)
+		if e != (ForwardedElement{}) {
+			els = append(els, e) // an element with nothing we know carries nothing
+		}
 		p.skipSpace()
 		if p.done() {
 			break
@@ -155,17 +157,16 @@ func (p *fwdParser) value() (string, error) {
 	for p.i < len(p.s) {
 		c := p.s[p.i]
 		p.i++
-		switch {
-		case c == '"':
-			return b.String(), nil
-		case c == '\\' && p.i < len(p.s):
-			b.WriteByte(p.s[p.i])
+		if c == '\\' && p.i < len(p.s) {
+			c = p.s[p.i] // quoted-pair: the escaped byte must still be HTAB, SP or visible
 			p.i++
-		case c < 0x20 && c != '\t' || c == 0x7f:
-			return "", fmt.Errorf("%w: control character in quoted value", errForwarded)
-		default:
-			b.WriteByte(c)
+		} else if c == '"' {
+			return b.String(), nil
 		}
+		if c < 0x20 && c != '\t' || c == 0x7f {
+			return "", fmt.Errorf("%w: control character in quoted value", errForwarded)
+		}
+		b.WriteByte(c)
 	}
 	return "", fmt.Errorf("%w: unterminated quoted value", errForwarded)
 }

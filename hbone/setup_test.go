@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"testing"
@@ -94,7 +95,7 @@ func startServer(t testing.TB, p *pki, h hbone.Handler) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &hbone.Server{Handler: h, TLSConfig: p.serverTLS}
+	srv := &hbone.Server{Handler: h, TLSConfig: p.serverTLS, Logger: slog.New(slog.DiscardHandler)}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
 	t.Cleanup(func() {

@@ -1,0 +1,84 @@
+package hbone
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// FuzzServerFrames feeds arbitrary frames to a server connection (after the preface, with no
+// TLS): it must never panic, and must end within a bound once the peer goes away.
+func FuzzServerFrames(f *testing.F) {
+	f.Add(seedFrames(func(fr *http2.Framer, hdr func(...string) []byte) {
+		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20})
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hdr(":method", "CONNECT", ":authority", "10.0.0.1:80"), EndHeaders: true})
+		fr.WriteData(1, false, []byte("hello"))
+		fr.WriteWindowUpdate(0, 1000)
+		fr.WriteWindowUpdate(1, 1000)
+		fr.WritePing(false, [8]byte{1})
+		fr.WriteData(1, true, nil)
+		fr.WriteRSTStream(1, http2.ErrCodeCancel)
+		fr.WriteGoAway(0, http2.ErrCodeNo, nil)
+	}))
+	f.Add(seedFrames(func(fr *http2.Framer, hdr func(...string) []byte) {
+		fr.WriteSettings()
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: hdr(":method", "GET", ":path", "/"), EndHeaders: false})
+		fr.WriteContinuation(3, true, hdr("x", "y"))
+		fr.WriteData(5, false, []byte("idle stream"))
+	}))
+	f.Add(seedFrames(func(fr *http2.Framer, hdr func(...string) []byte) {
+		fr.WriteSettings(http2.Setting{ID: http2.SettingMaxFrameSize, Val: 1 << 14})
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hdr(":method", "CONNECT", ":authority", "a.b:1"), EndHeaders: true, EndStream: true})
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hdr(":method", "CONNECT", ":authority", "a.b:1"), EndHeaders: true})
+	}))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, b := net.Pipe()
+		cfg := Config{PingInterval: -1, StreamWindow: 1 << 16, ConnWindow: 1 << 17}.withDefaults(true)
+		c := newConn(a, true, cfg, slog.New(slog.DiscardHandler))
+		var handlers sync.WaitGroup
+		c.onStream = func(s *Stream) {
+			handlers.Add(1)
+			defer handlers.Done()
+			s.Accept()
+			io.Copy(io.Discard, s)
+			s.Write([]byte("bye"))
+			s.Close()
+		}
+		go io.Copy(io.Discard, b)
+		c.start()
+		done := make(chan struct{})
+		go func() { c.readLoop(); close(done) }()
+		b.SetWriteDeadline(time.Now().Add(time.Second))
+		b.Write(in)
+		b.Close()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("connection did not end after its peer left")
+		}
+		handlers.Wait()
+	})
+}
+
+func seedFrames(write func(fr *http2.Framer, hdr func(...string) []byte)) []byte {
+	var buf bytes.Buffer
+	fr := http2.NewFramer(&buf, nil)
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	hdr := func(kv ...string) []byte {
+		hb.Reset()
+		for i := 0; i+1 < len(kv); i += 2 {
+			enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+		}
+		return append([]byte(nil), hb.Bytes()...)
+	}
+	write(fr, hdr)
+	return buf.Bytes()
+}
