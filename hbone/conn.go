@@ -1,8 +1,8 @@
 package hbone
 
 import (
-	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -22,16 +22,25 @@ import (
 // conn is one HBONE HTTP/2 connection, client or server side. It speaks only what HBONE needs:
 // CONNECT streams, flow control, SETTINGS, PING and GOAWAY; no push, no priorities, no trailers.
 //
-// Goroutines: the reader (readLoop) owns the framer's read side and the HPACK decoder; the writer
-// (writeLoop) owns the bufio.Writer, the framer's write side and the HPACK encoder. Every other
-// mutable field is guarded by mu. Nothing holds mu across a network write.
+// Goroutines: the reader (readLoop) owns the framer's read side, the HPACK decoder and the wire
+// read buffer; the writer (writeLoop) owns the frame buffer, the framer's write side and the HPACK
+// encoder. Every other mutable field is guarded by mu. Nothing holds mu across a network write.
+//
+// DATA frames are read by hand, straight into the stream's receive chunks: no copy through the
+// framer, whose read buffer would otherwise keep the largest frame ever seen (1 MiB) per
+// connection. The framer reads every other frame, bounded by the header list size.
 type conn struct {
 	nc   net.Conn // immutable
 	srv  bool     // immutable: server side
 	cfg  Config   // immutable, defaults applied
 	log  *slog.Logger
 	fr   *http2.Framer // read side owned by the reader, write side by the writer
-	bw   *bufio.Writer // owned by the writer
+	rd   io.Reader     // the TLS connection, read by the reader
+	frd  *replayReader // feeds the framer a frame header the reader already took
+	hdr  [9]byte       // owned by the reader
+	tiny [4096]byte    // owned by the reader: small DATA payloads land here, then share a chunk
+	wr   *frameWriter  // owned by the writer
+	wire *wireConn     // batches TLS records under TLS; nil when the transport is not a socket
 	henc *hpack.Encoder
 	hbuf []byte // owned by the writer: HPACK scratch
 
@@ -102,13 +111,15 @@ type writeItem struct {
 	ping     [8]byte
 }
 
-func newConn(nc net.Conn, srv bool, cfg Config, log *slog.Logger) *conn {
+func newConn(nc net.Conn, wire *wireConn, srv bool, cfg Config, log *slog.Logger) *conn {
 	c := &conn{
 		nc:          nc,
+		rd:          nc,
+		wire:        wire,
 		srv:         srv,
 		cfg:         cfg,
 		log:         log,
-		bw:          bufio.NewWriterSize(nc, 64<<10),
+		wr:          &frameWriter{w: nc},
 		streams:     map[uint32]*Stream{},
 		nextID:      1,
 		peerFrame:   1 << 14,
@@ -120,8 +131,9 @@ func newConn(nc net.Conn, srv bool, cfg Config, log *slog.Logger) *conn {
 		done:        make(chan struct{}),
 		writerDone:  make(chan struct{}),
 	}
-	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(nc, 64<<10))
-	c.fr.SetMaxReadFrameSize(cfg.MaxFrameSize)
+	c.frd = &replayReader{r: nc}
+	c.fr = http2.NewFramer(c.wr, c.frd)
+	c.fr.SetMaxReadFrameSize(max(1<<14, cfg.MaxHeaderListSize))
 	c.fr.MaxHeaderListSize = cfg.MaxHeaderListSize
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.SetReuseFrames()
@@ -193,11 +205,9 @@ func (c *conn) writeLoop() {
 		closing := c.closing
 		c.wmu.Unlock()
 		if len(ctrl)+len(ord) == 0 {
-			if c.bw.Buffered() > 0 {
-				if err := c.bw.Flush(); err != nil {
-					c.close(fmt.Errorf("hbone: writing: %w", err))
-					return
-				}
+			if err := c.flush(); err != nil {
+				c.close(fmt.Errorf("hbone: writing: %w", err))
+				return
 			}
 			if closing {
 				c.close(nil)
@@ -210,6 +220,9 @@ func (c *conn) writeLoop() {
 				return
 			}
 		}
+		if c.wire != nil {
+			c.wire.batch()
+		}
 		for _, q := range [][]writeItem{ctrl, ord} {
 			for i := range q {
 				if err := c.writeFrame(&q[i]); err != nil {
@@ -221,6 +234,17 @@ func (c *conn) writeLoop() {
 			}
 		}
 	}
+}
+
+// flush writes the gathered frames through TLS and the gathered records to the socket.
+func (c *conn) flush() error {
+	err := c.wr.flush()
+	if c.wire != nil {
+		if werr := c.wire.release(); err == nil {
+			err = werr
+		}
+	}
+	return err
 }
 
 // notifyAll releases writers waiting on items that will never be written.
@@ -264,8 +288,7 @@ func (c *conn) writeFrame(it *writeItem) error {
 }
 
 // writeData writes one DATA frame. The frame header is written by hand so that the payload goes
-// from the caller's buffer to the bufio.Writer (and, when large, straight to TLS) with no copy
-// into the framer's buffer.
+// from the caller's buffer to the frame buffer with no copy into the framer's own.
 func (c *conn) writeData(it *writeItem) error {
 	s := it.s
 	defer func() {
@@ -286,10 +309,10 @@ func (c *conn) writeData(it *writeItem) error {
 	}
 	id := s.id
 	hdr[5], hdr[6], hdr[7], hdr[8] = byte(id>>24&0x7f), byte(id>>16), byte(id>>8), byte(id)
-	if _, err := c.bw.Write(hdr[:]); err != nil {
+	if _, err := c.wr.Write(hdr[:]); err != nil {
 		return err
 	}
-	_, err := c.bw.Write(it.data)
+	_, err := c.wr.Write(it.data)
 	return err
 }
 
@@ -422,7 +445,7 @@ func (c *conn) closeErr() error {
 
 // readSettings reads the peer's first frame, which must be SETTINGS (RFC 9113 section 3.4).
 func (c *conn) readSettings() error {
-	f, err := c.fr.ReadFrame()
+	f, err := c.readFrame()
 	if err != nil {
 		return err
 	}
@@ -437,11 +460,7 @@ func (c *conn) readSettings() error {
 // readLoop reads frames until the connection fails. It returns the reason, nil for a clean close.
 func (c *conn) readLoop() error {
 	for {
-		f, err := c.fr.ReadFrame()
-		if err == nil {
-			c.lastRead.Store(time.Now().UnixNano())
-			err = c.handle(f)
-		}
+		err := c.readOne()
 		if err == nil {
 			continue
 		}
@@ -474,7 +493,7 @@ func (c *conn) readLoop() error {
 func (c *conn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.DataFrame:
-		return c.onData(f)
+		return connError{http2.ErrCodeInternal, "DATA reached the framer"}
 	case *http2.MetaHeadersFrame:
 		return c.onHeaders(f)
 	case *http2.SettingsFrame:
@@ -563,44 +582,149 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	return nil
 }
 
-func (c *conn) onData(f *http2.DataFrame) error {
-	n := int64(f.Length)
-	data := f.Data()
+// readOne reads and handles one frame.
+func (c *conn) readOne() error {
+	if _, err := io.ReadFull(c.rd, c.hdr[:]); err != nil {
+		return err
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	if http2.FrameType(c.hdr[3]) == http2.FrameData {
+		return c.readData()
+	}
+	c.frd.hdr = c.hdr[:]
+	f, err := c.fr.ReadFrame()
+	if err != nil {
+		return err
+	}
+	return c.handle(f)
+}
+
+// readFrame reads one whole frame through the framer (the first SETTINGS).
+func (c *conn) readFrame() (http2.Frame, error) {
+	c.frd.hdr = nil
+	return c.fr.ReadFrame()
+}
+
+// readData reads a DATA frame whose header is in c.hdr: flow control first, then the payload
+// straight into the stream's chunks (or discarded, for a stream that is gone).
+func (c *conn) readData() error {
+	h := c.hdr
+	length := int(h[0])<<16 | int(h[1])<<8 | int(h[2])
+	flags := http2.Flags(h[4])
+	id := binary.BigEndian.Uint32(h[5:]) & (1<<31 - 1)
+	if length > int(c.cfg.MaxFrameSize) {
+		return connError{http2.ErrCodeFrameSize, fmt.Sprintf("DATA of %d bytes", length)}
+	}
+	if id == 0 {
+		return connError{http2.ErrCodeProtocol, "DATA on stream 0"}
+	}
+	rem, pad := length, 0
+	if flags.Has(http2.FlagDataPadded) {
+		if rem == 0 {
+			return connError{http2.ErrCodeProtocol, "padded DATA without a pad length"}
+		}
+		var b [1]byte
+		if _, err := io.ReadFull(c.rd, b[:]); err != nil {
+			return err
+		}
+		pad, rem = int(b[0]), rem-1
+		if pad > rem {
+			return connError{http2.ErrCodeProtocol, "DATA padding longer than the frame"}
+		}
+	}
+	end := flags.Has(http2.FlagDataEndStream)
+	s, serr := c.admitData(id, int64(length), int64(pad)+int64(length-rem), end)
+	var ce connError
+	if errors.As(serr, &ce) {
+		return serr
+	}
+	var err error
+	if s != nil {
+		err = c.fill(s, rem-pad)
+	} else {
+		_, err = io.CopyN(io.Discard, c.rd, int64(rem-pad))
+	}
+	if err == nil && pad > 0 {
+		_, err = io.CopyN(io.Discard, c.rd, int64(pad))
+	}
+	if err != nil {
+		return err
+	}
+	if s != nil && end {
+		s.push(nil, true)
+		c.maybeRemove(s)
+	}
+	return serr
+}
+
+// admitData applies flow control to a DATA frame of n bytes (waste of them padding) and returns
+// the stream to deliver it to, or nil with the error to report once the payload is consumed.
+func (c *conn) admitData(id uint32, n, waste int64, end bool) (*Stream, error) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if n > c.recvWin {
-		c.mu.Unlock()
-		return connError{http2.ErrCodeFlowControl, "DATA beyond the connection window"}
+		return nil, connError{http2.ErrCodeFlowControl, "DATA beyond the connection window"}
 	}
 	c.recvWin -= n
-	s := c.streams[f.StreamID]
-	if s == nil || s.recvEnded {
+	s := c.streams[id]
+	if s == nil || s.recvEnded || !c.srv && !s.responded {
 		c.creditConnLocked(n)
-		idle := c.isIdleIDLocked(f.StreamID)
-		c.mu.Unlock()
-		if idle {
-			return connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
+		if s == nil && c.isIdleIDLocked(id) {
+			return nil, connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
 		}
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed}
+		return nil, http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	if n > s.recvWin {
 		c.creditConnLocked(n)
-		c.mu.Unlock()
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+		return nil, http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
 	}
 	s.recvWin -= n
-	if pad := n - int64(len(data)); pad > 0 {
-		c.creditConnLocked(pad) // padding is never read by anyone
+	if waste > 0 {
+		c.creditConnLocked(waste) // padding is never read by anyone
 	}
-	end := f.StreamEnded()
 	if end {
 		s.recvEnded = true
 	}
-	c.mu.Unlock()
-	s.push(data, end)
-	if end {
-		c.maybeRemove(s)
+	return s, nil
+}
+
+// fill reads n payload bytes into s's receive buffer. Large payloads are read straight into
+// pooled chunks; small ones go through c.tiny and share the stream's last chunk.
+func (c *conn) fill(s *Stream, n int) error {
+	for n > 0 {
+		if n < len(c.tiny) {
+			if _, err := io.ReadFull(c.rd, c.tiny[:n]); err != nil {
+				return err
+			}
+			s.push(c.tiny[:n], false)
+			return nil
+		}
+		ch := getChunk()
+		k := min(n, len(ch.buf))
+		if _, err := io.ReadFull(c.rd, ch.buf[:k]); err != nil {
+			putChunk(ch)
+			return err
+		}
+		ch.w = k
+		n -= k
+		s.pushChunk(ch)
 	}
 	return nil
+}
+
+// replayReader hands the framer a frame header the reader already consumed, then the rest.
+type replayReader struct {
+	hdr []byte
+	r   io.Reader
+}
+
+func (rr *replayReader) Read(p []byte) (int, error) {
+	if len(rr.hdr) > 0 {
+		n := copy(p, rr.hdr)
+		rr.hdr = rr.hdr[n:]
+		return n, nil
+	}
+	return rr.r.Read(p)
 }
 
 // isIdleIDLocked reports whether id names a stream that was never opened.

@@ -41,7 +41,7 @@ func FuzzServerFrames(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		a, b := net.Pipe()
 		cfg := Config{PingInterval: -1, StreamWindow: 1 << 16, ConnWindow: 1 << 17}.withDefaults(true)
-		c := newConn(a, true, cfg, slog.New(slog.DiscardHandler))
+		c := newConn(a, nil, true, cfg, slog.New(slog.DiscardHandler))
 		var handlers sync.WaitGroup
 		c.onStream = func(s *Stream) {
 			handlers.Add(1)

@@ -245,7 +245,8 @@ func (d *Dialer) connect(ctx context.Context, addr string, tlsCfg *tls.Config, c
 // server's SETTINGS: a TLS 1.3 server refuses our certificate only after our side of the
 // handshake returned, so that first read is where a refusal shows. The caller runs readLoop.
 func startClient(ctx context.Context, nc net.Conn, tlsCfg *tls.Config, cfg Config, log *slog.Logger, onClose func(*conn)) (*conn, error) {
-	tc := tls.Client(nc, clientTLS(tlsCfg))
+	wire := newWireConn(nc)
+	tc := tls.Client(wire, clientTLS(tlsCfg))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("TLS handshake with %s: %w", nc.RemoteAddr(), err)
@@ -263,7 +264,7 @@ func startClient(ctx context.Context, nc net.Conn, tlsCfg *tls.Config, cfg Confi
 		tc.Close()
 		return nil, fmt.Errorf("writing the HTTP/2 preface to %s: %w", nc.RemoteAddr(), err)
 	}
-	c := newConn(tc, false, cfg, log)
+	c := newConn(tc, wire, false, cfg, log)
 	c.peerID = peerID(tc.ConnectionState().PeerCertificates)
 	c.onClose = onClose
 	c.start()

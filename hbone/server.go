@@ -161,11 +161,12 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn) error {
 		nc.Close()
 		return err
 	}
-	tc, err := handshakeServer(ctx, nc, tlsCfg, cfg.HandshakeTimeout)
+	wire := newWireConn(nc)
+	tc, err := handshakeServer(ctx, wire, tlsCfg, cfg.HandshakeTimeout)
 	if err != nil {
 		return err
 	}
-	c := newConn(tc, true, cfg, srv.log())
+	c := newConn(tc, wire, true, cfg, srv.log())
 	c.peerID = peerID(tc.ConnectionState().PeerCertificates)
 	c.onStream = srv.handleStream
 	srv.mu.Lock()

@@ -352,6 +352,20 @@ func (s *Stream) push(p []byte, end bool) {
 	s.pokeRead()
 }
 
+// pushChunk appends a filled chunk to the buffer.
+func (s *Stream) pushChunk(ch *chunk) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.c.credit(s, ch.w)
+		putChunk(ch)
+		return
+	}
+	s.chunks = append(s.chunks, ch)
+	s.mu.Unlock()
+	s.pokeRead()
+}
+
 // fail ends the stream with err: reads see it after the buffered bytes (io.EOF for a reset with
 // NO_ERROR or after the peer's END_STREAM), writes see it at once.
 func (s *Stream) fail(err error) {

@@ -1,0 +1,263 @@
+// Package bench measures detour's HBONE side by side with its peers in one run: plain TCP, plain
+// Go TLS 1.3, and Istio's Go HBONE server. Run with `make bench`; results go to BENCHMARKS.md.
+package bench
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/detour-mesh/detour/hbone"
+	it "github.com/detour-mesh/detour/integration"
+)
+
+const chunk = 1 << 20
+
+var quiet = slog.New(slog.DiscardHandler)
+
+// sinkCounter is a backend that discards and reports how much it read per connection.
+func sinkCounter(b *testing.B) (string, chan int64) {
+	got := make(chan int64, 16)
+	return it.Backend(b, func(c *net.TCPConn) {
+		n, _ := io.Copy(io.Discard, c)
+		got <- n
+	}), got
+}
+
+// bulk writes b.N chunks on c, half-closes, and waits for the far end to count them all.
+func bulk(b *testing.B, c io.Writer, closeWrite func() error, got <-chan int64) {
+	buf := make([]byte, chunk)
+	b.SetBytes(chunk)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := closeWrite(); err != nil {
+		b.Fatal(err)
+	}
+	if n := <-got; n != int64(b.N)*chunk {
+		b.Fatalf("sink got %d bytes, want %d", n, int64(b.N)*chunk)
+	}
+	b.StopTimer()
+}
+
+func detourServer(b *testing.B, p *it.PKI, h hbone.Handler) string {
+	l := it.Listen(b)
+	srv := &hbone.Server{Handler: h, TLSConfig: p.ServerTLS, Logger: quiet}
+	go srv.Serve(l)
+	b.Cleanup(func() { srv.Close() })
+	return l.Addr().String()
+}
+
+func dialer(b *testing.B) *hbone.Dialer {
+	d := &hbone.Dialer{Logger: quiet}
+	b.Cleanup(func() { d.Close() })
+	return d
+}
+
+// discard is an HBONE handler that reads a stream to its end and reports the count.
+func discard(got chan<- int64) hbone.Handler {
+	return hbone.HandlerFunc(func(s *hbone.Stream) error {
+		if err := s.Accept(); err != nil {
+			return err
+		}
+		n, err := io.Copy(io.Discard, s)
+		got <- n
+		return err
+	})
+}
+
+// BenchmarkBulk: one stream, client to server, 1 MiB writes.
+//   - tcp: plain TCP to the sink; tls: plain Go TLS 1.3 (same certificates) to a TLS sink.
+//   - hbone: detour's dialer to detour's server, which reads the stream itself (one hop, like tls).
+//   - detour-forward / istio-forward: detour's dialer to detour's / Istio's HBONE server, which
+//     forwards to a TCP sink (two hops).
+func BenchmarkBulk(b *testing.B) {
+	p := it.NewPKI(b)
+	ctx := context.Background()
+	b.Run("tcp", func(b *testing.B) {
+		sink, got := sinkCounter(b)
+		c, err := net.Dial("tcp", sink)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		bulk(b, c, c.(*net.TCPConn).CloseWrite, got)
+	})
+	b.Run("tls", func(b *testing.B) {
+		got := make(chan int64, 1)
+		l := tls.NewListener(it.Listen(b), p.ServerTLS)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			n, _ := io.Copy(io.Discard, c)
+			got <- n
+		}()
+		c, err := tls.Dial("tcp", l.Addr().String(), p.ClientTLS)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		bulk(b, c, c.CloseWrite, got)
+	})
+	b.Run("hbone", func(b *testing.B) {
+		got := make(chan int64, 1)
+		proxy := detourServer(b, p, discard(got))
+		s, err := dialer(b).Dial(ctx, proxy, "10.0.0.1:80", hbone.DialOptions{TLSConfig: p.ClientTLS})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close()
+		bulk(b, s, s.CloseWrite, got)
+	})
+	for _, name := range []string{"detour-forward", "istio-forward"} {
+		b.Run(name, func(b *testing.B) {
+			sink, got := sinkCounter(b)
+			var proxy string
+			if name == "detour-forward" {
+				proxy = detourServer(b, p, &hbone.Forwarder{})
+			} else {
+				proxy = it.IstioServer(b, p, 0).Addr().String()
+			}
+			s, err := dialer(b).Dial(ctx, proxy, sink, hbone.DialOptions{TLSConfig: p.ClientTLS})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			bulk(b, s, s.CloseWrite, got)
+		})
+	}
+}
+
+// BenchmarkConnect: a new stream per request on a warm connection, 1 KiB echoed, then closed;
+// reports requests/s and the p50/p99 round trip, for detour's and Istio's server (both reached
+// with detour's dialer, both forwarding to the same TCP echo backend).
+func BenchmarkConnect(b *testing.B) {
+	p := it.NewPKI(b)
+	echo := it.Echo(b)
+	for _, name := range []string{"detour", "istio"} {
+		b.Run(name, func(b *testing.B) {
+			var proxy string
+			if name == "detour" {
+				proxy = detourServer(b, p, &hbone.Forwarder{})
+			} else {
+				proxy = it.IstioServer(b, p, 0).Addr().String()
+			}
+			d := dialer(b)
+			opts := hbone.DialOptions{TLSConfig: p.ClientTLS}
+			msg := make([]byte, 1024)
+			buf := make([]byte, 1024)
+			once := func() time.Duration {
+				start := time.Now()
+				s, err := d.Dial(context.Background(), proxy, echo, opts)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := s.Write(msg); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(s, buf); err != nil {
+					b.Fatal(err)
+				}
+				el := time.Since(start)
+				s.Close()
+				return el
+			}
+			once() // warm the connection
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			start := time.Now()
+			for range b.N {
+				lat = append(lat, once())
+			}
+			el := time.Since(start)
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+		})
+	}
+}
+
+// BenchmarkIdleStreams measures memory per idle stream: open streams through the server to a
+// TCP echo backend, all in this process (client, server, backend), and subtract the same number
+// of plain TCP connections to the backend. The result is what HBONE adds per stream, both ends.
+func BenchmarkIdleStreams(b *testing.B) {
+	const n = 2000
+	p := it.NewPKI(b)
+	echo := it.Echo(b)
+	measure := func(open func() io.Closer) float64 {
+		before := memInUse()
+		conns := make([]io.Closer, 0, n)
+		for range n {
+			conns = append(conns, open())
+		}
+		time.Sleep(200 * time.Millisecond)
+		after := memInUse()
+		for _, c := range conns {
+			c.Close()
+		}
+		return float64(after-before) / n
+	}
+	tcp := func() io.Closer {
+		c, err := net.Dial("tcp", echo)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write([]byte("x"))
+		io.ReadFull(c, make([]byte, 1))
+		return c
+	}
+	for _, name := range []string{"detour", "istio"} {
+		b.Run(name, func(b *testing.B) {
+			var proxy string
+			if name == "detour" {
+				proxy = detourServer(b, p, &hbone.Forwarder{})
+			} else {
+				proxy = it.IstioServer(b, p, 0).Addr().String()
+			}
+			d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
+			defer d.Close()
+			stream := func() io.Closer {
+				s, err := d.Dial(context.Background(), proxy, echo, hbone.DialOptions{TLSConfig: p.ClientTLS})
+				if err != nil {
+					b.Fatal(err)
+				}
+				s.Write([]byte("x"))
+				io.ReadFull(s, make([]byte, 1))
+				return s
+			}
+			stream().Close() // warm
+			var perStream, perTCP float64
+			for range b.N {
+				perTCP = measure(tcp)
+				perStream = measure(stream)
+			}
+			b.ReportMetric(perStream-perTCP, "B/idle-stream")
+			b.ReportMetric(perTCP, "B/tcp-conn")
+		})
+	}
+}
+
+func memInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse + m.StackInuse
+}
+
+var _ = fmt.Sprint
