@@ -2,7 +2,7 @@
 GO        ?= go
 BIN       ?= bin
 FUZZTIME  ?= 10s
-BENCHTIME ?= 3s
+BENCHTIME ?= 2s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: help build test test-unit test-integration verify fuzz bench demo clean
@@ -39,8 +39,10 @@ fuzz: ## short run of every fuzz target (FUZZTIME each)
 	  done; \
 	done
 
-bench: ## side-by-side benchmarks (detour vs Istio's Go HBONE vs TLS vs TCP); see BENCHMARKS.md
-	cd integration && $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -benchmem ./bench/
+BENCHCOUNT ?= 5
+bench: ## side-by-side benchmarks (detour vs Istio's Go HBONE vs TLS vs TCP), medians and ratios; see BENCHMARKS.md
+	cd integration && $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count $(BENCHCOUNT) -benchmem ./bench/ | tee $(CURDIR)/bench.out
+	cd integration && $(GO) run ./bench/ratio < $(CURDIR)/bench.out
 
 clean: ## remove build output
 	rm -rf $(BIN)

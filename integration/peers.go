@@ -12,10 +12,19 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	istiohbone "istio.io/istio/pkg/hbone"
+	istiolog "istio.io/istio/pkg/log"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity/devca"
 )
+
+// QuietIstio turns off Istio's hbone logging (a line per stream), so benchmark output stays
+// readable. Tests that want it call nothing.
+func QuietIstio() {
+	if s := istiolog.FindScope("hbone"); s != nil {
+		s.SetOutputLevel(istiolog.NoneLevel)
+	}
+}
 
 // Identities used by the interop tests and benchmarks.
 const (
