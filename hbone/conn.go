@@ -166,10 +166,12 @@ func (c *conn) start() {
 	if inc := c.cfg.ConnWindow - 65535; inc > 0 {
 		c.queueCtrl(writeItem{kind: wWindow, id: 0, n: inc})
 	}
-	go c.writeLoop()
 	if c.cfg.PingInterval > 0 {
-		c.keepalive = time.AfterFunc(c.cfg.PingInterval, c.checkAlive)
+		// Armed only once assigned: checkAlive and close read c.keepalive.
+		c.keepalive = time.AfterFunc(time.Hour, c.checkAlive)
+		c.keepalive.Reset(c.cfg.PingInterval)
 	}
+	go c.writeLoop()
 }
 
 func (c *conn) queueCtrl(it writeItem) {

@@ -108,11 +108,7 @@ func copyPooled(dst io.Writer, src io.Reader) (int64, error) {
 func copyProgress(dst io.Writer, src io.Reader, progress *atomic.Int64) (int64, error) {
 	var total int64
 	for {
-		if err := waitReadable(src); err != nil {
-			return total, err
-		}
-		bp := copyBufPool.Get().(*[]byte)
-		n, rerr := src.Read(*bp)
+		bp, n, rerr := readPooled(src, &copyBufPool)
 		var werr error
 		if n > 0 {
 			var w int
@@ -122,7 +118,9 @@ func copyProgress(dst io.Writer, src io.Reader, progress *atomic.Int64) (int64, 
 				progress.Add(int64(w))
 			}
 		}
-		copyBufPool.Put(bp)
+		if bp != nil {
+			copyBufPool.Put(bp)
+		}
 		switch {
 		case werr != nil:
 			return total, werr
@@ -134,39 +132,49 @@ func copyProgress(dst io.Writer, src io.Reader, progress *atomic.Int64) (int64, 
 	}
 }
 
-// waitReadable blocks until a socket has data (or EOF or an error) without holding a buffer.
-// Other readers return at once.
-func waitReadable(r io.Reader) error {
+// readPooled reads once from r into a buffer from pool. For a socket it reads with the raw
+// descriptor and holds the buffer only while the read succeeds: while the socket has no data the
+// buffer goes back to the pool, so an idle connection holds none. It returns the buffer (nil if
+// none is held) and io.EOF at end of stream.
+func readPooled(r io.Reader, pool *sync.Pool) (*[]byte, int, error) {
 	sc, ok := r.(syscall.Conn)
-	if !ok {
-		return nil
-	}
-	if _, isStream := r.(*Stream); isStream {
-		return nil
+	if _, isStream := r.(*Stream); !ok || isStream {
+		bp := pool.Get().(*[]byte)
+		n, err := r.Read(*bp)
+		return bp, n, err
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return nil
+		bp := pool.Get().(*[]byte)
+		n, err := r.Read(*bp)
+		return bp, n, err
 	}
-	var one [1]byte
-	var peekErr error
+	var bp *[]byte
+	var n int
+	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
-		_, _, err := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		if err == syscall.EAGAIN {
+		if bp == nil {
+			bp = pool.Get().(*[]byte)
+		}
+		n, rerr = syscall.Read(int(fd), *bp)
+		if rerr == syscall.EAGAIN {
+			pool.Put(bp)
+			bp = nil
 			return false
 		}
-		// A pending socket error (ECONNRESET) is reported once: keep it, the next Read
-		// would see a clean EOF instead.
-		peekErr = err
 		return true
 	})
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		return err
+	switch {
+	case err != nil:
+		return bp, 0, err
+	case rerr == syscall.EINTR:
+		return bp, 0, nil
+	case rerr != nil:
+		return bp, 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		return bp, 0, io.EOF
 	}
-	if peekErr != nil {
-		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", peekErr)}
-	}
-	return nil
+	return bp, n, nil
 }
 
 func closeWrite(c net.Conn) error {

@@ -42,16 +42,14 @@ func (w *wireConn) Read(p []byte) (int, error) {
 		if len(p) >= wireBufSize {
 			return w.Conn.Read(p)
 		}
-		if err := waitReadable(w.Conn); err != nil {
-			return 0, err
-		}
-		w.rbuf = wirePool.Get().(*[]byte)
-		n, err := w.Conn.Read(*w.rbuf)
+		bp, n, err := readPooled(w.Conn, &wirePool)
 		if n == 0 {
-			wirePool.Put(w.rbuf)
-			w.rbuf = nil
+			if bp != nil {
+				wirePool.Put(bp)
+			}
 			return 0, err
 		}
+		w.rbuf = bp
 		w.r, w.n = 0, n
 	}
 	k := copy(p, (*w.rbuf)[w.r:w.n])
