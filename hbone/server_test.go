@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.uber.org/goleak"
 	"golang.org/x/net/http2"
 
 	"github.com/detour-mesh/detour/hbone"
@@ -485,5 +486,22 @@ func TestReadDeadline(t *testing.T) {
 	var ne net.Error
 	if _, err := s.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
 		t.Fatalf("got %v, want a timeout", err)
+	}
+}
+
+// Streams leave nothing behind: once they end, the goroutine count is back to what the open
+// connection alone needs.
+func TestNoGoroutinesLeftAfterStreams(t *testing.T) {
+	p := newPKI(t)
+	echo := echoServer(t)
+	proxy := startServer(t, p, &hbone.Forwarder{})
+	d := &hbone.Dialer{Config: hbone.Config{MaxConcurrentStreams: 1000}} // all on one connection
+	defer d.Close()
+	concurrentEcho(t, d, p, proxy, echo, 1) // the pooled connection and its goroutines exist now
+	time.Sleep(50 * time.Millisecond)
+	baseline := goleak.IgnoreCurrent()
+	concurrentEcho(t, d, p, proxy, echo, 200)
+	if err := goleak.Find(baseline); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -1,0 +1,40 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+)
+
+func run(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := Run(context.Background(), args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestDemo(t *testing.T) {
+	code, out, errOut := run(t, "demo", "--streams", "3", "--bytes", "100000")
+	if code != 0 || !strings.Contains(out, "3 streams x 100000 bytes echoed through HBONE, checksums match") {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"demo", "--streams", "0"}, "detour: --streams must be 1..10000, got 0\n"},
+		{[]string{"demo", "--bytes", "-1"}, "detour: --bytes must be 0..1073741824, got -1\n"},
+		{[]string{"hbone-serve"}, "detour: --cert, --key and --ca are required\n"},
+		{[]string{"hbone-serve", "--cert", "/nonexistent", "--key", "/nonexistent", "--ca", "x"}, "detour: loading --cert/--key: open /nonexistent: no such file or directory\n"},
+		{[]string{"nope"}, "detour: unknown command \"nope\" for \"detour\"\n"},
+	} {
+		code, _, errOut := run(t, tc.args...)
+		if code != 1 || errOut != tc.want {
+			t.Errorf("%v: exit %d, stderr %q; want 1, %q", tc.args, code, errOut, tc.want)
+		}
+	}
+}
