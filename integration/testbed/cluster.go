@@ -1,0 +1,226 @@
+package testbed
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+// AdminToken is the bearer token of the test bed's cluster admin (system:masters).
+const AdminToken = "detour-testbed-admin"
+
+// Cluster is a running control plane. Fields are immutable after Start.
+type Cluster struct {
+	Dir        string       // temporary directory with configs, certificates and logs
+	Kubeconfig string       // path of an admin kubeconfig
+	REST       *rest.Config // admin client config
+	Client     kubernetes.Interface
+	APIServer  string // https://127.0.0.1:port
+	Istiod     *Istiod
+
+	procs []*proc
+	logf  func(string, ...any)
+}
+
+// Options choose what Start runs. The zero value runs etcd and kube-apiserver only.
+type Options struct {
+	Istiod bool // also apply the Gateway API and Istio CRDs and start istiod
+}
+
+// Start runs a control plane for the test and stops it (every process, the directory) when the
+// test ends, also when it fails. Each phase's duration is logged.
+func Start(t testing.TB, opts Options) *Cluster {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	phase := time.Now()
+	bins, err := EnsureBinaries(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("testbed: binaries ready in %v", time.Since(phase).Round(time.Millisecond))
+	c := &Cluster{Dir: t.TempDir(), logf: t.Logf}
+	t.Cleanup(func() {
+		if err := c.stop(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			for _, p := range c.procs {
+				t.Logf("--- %s log (tail) ---\n%s", p.name, p.tail())
+			}
+		}
+	})
+	phase = time.Now()
+	if err := c.startKube(ctx, bins); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("testbed: etcd and kube-apiserver ready in %v", time.Since(phase).Round(time.Millisecond))
+	if opts.Istiod {
+		phase = time.Now()
+		if err := c.applyCRDs(ctx); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("testbed: CRDs established in %v", time.Since(phase).Round(time.Millisecond))
+		phase = time.Now()
+		if err := c.startIstiod(ctx, bins); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("testbed: istiod ready in %v", time.Since(phase).Round(time.Millisecond))
+	}
+	return c
+}
+
+func (c *Cluster) stop() error {
+	var errs []error
+	for i := len(c.procs) - 1; i >= 0; i-- {
+		errs = append(errs, c.procs[i].stop(10*time.Second))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Cluster) startKube(ctx context.Context, bins Binaries) error {
+	if err := writeServingPKI(c.Dir); err != nil {
+		return err
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		return err
+	}
+	etcdClient, etcdPeer, apiPort := ports[0], ports[1], ports[2]
+	etcd, err := startProc(c.Dir, "etcd", nil, bins.Etcd,
+		"--data-dir", filepath.Join(c.Dir, "etcd"),
+		"--listen-client-urls", "http://127.0.0.1:"+strconv.Itoa(etcdClient),
+		"--advertise-client-urls", "http://127.0.0.1:"+strconv.Itoa(etcdClient),
+		"--listen-peer-urls", "http://127.0.0.1:"+strconv.Itoa(etcdPeer),
+		"--initial-advertise-peer-urls", "http://127.0.0.1:"+strconv.Itoa(etcdPeer),
+		"--initial-cluster", "default=http://127.0.0.1:"+strconv.Itoa(etcdPeer),
+		"--quota-backend-bytes", strconv.Itoa(2<<30),
+		"--unsafe-no-fsync")
+	if err != nil {
+		return err
+	}
+	c.procs = append(c.procs, etcd)
+	tokens := filepath.Join(c.Dir, "tokens.csv")
+	if err := os.WriteFile(tokens, []byte(AdminToken+",admin,admin,system:masters\n"), 0o600); err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	f := func(n string) string { return filepath.Join(c.Dir, n) }
+	api, err := startProc(c.Dir, "kube-apiserver", nil, bins.KubeAPIServer,
+		"--etcd-servers", "http://127.0.0.1:"+strconv.Itoa(etcdClient),
+		"--bind-address", "127.0.0.1",
+		"--advertise-address", "127.0.0.1",
+		"--secure-port", strconv.Itoa(apiPort),
+		"--cert-dir", f("apiserver-certs"),
+		"--tls-cert-file", f("serving.crt"),
+		"--tls-private-key-file", f("serving.key"),
+		"--client-ca-file", f("ca.crt"),
+		"--token-auth-file", tokens,
+		"--authorization-mode", "RBAC",
+		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file", f("sa.pub"),
+		"--service-account-signing-key-file", f("sa.key"),
+		"--service-cluster-ip-range", "10.96.0.0/16",
+		"--allow-privileged",
+		// No controller-manager creates default service accounts: the admission plugin that
+		// needs them is off; tests create the accounts they use.
+		"--disable-admission-plugins", "ServiceAccount",
+		"--enable-priority-and-fairness=false",
+		"--profiling=false")
+	if err != nil {
+		return err
+	}
+	c.procs = append(c.procs, api)
+	c.APIServer = "https://127.0.0.1:" + strconv.Itoa(apiPort)
+	ca, err := os.ReadFile(f("ca.crt"))
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	c.REST = &rest.Config{Host: c.APIServer, BearerToken: AdminToken, TLSClientConfig: rest.TLSClientConfig{CAData: ca}, QPS: 200, Burst: 400}
+	if err := c.waitHTTP(ctx, c.APIServer+"/readyz", AdminToken, api, etcd); err != nil {
+		return err
+	}
+	c.Client, err = kubernetes.NewForConfig(c.REST)
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	c.Kubeconfig = f("kubeconfig")
+	return os.WriteFile(c.Kubeconfig, []byte(fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster: {server: %q, certificate-authority: %q}
+users:
+- name: admin
+  user: {token: %q}
+contexts:
+- name: testbed
+  context: {cluster: testbed, user: admin}
+current-context: testbed
+`, c.APIServer, f("ca.crt"), AdminToken)), 0o600)
+}
+
+// waitHTTP polls url until it answers 200, failing early if a watched process exits.
+func (c *Cluster) waitHTTP(ctx context.Context, url, token string, watch ...*proc) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(3 * time.Minute)
+	var last string
+	for time.Now().Before(deadline) {
+		for _, p := range watch {
+			if err := p.exited(); err != nil {
+				return err
+			}
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("testbed: %s not ready after 3m (last: %s)", url, last)
+}
+
+// freePorts returns n distinct free loopback TCP ports.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("testbed: finding a free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
