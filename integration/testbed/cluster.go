@@ -132,6 +132,9 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries) error {
 		"--service-account-signing-key-file", f("sa.key"),
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--allow-privileged",
+		// The only address is loopback, which the endpoint reconciler refuses for the
+		// kubernetes Service; nothing here needs that Service's endpoints.
+		"--endpoint-reconciler-type", "none",
 		// No controller-manager creates default service accounts: the admission plugin that
 		// needs them is off; tests create the accounts they use.
 		"--disable-admission-plugins", "ServiceAccount",

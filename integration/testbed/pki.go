@@ -82,3 +82,23 @@ func ecKeyPEM(k *ecdsa.PrivateKey) []byte {
 	}
 	return pemBlock("EC PRIVATE KEY", der)
 }
+
+func parsePEMCerts(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var block *pem.Block
+		block, b = pem.Decode(b)
+		if block == nil {
+			break
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("testbed: %w", err)
+		}
+		out = append(out, cert)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("testbed: no PEM certificate")
+	}
+	return out, nil
+}

@@ -21,13 +21,18 @@ type proc struct {
 }
 
 func startProc(dir, name string, env []string, path string, args ...string) (*proc, error) {
-	logPath := filepath.Join(dir, name+".log")
+	return startProcIn(dir, dir, name, env, path, args...)
+}
+
+// startProcIn runs path in workDir, logging to logDir/name.log.
+func startProcIn(workDir, logDir, name string, env []string, path string, args ...string) (*proc, error) {
+	logPath := filepath.Join(logDir, name+".log")
 	lf, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("testbed: %w", err)
 	}
 	cmd := exec.Command(path, args...)
-	cmd.Dir = dir
+	cmd.Dir = workDir
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
