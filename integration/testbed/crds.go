@@ -112,7 +112,3 @@ func readCRDs(file string) ([]*apiextv1.CustomResourceDefinition, error) {
 		out = append(out, crd)
 	}
 }
-
-
-
-
