@@ -21,6 +21,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -87,7 +88,14 @@ func (c *Client) Sign(ctx context.Context, key crypto.Signer, ttl time.Duration)
 	})
 	if err != nil {
 		st := status.Convert(err)
-		return nil, fmt.Errorf("istioca: CreateCertificate at %s refused: %s: %s", addr, st.Code(), st.Message())
+		hint := ""
+		switch st.Code() {
+		case codes.Unauthenticated:
+			hint = " (istiod could not authenticate the service-account token: its audience must be istio-ca, its service account must exist, and ClusterID must match istiod's)"
+		case codes.Unavailable:
+			hint = " (istiod unreachable, or its serving certificate did not verify against RootCAs as " + or(c.ServerName, DefaultServerName) + ")"
+		}
+		return nil, fmt.Errorf("istioca: CreateCertificate at %s refused: %s: %s%s", addr, st.Code(), st.Message(), hint)
 	}
 	chain, err := ParseChain(resp.GetCertChain())
 	if err != nil {
