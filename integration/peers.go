@@ -162,17 +162,26 @@ func IstioDoubleServer(t testing.TB, p *PKI, innerTLS *tls.Config) *CountingList
 }
 
 func serveIstio(t testing.TB, srv *http.Server, p *PKI, maxStreams int) *CountingListener {
-	srv.Protocols.SetHTTP2(true)
-	srv.TLSConfig = p.ServerTLS.Clone()
-	srv.TLSConfig.NextProtos = []string{"h2"}
 	if maxStreams > 0 {
 		srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: maxStreams}
 	}
 	l := &CountingListener{Listener: Listen(t)}
+	serveIstioOn(t, srv, l, p.ServerTLS)
+	return l
+}
+
+// IstioServerOn runs Istio's Go HBONE server on l with tlsCfg (HTTP/2 over TLS switched on).
+func IstioServerOn(t testing.TB, l net.Listener, tlsCfg *tls.Config) {
+	serveIstioOn(t, istiohbone.NewServer(), l, tlsCfg)
+}
+
+func serveIstioOn(t testing.TB, srv *http.Server, l net.Listener, tlsCfg *tls.Config) {
+	srv.Protocols.SetHTTP2(true)
+	srv.TLSConfig = tlsCfg.Clone()
+	srv.TLSConfig.NextProtos = []string{"h2"}
 	done := make(chan struct{})
 	go func() { srv.ServeTLS(l, "", ""); close(done) }()
 	t.Cleanup(func() { srv.Close(); <-done })
-	return l
 }
 
 // IstioDialer is Istio's Go HBONE client through proxy.

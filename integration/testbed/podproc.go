@@ -1,0 +1,108 @@
+package testbed
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+var podproc struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// podprocBinary builds testbed/podproc once per test process (the Go build cache makes later
+// builds instant).
+func podprocBinary() (string, error) {
+	podproc.once.Do(func() {
+		dir, err := os.MkdirTemp("", "detour-podproc-")
+		if err != nil {
+			podproc.err = err
+			return
+		}
+		podproc.path = filepath.Join(dir, "podproc")
+		out, err := exec.Command("go", "build", "-o", podproc.path, "github.com/detour-mesh/detour/integration/testbed/podproc").CombinedOutput()
+		if err != nil {
+			podproc.err = fmt.Errorf("testbed: building podproc: %v\n%s", err, out)
+		}
+	})
+	return podproc.path, podproc.err
+}
+
+// Run starts podproc with args inside the pod's network namespace, waits until addr accepts
+// connections (dialled from inside the pod), and stops it when the test ends.
+func (p *Pod) Run(t testing.TB, addr string, args ...string) {
+	t.Helper()
+	bin, err := podprocBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	pr, err := startProc(dir, "podproc-"+args[0], nil, "ip", append([]string{"netns", "exec", p.netns, bin}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pr.stop(5 * time.Second) })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := pr.exited(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := p.DialContext(ctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("testbed: %s in pod %s never listened on %s: %v\n%s", args[0], p.Name, addr, err, pr.tail())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// RunIstioHBONE runs Istio's own Go HBONE server on port 15008 of the pod with identity w,
+// standing in for the pod's ztunnel inbound. Everything it dials stays inside the pod's namespace.
+func (p *Pod) RunIstioHBONE(t testing.TB, w *Workload) {
+	t.Helper()
+	dir := t.TempDir()
+	cert, key, bundle := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "bundle.pem")
+	if err := writeSVID(w.SVID, cert, key); err != nil {
+		t.Fatal(err)
+	}
+	var roots []byte
+	for _, c := range w.Bundle.X509Authorities() {
+		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	if err := os.WriteFile(bundle, roots, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := p.IP + ":15008"
+	p.Run(t, addr, "istio-hbone", addr, cert, key, bundle)
+}
+
+func writeSVID(s *x509svid.SVID, certPath, keyPath string) error {
+	var chain []byte
+	for _, c := range s.Certificates {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(s.PrivateKey)
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	if err := os.WriteFile(certPath, chain, 0o600); err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	return os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+}
