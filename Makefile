@@ -5,7 +5,7 @@ FUZZTIME  ?= 10s
 BENCHTIME ?= 2s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: help build test test-unit test-integration verify fuzz bench demo clean
+.PHONY: help build test test-unit test-integration testbed verify fuzz bench demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -21,8 +21,11 @@ test: test-unit test-integration ## unit and integration tests, with -race
 test-unit: ## unit tests of the main module, with -race
 	$(GO) test -race -count=1 ./...
 
-test-integration: ## interop tests against Istio's own HBONE code (integration/ module), with -race
-	cd integration && $(GO) test -race -count=1 -timeout 20m ./...
+test-integration: testbed ## interop tests against Istio's own code and the real control plane (integration/ module), with -race
+	cd integration && $(GO) test -race -count=1 -timeout 30m ./...
+
+testbed: ## build and cache kube-apiserver and istiod for the test bed (minutes the first time, then instant)
+	cd integration && $(GO) run ./testbed/build
 
 verify: ## fail on gofmt, go vet or go mod tidy drift
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt needed" && exit 1)
