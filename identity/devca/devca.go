@@ -11,9 +11,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
 	"math/big"
 	"net/url"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -139,4 +142,97 @@ func serial() *big.Int {
 		panic(fmt.Sprintf("devca: reading randomness: %v", err))
 	}
 	return n
+}
+
+// Files in a dev CA directory.
+const (
+	rootFile = "ca.crt"
+	keyFile  = "ca.key"
+)
+
+// Init creates a CA for trustDomain and saves it in dir (created 0700; the key 0600). It refuses
+// to overwrite an existing CA.
+func Init(dir, trustDomain string) (*CA, error) {
+	if _, err := os.Stat(filepath.Join(dir, keyFile)); err == nil {
+		return nil, fmt.Errorf("devca: %s already holds a CA; remove it first to start over", dir)
+	}
+	ca, err := New(trustDomain)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("devca: %w", err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("devca: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, keyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		return nil, fmt.Errorf("devca: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, rootFile), certPEM(ca.cert), 0o644); err != nil {
+		return nil, fmt.Errorf("devca: %w", err)
+	}
+	return ca, nil
+}
+
+// Load opens the CA saved in dir by Init.
+func Load(dir string) (*CA, error) {
+	certBytes, err := os.ReadFile(filepath.Join(dir, rootFile))
+	if err != nil {
+		return nil, fmt.Errorf("devca: no CA in %s (run detour ca init): %w", dir, err)
+	}
+	keyBytes, err := os.ReadFile(filepath.Join(dir, keyFile))
+	if err != nil {
+		return nil, fmt.Errorf("devca: no CA key in %s: %w", dir, err)
+	}
+	cb, _ := pem.Decode(certBytes)
+	kb, _ := pem.Decode(keyBytes)
+	if cb == nil || kb == nil {
+		return nil, fmt.Errorf("devca: %s: not PEM", dir)
+	}
+	cert, err := x509.ParseCertificate(cb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("devca: %s: %w", rootFile, err)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("devca: %s: %w", keyFile, err)
+	}
+	signer, ok := k.(crypto.Signer)
+	if !ok || len(cert.URIs) != 1 {
+		return nil, fmt.Errorf("devca: %s does not hold a dev CA", dir)
+	}
+	td, err := spiffeid.TrustDomainFromString(cert.URIs[0].Host)
+	if err != nil {
+		return nil, fmt.Errorf("devca: %s: %w", rootFile, err)
+	}
+	return &CA{td: td, cert: cert, key: signer, now: time.Now}, nil
+}
+
+// WriteSVID saves an SVID as PREFIX.crt (chain), PREFIX.key (PKCS#8) and the CA's bundle as
+// PREFIX.bundle.pem, the layout identity.Files reads.
+func (ca *CA) WriteSVID(svid *x509svid.SVID, prefix string) error {
+	var chain []byte
+	for _, c := range svid.Certificates {
+		chain = append(chain, certPEM(c)...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
+	if err != nil {
+		return fmt.Errorf("devca: %w", err)
+	}
+	for name, data := range map[string][]byte{
+		prefix + ".crt":        chain,
+		prefix + ".key":        pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}),
+		prefix + ".bundle.pem": certPEM(ca.cert),
+	} {
+		if err := os.WriteFile(name, data, 0o600); err != nil {
+			return fmt.Errorf("devca: %w", err)
+		}
+	}
+	return nil
+}
+
+func certPEM(c *x509.Certificate) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
 }

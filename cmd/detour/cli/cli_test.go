@@ -38,3 +38,31 @@ func TestBadInput(t *testing.T) {
 		}
 	}
 }
+
+func TestCA(t *testing.T) {
+	dir := t.TempDir()
+	if code, out, errOut := run(t, "ca", "init", "--dir", dir+"/ca", "--trust-domain", "example.org"); code != 0 || out != "dev CA for trust domain example.org in "+dir+"/ca\n" {
+		t.Fatalf("init: %d %q %q", code, out, errOut)
+	}
+	if code, _, errOut := run(t, "ca", "init", "--dir", dir+"/ca"); code != 1 || !strings.Contains(errOut, "already holds a CA") {
+		t.Fatalf("second init: %d %q", code, errOut)
+	}
+	code, out, errOut := run(t, "ca", "issue", "--dir", dir+"/ca", "--id", "spiffe://example.org/ns/a/sa/b", "--out", dir+"/b")
+	if code != 0 || !strings.HasPrefix(out, "spiffe://example.org/ns/a/sa/b valid until ") {
+		t.Fatalf("issue: %d %q %q", code, out, errOut)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ca", "issue", "--dir", dir + "/ca", "--id", "spiffe://other.org/ns/a/sa/b", "--out", dir + "/x"}, "detour: devca: spiffe://other.org/ns/a/sa/b is not in trust domain example.org\n"},
+		{[]string{"ca", "issue", "--dir", dir + "/nope", "--id", "spiffe://example.org/a", "--out", dir + "/x"}, "detour: devca: no CA in " + dir + "/nope (run detour ca init): open " + dir + "/nope/ca.crt: no such file or directory\n"},
+		{[]string{"ca", "issue", "--dir", dir + "/ca", "--id", "not-an-id", "--out", dir + "/x"}, "detour: devca: SPIFFE ID \"not-an-id\": scheme is missing or invalid\n"},
+		{[]string{"ca", "issue", "--dir", dir + "/ca"}, "detour: --dir, --id and --out are required\n"},
+	} {
+		code, _, errOut := run(t, tc.args...)
+		if code != 1 || errOut != tc.want {
+			t.Errorf("%v: %d %q, want %q", tc.args, code, errOut, tc.want)
+		}
+	}
+}
