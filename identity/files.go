@@ -25,7 +25,7 @@ type Files struct {
 	Interval   time.Duration // poll interval; 0 means DefaultPollInterval
 	Logger     *slog.Logger  // nil means slog.Default()
 
-	holder
+	Holder
 	last []byte // owned by Run: the contents last loaded
 }
 
@@ -96,7 +96,7 @@ func (f *Files) Run(ctx context.Context) error {
 		case !bytes.Equal(contents, f.last):
 			f.last = contents
 			lastErr = ""
-			f.set(id)
+			f.Set(id)
 			log.Info("identity: loaded", "id", id.SVID.ID.String(), "expires", id.SVID.Certificates[0].NotAfter)
 		}
 		select {

@@ -45,16 +45,16 @@ func Wait(ctx context.Context, src Source) (*Identity, error) {
 	}
 }
 
-// holder keeps the current identity and the channel that announces its replacement. Sources embed
-// it.
-type holder struct {
+// Holder keeps the current identity and the channel that announces its replacement. Sources embed
+// it; on its own it is a Source the caller sets (tests, embedders with their own renewal).
+type Holder struct {
 	mu      sync.Mutex
 	cur     *Identity
 	changed chan struct{}
 }
 
 // Identity implements Source.
-func (h *holder) Identity() (*Identity, <-chan struct{}) {
+func (h *Holder) Identity() (*Identity, <-chan struct{}) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.changed == nil {
@@ -63,8 +63,8 @@ func (h *holder) Identity() (*Identity, <-chan struct{}) {
 	return h.cur, h.changed
 }
 
-// set replaces the identity and wakes every waiter.
-func (h *holder) set(id *Identity) {
+// Set replaces the identity and wakes every waiter.
+func (h *Holder) Set(id *Identity) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.cur = id
@@ -76,25 +76,25 @@ func (h *holder) set(id *Identity) {
 
 // Static is a Source whose identity never changes (tests, the dev CA demo).
 func Static(id *Identity) Source {
-	h := &holder{}
-	h.set(id)
+	h := &Holder{}
+	h.Set(id)
 	return h
 }
 
-// validate checks that an identity is usable: an SVID with a key, a bundle for its trust domain,
+// validate checks (errors unprefixed: callers name the source) that an identity is usable: an SVID with a key, a bundle for its trust domain,
 // and a chain that verifies against that bundle now.
 func validate(id *Identity) error {
 	if id == nil || id.SVID == nil || len(id.SVID.Certificates) == 0 || id.SVID.PrivateKey == nil {
-		return errors.New("identity: no certificate or key")
+		return errors.New("no certificate or key")
 	}
 	if id.Bundle == nil || len(id.Bundle.X509Authorities()) == 0 {
-		return errors.New("identity: the trust bundle is empty")
+		return errors.New("the trust bundle is empty")
 	}
 	if !id.SVID.ID.MemberOf(id.Bundle.TrustDomain()) {
-		return fmt.Errorf("identity: %s is outside the bundle's trust domain %s", id.SVID.ID, id.Bundle.TrustDomain())
+		return fmt.Errorf("%s is outside the bundle's trust domain %s", id.SVID.ID, id.Bundle.TrustDomain())
 	}
 	if _, _, err := x509svid.Verify(id.SVID.Certificates, id.Bundle); err != nil {
-		return fmt.Errorf("identity: %s does not verify against its bundle: %w", id.SVID.ID, err)
+		return fmt.Errorf("%s does not verify against its bundle: %w", id.SVID.ID, err)
 	}
 	return nil
 }

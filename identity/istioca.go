@@ -30,7 +30,7 @@ type IstioCA struct {
 	RenewFraction float64         // of the lifetime, when to renew; 0 means DefaultRenewFraction
 	Logger        *slog.Logger    // nil means slog.Default()
 
-	holder
+	Holder
 }
 
 // Fetch gets a new certificate once.
@@ -112,7 +112,7 @@ func (s *IstioCA) Run(ctx context.Context) error {
 			wait, backoff = backoff, min(2*backoff, time.Minute)
 		} else {
 			backoff = time.Second
-			s.set(id)
+			s.Set(id)
 			leaf := id.SVID.Certificates[0]
 			life := leaf.NotAfter.Sub(leaf.NotBefore)
 			renew := leaf.NotBefore.Add(time.Duration(float64(life) * frac))

@@ -14,7 +14,7 @@ type WorkloadAPI struct {
 	Addr   string       // e.g. unix:///run/spire/sockets/agent.sock; "" means $SPIFFE_ENDPOINT_SOCKET (read by cmd/)
 	Logger *slog.Logger // nil means slog.Default()
 
-	holder
+	Holder
 }
 
 // Run watches the Workload API until ctx ends (go-spiffe retries a lost connection itself).
@@ -50,10 +50,10 @@ func (w *WorkloadAPI) OnX509ContextUpdate(c *workloadapi.X509Context) {
 	}
 	id := &Identity{SVID: svid, Bundle: bundle}
 	if err := validate(id); err != nil {
-		w.log().Warn("identity: workload API identity not usable, keeping the current one", "err", err)
+		w.log().Warn("identity: workload API identity not usable, keeping the current one", "err", "identity: workload API: "+err.Error())
 		return
 	}
-	w.set(id)
+	w.Set(id)
 	w.log().Info("identity: from the workload API", "id", svid.ID.String(), "expires", svid.Certificates[0].NotAfter)
 }
 
@@ -61,4 +61,3 @@ func (w *WorkloadAPI) OnX509ContextUpdate(c *workloadapi.X509Context) {
 func (w *WorkloadAPI) OnX509ContextWatchError(err error) {
 	w.log().Warn("identity: workload API", "err", err)
 }
-
