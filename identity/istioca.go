@@ -116,13 +116,15 @@ func (s *IstioCA) Run(ctx context.Context) error {
 			leaf := id.SVID.Certificates[0]
 			life := leaf.NotAfter.Sub(leaf.NotBefore)
 			renew := leaf.NotBefore.Add(time.Duration(float64(life) * frac))
-			wait = time.Until(renew)
+			// A backdated NotBefore must not make the renewal immediate: wait at least a tenth
+			// of what is left, and a second.
+			wait = max(time.Until(renew), time.Until(leaf.NotAfter)/10, time.Second)
 			log.Info("identity: certificate from istiod", "id", id.SVID.ID.String(), "expires", leaf.NotAfter, "renew", renew)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(max(wait, 100*time.Millisecond)):
+		case <-time.After(wait):
 		}
 	}
 }
