@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/istioca"
@@ -35,7 +34,9 @@ func TestIstioCASourceRotation(t *testing.T) {
 	os.WriteFile(rootFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Istiod.Root.Raw}), 0o644)
 	src := &identity.IstioCA{
 		Client: &istioca.Client{Addr: c.Istiod.CAAddr, ServerName: c.Istiod.ServerName,
-			Token: func(ctx context.Context) (string, error) { return c.ServiceAccountToken(ctx, "demo", "detour", "istio-ca") }},
+			Token: func(ctx context.Context) (string, error) {
+				return c.ServiceAccountToken(ctx, "demo", "detour", "istio-ca")
+			}},
 		RootCertFile: rootFile,
 		TTL:          20 * time.Second,
 		Logger:       slog.New(slog.DiscardHandler),
