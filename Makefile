@@ -28,7 +28,7 @@ testbed: ## build and cache kube-apiserver and istiod for the test bed (minutes 
 	cd integration && $(GO) run ./testbed/build
 
 verify: ## fail on gofmt, go vet or go mod tidy drift
-	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt needed" && exit 1)
+	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	cd integration && $(GO) vet ./...
 	$(GO) mod tidy -diff
