@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 )
 
@@ -77,7 +78,8 @@ func (d *demo) run(ctx context.Context, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listening: %w", err)
 	}
-	srv := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: ca.ServerTLS(srvSVID), Logger: d.log()}
+	srvID := identity.Static(&identity.Identity{SVID: srvSVID, Bundle: ca.Bundle()})
+	srv := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(srvID, nil), Logger: d.log()}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	defer func() {
@@ -89,8 +91,13 @@ func (d *demo) run(ctx context.Context, out io.Writer) error {
 
 	dialer := &hbone.Dialer{Logger: d.log()}
 	defer dialer.Close()
+	clientTLS, err := identity.ClientTLS(identity.Static(&identity.Identity{SVID: cliSVID, Bundle: ca.Bundle()}),
+		spiffeid.RequireFromString(demoServerID))
+	if err != nil {
+		return err
+	}
 	opts := hbone.DialOptions{
-		TLSConfig: ca.ClientTLS(cliSVID, spiffeid.RequireFromString(demoServerID)),
+		TLSConfig: clientTLS,
 		ServerID:  demoServerID,
 		LocalID:   demoClientID,
 		Forwarded: hbone.FormatForwarded(hbone.ForwardedElement{For: "127.0.0.1:40000"}),
