@@ -1,8 +1,10 @@
 package istioca
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -74,4 +76,28 @@ func FuzzParseChain(f *testing.F) {
 			t.Fatal("no error and no certificate")
 		}
 	})
+}
+
+func TestSignUnreachable(t *testing.T) {
+	key, _ := NewKey()
+	c := &Client{Addr: "127.0.0.1:1", RootCAs: x509.NewCertPool(), Token: func(context.Context) (string, error) { return "t", nil }}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	_, err := c.Sign(ctx, key, 0)
+	if err == nil || !strings.HasPrefix(err.Error(), "istioca: CreateCertificate at 127.0.0.1:1 refused: Unavailable: ") ||
+		!strings.HasSuffix(err.Error(), "(istiod unreachable, or its serving certificate did not verify against RootCAs as istiod.istio-system.svc)") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestSignEmptyToken(t *testing.T) {
+	key, _ := NewKey()
+	c := &Client{RootCAs: x509.NewCertPool(), Token: func(context.Context) (string, error) { return "", nil }}
+	if _, err := c.Sign(t.Context(), key, 0); err == nil || err.Error() != "istioca: the service-account token is empty" {
+		t.Fatalf("got %v", err)
+	}
+	c.Token = func(context.Context) (string, error) { return "", os.ErrNotExist }
+	if _, err := c.Sign(t.Context(), key, 0); err == nil || err.Error() != "istioca: getting the service-account token: file does not exist" {
+		t.Fatalf("got %v", err)
+	}
 }
