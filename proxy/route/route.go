@@ -1,0 +1,182 @@
+// Package route resolves the target of a stream arriving at the waypoint (a service VIP:port, or a
+// pod IP:port for workload-addressed traffic) to where it goes: the service, its port mapping and
+// a healthy endpoint. A Table is immutable and built once per config; the balancing state that
+// outlives configs lives in Balancer.
+package route
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Service is a mesh service as the waypoint needs it.
+type Service struct {
+	Name, Namespace string
+	Hostname        string       // name.namespace.svc.cluster.local
+	VIPs            []netip.Addr // cluster IPs
+	Ports           []Port
+	Endpoints       []Endpoint
+}
+
+// Port maps a service port to the endpoints' port.
+type Port struct {
+	Name        string
+	Port        uint16
+	TargetPort  uint16
+	AppProtocol string // overrides protocol sniffing when set (http, http2, grpc, tls, tcp)
+}
+
+// Endpoint is one backend of a service.
+type Endpoint struct {
+	IP    netip.Addr
+	Ready bool
+}
+
+// Destination is where one stream goes.
+type Destination struct {
+	Service *Service // nil for a workload-addressed stream to a pod that is no service's endpoint
+	Port    Port
+	// Candidates are the ready endpoints, as pod IP:targetPort, in the order the balancer
+	// prefers them; the dialer tries them in turn.
+	Candidates []netip.AddrPort
+}
+
+// Errors the waypoint maps to a CONNECT status (both 503: nothing to send the stream to).
+var (
+	ErrUnknownTarget = errors.New("route: no service or workload at this address")
+	ErrNoEndpoints   = errors.New("route: no ready endpoint")
+)
+
+// Table finds services by VIP and workloads by IP. Immutable once built.
+type Table struct {
+	byVIP map[netip.Addr]*Service
+	byPod map[netip.Addr]*Service
+}
+
+// NewTable indexes services; a VIP claimed twice is an error.
+func NewTable(services []*Service) (*Table, error) {
+	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}}
+	for _, s := range services {
+		for _, vip := range s.VIPs {
+			if other, dup := t.byVIP[vip]; dup {
+				return nil, fmt.Errorf("route: VIP %s belongs to both %s/%s and %s/%s", vip, other.Namespace, other.Name, s.Namespace, s.Name)
+			}
+			t.byVIP[vip] = s
+		}
+		for _, ep := range s.Endpoints {
+			t.byPod[ep.IP] = s
+		}
+	}
+	return t, nil
+}
+
+// Resolve maps a stream's target to its destination; b orders the candidates (nil: as listed).
+func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error) {
+	if s, ok := t.byVIP[target.Addr()]; ok {
+		i := slices.IndexFunc(s.Ports, func(p Port) bool { return p.Port == target.Port() })
+		if i < 0 {
+			return nil, fmt.Errorf("%w: %s/%s has no port %d", ErrUnknownTarget, s.Namespace, s.Name, target.Port())
+		}
+		port := s.Ports[i]
+		var ready []netip.AddrPort
+		for _, ep := range s.Endpoints {
+			if ep.Ready {
+				ready = append(ready, netip.AddrPortFrom(ep.IP, port.TargetPort))
+			}
+		}
+		if len(ready) == 0 {
+			return nil, fmt.Errorf("%w for %s/%s", ErrNoEndpoints, s.Namespace, s.Name)
+		}
+		return &Destination{Service: s, Port: port, Candidates: b.order(s.Hostname, ready)}, nil
+	}
+	if s, ok := t.byPod[target.Addr()]; ok {
+		// Workload-addressed: the pod itself, on the port asked for.
+		port := Port{Port: target.Port(), TargetPort: target.Port()}
+		for _, p := range s.Ports {
+			if p.TargetPort == target.Port() {
+				port = p
+			}
+		}
+		return &Destination{Service: s, Port: port, Candidates: []netip.AddrPort{target}}, nil
+	}
+	return nil, fmt.Errorf("%w: %s", ErrUnknownTarget, target)
+}
+
+// DefaultEjection is how long an endpoint that failed to connect is skipped.
+const DefaultEjection = 10 * time.Second
+
+// Balancer spreads streams round robin over a service's endpoints and skips, for Ejection, an
+// endpoint that failed to connect (outlier ejection). Safe for concurrent use; the zero value works.
+type Balancer struct {
+	Ejection time.Duration    // 0 means DefaultEjection
+	Now      func() time.Time // nil means time.Now
+
+	mu      sync.Mutex
+	next    map[string]int
+	ejected map[netip.AddrPort]time.Time // until when
+}
+
+// order rotates ready by the service's round-robin counter and moves ejected endpoints last (they
+// are still tried if everything else fails).
+func (b *Balancer) order(key string, ready []netip.AddrPort) []netip.AddrPort {
+	if b == nil {
+		return ready
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.next == nil {
+		b.next = map[string]int{}
+	}
+	start := b.next[key] % len(ready)
+	b.next[key]++
+	out := make([]netip.AddrPort, 0, len(ready))
+	var ejected []netip.AddrPort
+	now := b.now()
+	for i := range ready {
+		ep := ready[(start+i)%len(ready)]
+		if until, ok := b.ejected[ep]; ok && now.Before(until) {
+			ejected = append(ejected, ep)
+			continue
+		}
+		out = append(out, ep)
+	}
+	return append(out, ejected...)
+}
+
+// Failed ejects ep after a failed connect.
+func (b *Balancer) Failed(ep netip.AddrPort) {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ejected == nil {
+		b.ejected = map[netip.AddrPort]time.Time{}
+	}
+	d := b.Ejection
+	if d <= 0 {
+		d = DefaultEjection
+	}
+	b.ejected[ep] = b.now().Add(d)
+}
+
+// Succeeded returns ep to rotation.
+func (b *Balancer) Succeeded(ep netip.AddrPort) {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.ejected, ep)
+}
+
+func (b *Balancer) now() time.Time {
+	if b.Now != nil {
+		return b.Now()
+	}
+	return time.Now()
+}

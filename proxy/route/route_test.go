@@ -1,0 +1,84 @@
+package route
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func svc() *Service {
+	return &Service{Name: "echo", Namespace: "demo", Hostname: "echo.demo.svc.cluster.local",
+		VIPs:  []netip.Addr{netip.MustParseAddr("10.96.0.10")},
+		Ports: []Port{{Name: "http", Port: 80, TargetPort: 8080}},
+		Endpoints: []Endpoint{
+			{IP: netip.MustParseAddr("10.244.0.1"), Ready: true},
+			{IP: netip.MustParseAddr("10.244.0.2"), Ready: true},
+			{IP: netip.MustParseAddr("10.244.0.3"), Ready: false},
+		}}
+}
+
+func TestResolve(t *testing.T) {
+	tb, err := NewTable([]*Service{svc()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Balancer{}
+	d1, err := tb.Resolve(netip.MustParseAddrPort("10.96.0.10:80"), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, _ := tb.Resolve(netip.MustParseAddrPort("10.96.0.10:80"), b)
+	if len(d1.Candidates) != 2 || d1.Candidates[0] == d2.Candidates[0] || d1.Candidates[0].Port() != 8080 {
+		t.Fatalf("round robin: %v then %v", d1.Candidates, d2.Candidates)
+	}
+	// Ejected endpoints go last.
+	now := time.Now()
+	b.Now = func() time.Time { return now }
+	b.Failed(netip.MustParseAddrPort("10.244.0.1:8080"))
+	for range 3 {
+		d, _ := tb.Resolve(netip.MustParseAddrPort("10.96.0.10:80"), b)
+		if d.Candidates[0] != netip.MustParseAddrPort("10.244.0.2:8080") {
+			t.Fatalf("ejected endpoint first: %v", d.Candidates)
+		}
+	}
+	now = now.Add(DefaultEjection + time.Second)
+	seen := map[netip.AddrPort]bool{}
+	for range 2 {
+		d, _ := tb.Resolve(netip.MustParseAddrPort("10.96.0.10:80"), b)
+		seen[d.Candidates[0]] = true
+	}
+	if len(seen) != 2 {
+		t.Fatal("endpoint not back after the ejection")
+	}
+	// Workload-addressed.
+	d, err := tb.Resolve(netip.MustParseAddrPort("10.244.0.2:8080"), b)
+	if err != nil || d.Service.Name != "echo" || d.Candidates[0] != netip.MustParseAddrPort("10.244.0.2:8080") || d.Port.Name != "http" {
+		t.Fatalf("workload: %+v %v", d, err)
+	}
+}
+
+func TestResolveErrors(t *testing.T) {
+	empty := svc()
+	empty.Name, empty.VIPs, empty.Endpoints = "empty", []netip.Addr{netip.MustParseAddr("10.96.0.11")}, nil
+	tb, _ := NewTable([]*Service{svc(), empty})
+	for _, tc := range []struct {
+		target string
+		is     error
+		msg    string
+	}{
+		{"10.96.0.10:81", ErrUnknownTarget, "route: no service or workload at this address: demo/echo has no port 81"},
+		{"10.96.9.9:80", ErrUnknownTarget, "route: no service or workload at this address: 10.96.9.9:80"},
+		{"10.96.0.11:80", ErrNoEndpoints, "route: no ready endpoint for demo/empty"},
+	} {
+		_, err := tb.Resolve(netip.MustParseAddrPort(tc.target), nil)
+		if !errors.Is(err, tc.is) || err.Error() != tc.msg {
+			t.Errorf("%s: got %v, want %q", tc.target, err, tc.msg)
+		}
+	}
+	dup := svc()
+	dup.Name = "dup"
+	if _, err := NewTable([]*Service{svc(), dup}); err == nil || err.Error() != "route: VIP 10.96.0.10 belongs to both demo/echo and demo/dup" {
+		t.Fatalf("got %v", err)
+	}
+}
