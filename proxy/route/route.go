@@ -34,6 +34,10 @@ type Port struct {
 type Endpoint struct {
 	IP    netip.Addr
 	Ready bool
+	// ServiceAccount (in Namespace, default the service's) names the identity the endpoint's
+	// ztunnel must present on the onward hop.
+	ServiceAccount string
+	Namespace      string
 }
 
 // Destination is where one stream goes.

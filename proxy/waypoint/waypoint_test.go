@@ -1,0 +1,182 @@
+package waypoint_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+var quiet = slog.New(slog.DiscardHandler)
+
+type bed struct {
+	ca       *devca.CA
+	waypoint string
+	client   *hbone.Dialer
+	opts     hbone.DialOptions
+	mu       sync.Mutex
+	hits     map[string]int
+	fwd      []string
+}
+
+func (b *bed) id(t *testing.T, id string) identity.Source {
+	svid, err := b.ca.Issue(id, time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return identity.Static(&identity.Identity{SVID: svid, Bundle: b.ca.Bundle()})
+}
+
+// newBed runs three backend "ztunnels" on 127.0.0.2-4 (a fourth endpoint, 127.0.0.5, is dead),
+// and detour's waypoint for service echo (10.96.0.10:80 -> 8080).
+func newBed(t *testing.T, endpointSA string) *bed {
+	ca, err := devca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bed{ca: ca, hits: map[string]int{}}
+	// A port free on 127.0.0.2 is almost surely free on .3 and .4 too.
+	probe, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := probe.Addr().(*net.TCPAddr).Port
+	probe.Close()
+	backendID := b.id(t, "spiffe://cluster.local/ns/demo/sa/echo")
+	for i := 2; i <= 4; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", port, ip, err)
+		}
+		srv := &hbone.Server{TLSConfig: identity.ServerTLS(backendID, nil), Logger: quiet,
+			Handler: hbone.HandlerFunc(func(s *hbone.Stream) error {
+				if s.Request().Target.String() != ip+":8080" {
+					return fmt.Errorf("%w: wrong authority %s", hbone.ErrBadAuthority, s.Request().Target)
+				}
+				b.mu.Lock()
+				b.hits[ip]++
+				b.fwd = append(b.fwd, s.Request().Forwarded)
+				b.mu.Unlock()
+				s.Accept()
+				io.WriteString(s, ip+" ")
+				_, err := io.Copy(s, s)
+				s.CloseWrite()
+				return err
+			})}
+		go srv.Serve(l)
+		t.Cleanup(func() { srv.Close() })
+	}
+	var eps []route.Endpoint
+	for i := 2; i <= 5; i++ {
+		eps = append(eps, route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: endpointSA})
+	}
+	table, err := route.NewTable([]*route.Service{{Name: "echo", Namespace: "demo", Hostname: "echo.demo.svc.cluster.local",
+		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.10")}, Ports: []route.Port{{Name: "tcp", Port: 80, TargetPort: 8080}}, Endpoints: eps}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wpID := b.id(t, "spiffe://cluster.local/ns/demo/sa/waypoint")
+	onward := &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { onward.Close() })
+	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
+		Dialer: onward, HBONEPort: uint16(port), Logger: quiet}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	b.waypoint = l.Addr().String()
+	cliTLS, _ := identity.ClientTLS(b.id(t, "spiffe://cluster.local/ns/default/sa/sleep"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
+	b.opts = hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.1.1.1:1234"`, Baggage: "k8s.namespace.name=default"}
+	b.client = &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { b.client.Close() })
+	return b
+}
+
+func (b *bed) roundTrip(ctx context.Context, target, msg string) (string, error) {
+	s, err := b.client.Dial(ctx, b.waypoint, target, b.opts)
+	if err != nil {
+		return "", err
+	}
+	defer s.Close()
+	io.WriteString(s, msg)
+	s.CloseWrite()
+	got, err := io.ReadAll(s)
+	return string(got), err
+}
+
+func TestForwardSpreadsAndSkipsDeadEndpoint(t *testing.T) {
+	b := newBed(t, "echo")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 40 {
+		got, err := b.roundTrip(ctx, "10.96.0.10:80", fmt.Sprint("req", i))
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if want := fmt.Sprint(" req", i); len(got) < len(want) || got[len(got)-len(want):] != want {
+			t.Fatalf("request %d: got %q", i, got)
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for ip, n := range b.hits {
+		if n < 10 {
+			t.Errorf("%s got %d of 40 streams: %v", ip, n, b.hits)
+		}
+	}
+	if len(b.hits) != 3 {
+		t.Errorf("hits %v", b.hits)
+	}
+	for _, f := range b.fwd {
+		if f != `for="10.1.1.1:1234"` {
+			t.Fatalf("Forwarded not passed on: %q", f)
+		}
+	}
+}
+
+func TestUnknownTargets(t *testing.T) {
+	b := newBed(t, "echo")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, target := range []string{"10.96.0.10:81", "10.96.9.9:80"} {
+		_, err := b.roundTrip(ctx, target, "x")
+		var se *hbone.StatusError
+		if !errors.As(err, &se) || se.Code != 503 {
+			t.Errorf("%s: got %v, want 503", target, err)
+		}
+	}
+}
+
+// An endpoint whose ztunnel presents another identity is never used.
+func TestOnwardIdentityChecked(t *testing.T) {
+	b := newBed(t, "someone-else")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := b.roundTrip(ctx, "10.96.0.10:80", "x")
+	var se *hbone.StatusError
+	if !errors.As(err, &se) || se.Code < 500 {
+		t.Fatalf("got %v, want a 5xx", err)
+	}
+	if len(b.hits) != 0 {
+		t.Fatalf("a backend with the wrong identity got traffic: %v", b.hits)
+	}
+}
