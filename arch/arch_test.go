@@ -35,7 +35,7 @@ func list(t *testing.T, patterns ...string) []pkg {
 
 // The data path never depends on Kubernetes client code: that lives in its own package.
 func TestDataPathDoesNotImportKubernetes(t *testing.T) {
-	for _, p := range list(t, "../hbone/...", "../identity/...") {
+	for _, p := range list(t, "../hbone/...", "../identity/...", "../proxy/...") {
 		out, err := exec.Command("go", "list", "-deps", p.ImportPath).Output()
 		if err != nil {
 			t.Fatal(err)
