@@ -26,6 +26,13 @@ var ratios = []ratio{
 	{"detour vs Istio p50 latency of that echo (Istio / detour)", "Connect/detour", "Connect/istio", "p50-µs", true, ""},
 	{"detour vs Istio p99 latency of that echo (Istio / detour)", "Connect/detour", "Connect/istio", "p99-µs", true, ""},
 	{"memory per idle stream, detour vs Istio (Istio / detour)", "IdleStreams/detour", "IdleStreams/istio", "B/idle-stream", true, ""},
+	{"waypoint hop vs direct HBONE hop (throughput)", "WaypointBulk/waypoint", "WaypointBulk/direct", "MB/s", false, ">= 0.75"},
+}
+
+// diffs are latencies a waypoint adds: num - den, in the metric's unit.
+var diffs = []ratio{
+	{"p50 added by the waypoint hop (µs)", "WaypointConnect/waypoint", "WaypointConnect/direct", "p50-µs", false, "<= 100"},
+	{"p99 added by the waypoint hop (µs)", "WaypointConnect/waypoint", "WaypointConnect/direct", "p99-µs", false, "<= 500"},
 }
 
 var line = regexp.MustCompile(`^Benchmark(\S+?)(-\d+)?\s+\d+\s+(.*)$`)
@@ -87,5 +94,12 @@ func main() {
 			v = b / a
 		}
 		fmt.Printf("| %s | %.2fx | %s |\n", r.what, v, r.bar)
+	}
+	for _, r := range diffs {
+		a, ok1 := med(r.num, r.unit)
+		b, ok2 := med(r.den, r.unit)
+		if ok1 && ok2 {
+			fmt.Printf("| %s | %+.0f | %s |\n", r.what, a-b, r.bar)
+		}
 	}
 }

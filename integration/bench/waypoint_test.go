@@ -1,0 +1,149 @@
+package bench
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	it "github.com/detour-mesh/detour/integration"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+// waypointBed: a backend HBONE terminator (detour's server with a Forwarder, standing in for the
+// destination ztunnel) on 127.0.0.2, and detour's waypoint on 127.0.0.1 for a service whose one
+// endpoint is 127.0.0.2.
+type waypointBed struct {
+	direct, viaWaypoint string // where the client connects
+	directTLS, wpTLS    hbone.DialOptions
+}
+
+func newWaypointBed(b *testing.B, sinkPort int) *waypointBed {
+	p := it.NewPKI(b)
+	issue := func(id string) identity.Source {
+		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
+	}
+	backendID := issue("spiffe://cluster.local/ns/demo/sa/echo")
+	bl, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	backend := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(backendID, nil), Logger: quiet}
+	go backend.Serve(bl)
+	b.Cleanup(func() { backend.Close() })
+	port := uint16(bl.Addr().(*net.TCPAddr).Port)
+	table, err := route.NewTable([]*route.Service{{Name: "echo", Namespace: "demo", Hostname: "echo.demo.svc.cluster.local",
+		VIPs:      []netip.Addr{netip.MustParseAddr("10.96.0.10")},
+		Ports:     []route.Port{{Name: "tcp", Port: 80, TargetPort: uint16(sinkPort)}},
+		Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("127.0.0.2"), Ready: true, ServiceAccount: "echo"}}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	wpID := issue(it.ServerID)
+	onward := &hbone.Dialer{Logger: quiet}
+	b.Cleanup(func() { onward.Close() })
+	wpAddr := detourServer(b, p, &waypoint.Handler{Routes: func() *route.Table { return table }, Identity: wpID, Dialer: onward, HBONEPort: port, Logger: quiet})
+	client := issue(it.ClientID)
+	directTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo"))
+	wpTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString(it.ServerID))
+	return &waypointBed{direct: bl.Addr().String(), viaWaypoint: wpAddr,
+		directTLS: hbone.DialOptions{TLSConfig: directTLS}, wpTLS: hbone.DialOptions{TLSConfig: wpTLS}}
+}
+
+func (w *waypointBed) dial(b *testing.B, d *hbone.Dialer, name string, sinkPort int) (*hbone.Stream, error) {
+	if name == "direct" {
+		return d.Dial(context.Background(), w.direct, "127.0.0.2:"+strconv.Itoa(sinkPort), w.directTLS)
+	}
+	return d.Dial(context.Background(), w.viaWaypoint, "10.96.0.10:80", w.wpTLS)
+}
+
+// backendOn runs serve for each connection on 127.0.0.2 and returns the port.
+func backendOn(b *testing.B, serve func(*net.TCPConn)) int {
+	l, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); serve(c.(*net.TCPConn)) }()
+		}
+	}()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// BenchmarkWaypointBulk: one stream client -> detour waypoint -> backend HBONE terminator -> sink,
+// against client -> backend HBONE terminator -> sink directly.
+func BenchmarkWaypointBulk(b *testing.B) {
+	for _, name := range []string{"direct", "waypoint"} {
+		b.Run(name, func(b *testing.B) {
+			got := make(chan int64, 1)
+			sink := backendOn(b, func(c *net.TCPConn) { n, _ := io.Copy(io.Discard, c); got <- n })
+			w := newWaypointBed(b, sink)
+			d := dialer(b)
+			s, err := w.dial(b, d, name, sink)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			bulk(b, s, s.CloseWrite, got)
+		})
+	}
+}
+
+// BenchmarkWaypointConnect: a new stream per 1 KiB echo on warm connections, sequential
+// (moderate load); p50/p99 through the waypoint against directly.
+func BenchmarkWaypointConnect(b *testing.B) {
+	for _, name := range []string{"direct", "waypoint"} {
+		b.Run(name, func(b *testing.B) {
+			echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
+			w := newWaypointBed(b, echo)
+			d := dialer(b)
+			msg, buf := make([]byte, 1024), make([]byte, 1024)
+			once := func() time.Duration {
+				start := time.Now()
+				s, err := w.dial(b, d, name, echo)
+				if err != nil {
+					b.Fatal(err)
+				}
+				s.Write(msg)
+				if _, err := io.ReadFull(s, buf); err != nil {
+					b.Fatal(err)
+				}
+				el := time.Since(start)
+				s.Close()
+				return el
+			}
+			once()
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			start := time.Now()
+			for range b.N {
+				lat = append(lat, once())
+			}
+			el := time.Since(start)
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+		})
+	}
+}
