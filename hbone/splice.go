@@ -99,6 +99,13 @@ func (pw progressWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
+// WriteBuffers keeps the destination's batched write (writev, or one Stream queueing).
+func (pw progressWriter) WriteBuffers(bufs net.Buffers) (int64, error) {
+	n, err := writeBuffers(pw.w, bufs)
+	pw.p.Add(n)
+	return n, err
+}
+
 func copyPooled(dst io.Writer, src io.Reader) (int64, error) {
 	return copyProgress(dst, src, nil)
 }

@@ -172,27 +172,8 @@ func (s *Stream) pokeRead() {
 // Write sends p as DATA frames, as flow control allows. It returns once the writer has taken
 // all of p, so p may be reused.
 func (s *Stream) Write(p []byte) (int, error) {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	if s.c.srv && !s.accepted.Load() {
-		return 0, errors.New("hbone: Write before Accept")
-	}
-	n := 0
-	for n < len(p) {
-		k, err := s.c.sendWindow(context.Background(), s, len(p)-n)
-		if err != nil {
-			if n > 0 {
-				s.barrier()
-			}
-			return n, err
-		}
-		s.c.queueOrdered(writeItem{kind: wData, s: s, data: p[n : n+k], notify: n+k == len(p)})
-		n += k
-	}
-	if n > 0 && !s.waitWritten() {
-		return n, fmt.Errorf("%w: %w", ErrConnClosed, s.c.closeErr())
-	}
-	return n, nil
+	n, err := s.WriteBuffers(net.Buffers{p})
+	return int(n), err
 }
 
 // barrier waits until the writer is past every item queued for s.
@@ -283,20 +264,31 @@ func (s *Stream) readErrLocked() error {
 }
 
 // WriteTo copies the peer's bytes to w straight from the receive buffer, with no copy buffer;
-// io.Copy uses it. It returns nil at the peer's END_STREAM.
+// io.Copy uses it. Whatever is buffered leaves in one call: writev for a socket, one queueing for
+// another Stream. It returns nil at the peer's END_STREAM.
 func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	var total int64
+	var batch []*chunk
 	for {
 		s.mu.Lock()
 		if len(s.chunks) > 0 {
-			ch := s.chunks[0]
-			s.chunks[0] = nil
-			s.chunks = s.chunks[1:]
+			n := min(len(s.chunks), maxBatchChunks)
+			batch = append(batch[:0], s.chunks[:n]...)
+			clear(s.chunks[:n])
+			s.chunks = s.chunks[n:]
 			s.mu.Unlock()
-			n, err := w.Write(ch.buf[ch.r:ch.w])
-			total += int64(n)
-			s.c.credit(s, ch.w-ch.r)
-			putChunk(ch)
+			bufs := make(net.Buffers, len(batch))
+			size := 0
+			for i, ch := range batch {
+				bufs[i] = ch.buf[ch.r:ch.w]
+				size += ch.w - ch.r
+			}
+			n64, err := writeBuffers(w, bufs)
+			total += n64
+			s.c.credit(s, size)
+			for _, ch := range batch {
+				putChunk(ch)
+			}
 			if err != nil {
 				return total, err
 			}
@@ -316,6 +308,56 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 			return total, errDeadline
 		}
 	}
+}
+
+// maxBatchChunks bounds one WriteTo batch (16 x 32 KiB).
+const maxBatchChunks = 16
+
+// buffersWriter writes several buffers in one go.
+type buffersWriter interface {
+	WriteBuffers(bufs net.Buffers) (int64, error)
+}
+
+func writeBuffers(w io.Writer, bufs net.Buffers) (int64, error) {
+	if bw, ok := w.(buffersWriter); ok {
+		return bw.WriteBuffers(bufs)
+	}
+	return bufs.WriteTo(w) // writev on a socket
+}
+
+// WriteBuffers sends bufs as DATA frames with a single wait for the writer, where Write would
+// wait once per buffer.
+func (s *Stream) WriteBuffers(bufs net.Buffers) (int64, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.c.srv && !s.accepted.Load() {
+		return 0, errors.New("hbone: Write before Accept")
+	}
+	var total int64
+	last := len(bufs) - 1
+	for last >= 0 && len(bufs[last]) == 0 {
+		last--
+	}
+	for i := 0; i <= last; i++ {
+		p := bufs[i]
+		n := 0
+		for n < len(p) {
+			k, err := s.c.sendWindow(context.Background(), s, len(p)-n)
+			if err != nil {
+				if total+int64(n) > 0 {
+					s.barrier()
+				}
+				return total + int64(n), err
+			}
+			s.c.queueOrdered(writeItem{kind: wData, s: s, data: p[n : n+k], notify: i == last && n+k == len(p)})
+			n += k
+		}
+		total += int64(n)
+	}
+	if total > 0 && !s.waitWritten() {
+		return total, fmt.Errorf("%w: %w", ErrConnClosed, s.c.closeErr())
+	}
+	return total, nil
 }
 
 // ReadFrom copies r into the stream until r's EOF; it does not send END_STREAM.
