@@ -130,6 +130,16 @@ type frameWriter struct {
 }
 
 func (f *frameWriter) Write(p []byte) (int, error) {
+	if len(p) >= frameBufSize {
+		// A large payload goes to TLS as is (after what is buffered): copying it through
+		// the buffer first would cost a memmove of every byte of a bulk stream.
+		if f.n > 0 {
+			if err := f.write(); err != nil {
+				return 0, err
+			}
+		}
+		return f.w.Write(p)
+	}
 	total := len(p)
 	for len(p) > 0 {
 		if f.buf == nil {
