@@ -96,6 +96,23 @@ func (ca *CA) Issue(id string, notBefore, notAfter time.Time) (*x509svid.SVID, e
 	if err != nil {
 		return nil, fmt.Errorf("devca: generating key: %w", err)
 	}
+	cert, err := ca.sign(sid, key.Public(), notBefore, notAfter)
+	if err != nil {
+		return nil, err
+	}
+	return &x509svid.SVID{ID: sid, Certificates: []*x509.Certificate{cert}, PrivateKey: key}, nil
+}
+
+// Sign certifies pub as id (which must be in the CA's trust domain) until notAfter: what a CA
+// serving CSRs does.
+func (ca *CA) Sign(id spiffeid.ID, pub crypto.PublicKey, notAfter time.Time) (*x509.Certificate, error) {
+	if !id.MemberOf(ca.td) {
+		return nil, fmt.Errorf("devca: %s is not in trust domain %s", id, ca.td)
+	}
+	return ca.sign(id, pub, ca.now().Add(-time.Minute), notAfter)
+}
+
+func (ca *CA) sign(id spiffeid.ID, pub crypto.PublicKey, notBefore, notAfter time.Time) (*x509.Certificate, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial(),
 		NotBefore:             notBefore,
@@ -103,17 +120,17 @@ func (ca *CA) Issue(id string, notBefore, notAfter time.Time) (*x509svid.SVID, e
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
-		URIs:                  []*url.URL{sid.URL()},
+		URIs:                  []*url.URL{id.URL()},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
 	if err != nil {
-		return nil, fmt.Errorf("devca: signing %s: %w", sid, err)
+		return nil, fmt.Errorf("devca: signing %s: %w", id, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("devca: parsing %s: %w", sid, err)
+		return nil, fmt.Errorf("devca: parsing %s: %w", id, err)
 	}
-	return &x509svid.SVID{ID: sid, Certificates: []*x509.Certificate{cert}, PrivateKey: key}, nil
+	return cert, nil
 }
 
 // ServerTLS is a TLS config presenting svid and requiring a client SVID from this CA's trust
