@@ -19,12 +19,12 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	pb "istio.io/api/security/v1alpha1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
@@ -60,7 +60,9 @@ func (s *caServer) CreateCertificate(ctx context.Context, req *pb.IstioCertifica
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	enc := func(c *x509.Certificate) string { return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})) }
+	enc := func(c *x509.Certificate) string {
+		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+	}
 	return &pb.IstioCertificateResponse{CertChain: []string{enc(leaf), enc(s.ca.Root())}}, nil
 }
 
