@@ -14,10 +14,13 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
@@ -44,7 +47,9 @@ func (b *bed) id(t *testing.T, id string) identity.Source {
 
 // newBed runs three backend "ztunnels" on 127.0.0.2-4 (a fourth endpoint, 127.0.0.5, is dead),
 // and detour's waypoint for service echo (10.96.0.10:80 -> 8080).
-func newBed(t *testing.T, endpointSA string) *bed {
+func newBed(t *testing.T, endpointSA string) *bed { return newBedWith(t, endpointSA, nil) }
+
+func newBedWith(t *testing.T, endpointSA string, tweak func(*waypoint.Handler)) *bed {
 	ca, err := devca.New("cluster.local")
 	if err != nil {
 		t.Fatal(err)
@@ -96,6 +101,9 @@ func newBed(t *testing.T, endpointSA string) *bed {
 	t.Cleanup(func() { onward.Close() })
 	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
 		Dialer: onward, HBONEPort: uint16(port), Logger: quiet}
+	if tweak != nil {
+		tweak(h)
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -178,5 +186,26 @@ func TestOnwardIdentityChecked(t *testing.T) {
 	}
 	if len(b.hits) != 0 {
 		t.Fatalf("a backend with the wrong identity got traffic: %v", b.hits)
+	}
+}
+
+func TestAuthorizationPolicyDenies(t *testing.T) {
+	b := newBedWith(t, "echo", func(h *waypoint.Handler) {
+		engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, []*authz.Policy{{
+			Namespace: "demo", Name: "only-prod",
+			Spec: &secv1beta1.AuthorizationPolicy{
+				TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: "echo"}},
+				Rules:      []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Namespaces: []string{"prod"}}}}}},
+			},
+		}})
+		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet)
+	})
+	_, err := b.roundTrip(context.Background(), "10.96.0.10:80", "x")
+	var se *hbone.StatusError
+	if !errors.As(err, &se) || se.Code != 403 {
+		t.Fatalf("got %v, want 403", err)
+	}
+	if len(b.hits) != 0 {
+		t.Fatal("a denied stream reached a backend")
 	}
 }

@@ -1,0 +1,414 @@
+// Package authz enforces Istio AuthorizationPolicy the way a waypoint does: only policies that
+// target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
+// the root namespace) apply; CUSTOM is not supported and fails closed; then DENY, then ALLOW (if
+// any ALLOW applies, one must match); AUDIT only marks the decision.
+//
+// An attribute the stream cannot give (HTTP fields on an opaque TCP stream, JWT claims, which
+// detour does not validate) makes an ALLOW rule unmatchable and is ignored in a DENY rule, as
+// Istio does: both directions fail closed.
+package authz
+
+import (
+	"fmt"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+)
+
+// Policy is one AuthorizationPolicy object.
+type Policy struct {
+	Namespace, Name string
+	Spec            *secv1beta1.AuthorizationPolicy
+}
+
+func (p *Policy) id() string { return p.Namespace + "/" + p.Name }
+
+// Waypoint says which Gateway this waypoint is, for targetRefs.
+type Waypoint struct {
+	Namespace, Gateway string
+	RootNamespace      string // default istio-system
+}
+
+// Request is what a policy can look at.
+type Request struct {
+	Principal  string     // peer SPIFFE ID without "spiffe://": cluster.local/ns/x/sa/y; "" if none
+	SourceIP   netip.Addr // the original client (Forwarded)
+	RemoteIP   netip.Addr // X-Forwarded-For's client for HTTP; zero means SourceIP
+	DestIP     netip.Addr
+	DestPort   uint16
+	SNI        string
+	Service    Service      // the destination service
+	HTTP       *HTTPRequest // nil for an opaque stream
+	RequestJWT bool         // always false: detour validates no JWT
+}
+
+// Service names the destination.
+type Service struct{ Namespace, Name string }
+
+// HTTPRequest holds the L7 attributes.
+type HTTPRequest struct {
+	Host, Method, Path string
+	Header             http.Header
+}
+
+// Decision is the outcome and who made it.
+type Decision struct {
+	Allow  bool
+	Policy string   // namespace/name of the deciding policy; "" when none applied
+	Reason string   // for logs and refusals
+	Audit  []string // AUDIT policies that matched
+}
+
+// Engine holds the policies of one config. Immutable.
+type Engine struct {
+	wp       Waypoint
+	policies []*Policy
+}
+
+// New builds an engine for the waypoint wp.
+func New(wp Waypoint, policies []*Policy) *Engine {
+	if wp.RootNamespace == "" {
+		wp.RootNamespace = "istio-system"
+	}
+	return &Engine{wp: wp, policies: policies}
+}
+
+// Decide evaluates the policies that apply to req.
+func (e *Engine) Decide(req *Request) Decision {
+	var allows []*Policy
+	var d Decision
+	for _, p := range e.policies {
+		if !e.applies(p, req.Service) {
+			continue
+		}
+		switch p.Spec.GetAction() {
+		case secv1beta1.AuthorizationPolicy_CUSTOM:
+			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
+		case secv1beta1.AuthorizationPolicy_AUDIT:
+			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
+				d.Audit = append(d.Audit, p.id())
+			}
+		}
+	}
+	for _, p := range e.policies {
+		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_DENY {
+			continue
+		}
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+			d.Policy, d.Reason = p.id(), "denied by DENY policy "+p.id()
+			return d
+		}
+	}
+	for _, p := range e.policies {
+		if e.applies(p, req.Service) && p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_ALLOW {
+			allows = append(allows, p)
+			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
+				d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
+				return d
+			}
+		}
+	}
+	if len(allows) > 0 {
+		names := make([]string, len(allows))
+		for i, p := range allows {
+			names[i] = p.id()
+		}
+		d.Reason = "no ALLOW policy matched (" + strings.Join(names, ", ") + ")"
+		return d
+	}
+	d.Allow, d.Reason = true, "no policy applies"
+	return d
+}
+
+// applies reports whether p targets this waypoint, the destination service, or all waypoints.
+func (e *Engine) applies(p *Policy, dst Service) bool {
+	refs := p.Spec.GetTargetRefs()
+	if r := p.Spec.GetTargetRef(); r != nil {
+		refs = append(refs, r)
+	}
+	for _, r := range refs {
+		if r.GetNamespace() != "" && r.GetNamespace() != p.Namespace {
+			continue // cross-namespace references are not allowed
+		}
+		if targets(r, p.Namespace, e.wp, dst) {
+			return true
+		}
+	}
+	return false
+}
+
+func targets(r *typev1beta1.PolicyTargetReference, ns string, wp Waypoint, dst Service) bool {
+	group, kind, name := r.GetGroup(), r.GetKind(), r.GetName()
+	switch {
+	case group == "gateway.networking.k8s.io" && kind == "Gateway":
+		return ns == wp.Namespace && name == wp.Gateway
+	case (group == "" || group == "core") && kind == "Service":
+		return ns == dst.Namespace && name == dst.Name
+	case group == "networking.istio.io" && kind == "ServiceEntry":
+		return ns == dst.Namespace && name == dst.Name
+	case group == "gateway.networking.k8s.io" && kind == "GatewayClass":
+		return ns == wp.RootNamespace && name == "istio-waypoint"
+	}
+	return false
+}
+
+// matchPolicy: a policy matches when any rule does; a policy with no rules matches nothing.
+func matchPolicy(p *Policy, req *Request, action secv1beta1.AuthorizationPolicy_Action) bool {
+	for _, r := range p.Spec.GetRules() {
+		if matchRule(r, req, action == secv1beta1.AuthorizationPolicy_DENY) {
+			return true
+		}
+	}
+	return false
+}
+
+// tri is a field's outcome: match, no match, or unknowable for this stream.
+type tri int8
+
+const (
+	no tri = iota
+	yes
+	unknown
+)
+
+func matchRule(r *secv1beta1.Rule, req *Request, deny bool) bool {
+	ok := func(t tri) bool {
+		if t == unknown {
+			return deny // ignored in DENY, unmatchable in ALLOW
+		}
+		return t == yes
+	}
+	if len(r.GetFrom()) > 0 {
+		any := false
+		for _, f := range r.GetFrom() {
+			if allOK(ok, sourceFields(f.GetSource(), req)) {
+				any = true
+				break
+			}
+		}
+		if !any {
+			return false
+		}
+	}
+	if len(r.GetTo()) > 0 {
+		any := false
+		for _, t := range r.GetTo() {
+			if allOK(ok, operationFields(t.GetOperation(), req)) {
+				any = true
+				break
+			}
+		}
+		if !any {
+			return false
+		}
+	}
+	for _, c := range r.GetWhen() {
+		if !ok(condition(c, req)) {
+			return false
+		}
+	}
+	return true
+}
+
+func allOK(ok func(tri) bool, fields []tri) bool {
+	for _, f := range fields {
+		if !ok(f) {
+			return false
+		}
+	}
+	return true
+}
+
+// field matches values (any) and notValues (none) with match; empty lists don't constrain.
+func field(values, notValues []string, match func(string) tri) tri {
+	out := yes
+	if len(values) > 0 {
+		out = no
+		for _, v := range values {
+			switch match(v) {
+			case yes:
+				out = yes
+			case unknown:
+				return unknown
+			}
+			if out == yes {
+				break
+			}
+		}
+		if out == no {
+			return no
+		}
+	}
+	for _, v := range notValues {
+		switch match(v) {
+		case yes:
+			return no
+		case unknown:
+			return unknown
+		}
+	}
+	return out
+}
+
+func boolTri(b bool) tri {
+	if b {
+		return yes
+	}
+	return no
+}
+
+func sourceFields(s *secv1beta1.Source, req *Request) []tri {
+	ns, sa, td := principalParts(req.Principal)
+	remote := req.RemoteIP
+	if !remote.IsValid() {
+		remote = req.SourceIP
+	}
+	jwt := func(string) tri { return unknown }
+	return []tri{
+		field(s.GetPrincipals(), s.GetNotPrincipals(), func(v string) tri { return boolTri(wildcard(v, req.Principal)) }),
+		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), jwt),
+		field(s.GetNamespaces(), s.GetNotNamespaces(), func(v string) tri { return boolTri(wildcard(v, ns)) }),
+		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), func(v string) tri { return boolTri(v == ns+"/"+sa && sa != "") }),
+		field(s.GetTrustDomains(), s.GetNotTrustDomains(), func(v string) tri { return boolTri(wildcard(v, td)) }),
+		field(s.GetIpBlocks(), s.GetNotIpBlocks(), func(v string) tri { return boolTri(inBlock(v, req.SourceIP)) }),
+		field(s.GetRemoteIpBlocks(), s.GetNotRemoteIpBlocks(), func(v string) tri { return boolTri(inBlock(v, remote)) }),
+	}
+}
+
+func operationFields(o *secv1beta1.Operation, req *Request) []tri {
+	h := req.HTTP
+	httpOnly := func(m func(string) bool) func(string) tri {
+		return func(v string) tri {
+			if h == nil {
+				return unknown
+			}
+			return boolTri(m(v))
+		}
+	}
+	return []tri{
+		field(o.GetPorts(), o.GetNotPorts(), func(v string) tri { return boolTri(v == strconv.Itoa(int(req.DestPort))) }),
+		field(o.GetHosts(), o.GetNotHosts(), httpOnly(func(v string) bool { return wildcardFold(v, hostOnly(h.Host)) || wildcardFold(v, h.Host) })),
+		field(o.GetMethods(), o.GetNotMethods(), httpOnly(func(v string) bool { return v == h.Method })),
+		field(o.GetPaths(), o.GetNotPaths(), httpOnly(func(v string) bool { return matchPath(v, h.Path) })),
+	}
+}
+
+// condition evaluates a `when` condition for the keys a waypoint supports.
+func condition(c *secv1beta1.Condition, req *Request) tri {
+	key := c.GetKey()
+	ns, _, _ := principalParts(req.Principal)
+	str := func(got string) func(string) tri { return func(v string) tri { return boolTri(wildcard(v, got)) } }
+	switch {
+	case key == "source.ip":
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(inBlock(v, req.SourceIP)) })
+	case key == "remote.ip":
+		ip := req.RemoteIP
+		if !ip.IsValid() {
+			ip = req.SourceIP
+		}
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(inBlock(v, ip)) })
+	case key == "source.namespace":
+		return field(c.GetValues(), c.GetNotValues(), str(ns))
+	case key == "source.principal":
+		return field(c.GetValues(), c.GetNotValues(), str(req.Principal))
+	case key == "destination.ip":
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(inBlock(v, req.DestIP)) })
+	case key == "destination.port":
+		return field(c.GetValues(), c.GetNotValues(), str(strconv.Itoa(int(req.DestPort))))
+	case key == "connection.sni":
+		return field(c.GetValues(), c.GetNotValues(), str(req.SNI))
+	case strings.HasPrefix(key, "request.headers[") && strings.HasSuffix(key, "]"):
+		if req.HTTP == nil {
+			return unknown
+		}
+		name := key[len("request.headers[") : len(key)-1]
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri {
+			for _, got := range req.HTTP.Header.Values(name) {
+				if wildcard(v, got) {
+					return yes
+				}
+			}
+			return no
+		})
+	default:
+		// request.auth.* (JWT, not validated by detour) and keys a waypoint does not support.
+		return unknown
+	}
+}
+
+// wildcard is Istio's string match: "*" (present), "*suffix", "prefix*", or exact.
+func wildcard(pattern, v string) bool {
+	switch {
+	case pattern == "*":
+		return v != ""
+	case strings.HasPrefix(pattern, "*"):
+		return strings.HasSuffix(v, pattern[1:])
+	case strings.HasSuffix(pattern, "*"):
+		return strings.HasPrefix(v, pattern[:len(pattern)-1])
+	}
+	return pattern == v
+}
+
+func wildcardFold(pattern, v string) bool {
+	return wildcard(strings.ToLower(pattern), strings.ToLower(v))
+}
+
+// matchPath supports Istio's wildcards and path templates: {*} one segment, {**} the rest.
+func matchPath(pattern, path string) bool {
+	if !strings.Contains(pattern, "{*") {
+		return wildcard(pattern, path)
+	}
+	ps, vs := strings.Split(pattern, "/"), strings.Split(path, "/")
+	for i, seg := range ps {
+		if seg == "{**}" {
+			return i == len(ps)-1 && len(vs) > i
+		}
+		if i >= len(vs) || seg != "{*}" && seg != vs[i] || seg == "{*}" && vs[i] == "" {
+			return false
+		}
+	}
+	return len(ps) == len(vs)
+}
+
+func hostOnly(h string) string {
+	if i := strings.LastIndexByte(h, ':'); i > 0 && !strings.HasSuffix(h, "]") {
+		return h[:i]
+	}
+	return h
+}
+
+// inBlock matches an IP against "10.0.0.0/8" or "10.0.0.1".
+func inBlock(block string, ip netip.Addr) bool {
+	if !ip.IsValid() {
+		return false
+	}
+	if p, err := netip.ParsePrefix(block); err == nil {
+		return p.Contains(ip.Unmap())
+	}
+	if a, err := netip.ParseAddr(block); err == nil {
+		return a.Unmap() == ip.Unmap()
+	}
+	return false
+}
+
+// principalParts splits td/ns/<ns>/sa/<sa>.
+func principalParts(p string) (ns, sa, td string) {
+	parts := strings.Split(p, "/")
+	if len(parts) == 5 && parts[1] == "ns" && parts[3] == "sa" {
+		return parts[2], parts[4], parts[0]
+	}
+	return "", "", ""
+}
+
+// String describes a decision for logs.
+func (d Decision) String() string {
+	verdict := "deny"
+	if d.Allow {
+		verdict = "allow"
+	}
+	return fmt.Sprintf("%s: %s", verdict, d.Reason)
+}
