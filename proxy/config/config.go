@@ -1,0 +1,285 @@
+// Package config is detour's one configuration document (YAML): identity source, listeners,
+// waypoint registration, and discovery. Flags only say where the document is; every field below
+// says its default. Decode is strict: an unknown field is an error, so a typo never silently
+// falls back to a default.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	secv1beta1 "istio.io/api/security/v1beta1"
+	"sigs.k8s.io/yaml"
+)
+
+// Config is the whole document.
+type Config struct {
+	Identity  Identity  `json:"identity"`
+	Listeners Listeners `json:"listeners"`
+	Waypoint  Waypoint  `json:"waypoint"`
+	Discovery Discovery `json:"discovery"`
+}
+
+// Identity chooses where detour's certificate comes from.
+type Identity struct {
+	// Source is one of devca, files, istio-ca, workload-api. Required.
+	Source string `json:"source"`
+	// DevCA: a CA directory made by `detour ca init`, and the ID to mint for detour.
+	DevCA *DevCA `json:"devca,omitempty"`
+	// Files: cert, key and bundle PEM files, polled for changes.
+	Files *Files `json:"files,omitempty"`
+	// IstioCA: istiod's CA.
+	IstioCA *IstioCA `json:"istioCA,omitempty"`
+	// WorkloadAPI: a SPIFFE Workload API socket.
+	WorkloadAPI *WorkloadAPI `json:"workloadAPI,omitempty"`
+}
+
+// DevCA: see identity/devca.
+type DevCA struct {
+	Dir string `json:"dir"` // required
+	ID  string `json:"id"`  // required: spiffe://<td>/ns/<ns>/sa/<sa>
+}
+
+// Files: see identity.Files.
+type Files struct {
+	Cert   string `json:"cert"`
+	Key    string `json:"key"`
+	Bundle string `json:"bundle"`
+}
+
+// IstioCA: see identity.IstioCA.
+type IstioCA struct {
+	Addr         string   `json:"addr"`         // default istiod.istio-system.svc:15012
+	RootCertFile string   `json:"rootCertFile"` // default /var/run/secrets/istio/root-cert.pem
+	TokenFile    string   `json:"tokenFile"`    // default /var/run/secrets/tokens/istio-token
+	ClusterID    string   `json:"clusterID"`    // default Kubernetes
+	TrustDomain  string   `json:"trustDomain"`  // default cluster.local
+	TTL          Duration `json:"ttl"`          // default: istiod's (24h)
+}
+
+// WorkloadAPI: see identity.WorkloadAPI.
+type WorkloadAPI struct {
+	Addr string `json:"addr"` // e.g. unix:///run/spire/sockets/agent.sock; required
+}
+
+// Listeners are detour's addresses.
+type Listeners struct {
+	HBONE  string `json:"hbone"`  // default 0.0.0.0:15008
+	Health string `json:"health"` // /healthz, /readyz; default 127.0.0.1:15021; "off" disables
+	// UpstreamHBONEPort is the port of the destination ztunnels; default 15008.
+	UpstreamHBONEPort uint16 `json:"upstreamHBONEPort"`
+}
+
+// Waypoint says which Gateway detour is, for AuthorizationPolicy targetRefs.
+type Waypoint struct {
+	Namespace     string `json:"namespace"`     // required
+	Gateway       string `json:"gateway"`       // default detour
+	RootNamespace string `json:"rootNamespace"` // default istio-system
+}
+
+// Discovery chooses where services, endpoints and policies come from.
+type Discovery struct {
+	// Source: static (this document) or kubernetes (not built yet). Default static.
+	Source string  `json:"source"`
+	Static *Static `json:"static,omitempty"`
+}
+
+// Static lists services and policies in the document.
+type Static struct {
+	Services []Service `json:"services"`
+	Policies []Policy  `json:"policies"`
+}
+
+// Service is a mesh service and its endpoints.
+type Service struct {
+	Name      string     `json:"name"`
+	Namespace string     `json:"namespace"`
+	Hostname  string     `json:"hostname"` // default name.namespace.svc.cluster.local
+	VIPs      []string   `json:"vips"`
+	Ports     []Port     `json:"ports"`
+	Endpoints []Endpoint `json:"endpoints"`
+}
+
+// Port of a service.
+type Port struct {
+	Name        string `json:"name"`
+	Port        uint16 `json:"port"`
+	TargetPort  uint16 `json:"targetPort"` // default Port
+	AppProtocol string `json:"appProtocol"`
+}
+
+// Endpoint of a service.
+type Endpoint struct {
+	IP             string `json:"ip"`
+	ServiceAccount string `json:"serviceAccount"` // required: the identity its ztunnel presents
+	NotReady       bool   `json:"notReady"`
+}
+
+// Policy is an AuthorizationPolicy.
+type Policy struct {
+	Name      string                          `json:"name"`
+	Namespace string                          `json:"namespace"`
+	Spec      *secv1beta1.AuthorizationPolicy `json:"spec"`
+}
+
+// Duration is a time.Duration written as "90s" or "24h".
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration: %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+// Load reads and decodes the document at path.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c, err := Decode(b)
+	if err != nil {
+		return nil, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Decode parses a YAML document strictly, applies defaults and validates it.
+func Decode(doc []byte) (*Config, error) {
+	j, err := yaml.YAMLToJSON(doc)
+	if err != nil {
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(j))
+	dec.DisallowUnknownFields()
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, err
+	}
+	c.defaults()
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) defaults() {
+	set := func(v *string, d string) {
+		if *v == "" {
+			*v = d
+		}
+	}
+	set(&c.Listeners.HBONE, "0.0.0.0:15008")
+	set(&c.Listeners.Health, "127.0.0.1:15021")
+	if c.Listeners.UpstreamHBONEPort == 0 {
+		c.Listeners.UpstreamHBONEPort = 15008
+	}
+	set(&c.Waypoint.Gateway, "detour")
+	set(&c.Waypoint.RootNamespace, "istio-system")
+	set(&c.Discovery.Source, "static")
+	if ca := c.Identity.IstioCA; ca != nil {
+		set(&ca.Addr, "istiod.istio-system.svc:15012")
+		set(&ca.RootCertFile, "/var/run/secrets/istio/root-cert.pem")
+		set(&ca.TokenFile, "/var/run/secrets/tokens/istio-token")
+		set(&ca.ClusterID, "Kubernetes")
+		set(&ca.TrustDomain, "cluster.local")
+	}
+	if s := c.Discovery.Static; s != nil {
+		for i := range s.Services {
+			svc := &s.Services[i]
+			set(&svc.Hostname, svc.Name+"."+svc.Namespace+".svc.cluster.local")
+			for j := range svc.Ports {
+				if svc.Ports[j].TargetPort == 0 {
+					svc.Ports[j].TargetPort = svc.Ports[j].Port
+				}
+			}
+		}
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	id := c.Identity
+	switch id.Source {
+	case "devca":
+		if id.DevCA == nil || id.DevCA.Dir == "" || id.DevCA.ID == "" {
+			bad("identity.devca.dir and identity.devca.id are required with source devca")
+		}
+	case "files":
+		if id.Files == nil || id.Files.Cert == "" || id.Files.Key == "" || id.Files.Bundle == "" {
+			bad("identity.files.cert, .key and .bundle are required with source files")
+		}
+	case "istio-ca":
+		if id.IstioCA == nil {
+			bad("identity.istioCA is required with source istio-ca")
+		}
+	case "workload-api":
+		if id.WorkloadAPI == nil || id.WorkloadAPI.Addr == "" {
+			bad("identity.workloadAPI.addr is required with source workload-api")
+		}
+	case "":
+		bad("identity.source is required: devca, files, istio-ca or workload-api")
+	default:
+		bad("identity.source %q is not one of devca, files, istio-ca, workload-api", id.Source)
+	}
+	if c.Waypoint.Namespace == "" {
+		bad("waypoint.namespace is required")
+	}
+	switch c.Discovery.Source {
+	case "static":
+		if c.Discovery.Static == nil {
+			bad("discovery.static is required with source static")
+		}
+	case "kubernetes":
+		bad("discovery.source kubernetes is not built yet; use static")
+	default:
+		bad("discovery.source %q is not one of static, kubernetes", c.Discovery.Source)
+	}
+	if s := c.Discovery.Static; s != nil {
+		for _, svc := range s.Services {
+			where := "service " + svc.Namespace + "/" + svc.Name
+			if svc.Name == "" || svc.Namespace == "" {
+				bad("a service needs a name and a namespace")
+			}
+			for _, v := range svc.VIPs {
+				if _, err := netip.ParseAddr(v); err != nil {
+					bad("%s: vip %q: %v", where, v, err)
+				}
+			}
+			for _, p := range svc.Ports {
+				if p.Port == 0 {
+					bad("%s: a port needs a number", where)
+				}
+			}
+			for _, e := range svc.Endpoints {
+				if _, err := netip.ParseAddr(e.IP); err != nil {
+					bad("%s: endpoint ip %q: %v", where, e.IP, err)
+				}
+				if e.ServiceAccount == "" {
+					bad("%s: endpoint %s needs serviceAccount (the identity its ztunnel presents)", where, e.IP)
+				}
+			}
+		}
+		for _, p := range s.Policies {
+			if p.Name == "" || p.Namespace == "" || p.Spec == nil {
+				bad("a policy needs name, namespace and spec")
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,65 @@
+package config
+
+import (
+	"strings"
+	"testing"
+)
+
+const example = `
+identity:
+  source: devca
+  devca: {dir: /tmp/ca, id: spiffe://cluster.local/ns/demo/sa/detour}
+waypoint:
+  namespace: demo
+discovery:
+  static:
+    services:
+    - name: echo
+      namespace: demo
+      vips: [10.96.0.10]
+      ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
+      endpoints: [{ip: 10.244.0.5, serviceAccount: echo}]
+    policies:
+    - name: only-default
+      namespace: demo
+      spec:
+        targetRefs: [{kind: Service, name: echo}]
+        action: ALLOW
+        rules:
+        - from: [{source: {namespaces: [default]}}]
+`
+
+func TestDecode(t *testing.T) {
+	c, err := Decode([]byte(example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listeners.HBONE != "0.0.0.0:15008" || c.Waypoint.Gateway != "detour" || c.Discovery.Source != "static" ||
+		c.Discovery.Static.Services[0].Hostname != "echo.demo.svc.cluster.local" || c.Listeners.UpstreamHBONEPort != 15008 {
+		t.Fatalf("defaults: %+v", c)
+	}
+	p := c.Discovery.Static.Policies[0].Spec
+	if p.GetAction().String() != "ALLOW" || p.GetRules()[0].GetFrom()[0].GetSource().GetNamespaces()[0] != "default" || p.GetTargetRefs()[0].GetName() != "echo" {
+		t.Fatalf("policy: %v", p)
+	}
+	if _, err := c.Routes(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDecodeErrors(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{"identity: {source: devca}\nwaypoint: {namespace: x}\ndiscovery: {static: {}}\n", "identity.devca.dir and identity.devca.id are required with source devca"},
+		{"identity: {source: magic}\nwaypoint: {namespace: x}\ndiscovery: {static: {}}\n", `identity.source "magic" is not one of devca, files, istio-ca, workload-api`},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\ndiscovery: {static: {}}\n", "waypoint.namespace is required"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes}\n", "discovery.source kubernetes is not built yet; use static"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\nlistners: {}\n", `json: unknown field "listners"`},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
+			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
+	} {
+		_, err := Decode([]byte(tc.doc))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("got %v\nwant %s", err, tc.want)
+		}
+	}
+}
