@@ -15,9 +15,18 @@ func run(t *testing.T, args ...string) (int, string, string) {
 }
 
 func TestDemo(t *testing.T) {
-	code, out, errOut := run(t, "demo", "--streams", "3", "--bytes", "100000")
-	if code != 0 || !strings.Contains(out, "3 streams x 100000 bytes echoed through HBONE, checksums match") {
-		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	code, out, errOut := run(t, "demo", "--streams", "3", "--duration", "1500ms")
+	for _, want := range []string{
+		"AuthorizationPolicy demo/only-default: ALLOW from namespace default\n",
+		"spiffe://cluster.local/ns/untrusted/sa/curl -> echo: 403 (AuthorizationPolicy denial, as expected)\n",
+		"failed 0, p50 ",
+		"pod 127.0.0.2:",
+		"pod 127.0.0.3:",
+		"through the waypoint, every echo byte-exact, 1 denied by policy\n",
+	} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("exit %d, missing %q\nstdout:\n%s\nstderr:\n%s", code, want, out, errOut)
+		}
 	}
 }
 
@@ -26,8 +35,10 @@ func TestBadInput(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"demo", "--streams", "0"}, "detour: --streams must be 1..10000, got 0\n"},
-		{[]string{"demo", "--bytes", "-1"}, "detour: --bytes must be 0..1073741824, got -1\n"},
+		{[]string{"demo", "--streams", "0"}, "detour: --streams must be 1..1000, got 0\n"},
+		{[]string{"demo", "--duration", "0s"}, "detour: --duration must be positive, got 0s\n"},
+		{[]string{"waypoint"}, "detour: --config is required\n"},
+		{[]string{"waypoint", "--config", "/nonexistent.yaml"}, "detour: config: open /nonexistent.yaml: no such file or directory\n"},
 		{[]string{"hbone-serve"}, "detour: --cert, --key and --ca are required\n"},
 		{[]string{"hbone-serve", "--cert", "/nonexistent", "--key", "/nonexistent", "--ca", "x"}, "detour: loading --cert/--key: open /nonexistent: no such file or directory\n"},
 		{[]string{"nope"}, "detour: unknown command \"nope\" for \"detour\"\n"},

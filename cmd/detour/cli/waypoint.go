@@ -1,0 +1,134 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+// identityTimeout bounds the wait for the first certificate at start.
+const identityTimeout = 30 * time.Second
+
+func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "waypoint",
+		Short: "Run detour as a waypoint: terminate HBONE, enforce AuthorizationPolicy, forward to endpoints",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if path == "" {
+				return errors.New("--config is required")
+			}
+			cfg, err := config.Load(path)
+			if err != nil {
+				return err
+			}
+			return runWaypoint(cmd.Context(), cfg, log(), nil)
+		},
+	}
+	cmd.Flags().StringVar(&path, "config", "", "the configuration document (YAML; see proxy/config)")
+	return cmd
+}
+
+// runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
+// receives the HBONE listener's address once serving.
+func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, ready chan<- string) error {
+	src, keep, err := cfg.IdentitySource(log)
+	if err != nil {
+		return err
+	}
+	table, err := cfg.Routes()
+	if err != nil {
+		return err
+	}
+	engine := cfg.Authz()
+	g, ctx := errgroup.WithContext(ctx)
+	if keep != nil {
+		g.Go(func() error { return keep(ctx) })
+	}
+	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
+	_, err = identity.Wait(wctx, src)
+	cancel()
+	if err != nil {
+		return errors.Join(fmt.Errorf("waypoint: no identity from %s: %w", cfg.Identity.Source, err), g.Wait())
+	}
+	l, err := net.Listen("tcp", cfg.Listeners.HBONE)
+	if err != nil {
+		return errors.Join(fmt.Errorf("waypoint: listening: %w", err), g.Wait())
+	}
+	onward := &hbone.Dialer{Logger: log}
+	defer onward.Close()
+	h := &waypoint.Handler{
+		Routes:    func() *route.Table { return table },
+		Balancer:  &route.Balancer{},
+		Identity:  src,
+		Dialer:    onward,
+		Authorize: waypoint.Authorizer(func() *authz.Engine { return engine }, log),
+		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
+		Logger:    log,
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(src, nil), Logger: log}
+	g.Go(func() error {
+		if err := srv.Serve(l); !errors.Is(err, hbone.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	if cfg.Listeners.Health != "off" {
+		hl, err := net.Listen("tcp", cfg.Listeners.Health)
+		if err != nil {
+			srv.Close()
+			return errors.Join(fmt.Errorf("waypoint: health listener: %w", err), g.Wait())
+		}
+		hs := &http.Server{Handler: healthMux(src), ReadHeaderTimeout: 5 * time.Second}
+		g.Go(func() error {
+			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+		g.Go(func() error { <-ctx.Done(); return hs.Close() })
+	}
+	g.Go(func() error {
+		<-ctx.Done()
+		drain, cancel := context.WithTimeout(context.Background(), drainTimeout)
+		defer cancel()
+		if err := srv.Shutdown(drain); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+		return nil
+	})
+	log.Info("waypoint serving", "hbone", l.Addr().String(), "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
+	if ready != nil {
+		ready <- l.Addr().String()
+	}
+	return g.Wait()
+}
+
+// healthMux serves /healthz (the process is up) and /readyz (it has an identity).
+func healthMux(src identity.Source) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if id, _ := src.Identity(); id == nil {
+			http.Error(w, "no identity yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
