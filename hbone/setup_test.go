@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -57,35 +56,11 @@ func newPKI(t testing.TB) *pki {
 
 // echoServer echoes every connection and half-closes after the client's FIN. It returns the
 // address; it stops when the test ends.
-func echoServer(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		l.Close()
-		wg.Wait()
+func echoServer(t *testing.T) string {
+	return backend(t, func(c *net.TCPConn) {
+		io.Copy(c, c)
+		c.CloseWrite()
 	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return l.Addr().String()
 }
 
 // startServer runs an hbone.Server with h on a loopback port and closes it when the test ends.

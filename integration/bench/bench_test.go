@@ -176,21 +176,27 @@ func BenchmarkConnect(b *testing.B) {
 				s.Close()
 				return el
 			}
-			once() // warm the connection
-			lat := make([]time.Duration, 0, b.N)
-			b.ResetTimer()
-			start := time.Now()
-			for range b.N {
-				lat = append(lat, once())
-			}
-			el := time.Since(start)
-			b.StopTimer()
-			slices.Sort(lat)
-			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
-			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
-			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+			latencies(b, once)
 		})
 	}
+}
+
+// latencies runs once b.N times after a warm-up and reports requests/s and the p50/p99 of what
+// once returned.
+func latencies(b *testing.B, once func() time.Duration) {
+	once() // warm the connection
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		lat = append(lat, once())
+	}
+	el := time.Since(start)
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 }
 
 // BenchmarkIdleStreams measures memory per idle stream: open 2000 streams through the server to

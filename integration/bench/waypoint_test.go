@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -131,19 +130,7 @@ func BenchmarkWaypointConnect(b *testing.B) {
 				s.Close()
 				return el
 			}
-			once()
-			lat := make([]time.Duration, 0, b.N)
-			b.ResetTimer()
-			start := time.Now()
-			for range b.N {
-				lat = append(lat, once())
-			}
-			el := time.Since(start)
-			b.StopTimer()
-			slices.Sort(lat)
-			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
-			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
-			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+			latencies(b, once)
 		})
 	}
 }
