@@ -174,6 +174,7 @@ func (c *conn) start() {
 	go c.writeLoop()
 }
 
+// queueCtrl queues a control frame; callers may hold mu (the lock order is mu, then wmu).
 func (c *conn) queueCtrl(it writeItem) {
 	c.wmu.Lock()
 	c.ctrlQ = append(c.ctrlQ, it)
@@ -741,19 +742,12 @@ func (c *conn) isIdleIDLocked(id uint32) bool {
 func (c *conn) creditConnLocked(n int64) {
 	c.recvUnacked += n
 	if c.recvUnacked >= int64(c.cfg.ConnWindow)/4 {
-		c.ctrlQ2(writeItem{kind: wWindow, id: 0, n: uint32(c.recvUnacked)})
+		c.queueCtrl(writeItem{kind: wWindow, id: 0, n: uint32(c.recvUnacked)})
 		c.recvWin += c.recvUnacked
 		c.recvUnacked = 0
 	}
 }
 
-// ctrlQ2 queues a control frame while mu is held (mu before wmu is the lock order).
-func (c *conn) ctrlQ2(it writeItem) {
-	c.wmu.Lock()
-	c.ctrlQ = append(c.ctrlQ, it)
-	c.wmu.Unlock()
-	c.poke()
-}
 
 // credit returns n consumed bytes of s to the peer's windows.
 func (c *conn) credit(s *Stream, n int) {
@@ -765,7 +759,7 @@ func (c *conn) credit(s *Stream, n int) {
 	}
 	s.recvUnacked += int64(n)
 	if s.recvUnacked >= int64(c.cfg.StreamWindow)/4 {
-		c.ctrlQ2(writeItem{kind: wWindow, id: s.id, n: uint32(s.recvUnacked)})
+		c.queueCtrl(writeItem{kind: wWindow, id: s.id, n: uint32(s.recvUnacked)})
 		s.recvWin += s.recvUnacked
 		s.recvUnacked = 0
 	}

@@ -13,8 +13,6 @@ import (
 	"golang.org/x/net/http2"
 )
 
-var errTooManyFiles = syscall.EMFILE
-
 // copyBufSize is the pooled copy buffer: large enough that a bulk stream moves in few writes.
 const copyBufSize = 128 << 10
 
