@@ -748,7 +748,6 @@ func (c *conn) creditConnLocked(n int64) {
 	}
 }
 
-
 // credit returns n consumed bytes of s to the peer's windows.
 func (c *conn) credit(s *Stream, n int) {
 	c.mu.Lock()
