@@ -45,7 +45,7 @@ type conn struct {
 	hbuf []byte // owned by the writer: HPACK scratch
 
 	peerID   spiffeid.ID   // immutable: the peer's verified SPIFFE ID, zero if none
-	onStream func(*Stream) // server: called in its own goroutine for each accepted CONNECT
+	onStream func(*Stream) // server: called by the reader for each accepted CONNECT; starts its handler
 	onClose  func(*conn)   // called once when the connection is gone
 
 	mu          sync.Mutex
@@ -66,6 +66,14 @@ type conn struct {
 
 	lastRead atomic.Int64 // unix nanos of the last frame read, for keepalive
 	pingSent atomic.Int64 // unix nanos of the unanswered keepalive ping, 0 if none
+	written  atomic.Int64 // frames written, for the write-stall check
+	writing  atomic.Bool  // the writer has frames in hand
+
+	// Owned by the keepalive timer (checkAlive runs one at a time).
+	lastProgress int64
+	progressAt   time.Time
+
+	active int // server, guarded by mu: handlers running, refused past MaxConcurrentStreams
 
 	wmu     sync.Mutex  // guards the write queues
 	ctrlQ   []writeItem // control frames, written first
@@ -166,10 +174,11 @@ func (c *conn) start() {
 	if inc := c.cfg.ConnWindow - 65535; inc > 0 {
 		c.queueCtrl(writeItem{kind: wWindow, id: 0, n: inc})
 	}
-	if c.cfg.PingInterval > 0 {
+	if c.cfg.PingInterval > 0 || c.cfg.IdleTimeout > 0 {
 		// Armed only once assigned: checkAlive and close read c.keepalive.
+		c.progressAt = time.Now()
 		c.keepalive = time.AfterFunc(time.Hour, c.checkAlive)
-		c.keepalive.Reset(c.cfg.PingInterval)
+		c.keepalive.Reset(c.tick())
 	}
 	go c.writeLoop()
 }
@@ -208,7 +217,9 @@ func (c *conn) writeLoop() {
 		closing := c.closing
 		c.wmu.Unlock()
 		if len(ctrl)+len(ord) == 0 {
-			if err := c.flush(); err != nil {
+			err := c.flush()
+			c.writing.Store(false)
+			if err != nil {
 				c.close(fmt.Errorf("hbone: writing: %w", err))
 				return
 			}
@@ -223,14 +234,20 @@ func (c *conn) writeLoop() {
 				return
 			}
 		}
+		c.writing.Store(true)
 		if c.wire != nil {
 			c.wire.batch()
 		}
 		for _, q := range [][]writeItem{ctrl, ord} {
 			for i := range q {
-				if err := c.writeFrame(&q[i]); err != nil {
+				err := c.writeFrame(&q[i])
+				c.written.Add(1)
+				if q[i].notify {
+					q[i].s.wrote <- struct{}{}
+				}
+				if err != nil {
 					c.close(fmt.Errorf("hbone: writing: %w", err))
-					c.notifyAll(q[i:])
+					c.notifyAll(q[i+1:])
 					return
 				}
 				q[i] = writeItem{}
@@ -284,8 +301,7 @@ func (c *conn) writeFrame(it *writeItem) error {
 		return c.fr.WriteGoAway(it.id, it.code, nil)
 	case wTableSize:
 		c.henc.SetMaxDynamicTableSizeLimit(it.n)
-	case wBarrier:
-		it.s.wrote <- struct{}{}
+	case wBarrier: // nothing to write: writeLoop notifies
 	}
 	return nil
 }
@@ -294,13 +310,18 @@ func (c *conn) writeFrame(it *writeItem) error {
 // from the caller's buffer to the frame buffer with no copy into the framer's own.
 func (c *conn) writeData(it *writeItem) error {
 	s := it.s
-	defer func() {
-		if it.notify {
-			s.wrote <- struct{}{}
-		}
-	}()
 	if s.endWritten || s.rstWritten {
-		return nil // the stream ended under the writer: drop what is left
+		// The stream ended under the writer: drop what is left, and give the connection back
+		// the window those bytes had taken.
+		if n := int64(len(it.data)); n > 0 {
+			c.mu.Lock()
+			c.sendWin += n
+			for _, st := range c.streams {
+				st.pokeWindow()
+			}
+			c.mu.Unlock()
+		}
+		return nil
 	}
 	var hdr [9]byte
 	n := len(it.data)
@@ -353,30 +374,49 @@ func (c *conn) writeHeaders(it *writeItem) error {
 // connection that has had no stream for the idle timeout.
 func (c *conn) checkAlive() {
 	now := time.Now()
-	if sent := c.pingSent.Load(); sent != 0 && now.Sub(time.Unix(0, sent)) >= c.cfg.PingTimeout {
-		c.close(ErrPingTimeout)
-		return
-	}
-	if c.pingSent.Load() == 0 && now.Sub(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingInterval {
-		c.pingSent.Store(now.UnixNano())
-		var data [8]byte
-		copy(data[:], "detour!!")
-		c.queueCtrl(writeItem{kind: wPing, ping: data})
+	if c.cfg.PingInterval > 0 {
+		if sent := c.pingSent.Load(); sent != 0 && now.Sub(time.Unix(0, sent)) >= c.cfg.PingTimeout {
+			c.close(ErrPingTimeout)
+			return
+		}
+		if c.pingSent.Load() == 0 && now.Sub(time.Unix(0, c.lastRead.Load())) >= c.cfg.PingInterval {
+			c.pingSent.Store(now.UnixNano())
+			var data [8]byte
+			copy(data[:], "detour!!")
+			c.queueCtrl(writeItem{kind: wPing, ping: data})
+		}
+		// A writer that made no progress for a ping timeout while it had frames to send is
+		// stuck on a peer that does not read (which may still be sending, so no ping fires).
+		progress := c.written.Load()
+		if c.writing.Load() && progress == c.lastProgress && now.Sub(c.progressAt) >= c.cfg.PingTimeout {
+			c.close(ErrWriteStalled)
+			return
+		}
+		if progress != c.lastProgress || !c.writing.Load() {
+			c.lastProgress, c.progressAt = progress, now
+		}
 	}
 	if c.cfg.IdleTimeout > 0 {
 		c.mu.Lock()
-		idle := !c.idleSince.IsZero() && now.Sub(c.idleSince) >= c.cfg.IdleTimeout
+		idle := !c.idleSince.IsZero() && c.reserved == 0 && now.Sub(c.idleSince) >= c.cfg.IdleTimeout
 		c.mu.Unlock()
 		if idle {
 			c.goAway(http2.ErrCodeNo, nil)
 		}
 	}
-	next := min(c.cfg.PingInterval, c.cfg.PingTimeout)
 	select {
 	case <-c.done:
 	default:
-		c.keepalive.Reset(next)
+		c.keepalive.Reset(c.tick())
 	}
+}
+
+// tick is how often checkAlive runs.
+func (c *conn) tick() time.Duration {
+	if c.cfg.PingInterval > 0 {
+		return min(c.cfg.PingInterval, c.cfg.PingTimeout)
+	}
+	return max(c.cfg.IdleTimeout/4, time.Second)
 }
 
 // goAway tells the peer no new streams will be accepted. With streams still open the connection
@@ -398,7 +438,7 @@ func (c *conn) goAway(code http2.ErrCode, cause error) {
 }
 
 // closeAfterFlush lets the writer flush what is queued, then close. A writer stuck on the network
-// is cut off after a second.
+// is cut off after a second on an error, after the ping timeout on a graceful close.
 func (c *conn) closeAfterFlush(cause error) {
 	c.mu.Lock()
 	if c.err == nil && cause != nil {
@@ -409,7 +449,11 @@ func (c *conn) closeAfterFlush(cause error) {
 	c.closing = true
 	c.wmu.Unlock()
 	c.poke()
-	time.AfterFunc(time.Second, func() { c.close(cause) })
+	cutoff := c.cfg.PingTimeout
+	if cause != nil || cutoff <= 0 {
+		cutoff = time.Second
+	}
+	time.AfterFunc(cutoff, func() { c.close(cause) })
 }
 
 // close tears the connection down: every stream fails with err (or ErrConnClosed).
@@ -585,8 +629,18 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	return nil
 }
 
+// maxQueuedControl bounds control frames (PING and SETTINGS acks, WINDOW_UPDATE) waiting for the
+// writer: a peer that floods them without reading is cut off (x/net's http2 uses the same bound).
+const maxQueuedControl = 10000
+
 // readOne reads and handles one frame.
 func (c *conn) readOne() error {
+	c.wmu.Lock()
+	queued := len(c.ctrlQ)
+	c.wmu.Unlock()
+	if queued > maxQueuedControl {
+		return connError{http2.ErrCodeEnhanceYourCalm, "too many control frames queued: the peer sends but does not read"}
+	}
 	if _, err := io.ReadFull(c.rd, c.hdr[:]); err != nil {
 		return err
 	}
@@ -670,11 +724,15 @@ func (c *conn) admitData(id uint32, n, waste int64, end bool) (*Stream, error) {
 	}
 	c.recvWin -= n
 	s := c.streams[id]
-	if s == nil || s.recvEnded || !c.srv && !s.responded {
+	if s == nil {
 		c.creditConnLocked(n)
-		if s == nil && c.isIdleIDLocked(id) {
+		if c.isIdleIDLocked(id) {
 			return nil, connError{http2.ErrCodeProtocol, "DATA on an idle stream"}
 		}
+		return nil, nil // a stream we closed or reset: its frames in flight are ignored (RFC 9113 5.1)
+	}
+	if s.recvEnded || !c.srv && !s.responded {
+		c.creditConnLocked(n)
 		return nil, http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	if n > s.recvWin {
@@ -683,7 +741,12 @@ func (c *conn) admitData(id uint32, n, waste int64, end bool) (*Stream, error) {
 	}
 	s.recvWin -= n
 	if waste > 0 {
-		c.creditConnLocked(waste) // padding is never read by anyone
+		// Padding is never read by anyone: return it to both windows now.
+		c.creditConnLocked(waste)
+		s.recvWin += waste
+		if !end {
+			c.queueCtrl(writeItem{kind: wWindow, id: s.id, n: uint32(waste)})
+		}
 	}
 	if end {
 		s.recvEnded = true
@@ -801,7 +864,9 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return connError{http2.ErrCodeProtocol, "HEADERS with a reused or even stream ID"}
 	}
 	c.lastPeerID = f.StreamID
-	if c.goAwaySent || uint32(len(c.streams)) >= c.cfg.MaxConcurrentStreams {
+	// Handlers count until they return, not until the peer resets their stream: a peer that
+	// opens and resets streams in a loop cannot start more than the limit (CVE-2023-44487).
+	if c.goAwaySent || uint32(max(len(c.streams), c.active)) >= c.cfg.MaxConcurrentStreams {
 		c.mu.Unlock()
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeRefusedStream}
 	}
@@ -823,7 +888,10 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	req.PeerID, req.LocalAddr, req.RemoteAddr = c.peerID, c.nc.LocalAddr(), c.nc.RemoteAddr()
 	s.req = req
-	go c.onStream(s)
+	c.mu.Lock()
+	c.active++
+	c.mu.Unlock()
+	c.onStream(s) // starts the handler goroutine; calls handlerDone when it returns
 	return nil
 }
 
@@ -915,6 +983,13 @@ func (c *conn) newStreamLocked(id uint32) *Stream {
 	return s
 }
 
+// handlerDone releases the handler slot onHeaders took.
+func (c *conn) handlerDone() {
+	c.mu.Lock()
+	c.active--
+	c.mu.Unlock()
+}
+
 // maybeRemove forgets s once both directions have ended.
 func (c *conn) maybeRemove(s *Stream) {
 	c.mu.Lock()
@@ -952,7 +1027,7 @@ func (c *conn) openStream(req *Request) (*Stream, error) {
 	if c.err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrConnClosed, c.err)
 	}
-	if c.goAwayRecv || c.nextID > 1<<31-1 {
+	if c.goAwayRecv || c.goAwaySent || c.nextID > 1<<31-1 {
 		return nil, &ResetError{Code: http2.ErrCodeRefusedStream}
 	}
 	s := c.newStreamLocked(c.nextID)
@@ -970,7 +1045,7 @@ func (c *conn) openStream(req *Request) (*Stream, error) {
 func (c *conn) reserve(limit uint32) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.err != nil || c.goAwayRecv || c.nextID > 1<<31-1-2*uint32(c.reserved) {
+	if c.err != nil || c.goAwayRecv || c.goAwaySent || c.nextID > 1<<31-1-2*uint32(c.reserved) {
 		return false
 	}
 	if uint32(len(c.streams)+c.reserved) >= min(limit, c.peerStreams) {

@@ -45,11 +45,14 @@ func FuzzServerFrames(f *testing.F) {
 		var handlers sync.WaitGroup
 		c.onStream = func(s *Stream) {
 			handlers.Add(1)
-			defer handlers.Done()
-			s.Accept()
-			io.Copy(io.Discard, s)
-			s.Write([]byte("bye"))
-			s.Close()
+			go func() {
+				defer handlers.Done()
+				defer c.handlerDone()
+				s.Accept()
+				io.Copy(io.Discard, s)
+				s.Write([]byte("bye"))
+				s.Close()
+			}()
 		}
 		go io.Copy(io.Discard, b)
 		c.start()

@@ -183,15 +183,19 @@ func (d *Dialer) dial(key poolKey, tlsCfg *tls.Config, p *pool, call *dialCall) 
 	c, err := d.connect(ctx, key.addr, tlsCfg, cfg, func(c *conn) { d.forget(key, c) })
 	d.mu.Lock()
 	p.dialing = nil
+	var discard *conn
 	if err == nil && d.closed {
 		err = errors.New("hbone: dialer closed")
-		c.close(nil)
+		discard = c
 	} else if err == nil {
 		p.conns = append(p.conns, c)
 		d.all[c] = struct{}{}
 	}
 	call.err = err
 	d.mu.Unlock()
+	if discard != nil {
+		discard.close(nil) // outside d.mu: close calls forget, which takes it
+	}
 	close(call.done)
 	if err == nil {
 		d.wg.Add(1)

@@ -27,6 +27,8 @@ var (
 	ErrStreamClosed = errors.New("hbone: stream closed")
 	// ErrPingTimeout: the peer did not answer a keepalive ping in time.
 	ErrPingTimeout = errors.New("hbone: keepalive ping timed out")
+	// ErrWriteStalled: frames waited a ping timeout for a peer that does not read.
+	ErrWriteStalled = errors.New("hbone: writes stalled: the peer does not read")
 )
 
 // StatusError is a non-200 answer to a CONNECT, as the Dialer sees it, or a status a Handler

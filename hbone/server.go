@@ -186,9 +186,14 @@ func (srv *Server) serveConn(ctx context.Context, nc net.Conn) error {
 		delete(srv.conns, c)
 		srv.mu.Unlock()
 	}()
+	c.start()
 	stop := context.AfterFunc(ctx, func() { c.close(ctx.Err()) })
 	defer stop()
-	c.start()
+	if err := c.readSettings(); err != nil {
+		c.close(err)
+		<-c.writerDone
+		return fmt.Errorf("hbone: reading the client's SETTINGS from %s: %w", tc.RemoteAddr(), err)
+	}
 	return c.readLoop()
 }
 
@@ -224,13 +229,21 @@ func handshakeServer(ctx context.Context, nc net.Conn, cfg *tls.Config, timeout 
 	return tc, nil
 }
 
-// handleStream runs the handler for one CONNECT and maps its result to the status, once.
+// handleStream admits one CONNECT (counted before its goroutine starts, so Shutdown waits for
+// it) and runs its handler.
 func (srv *Server) handleStream(s *Stream) {
 	if !srv.track(1) {
 		s.respond(503)
+		s.c.handlerDone()
 		return
 	}
+	go srv.serveStream(s)
+}
+
+// serveStream runs the handler and maps its result to the status, once.
+func (srv *Server) serveStream(s *Stream) {
 	defer srv.wg.Done()
+	defer s.c.handlerDone()
 	err := srv.Handler.ServeHBONE(s)
 	switch {
 	case !s.accepted.Load():

@@ -469,12 +469,21 @@ func (s *Stream) close() error {
 	}
 	s.mu.Lock()
 	s.closed = true
+	unread := 0
 	for _, ch := range s.chunks {
+		unread += ch.w - ch.r
 		putChunk(ch)
 	}
 	s.chunks = nil
 	s.mu.Unlock()
 	s.pokeRead()
+	if unread > 0 {
+		// The peer spent connection window on these bytes: give it back, or enough dropped
+		// streams would stall the whole connection.
+		c.mu.Lock()
+		c.creditConnLocked(int64(unread))
+		c.mu.Unlock()
+	}
 
 	c.mu.Lock()
 	open := c.streams[s.id] == s
