@@ -865,8 +865,9 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	c.lastPeerID = f.StreamID
 	// Handlers count until they return, not until the peer resets their stream: a peer that
-	// opens and resets streams in a loop cannot start more than the limit (CVE-2023-44487).
-	if c.goAwaySent || uint32(max(len(c.streams), c.active)) >= c.cfg.MaxConcurrentStreams {
+	// opens and resets streams in a loop cannot start more than twice the limit
+	// (CVE-2023-44487). The slack covers handlers still tearing down streams that just ended.
+	if c.goAwaySent || uint32(len(c.streams)) >= c.cfg.MaxConcurrentStreams || uint32(c.active) >= 2*c.cfg.MaxConcurrentStreams {
 		c.mu.Unlock()
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeRefusedStream}
 	}
