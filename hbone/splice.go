@@ -24,10 +24,21 @@ var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); re
 // DefaultHalfCloseTimeout). An error or reset in either direction aborts both sides: a Stream is
 // reset with CONNECT_ERROR and a TCP connection closed with RST. It returns the first error.
 func Splice(a, b net.Conn, halfCloseTimeout time.Duration) error {
+	_, err := SpliceCount(a, b, halfCloseTimeout)
+	return err
+}
+
+// Counts are the bytes a Splice moved each way.
+type Counts struct {
+	AToB, BToA int64
+}
+
+// SpliceCount is Splice that also reports the bytes moved each way (for metrics).
+func SpliceCount(a, b net.Conn, halfCloseTimeout time.Duration) (Counts, error) {
 	if halfCloseTimeout <= 0 {
 		halfCloseTimeout = DefaultHalfCloseTimeout
 	}
-	var progress, finished atomic.Int64
+	var aToB, bToA, finished atomic.Int64
 	var watchdog atomic.Pointer[time.Timer]
 	var firstErr error
 	var once sync.Once
@@ -38,31 +49,34 @@ func Splice(a, b net.Conn, halfCloseTimeout time.Duration) error {
 			return
 		}
 		if finished.Add(1) == 1 {
-			watchdog.Store(watch(&progress, halfCloseTimeout, func() { abort(a, b) }))
+			progress := func() int64 { return aToB.Load() + bToA.Load() }
+			watchdog.Store(watch(progress, halfCloseTimeout, func() { abort(a, b) }))
 		}
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		end(pipe(b, a, &progress))
+		end(pipe(b, a, &aToB))
 	}()
-	end(pipe(a, b, &progress))
+	end(pipe(a, b, &bToA))
 	<-done
 	if t := watchdog.Load(); t != nil {
 		t.Stop()
 	}
-	return errors.Join(firstErr, closeBoth(a, b))
+	return Counts{AToB: aToB.Load(), BToA: bToA.Load()}, errors.Join(firstErr, closeBoth(a, b))
 }
 
 // watch calls stall when progress has not moved for d.
-func watch(progress *atomic.Int64, d time.Duration, stall func()) *time.Timer {
-	last := progress.Load()
-	var t *time.Timer
+func watch(progress func() int64, d time.Duration, stall func()) *time.Timer {
+	last := progress()
 	var mu sync.Mutex
+	var t *time.Timer
+	mu.Lock() // the callback waits until t is assigned
+	defer mu.Unlock()
 	t = time.AfterFunc(d, func() {
 		mu.Lock()
 		defer mu.Unlock()
-		if now := progress.Load(); now != last {
+		if now := progress(); now != last {
 			last = now
 			t.Reset(d)
 			return

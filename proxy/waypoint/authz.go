@@ -8,6 +8,7 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -15,7 +16,7 @@ import (
 // attributes an opaque stream has: the peer identity, the original source (Forwarded), the
 // destination. A denial answers 403 before any byte reaches the destination. HTTP attributes come
 // with L7 parsing (not yet: HTTP-only rules fail closed, see package authz).
-func Authorizer(engine func() *authz.Engine, log *slog.Logger) func(*hbone.Request, *route.Destination) error {
+func Authorizer(engine func() *authz.Engine, log *slog.Logger, m *metrics.Metrics) func(*hbone.Request, *route.Destination) error {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -34,6 +35,7 @@ func Authorizer(engine func() *authz.Engine, log *slog.Logger) func(*hbone.Reque
 			req.Service = authz.Service{Namespace: d.Service.Namespace, Name: d.Service.Name}
 		}
 		dec := engine().Decide(req)
+		m.Decision(dec.Allow, dec.Policy)
 		if len(dec.Audit) > 0 {
 			log.Info("authz: audit", "policies", dec.Audit, "principal", req.Principal, "target", r.Target.String(), "decision", dec.String())
 		}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -47,7 +49,9 @@ type Handler struct {
 	ConnectTimeout time.Duration
 	// HalfCloseTimeout: see hbone.Splice.
 	HalfCloseTimeout time.Duration
-	Logger           *slog.Logger // nil means slog.Default()
+	// Metrics records streams and bytes; nil records nothing.
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger // nil means slog.Default()
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
@@ -77,7 +81,14 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		up.Close()
 		return err
 	}
-	return hbone.Splice(s, up, h.HalfCloseTimeout)
+	labels := metrics.Stream{SourcePrincipal: strings.TrimPrefix(req.PeerID.String(), "spiffe://")}
+	if dest.Service != nil {
+		labels.Service, labels.ServiceNamespace = dest.Service.Hostname, dest.Service.Namespace
+	}
+	h.Metrics.StreamOpened(labels)
+	counts, err := hbone.SpliceCount(s, up, h.HalfCloseTimeout)
+	h.Metrics.StreamClosed(labels, counts.AToB, counts.BToA)
+	return err
 }
 
 // connect opens the onward stream to the first candidate that answers 200.

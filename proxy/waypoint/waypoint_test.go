@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
@@ -21,6 +23,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
@@ -198,7 +201,7 @@ func TestAuthorizationPolicyDenies(t *testing.T) {
 				Rules:      []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Namespaces: []string{"prod"}}}}}},
 			},
 		}})
-		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet)
+		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet, nil)
 	})
 	_, err := b.roundTrip(context.Background(), "10.96.0.10:80", "x")
 	var se *hbone.StatusError
@@ -208,4 +211,68 @@ func TestAuthorizationPolicyDenies(t *testing.T) {
 	if len(b.hits) != 0 {
 		t.Fatal("a denied stream reached a backend")
 	}
+}
+
+// Metrics scraped after the traffic match it: streams opened and closed, bytes each way, and the
+// policy decisions.
+func TestMetricsMatchTraffic(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	b := newBedWith(t, "echo", func(h *waypoint.Handler) {
+		h.Metrics = m
+		engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, nil)
+		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet, m)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var sent, got int
+	for i := range 12 {
+		msg := fmt.Sprint("request-", i)
+		reply, err := b.roundTrip(ctx, "10.96.0.10:80", msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sent += len(msg)
+		got += len(reply)
+	}
+	// The waypoint records a stream when its splice ends, just after the client saw the end.
+	deadline := time.Now().Add(5 * time.Second)
+	for testutil.ToFloat64(m.Active) != 0 || sum(t, reg, "istio_tcp_connections_closed_total") < 12 {
+		if time.Now().After(deadline) {
+			t.Fatal("streams never recorded as closed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for name, want := range map[string]float64{
+		"istio_tcp_connections_opened_total": 12,
+		"istio_tcp_connections_closed_total": 12,
+		"istio_tcp_received_bytes_total":     float64(sent),
+		"istio_tcp_sent_bytes_total":         float64(got),
+		"detour_authz_decisions_total":       12,
+	} {
+		if v := sum(t, reg, name); v != want {
+			t.Errorf("%s = %v, want %v", name, v, want)
+		}
+	}
+	labels := testutil.ToFloat64(m.Opened.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls"))
+	if labels != 12 {
+		t.Errorf("opened with Istio's labels = %v, want 12", labels)
+	}
+}
+
+func sum(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			total += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return total
 }

@@ -18,6 +18,7 @@ func TestDemo(t *testing.T) {
 	code, out, errOut := run(t, "demo", "--streams", "3", "--duration", "1500ms")
 	for _, want := range []string{
 		"AuthorizationPolicy demo/only-default: ALLOW from namespace default\n",
+		"/metrics (health: /healthz, /readyz)\n",
 		"spiffe://cluster.local/ns/untrusted/sa/curl -> echo: 403 (AuthorizationPolicy denial, as expected)\n",
 		"failed 0, p50 ",
 		"pod 127.0.0.2:",

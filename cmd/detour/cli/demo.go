@@ -125,16 +125,18 @@ func (d *demo) run(ctx context.Context, out io.Writer) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ready := make(chan string, 1)
+	ready := make(chan listening, 1)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return runWaypoint(gctx, cfg, quiet, ready) })
-	var wpAddr string
+	var addrs listening
 	select {
-	case wpAddr = <-ready:
+	case addrs = <-ready:
 	case <-gctx.Done():
 		return g.Wait()
 	}
+	wpAddr := addrs.HBONE
 	fmt.Fprintf(out, "detour waypoint %s as %s (dev CA in %s)\n", wpAddr, demoWaypoint, filepath.Join(dir, "ca"))
+	fmt.Fprintf(out, "metrics: http://%s/metrics (health: /healthz, /readyz)\n", addrs.Health)
 	fmt.Fprintf(out, "service echo.demo at %s:80 -> pods %v, each behind its own HBONE terminator on port %d\n", demoServiceIP, pods, podPort)
 	fmt.Fprintf(out, "AuthorizationPolicy demo/only-default: ALLOW from namespace default\n")
 

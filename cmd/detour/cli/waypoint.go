@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
@@ -16,6 +18,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
@@ -44,9 +47,15 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 	return cmd
 }
 
+// listening says where a running waypoint listens.
+type listening struct {
+	HBONE  string
+	Health string // "" when off; serves /healthz, /readyz, /metrics
+}
+
 // runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
-// receives the HBONE listener's address once serving.
-func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, ready chan<- string) error {
+// receives the listeners' addresses once serving.
+func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, ready chan<- listening) error {
 	src, keep, err := cfg.IdentitySource(log)
 	if err != nil {
 		return err
@@ -56,6 +65,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		return err
 	}
 	engine := cfg.Authz()
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
 	g, ctx := errgroup.WithContext(ctx)
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
@@ -77,7 +88,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		Balancer:  &route.Balancer{},
 		Identity:  src,
 		Dialer:    onward,
-		Authorize: waypoint.Authorizer(func() *authz.Engine { return engine }, log),
+		Authorize: waypoint.Authorizer(func() *authz.Engine { return engine }, log, m),
+		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
 	}
@@ -88,13 +100,15 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		}
 		return nil
 	})
+	addrs := listening{HBONE: l.Addr().String()}
 	if cfg.Listeners.Health != "off" {
 		hl, err := net.Listen("tcp", cfg.Listeners.Health)
 		if err != nil {
 			srv.Close()
 			return errors.Join(fmt.Errorf("waypoint: health listener: %w", err), g.Wait())
 		}
-		hs := &http.Server{Handler: healthMux(src), ReadHeaderTimeout: 5 * time.Second}
+		addrs.Health = hl.Addr().String()
+		hs := &http.Server{Handler: healthMux(src, reg), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
 			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -112,16 +126,17 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		}
 		return nil
 	})
-	log.Info("waypoint serving", "hbone", l.Addr().String(), "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
+	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
 	if ready != nil {
-		ready <- l.Addr().String()
+		ready <- addrs
 	}
 	return g.Wait()
 }
 
-// healthMux serves /healthz (the process is up) and /readyz (it has an identity).
-func healthMux(src identity.Source) *http.ServeMux {
+// healthMux serves /healthz (the process is up), /readyz (it has an identity) and /metrics.
+func healthMux(src identity.Source, reg *prometheus.Registry) *http.ServeMux {
 	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if id, _ := src.Identity(); id == nil {

@@ -1,0 +1,78 @@
+// Package metrics holds the waypoint's Prometheus metrics: Istio's standard TCP metrics with
+// reporter="waypoint" (so existing dashboards see detour as they see Istio's waypoint) and
+// detour's own. Collectors are registered on the registry the caller passes: no globals.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Labels on Istio's metrics, as Istio names them.
+var streamLabels = []string{"reporter", "source_principal", "destination_service", "destination_service_namespace", "connection_security_policy"}
+
+// Metrics are the waypoint's collectors. A nil *Metrics records nothing.
+type Metrics struct {
+	Opened    *prometheus.CounterVec // istio_tcp_connections_opened_total
+	Closed    *prometheus.CounterVec // istio_tcp_connections_closed_total
+	Received  *prometheus.CounterVec // istio_tcp_received_bytes_total: client to service
+	Sent      *prometheus.CounterVec // istio_tcp_sent_bytes_total: service to client
+	Active    prometheus.Gauge       // detour_streams_active
+	Decisions *prometheus.CounterVec // detour_authz_decisions_total{decision, policy}
+}
+
+// New creates the collectors and registers them on reg.
+func New(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Opened:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_opened_total", Help: "TCP connections (HBONE streams) opened."}, streamLabels),
+		Closed:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_closed_total", Help: "TCP connections (HBONE streams) closed."}, streamLabels),
+		Received: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_received_bytes_total", Help: "Bytes received from the client (request direction)."}, streamLabels),
+		Sent:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_sent_bytes_total", Help: "Bytes sent to the client (response direction)."}, streamLabels),
+		Active:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_streams_active", Help: "Streams being forwarded now."}),
+		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_authz_decisions_total", Help: "AuthorizationPolicy decisions."},
+			[]string{"decision", "policy"}),
+	}
+	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions)
+	return m
+}
+
+// Stream is one forwarded stream's labels.
+type Stream struct {
+	SourcePrincipal, Service, ServiceNamespace string
+}
+
+func (s Stream) values() []string {
+	return []string{"waypoint", s.SourcePrincipal, s.Service, s.ServiceNamespace, "mutual_tls"}
+}
+
+// StreamOpened records a stream accepted for forwarding.
+func (m *Metrics) StreamOpened(s Stream) {
+	if m == nil {
+		return
+	}
+	m.Opened.WithLabelValues(s.values()...).Inc()
+	m.Active.Inc()
+}
+
+// StreamClosed records its end and the bytes it moved.
+func (m *Metrics) StreamClosed(s Stream, received, sent int64) {
+	if m == nil {
+		return
+	}
+	v := s.values()
+	m.Closed.WithLabelValues(v...).Inc()
+	m.Received.WithLabelValues(v...).Add(float64(received))
+	m.Sent.WithLabelValues(v...).Add(float64(sent))
+	m.Active.Dec()
+}
+
+// Decision records an authorization decision.
+func (m *Metrics) Decision(allow bool, policy string) {
+	if m == nil {
+		return
+	}
+	d := "deny"
+	if allow {
+		d = "allow"
+	}
+	m.Decisions.WithLabelValues(d, policy).Inc()
+}
