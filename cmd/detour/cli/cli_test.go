@@ -3,8 +3,13 @@ package cli
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func run(t *testing.T, args ...string) (int, string, string) {
@@ -76,5 +81,64 @@ func TestCA(t *testing.T) {
 		if code != 1 || errOut != tc.want {
 			t.Errorf("%v: %d %q, want %q", tc.args, code, errOut, tc.want)
 		}
+	}
+}
+
+// `detour waypoint --config FILE` serves HBONE and /readyz, and exits 0 when cancelled.
+func TestWaypointCommand(t *testing.T) {
+	dir := t.TempDir()
+	if code, _, errOut := run(t, "ca", "init", "--dir", dir+"/ca"); code != 0 {
+		t.Fatal(errOut)
+	}
+	free := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().String()
+	}
+	hboneAddr, health := free(), free()
+	cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/demo/sa/detour"}}
+listeners: {hbone: %q, health: %q}
+waypoint: {namespace: demo}
+discovery: {static: {services: []}}
+`, dir+"/ca", hboneAddr, health)
+	path := dir + "/detour.yaml"
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	var out, errOut bytes.Buffer
+	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get("http://" + health + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("never ready: %v\n%s", err, errOut.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if c, err := net.Dial("tcp", hboneAddr); err != nil {
+		t.Fatalf("HBONE listener: %v", err)
+	} else {
+		c.Close()
+	}
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, errOut.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("did not exit after cancellation")
 	}
 }
