@@ -134,3 +134,38 @@ func BenchmarkWaypointConnect(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkWaypointIdle measures what the waypoint holds per idle proxied stream: 1000 idle
+// streams through the waypoint minus 1000 idle streams straight to the backend terminator (the
+// client, terminator and backend cost the same in both). Measured once per call.
+func BenchmarkWaypointIdle(b *testing.B) {
+	const n = 1000
+	echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
+	w := newWaypointBed(b, echo)
+	d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
+	defer d.Close()
+	measure := func(name string) float64 {
+		before := memInUse()
+		streams := make([]*hbone.Stream, 0, n)
+		for range n {
+			s, err := w.dial(b, d, name, echo)
+			if err != nil {
+				b.Fatal(err)
+			}
+			s.Write([]byte("x"))
+			io.ReadFull(s, make([]byte, 1))
+			streams = append(streams, s)
+		}
+		time.Sleep(200 * time.Millisecond)
+		after := memInUse()
+		for _, s := range streams {
+			s.Close()
+		}
+		time.Sleep(500 * time.Millisecond)
+		return (float64(after) - float64(before)) / n
+	}
+	measure("direct") // warm pools and connections
+	direct := measure("direct")
+	via := measure("waypoint")
+	b.ReportMetric(via-direct, "B/waypoint-stream")
+}
