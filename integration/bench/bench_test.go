@@ -261,6 +261,13 @@ func BenchmarkIdleStreams(b *testing.B) {
 	}
 }
 
+// memParts is the stack and heap in use (after memInUse's GCs).
+func memParts() (stack, heap int64) {
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.StackInuse), int64(m.HeapInuse)
+}
+
 func memInUse() uint64 {
 	runtime.GC()
 	runtime.GC()

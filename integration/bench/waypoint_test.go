@@ -144,7 +144,9 @@ func BenchmarkWaypointIdle(b *testing.B) {
 	w := newWaypointBed(b, echo)
 	d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
 	defer d.Close()
+	var stackDelta, heapDelta float64
 	measure := func(name string) float64 {
+		st0, hp0 := memParts()
 		before := memInUse()
 		streams := make([]*hbone.Stream, 0, n)
 		for range n {
@@ -158,6 +160,8 @@ func BenchmarkWaypointIdle(b *testing.B) {
 		}
 		time.Sleep(200 * time.Millisecond)
 		after := memInUse()
+		st1, hp1 := memParts()
+		stackDelta, heapDelta = float64(st1-st0)/n, float64(hp1-hp0)/n
 		for _, s := range streams {
 			s.Close()
 		}
@@ -166,6 +170,9 @@ func BenchmarkWaypointIdle(b *testing.B) {
 	}
 	measure("direct") // warm pools and connections
 	direct := measure("direct")
+	directStack, directHeap := stackDelta, heapDelta
 	via := measure("waypoint")
 	b.ReportMetric(via-direct, "B/waypoint-stream")
+	b.ReportMetric(stackDelta-directStack, "B-stack/waypoint-stream")
+	b.ReportMetric(heapDelta-directHeap, "B-heap/waypoint-stream")
 }
