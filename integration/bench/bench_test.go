@@ -10,6 +10,7 @@ import (
 	"net"
 	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,6 +64,15 @@ func dialer(b *testing.B) *hbone.Dialer {
 	d := &hbone.Dialer{Logger: quiet}
 	b.Cleanup(func() { d.Close() })
 	return d
+}
+
+// forwardingServer runs detour's ("detour") or Istio's ("istio") HBONE server forwarding over TCP,
+// and returns its address.
+func forwardingServer(b *testing.B, p *it.PKI, name string) string {
+	if name == "detour" {
+		return detourServer(b, p, &hbone.Forwarder{})
+	}
+	return it.IstioServer(b, p, 0).Addr().String()
 }
 
 // discard is an HBONE handler that reads a stream to its end and reports the count.
@@ -126,12 +136,7 @@ func BenchmarkBulk(b *testing.B) {
 	for _, name := range []string{"detour-forward", "istio-forward"} {
 		b.Run(name, func(b *testing.B) {
 			sink, got := sinkCounter(b)
-			var proxy string
-			if name == "detour-forward" {
-				proxy = detourServer(b, p, &hbone.Forwarder{})
-			} else {
-				proxy = it.IstioServer(b, p, 0).Addr().String()
-			}
+			proxy := forwardingServer(b, p, strings.TrimSuffix(name, "-forward"))
 			s, err := dialer(b).Dial(ctx, proxy, sink, hbone.DialOptions{TLSConfig: p.ClientTLS})
 			if err != nil {
 				b.Fatal(err)
@@ -150,12 +155,7 @@ func BenchmarkConnect(b *testing.B) {
 	echo := it.Echo(b)
 	for _, name := range []string{"detour", "istio"} {
 		b.Run(name, func(b *testing.B) {
-			var proxy string
-			if name == "detour" {
-				proxy = detourServer(b, p, &hbone.Forwarder{})
-			} else {
-				proxy = it.IstioServer(b, p, 0).Addr().String()
-			}
+			proxy := forwardingServer(b, p, name)
 			d := dialer(b)
 			opts := hbone.DialOptions{TLSConfig: p.ClientTLS}
 			msg := make([]byte, 1024)
@@ -234,12 +234,7 @@ func BenchmarkIdleStreams(b *testing.B) {
 	}
 	for _, name := range []string{"detour", "istio"} {
 		b.Run(name, func(b *testing.B) {
-			var proxy string
-			if name == "detour" {
-				proxy = detourServer(b, p, &hbone.Forwarder{})
-			} else {
-				proxy = it.IstioServer(b, p, 0).Addr().String()
-			}
+			proxy := forwardingServer(b, p, name)
 			d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
 			defer d.Close()
 			stream := func() io.Closer {
