@@ -412,3 +412,43 @@ func (d Decision) String() string {
 	}
 	return fmt.Sprintf("%s: %s", verdict, d.Reason)
 }
+
+// NeedsL7 reports whether a policy that applies to dst looks at an attribute only the stream's
+// content gives (HTTP method, path, host or headers, the client IP from X-Forwarded-For, the TLS
+// SNI): then the waypoint must inspect the stream before it can decide. Otherwise the decision is
+// made once, at CONNECT time, and the bytes are only spliced.
+func (e *Engine) NeedsL7(dst Service) bool {
+	for _, p := range e.policies {
+		if !e.applies(p, dst) || p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM {
+			continue
+		}
+		for _, r := range p.Spec.GetRules() {
+			if ruleNeedsL7(r) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func ruleNeedsL7(r *secv1beta1.Rule) bool {
+	for _, f := range r.GetFrom() {
+		s := f.GetSource()
+		if len(s.GetRemoteIpBlocks())+len(s.GetNotRemoteIpBlocks()) > 0 {
+			return true
+		}
+	}
+	for _, t := range r.GetTo() {
+		o := t.GetOperation()
+		if len(o.GetHosts())+len(o.GetNotHosts())+len(o.GetMethods())+len(o.GetNotMethods())+len(o.GetPaths())+len(o.GetNotPaths()) > 0 {
+			return true
+		}
+	}
+	for _, c := range r.GetWhen() {
+		k := c.GetKey()
+		if k == "remote.ip" || k == "connection.sni" || strings.HasPrefix(k, "request.headers[") {
+			return true
+		}
+	}
+	return false
+}

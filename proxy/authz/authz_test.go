@@ -148,3 +148,31 @@ func TestAuditAndReasons(t *testing.T) {
 		t.Fatalf("got %q", d)
 	}
 }
+
+func TestNeedsL7(t *testing.T) {
+	echo := Service{Namespace: "demo", Name: "echo"}
+	cases := []struct {
+		name string
+		p    *Policy
+		want bool
+	}{
+		{"principals only", pol("a", ALLOW, toEcho, from(&src{Principals: []string{"*"}})), false},
+		{"ports only", pol("a", ALLOW, toEcho, to(&op{Ports: []string{"80"}})), false},
+		{"source.ip condition", pol("a", DENY, toEcho, when(&cond{Key: "source.ip", Values: []string{"10.0.0.0/8"}})), false},
+		{"methods", pol("a", ALLOW, toEcho, to(&op{Methods: []string{"GET"}})), true},
+		{"notPaths", pol("a", DENY, toGateway, to(&op{NotPaths: []string{"/x"}})), true},
+		{"hosts", pol("a", ALLOW, toClass, to(&op{Hosts: []string{"echo"}})), false}, // class policies live in the root namespace
+		{"remoteIpBlocks", pol("a", ALLOW, toEcho, from(&src{RemoteIpBlocks: []string{"1.2.3.4"}})), true},
+		{"header condition", pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"a"}})), true},
+		{"sni condition", pol("a", ALLOW, toEcho, when(&cond{Key: "connection.sni", Values: []string{"a"}})), true},
+		{"another service's HTTP policy", pol("a", ALLOW, toOther, to(&op{Methods: []string{"GET"}})), false},
+		{"CUSTOM is refused outright", pol("a", CUSTOM, toEcho, to(&op{Methods: []string{"GET"}})), false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := New(wp, []*Policy{c.p}).NeedsL7(echo); got != c.want {
+				t.Fatalf("NeedsL7 = %v, want %v", got, c.want)
+			}
+		})
+	}
+}

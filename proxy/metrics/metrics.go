@@ -1,9 +1,12 @@
-// Package metrics holds the waypoint's Prometheus metrics: Istio's standard TCP metrics with
+// Package metrics holds the waypoint's Prometheus metrics: Istio's standard TCP and request metrics with
 // reporter="waypoint" (so existing dashboards see detour as they see Istio's waypoint) and
 // detour's own. Collectors are registered on the registry the caller passes: no globals.
 package metrics
 
 import (
+	"strconv"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -12,13 +15,18 @@ var streamLabels = []string{"reporter", "source_principal", "destination_service
 
 // Metrics are the waypoint's collectors. A nil *Metrics records nothing.
 type Metrics struct {
-	Opened    *prometheus.CounterVec // istio_tcp_connections_opened_total
-	Closed    *prometheus.CounterVec // istio_tcp_connections_closed_total
-	Received  *prometheus.CounterVec // istio_tcp_received_bytes_total: client to service
-	Sent      *prometheus.CounterVec // istio_tcp_sent_bytes_total: service to client
-	Active    prometheus.Gauge       // detour_streams_active
-	Decisions *prometheus.CounterVec // detour_authz_decisions_total{decision, policy}
+	Opened    *prometheus.CounterVec   // istio_tcp_connections_opened_total
+	Closed    *prometheus.CounterVec   // istio_tcp_connections_closed_total
+	Received  *prometheus.CounterVec   // istio_tcp_received_bytes_total: client to service
+	Sent      *prometheus.CounterVec   // istio_tcp_sent_bytes_total: service to client
+	Active    prometheus.Gauge         // detour_streams_active
+	Decisions *prometheus.CounterVec   // detour_authz_decisions_total{decision, policy}
+	Requests  *prometheus.CounterVec   // istio_requests_total: HTTP requests parsed at the waypoint
+	Durations *prometheus.HistogramVec // istio_request_duration_milliseconds
 }
+
+// Labels on Istio's request metrics.
+var requestLabels = append(append([]string{}, streamLabels...), "request_protocol", "response_code", "grpc_response_status", "response_flags")
 
 // New creates the collectors and registers them on reg.
 func New(reg prometheus.Registerer) *Metrics {
@@ -30,8 +38,12 @@ func New(reg prometheus.Registerer) *Metrics {
 		Active:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_streams_active", Help: "Streams being forwarded now."}),
 		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_authz_decisions_total", Help: "AuthorizationPolicy decisions."},
 			[]string{"decision", "policy"}),
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_requests_total", Help: "HTTP requests (parsed at the waypoint)."}, requestLabels),
+		Durations: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "istio_request_duration_milliseconds", Help: "HTTP request duration, until the response ends.",
+			// Istio's buckets.
+			Buckets: []float64{0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000}}, requestLabels),
 	}
-	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions)
+	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations)
 	return m
 }
 
@@ -75,4 +87,29 @@ func (m *Metrics) Decision(allow bool, policy string) {
 		d = "allow"
 	}
 	m.Decisions.WithLabelValues(d, policy).Inc()
+}
+
+// Request is one HTTP request's outcome.
+type Request struct {
+	Protocol   string // http or grpc
+	Code       int    // the response status sent to the client
+	GRPCStatus string // "" when not gRPC
+	// Flags are Envoy's response flags for what the waypoint did itself: UF (upstream connect
+	// failure), UH (no healthy upstream), DC (downstream closed), "-" when none.
+	Flags    string
+	Duration time.Duration
+}
+
+// RequestDone records an HTTP request.
+func (m *Metrics) RequestDone(s Stream, r Request) {
+	if m == nil {
+		return
+	}
+	flags := r.Flags
+	if flags == "" {
+		flags = "-"
+	}
+	v := append(s.values(), r.Protocol, strconv.Itoa(r.Code), r.GRPCStatus, flags)
+	m.Requests.WithLabelValues(v...).Inc()
+	m.Durations.WithLabelValues(v...).Observe(float64(r.Duration) / float64(time.Millisecond))
 }

@@ -2,6 +2,9 @@
 // names a service VIP:port (or a pod IP:port); the waypoint picks a ready endpoint and opens HBONE
 // to that pod's ztunnel (podIP:15008, authority podIP:targetPort) with its own identity, passing
 // on Forwarded, baggage and traceparent. The 200 goes back only once that onward stream is up.
+// Where a policy needs the stream's content (or Inspect says always), the stream is sniffed and
+// HTTP/1.1 or HTTP/2 (gRPC) is served request by request: each request is authorized, balanced
+// over the endpoints and counted on its own.
 package waypoint
 
 import (
@@ -10,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -19,8 +23,10 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/sniff"
 )
 
 // DefaultHBONEPort is where a destination's ztunnel terminates HBONE.
@@ -29,36 +35,54 @@ const DefaultHBONEPort = 15008
 // DefaultConnectTimeout bounds the onward dial to one endpoint.
 const DefaultConnectTimeout = 5 * time.Second
 
+// Inspect says when the waypoint looks inside a stream.
+type Inspect int
+
+const (
+	// InspectAuto looks inside only when a policy that applies to the destination needs an
+	// attribute the content gives (HTTP fields, SNI); every other stream is spliced untouched.
+	InspectAuto Inspect = iota
+	// InspectAlways parses HTTP on every stream not declared opaque, as Istio's waypoint does:
+	// per-request balancing and istio_requests_total for all HTTP traffic.
+	InspectAlways
+)
+
 // Handler forwards streams to their services' endpoints over HBONE.
 type Handler struct {
-	// Routes returns the current route table; it may change between streams.
+	// Routes returns the current route table; it may change between streams (and requests).
 	Routes func() *route.Table
-	// Balancer spreads streams and ejects endpoints that fail to connect; nil means round robin
-	// without ejection.
+	// Balancer spreads streams and requests and ejects endpoints that fail to connect; nil means
+	// round robin without ejection.
 	Balancer *route.Balancer
 	// Identity is the waypoint's own identity, presented on the onward hop.
 	Identity identity.Source
 	// Dialer opens the onward HBONE streams (pooled per endpoint and identity).
 	Dialer *hbone.Dialer
-	// Authorize, when set, decides each stream after routing; an error wrapping
-	// hbone.ErrForbidden answers 403.
-	Authorize func(*hbone.Request, *route.Destination) error
+	// Policies returns the current AuthorizationPolicy engine; nil allows everything.
+	Policies func() *authz.Engine
+	// Inspect says when streams are sniffed and HTTP parsed; the zero value is InspectAuto.
+	Inspect Inspect
+	// SniffWait bounds the wait for a client's first bytes; 0 means sniff.DefaultWait.
+	SniffWait time.Duration
 	// HBONEPort is the destination ztunnel's port; 0 means DefaultHBONEPort.
 	HBONEPort uint16
 	// ConnectTimeout bounds each onward attempt; 0 means DefaultConnectTimeout.
 	ConnectTimeout time.Duration
 	// HalfCloseTimeout: see hbone.Splice.
 	HalfCloseTimeout time.Duration
-	// Metrics records streams and bytes; nil records nothing.
+	// Metrics records streams, requests, bytes and decisions; nil records nothing.
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger // nil means slog.Default()
+	// AccessLog, when set, gets one record per HTTP request and per opaque stream.
+	AccessLog *slog.Logger
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
 }
 
 // ServeHBONE routes, authorizes, connects onward (trying the next endpoint when one fails to
-// connect), accepts and splices.
+// connect), accepts, and then either splices or, when the stream must be inspected, sniffs it and
+// serves HTTP request by request. The 200 goes back only once an onward stream is up.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	req := s.Request()
 	if !req.Target.IsAddr() {
@@ -68,8 +92,17 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	if err != nil {
 		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 	}
-	if h.Authorize != nil {
-		if err := h.Authorize(req, dest); err != nil {
+	var engine *authz.Engine
+	if h.Policies != nil {
+		engine = h.Policies()
+	}
+	proto, declared := protocolOf(dest.Port)
+	inspect := h.Inspect == InspectAlways || engine != nil && engine.NeedsL7(authzService(dest))
+	if declared && proto == sniff.TCP {
+		inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
+	}
+	if !inspect {
+		if err := h.authorize(engine, h.authzRequest(req, dest, "", nil), req); err != nil {
 			return err
 		}
 	}
@@ -81,18 +114,129 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		up.Close()
 		return err
 	}
+	var in net.Conn = s
+	sni := ""
+	if inspect && (!declared || proto == sniff.TLS) {
+		sc, res, err := sniff.Sniff(s, h.SniffWait)
+		if err != nil {
+			up.Close()
+			return fmt.Errorf("waypoint: sniffing: %w", err)
+		}
+		in, sni = sc, res.SNI
+		if !declared {
+			proto = res.Protocol
+		}
+	}
+	if inspect && (proto == sniff.HTTP1 || proto == sniff.HTTP2) {
+		return h.serveHTTP(s.Context(), in, up, req, dest)
+	}
+	if inspect {
+		// Decided only now, with the SNI; a denial resets the accepted stream.
+		if err := h.authorize(engine, h.authzRequest(req, dest, sni, nil), req); err != nil {
+			up.Close()
+			return err
+		}
+	}
+	return h.splice(in, up, req, dest, proto)
+}
+
+// splice moves an opaque stream's bytes and records it.
+func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination, proto sniff.Protocol) error {
+	labels := streamLabels(req, dest)
+	h.Metrics.StreamOpened(labels)
+	start := time.Now()
+	counts, err := hbone.SpliceCount(in, up, h.HalfCloseTimeout)
+	h.Metrics.StreamClosed(labels, counts.AToB, counts.BToA)
+	if h.AccessLog != nil {
+		h.AccessLog.Info("stream", "protocol", proto.String(), "source", labels.SourcePrincipal, "target", req.Target.String(),
+			"service", labels.Service, "upstream", up.Request().Target.String(), "received", counts.AToB, "sent", counts.BToA,
+			"duration_ms", time.Since(start).Milliseconds(), "err", errString(err))
+	}
+	return err
+}
+
+func streamLabels(req *hbone.Request, dest *route.Destination) metrics.Stream {
 	labels := metrics.Stream{SourcePrincipal: strings.TrimPrefix(req.PeerID.String(), "spiffe://")}
 	if dest.Service != nil {
 		labels.Service, labels.ServiceNamespace = dest.Service.Hostname, dest.Service.Namespace
 	}
-	h.Metrics.StreamOpened(labels)
-	counts, err := hbone.SpliceCount(s, up, h.HalfCloseTimeout)
-	h.Metrics.StreamClosed(labels, counts.AToB, counts.BToA)
-	return err
+	return labels
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// protocolOf reads a port's declared protocol: appProtocol first, then Istio's port-name prefix
+// (http-, grpc-, tcp-, ...). declared is false when neither says anything: sniff.
+func protocolOf(p route.Port) (proto sniff.Protocol, declared bool) {
+	name := strings.ToLower(p.AppProtocol)
+	if name == "" {
+		name, _, _ = strings.Cut(strings.ToLower(p.Name), "-")
+		if _, known := portNames[name]; !known {
+			return sniff.TCP, false
+		}
+	}
+	if proto, ok := portNames[name]; ok {
+		return proto, true
+	}
+	return sniff.TCP, true // some other declared protocol (mysql, redis, ...): opaque
+}
+
+var portNames = map[string]sniff.Protocol{
+	"http": sniff.HTTP1, "http1.1": sniff.HTTP1, "http2": sniff.HTTP2, "h2c": sniff.HTTP2, "kubernetes.io/h2c": sniff.HTTP2,
+	"grpc": sniff.HTTP2, "grpc-web": sniff.HTTP1, "tls": sniff.TLS, "https": sniff.TLS, "tcp": sniff.TCP,
+	"mongo": sniff.TCP, "mysql": sniff.TCP, "redis": sniff.TCP,
 }
 
 // connect opens the onward stream to the first candidate that answers 200.
 func (h *Handler) connect(ctx context.Context, req *hbone.Request, dest *route.Destination) (*hbone.Stream, error) {
+	var errs []error
+	for _, ep := range dest.Candidates {
+		up, err := h.dialEndpoint(ctx, req, dest, ep)
+		if err == nil {
+			return up, nil
+		}
+		var de *dialError
+		if !errors.As(err, &de) {
+			return nil, err
+		}
+		h.log().Debug("waypoint: endpoint failed, trying the next", "endpoint", ep, "err", err)
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("waypoint: every endpoint of %s failed: %w", dest.Service.Hostname, errors.Join(errs...))
+}
+
+// dialError is an onward dial that failed before anything was sent: another endpoint may be tried.
+type dialError struct {
+	ep  netip.AddrPort
+	err error
+}
+
+func (e *dialError) Error() string { return fmt.Sprintf("dialing endpoint %s: %v", e.ep, e.err) }
+func (e *dialError) Unwrap() error { return e.err }
+
+// dialEndpoint opens HBONE to ep's ztunnel with the waypoint's identity, passing the original
+// source on; it updates the balancer's view of ep.
+func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *route.Destination, ep netip.AddrPort) (*hbone.Stream, error) {
+	serverID, err := h.endpointID(dest, ep)
+	if err != nil {
+		return nil, err
+	}
+	tlsCfg, err := h.clientTLS(serverID)
+	if err != nil {
+		return nil, err
+	}
+	own, _ := h.Identity.Identity()
+	if own == nil {
+		return nil, fmt.Errorf("waypoint: %w", identity.ErrNoIdentity)
+	}
 	forwarded := req.Forwarded
 	if forwarded == "" {
 		if ap, err := netip.ParseAddrPort(req.RemoteAddr.String()); err == nil {
@@ -107,45 +251,25 @@ func (h *Handler) connect(ctx context.Context, req *hbone.Request, dest *route.D
 	if port == 0 {
 		port = DefaultHBONEPort
 	}
-	var errs []error
-	for _, ep := range dest.Candidates {
-		serverID, err := h.endpointID(dest, ep)
-		if err != nil {
-			return nil, err
-		}
-		tlsCfg, err := h.clientTLS(serverID)
-		if err != nil {
-			return nil, err
-		}
-		own, _ := h.Identity.Identity()
-		if own == nil {
-			return nil, fmt.Errorf("waypoint: %w", identity.ErrNoIdentity)
-		}
-		actx, cancel := context.WithTimeout(ctx, timeout)
-		up, err := h.Dialer.Dial(actx, netip.AddrPortFrom(ep.Addr(), port).String(), ep.String(), hbone.DialOptions{
-			TLSConfig:   tlsCfg,
-			ServerID:    serverID.String(),
-			LocalID:     own.SVID.ID.String(),
-			Forwarded:   forwarded,
-			Baggage:     req.Baggage,
-			Traceparent: req.Traceparent,
-		})
-		cancel()
-		if err == nil {
-			h.Balancer.Succeeded(ep)
-			return up, nil
-		}
-		var se *hbone.StatusError
-		if !errors.As(err, &se) {
-			h.Balancer.Failed(ep) // the endpoint's ztunnel did not answer: eject it for a while
-		}
-		h.log().Debug("waypoint: endpoint failed, trying the next", "endpoint", ep, "err", err)
-		errs = append(errs, err)
-		if ctx.Err() != nil {
-			break
-		}
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	up, err := h.Dialer.Dial(actx, netip.AddrPortFrom(ep.Addr(), port).String(), ep.String(), hbone.DialOptions{
+		TLSConfig:   tlsCfg,
+		ServerID:    serverID.String(),
+		LocalID:     own.SVID.ID.String(),
+		Forwarded:   forwarded,
+		Baggage:     req.Baggage,
+		Traceparent: req.Traceparent,
+	})
+	if err == nil {
+		h.Balancer.Succeeded(ep)
+		return up, nil
 	}
-	return nil, fmt.Errorf("waypoint: every endpoint of %s failed: %w", dest.Service.Hostname, errors.Join(errs...))
+	var se *hbone.StatusError
+	if !errors.As(err, &se) {
+		h.Balancer.Failed(ep) // the endpoint's ztunnel did not answer: eject it for a while
+	}
+	return nil, &dialError{ep: ep, err: err}
 }
 
 // endpointID is the identity the endpoint's ztunnel must present: the endpoint's service account.

@@ -201,7 +201,7 @@ func TestAuthorizationPolicyDenies(t *testing.T) {
 				Rules:      []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Namespaces: []string{"prod"}}}}}},
 			},
 		}})
-		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet, nil)
+		h.Policies = func() *authz.Engine { return engine }
 	})
 	_, err := b.roundTrip(context.Background(), "10.96.0.10:80", "x")
 	var se *hbone.StatusError
@@ -221,7 +221,7 @@ func TestMetricsMatchTraffic(t *testing.T) {
 	b := newBedWith(t, "echo", func(h *waypoint.Handler) {
 		h.Metrics = m
 		engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, nil)
-		h.Authorize = waypoint.Authorizer(func() *authz.Engine { return engine }, quiet, m)
+		h.Policies = func() *authz.Engine { return engine }
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -88,7 +88,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		Balancer:  &route.Balancer{},
 		Identity:  src,
 		Dialer:    onward,
-		Authorize: waypoint.Authorizer(func() *authz.Engine { return engine }, log, m),
+		Policies:  func() *authz.Engine { return engine },
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,

@@ -1,0 +1,268 @@
+package waypoint_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/metrics"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+// httpBed: three pods (127.0.0.2-4) each with an HTTP app (HTTP/1.1 and HTTP/2 prior knowledge)
+// behind an HBONE terminator, a fourth endpoint (127.0.0.5) dead, and detour's waypoint for
+// service web (10.96.0.20:80).
+type httpBed struct {
+	waypoint string
+	client   *hbone.Dialer
+	opts     hbone.DialOptions
+	reg      *prometheus.Registry
+	m        *metrics.Metrics
+	conns    sync.Map // app-side connections seen, by remote address
+}
+
+func newHTTPBed(t *testing.T, port route.Port, policies ...*authz.Policy) *httpBed {
+	ca, err := devca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := func(s string) identity.Source {
+		svid, err := ca.Issue(s, time.Time{}, time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
+	}
+	b := &httpBed{reg: prometheus.NewRegistry()}
+	b.m = metrics.New(b.reg)
+	hbonePort, appPort := freePort(t), freePort(t)
+	for i := 2; i <= 4; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		app, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(appPort)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", appPort, ip, err)
+		}
+		var p http.Protocols
+		p.SetHTTP1(true)
+		p.SetUnencryptedHTTP2(true)
+		as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b.conns.Store(r.RemoteAddr, true)
+			body, _ := io.ReadAll(r.Body)
+			w.Header().Set("X-Pod", ip)
+			fmt.Fprintf(w, "%s %s %s host=%s fwd=%s body=%s", ip, r.Proto, r.URL.RequestURI(), r.Host, r.Header.Get("X-Forwarded-For"), body)
+		})}
+		go as.Serve(app)
+		t.Cleanup(func() { as.Close() })
+		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(hbonePort)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", hbonePort, ip, err)
+		}
+		hs := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(id("spiffe://cluster.local/ns/demo/sa/web"), nil), Logger: quiet}
+		go hs.Serve(hl)
+		t.Cleanup(func() { hs.Close() })
+	}
+	var eps []route.Endpoint
+	for i := 2; i <= 5; i++ {
+		eps = append(eps, route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: "web"})
+	}
+	port.TargetPort = uint16(appPort)
+	table, err := route.NewTable([]*route.Service{{Name: "web", Namespace: "demo", Hostname: "web.demo.svc.cluster.local",
+		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{port}, Endpoints: eps}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, policies)
+	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
+	onward := &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { onward.Close() })
+	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
+		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Metrics: b.m, Inspect: waypoint.InspectAlways,
+		Policies: func() *authz.Engine { return engine }}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	b.waypoint = l.Addr().String()
+	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/default/sa/sleep"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
+	b.opts = hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.1.1.1:1234"`}
+	b.client = &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { b.client.Close() })
+	return b
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// httpClient sends requests over HBONE streams to the waypoint, as ztunnel would carry them:
+// one stream per client connection; h2 selects HTTP/2 prior knowledge.
+func (b *httpBed) httpClient(t *testing.T, h2 bool) (*http.Client, *int) {
+	streams := new(int)
+	var p http.Protocols
+	if h2 {
+		p.SetUnencryptedHTTP2(true)
+	} else {
+		p.SetHTTP1(true)
+	}
+	tr := &http.Transport{Protocols: &p, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		*streams++
+		return b.client.Dial(ctx, b.waypoint, addr, b.opts)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second}, streams
+}
+
+func get(t *testing.T, c *http.Client, url string, hdr ...string) (int, string, http.Header) {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader("ping"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(body), resp.Header
+}
+
+// One client connection (one HBONE stream), many requests: each request is balanced on its own
+// over the three live endpoints (the dead one costs no failed request), and reaches the app
+// byte-exact with its protocol, path, host and forwarding headers.
+func TestHTTPPerRequestBalancing(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprint("h2=", h2), func(t *testing.T) {
+			b := newHTTPBed(t, route.Port{Name: "web", Port: 80})
+			c, streams := b.httpClient(t, h2)
+			pods := map[string]int{}
+			for i := range 30 {
+				code, body, hdr := get(t, c, fmt.Sprintf("http://10.96.0.20:80/item/%d?q=1", i), "X-Forwarded-For", "1.2.3.4")
+				proto := "HTTP/1.1"
+				if h2 {
+					proto = "HTTP/2.0"
+				}
+				want := fmt.Sprintf("%s %s /item/%d?q=1 host=10.96.0.20:80 fwd=1.2.3.4 body=ping", hdr.Get("X-Pod"), proto, i)
+				if code != 200 || body != want {
+					t.Fatalf("request %d: %d %q, want 200 %q", i, code, body, want)
+				}
+				pods[hdr.Get("X-Pod")]++
+			}
+			if len(pods) != 3 || *streams != 1 {
+				t.Fatalf("30 requests on %d client streams reached %v; want 1 stream spread over 3 pods", *streams, pods)
+			}
+			for pod, n := range pods {
+				if n < 8 {
+					t.Errorf("%s got %d of 30 requests: %v", pod, n, pods)
+				}
+			}
+			if got := sum(t, b.reg, "istio_requests_total"); got != 30 {
+				t.Errorf("istio_requests_total = %v, want 30", got)
+			}
+		})
+	}
+}
+
+// A policy on HTTP attributes is enforced per request on a shared connection: a denied request
+// gets Envoy's 403 "RBAC: access denied" and the next request on the same connection still works;
+// paths are normalized before the policy sees them (and that is the path the app gets).
+func TestHTTPPolicyPerRequest(t *testing.T) {
+	deny := &authz.Policy{Namespace: "demo", Name: "no-admin", Spec: &secv1beta1.AuthorizationPolicy{
+		Action:     secv1beta1.AuthorizationPolicy_DENY,
+		TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: "web"}},
+		Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Paths: []string{"/admin*"}}}}}},
+	}}
+	allowGet := &authz.Policy{Namespace: "demo", Name: "reads", Spec: &secv1beta1.AuthorizationPolicy{
+		TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: "web"}},
+		Rules: []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"POST"}}}}},
+			{When: []*secv1beta1.Condition{{Key: "request.headers[x-dev]", Values: []string{"alice"}}}}},
+	}}
+	b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, deny, allowGet)
+	c, streams := b.httpClient(t, false)
+	for _, tc := range []struct {
+		path   string
+		hdr    []string
+		code   int
+		prefix string
+	}{
+		{"/ok", nil, 200, ""},
+		{"/admin/x", nil, 403, "RBAC: access denied"},
+		{"/a/../admin", nil, 403, "RBAC: access denied"},
+		{"/%61dmin", nil, 403, "RBAC: access denied"},
+		{"/public/./page", nil, 200, ""},
+		{"/ok", []string{"X-Dev", "alice"}, 200, ""},
+	} {
+		code, body, _ := get(t, c, "http://10.96.0.20:80"+tc.path, tc.hdr...)
+		if code != tc.code || tc.prefix != "" && body != tc.prefix {
+			t.Errorf("%s: %d %q, want %d %q", tc.path, code, body, tc.code, tc.prefix)
+		}
+		if code == 200 && strings.Contains(body, "/./") {
+			t.Errorf("%s: the app got an unnormalized path: %q", tc.path, body)
+		}
+	}
+	req, _ := http.NewRequest("GET", "http://10.96.0.20:80/ok", nil)
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 403 {
+		t.Errorf("GET without x-dev (no ALLOW matches): %d, want 403", resp.StatusCode)
+	}
+	if *streams != 1 {
+		t.Errorf("denials broke the client connection: %d streams", *streams)
+	}
+	if got := sum(t, b.reg, "istio_requests_total"); got != 7 {
+		t.Errorf("istio_requests_total = %v, want 7", got)
+	}
+}
+
+// Opaque TCP on an inspected port still flows (the sniffer hands back every byte).
+func TestSniffedTCPPassesThrough(t *testing.T) {
+	b := newHTTPBed(t, route.Port{Name: "web", Port: 80})
+	s, err := b.client.Dial(context.Background(), b.waypoint, "10.96.0.20:80", b.opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// Not HTTP: the app's HTTP server answers 400 to bytes it cannot parse, which proves they
+	// arrived as sent.
+	io.WriteString(s, "\x00\x01binary\r\n\r\n")
+	s.CloseWrite()
+	got, _ := io.ReadAll(s)
+	if !strings.HasPrefix(string(got), "HTTP/1.1 400") {
+		t.Fatalf("got %q", got)
+	}
+}
