@@ -80,6 +80,13 @@ type Waypoint struct {
 	Namespace     string `json:"namespace"`     // required
 	Gateway       string `json:"gateway"`       // default detour
 	RootNamespace string `json:"rootNamespace"` // default istio-system
+	// Inspect: auto (default) looks inside a stream only when a policy on its destination needs
+	// HTTP or SNI attributes; always parses HTTP on every port not declared opaque (per-request
+	// balancing and istio_requests_total for all HTTP traffic, as Istio's waypoint).
+	Inspect string `json:"inspect"`
+	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
+	// Default false.
+	AccessLog bool `json:"accessLog"`
 }
 
 // Discovery chooses where services, endpoints and policies come from.
@@ -190,6 +197,7 @@ func (c *Config) defaults() {
 	}
 	set(&c.Waypoint.Gateway, "detour")
 	set(&c.Waypoint.RootNamespace, "istio-system")
+	set(&c.Waypoint.Inspect, "auto")
 	set(&c.Discovery.Source, "static")
 	if ca := c.Identity.IstioCA; ca != nil {
 		set(&ca.Addr, "istiod.istio-system.svc:15012")
@@ -239,6 +247,9 @@ func (c *Config) validate() error {
 	}
 	if c.Waypoint.Namespace == "" {
 		bad("waypoint.namespace is required")
+	}
+	if i := c.Waypoint.Inspect; i != "auto" && i != "always" {
+		bad("waypoint.inspect %q is not one of auto, always", i)
 	}
 	switch c.Discovery.Source {
 	case "static":

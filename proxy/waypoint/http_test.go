@@ -140,7 +140,7 @@ func (b *httpBed) httpClient(t *testing.T, h2 bool) (*http.Client, *int) {
 
 func get(t *testing.T, c *http.Client, url string, hdr ...string) (int, string, http.Header) {
 	t.Helper()
-	req, err := http.NewRequest("POST", url, strings.NewReader("ping"))
+	req, err := http.NewRequest("POST", url, strings.NewReader(pingBody))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +174,7 @@ func TestHTTPPerRequestBalancing(t *testing.T) {
 				if h2 {
 					proto = "HTTP/2.0"
 				}
-				want := fmt.Sprintf("%s %s /item/%d?q=1 host=10.96.0.20:80 fwd=1.2.3.4 body=ping", hdr.Get("X-Pod"), proto, i)
+				want := fmt.Sprintf("%s %s /item/%d?q=1 host=10.96.0.20:80 fwd=1.2.3.4 body=%s", hdr.Get("X-Pod"), proto, i, pingBody)
 				if code != 200 || body != want {
 					t.Fatalf("request %d: %d %q, want 200 %q", i, code, body, want)
 				}
@@ -266,3 +266,5 @@ func TestSniffedTCPPassesThrough(t *testing.T) {
 		t.Fatalf("got %q", got)
 	}
 }
+
+var pingBody = strings.Repeat("p", 3000)

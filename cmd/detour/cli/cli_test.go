@@ -24,11 +24,15 @@ func TestDemo(t *testing.T) {
 	for _, want := range []string{
 		"AuthorizationPolicy demo/only-default: ALLOW from namespace default\n",
 		"/metrics (health: /healthz, /readyz)\n",
-		"spiffe://cluster.local/ns/untrusted/sa/curl -> echo: 403 (AuthorizationPolicy denial, as expected)\n",
+		"AuthorizationPolicy demo/no-admin: DENY paths /admin*\n",
+		"spiffe://cluster.local/ns/untrusted/sa/curl -> GET echo/: 403 RBAC: access denied (AuthorizationPolicy denial, as expected)\n",
+		"spiffe://cluster.local/ns/default/sa/sleep -> GET echo/admin/users: 403 RBAC: access denied (AuthorizationPolicy denial, as expected)\n",
 		"failed 0, p50 ",
 		"pod 127.0.0.2:",
 		"pod 127.0.0.3:",
-		"through the waypoint, every echo byte-exact, 1 denied by policy\n",
+		" HBONE streams, every echo byte-exact, 2 denied by policy\n",
+		"waypoint metrics: istio_requests_total by response_code: 200=",
+		" 403=2; detour_authz_decisions_total: allow=",
 	} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Fatalf("exit %d, missing %q\nstdout:\n%s\nstderr:\n%s", code, want, out, errOut)

@@ -8,15 +8,20 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
@@ -28,9 +33,9 @@ import (
 )
 
 // demo is detour's main job on an embedded default: a dev CA, detour as the waypoint of service
-// echo (static config), two echo pods behind their own HBONE terminators (standing in for their
-// ztunnel), and ztunnel-like clients sending streams through the waypoint, one of them from a
-// namespace an AuthorizationPolicy refuses. No cluster needed.
+// echo (static config), two HTTP echo pods behind their own HBONE terminators (standing in for
+// their ztunnel), and ztunnel-like clients sending HTTP requests through the waypoint, two of
+// them refused by AuthorizationPolicy (a namespace not allowed in, a path denied). No cluster needed.
 type demo struct {
 	duration time.Duration
 	streams  int
@@ -61,13 +66,13 @@ func newDemoCmd(log func() *slog.Logger) *cobra.Command {
 const (
 	demoTD        = "cluster.local"
 	demoWaypoint  = "spiffe://cluster.local/ns/demo/sa/detour"
-	demoClient    = "spiffe://cluster.local/ns/default/sa/sleep"
+	demoSleep     = "spiffe://cluster.local/ns/default/sa/sleep"
 	demoIntruder  = "spiffe://cluster.local/ns/untrusted/sa/curl"
 	demoServiceIP = "10.96.0.10"
 )
 
 // demoConfig is the waypoint's configuration document: service echo at 10.96.0.10:80 with two
-// pods, and a policy that lets only namespace default in.
+// pods, a policy that lets only namespace default in, and one that keeps everyone out of /admin.
 func demoConfig(caDir string, pods []string, podPort int) string {
 	eps := ""
 	for _, ip := range pods {
@@ -89,7 +94,7 @@ discovery:
     - name: echo
       namespace: demo
       vips: [%s]
-      ports: [{name: tcp, port: 80, targetPort: 8080}]
+      ports: [{name: http, port: 80, targetPort: 8080}]
       endpoints:
 %s    policies:
     - name: only-default
@@ -99,6 +104,13 @@ discovery:
         action: ALLOW
         rules:
         - from: [{source: {namespaces: [default]}}]
+    - name: no-admin
+      namespace: demo
+      spec:
+        targetRefs: [{kind: Service, name: echo}]
+        action: DENY
+        rules:
+        - to: [{operation: {paths: ["/admin*"]}}]
 `, caDir, demoWaypoint, podPort, demoServiceIP, eps)
 }
 
@@ -127,44 +139,87 @@ func (d *demo) run(ctx context.Context, out io.Writer) error {
 	defer cancel()
 	ready := make(chan listening, 1)
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return runWaypoint(gctx, cfg, quiet, ready) })
+	g.Go(func() error { return runWaypoint(gctx, cfg, quiet, io.Discard, ready) })
 	var addrs listening
 	select {
 	case addrs = <-ready:
 	case <-gctx.Done():
 		return g.Wait()
 	}
-	wpAddr := addrs.HBONE
-	fmt.Fprintf(out, "detour waypoint %s as %s (dev CA in %s)\n", wpAddr, demoWaypoint, filepath.Join(dir, "ca"))
+	fmt.Fprintf(out, "detour waypoint %s as %s (dev CA in %s)\n", addrs.HBONE, demoWaypoint, filepath.Join(dir, "ca"))
 	fmt.Fprintf(out, "metrics: http://%s/metrics (health: /healthz, /readyz)\n", addrs.Health)
-	fmt.Fprintf(out, "service echo.demo at %s:80 -> pods %v, each behind its own HBONE terminator on port %d\n", demoServiceIP, pods, podPort)
+	fmt.Fprintf(out, "service echo.demo at %s:80 (http) -> pods %v, each behind its own HBONE terminator on port %d\n", demoServiceIP, pods, podPort)
 	fmt.Fprintf(out, "AuthorizationPolicy demo/only-default: ALLOW from namespace default\n")
+	fmt.Fprintf(out, "AuthorizationPolicy demo/no-admin: DENY paths /admin*\n")
 
-	err = d.traffic(gctx, out, ca, wpAddr)
+	err = d.traffic(gctx, out, ca, addrs.HBONE)
+	if err == nil {
+		err = demoMetrics(gctx, out, addrs.Health)
+	}
 	cancel()
 	return errors.Join(err, g.Wait())
 }
 
+// demoClient sends HTTP/1.1 requests over HBONE streams to the waypoint, one stream per client
+// connection, as ztunnel carries a pod's connections.
+type demoClient struct {
+	http    *http.Client
+	streams atomic.Int64
+}
+
+func newDemoClient(dialer *hbone.Dialer, wp string, opts hbone.DialOptions, conns int) *demoClient {
+	c := &demoClient{}
+	c.http = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			c.streams.Add(1)
+			return dialer.Dial(ctx, wp, addr, opts)
+		}}}
+	return c
+}
+
+// do sends one request and returns the status, the body and the pod that answered.
+func (c *demoClient) do(ctx context.Context, method, path string, body []byte) (int, []byte, string, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+demoServiceIP+":80"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, "", err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, nil, "", err
+	}
+	defer resp.Body.Close()
+	got, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, got, resp.Header.Get("X-Pod"), err
+}
+
 // traffic runs the clients for the demo's duration and prints a line a second.
 func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp string) error {
-	client, err := demoDialOpts(ca, demoClient)
+	clientOpts, err := demoDialOpts(ca, demoSleep)
 	if err != nil {
 		return err
 	}
-	intruder, err := demoDialOpts(ca, demoIntruder)
+	intruderOpts, err := demoDialOpts(ca, demoIntruder)
 	if err != nil {
 		return err
 	}
 	dialer := &hbone.Dialer{Logger: slog.New(slog.DiscardHandler)}
 	defer dialer.Close()
-	target := demoServiceIP + ":80"
-	// One denial, shown up front.
-	_, err = dialer.Dial(ctx, wp, target, intruder)
-	var se *hbone.StatusError
-	if !errors.As(err, &se) || se.Code != 403 {
-		return fmt.Errorf("demo: the intruder was not refused: %v", err)
+	client := newDemoClient(dialer, wp, clientOpts, d.streams)
+	defer client.http.CloseIdleConnections()
+	intruder := newDemoClient(dialer, wp, intruderOpts, 1)
+	defer intruder.http.CloseIdleConnections()
+	// The two denials, shown up front.
+	for _, den := range []struct {
+		c         *demoClient
+		who, path string
+	}{{intruder, demoIntruder, "/"}, {client, demoSleep, "/admin/users"}} {
+		code, body, _, err := den.c.do(ctx, "GET", den.path, nil)
+		if err != nil || code != http.StatusForbidden || string(body) != "RBAC: access denied" {
+			return fmt.Errorf("demo: GET %s by %s was not refused: %d %q %v", den.path, den.who, code, body, err)
+		}
+		fmt.Fprintf(out, "%s -> GET echo%s: %d %s (AuthorizationPolicy denial, as expected)\n", den.who, den.path, code, body)
 	}
-	fmt.Fprintf(out, "%s -> echo: %d (AuthorizationPolicy denial, as expected)\n", demoIntruder, se.Code)
 
 	var ok, failed atomic.Int64
 	var mu sync.Mutex
@@ -175,13 +230,15 @@ func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp stri
 	g, gctx := errgroup.WithContext(tctx)
 	for range d.streams {
 		g.Go(func() error {
+			msg := make([]byte, 1024)
 			for gctx.Err() == nil {
+				rand.Read(msg)
 				start := time.Now()
-				pod, err := demoRoundTrip(gctx, dialer, wp, target, client)
-				if err != nil {
-					if gctx.Err() != nil {
-						return nil
-					}
+				code, echo, pod, err := client.do(gctx, "POST", "/echo", msg)
+				if gctx.Err() != nil {
+					return nil
+				}
+				if err != nil || code != http.StatusOK || !bytes.Equal(echo, msg) {
 					failed.Add(1)
 					continue
 				}
@@ -210,7 +267,7 @@ func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp stri
 			}
 			return l[int(q*float64(len(l)-1))].Round(time.Microsecond)
 		}
-		fmt.Fprintf(out, "[%4.1fs] streams ok %d, failed %d, p50 %v, p99 %v, per pod %s\n",
+		fmt.Fprintf(out, "[%4.1fs] requests ok %d, failed %d, p50 %v, p99 %v, per pod %s\n",
 			time.Since(start).Seconds(), ok.Load(), failed.Load(), p(0.5), p(0.99), spread)
 	}
 loop:
@@ -227,9 +284,46 @@ loop:
 	}
 	report()
 	if failed.Load() > 0 {
-		return fmt.Errorf("demo: %d streams failed", failed.Load())
+		return fmt.Errorf("demo: %d requests failed", failed.Load())
 	}
-	fmt.Fprintf(out, "done: %d streams through the waypoint, every echo byte-exact, 1 denied by policy\n", ok.Load())
+	fmt.Fprintf(out, "done: %d requests through the waypoint on %d HBONE streams, every echo byte-exact, 2 denied by policy\n", ok.Load(), client.streams.Load())
+	return nil
+}
+
+// demoMetrics prints what the waypoint's own /metrics says about the run.
+func demoMetrics(ctx context.Context, out io.Writer, health string) error {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+health+"/metrics", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("demo: scraping metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		return fmt.Errorf("demo: scraping metrics: %w", err)
+	}
+	by := func(name, label string) string {
+		counts := map[string]float64{}
+		for _, m := range mfs[name].GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label {
+					counts[l.GetValue()] += m.GetCounter().GetValue()
+				}
+			}
+		}
+		keys := slices.Sorted(maps.Keys(counts))
+		parts := make([]string, len(keys))
+		for i, k := range keys {
+			parts[i] = fmt.Sprintf("%s=%.0f", k, counts[k])
+		}
+		return strings.Join(parts, " ")
+	}
+	fmt.Fprintf(out, "waypoint metrics: istio_requests_total by response_code: %s; detour_authz_decisions_total: %s\n",
+		by("istio_requests_total", "response_code"), by("detour_authz_decisions_total", "decision"))
 	return nil
 }
 
@@ -246,37 +340,9 @@ func demoDialOpts(ca *devca.CA, id string) (hbone.DialOptions, error) {
 		Forwarded: hbone.FormatForwarded(hbone.ForwardedElement{For: "10.244.9.9:40000"})}, nil
 }
 
-// demoRoundTrip sends 4 KiB of random bytes on a new stream and checks the echo; it returns the
-// pod that answered.
-func demoRoundTrip(ctx context.Context, d *hbone.Dialer, wp, target string, opts hbone.DialOptions) (string, error) {
-	s, err := d.Dial(ctx, wp, target, opts)
-	if err != nil {
-		return "", err
-	}
-	defer s.Close()
-	stop := context.AfterFunc(ctx, func() { s.Reset(0x8) })
-	defer stop()
-	msg := make([]byte, 4096)
-	rand.Read(msg)
-	if _, err := s.Write(msg); err != nil {
-		return "", err
-	}
-	if err := s.CloseWrite(); err != nil {
-		return "", err
-	}
-	got, err := io.ReadAll(s)
-	if err != nil {
-		return "", err
-	}
-	pod, echo, found := bytes.Cut(got, []byte{'\n'})
-	if !found || !bytes.Equal(echo, msg) {
-		return "", fmt.Errorf("demo: echo differs (%d bytes back)", len(got))
-	}
-	return string(pod), nil
-}
-
-// startDemoPods runs, on each pod IP, an app on :8080 that names itself then echoes, and an
-// HBONE terminator (detour's server with a Forwarder, as the pod's ztunnel) on one shared port.
+// startDemoPods runs, on each pod IP, an HTTP app on :8080 (HTTP/1.1 and HTTP/2) that echoes
+// request bodies and names itself in X-Pod, and an HBONE terminator (detour's server with a
+// Forwarder, as the pod's ztunnel) on one shared port.
 func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (int, func(), error) {
 	svid, err := ca.Issue("spiffe://cluster.local/ns/demo/sa/echo", time.Time{}, time.Time{})
 	if err != nil {
@@ -301,7 +367,21 @@ func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (int, func(), e
 			stop()
 			return 0, nil, fmt.Errorf("demo: pod %s: %w", ip, err)
 		}
-		closers = append(closers, serveApp(app, "pod "+ip))
+		var protocols http.Protocols
+		protocols.SetHTTP1(true)
+		protocols.SetUnencryptedHTTP2(true)
+		as := &http.Server{Protocols: &protocols, ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Pod", "pod "+ip)
+			// HTTP/1: the whole body is read before the response starts (see http.ResponseWriter).
+			body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusRequestEntityTooLarge)
+				return
+			}
+			w.Write(body)
+		})}
+		go as.Serve(app)
+		closers = append(closers, func() { as.Close() })
 		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
 		if err != nil {
 			stop()
@@ -312,28 +392,4 @@ func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (int, func(), e
 		closers = append(closers, func() { srv.Close() })
 	}
 	return port, stop, nil
-}
-
-// serveApp answers each connection with its name and a newline, then echoes.
-func serveApp(l net.Listener, name string) func() {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.WriteString(c, name+"\n")
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return func() { l.Close(); wg.Wait() }
 }

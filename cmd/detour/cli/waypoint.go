@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -40,7 +41,7 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return runWaypoint(cmd.Context(), cfg, log(), nil)
+			return runWaypoint(cmd.Context(), cfg, log(), cmd.ErrOrStderr(), nil)
 		},
 	}
 	cmd.Flags().StringVar(&path, "config", "", "the configuration document (YAML; see proxy/config)")
@@ -54,8 +55,8 @@ type listening struct {
 }
 
 // runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
-// receives the listeners' addresses once serving.
-func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, ready chan<- listening) error {
+// receives the listeners' addresses once serving. The access log, when on, goes to accessOut.
+func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, accessOut io.Writer, ready chan<- listening) error {
 	src, keep, err := cfg.IdentitySource(log)
 	if err != nil {
 		return err
@@ -92,6 +93,12 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, read
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
+	}
+	if cfg.Waypoint.Inspect == "always" {
+		h.Inspect = waypoint.InspectAlways
+	}
+	if cfg.Waypoint.AccessLog {
+		h.AccessLog = slog.New(slog.NewJSONHandler(accessOut, nil))
 	}
 	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(src, nil), Logger: log}
 	g.Go(func() error {
