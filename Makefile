@@ -5,7 +5,7 @@ FUZZTIME  ?= 10s
 BENCHTIME ?= 2s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: help build test test-unit test-integration testbed verify fuzz bench demo clean
+.PHONY: help build test test-unit test-integration testbed verify fuzz bench bench-waypoint demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,11 @@ BENCHCOUNT ?= 5
 bench: ## side-by-side benchmarks (detour vs Istio's Go HBONE vs TLS vs TCP), medians and ratios; see BENCHMARKS.md
 	cd integration && $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count $(BENCHCOUNT) -benchmem ./bench/ | tee $(CURDIR)/bench.out
 	cd integration && $(GO) run ./bench/ratio < $(CURDIR)/bench.out
+
+bench-waypoint: build ## the waypoint as its own process on CPU 1, client and backend on CPU 0 (BENCHMARKS.md)
+	cd integration && $(GO) test -c -o $(CURDIR)/$(BIN)/bench.test ./bench/
+	cd integration/bench && DETOUR_BENCH_BIN=$(CURDIR)/$(BIN)/detour taskset -c 0 $(CURDIR)/$(BIN)/bench.test -test.run '^$$' \
+		-test.bench 'Pinned' -test.benchtime $(BENCHTIME) -test.count $(BENCHCOUNT) | tee $(CURDIR)/bench-waypoint.out
 
 clean: ## remove build output
 	rm -rf $(BIN)
