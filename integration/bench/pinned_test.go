@@ -170,7 +170,7 @@ func BenchmarkPinnedBulk(b *testing.B) {
 			cpu0 := w.cpu()
 			bulk(b, s, s.CloseWrite, got)
 			if name == "waypoint" {
-				b.ReportMetric((w.cpu() - cpu0).Seconds()/(float64(b.N)*chunk/1e9), "wp-cpu-s/GB")
+				b.ReportMetric((w.cpu()-cpu0).Seconds()/(float64(b.N)*chunk/1e9), "wp-cpu-s/GB")
 			}
 		})
 	}

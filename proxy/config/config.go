@@ -84,6 +84,9 @@ type Waypoint struct {
 	// HTTP or SNI attributes; always parses HTTP on every port not declared opaque (per-request
 	// balancing and istio_requests_total for all HTTP traffic, as Istio's waypoint).
 	Inspect string `json:"inspect"`
+	// Balancer: round-robin (default) or least-request (the less busy of two endpoints drawn at
+	// random, counting streams and HTTP requests in flight).
+	Balancer string `json:"balancer"`
 	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
 	// Default false.
 	AccessLog bool `json:"accessLog"`
@@ -198,6 +201,7 @@ func (c *Config) defaults() {
 	set(&c.Waypoint.Gateway, "detour")
 	set(&c.Waypoint.RootNamespace, "istio-system")
 	set(&c.Waypoint.Inspect, "auto")
+	set(&c.Waypoint.Balancer, "round-robin")
 	set(&c.Discovery.Source, "static")
 	if ca := c.Identity.IstioCA; ca != nil {
 		set(&ca.Addr, "istiod.istio-system.svc:15012")
@@ -247,6 +251,9 @@ func (c *Config) validate() error {
 	}
 	if c.Waypoint.Namespace == "" {
 		bad("waypoint.namespace is required")
+	}
+	if b := c.Waypoint.Balancer; b != "round-robin" && b != "least-request" {
+		bad("waypoint.balancer %q is not one of round-robin, least-request", b)
 	}
 	if i := c.Waypoint.Inspect; i != "auto" && i != "always" {
 		bad("waypoint.inspect %q is not one of auto, always", i)

@@ -7,6 +7,7 @@ package route
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"sync"
@@ -113,15 +114,25 @@ func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error
 // DefaultEjection is how long an endpoint that failed to connect is skipped.
 const DefaultEjection = 10 * time.Second
 
-// Balancer spreads streams round robin over a service's endpoints and skips, for Ejection, an
-// endpoint that failed to connect (outlier ejection). Safe for concurrent use; the zero value works.
+// Balancing policies.
+const (
+	RoundRobin   = "round-robin"   // the default
+	LeastRequest = "least-request" // Envoy's: the less busy of two endpoints picked at random
+)
+
+// Balancer spreads streams (and HTTP requests) over a service's endpoints, round robin or least
+// request, and skips, for Ejection, an endpoint that failed to connect (outlier ejection). Safe for
+// concurrent use; the zero value is round robin with DefaultEjection.
 type Balancer struct {
+	Policy   string           // RoundRobin ("" too) or LeastRequest
 	Ejection time.Duration    // 0 means DefaultEjection
 	Now      func() time.Time // nil means time.Now
+	Rand     func(n int) int  // nil means math/rand/v2.IntN; LeastRequest's choice
 
 	mu      sync.Mutex
 	next    map[string]int
 	ejected map[netip.AddrPort]time.Time // until when
+	active  map[netip.AddrPort]int       // streams and requests in flight, for LeastRequest
 }
 
 // order rotates ready by the service's round-robin counter and moves ejected endpoints last (they
@@ -135,8 +146,11 @@ func (b *Balancer) order(key string, ready []netip.AddrPort) []netip.AddrPort {
 	if b.next == nil {
 		b.next = map[string]int{}
 	}
-	start := b.next[key] % len(ready)
-	b.next[key]++
+	start := 0 // least request: drawn at random below
+	if b.Policy != LeastRequest {
+		start = b.next[key] % len(ready)
+		b.next[key]++
+	}
 	out := make([]netip.AddrPort, 0, len(ready))
 	var ejected []netip.AddrPort
 	now := b.now()
@@ -148,7 +162,59 @@ func (b *Balancer) order(key string, ready []netip.AddrPort) []netip.AddrPort {
 		}
 		out = append(out, ep)
 	}
+	if b.Policy == LeastRequest && len(out) > 1 {
+		i := b.leastOfTwo(out)
+		out[0], out[i] = out[i], out[0]
+	}
 	return append(out, ejected...)
+}
+
+// leastOfTwo picks two distinct endpoints at random and returns the index of the less busy one.
+func (b *Balancer) leastOfTwo(ready []netip.AddrPort) int {
+	intn := b.Rand
+	if intn == nil {
+		intn = rand.IntN
+	}
+	i := intn(len(ready))
+	j := (i + 1 + intn(len(ready)-1)) % len(ready)
+	if b.active[ready[j]] < b.active[ready[i]] {
+		return j
+	}
+	return i
+}
+
+// Started counts a stream or request in flight on ep; call Done when it ends.
+func (b *Balancer) Started(ep netip.AddrPort) {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.active == nil {
+		b.active = map[netip.AddrPort]int{}
+	}
+	b.active[ep]++
+}
+
+// InFlight is what Started counted on ep and Done has not ended yet.
+func (b *Balancer) InFlight(ep netip.AddrPort) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.active[ep]
+}
+
+// Done ends what Started counted.
+func (b *Balancer) Done(ep netip.AddrPort) {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.active[ep] <= 1 {
+		delete(b.active, ep)
+		return
+	}
+	b.active[ep]--
 }
 
 // Failed ejects ep after a failed connect.

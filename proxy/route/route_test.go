@@ -82,3 +82,39 @@ func TestResolveErrors(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// Least request: of the two endpoints drawn, the one with fewer in flight wins; Done returns it.
+func TestLeastRequest(t *testing.T) {
+	s := svc()
+	s.Endpoints[2].Ready = true
+	tb, err := NewTable([]*Service{s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	draws := []int{0, 0} // always draw endpoints 0 and 1
+	b := &Balancer{Policy: LeastRequest, Rand: func(int) int { v := draws[0]; draws = append(draws[1:], v); return v }}
+	first := func() netip.AddrPort {
+		d, err := tb.Resolve(netip.MustParseAddrPort("10.96.0.10:80"), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.Candidates[0]
+	}
+	ep1, ep2 := netip.MustParseAddrPort("10.244.0.1:8080"), netip.MustParseAddrPort("10.244.0.2:8080")
+	if got := first(); got != ep1 {
+		t.Fatalf("tie: got %v, want the first drawn %v", got, ep1)
+	}
+	b.Started(ep1)
+	if got := first(); got != ep2 {
+		t.Fatalf("with %v busy: got %v", ep1, got)
+	}
+	b.Done(ep1)
+	b.Started(ep2)
+	if got := first(); got != ep1 {
+		t.Fatalf("with %v busy: got %v", ep2, got)
+	}
+	b.Done(ep2)
+	if len(b.active) != 0 {
+		t.Fatalf("in-flight counts left: %v", b.active)
+	}
+}

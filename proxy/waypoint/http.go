@@ -116,6 +116,9 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if rec.code == 0 {
 		rec.code = http.StatusOK
 	}
+	if rec.flags == "" {
+		rec.flags = "-"
+	}
 	done := metrics.Request{Protocol: "http", Code: rec.code, Flags: rec.flags, Duration: time.Since(start)}
 	if grpc {
 		done.Protocol, done.GRPCStatus = "grpc", grpcStatus(rec.Header())
@@ -167,6 +170,8 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 			if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
 				rec.upstream = ep.String()
 			}
+			hs.h.Balancer.Started(ep)
+			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { hs.h.Balancer.Done(ep) }}
 			return resp, nil
 		}
 		var de *dialError
@@ -348,6 +353,19 @@ func (b *retryBody) Read(p []byte) (int, error) {
 }
 
 func (b *retryBody) Close() error { return nil }
+
+// doneBody calls done once, when the response body is closed (the request is over).
+type doneBody struct {
+	io.ReadCloser
+	once sync.Once
+	done func()
+}
+
+func (b *doneBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
+}
 
 // servedConn tells when the HTTP server is done with the stream.
 type servedConn struct {

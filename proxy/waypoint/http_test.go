@@ -1,9 +1,12 @@
 package waypoint_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -37,9 +40,11 @@ type httpBed struct {
 	reg      *prometheus.Registry
 	m        *metrics.Metrics
 	conns    sync.Map // app-side connections seen, by remote address
+	balancer *route.Balancer
+	appPort  int
 }
 
-func newHTTPBed(t *testing.T, port route.Port, policies ...*authz.Policy) *httpBed {
+func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), policies ...*authz.Policy) *httpBed {
 	ca, err := devca.New("cluster.local")
 	if err != nil {
 		t.Fatal(err)
@@ -84,6 +89,7 @@ func newHTTPBed(t *testing.T, port route.Port, policies ...*authz.Policy) *httpB
 		eps = append(eps, route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: "web"})
 	}
 	port.TargetPort = uint16(appPort)
+	b.appPort = appPort
 	table, err := route.NewTable([]*route.Service{{Name: "web", Namespace: "demo", Hostname: "web.demo.svc.cluster.local",
 		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{port}, Endpoints: eps}})
 	if err != nil {
@@ -93,9 +99,13 @@ func newHTTPBed(t *testing.T, port route.Port, policies ...*authz.Policy) *httpB
 	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
 	onward := &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { onward.Close() })
-	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
+	b.balancer = &route.Balancer{} // round robin: the spread is checked
+	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: b.balancer, Identity: wpID,
 		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Metrics: b.m, Inspect: waypoint.InspectAlways,
 		Policies: func() *authz.Engine { return engine }}
+	if tweak != nil {
+		tweak(h)
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -165,7 +175,7 @@ func get(t *testing.T, c *http.Client, url string, hdr ...string) (int, string, 
 func TestHTTPPerRequestBalancing(t *testing.T) {
 	for _, h2 := range []bool{false, true} {
 		t.Run(fmt.Sprint("h2=", h2), func(t *testing.T) {
-			b := newHTTPBed(t, route.Port{Name: "web", Port: 80})
+			b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, nil)
 			c, streams := b.httpClient(t, h2)
 			pods := map[string]int{}
 			for i := range 30 {
@@ -191,6 +201,12 @@ func TestHTTPPerRequestBalancing(t *testing.T) {
 			if got := sum(t, b.reg, "istio_requests_total"); got != 30 {
 				t.Errorf("istio_requests_total = %v, want 30", got)
 			}
+			for i := 2; i <= 5; i++ {
+				ep := netip.MustParseAddrPort(fmt.Sprintf("127.0.0.%d:%d", i, b.appPort))
+				if n := b.balancer.InFlight(ep); n != 0 {
+					t.Errorf("%v: %d requests still counted in flight", ep, n)
+				}
+			}
 		})
 	}
 }
@@ -209,7 +225,7 @@ func TestHTTPPolicyPerRequest(t *testing.T) {
 		Rules: []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"POST"}}}}},
 			{When: []*secv1beta1.Condition{{Key: "request.headers[x-dev]", Values: []string{"alice"}}}}},
 	}}
-	b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, deny, allowGet)
+	b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, nil, deny, allowGet)
 	c, streams := b.httpClient(t, false)
 	for _, tc := range []struct {
 		path   string
@@ -251,7 +267,7 @@ func TestHTTPPolicyPerRequest(t *testing.T) {
 
 // Opaque TCP on an inspected port still flows (the sniffer hands back every byte).
 func TestSniffedTCPPassesThrough(t *testing.T) {
-	b := newHTTPBed(t, route.Port{Name: "web", Port: 80})
+	b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, nil)
 	s, err := b.client.Dial(context.Background(), b.waypoint, "10.96.0.20:80", b.opts)
 	if err != nil {
 		t.Fatal(err)
@@ -268,3 +284,42 @@ func TestSniffedTCPPassesThrough(t *testing.T) {
 }
 
 var pingBody = strings.Repeat("p", 3000)
+
+// The access log has one JSON record per request, with what an operator greps for.
+func TestAccessLog(t *testing.T) {
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	b := newHTTPBed(t, route.Port{Name: "http-web", Port: 80}, func(h *waypoint.Handler) {
+		h.AccessLog = slog.New(slog.NewJSONHandler(lockedWriter{&mu, &buf}, nil))
+	})
+	c, _ := b.httpClient(t, false)
+	if code, _, _ := get(t, c, "http://10.96.0.20:80/a/../b?x=1"); code != 200 {
+		t.Fatalf("status %d", code)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var rec map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
+		t.Fatalf("%v: %q", err, buf.String())
+	}
+	for k, want := range map[string]any{"msg": "request", "method": "POST", "path": "/b", "status": 200.0, "protocol": "HTTP/1.1",
+		"source": "cluster.local/ns/default/sa/sleep", "service": "web.demo.svc.cluster.local", "authority": "10.96.0.20:80", "flags": "-"} {
+		if rec[k] != want {
+			t.Errorf("%s = %v, want %v (record %v)", k, rec[k], want, rec)
+		}
+	}
+	if up, _ := rec["upstream"].(string); !strings.HasPrefix(up, "127.0.0.") {
+		t.Errorf("upstream = %q", up)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}

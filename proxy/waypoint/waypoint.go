@@ -143,6 +143,9 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 // splice moves an opaque stream's bytes and records it.
 func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination, proto sniff.Protocol) error {
 	labels := streamLabels(req, dest)
+	ep := up.Request().Target.Addr
+	h.Balancer.Started(ep)
+	defer h.Balancer.Done(ep)
 	h.Metrics.StreamOpened(labels)
 	start := time.Now()
 	counts, err := hbone.SpliceCount(in, up, h.HalfCloseTimeout)

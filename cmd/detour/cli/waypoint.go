@@ -86,7 +86,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	defer onward.Close()
 	h := &waypoint.Handler{
 		Routes:    func() *route.Table { return table },
-		Balancer:  &route.Balancer{},
+		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
 		Identity:  src,
 		Dialer:    onward,
 		Policies:  func() *authz.Engine { return engine },
