@@ -45,6 +45,17 @@ func ClientTLS(src Source, expect ...spiffeid.ID) (*tls.Config, error) {
 	return harden(tlsconfig.MTLSClientConfig(a, a, tlsconfig.AuthorizeOneOf(expect...))), nil
 }
 
+// ClientTLSAuthorized is a client config presenting src's SVID and accepting a server that
+// authorize accepts (nil: any member of src's trust domain). For reversed connections, where the
+// side that accepted TCP runs the TLS client (detour's developer tunnel over HTTP/2).
+func ClientTLSAuthorized(src Source, authorize tlsconfig.Authorizer) *tls.Config {
+	a := sourceAdapter{src}
+	if authorize == nil {
+		authorize = memberOfOwnDomain(src)
+	}
+	return harden(tlsconfig.MTLSClientConfig(a, a, authorize))
+}
+
 func memberOfOwnDomain(src Source) tlsconfig.Authorizer {
 	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
 		own, _ := src.Identity()

@@ -452,3 +452,53 @@ func ruleNeedsL7(r *secv1beta1.Rule) bool {
 	}
 	return false
 }
+
+// Grant decides a request for a privilege rather than for traffic (a developer asking the
+// waypoint to STEAL or MIRROR a service: req.HTTP.Method names the privilege). It fails closed:
+// DENY policies apply as usual, and only an ALLOW rule whose operation names the method
+// explicitly grants it, so an ALLOW written for ordinary traffic (no methods, or GET/POST) never
+// hands out a privilege. No such rule: denied.
+func (e *Engine) Grant(req *Request) Decision {
+	for _, p := range e.policies {
+		if !e.applies(p, req.Service) {
+			continue
+		}
+		switch p.Spec.GetAction() {
+		case secv1beta1.AuthorizationPolicy_CUSTOM:
+			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
+		case secv1beta1.AuthorizationPolicy_DENY:
+			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+				return Decision{Policy: p.id(), Reason: "denied by DENY policy " + p.id()}
+			}
+		}
+	}
+	for _, p := range e.policies {
+		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_ALLOW {
+			continue
+		}
+		for _, r := range p.Spec.GetRules() {
+			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, false) {
+				return Decision{Allow: true, Policy: p.id(), Reason: "granted by ALLOW policy " + p.id()}
+			}
+		}
+	}
+	return Decision{Reason: "no ALLOW policy names method " + req.HTTP.Method + " for this principal, host and path"}
+}
+
+// namesMethod: every operation of the rule lists method explicitly (a rule with no operation, or
+// one operation without methods, grants no privilege).
+func namesMethod(r *secv1beta1.Rule, method string) bool {
+	if len(r.GetTo()) == 0 {
+		return false
+	}
+	for _, t := range r.GetTo() {
+		found := false
+		for _, m := range t.GetOperation().GetMethods() {
+			found = found || m == method
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}

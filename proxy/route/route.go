@@ -58,14 +58,16 @@ var (
 
 // Table finds services by VIP and workloads by IP. Immutable once built.
 type Table struct {
-	byVIP map[netip.Addr]*Service
-	byPod map[netip.Addr]*Service
+	byVIP  map[netip.Addr]*Service
+	byPod  map[netip.Addr]*Service
+	byName map[[2]string]*Service
 }
 
 // NewTable indexes services; a VIP claimed twice is an error.
 func NewTable(services []*Service) (*Table, error) {
-	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}}
+	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}, byName: map[[2]string]*Service{}}
 	for _, s := range services {
+		t.byName[[2]string{s.Namespace, s.Name}] = s
 		for _, vip := range s.VIPs {
 			if other, dup := t.byVIP[vip]; dup {
 				return nil, fmt.Errorf("route: VIP %s belongs to both %s/%s and %s/%s", vip, other.Namespace, other.Name, s.Namespace, s.Name)
@@ -77,6 +79,11 @@ func NewTable(services []*Service) (*Table, error) {
 		}
 	}
 	return t, nil
+}
+
+// Service finds a service by namespace and name; nil if unknown.
+func (t *Table) Service(namespace, name string) *Service {
+	return t.byName[[2]string{namespace, name}]
 }
 
 // Resolve maps a stream's target to its destination; b orders the candidates (nil: as listed).

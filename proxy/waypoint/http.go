@@ -36,6 +36,9 @@ type httpStream struct {
 	h      *Handler
 	req    *hbone.Request // the inbound CONNECT; immutable
 	labels metrics.Stream
+	svcNS  string // the destination service and port, for sessions; immutable
+	svc    string
+	port   uint16
 	proxy  *httputil.ReverseProxy
 
 	mu    sync.Mutex
@@ -49,7 +52,10 @@ type httpStream struct {
 // up is the onward stream dialed before the 200; it is reused for the first request to its
 // endpoint.
 func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination) error {
-	hs := &httpStream{h: h, req: req, labels: streamLabels(req, dest), pre: up}
+	hs := &httpStream{h: h, req: req, labels: streamLabels(req, dest), pre: up, port: dest.Port.Port}
+	if dest.Service != nil {
+		hs.svcNS, hs.svc = dest.Service.Namespace, dest.Service.Name
+	}
 	hs.proxy = &httputil.ReverseProxy{
 		Rewrite:       hs.rewrite,
 		Transport:     hs,
@@ -110,7 +116,15 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if err := hs.h.authorize(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req); err != nil {
 			localReply(rec, grpc, http.StatusForbidden, 7, "RBAC: access denied")
 		} else {
-			hs.proxy.ServeHTTP(rec, r)
+			steal, mirrors := requestSessions(hs.h.Sessions.For(hs.svcNS, hs.svc, hs.port), r, path)
+			if len(mirrors) > 0 {
+				hs.mirrorRequest(r, path, mirrors)
+			}
+			if steal != nil {
+				hs.stealRequest(rec, r, path, steal)
+			} else {
+				hs.proxy.ServeHTTP(rec, r)
+			}
 		}
 	}
 	if rec.code == 0 {

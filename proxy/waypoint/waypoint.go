@@ -26,6 +26,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/session"
 	"github.com/detour-mesh/detour/proxy/sniff"
 )
 
@@ -75,6 +76,8 @@ type Handler struct {
 	Logger  *slog.Logger // nil means slog.Default()
 	// AccessLog, when set, gets one record per HTTP request and per opaque stream.
 	AccessLog *slog.Logger
+	// Sessions are the developers' debug sessions (steal, mirror); nil means none.
+	Sessions *session.Registry
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
@@ -98,12 +101,20 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	}
 	proto, declared := protocolOf(dest.Port)
 	inspect := h.Inspect == InspectAlways || engine != nil && engine.NeedsL7(authzService(dest))
+	sessions := h.sessionsFor(dest)
+	inspect = inspect || filtered(sessions)
 	if declared && proto == sniff.TCP {
 		inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
 	}
+	steal, mirrors := whole(sessions)
 	if !inspect {
 		if err := h.authorize(engine, h.authzRequest(req, dest, "", nil), req); err != nil {
 			return err
+		}
+		if steal != nil {
+			if handled, err := h.stealStream(s, s, req, steal); handled {
+				return err
+			}
 		}
 	}
 	up, err := h.connect(s.Context(), req, dest)
@@ -136,8 +147,14 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 			up.Close()
 			return err
 		}
+		if steal != nil {
+			if handled, err := h.stealStream(s, in, req, steal); handled {
+				up.Close()
+				return err
+			}
+		}
 	}
-	return h.splice(in, up, req, dest, proto)
+	return h.splice(h.mirrorStream(s.Context(), in, req, mirrors), up, req, dest, proto)
 }
 
 // splice moves an opaque stream's bytes and records it.

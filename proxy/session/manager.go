@@ -1,0 +1,166 @@
+package session
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// helloTimeout bounds the wait for a tunnel's Hello.
+const helloTimeout = 10 * time.Second
+
+// Manager serves developer tunnels: one Hello per tunnel, answered, then (for a registration)
+// the session lives until the tunnel goes.
+type Manager struct {
+	Registry *Registry
+	Routes   func() *route.Table
+	Policies func() *authz.Engine // nil: every registration is refused (deny by default)
+	// Gateway names the waypoint, for the policy a refusal suggests.
+	Namespace, Gateway string
+	Logger             *slog.Logger // nil means slog.Default()
+}
+
+// ServeTunnel is a tunnel.Server Handler.
+func (m *Manager) ServeTunnel(p *tunnel.Peer) {
+	ctl := p.Control()
+	ctl.SetReadDeadline(time.Now().Add(helloTimeout))
+	var hello tunnel.Hello
+	if err := tunnel.ReadMsg(ctl, &hello); err != nil {
+		m.log().Info("session: no hello", "developer", p.ID().String(), "err", err)
+		return
+	}
+	ctl.SetReadDeadline(time.Time{})
+	switch {
+	case hello.List:
+		sessions := m.Registry.List()
+		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
+		tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Sessions: sessions})
+		return
+	case hello.Register == nil:
+		tunnel.WriteMsg(ctl, tunnel.Reply{Error: "a hello must register a session or list them"})
+		return
+	}
+	s, err := m.register(p, *hello.Register)
+	if err != nil {
+		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+		tunnel.WriteMsg(ctl, tunnel.Reply{Error: err.Error()})
+		return
+	}
+	defer m.Registry.Remove(s)
+	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {
+		return
+	}
+	m.log().Info("session: started", "session", s.ID, "developer", p.ID().String(), "mode", s.Spec.Mode,
+		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport())
+	// The CLI sends nothing more: its EOF (Ctrl-C) ends the session as surely as a dead tunnel.
+	gone := make(chan struct{})
+	go func() { io.Copy(io.Discard, ctl); close(gone) }()
+	for {
+		select {
+		case ev := <-s.events:
+			if err := tunnel.WriteMsg(ctl, ev); err != nil {
+				return
+			}
+		case <-gone:
+			m.log().Info("session: ended by the developer", "session", s.ID)
+			return
+		case <-p.Done():
+			m.log().Info("session: tunnel lost", "session", s.ID)
+			return
+		}
+	}
+}
+
+// register validates, authorizes and registers spec.
+func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
+	svc, port, err := m.find(spec)
+	if err != nil {
+		return nil, err
+	}
+	spec.Port = port
+	method := strings.ToUpper(spec.Mode)
+	path := fmt.Sprintf("/ports/%d", port)
+	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	var dec authz.Decision
+	if m.Policies != nil {
+		dec = m.Policies().Grant(&authz.Request{
+			Principal: principal,
+			Service:   authz.Service{Namespace: svc.Namespace, Name: svc.Name},
+			DestPort:  port,
+			HTTP:      &authz.HTTPRequest{Method: method, Host: svc.Hostname, Path: path},
+		})
+	} else {
+		dec.Reason = "this waypoint has no AuthorizationPolicy source"
+	}
+	if !dec.Allow {
+		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
+			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
+	}
+	s, err := New(spec, svc.Hostname, p.ID(), p)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Registry.Add(s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// find resolves the spec's service and port.
+func (m *Manager) find(spec tunnel.Spec) (*route.Service, uint16, error) {
+	if spec.Namespace == "" || spec.Service == "" {
+		return nil, 0, errors.New("session: the target needs a namespace and a service")
+	}
+	svc := m.Routes().Service(spec.Namespace, spec.Service)
+	if svc == nil {
+		return nil, 0, fmt.Errorf("session: service %s/%s is not known to this waypoint", spec.Namespace, spec.Service)
+	}
+	if spec.Port == 0 {
+		if len(svc.Ports) != 1 {
+			return nil, 0, fmt.Errorf("session: service %s/%s has %d ports; name one", spec.Namespace, spec.Service, len(svc.Ports))
+		}
+		return svc, svc.Ports[0].Port, nil
+	}
+	for _, p := range svc.Ports {
+		if p.Port == spec.Port {
+			return svc, p.Port, nil
+		}
+	}
+	return nil, 0, fmt.Errorf("session: service %s/%s has no port %d", spec.Namespace, spec.Service, spec.Port)
+}
+
+// suggest writes the AuthorizationPolicy that would grant the request.
+func (m *Manager) suggest(principal, method, host, path string) string {
+	name := "detour-" + strings.ToLower(method) + "-" + lastSegment(principal)
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: %s, namespace: %s}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: %s}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [%q]}}]
+    to: [{operation: {methods: [%s], hosts: [%q], paths: [%q]}}]`, name, m.Namespace, m.Gateway, principal, method, host, path)
+}
+
+func lastSegment(s string) string {
+	if i := strings.LastIndexByte(s, '/'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
+}
+
+func (m *Manager) log() *slog.Logger {
+	if m.Logger != nil {
+		return m.Logger
+	}
+	return slog.Default()
+}

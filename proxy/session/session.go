@@ -1,0 +1,326 @@
+// Package session holds debug sessions: a developer's request, through a tunnel, to steal or
+// mirror a service's traffic (whole streams, or HTTP requests that match a filter). The Registry
+// refuses overlapping steals and is read lock-free by the data path; the Manager serves each
+// tunnel: it authorizes the registration with AuthorizationPolicy (deny by default), registers
+// the session for the tunnel's life and reports what the session took.
+package session
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// Modes.
+const (
+	Steal  = "steal"
+	Mirror = "mirror"
+)
+
+// Bounds on what a session may hold.
+const (
+	// MaxMirrorBody is the largest request body copied to a mirror; a larger request is not
+	// mirrored (counted as dropped).
+	MaxMirrorBody = 1 << 20
+	// MaxMirrorInFlight bounds mirrored requests waiting on one developer; past it, copies are
+	// dropped (counted), never queued: the real path is never slowed.
+	MaxMirrorInFlight = 32
+	// eventQueue bounds events waiting for the control stream; past it, events are dropped.
+	eventQueue = 256
+)
+
+// Opener opens data streams to the developer (a *tunnel.Peer).
+type Opener interface {
+	Open(ctx context.Context, m tunnel.Meta) (net.Conn, error)
+}
+
+// Session is one registered session. Immutable after New except for its counters.
+type Session struct {
+	ID     string
+	Holder spiffeid.ID
+	Spec   tunnel.Spec // Port resolved (never 0)
+	Host   string      // the service's hostname
+	Since  time.Time
+
+	peer    Opener
+	headerV *regexp.Regexp // nil: no header condition, or exact match
+	path    *regexp.Regexp
+
+	streams, requests, dropped atomic.Int64
+	mirrors                    chan struct{} // semaphore: mirrored requests in flight
+	events                     chan tunnel.Event
+
+	tmu    sync.Mutex
+	h1, h2 *http.Transport
+	closed bool
+}
+
+// New builds a session for spec (validated: mode, regexes) held by holder through peer.
+func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Session, error) {
+	if spec.Mode != Steal && spec.Mode != Mirror {
+		return nil, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
+	}
+	f := spec.Filter
+	s := &Session{Spec: spec, Host: host, Holder: holder, peer: peer, Since: time.Now(),
+		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
+	if f.Header == "" && (f.HeaderValue != "" || f.HeaderRegex != "") {
+		return nil, fmt.Errorf("session: a header value needs a header name")
+	}
+	if f.HeaderValue != "" && f.HeaderRegex != "" {
+		return nil, fmt.Errorf("session: give a header value or a header regex, not both")
+	}
+	var err error
+	if f.HeaderRegex != "" {
+		if s.headerV, err = regexp.Compile(f.HeaderRegex); err != nil {
+			return nil, fmt.Errorf("session: header regex: %w", err)
+		}
+	}
+	if f.Path != "" {
+		if s.path, err = regexp.Compile(f.Path); err != nil {
+			return nil, fmt.Errorf("session: path regex: %w", err)
+		}
+	}
+	var id [6]byte
+	rand.Read(id[:])
+	s.ID = hex.EncodeToString(id[:])
+	return s, nil
+}
+
+// Whole reports whether the session takes whole streams (no filter).
+func (s *Session) Whole() bool { return s.Spec.Filter.IsZero() }
+
+// Match reports whether an HTTP request matches the filter (a whole-stream session matches every
+// request of an inspected stream).
+func (s *Session) Match(r *http.Request, path string) bool {
+	f := s.Spec.Filter
+	if f.Method != "" && r.Method != f.Method {
+		return false
+	}
+	if s.path != nil && !s.path.MatchString(path) {
+		return false
+	}
+	if f.Header != "" {
+		vals := r.Header.Values(f.Header)
+		ok := false
+		for _, v := range vals {
+			if f.HeaderValue != "" && v == f.HeaderValue || s.headerV != nil && s.headerV.MatchString(v) || f.HeaderValue == "" && s.headerV == nil {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// overlaps reports whether two steals could both match one request: only exact values of the
+// same header are known to be disjoint.
+func overlaps(a, b tunnel.Filter) bool {
+	if a.Header != "" && strings.EqualFold(a.Header, b.Header) && a.HeaderValue != "" && b.HeaderValue != "" {
+		return a.HeaderValue == b.HeaderValue
+	}
+	return true
+}
+
+// Open opens a data stream to the developer for this session.
+func (s *Session) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) {
+	m.Session, m.Mode = s.ID, s.Spec.Mode
+	return s.peer.Open(ctx, m)
+}
+
+// Transport sends HTTP requests to the developer's app: HTTP/1.1 or HTTP/2 prior knowledge, as
+// the client spoke. Nil once the session ended.
+func (s *Session) Transport(h2 bool) *http.Transport {
+	s.tmu.Lock()
+	defer s.tmu.Unlock()
+	if s.closed {
+		return nil
+	}
+	t := &s.h1
+	if h2 {
+		t = &s.h2
+	}
+	if *t == nil {
+		var p http.Protocols
+		proto := "http/1.1"
+		if h2 {
+			p.SetUnencryptedHTTP2(true)
+			proto = "h2c"
+		} else {
+			p.SetHTTP1(true)
+		}
+		*t = &http.Transport{
+			Protocols:           &p,
+			DisableCompression:  true,
+			IdleConnTimeout:     90 * time.Second,
+			MaxIdleConnsPerHost: 16,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return s.Open(ctx, tunnel.Meta{Kind: "http", Protocol: proto})
+			},
+		}
+	}
+	return *t
+}
+
+// TryMirror reserves a mirrored-request slot; false (and a drop counted) when the developer is
+// behind. Release it with MirrorDone.
+func (s *Session) TryMirror() bool {
+	select {
+	case s.mirrors <- struct{}{}:
+		return true
+	default:
+		s.dropped.Add(1)
+		return false
+	}
+}
+
+// MirrorDone releases a TryMirror slot.
+func (s *Session) MirrorDone() { <-s.mirrors }
+
+// Dropped counts mirror data lost (a request, or a stream's copy).
+func (s *Session) Dropped() { s.dropped.Add(1) }
+
+// Report counts what the session took and queues the event for the developer's CLI (dropped if
+// the CLI is behind).
+func (s *Session) Report(ev tunnel.Event) {
+	if ev.Kind == "stream" {
+		s.streams.Add(1)
+	} else {
+		s.requests.Add(1)
+	}
+	ev.Mode = s.Spec.Mode
+	select {
+	case s.events <- ev:
+	default:
+	}
+}
+
+// Info describes the session.
+func (s *Session) Info() tunnel.SessionInfo {
+	return tunnel.SessionInfo{ID: s.ID, Holder: s.Holder.String(), Spec: s.Spec, Since: s.Since,
+		Streams: s.streams.Load(), Requests: s.requests.Load(), Dropped: s.dropped.Load()}
+}
+
+// close releases the session's connections to the developer.
+func (s *Session) close() {
+	s.tmu.Lock()
+	s.closed = true
+	h1, h2 := s.h1, s.h2
+	s.tmu.Unlock()
+	for _, t := range []*http.Transport{h1, h2} {
+		if t != nil {
+			t.CloseIdleConnections()
+		}
+	}
+}
+
+type key struct {
+	namespace, name string
+	port            uint16
+}
+
+// Registry holds the live sessions. Reads (For) are lock-free.
+type Registry struct {
+	mu   sync.Mutex
+	byID map[string]*Session
+	view atomic.Pointer[map[key][]*Session]
+}
+
+// Add registers s unless a steal already holds traffic s's steal could match.
+func (r *Registry) Add(s *Session) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := key{s.Spec.Namespace, s.Spec.Service, s.Spec.Port}
+	if s.Spec.Mode == Steal {
+		for _, o := range r.byID {
+			if o.Spec.Mode == Steal && (key{o.Spec.Namespace, o.Spec.Service, o.Spec.Port}) == k && overlaps(o.Spec.Filter, s.Spec.Filter) {
+				return fmt.Errorf("session: %s port %d is already stolen by %s (session %s, %s) with a filter that overlaps this one; "+
+					"two steals coexist only with different exact values of the same header", s.Host, k.port, o.Holder, o.ID, describe(o.Spec.Filter))
+			}
+		}
+	}
+	if r.byID == nil {
+		r.byID = map[string]*Session{}
+	}
+	r.byID[s.ID] = s
+	r.publishLocked()
+	return nil
+}
+
+// Remove ends s: new traffic no longer matches it.
+func (r *Registry) Remove(s *Session) {
+	r.mu.Lock()
+	delete(r.byID, s.ID)
+	r.publishLocked()
+	r.mu.Unlock()
+	s.close()
+}
+
+func (r *Registry) publishLocked() {
+	m := map[key][]*Session{}
+	for _, s := range r.byID {
+		k := key{s.Spec.Namespace, s.Spec.Service, s.Spec.Port}
+		m[k] = append(m[k], s)
+	}
+	r.view.Store(&m)
+}
+
+// For returns the sessions on a service port (nil Registry: none).
+func (r *Registry) For(namespace, name string, port uint16) []*Session {
+	if r == nil {
+		return nil
+	}
+	m := r.view.Load()
+	if m == nil {
+		return nil
+	}
+	return (*m)[key{namespace, name, port}]
+}
+
+// List describes every session.
+func (r *Registry) List() []tunnel.SessionInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]tunnel.SessionInfo, 0, len(r.byID))
+	for _, s := range r.byID {
+		out = append(out, s.Info())
+	}
+	return out
+}
+
+// describe renders a filter for messages.
+func describe(f tunnel.Filter) string {
+	if f.IsZero() {
+		return "whole streams, no filter"
+	}
+	var parts []string
+	switch {
+	case f.HeaderValue != "":
+		parts = append(parts, fmt.Sprintf("header %s=%s", f.Header, f.HeaderValue))
+	case f.HeaderRegex != "":
+		parts = append(parts, fmt.Sprintf("header %s~%s", f.Header, f.HeaderRegex))
+	case f.Header != "":
+		parts = append(parts, "header "+f.Header+" present")
+	}
+	if f.Path != "" {
+		parts = append(parts, "path~"+f.Path)
+	}
+	if f.Method != "" {
+		parts = append(parts, "method "+f.Method)
+	}
+	return strings.Join(parts, ", ")
+}

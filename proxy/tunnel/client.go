@@ -1,0 +1,171 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/quic-go/quic-go"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+)
+
+// Tunnel is the developer's end of a tunnel.
+type Tunnel struct {
+	control net.Conn
+	accept  func(ctx context.Context) (net.Conn, error)
+	done    <-chan struct{}
+	close   func() error
+}
+
+// Dial connects to the waypoint's tunnel listener at addr over transport (quic or h2),
+// presenting src's SVID and accepting a waypoint that authorize accepts (nil: any member of the
+// trust domain).
+func Dial(ctx context.Context, transport, addr string, src identity.Source, authorize tlsconfig.Authorizer, log *slog.Logger) (*Tunnel, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	switch transport {
+	case "quic":
+		return dialQUIC(ctx, addr, src, authorize)
+	case "h2":
+		return dialH2(ctx, addr, src, authorize, log)
+	}
+	return nil, fmt.Errorf("tunnel: transport %q is not quic or h2", transport)
+}
+
+func dialQUIC(ctx context.Context, addr string, src identity.Source, authorize tlsconfig.Authorizer) (*Tunnel, error) {
+	tlsCfg := identity.ClientTLSAuthorized(src, authorize).Clone()
+	tlsCfg.NextProtos = []string{ALPN}
+	c, err := quic.DialAddr(ctx, addr, tlsCfg, quicConfig())
+	if err != nil {
+		return nil, fmt.Errorf("tunnel: dialing %s over QUIC: %w", addr, err)
+	}
+	ctl, err := c.OpenStreamSync(ctx)
+	if err != nil {
+		c.CloseWithError(0, "")
+		return nil, fmt.Errorf("tunnel: opening the control stream: %w", err)
+	}
+	return &Tunnel{
+		control: quicConn(c, ctl),
+		accept: func(ctx context.Context) (net.Conn, error) {
+			st, err := c.AcceptStream(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return quicConn(c, st), nil
+		},
+		done:  c.Context().Done(),
+		close: func() error { return c.CloseWithError(0, "") },
+	}, nil
+}
+
+// dialH2 dials TCP and serves TLS and HTTP/2 on it; the waypoint opens the streams.
+func dialH2(ctx context.Context, addr string, src identity.Source, authorize tlsconfig.Authorizer, log *slog.Logger) (*Tunnel, error) {
+	nc, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel: dialing %s: %w", addr, err)
+	}
+	streams := make(chan *handedStream)
+	control := make(chan *handedStream, 1)
+	done := make(chan struct{})
+	srv := &hbone.Server{
+		TLSConfig: identity.ServerTLS(src, authorize),
+		Config:    hbone.Config{PingInterval: KeepaliveInterval, PingTimeout: DeadAfter},
+		Logger:    log,
+		Handler: hbone.HandlerFunc(func(s *hbone.Stream) error {
+			if err := s.Accept(); err != nil {
+				return err
+			}
+			hs := &handedStream{Stream: s, closed: make(chan struct{})}
+			target := s.Request().Target.String()
+			select {
+			case control <- hs:
+				if target != controlTarget {
+					return errors.New("tunnel: the first stream must be the control stream")
+				}
+			default:
+				select {
+				case streams <- hs:
+				case <-done:
+					return nil
+				}
+			}
+			select { // the server closes the stream when this returns
+			case <-hs.closed:
+			case <-done:
+			}
+			return nil
+		}),
+	}
+	go func() {
+		srv.ServeConn(context.Background(), nc)
+		close(done)
+	}()
+	var ctl *handedStream
+	select {
+	case ctl = <-control:
+	case <-done:
+		return nil, fmt.Errorf("tunnel: %s closed the tunnel during setup (identity refused?)", addr)
+	case <-ctx.Done():
+		srv.Close()
+		return nil, fmt.Errorf("tunnel: waiting for %s to open the control stream: %w", addr, ctx.Err())
+	}
+	return &Tunnel{
+		control: ctl,
+		accept: func(ctx context.Context) (net.Conn, error) {
+			select {
+			case s := <-streams:
+				return s, nil
+			case <-done:
+				return nil, errors.New("tunnel: closed")
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		},
+		done:  done,
+		close: func() error { srv.Close(); <-done; return nil },
+	}, nil
+}
+
+// handedStream is a stream handed from the HTTP/2 server's handler to the consumer; Close tells
+// the handler it may return.
+type handedStream struct {
+	*hbone.Stream
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (h *handedStream) Close() error {
+	err := h.Stream.Close()
+	h.once.Do(func() { close(h.closed) })
+	return err
+}
+
+// Control is the control stream: send the Hello, read the Reply, then Events.
+func (t *Tunnel) Control() net.Conn { return t.control }
+
+// Accept waits for the next data stream and reads its Meta.
+func (t *Tunnel) Accept(ctx context.Context) (Meta, net.Conn, error) {
+	c, err := t.accept(ctx)
+	if err != nil {
+		return Meta{}, nil, err
+	}
+	var m Meta
+	if err := ReadMsg(c, &m); err != nil {
+		c.Close()
+		return Meta{}, nil, err
+	}
+	return m, c, nil
+}
+
+// Done is closed when the tunnel is gone.
+func (t *Tunnel) Done() <-chan struct{} { return t.done }
+
+// Close ends the tunnel; the waypoint ends its sessions.
+func (t *Tunnel) Close() error { return t.close() }

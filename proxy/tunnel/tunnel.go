@@ -1,0 +1,152 @@
+// Package tunnel is the developer tunnel between a detour waypoint and a developer's CLI, over
+// QUIC or, where only TCP reaches (a port-forward), HTTP/2 over TLS. Both ends authenticate
+// with SPIFFE SVIDs (mutual TLS). The CLI opens one control stream and sends one Hello
+// (register a session, or list sessions); the waypoint answers with a Reply and then sends
+// Events (one per stolen request or stream) on it. Every stolen or mirrored stream or request is
+// a new stream opened by the waypoint, starting with a Meta message, then raw bytes.
+//
+// Over HTTP/2 the roles of the TCP connection are reversed: the CLI dials, then runs the TLS and
+// HTTP/2 *server* (an HTTP/2 server cannot open streams, and the waypoint must), and the waypoint
+// opens HBONE-style CONNECT streams to it; the first one is the control stream.
+//
+// Messages are a 4-byte big-endian length and a JSON object, at most MaxMessage bytes.
+package tunnel
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// ALPN protocol of the QUIC tunnel.
+const ALPN = "detour-tunnel/1"
+
+// MaxMessage bounds one control or Meta message.
+const MaxMessage = 64 << 10
+
+// Keepalive: a tunnel whose peer stays silent for DeadAfter is gone (the waypoint ends its
+// sessions); each side pings every KeepaliveInterval.
+const (
+	KeepaliveInterval = time.Second
+	DeadAfter         = 4 * time.Second
+)
+
+// controlTarget is the authority of the control stream over HTTP/2.
+const controlTarget = "control.detour.internal:1"
+
+// Hello is the CLI's first message.
+type Hello struct {
+	Register *Spec `json:"register,omitempty"` // open a session
+	List     bool  `json:"list,omitempty"`     // list the waypoint's sessions
+}
+
+// Spec is what a developer asks for.
+type Spec struct {
+	Namespace string `json:"namespace"`
+	Service   string `json:"service"`
+	Port      uint16 `json:"port"` // service port; 0: the service's only port
+	Mode      string `json:"mode"` // steal or mirror
+	Filter    Filter `json:"filter,omitzero"`
+}
+
+// Filter selects HTTP requests; the zero Filter takes whole streams (any protocol).
+type Filter struct {
+	Header      string `json:"header,omitempty"`      // header name
+	HeaderValue string `json:"headerValue,omitempty"` // exact value
+	HeaderRegex string `json:"headerRegex,omitempty"` // or an RE2 regex on the value
+	Path        string `json:"path,omitempty"`        // RE2 regex on the path
+	Method      string `json:"method,omitempty"`      // exact method
+}
+
+// IsZero reports whether f takes whole streams.
+func (f Filter) IsZero() bool { return f == Filter{} }
+
+// Reply answers a Hello.
+type Reply struct {
+	OK       bool          `json:"ok"`
+	Error    string        `json:"error,omitempty"`
+	Session  string        `json:"session,omitempty"` // the new session's ID
+	Sessions []SessionInfo `json:"sessions,omitempty"`
+}
+
+// SessionInfo describes a session for `detour sessions`.
+type SessionInfo struct {
+	ID       string    `json:"id"`
+	Holder   string    `json:"holder"` // SPIFFE ID
+	Spec     Spec      `json:"spec"`
+	Since    time.Time `json:"since"`
+	Streams  int64     `json:"streams"`
+	Requests int64     `json:"requests"`
+	Dropped  int64     `json:"dropped"` // mirror data lost to a slow developer
+}
+
+// Event reports one stolen or mirrored request or stream to the CLI.
+type Event struct {
+	Kind     string `json:"kind"` // request or stream
+	Mode     string `json:"mode"`
+	Method   string `json:"method,omitempty"`
+	Path     string `json:"path,omitempty"`
+	Status   int    `json:"status,omitempty"`
+	Micros   int64  `json:"us,omitempty"`
+	Received int64  `json:"received,omitempty"`
+	Sent     int64  `json:"sent,omitempty"`
+	Source   string `json:"source,omitempty"`
+	Error    string `json:"error,omitempty"`
+}
+
+// Meta starts every data stream.
+type Meta struct {
+	Session  string `json:"session"`
+	Kind     string `json:"kind"`               // tcp (a whole stream) or http (HTTP connections for requests)
+	Mode     string `json:"mode"`               // steal or mirror
+	Protocol string `json:"protocol,omitempty"` // http: http/1.1 or h2c
+	Target   string `json:"target,omitempty"`   // the stream's original destination
+	Source   string `json:"source,omitempty"`   // the client's SPIFFE ID
+}
+
+// ErrTooLarge: a message over MaxMessage.
+var ErrTooLarge = errors.New("tunnel: message too large")
+
+// WriteMsg writes v as one message.
+func WriteMsg(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(b) > MaxMessage {
+		return ErrTooLarge
+	}
+	buf := make([]byte, 4, 4+len(b))
+	binary.BigEndian.PutUint32(buf, uint32(len(b)))
+	_, err = w.Write(append(buf, b...))
+	return err
+}
+
+// ReadMsg reads one message into v; unknown fields are refused, so a typo never passes silently.
+func ReadMsg(r io.Reader, v any) error {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > MaxMessage {
+		return fmt.Errorf("%w: %d bytes", ErrTooLarge, n)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return fmt.Errorf("tunnel: reading a %d-byte message: %w", n, err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("tunnel: decoding a message: %w", err)
+	}
+	if dec.More() {
+		return errors.New("tunnel: trailing data after a message")
+	}
+	return nil
+}
