@@ -71,6 +71,9 @@ type WorkloadAPI struct {
 type Listeners struct {
 	HBONE  string `json:"hbone"`  // default 0.0.0.0:15008
 	Health string `json:"health"` // /healthz, /readyz; default 127.0.0.1:15021; "off" disables
+	// Tunnel is where developers' tunnels arrive: QUIC on UDP and HTTP/2 on TCP, same address.
+	// Default 0.0.0.0:15009; "off" disables debug sessions.
+	Tunnel string `json:"tunnel"`
 	// UpstreamHBONEPort is the port of the destination ztunnels; default 15008.
 	UpstreamHBONEPort uint16 `json:"upstreamHBONEPort"`
 }
@@ -195,6 +198,7 @@ func (c *Config) defaults() {
 	}
 	set(&c.Listeners.HBONE, "0.0.0.0:15008")
 	set(&c.Listeners.Health, "127.0.0.1:15021")
+	set(&c.Listeners.Tunnel, "0.0.0.0:15009")
 	if c.Listeners.UpstreamHBONEPort == 0 {
 		c.Listeners.UpstreamHBONEPort = 15008
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"time"
@@ -42,16 +43,16 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	case hello.List:
 		sessions := m.Registry.List()
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
-		tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Sessions: sessions})
+		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
 	case hello.Register == nil:
-		tunnel.WriteMsg(ctl, tunnel.Reply{Error: "a hello must register a session or list them"})
+		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session or list them"})
 		return
 	}
 	s, err := m.register(p, *hello.Register)
 	if err != nil {
 		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
-		tunnel.WriteMsg(ctl, tunnel.Reply{Error: err.Error()})
+		lastWord(ctl, tunnel.Reply{Error: err.Error()})
 		return
 	}
 	defer m.Registry.Remove(s)
@@ -79,6 +80,19 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	}
 }
 
+// lastWord sends the final reply and lets the CLI read it before the tunnel closes: half-close,
+// then wait (bounded) for the CLI to hang up.
+func lastWord(ctl net.Conn, r tunnel.Reply) {
+	if err := tunnel.WriteMsg(ctl, r); err != nil {
+		return
+	}
+	if cw, ok := ctl.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	ctl.SetReadDeadline(time.Now().Add(helloTimeout))
+	io.Copy(io.Discard, ctl)
+}
+
 // register validates, authorizes and registers spec.
 func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	svc, port, err := m.find(spec)
@@ -86,6 +100,10 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 		return nil, err
 	}
 	spec.Port = port
+	s, err := New(spec, svc.Hostname, p.ID(), p) // validates the mode and the filter first
+	if err != nil {
+		return nil, err
+	}
 	method := strings.ToUpper(spec.Mode)
 	path := fmt.Sprintf("/ports/%d", port)
 	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
@@ -103,10 +121,6 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	if !dec.Allow {
 		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
 			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
-	}
-	s, err := New(spec, svc.Hostname, p.ID(), p)
-	if err != nil {
-		return nil, err
 	}
 	if err := m.Registry.Add(s); err != nil {
 		return nil, err

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -169,3 +170,36 @@ func (t *Tunnel) Done() <-chan struct{} { return t.done }
 
 // Close ends the tunnel; the waypoint ends its sessions.
 func (t *Tunnel) Close() error { return t.close() }
+
+// Forward connects each data stream to the developer's app at addr until the tunnel ends or ctx
+// is done; seen, if set, is told of each stream. A stream whose app connection fails is closed
+// (the waypoint answers the client as for a failed upstream).
+func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error)) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		m, c, err := t.Accept(ctx)
+		if err != nil {
+			select {
+			case <-t.done:
+				return nil
+			default:
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		wg.Go(func() {
+			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", addr)
+			if seen != nil {
+				seen(m, err)
+			}
+			if err != nil {
+				c.Close()
+				return
+			}
+			hbone.Splice(c, app, 0)
+		})
+	}
+}

@@ -104,7 +104,7 @@ func TestWaypointCommand(t *testing.T) {
 	}
 	hboneAddr, health := free(), free()
 	cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/demo/sa/detour"}}
-listeners: {hbone: %q, health: %q}
+listeners: {hbone: %q, health: %q, tunnel: "127.0.0.1:0"}
 waypoint: {namespace: demo}
 discovery: {static: {services: []}}
 `, dir+"/ca", hboneAddr, health)

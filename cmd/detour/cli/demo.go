@@ -84,6 +84,7 @@ func demoConfig(caDir string, pods []string, podPort int) string {
 listeners:
   hbone: 127.0.0.1:0
   health: 127.0.0.1:0
+  tunnel: 127.0.0.1:0
   upstreamHBONEPort: %d
 waypoint:
   namespace: demo

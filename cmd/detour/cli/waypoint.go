@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,8 @@ import (
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/tunnel"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
@@ -52,6 +55,7 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 type listening struct {
 	HBONE  string
 	Health string // "" when off; serves /healthz, /readyz, /metrics
+	Tunnel string // "" when off; QUIC (UDP) and HTTP/2 (TCP) developer tunnels
 }
 
 // runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
@@ -94,6 +98,9 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
 	}
+	if cfg.Listeners.Tunnel != "off" {
+		h.Sessions = &session.Registry{}
+	}
 	if cfg.Waypoint.Inspect == "always" {
 		h.Inspect = waypoint.InspectAlways
 	}
@@ -108,6 +115,14 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		return nil
 	})
 	addrs := listening{HBONE: l.Addr().String()}
+	if h.Sessions != nil {
+		tl, err := serveTunnels(ctx, g, cfg, src, h, engine, log)
+		if err != nil {
+			srv.Close()
+			return errors.Join(err, g.Wait())
+		}
+		addrs.Tunnel = tl
+	}
 	if cfg.Listeners.Health != "off" {
 		hl, err := net.Listen("tcp", cfg.Listeners.Health)
 		if err != nil {
@@ -133,7 +148,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		}
 		return nil
 	})
-	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
+	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "tunnel", addrs.Tunnel, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
 	if ready != nil {
 		ready <- addrs
 	}
@@ -153,4 +168,29 @@ func healthMux(src identity.Source, reg *prometheus.Registry) *http.ServeMux {
 		fmt.Fprintln(w, "ready")
 	})
 	return mux
+}
+
+// serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
+// and returns the address.
+func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler, engine *authz.Engine, log *slog.Logger) (string, error) {
+	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
+	if err != nil {
+		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
+	}
+	host, _, _ := net.SplitHostPort(cfg.Listeners.Tunnel)
+	pc, err := net.ListenPacket("udp", net.JoinHostPort(host, strconv.Itoa(tl.Addr().(*net.TCPAddr).Port)))
+	if err != nil {
+		tl.Close()
+		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
+	}
+	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log}
+	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
+	g.Go(func() error { return ts.ServeTCP(ctx, tl) })
+	g.Go(func() error {
+		err := ts.ServeQUIC(ctx, pc)
+		pc.Close()
+		return err
+	})
+	return tl.Addr().String(), nil
 }

@@ -1,0 +1,295 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// tunnelFlags reach a waypoint's tunnel listener with an identity.
+type tunnelFlags struct {
+	waypoint   string // host:port of the tunnel listener
+	transport  string // quic or h2
+	waypointID string // expected waypoint identity; "" accepts any member of the trust domain
+	caDir, id  string // dev CA: mint our own SVID
+	cert, key  string // or files
+	bundle     string
+}
+
+func (f *tunnelFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (required)")
+	fl.StringVar(&f.transport, "transport", "quic", "quic, or h2 when only TCP reaches the waypoint (a port-forward)")
+	fl.StringVar(&f.waypointID, "waypoint-id", "", "the waypoint's SPIFFE ID to insist on (default: any identity of the trust domain)")
+	fl.StringVar(&f.caDir, "ca", "", "a dev CA directory (detour ca init) to mint your identity from, with --id")
+	fl.StringVar(&f.id, "id", "", "your SPIFFE ID, with --ca")
+	fl.StringVar(&f.cert, "cert", "", "your SVID certificate (PEM), with --key and --bundle")
+	fl.StringVar(&f.key, "key", "", "your SVID key (PEM)")
+	fl.StringVar(&f.bundle, "bundle", "", "the trust bundle (PEM)")
+}
+
+func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, error) {
+	if f.waypoint == "" {
+		return nil, errors.New("--waypoint is required")
+	}
+	src, err := f.identity(log)
+	if err != nil {
+		return nil, err
+	}
+	var authorize tlsconfig.Authorizer
+	if f.waypointID != "" {
+		id, err := spiffeid.FromString(f.waypointID)
+		if err != nil {
+			return nil, fmt.Errorf("--waypoint-id: %w", err)
+		}
+		authorize = tlsconfig.AuthorizeID(id)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	return tunnel.Dial(dctx, f.transport, f.waypoint, src, authorize, log)
+}
+
+func (f *tunnelFlags) identity(log *slog.Logger) (identity.Source, error) {
+	switch {
+	case f.caDir != "" && f.id != "":
+		ca, err := devca.Load(f.caDir)
+		if err != nil {
+			return nil, err
+		}
+		svid, err := ca.Issue(f.id, time.Time{}, time.Time{})
+		if err != nil {
+			return nil, err
+		}
+		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()}), nil
+	case f.cert != "" && f.key != "" && f.bundle != "":
+		files := &identity.Files{CertFile: f.cert, KeyFile: f.key, BundleFile: f.bundle, Logger: log}
+		if _, err := files.Fetch(); err != nil {
+			return nil, err
+		}
+		return files, nil
+	}
+	return nil, errors.New("an identity is required: --ca DIR --id SPIFFE-ID, or --cert, --key and --bundle")
+}
+
+// sessionCmd is `detour steal` and `detour mirror`.
+type sessionCmd struct {
+	mode      string
+	tunnel    tunnelFlags
+	namespace string
+	to        string
+	header    string
+	path      string
+	method    string
+	log       func() *slog.Logger
+}
+
+func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
+	c := &sessionCmd{mode: mode, log: log}
+	what := map[string]string{
+		"steal":  "Send a service's traffic (all of it, or the HTTP requests that match) to a local app instead",
+		"mirror": "Send a copy of a service's traffic (all of it, or the HTTP requests that match) to a local app; its answers are discarded",
+	}[mode]
+	cmd := &cobra.Command{
+		Use:   mode + " svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR",
+		Short: what,
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec, err := c.spec(args[0])
+			if err != nil {
+				return err
+			}
+			return c.run(cmd.Context(), spec, cmd.OutOrStdout())
+		},
+	}
+	c.tunnel.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVarP(&c.namespace, "namespace", "n", "default", "the service's namespace")
+	fl.StringVar(&c.to, "to", "", "the local app, host:port (required)")
+	fl.StringVar(&c.header, "header", "", "only requests with this header: NAME=VALUE (exact), NAME~REGEX, or NAME (present)")
+	fl.StringVar(&c.path, "path", "", "only requests whose path matches this regex")
+	fl.StringVar(&c.method, "method", "", "only requests with this method")
+	return cmd
+}
+
+// spec parses svc/NAME[:PORT] and the filter flags.
+func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
+	name, ok := strings.CutPrefix(target, "svc/")
+	if !ok || name == "" {
+		return tunnel.Spec{}, fmt.Errorf("target %q: want svc/NAME or svc/NAME:PORT", target)
+	}
+	spec := tunnel.Spec{Namespace: c.namespace, Service: name, Mode: c.mode}
+	if n, p, found := strings.Cut(name, ":"); found {
+		port, err := strconv.ParseUint(p, 10, 16)
+		if err != nil || port == 0 {
+			return tunnel.Spec{}, fmt.Errorf("target %q: port %q is not a number from 1 to 65535", target, p)
+		}
+		spec.Service, spec.Port = n, uint16(port)
+	}
+	if c.to == "" {
+		return tunnel.Spec{}, errors.New("--to is required: where your local app listens, e.g. 127.0.0.1:8080")
+	}
+	if c.header != "" {
+		if n, v, ok := strings.Cut(c.header, "="); ok {
+			spec.Filter.Header, spec.Filter.HeaderValue = n, v
+		} else if n, v, ok := strings.Cut(c.header, "~"); ok {
+			spec.Filter.Header, spec.Filter.HeaderRegex = n, v
+		} else {
+			spec.Filter.Header = c.header
+		}
+	}
+	spec.Filter.Path, spec.Filter.Method = c.path, strings.ToUpper(c.method)
+	return spec, nil
+}
+
+func (c *sessionCmd) run(ctx context.Context, spec tunnel.Spec, out io.Writer) error {
+	log := c.log()
+	t, err := c.tunnel.dial(ctx, log)
+	if err != nil {
+		return err
+	}
+	defer t.Close()
+	ctl := t.Control()
+	if err := tunnel.WriteMsg(ctl, tunnel.Hello{Register: &spec}); err != nil {
+		return fmt.Errorf("sending the session: %w", err)
+	}
+	var reply tunnel.Reply
+	if err := tunnel.ReadMsg(ctl, &reply); err != nil {
+		return fmt.Errorf("reading the waypoint's answer: %w", err)
+	}
+	if !reply.OK {
+		return fmt.Errorf("the waypoint refused: %s", reply.Error)
+	}
+	verb := map[string]string{"steal": "stealing", "mirror": "mirroring"}[c.mode]
+	fmt.Fprintf(out, "%s %s/%s port %s (%s) -> %s; session %s over %s; Ctrl-C ends it\n", verb, spec.Namespace, spec.Service,
+		portName(spec.Port), filterText(spec.Filter), c.to, reply.Session, c.tunnel.transport)
+	var failed atomic.Int64
+	fwdDone := make(chan error, 1)
+	go func() {
+		fwdDone <- t.Forward(ctx, c.to, func(m tunnel.Meta, err error) {
+			if err != nil && failed.Add(1) == 1 {
+				fmt.Fprintf(out, "cannot reach the local app %s: %v\n", c.to, err)
+			}
+		})
+	}()
+	evDone := make(chan error, 1)
+	go func() {
+		for {
+			var ev tunnel.Event
+			if err := tunnel.ReadMsg(ctl, &ev); err != nil {
+				evDone <- err
+				return
+			}
+			fmt.Fprintln(out, eventLine(ev))
+		}
+	}()
+	select {
+	case <-ctx.Done():
+		t.Close()
+		<-fwdDone
+		fmt.Fprintln(out, "session ended")
+		return nil
+	case <-t.Done():
+		return errors.New("the tunnel to the waypoint was lost; the session ended")
+	case err := <-evDone:
+		if errors.Is(err, io.EOF) {
+			return errors.New("the waypoint ended the session")
+		}
+		return fmt.Errorf("the tunnel to the waypoint was lost (%v); the session ended", err)
+	}
+}
+
+func portName(p uint16) string {
+	if p == 0 {
+		return "(its only port)"
+	}
+	return strconv.Itoa(int(p))
+}
+
+func filterText(f tunnel.Filter) string {
+	var parts []string
+	switch {
+	case f.HeaderValue != "":
+		parts = append(parts, "header "+f.Header+"="+f.HeaderValue)
+	case f.HeaderRegex != "":
+		parts = append(parts, "header "+f.Header+"~"+f.HeaderRegex)
+	case f.Header != "":
+		parts = append(parts, "header "+f.Header)
+	}
+	if f.Path != "" {
+		parts = append(parts, "path ~"+f.Path)
+	}
+	if f.Method != "" {
+		parts = append(parts, "method "+f.Method)
+	}
+	if len(parts) == 0 {
+		return "all traffic"
+	}
+	return strings.Join(parts, ", ")
+}
+
+// eventLine is one live line: a request with its status and latency, or a stream with its bytes.
+func eventLine(ev tunnel.Event) string {
+	took := (time.Duration(ev.Micros) * time.Microsecond).Round(10 * time.Microsecond)
+	if ev.Kind == "request" {
+		status := strconv.Itoa(ev.Status)
+		if ev.Error != "" {
+			status = "error: " + ev.Error
+		}
+		return fmt.Sprintf("%s %s %s %s %v from %s", ev.Mode, ev.Method, ev.Path, status, took, ev.Source)
+	}
+	line := fmt.Sprintf("%s stream: %d B in, %d B out, %v, from %s", ev.Mode, ev.Received, ev.Sent, took, ev.Source)
+	if ev.Error != "" {
+		line += " (" + ev.Error + ")"
+	}
+	return line
+}
+
+func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
+	var f tunnelFlags
+	cmd := &cobra.Command{
+		Use:   "sessions --waypoint ADDR",
+		Short: "List a waypoint's debug sessions, with their holders and counters",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			t, err := f.dial(cmd.Context(), log())
+			if err != nil {
+				return err
+			}
+			defer t.Close()
+			if err := tunnel.WriteMsg(t.Control(), tunnel.Hello{List: true}); err != nil {
+				return err
+			}
+			var reply tunnel.Reply
+			if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
+				return fmt.Errorf("reading the waypoint's answer: %w", err)
+			}
+			if !reply.OK {
+				return fmt.Errorf("the waypoint refused: %s", reply.Error)
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "SESSION\tMODE\tSERVICE\tPORT\tFILTER\tHOLDER\tSINCE\tSTREAMS\tREQUESTS\tDROPPED")
+			for _, s := range reply.Sessions {
+				fmt.Fprintf(w, "%s\t%s\t%s/%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\n", s.ID, s.Spec.Mode, s.Spec.Namespace, s.Spec.Service, s.Spec.Port,
+					filterText(s.Spec.Filter), s.Holder, s.Since.Format(time.RFC3339), s.Streams, s.Requests, s.Dropped)
+			}
+			return w.Flush()
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
