@@ -232,11 +232,12 @@ func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp stri
 	for range d.streams {
 		g.Go(func() error {
 			msg := make([]byte, 1024)
+			// The duration stops new requests; the one in flight finishes (Ctrl-C cancels it).
 			for gctx.Err() == nil {
 				rand.Read(msg)
 				start := time.Now()
-				code, echo, pod, err := client.do(gctx, "POST", "/echo", msg)
-				if gctx.Err() != nil {
+				code, echo, pod, err := client.do(ctx, "POST", "/echo", msg)
+				if ctx.Err() != nil {
 					return nil
 				}
 				if err != nil || code != http.StatusOK || !bytes.Equal(echo, msg) {
