@@ -10,6 +10,7 @@ package authz
 
 import (
 	"fmt"
+	"slices"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -104,7 +105,7 @@ func (e *Engine) Decide(req *Request) Decision {
 		}
 	}
 	for _, p := range e.policies {
-		if e.applies(p, req.Service) && p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_ALLOW {
+		if e.applies(p, req.Service) && p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_ALLOW && !privilegeOnly(p) {
 			allows = append(allows, p)
 			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
 				d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
@@ -419,7 +420,7 @@ func (d Decision) String() string {
 // made once, at CONNECT time, and the bytes are only spliced.
 func (e *Engine) NeedsL7(dst Service) bool {
 	for _, p := range e.policies {
-		if !e.applies(p, dst) || p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM {
+		if !e.applies(p, dst) || p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM || privilegeOnly(p) {
 			continue
 		}
 		for _, r := range p.Spec.GetRules() {
@@ -498,6 +499,35 @@ func namesMethod(r *secv1beta1.Rule, method string) bool {
 		}
 		if !found {
 			return false
+		}
+	}
+	return true
+}
+
+// PrivilegeMethods are the methods of detour's privileges (see Grant); no traffic uses them.
+var PrivilegeMethods = []string{"STEAL", "MIRROR", "IMPERSONATE"}
+
+// privilegeOnly: an ALLOW policy every rule of which grants only privileges. It is about
+// sessions, not traffic: it takes no part in traffic decisions, so granting a developer STEAL
+// on the waypoint's Gateway never turns the Gateway's traffic into allow-listed traffic.
+func privilegeOnly(p *Policy) bool {
+	if p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_ALLOW || len(p.Spec.GetRules()) == 0 {
+		return false
+	}
+	for _, r := range p.Spec.GetRules() {
+		if len(r.GetTo()) == 0 {
+			return false
+		}
+		for _, t := range r.GetTo() {
+			ms := t.GetOperation().GetMethods()
+			if len(ms) == 0 {
+				return false
+			}
+			for _, m := range ms {
+				if !slices.Contains(PrivilegeMethods, m) {
+					return false
+				}
+			}
 		}
 	}
 	return true

@@ -176,3 +176,29 @@ func TestNeedsL7(t *testing.T) {
 		})
 	}
 }
+
+// A policy that only grants privileges (STEAL, MIRROR) takes no part in traffic decisions: it
+// neither allow-lists the Gateway's traffic nor forces inspection; a mixed one does both.
+func TestPrivilegePoliciesLeaveTrafficAlone(t *testing.T) {
+	grant := pol("devs", ALLOW, toGateway, &rule{
+		From: []*secv1beta1.Rule_From{{Source: &src{Principals: []string{"cluster.local/ns/dev/sa/*"}}}},
+		To:   []*secv1beta1.Rule_To{{Operation: &op{Methods: []string{"STEAL", "MIRROR"}}}},
+	})
+	e := New(wp, []*Policy{grant})
+	if d := e.Decide(tcp()); !d.Allow {
+		t.Fatalf("ordinary traffic denied by a privilege grant: %s", d)
+	}
+	if e.NeedsL7(Service{Namespace: "demo", Name: "echo"}) {
+		t.Fatal("a privilege grant forced inspection")
+	}
+	mixed := pol("mixed", ALLOW, toGateway, to(&op{Methods: []string{"STEAL", "GET"}}))
+	if d := New(wp, []*Policy{mixed}).Decide(tcp()); d.Allow {
+		t.Fatalf("a mixed ALLOW policy must still allow-list traffic: %s", d)
+	}
+	r := tcp()
+	r.Principal = "cluster.local/ns/dev/sa/alice"
+	r.HTTP = &HTTPRequest{Method: "STEAL", Host: "echo.demo.svc.cluster.local", Path: "/ports/80"}
+	if d := e.Grant(r); !d.Allow {
+		t.Fatalf("grant: %s", d)
+	}
+}

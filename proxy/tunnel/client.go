@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -74,6 +75,7 @@ func dialH2(ctx context.Context, addr string, src identity.Source, authorize tls
 	}
 	streams := make(chan *handedStream)
 	control := make(chan *handedStream, 1)
+	var first atomic.Bool
 	done := make(chan struct{})
 	srv := &hbone.Server{
 		TLSConfig: identity.ServerTLS(src, authorize),
@@ -84,13 +86,12 @@ func dialH2(ctx context.Context, addr string, src identity.Source, authorize tls
 				return err
 			}
 			hs := &handedStream{Stream: s, closed: make(chan struct{})}
-			target := s.Request().Target.String()
-			select {
-			case control <- hs:
-				if target != controlTarget {
-					return errors.New("tunnel: the first stream must be the control stream")
+			if s.Request().Target.String() == controlTarget {
+				if !first.CompareAndSwap(false, true) {
+					return errors.New("tunnel: a second control stream")
 				}
-			default:
+				control <- hs
+			} else {
 				select {
 				case streams <- hs:
 				case <-done:
