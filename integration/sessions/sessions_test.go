@@ -384,7 +384,9 @@ func TestHeaderFilteredSteal(t *testing.T) {
 // real service, each a bidi stream of 5 messages.
 func checkGRPC(t *testing.T, b *bed) {
 	cc, err := grpc.NewClient("passthrough:///"+vip+":81", grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return b.client.Dial(ctx, b.hbone, addr, b.opts) }))
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return b.client.Dial(ctx, b.hbone, addr, b.opts)
+		}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,7 +529,7 @@ func TestDisconnectUnderLoad(t *testing.T) {
 				if r.matched && r.err == nil && strings.HasPrefix(r.body, "dev ") {
 					before++
 				}
-				if r.at.After(killed.Add(5*time.Second)) {
+				if r.at.After(killed.Add(5 * time.Second)) {
 					after++
 				}
 			}

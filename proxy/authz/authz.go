@@ -10,9 +10,9 @@ package authz
 
 import (
 	"fmt"
-	"slices"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
