@@ -549,3 +549,54 @@ func TestDisconnectUnderLoad(t *testing.T) {
 		})
 	}
 }
+
+// A mirror whose developer stalls loses its copy (counted, and shown by `detour sessions`); the
+// real stream is never held back.
+func TestStalledMirrorNeverSlowsTheRealPath(t *testing.T) {
+	b := newBed(t)
+	stalled, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stalled.Close()
+	go func() {
+		for {
+			c, err := stalled.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // accepted, never read
+		}
+	}()
+	b.cli(t, "carol", "quic", "mirror", 82, stalled.Addr().String())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := b.client.Dial(ctx, b.hbone, vip+":82", b.opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const size = 32 << 20
+	go func() {
+		chunk := bytes.Repeat([]byte("m"), 1<<20)
+		for range size / len(chunk) {
+			if _, err := s.Write(chunk); err != nil {
+				return
+			}
+		}
+		s.CloseWrite()
+	}()
+	n, err := io.Copy(io.Discard, s)
+	if err != nil || n != size+int64(len("real\n")) {
+		t.Fatalf("the real echo: %d bytes, %v; want %d", n, err, size+5)
+	}
+	out := start(t, "sessions", detourBin, "sessions", "--waypoint", b.tunnel, "--ca", filepath.Join(b.dir, "ca"),
+		"--id", "spiffe://cluster.local/ns/dev/sa/carol")
+	<-out.done
+	lines := strings.Split(out.output(), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "SESSION") || !strings.Contains(lines[1], "mirror") ||
+		!strings.Contains(lines[1], "spiffe://cluster.local/ns/dev/sa/carol") || strings.HasSuffix(lines[1], " 0") {
+		t.Fatalf("detour sessions (want the mirror with a dropped count):\n%s", out.output())
+	}
+	t.Logf("detour sessions:\n%s", out.output())
+}

@@ -21,6 +21,9 @@ type Metrics struct {
 	Sent      *prometheus.CounterVec   // istio_tcp_sent_bytes_total: service to client
 	Active    prometheus.Gauge         // detour_streams_active
 	Decisions *prometheus.CounterVec   // detour_authz_decisions_total{decision, policy}
+	Sessions  *prometheus.GaugeVec     // detour_sessions_active{mode}
+	Taken     *prometheus.CounterVec   // detour_session_taken_total{mode, kind}: streams and requests sent to developers
+	Dropped   prometheus.Counter       // detour_mirror_dropped_total: mirror copies lost to slow developers
 	Requests  *prometheus.CounterVec   // istio_requests_total: HTTP requests parsed at the waypoint
 	Durations *prometheus.HistogramVec // istio_request_duration_milliseconds
 }
@@ -43,7 +46,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			// Istio's buckets.
 			Buckets: []float64{0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000}}, requestLabels),
 	}
-	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations)
+	m.Sessions = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_sessions_active", Help: "Debug sessions registered now."}, []string{"mode"})
+	m.Taken = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_session_taken_total", Help: "Streams and requests sent to developers (stolen or mirrored)."}, []string{"mode", "kind"})
+	m.Dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_mirror_dropped_total", Help: "Mirror copies (requests or streams) lost because the developer was slow, stalled or gone."})
+	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations, m.Sessions, m.Taken, m.Dropped)
 	return m
 }
 
@@ -112,4 +118,31 @@ func (m *Metrics) RequestDone(s Stream, r Request) {
 	v := append(s.values(), r.Protocol, strconv.Itoa(r.Code), r.GRPCStatus, flags)
 	m.Requests.WithLabelValues(v...).Inc()
 	m.Durations.WithLabelValues(v...).Observe(float64(r.Duration) / float64(time.Millisecond))
+}
+
+// SessionStarted and SessionEnded track live debug sessions.
+func (m *Metrics) SessionStarted(mode string) {
+	if m != nil {
+		m.Sessions.WithLabelValues(mode).Inc()
+	}
+}
+
+func (m *Metrics) SessionEnded(mode string) {
+	if m != nil {
+		m.Sessions.WithLabelValues(mode).Dec()
+	}
+}
+
+// SessionTook counts a stream or request sent to a developer.
+func (m *Metrics) SessionTook(mode, kind string) {
+	if m != nil {
+		m.Taken.WithLabelValues(mode, kind).Inc()
+	}
+}
+
+// MirrorDropped counts a lost mirror copy.
+func (m *Metrics) MirrorDropped() {
+	if m != nil {
+		m.Dropped.Inc()
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
@@ -26,7 +27,8 @@ type Manager struct {
 	Policies func() *authz.Engine // nil: every registration is refused (deny by default)
 	// Gateway names the waypoint, for the policy a refusal suggests.
 	Namespace, Gateway string
-	Logger             *slog.Logger // nil means slog.Default()
+	Logger             *slog.Logger     // nil means slog.Default()
+	Metrics            *metrics.Metrics // nil records nothing
 }
 
 // ServeTunnel is a tunnel.Server Handler.
@@ -56,6 +58,8 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		return
 	}
 	defer m.Registry.Remove(s)
+	m.Metrics.SessionStarted(s.Spec.Mode)
+	defer m.Metrics.SessionEnded(s.Spec.Mode)
 	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {
 		return
 	}
@@ -122,6 +126,7 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
 			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
 	}
+	s.metrics = m.Metrics
 	if err := m.Registry.Add(s); err != nil {
 		return nil, err
 	}

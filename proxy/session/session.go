@@ -20,6 +20,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -55,7 +56,8 @@ type Session struct {
 	Since  time.Time
 
 	peer    Opener
-	headerV *regexp.Regexp // nil: no header condition, or exact match
+	metrics *metrics.Metrics // nil records nothing
+	headerV *regexp.Regexp   // nil: no header condition, or exact match
 	path    *regexp.Regexp
 
 	streams, requests, dropped atomic.Int64
@@ -183,7 +185,7 @@ func (s *Session) TryMirror() bool {
 	case s.mirrors <- struct{}{}:
 		return true
 	default:
-		s.dropped.Add(1)
+		s.Dropped()
 		return false
 	}
 }
@@ -192,7 +194,10 @@ func (s *Session) TryMirror() bool {
 func (s *Session) MirrorDone() { <-s.mirrors }
 
 // Dropped counts mirror data lost (a request, or a stream's copy).
-func (s *Session) Dropped() { s.dropped.Add(1) }
+func (s *Session) Dropped() {
+	s.dropped.Add(1)
+	s.metrics.MirrorDropped()
+}
 
 // Report counts what the session took and queues the event for the developer's CLI (dropped if
 // the CLI is behind).
@@ -202,6 +207,7 @@ func (s *Session) Report(ev tunnel.Event) {
 	} else {
 		s.requests.Add(1)
 	}
+	s.metrics.SessionTook(s.Spec.Mode, ev.Kind)
 	ev.Mode = s.Spec.Mode
 	select {
 	case s.events <- ev:

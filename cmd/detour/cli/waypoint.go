@@ -184,7 +184,7 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
 	}
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(ctx, tl) })
 	g.Go(func() error {
