@@ -600,3 +600,67 @@ func TestStalledMirrorNeverSlowsTheRealPath(t *testing.T) {
 	}
 	t.Logf("detour sessions:\n%s", out.output())
 }
+
+// Acceptance 4 on the wire, and HTTP mirroring: alice and bob steal by different values of one
+// header at once, carol mirrors every request with path /copy/...; the rest reach the service.
+func TestDevelopersSideBySide(t *testing.T) {
+	b := newBed(t)
+	alice, bob := httpApp(t, "127.0.0.1", "alice"), httpApp(t, "127.0.0.1", "bob")
+	copies := make(chan string, 10)
+	carolL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	carol := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		copies <- r.Method + " " + r.URL.Path + " " + r.Header.Get("X-Trace") + " " + string(body)
+		io.WriteString(w, "carol's answer, discarded")
+	})}
+	go carol.Serve(carolL)
+	defer carol.Close()
+	b.cli(t, "alice", "quic", "steal", 80, alice, "--header", "x-dev=alice")
+	b.cli(t, "bob", "h2", "steal", 80, bob, "--header", "x-dev=bob")
+	b.cli(t, "carol", "quic", "mirror", 80, carolL.Addr().String(), "--path", "^/copy/")
+	refused := start(t, "cli-dave", detourBin, "steal", "svc/web:80", "-n", "demo", "--to", alice, "--waypoint", b.tunnel,
+		"--header", "x-dev~.*", "--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/dave")
+	<-refused.done
+	if refused.ProcessState.ExitCode() != 1 || !strings.Contains(refused.output(), "already stolen by spiffe://cluster.local/ns/dev/sa/") {
+		t.Fatalf("an overlapping steal: exit %d\n%s", refused.ProcessState.ExitCode(), refused.output())
+	}
+	c, _ := b.httpClient(t, false)
+	for _, tc := range []struct {
+		dev, want string
+	}{{"alice", "alice HTTP/1.1 x"}, {"bob", "bob HTTP/1.1 x"}, {"", "real HTTP/1.1 x"}, {"mallory", "real HTTP/1.1 x"}} {
+		var hdr []string
+		if tc.dev != "" {
+			hdr = []string{"X-Dev", tc.dev}
+		}
+		if got, err := post(c, "x", hdr...); err != nil || got != tc.want {
+			t.Errorf("x-dev=%q: %q %v, want %q", tc.dev, got, err, tc.want)
+		}
+	}
+	req, _ := http.NewRequest("POST", "http://"+vip+":80/copy/me", strings.NewReader("mirrored body"))
+	req.Header.Set("X-Trace", "t-1")
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(got) != "real HTTP/1.1 mirrored body" {
+		t.Fatalf("the mirrored request's real answer: %q", got)
+	}
+	select {
+	case cp := <-copies:
+		if cp != "POST /copy/me t-1 mirrored body" {
+			t.Fatalf("carol's copy: %q", cp)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("carol never got her copy")
+	}
+	select {
+	case cp := <-copies:
+		t.Fatalf("carol got a request outside her filter: %q", cp)
+	case <-time.After(200 * time.Millisecond):
+	}
+}
