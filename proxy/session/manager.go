@@ -29,6 +29,8 @@ type Manager struct {
 	Namespace, Gateway string
 	Logger             *slog.Logger     // nil means slog.Default()
 	Metrics            *metrics.Metrics // nil records nothing
+	// Check, if set, refuses specs this server cannot serve (before authorization).
+	Check func(tunnel.Spec) error
 }
 
 // ServeTunnel is a tunnel.Server Handler.
@@ -104,6 +106,11 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 		return nil, err
 	}
 	spec.Port = port
+	if m.Check != nil {
+		if err := m.Check(spec); err != nil {
+			return nil, err
+		}
+	}
 	s, err := New(spec, svc.Hostname, p.ID(), p) // validates the mode and the filter first
 	if err != nil {
 		return nil, err

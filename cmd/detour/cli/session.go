@@ -129,8 +129,11 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 // spec parses svc/NAME[:PORT] and the filter flags.
 func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 	name, ok := strings.CutPrefix(target, "svc/")
+	if !ok {
+		name, ok = strings.CutPrefix(target, "pod/") // a sidecar pod, through `detour agent`
+	}
 	if !ok || name == "" {
-		return tunnel.Spec{}, fmt.Errorf("target %q: want svc/NAME or svc/NAME:PORT", target)
+		return tunnel.Spec{}, fmt.Errorf("target %q: want svc/NAME[:PORT] (or pod/NAME:PORT for a sidecar pod's agent)", target)
 	}
 	spec := tunnel.Spec{Namespace: c.namespace, Service: name, Mode: c.mode}
 	if n, p, found := strings.Cut(name, ":"); found {

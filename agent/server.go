@@ -1,0 +1,94 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// Server takes the connections the rules redirect: a whole-stream steal on the original port
+// gets them through its developer's tunnel; everything else goes on to the application on
+// 127.0.0.1 (a connection the mesh's rules and ours both let through: not the sidecar's uid, and
+// loopback).
+type Server struct {
+	Registry       *session.Registry
+	Namespace, Pod string // the sessions' "service": the pod
+	Logger         *slog.Logger
+	wg             sync.WaitGroup
+}
+
+// Serve accepts on l until ctx ends, then waits for its connections.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	defer s.wg.Wait()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("agent: accepting: %w", err)
+		}
+		s.wg.Go(func() { s.handle(ctx, c.(*net.TCPConn)) })
+	}
+}
+
+func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
+	defer c.Close()
+	orig, err := OriginalDst(c)
+	if err != nil {
+		s.log().Info("agent: a connection without its original destination", "from", c.RemoteAddr().String(), "err", err)
+		return
+	}
+	port := orig.Port()
+	for _, st := range s.Registry.For(s.Namespace, s.Pod, port) {
+		if st.Spec.Mode != session.Steal || !st.Whole() {
+			continue
+		}
+		dev, err := st.Open(ctx, tunnel.Meta{Kind: "tcp", Target: orig.String(), Source: c.RemoteAddr().String()})
+		if err != nil {
+			break // the developer is gone: the application answers
+		}
+		start := time.Now()
+		counts, err := hbone.SpliceCount(c, dev, 0)
+		ev := tunnel.Event{Kind: "stream", Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: c.RemoteAddr().String()}
+		if err != nil {
+			ev.Error = err.Error()
+		}
+		st.Report(ev)
+		return
+	}
+	app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))))
+	if err != nil {
+		s.log().Info("agent: the application does not answer on loopback", "port", port, "err", err)
+		return
+	}
+	hbone.Splice(c, app, 0)
+}
+
+// CheckSpec refuses what the agent cannot do: it takes whole streams only (per-request
+// filtering is the waypoint's).
+func CheckSpec(spec tunnel.Spec) error {
+	if spec.Mode != session.Steal || !spec.Filter.IsZero() {
+		return fmt.Errorf("agent: the sidecar fallback takes whole streams only (steal, no filter); got %s %s",
+			spec.Mode, strings.TrimSpace(fmt.Sprint(spec.Filter)))
+	}
+	return nil
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
