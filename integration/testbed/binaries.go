@@ -208,3 +208,21 @@ func lockFile(path string) (func(), error) {
 		f.Close()
 	}, nil
 }
+
+// PilotAgent returns Istio's pilot-agent, built like istiod (cached per version): its
+// `istio-iptables` subcommand (tools/istio-iptables) writes a sidecar pod's rules.
+func PilotAgent(ctx context.Context, logf func(format string, args ...any)) (string, error) {
+	dir, err := CacheDir()
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("testbed: creating %s: %w", dir, err)
+	}
+	unlock, err := lockFile(filepath.Join(dir, "build.lock"))
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	return ensure(ctx, logf, dir, "pilot-agent-"+IstioVersion, istiodModule, "istio.io/istio/pilot/cmd/pilot-agent")
+}

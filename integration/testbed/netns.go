@@ -208,3 +208,8 @@ func (p *Pod) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 	})
 	return c, err
 }
+
+// Command is name with args run inside the pod's network namespace (ip netns exec).
+func (p *Pod) Command(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", p.netns, name}, args...)...)
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -43,12 +44,24 @@ func podprocBinary() (string, error) {
 // connections (dialled from inside the pod), and stops it when the test ends.
 func (p *Pod) Run(t testing.TB, addr string, args ...string) {
 	t.Helper()
+	p.RunAs(t, 0, addr, args...)
+}
+
+// RunAs is Run as user (and group) uid (setpriv), e.g. 1337 for a stand-in Istio sidecar. 0 runs
+// as root.
+func (p *Pod) RunAs(t testing.TB, uid int, addr string, args ...string) {
+	t.Helper()
 	bin, err := podprocBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	pr, err := startProc(dir, "podproc-"+args[0], nil, "ip", append([]string{"netns", "exec", p.netns, bin}, args...)...)
+	argv := append([]string{"netns", "exec", p.netns}, bin)
+	if uid != 0 {
+		id := strconv.Itoa(uid)
+		argv = []string{"netns", "exec", p.netns, "setpriv", "--reuid=" + id, "--regid=" + id, "--clear-groups", "--", bin}
+	}
+	pr, err := startProc(dir, "podproc-"+args[0], nil, "ip", append(argv, args...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

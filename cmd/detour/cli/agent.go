@@ -87,6 +87,13 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 	if err := rules.CheckAmbient(); err != nil {
 		return err
 	}
+	// The listener first: a second agent in this namespace fails here, before it could sweep the
+	// first one's rules.
+	rl, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(a.redirectPort))))
+	if err != nil {
+		return fmt.Errorf("agent: redirect listener (is another agent running in this pod?): %w", err)
+	}
+	defer rl.Close()
 	if err := rules.Sweep(); err != nil {
 		return fmt.Errorf("agent: removing leftovers of an earlier agent: %w", err)
 	}
@@ -94,11 +101,6 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 	if err != nil {
 		return err
 	}
-	rl, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(a.redirectPort))))
-	if err != nil {
-		return fmt.Errorf("agent: redirect listener: %w", err)
-	}
-	defer rl.Close()
 	if err := rules.Install(ports); err != nil {
 		return errors.Join(err, rules.Remove())
 	}

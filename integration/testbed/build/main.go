@@ -1,4 +1,4 @@
-// Command build builds and caches the test bed's control-plane binaries (kube-apiserver, istiod),
+// Command build builds and caches the test bed's binaries (kube-apiserver, istiod, pilot-agent),
 // printing each phase's time. `make testbed` runs it; tests would otherwise do it on first use.
 package main
 
@@ -22,5 +22,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s\n", time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod)
+	logf := func(format string, args ...any) {
+		fmt.Printf("[%6.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
+	}
+	agent, err := testbed.PilotAgent(ctx, logf)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s, pilot-agent %s\n", time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod, agent)
 }

@@ -1,8 +1,11 @@
 // Command podproc is what the test bed runs inside a pod's network namespace, so that every
 // socket it opens, accepted or dialled, belongs to that pod:
 //
-//	podproc echo ADDR                            TCP echo server
+//	podproc echo ADDR [GREETING]                 TCP echo server (writes GREETING and a newline first)
 //	podproc istio-hbone ADDR CERT KEY BUNDLE     Istio's own Go HBONE server (pkg/hbone), mutual TLS
+//	podproc sidecar                              a stand-in Istio sidecar (run it as uid 1337): 15006
+//	                                             forwards inbound connections to the app from 127.0.0.6,
+//	                                             15001 outbound ones to their original destination
 package main
 
 import (
@@ -14,6 +17,8 @@ import (
 	"os"
 
 	istiohbone "istio.io/istio/pkg/hbone"
+
+	"github.com/detour-mesh/detour/agent"
 )
 
 func main() {
@@ -24,6 +29,9 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) == 1 && args[0] == "sidecar" {
+		return sidecar()
+	}
 	if len(args) < 2 {
 		return fmt.Errorf("usage: podproc echo ADDR | podproc istio-hbone ADDR CERT KEY BUNDLE")
 	}
@@ -40,6 +48,9 @@ func run(args []string) error {
 			}
 			go func() {
 				defer c.Close()
+				if len(args) > 2 {
+					io.WriteString(c, args[2]+"\n")
+				}
 				io.Copy(c, c)
 			}()
 		}
@@ -66,4 +77,44 @@ func run(args []string) error {
 		return srv.ServeTLS(l, "", "")
 	}
 	return fmt.Errorf("unknown mode %q", args[0])
+}
+
+// sidecar forwards what Istio's rules redirect to 15006 (inbound) and 15001 (outbound) the way
+// Envoy does: inbound to the original destination from 127.0.0.6, outbound to the original
+// destination.
+func sidecar() error {
+	in, err := net.Listen("tcp", "0.0.0.0:15006")
+	if err != nil {
+		return err
+	}
+	out, err := net.Listen("tcp", "0.0.0.0:15001")
+	if err != nil {
+		return err
+	}
+	forward := func(l net.Listener, d *net.Dialer) error {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return err
+			}
+			go func() {
+				defer c.Close()
+				orig, err := agent.OriginalDst(c.(*net.TCPConn))
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "sidecar:", err)
+					return
+				}
+				up, err := d.Dial("tcp", orig.String())
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "sidecar:", err)
+					return
+				}
+				defer up.Close()
+				go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+				io.Copy(c, up)
+			}()
+		}
+	}
+	go forward(out, &net.Dialer{})
+	return forward(in, &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}})
 }
