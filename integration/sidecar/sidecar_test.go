@@ -6,8 +6,10 @@ package sidecar
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -327,4 +329,67 @@ func TestAmbientPodRefused(t *testing.T) {
 	if after := rules(t, e); after != before {
 		t.Fatalf("the refusing agent changed the rules:\n%s\n--- before\n%s", after, before)
 	}
+}
+
+// ztunnelDial connects from inside pod p to addr the way ztunnel's in-pod inbound does: the
+// client's IP as source (IP_TRANSPARENT) and ztunnel's mark 0x539 on the socket.
+func ztunnelDial(p *testbed.Pod, src, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := p.Do(func() error {
+		d := &net.Dialer{Timeout: 2 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)},
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				err := rc.Control(func(fd uintptr) {
+					if serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, syscall.IP_TRANSPARENT, 1); serr != nil {
+						return
+					}
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, 0x539)
+				})
+				return errors.Join(err, serr)
+			}}
+		var err error
+		c, err = d.Dial("tcp", addr)
+		return err
+	})
+	return c, err
+}
+
+// Why the agent refuses ambient pods: ztunnel delivers inbound traffic to the app with the
+// client's address as source. A mirrord-style REDIRECT of that delivery to a local stealer (nat
+// OUTPUT, -o lo, the app's port) turns it into client-IP -> 127.0.0.1, which the kernel drops as
+// martian unless route_localnet is switched on (a privileged sysctl): the connection hangs.
+func TestRedirectFightsAmbientDelivery(t *testing.T) {
+	network := testbed.NewNetwork(t)
+	e := ambientPod(t, network, "e")
+	// ztunnel's in-pod routing for its transparent sockets (istio-cni sets it up with the rules).
+	run(t, e.Command("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "133"))
+	run(t, e.Command("ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "133"))
+	e.Run(t, "127.0.0.1:8080", "echo", "0.0.0.0:8080", "app")
+	e.Run(t, "127.0.0.1:7777", "echo", "127.0.0.1:7777", "stealer")
+	client := network.Pod(t, nil, "demo", "client", "client").IP
+
+	greet := func() (string, error) {
+		c, err := ztunnelDial(e, client, e.IP+":8080")
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		return strings.TrimSpace(line), err
+	}
+	if got, err := greet(); err != nil || got != "app" {
+		t.Fatalf("ztunnel-style delivery without a stealer: %q %v", got, err)
+	}
+	run(t, e.Command("iptables", "-t", "nat", "-I", "OUTPUT", "1", "-o", "lo", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "7777"))
+	got, err := greet()
+	if err == nil {
+		t.Fatalf("the REDIRECT did not break ztunnel's delivery: got %q (the seed's failure did not reproduce)", got)
+	}
+	t.Logf("with a REDIRECT on the app port, ztunnel's delivery fails: %v", err)
+	run(t, e.Command("sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet"))
+	if got, err = greet(); err != nil || got != "stealer" {
+		t.Fatalf("with route_localnet=1 the stealer should get it: %q %v", got, err)
+	}
+	t.Log("with route_localnet=1 (what mirrord needs a privileged agent for) the stealer gets it")
 }
