@@ -211,6 +211,19 @@ func TestSidecarPod(t *testing.T) {
 		t.Fatalf("istio-iptables wrote no rules:\n%s", before)
 	}
 
+	// A client connection opened before the agent: the sidecar holds a connection to the app.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	old, err := client.DialContext(ctx, "tcp", a.IP+":8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	oldR := bufio.NewReader(old)
+	if line, err := oldR.ReadString('\n'); err != nil || line != "app-8080\n" {
+		t.Fatalf("old connection: %q %v", line, err)
+	}
+
 	cfg := agentConfig(t, caDir)
 	agentCmd := func() *exec.Cmd {
 		return a.Command(detourBin, "agent", "--config", cfg, "--pod", "demo/a", "--ports", "8080,9000")
@@ -236,6 +249,17 @@ func TestSidecarPod(t *testing.T) {
 		return p
 	}
 	s1 := steal("8080", "127.0.0.1:7080", "quic")
+	// The connection opened before the agent is not left talking to the app behind the session's
+	// back: its conntrack entry was flushed, so its next packet is redirected and reset, and the
+	// client reconnects (through the agent).
+	old.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(old, "still there?\n")
+	if line, err := oldR.ReadString('\n'); err == nil {
+		t.Fatalf("the connection opened before the agent still reaches the app: %q", line)
+	}
+	if !strings.Contains(ag.output(), "flushed the sidecar's open connections") || strings.Contains(ag.output(), "flows=0") {
+		t.Errorf("agent log:\n%s", ag.output())
+	}
 	s2 := steal("9000", "127.0.0.1:7090", "h2")
 	mustTalk(t, client, a.IP+":8080", "dev-8080")
 	mustTalk(t, client, a.IP+":9000", "dev-9000")
