@@ -19,6 +19,9 @@ import (
 // Routes builds the route table of the static discovery.
 func (c *Config) Routes() (*route.Table, error) {
 	var services []*route.Service
+	if c.Discovery.Static == nil {
+		return route.NewTable(nil)
+	}
 	for _, s := range c.Discovery.Static.Services {
 		rs := &route.Service{Name: s.Name, Namespace: s.Namespace, Hostname: s.Hostname}
 		for _, v := range s.VIPs {
@@ -38,7 +41,11 @@ func (c *Config) Routes() (*route.Table, error) {
 // Authz builds the AuthorizationPolicy engine of the static discovery.
 func (c *Config) Authz() *authz.Engine {
 	var ps []*authz.Policy
-	for _, p := range c.Discovery.Static.Policies {
+	var static []Policy
+	if c.Discovery.Static != nil {
+		static = c.Discovery.Static.Policies
+	}
+	for _, p := range static {
 		ps = append(ps, &authz.Policy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec})
 	}
 	return authz.New(authz.Waypoint{Namespace: c.Waypoint.Namespace, Gateway: c.Waypoint.Gateway, RootNamespace: c.Waypoint.RootNamespace}, ps)

@@ -97,9 +97,18 @@ type Waypoint struct {
 
 // Discovery chooses where services, endpoints and policies come from.
 type Discovery struct {
-	// Source: static (this document) or kubernetes (not built yet). Default static.
-	Source string  `json:"source"`
-	Static *Static `json:"static,omitempty"`
+	// Source: static (this document) or kubernetes (informers on the API server). Default static.
+	Source     string      `json:"source"`
+	Static     *Static     `json:"static,omitempty"`
+	Kubernetes *Kubernetes `json:"kubernetes,omitempty"`
+}
+
+// Kubernetes discovery.
+type Kubernetes struct {
+	// Kubeconfig is a kubeconfig file; "" means the in-cluster service account.
+	Kubeconfig string `json:"kubeconfig"`
+	// Namespace limits discovery to one namespace (a per-namespace waypoint); "" watches all.
+	Namespace string `json:"namespace"`
 }
 
 // Static lists services and policies in the document.
@@ -268,7 +277,9 @@ func (c *Config) validate() error {
 			bad("discovery.static is required with source static")
 		}
 	case "kubernetes":
-		bad("discovery.source kubernetes is not built yet; use static")
+		if c.Discovery.Static != nil {
+			bad("discovery.static is not used with source kubernetes; remove it")
+		}
 	default:
 		bad("discovery.source %q is not one of static, kubernetes", c.Discovery.Source)
 	}

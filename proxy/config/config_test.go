@@ -52,7 +52,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: devca}\nwaypoint: {namespace: x}\ndiscovery: {static: {}}\n", "identity.devca.dir and identity.devca.id are required with source devca"},
 		{"identity: {source: magic}\nwaypoint: {namespace: x}\ndiscovery: {static: {}}\n", `identity.source "magic" is not one of devca, files, istio-ca, workload-api`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\ndiscovery: {static: {}}\n", "waypoint.namespace is required"},
-		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes}\n", "discovery.source kubernetes is not built yet; use static"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes, static: {}}\n", "discovery.static is not used with source kubernetes; remove it"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\nlistners: {}\n", `json: unknown field "listners"`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",

@@ -16,8 +16,14 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/metrics"
@@ -65,16 +71,15 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if err != nil {
 		return err
 	}
-	table, err := cfg.Routes()
-	if err != nil {
-		return err
-	}
-	engine := cfg.Authz()
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	g, ctx := errgroup.WithContext(ctx)
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
+	}
+	routes, policies, synced, err := discovery(ctx, g, cfg, log)
+	if err != nil {
+		return errors.Join(err, g.Wait())
 	}
 	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
 	_, err = identity.Wait(wctx, src)
@@ -89,11 +94,11 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	onward := &hbone.Dialer{Logger: log}
 	defer onward.Close()
 	h := &waypoint.Handler{
-		Routes:    func() *route.Table { return table },
+		Routes:    routes,
 		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
 		Identity:  src,
 		Dialer:    onward,
-		Policies:  func() *authz.Engine { return engine },
+		Policies:  policies,
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
@@ -116,7 +121,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	})
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
-		tl, err := serveTunnels(ctx, g, cfg, src, h, engine, log)
+		tl, err := serveTunnels(ctx, g, cfg, src, h, log)
 		if err != nil {
 			srv.Close()
 			return errors.Join(err, g.Wait())
@@ -130,7 +135,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 			return errors.Join(fmt.Errorf("waypoint: health listener: %w", err), g.Wait())
 		}
 		addrs.Health = hl.Addr().String()
-		hs := &http.Server{Handler: healthMux(src, reg), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: healthMux(src, synced, reg), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
 			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -155,14 +160,19 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	return g.Wait()
 }
 
-// healthMux serves /healthz (the process is up), /readyz (it has an identity) and /metrics.
-func healthMux(src identity.Source, reg *prometheus.Registry) *http.ServeMux {
+// healthMux serves /healthz (the process is up), /readyz (it has an identity and discovery has
+// synced) and /metrics.
+func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if id, _ := src.Identity(); id == nil {
 			http.Error(w, "no identity yet", http.StatusServiceUnavailable)
+			return
+		}
+		if !synced() {
+			http.Error(w, "discovery not synced yet", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")
@@ -172,7 +182,7 @@ func healthMux(src identity.Source, reg *prometheus.Registry) *http.ServeMux {
 
 // serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
 // and returns the address.
-func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler, engine *authz.Engine, log *slog.Logger) (string, error) {
+func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler, log *slog.Logger) (string, error) {
 	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
 	if err != nil {
 		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
@@ -183,7 +193,7 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		tl.Close()
 		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
 	}
-	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
+	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(ctx, tl) })
@@ -193,4 +203,53 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		return err
 	})
 	return tl.Addr().String(), nil
+}
+
+// discovery returns the route table and policies of cfg's discovery source: the document's static
+// lists, or the Kubernetes API (informers run in g until ctx ends).
+func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *slog.Logger) (func() *route.Table, func() *authz.Engine, func() bool, error) {
+	wp := authz.Waypoint{Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, RootNamespace: cfg.Waypoint.RootNamespace}
+	if cfg.Discovery.Source != "kubernetes" {
+		table, err := cfg.Routes()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		engine := cfg.Authz()
+		return func() *route.Table { return table }, func() *authz.Engine { return engine }, func() bool { return true }, nil
+	}
+	k := cfg.Discovery.Kubernetes
+	if k == nil {
+		k = &config.Kubernetes{}
+	}
+	rc, err := kubeConfig(k.Kubeconfig)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	kube, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	ic, err := istioclient.NewForConfig(rc)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("istio client: %w", err)
+	}
+	d := &mesh.Discovery{Kube: kube, Istio: ic, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	g.Go(func() error { return d.Run(ctx) })
+	return d.Routes, d.Policies, d.Ready, nil
+}
+
+// kubeConfig loads a kubeconfig file, or the in-cluster config when path is "".
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		rc, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes: no kubeconfig given and not in a cluster: %w", err)
+		}
+		return rc, nil
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: kubeconfig %s: %w", path, err)
+	}
+	return rc, nil
 }

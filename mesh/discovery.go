@@ -1,0 +1,279 @@
+// Package mesh is detour's Kubernetes side: Discovery watches Services, EndpointSlices, Pods and
+// Istio AuthorizationPolicies with client-go informers and compiles them into the route table and
+// policy engine the waypoint reads (proxy/route, proxy/authz), which never import client-go.
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	istioinformers "istio.io/client-go/pkg/informers/externalversions"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/route"
+)
+
+// debounce gathers a burst of changes into one rebuild.
+const debounce = 20 * time.Millisecond
+
+// Discovery keeps the route table and the policy engine in step with the cluster. Routes and
+// Policies are lock-free reads of immutable snapshots: a rebuild never touches a stream already
+// routed.
+type Discovery struct {
+	Kube  kubernetes.Interface
+	Istio istioclient.Interface
+	// Namespace limits the watch to one namespace; "" watches all.
+	Namespace string
+	Waypoint  authz.Waypoint
+	Logger    *slog.Logger // nil means slog.Default()
+
+	routes  atomic.Pointer[route.Table]
+	engine  atomic.Pointer[authz.Engine]
+	ready   atomic.Bool
+	builds  atomic.Int64
+	changed chan struct{}
+}
+
+// Routes is the current route table (an empty one before the first sync).
+func (d *Discovery) Routes() *route.Table {
+	if t := d.routes.Load(); t != nil {
+		return t
+	}
+	t, _ := route.NewTable(nil)
+	return t
+}
+
+// Policies is the current policy engine. Before the first sync it refuses everything: no
+// policy seen is not the same as no policy.
+func (d *Discovery) Policies() *authz.Engine {
+	if e := d.engine.Load(); e != nil {
+		return e
+	}
+	return notSynced
+}
+
+// notSynced denies every request (one DENY policy matching everything).
+var notSynced = authz.DenyAll("detour/discovery-not-synced")
+
+// Ready reports whether every informer synced and the first snapshot is built.
+func (d *Discovery) Ready() bool { return d.ready.Load() }
+
+// Builds counts snapshots built (for tests and metrics).
+func (d *Discovery) Builds() int64 { return d.builds.Load() }
+
+type listers struct {
+	services func() ([]*corev1.Service, error)
+	slices   func() ([]*discoveryv1.EndpointSlice, error)
+	pod      func(ns, name string) (*corev1.Pod, error)
+	policies func() ([]*authz.Policy, error)
+}
+
+// Run watches until ctx ends.
+func (d *Discovery) Run(ctx context.Context) error {
+	d.changed = make(chan struct{}, 1)
+	var kopts []informers.SharedInformerOption
+	var iopts []istioinformers.SharedInformerOption
+	if d.Namespace != "" {
+		kopts = append(kopts, informers.WithNamespace(d.Namespace))
+		iopts = append(iopts, istioinformers.WithNamespace(d.Namespace))
+	}
+	kf := informers.NewSharedInformerFactoryWithOptions(d.Kube, 0, kopts...)
+	inf := istioinformers.NewSharedInformerFactoryWithOptions(d.Istio, 0, iopts...)
+	svc, sl, pods := kf.Core().V1().Services(), kf.Discovery().V1().EndpointSlices(), kf.Core().V1().Pods()
+	aps := inf.Security().V1().AuthorizationPolicies()
+	poke := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { d.poke() },
+		UpdateFunc: func(any, any) { d.poke() },
+		DeleteFunc: func(any) { d.poke() },
+	}
+	for _, i := range []cache.SharedIndexInformer{svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer()} {
+		if _, err := i.AddEventHandler(poke); err != nil {
+			return fmt.Errorf("mesh: %w", err)
+		}
+	}
+	kf.Start(ctx.Done())
+	inf.Start(ctx.Done())
+	defer kf.Shutdown()
+	defer inf.Shutdown()
+	for typ, ok := range kf.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
+		}
+	}
+	for typ, ok := range inf.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
+		}
+	}
+	l := listers{
+		services: func() ([]*corev1.Service, error) { return svc.Lister().List(labels.Everything()) },
+		slices:   func() ([]*discoveryv1.EndpointSlice, error) { return sl.Lister().List(labels.Everything()) },
+		pod:      func(ns, name string) (*corev1.Pod, error) { return pods.Lister().Pods(ns).Get(name) },
+		policies: func() ([]*authz.Policy, error) {
+			list, err := aps.Lister().List(labels.Everything())
+			if err != nil {
+				return nil, err
+			}
+			out := make([]*authz.Policy, 0, len(list))
+			for _, ap := range list {
+				out = append(out, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec})
+			}
+			return out, nil
+		},
+	}
+	d.rebuild(l)
+	d.ready.Store(true)
+	d.log().Info("mesh: discovery synced", "namespace", d.Namespace)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.changed:
+		}
+		select { // gather the rest of a burst
+		case <-ctx.Done():
+			return nil
+		case <-time.After(debounce):
+		}
+		select {
+		case <-d.changed:
+		default:
+		}
+		d.rebuild(l)
+	}
+}
+
+func (d *Discovery) poke() {
+	select {
+	case d.changed <- struct{}{}:
+	default:
+	}
+}
+
+// rebuild compiles a new snapshot; on an error the last good one stays.
+func (d *Discovery) rebuild(l listers) {
+	table, err := d.table(l)
+	if err != nil {
+		d.log().Error("mesh: routes not updated", "err", err)
+	} else {
+		d.routes.Store(table)
+	}
+	ps, err := l.policies()
+	if err != nil {
+		d.log().Error("mesh: policies not updated", "err", err)
+	} else {
+		d.engine.Store(authz.New(d.Waypoint, ps))
+	}
+	d.builds.Add(1)
+}
+
+func (d *Discovery) table(l listers) (*route.Table, error) {
+	svcs, err := l.services()
+	if err != nil {
+		return nil, err
+	}
+	all, err := l.slices()
+	if err != nil {
+		return nil, err
+	}
+	bySvc := map[[2]string][]*discoveryv1.EndpointSlice{}
+	for _, s := range all {
+		if name := s.Labels[discoveryv1.LabelServiceName]; name != "" && s.AddressType == discoveryv1.AddressTypeIPv4 {
+			k := [2]string{s.Namespace, name}
+			bySvc[k] = append(bySvc[k], s)
+		}
+	}
+	var out []*route.Service
+	for _, s := range svcs {
+		out = append(out, d.service(l, s, bySvc[[2]string{s.Namespace, s.Name}]))
+	}
+	return route.NewTable(out)
+}
+
+// service converts one Service and its EndpointSlices. Named target ports take the number the
+// EndpointSlice gives the port of that name; an endpoint's identity is its Pod's service account
+// (none known: the endpoint is kept, and the waypoint refuses to use it).
+func (d *Discovery) service(l listers, s *corev1.Service, slices_ []*discoveryv1.EndpointSlice) *route.Service {
+	rs := &route.Service{Name: s.Name, Namespace: s.Namespace, Hostname: s.Name + "." + s.Namespace + ".svc.cluster.local"}
+	for _, ip := range s.Spec.ClusterIPs {
+		if a, err := netip.ParseAddr(ip); err == nil {
+			rs.VIPs = append(rs.VIPs, a)
+		}
+	}
+	for _, p := range s.Spec.Ports {
+		if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+			continue
+		}
+		rp := route.Port{Name: p.Name, Port: uint16(p.Port), TargetPort: uint16(p.TargetPort.IntVal)}
+		if p.AppProtocol != nil {
+			rp.AppProtocol = *p.AppProtocol
+		}
+		if p.TargetPort.StrVal != "" || rp.TargetPort == 0 {
+			rp.TargetPort = namedPort(slices_, p.Name)
+		}
+		if rp.TargetPort == 0 {
+			rp.TargetPort = rp.Port
+		}
+		rs.Ports = append(rs.Ports, rp)
+	}
+	seen := map[netip.Addr]bool{}
+	for _, sl := range slices_ {
+		for _, ep := range sl.Endpoints {
+			if len(ep.Addresses) == 0 {
+				continue
+			}
+			ip, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil || seen[ip] {
+				continue
+			}
+			seen[ip] = true
+			e := route.Endpoint{IP: ip, Ready: ep.Conditions.Ready == nil || *ep.Conditions.Ready, Namespace: s.Namespace}
+			if ref := ep.TargetRef; ref != nil && ref.Kind == "Pod" {
+				ns := ref.Namespace
+				if ns == "" {
+					ns = sl.Namespace
+				}
+				if pod, err := l.pod(ns, ref.Name); err == nil {
+					e.ServiceAccount, e.Namespace = pod.Spec.ServiceAccountName, ns
+					if e.ServiceAccount == "" {
+						e.ServiceAccount = "default"
+					}
+				}
+			}
+			rs.Endpoints = append(rs.Endpoints, e)
+		}
+	}
+	slices.SortFunc(rs.Endpoints, func(a, b route.Endpoint) int { return a.IP.Compare(b.IP) })
+	return rs
+}
+
+func namedPort(sls []*discoveryv1.EndpointSlice, name string) uint16 {
+	for _, sl := range sls {
+		for _, p := range sl.Ports {
+			if p.Name != nil && *p.Name == name && p.Port != nil {
+				return uint16(*p.Port)
+			}
+		}
+	}
+	return 0
+}
+
+func (d *Discovery) log() *slog.Logger {
+	if d.Logger != nil {
+		return d.Logger
+	}
+	return slog.Default()
+}
