@@ -34,7 +34,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(newVersionCmd(), newDemoCmd(logger), newServeCmd(logger), newCACmd(), newWaypointCmd(logger),
-		newSessionCmd("steal", logger), newSessionCmd("mirror", logger), newSessionsCmd(logger), newAgentCmd(logger))
+		newSessionCmd("steal", logger), newSessionCmd("mirror", logger), newSessionsCmd(logger), newAgentCmd(logger),
+		newInstallCmd(), newUninstallCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "detour:", err)
 		return 1

@@ -1,0 +1,373 @@
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"sigs.k8s.io/yaml"
+)
+
+// Labels and annotations detour reads and writes on the objects it binds.
+const (
+	UseWaypoint          = "istio.io/use-waypoint"
+	UseWaypointNamespace = "istio.io/use-waypoint-namespace"
+	// PreviousAnnotation keeps, on a bound Namespace or Service, what its two waypoint labels
+	// were before detour bound it (JSON: label -> value, a missing label absent), so uninstall
+	// restores exactly that.
+	PreviousAnnotation = "detour.dev/previous-waypoint-labels"
+	FieldManager       = "detour"
+	ManagedBy          = "app.kubernetes.io/managed-by"
+	// Image is what `ko` builds (`ko resolve` replaces the reference with the built image).
+	Image = "ko://github.com/detour-mesh/detour/cmd/detour"
+)
+
+// Target is what a waypoint binding applies to: a whole namespace, or one Service.
+type Target struct {
+	Service string // "" binds the namespace
+}
+
+func (t Target) String() string {
+	if t.Service == "" {
+		return "namespace"
+	}
+	return "svc/" + t.Service
+}
+
+// ParseTarget reads "namespace" or "svc/NAME".
+func ParseTarget(s string) (Target, error) {
+	if s == "namespace" {
+		return Target{}, nil
+	}
+	if name, ok := strings.CutPrefix(s, "svc/"); ok && name != "" {
+		return Target{Service: name}, nil
+	}
+	return Target{}, fmt.Errorf("mesh: bind target %q: want namespace or svc/NAME", s)
+}
+
+// Installer puts a detour waypoint into a namespace and binds targets to it, and takes both
+// back. Objects detour owns are applied server-side with field manager "detour"; bindings are
+// label patches whose previous state is kept in PreviousAnnotation.
+type Installer struct {
+	Client    dynamic.Interface
+	Namespace string
+	Name      string // default "detour"
+	Image     string // default Image
+	// TakeOver lets a bind replace another waypoint's binding (restored on uninstall).
+	TakeOver bool
+	// DryRun validates everything on the API server and changes nothing.
+	DryRun bool
+}
+
+var (
+	gvrNamespace = schema.GroupVersionResource{Version: "v1", Resource: "namespaces"}
+	gvrService   = schema.GroupVersionResource{Version: "v1", Resource: "services"}
+)
+
+// Object is one object detour creates.
+type Object struct {
+	Resource schema.GroupVersionResource
+	Body     map[string]any
+}
+
+func (in *Installer) name() string {
+	if in.Name == "" {
+		return "detour"
+	}
+	return in.Name
+}
+
+// Hostname is the waypoint Service's DNS name, the Gateway's address.
+func (in *Installer) Hostname() string {
+	return in.name() + "." + in.Namespace + ".svc.cluster.local"
+}
+
+// Objects are what Install applies, in order.
+func (in *Installer) Objects() []Object {
+	name, ns := in.name(), in.Namespace
+	image := in.Image
+	if image == "" {
+		image = Image
+	}
+	meta := func(extra map[string]any) map[string]any {
+		m := map[string]any{"name": name, "namespace": ns, "labels": map[string]any{ManagedBy: "detour", "app.kubernetes.io/name": name}}
+		for k, v := range extra {
+			m[k] = v
+		}
+		return m
+	}
+	podLabels := map[string]any{"app.kubernetes.io/name": name, "istio.io/dataplane-mode": "none"}
+	config := fmt.Sprintf(`identity:
+  source: istio-ca
+  istioCA: {tokenFile: /var/run/secrets/tokens/istio-token, rootCertFile: /var/run/secrets/istio/root-cert.pem}
+listeners: {hbone: "0.0.0.0:15008", tunnel: "0.0.0.0:15009", health: "0.0.0.0:15021"}
+waypoint: {namespace: %s, gateway: %s}
+discovery:
+  source: kubernetes
+  kubernetes: {namespace: %s}
+`, ns, name, ns)
+	return []Object{
+		{schema.GroupVersionResource{Version: "v1", Resource: "serviceaccounts"}, map[string]any{
+			"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(nil)}},
+		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(nil),
+			"rules": []any{
+				map[string]any{"apiGroups": []any{""}, "resources": []any{"services", "pods"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"discovery.k8s.io"}, "resources": []any{"endpointslices"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"security.istio.io"}, "resources": []any{"authorizationpolicies"}, "verbs": []any{"get", "list", "watch"}},
+			}}},
+		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),
+			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
+		{schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, map[string]any{
+			"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(nil), "data": map[string]any{"config.yaml": config}}},
+		{schema.GroupVersionResource{Group: "apps", Version: "v1", Resource: "deployments"}, map[string]any{
+			"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(nil),
+			"spec": map[string]any{
+				"replicas": 2,
+				"selector": map[string]any{"matchLabels": map[string]any{"app.kubernetes.io/name": name}},
+				"template": map[string]any{
+					"metadata": map[string]any{"labels": podLabels},
+					"spec": map[string]any{
+						"serviceAccountName": name,
+						"containers": []any{map[string]any{
+							"name": "detour", "image": image,
+							"args": []any{"waypoint", "--config", "/etc/detour/config.yaml"},
+							"ports": []any{
+								map[string]any{"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
+								map[string]any{"name": "tunnel", "containerPort": 15009, "protocol": "TCP"},
+								map[string]any{"name": "tunnel-quic", "containerPort": 15009, "protocol": "UDP"},
+								map[string]any{"name": "health", "containerPort": 15021, "protocol": "TCP"},
+							},
+							"readinessProbe": map[string]any{"httpGet": map[string]any{"path": "/readyz", "port": 15021}},
+							"volumeMounts": []any{
+								map[string]any{"name": "config", "mountPath": "/etc/detour"},
+								map[string]any{"name": "istio-token", "mountPath": "/var/run/secrets/tokens"},
+								map[string]any{"name": "istio-ca-root", "mountPath": "/var/run/secrets/istio"},
+							},
+							"securityContext": map[string]any{"runAsNonRoot": true, "runAsUser": 1337, "allowPrivilegeEscalation": false,
+								"capabilities": map[string]any{"drop": []any{"ALL"}}},
+						}},
+						"volumes": []any{
+							map[string]any{"name": "config", "configMap": map[string]any{"name": name}},
+							map[string]any{"name": "istio-token", "projected": map[string]any{"sources": []any{map[string]any{
+								"serviceAccountToken": map[string]any{"path": "istio-token", "audience": "istio-ca", "expirationSeconds": 43200}}}}},
+							map[string]any{"name": "istio-ca-root", "configMap": map[string]any{"name": "istio-ca-root-cert"}},
+						},
+					},
+				},
+			}}},
+		{gvrService, map[string]any{
+			"apiVersion": "v1", "kind": "Service", "metadata": meta(nil),
+			"spec": map[string]any{
+				"selector": map[string]any{"app.kubernetes.io/name": name},
+				"ports": []any{
+					map[string]any{"name": "mesh", "port": 15008, "targetPort": 15008, "protocol": "TCP"},
+					map[string]any{"name": "tunnel", "port": 15009, "targetPort": 15009, "protocol": "TCP"},
+					map[string]any{"name": "tunnel-quic", "port": 15009, "targetPort": 15009, "protocol": "UDP"},
+				},
+			}}},
+		{schema.GroupVersionResource{Group: "policy", Version: "v1", Resource: "poddisruptionbudgets"}, map[string]any{
+			"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(nil),
+			"spec": map[string]any{"minAvailable": 1, "selector": map[string]any{"matchLabels": map[string]any{"app.kubernetes.io/name": name}}}}},
+		{schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}, map[string]any{
+			"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+			"metadata": func() map[string]any {
+				m := meta(nil)
+				m["labels"].(map[string]any)["istio.io/waypoint-for"] = "service"
+				return m
+			}(),
+			"spec": map[string]any{
+				"gatewayClassName": "istio-waypoint",
+				"addresses":        []any{map[string]any{"type": "Hostname", "value": in.Hostname()}},
+				"listeners":        []any{map[string]any{"name": "mesh", "port": 15008, "protocol": "HBONE"}},
+			}}},
+	}
+}
+
+// Manifests renders Objects as one multi-document YAML (the kustomize base is this output).
+func (in *Installer) Manifests() ([]byte, error) {
+	var out []byte
+	for i, o := range in.Objects() {
+		b, err := yaml.Marshal(o.Body)
+		if err != nil {
+			return nil, err
+		}
+		if i > 0 {
+			out = append(out, "---\n"...)
+		}
+		out = append(out, b...)
+	}
+	return out, nil
+}
+
+func (in *Installer) dry() []string {
+	if in.DryRun {
+		return []string{metav1.DryRunAll}
+	}
+	return nil
+}
+
+// Install applies the objects, then binds targets. A target bound to another waypoint is
+// refused (nothing is changed) unless TakeOver.
+func (in *Installer) Install(ctx context.Context, targets []Target) error {
+	for _, t := range targets {
+		if err := in.checkBind(ctx, t); err != nil {
+			return err
+		}
+	}
+	for _, o := range in.Objects() {
+		b, err := json.Marshal(o.Body)
+		if err != nil {
+			return err
+		}
+		name := o.Body["metadata"].(map[string]any)["name"].(string)
+		force := true
+		_, err = in.Client.Resource(o.Resource).Namespace(in.Namespace).Patch(ctx, name, types.ApplyPatchType, b,
+			metav1.PatchOptions{FieldManager: FieldManager, Force: &force, DryRun: in.dry()})
+		if err != nil {
+			return fmt.Errorf("mesh: applying %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
+		}
+	}
+	for _, t := range targets {
+		if err := in.bind(ctx, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (in *Installer) target(t Target) (schema.GroupVersionResource, string, string) {
+	if t.Service == "" {
+		return gvrNamespace, "", in.Namespace
+	}
+	return gvrService, in.Namespace, t.Service
+}
+
+func (in *Installer) get(ctx context.Context, t Target) (*unstructured.Unstructured, error) {
+	gvr, ns, name := in.target(t)
+	obj, err := in.Client.Resource(gvr).Namespace(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("mesh: binding %s: %w", t, err)
+	}
+	return obj, nil
+}
+
+// checkBind refuses a target already bound to another waypoint (unless TakeOver).
+func (in *Installer) checkBind(ctx context.Context, t Target) error {
+	obj, err := in.get(ctx, t)
+	if err != nil {
+		return err
+	}
+	labels := obj.GetLabels()
+	if _, ours := obj.GetAnnotations()[PreviousAnnotation]; ours {
+		return nil // bound by us already: idempotent
+	}
+	cur, other := labels[UseWaypoint], labels[UseWaypointNamespace]
+	if (cur == "" || cur == in.name() && (other == "" || other == in.Namespace)) || in.TakeOver {
+		return nil
+	}
+	where := cur
+	if other != "" {
+		where = other + "/" + cur
+	}
+	return fmt.Errorf("mesh: %s %s is bound to waypoint %s; pass --take-over to replace it (uninstall restores it)", t, in.Namespace, where)
+}
+
+// bind sets the waypoint labels, keeping what they were in PreviousAnnotation.
+func (in *Installer) bind(ctx context.Context, t Target) error {
+	obj, err := in.get(ctx, t)
+	if err != nil {
+		return err
+	}
+	patch := map[string]any{}
+	labels := map[string]any{UseWaypoint: in.name(), UseWaypointNamespace: nil}
+	if _, done := obj.GetAnnotations()[PreviousAnnotation]; !done {
+		prev := map[string]string{}
+		for _, k := range []string{UseWaypoint, UseWaypointNamespace} {
+			if v, ok := obj.GetLabels()[k]; ok {
+				prev[k] = v
+			}
+		}
+		b, _ := json.Marshal(prev)
+		patch["metadata"] = map[string]any{"labels": labels, "annotations": map[string]any{PreviousAnnotation: string(b)}}
+	} else {
+		patch["metadata"] = map[string]any{"labels": labels}
+	}
+	return in.patch(ctx, t, patch)
+}
+
+func (in *Installer) patch(ctx context.Context, t Target, patch map[string]any) error {
+	gvr, ns, name := in.target(t)
+	b, err := json.Marshal(patch)
+	if err != nil {
+		return err
+	}
+	if _, err := in.Client.Resource(gvr).Namespace(ns).Patch(ctx, name, types.MergePatchType, b,
+		metav1.PatchOptions{FieldManager: FieldManager, DryRun: in.dry()}); err != nil {
+		return fmt.Errorf("mesh: binding %s: %w", t, err)
+	}
+	return nil
+}
+
+// Uninstall restores every binding detour made in the namespace (the namespace itself and its
+// Services carrying PreviousAnnotation) and deletes the objects it applied.
+func (in *Installer) Uninstall(ctx context.Context) error {
+	var errs []error
+	targets := []Target{{}}
+	svcs, err := in.Client.Resource(gvrService).Namespace(in.Namespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("mesh: listing services: %w", err)
+	}
+	for _, s := range svcs.Items {
+		if _, ok := s.GetAnnotations()[PreviousAnnotation]; ok {
+			targets = append(targets, Target{Service: s.GetName()})
+		}
+	}
+	for _, t := range targets {
+		if err := in.unbind(ctx, t); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	objs := in.Objects()
+	slices.Reverse(objs)
+	for _, o := range objs {
+		name := o.Body["metadata"].(map[string]any)["name"].(string)
+		err := in.Client.Resource(o.Resource).Namespace(in.Namespace).Delete(ctx, name, metav1.DeleteOptions{DryRun: in.dry()})
+		if err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("mesh: deleting %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unbind puts back the labels PreviousAnnotation recorded and removes the annotation.
+func (in *Installer) unbind(ctx context.Context, t Target) error {
+	obj, err := in.get(ctx, t)
+	if err != nil {
+		return err
+	}
+	raw, ok := obj.GetAnnotations()[PreviousAnnotation]
+	if !ok {
+		return nil
+	}
+	prev := map[string]string{}
+	if err := json.Unmarshal([]byte(raw), &prev); err != nil {
+		return fmt.Errorf("mesh: %s: annotation %s: %w", t, PreviousAnnotation, err)
+	}
+	labels := map[string]any{UseWaypoint: nil, UseWaypointNamespace: nil}
+	for k, v := range prev {
+		labels[k] = v
+	}
+	return in.patch(ctx, t, map[string]any{"metadata": map[string]any{"labels": labels, "annotations": map[string]any{PreviousAnnotation: nil}}})
+}
