@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -144,5 +145,28 @@ discovery: {static: {services: []}}
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("did not exit after cancellation")
+	}
+}
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+// manifests/base is what `detour install -n default` applies.
+func TestManifestsBase(t *testing.T) {
+	code, out, errOut := run(t, "install", "-n", "default", "--print")
+	if code != 0 {
+		t.Fatal(errOut)
+	}
+	path := "../../../manifests/base/detour.yaml"
+	if *update {
+		if err := os.WriteFile(path, []byte(out), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(want) != out {
+		t.Fatalf("manifests/base/detour.yaml is stale: go test ./cmd/detour/cli -run Manifests -update")
 	}
 }
