@@ -35,7 +35,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetErr(stderr)
 	root.AddCommand(newVersionCmd(), newDemoCmd(logger), newServeCmd(logger), newCACmd(), newWaypointCmd(logger),
 		newSessionCmd("steal", logger), newSessionCmd("mirror", logger), newSessionsCmd(logger), newAgentCmd(logger),
-		newInstallCmd(), newUninstallCmd())
+		newInstallCmd(), newUninstallCmd(), newDoctorCmd())
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(stderr, "detour:", err)
 		return 1
