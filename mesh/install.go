@@ -121,7 +121,10 @@ discovery:
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(nil),
 			"rules": []any{
-				map[string]any{"apiGroups": []any{""}, "resources": []any{"services", "pods"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{""}, "resources": []any{"pods"}, "verbs": []any{"get", "list", "watch"}},
+				// patch: a session may bind an unbound service for its life (per-session binding).
+				map[string]any{"apiGroups": []any{""}, "resources": []any{"services"}, "verbs": []any{"get", "list", "watch", "patch"}},
+				map[string]any{"apiGroups": []any{"coordination.k8s.io"}, "resources": []any{"leases"}, "verbs": []any{"get", "list", "watch", "create", "patch", "delete"}},
 				map[string]any{"apiGroups": []any{"discovery.k8s.io"}, "resources": []any{"endpointslices"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"security.istio.io"}, "resources": []any{"authorizationpolicies"}, "verbs": []any{"get", "list", "watch"}},
 			}}},

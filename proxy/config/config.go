@@ -90,6 +90,9 @@ type Waypoint struct {
 	// Balancer: round-robin (default) or least-request (the less busy of two endpoints drawn at
 	// random, counting streams and HTTP requests in flight).
 	Balancer string `json:"balancer"`
+	// BindTTL: how long a session's binding of a service outlives its waypoint (Kubernetes
+	// discovery only; a lease renewed while the session lives). Default 15s.
+	BindTTL Duration `json:"bindTTL"`
 	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
 	// Default false.
 	AccessLog bool `json:"accessLog"`

@@ -1,6 +1,7 @@
 package session
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -31,6 +32,9 @@ type Manager struct {
 	Metrics            *metrics.Metrics // nil records nothing
 	// Check, if set, refuses specs this server cannot serve (before authorization).
 	Check func(tunnel.Spec) error
+	// Bind, if set, binds an unbound service to this waypoint for a session that asks
+	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
+	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
 }
 
 // ServeTunnel is a tunnel.Server Handler.
@@ -60,6 +64,19 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		return
 	}
 	defer m.Registry.Remove(s)
+	if s.Spec.Bind {
+		if m.Bind == nil {
+			lastWord(ctl, tunnel.Reply{Error: "this waypoint cannot bind services (no Kubernetes discovery)"})
+			return
+		}
+		release, err := m.Bind(context.Background(), s.Spec.Namespace, s.Spec.Service)
+		if err != nil {
+			m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+			lastWord(ctl, tunnel.Reply{Error: err.Error()})
+			return
+		}
+		defer release()
+	}
 	m.Metrics.SessionStarted(s.Spec.Mode)
 	defer m.Metrics.SessionEnded(s.Spec.Mode)
 	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {

@@ -51,6 +51,8 @@ type Spec struct {
 	Port      uint16 `json:"port"` // service port; 0: the service's only port
 	Mode      string `json:"mode"` // steal or mirror
 	Filter    Filter `json:"filter,omitzero"`
+	// Bind asks the waypoint to bind the (unbound) service to itself for the session's life.
+	Bind bool `json:"bind,omitempty"`
 }
 
 // Filter selects HTTP requests; the zero Filter takes whole streams (any protocol).

@@ -95,6 +95,7 @@ type sessionCmd struct {
 	header    string
 	path      string
 	method    string
+	bind      bool
 	log       func() *slog.Logger
 }
 
@@ -123,6 +124,7 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 	fl.StringVar(&c.header, "header", "", "only requests with this header: NAME=VALUE (exact), NAME~REGEX, or NAME (present)")
 	fl.StringVar(&c.path, "path", "", "only requests whose path matches this regex")
 	fl.StringVar(&c.method, "method", "", "only requests with this method")
+	fl.BoolVar(&c.bind, "bind", false, "bind the service to the waypoint for this session only (it must be unbound; reverted when the session ends, or by a lease if the waypoint dies)")
 	return cmd
 }
 
@@ -156,6 +158,7 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 		}
 	}
 	spec.Filter.Path, spec.Filter.Method = c.path, strings.ToUpper(c.method)
+	spec.Bind = c.bind
 	return spec, nil
 }
 

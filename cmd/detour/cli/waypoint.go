@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"time"
 
@@ -77,7 +78,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
 	}
-	routes, policies, synced, err := discovery(ctx, g, cfg, log)
+	disc, err := discovery(ctx, g, cfg, log)
 	if err != nil {
 		return errors.Join(err, g.Wait())
 	}
@@ -94,11 +95,11 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	onward := &hbone.Dialer{Logger: log}
 	defer onward.Close()
 	h := &waypoint.Handler{
-		Routes:    routes,
+		Routes:    disc.routes,
 		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
 		Identity:  src,
 		Dialer:    onward,
-		Policies:  policies,
+		Policies:  disc.policies,
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
@@ -121,7 +122,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	})
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
-		tl, err := serveTunnels(ctx, g, cfg, src, h, log)
+		tl, err := serveTunnels(ctx, g, cfg, src, h, disc.bind, log)
 		if err != nil {
 			srv.Close()
 			return errors.Join(err, g.Wait())
@@ -135,7 +136,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 			return errors.Join(fmt.Errorf("waypoint: health listener: %w", err), g.Wait())
 		}
 		addrs.Health = hl.Addr().String()
-		hs := &http.Server{Handler: healthMux(src, synced, reg), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: healthMux(src, disc.synced, reg), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
 			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -182,7 +183,8 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 
 // serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
 // and returns the address.
-func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler, log *slog.Logger) (string, error) {
+func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler,
+	bind func(context.Context, string, string) (func(), error), log *slog.Logger) (string, error) {
 	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
 	if err != nil {
 		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
@@ -194,7 +196,7 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
 	}
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(ctx, tl) })
 	g.Go(func() error {
@@ -205,17 +207,27 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 	return tl.Addr().String(), nil
 }
 
+// discovered is what a discovery source gives the waypoint.
+type discovered struct {
+	routes   func() *route.Table
+	policies func() *authz.Engine
+	synced   func() bool
+	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
+}
+
 // discovery returns the route table and policies of cfg's discovery source: the document's static
-// lists, or the Kubernetes API (informers run in g until ctx ends).
-func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *slog.Logger) (func() *route.Table, func() *authz.Engine, func() bool, error) {
+// lists, or the Kubernetes API (informers, and the reconciler of per-session bindings, run in g
+// until ctx ends).
+func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *slog.Logger) (*discovered, error) {
 	wp := authz.Waypoint{Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, RootNamespace: cfg.Waypoint.RootNamespace}
 	if cfg.Discovery.Source != "kubernetes" {
 		table, err := cfg.Routes()
 		if err != nil {
-			return nil, nil, nil, err
+			return nil, err
 		}
 		engine := cfg.Authz()
-		return func() *route.Table { return table }, func() *authz.Engine { return engine }, func() bool { return true }, nil
+		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
+			synced: func() bool { return true }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -223,19 +235,23 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	}
 	rc, err := kubeConfig(k.Kubeconfig)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	kube, err := kubernetes.NewForConfig(rc)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("kubernetes client: %w", err)
+		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	ic, err := istioclient.NewForConfig(rc)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("istio client: %w", err)
+		return nil, fmt.Errorf("istio client: %w", err)
 	}
 	d := &mesh.Discovery{Kube: kube, Istio: ic, Namespace: k.Namespace, Waypoint: wp, Logger: log}
 	g.Go(func() error { return d.Run(ctx) })
-	return d.Routes, d.Policies, d.Ready, nil
+	holder, _ := os.Hostname()
+	b := &mesh.Binder{Kube: kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
+		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
+	g.Go(func() error { return b.Reconcile(ctx) })
+	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind}, nil
 }
 
 // kubeConfig loads a kubeconfig file, or the in-cluster config when path is "".

@@ -1,0 +1,219 @@
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+)
+
+// Per-session binding: a session may bind an unbound Service to this waypoint for its own life.
+// A Lease (renewed while the session lives) records it, so that if the waypoint dies with the
+// session, any replica's reconciler reverts the binding once the lease expires.
+const (
+	// DefaultBindTTL is how long a binding outlives its last renewal.
+	DefaultBindTTL = 15 * time.Second
+	// LeaseLabel marks detour's binding leases; its value is the bound Service's name.
+	LeaseLabel = "detour.dev/binding-for"
+)
+
+// Binder binds services for sessions. The zero TTL means DefaultBindTTL.
+type Binder struct {
+	Kube      kubernetes.Interface
+	Waypoint  string // the Gateway's name
+	Namespace string // the Gateway's namespace
+	Holder    string // this replica, for the leases' holderIdentity
+	TTL       time.Duration
+	Logger    *slog.Logger
+	Now       func() time.Time // nil means time.Now
+}
+
+func (b *Binder) ttl() time.Duration {
+	if b.TTL <= 0 {
+		return DefaultBindTTL
+	}
+	return b.TTL
+}
+
+func (b *Binder) now() time.Time {
+	if b.Now != nil {
+		return b.Now()
+	}
+	return time.Now()
+}
+
+func leaseName(svc string) string { return "detour-bind-" + svc }
+
+// Bind binds namespace/svc to the waypoint until release is called or ctx ends (then the
+// binding is reverted). A service already bound (to any waypoint, or through its namespace) is
+// refused: a session binds only what nobody bound.
+func (b *Binder) Bind(ctx context.Context, namespace, svc string) (release func(), err error) {
+	if namespace != b.Namespace {
+		return nil, fmt.Errorf("mesh: binding %s/%s: this waypoint binds services of namespace %s only", namespace, svc, b.Namespace)
+	}
+	s, err := b.Kube.CoreV1().Services(namespace).Get(ctx, svc, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("mesh: binding %s/%s: %w", namespace, svc, err)
+	}
+	if v, ok := s.Labels[UseWaypoint]; ok {
+		return nil, fmt.Errorf("mesh: service %s/%s already has %s=%s; a session binds only unbound services", namespace, svc, UseWaypoint, v)
+	}
+	ns, err := b.Kube.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
+	if err != nil && !apierrors.IsForbidden(err) { // a namespaced Role cannot read Namespaces
+		return nil, fmt.Errorf("mesh: binding %s/%s: %w", namespace, svc, err)
+	}
+	if v := ns.GetLabels()[UseWaypoint]; err == nil && v != "" {
+		return nil, fmt.Errorf("mesh: namespace %s is bound to waypoint %s; bind the namespace to detour instead (detour install --bind namespace)", namespace, v)
+	}
+	dur := int32(b.ttl().Seconds())
+	now := metav1.NewMicroTime(b.now())
+	lease := &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: leaseName(svc), Namespace: namespace, Labels: map[string]string{LeaseLabel: svc, ManagedBy: "detour"}},
+		Spec:       coordinationv1.LeaseSpec{HolderIdentity: &b.Holder, LeaseDurationSeconds: &dur, AcquireTime: &now, RenewTime: &now},
+	}
+	if _, err := b.Kube.CoordinationV1().Leases(namespace).Create(ctx, lease, metav1.CreateOptions{}); err != nil {
+		if apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("mesh: service %s/%s is already bound by another session", namespace, svc)
+		}
+		return nil, fmt.Errorf("mesh: binding %s/%s: lease: %w", namespace, svc, err)
+	}
+	if err := b.label(ctx, namespace, svc, true); err != nil {
+		b.Kube.CoordinationV1().Leases(namespace).Delete(context.WithoutCancel(ctx), leaseName(svc), metav1.DeleteOptions{})
+		return nil, err
+	}
+	b.log().Info("mesh: session bound a service to the waypoint", "service", namespace+"/"+svc, "ttl", b.ttl())
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(b.ttl() / 3)
+		defer tick.Stop()
+		for {
+			select {
+			case <-rctx.Done():
+				return
+			case <-tick.C:
+				b.renew(rctx, namespace, svc)
+			}
+		}
+	}()
+	var once bool
+	return func() {
+		if once {
+			return
+		}
+		once = true
+		cancel()
+		<-done
+		if err := b.unbind(context.Background(), namespace, svc); err != nil {
+			b.log().Error("mesh: reverting a session's binding (the lease will expire)", "service", namespace+"/"+svc, "err", err)
+		}
+	}, nil
+}
+
+func (b *Binder) renew(ctx context.Context, namespace, svc string) {
+	now := metav1.NewMicroTime(b.now())
+	patch, _ := json.Marshal(map[string]any{"spec": map[string]any{"renewTime": now}})
+	if _, err := b.Kube.CoordinationV1().Leases(namespace).Patch(ctx, leaseName(svc), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil && ctx.Err() == nil {
+		b.log().Error("mesh: renewing a binding lease", "service", namespace+"/"+svc, "err", err)
+	}
+}
+
+// label sets (or removes) use-waypoint on the service.
+func (b *Binder) label(ctx context.Context, namespace, svc string, on bool) error {
+	var v any
+	if on {
+		v = b.Waypoint
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"labels": map[string]any{UseWaypoint: v}}})
+	_, err := b.Kube.CoreV1().Services(namespace).Patch(ctx, svc, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+	if err != nil && !(apierrors.IsNotFound(err) && !on) {
+		return fmt.Errorf("mesh: labelling %s/%s: %w", namespace, svc, err)
+	}
+	return nil
+}
+
+// unbind removes the label (only if it still names this waypoint) and the lease.
+func (b *Binder) unbind(ctx context.Context, namespace, svc string) error {
+	var errs []error
+	s, err := b.Kube.CoreV1().Services(namespace).Get(ctx, svc, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		errs = append(errs, err)
+	case s.Labels[UseWaypoint] == b.Waypoint:
+		errs = append(errs, b.label(ctx, namespace, svc, false))
+	}
+	if err := b.Kube.CoordinationV1().Leases(namespace).Delete(ctx, leaseName(svc), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	b.log().Info("mesh: session binding reverted", "service", namespace+"/"+svc)
+	return nil
+}
+
+// Reconcile reverts bindings whose lease expired (its session's waypoint died), every ttl/3,
+// until ctx ends. Every replica runs it; reverting twice is harmless.
+func (b *Binder) Reconcile(ctx context.Context) error {
+	tick := time.NewTicker(b.ttl() / 3)
+	defer tick.Stop()
+	for {
+		b.reconcileOnce(ctx)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+func (b *Binder) reconcileOnce(ctx context.Context) {
+	leases, err := b.Kube.CoordinationV1().Leases(b.Namespace).List(ctx, metav1.ListOptions{LabelSelector: LeaseLabel})
+	if err != nil {
+		if ctx.Err() == nil {
+			b.log().Error("mesh: listing binding leases", "err", err)
+		}
+		return
+	}
+	for _, l := range leases.Items {
+		if !expired(l, b.now()) {
+			continue
+		}
+		svc := l.Labels[LeaseLabel]
+		b.log().Info("mesh: a session binding expired (its waypoint is gone); reverting", "service", b.Namespace+"/"+svc, "holder", deref(l.Spec.HolderIdentity))
+		if err := b.unbind(ctx, b.Namespace, svc); err != nil {
+			b.log().Error("mesh: reverting an expired binding", "service", b.Namespace+"/"+svc, "err", err)
+		}
+	}
+}
+
+func expired(l coordinationv1.Lease, now time.Time) bool {
+	if l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil {
+		return true
+	}
+	return now.After(l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second))
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func (b *Binder) log() *slog.Logger {
+	if b.Logger != nil {
+		return b.Logger
+	}
+	return slog.Default()
+}
