@@ -1,0 +1,194 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+	istiosec "istio.io/client-go/pkg/apis/security/v1"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/integration/testbed"
+)
+
+var detourBin = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "detour-mesh-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "detour")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/detour")
+	build.Dir = "../.."
+	if out, err := build.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building detour: %v\n%s", err, out)
+	}
+	return bin, nil
+})
+
+type proc struct {
+	*exec.Cmd
+	mu   sync.Mutex
+	out  strings.Builder
+	done chan struct{}
+}
+
+func start(t *testing.T, args ...string) *proc {
+	bin, err := detourBin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{Cmd: exec.Command(bin, args...), done: make(chan struct{})}
+	pr, pw := io.Pipe()
+	p.Stdout, p.Stderr = pw, pw
+	p.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.out.WriteString(sc.Text() + "\n")
+			p.mu.Unlock()
+		}
+	}()
+	go func() { p.Wait(); pw.Close(); close(p.done) }()
+	t.Cleanup(func() {
+		p.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			p.Process.Kill()
+			<-p.done
+		}
+		if t.Failed() {
+			t.Logf("%s:\n%s", strings.Join(p.Args, " "), p.output())
+		}
+	})
+	return p
+}
+
+func (p *proc) output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.String()
+}
+
+func (p *proc) waitFor(t *testing.T, substr string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(p.output(), substr) {
+		select {
+		case <-p.done:
+			t.Fatalf("%s exited before %q:\n%s", p.Args, substr, p.output())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q from %s:\n%s", substr, p.Args, p.output())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// Acceptance 3: a steal with --bind binds an unbound service for the session; SIGKILL of the CLI
+// reverts it (the tunnel dies, the session ends); SIGKILL of the waypoint holding it reverts it
+// through another replica's reconciler once the lease expires; istiod's view follows.
+func TestSessionBinding(t *testing.T) {
+	c := testbed.Start(t, testbed.Options{Istiod: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	const ns = "shop"
+	if err := c.Namespace(ctx, ns, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Service(ctx, ns, "web", nil, []testbed.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}, "10.244.9.20"); err != nil {
+		t.Fatal(err)
+	}
+	if code, out := detour(t, "install", "-n", ns, "--kubeconfig", c.Kubeconfig); code != 0 {
+		t.Fatal(out)
+	}
+	readyEndpoints(t, c, ns, "detour", "10.244.9.10", 15008)
+	ic, err := istioclient.NewForConfig(c.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "devs", Namespace: ns},
+		Spec: secv1beta1.AuthorizationPolicy{
+			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
+			Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL"}}}}}},
+		}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if _, err := devca.Init(caDir, "cluster.local"); err != nil {
+		t.Fatal(err)
+	}
+	waypointProc := func(tunnel string) *proc {
+		cfg := filepath.Join(t.TempDir(), "waypoint.yaml")
+		doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
+listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q}
+waypoint: {namespace: shop, gateway: detour, bindTTL: 3s}
+discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
+`, caDir, tunnel, c.Kubeconfig)
+		if err := os.WriteFile(cfg, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p := start(t, "waypoint", "--config", cfg)
+		p.waitFor(t, "mesh: discovery synced")
+		return p
+	}
+	steal := func(tunnel string) *proc {
+		p := start(t, "steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--bind", "--waypoint", tunnel,
+			"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
+		p.waitFor(t, "stealing ")
+		return p
+	}
+	host := "detour.shop.svc.cluster.local"
+
+	tunA := freeAddr(t)
+	a := waypointProc(tunA)
+	cli := steal(tunA)
+	waypointOf(t, c, ns, "web", host)
+	cli.Process.Kill()
+	killed := time.Now()
+	waypointOf(t, c, ns, "web", "")
+	t.Logf("CLI killed: binding reverted and istiod's view updated after %v", time.Since(killed).Round(100*time.Millisecond))
+
+	cli = steal(tunA)
+	waypointOf(t, c, ns, "web", host)
+	a.Process.Kill() // the waypoint dies holding the binding
+	<-a.done
+	killed = time.Now()
+	b := waypointProc(freeAddr(t)) // another replica (or the restarted one)
+	waypointOf(t, c, ns, "web", "")
+	t.Logf("waypoint killed: another replica reverted the binding after its lease expired, %v after the kill (TTL 3s)", time.Since(killed).Round(100*time.Millisecond))
+	b.waitFor(t, "a session binding expired")
+	if _, err := c.Client.CoordinationV1().Leases(ns).Get(ctx, "detour-bind-web", metav1.GetOptions{}); err == nil {
+		t.Fatal("the expired lease is still there")
+	}
+}
