@@ -116,6 +116,7 @@ discovery:
   kubernetes: {namespace: %s}
 `, ns, name, ns)
 	return []Object{
+		{gvrCRD, debugSessionCRD()},
 		{schema.GroupVersionResource{Version: "v1", Resource: "serviceaccounts"}, map[string]any{
 			"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(nil)}},
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}, map[string]any{
@@ -125,6 +126,8 @@ discovery:
 				// patch: a session may bind an unbound service for its life (per-session binding).
 				map[string]any{"apiGroups": []any{""}, "resources": []any{"services"}, "verbs": []any{"get", "list", "watch", "patch"}},
 				map[string]any{"apiGroups": []any{"coordination.k8s.io"}, "resources": []any{"leases"}, "verbs": []any{"get", "list", "watch", "create", "patch", "delete"}},
+				// replicas share their sessions
+				map[string]any{"apiGroups": []any{"detour.dev"}, "resources": []any{"debugsessions"}, "verbs": []any{"get", "list", "watch", "create", "patch", "delete"}},
 				map[string]any{"apiGroups": []any{"discovery.k8s.io"}, "resources": []any{"endpointslices"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"security.istio.io"}, "resources": []any{"authorizationpolicies"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
@@ -146,6 +149,8 @@ discovery:
 						"containers": []any{map[string]any{
 							"name": "detour", "image": image,
 							"args": []any{"waypoint", "--config", "/etc/detour/config.yaml"},
+							// Other replicas relay to this address (sessions held here).
+							"env": []any{map[string]any{"name": "POD_IP", "valueFrom": map[string]any{"fieldRef": map[string]any{"fieldPath": "status.podIP"}}}},
 							"ports": []any{
 								map[string]any{"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
 								map[string]any{"name": "tunnel", "containerPort": 15009, "protocol": "TCP"},
@@ -236,7 +241,7 @@ func (in *Installer) Install(ctx context.Context, targets []Target) error {
 		}
 		name := o.Body["metadata"].(map[string]any)["name"].(string)
 		force := true
-		_, err = in.Client.Resource(o.Resource).Namespace(in.Namespace).Patch(ctx, name, types.ApplyPatchType, b,
+		_, err = in.resource(o).Patch(ctx, name, types.ApplyPatchType, b,
 			metav1.PatchOptions{FieldManager: FieldManager, Force: &force, DryRun: in.dry()})
 		if err != nil {
 			return fmt.Errorf("mesh: applying %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
@@ -346,7 +351,13 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 	slices.Reverse(objs)
 	for _, o := range objs {
 		name := o.Body["metadata"].(map[string]any)["name"].(string)
-		err := in.Client.Resource(o.Resource).Namespace(in.Namespace).Delete(ctx, name, metav1.DeleteOptions{DryRun: in.dry()})
+		if o.Resource == gvrCRD {
+			// Shared by every namespace's detour: removed with the last one.
+			if others, err := in.othersInstalled(ctx); err != nil || others {
+				continue
+			}
+		}
+		err := in.resource(o).Delete(ctx, name, metav1.DeleteOptions{DryRun: in.dry()})
 		if err != nil && !apierrors.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("mesh: deleting %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err))
 		}
@@ -373,4 +384,54 @@ func (in *Installer) unbind(ctx context.Context, t Target) error {
 		labels[k] = v
 	}
 	return in.patch(ctx, t, map[string]any{"metadata": map[string]any{"labels": labels, "annotations": map[string]any{PreviousAnnotation: nil}}})
+}
+
+var gvrCRD = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+
+// resource is o's client: cluster-scoped objects have no namespace in their metadata.
+func (in *Installer) resource(o Object) dynamic.ResourceInterface {
+	if _, ok := o.Body["metadata"].(map[string]any)["namespace"]; !ok {
+		return in.Client.Resource(o.Resource)
+	}
+	return in.Client.Resource(o.Resource).Namespace(in.Namespace)
+}
+
+// othersInstalled reports whether detour runs in another namespace (its Gateway there).
+func (in *Installer) othersInstalled(ctx context.Context) (bool, error) {
+	list, err := in.Client.Resource(schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}).
+		List(ctx, metav1.ListOptions{LabelSelector: ManagedBy + "=detour"})
+	if err != nil {
+		return false, err
+	}
+	for _, g := range list.Items {
+		if g.GetNamespace() != in.Namespace {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// debugSessionCRD defines DebugSession: a session one replica holds, for the others to relay to.
+func debugSessionCRD() map[string]any {
+	open := map[string]any{"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+	return map[string]any{
+		"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+		"metadata": map[string]any{"name": "debugsessions.detour.dev", "labels": map[string]any{ManagedBy: "detour"}},
+		"spec": map[string]any{
+			"group": "detour.dev",
+			"names": map[string]any{"kind": "DebugSession", "listKind": "DebugSessionList", "plural": "debugsessions", "singular": "debugsession"},
+			"scope": "Namespaced",
+			"versions": []any{map[string]any{
+				"name": "v1alpha1", "served": true, "storage": true,
+				"schema": map[string]any{"openAPIV3Schema": map[string]any{"type": "object", "properties": map[string]any{
+					"spec": open, "status": open}}},
+				"additionalPrinterColumns": []any{
+					map[string]any{"name": "Service", "type": "string", "jsonPath": ".spec.host"},
+					map[string]any{"name": "Mode", "type": "string", "jsonPath": ".spec.session.mode"},
+					map[string]any{"name": "Holder", "type": "string", "jsonPath": ".spec.holder"},
+					map[string]any{"name": "Replica", "type": "string", "jsonPath": ".spec.replica"},
+				},
+			}},
+		},
+	}
 }

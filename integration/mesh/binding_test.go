@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -190,5 +191,21 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	b.waitFor(t, "a session binding expired")
 	if _, err := c.Client.CoordinationV1().Leases(ns).Get(ctx, "detour-bind-web", metav1.GetOptions{}); err == nil {
 		t.Fatal("the expired lease is still there")
+	}
+}
+
+// regexpFind waits for pattern in p's output and returns its first group.
+func regexpFind(t *testing.T, p *proc, pattern string) string {
+	t.Helper()
+	re := regexp.MustCompile(pattern)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(p.output()); m != nil {
+			return m[1]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s in:\n%s", pattern, p.output())
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

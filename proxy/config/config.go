@@ -74,6 +74,9 @@ type Listeners struct {
 	// Tunnel is where developers' tunnels arrive: QUIC on UDP and HTTP/2 on TCP, same address.
 	// Default 0.0.0.0:15009; "off" disables debug sessions.
 	Tunnel string `json:"tunnel"`
+	// Advertise is this replica's HBONE address as other replicas dial it (to relay streams of
+	// sessions it holds); default $POD_IP with the HBONE port, else the HBONE listener's address.
+	Advertise string `json:"advertise"`
 	// UpstreamHBONEPort is the port of the destination ztunnels; default 15008.
 	UpstreamHBONEPort uint16 `json:"upstreamHBONEPort"`
 }

