@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -93,7 +94,7 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 			if err != nil {
 				return
 			}
-			go func() { defer conn.Close(); fmt.Fprintln(conn, "dev") }()
+			go func() { defer conn.Close(); fmt.Fprintln(conn, "dev"); io.Copy(conn, conn) }()
 		}
 	}()
 	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", app.Addr().String(), "--waypoint", tunnel,
@@ -127,6 +128,40 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	if got := greet(bAddr); got != "dev" {
 		t.Fatalf("through B (relayed to A): %q", got)
 	}
+
+	// Discovery updates never drop a stream: one stays open through B while the service, its
+	// endpoints and the policies change.
+	long, err := d.Dial(ctx, bAddr, net.JoinHostPort(svc.Spec.ClusterIP, "5432"), hbone.DialOptions{TLSConfig: tlsCfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	longR := bufio.NewReader(long)
+	if line, err := longR.ReadString('\n'); err != nil || line != "dev\n" {
+		t.Fatalf("long stream: %q %v", line, err)
+	}
+	svc.Labels = map[string]string{"touched": "yes"}
+	if _, err := c.Client.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "unrelated", Namespace: ns},
+		Spec: secv1beta1.AuthorizationPolicy{Action: secv1beta1.AuthorizationPolicy_DENY,
+			TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: "other"}},
+			Rules:      []*secv1beta1.Rule{{}}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Client.DiscoveryV1().EndpointSlices(ns).Delete(ctx, "db-testbed", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // several rebuilds
+	for i := range 3 {
+		msg := fmt.Sprintf("still here %d\n", i)
+		io.WriteString(long, msg)
+		if line, err := longR.ReadString('\n'); err != nil || line != msg {
+			t.Fatalf("the long stream after discovery updates: %q %v", line, err)
+		}
+	}
+	long.Close()
 	b.Process.Kill()
 	<-b.done
 	b = replica(bAddr)

@@ -87,6 +87,7 @@ func (t *Table) Service(namespace, name string) *Service {
 }
 
 // Resolve maps a stream's target to its destination; b orders the candidates (nil: as listed).
+// With ErrNoEndpoints the destination is returned too, without candidates.
 func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error) {
 	if s, ok := t.byVIP[target.Addr()]; ok {
 		i := slices.IndexFunc(s.Ports, func(p Port) bool { return p.Port == target.Port() })
@@ -101,7 +102,8 @@ func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error
 			}
 		}
 		if len(ready) == 0 {
-			return nil, fmt.Errorf("%w for %s/%s", ErrNoEndpoints, s.Namespace, s.Name)
+			// The destination still says which service it is (a debug session may take it).
+			return &Destination{Service: s, Port: port}, fmt.Errorf("%w for %s/%s", ErrNoEndpoints, s.Namespace, s.Name)
 		}
 		return &Destination{Service: s, Port: port, Candidates: b.order(s.Hostname, ready)}, nil
 	}

@@ -31,7 +31,7 @@ const mirrorStreamBuffer = 256 << 10
 const mirrorTimeout = 30 * time.Second
 
 func (h *Handler) sessionsFor(dest *route.Destination) []*session.Session {
-	if h.Sessions == nil || dest.Service == nil {
+	if h.Sessions == nil || dest == nil || dest.Service == nil {
 		return nil
 	}
 	return h.Sessions.For(dest.Service.Namespace, dest.Service.Name, dest.Port.Port)

@@ -96,7 +96,10 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	}
 	dest, err := h.Routes().Resolve(req.Target.Addr, h.Balancer)
 	if err != nil {
-		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
+		// A service without endpoints can still be stolen whole (the developer is its endpoint).
+		if st, _ := whole(h.sessionsFor(dest)); st == nil || st.Spec.Mode != session.Steal || !errors.Is(err, route.ErrNoEndpoints) {
+			return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
+		}
 	}
 	var engine *authz.Engine
 	if h.Policies != nil {
@@ -217,6 +220,9 @@ var portNames = map[string]sniff.Protocol{
 
 // connect opens the onward stream to the first candidate that answers 200.
 func (h *Handler) connect(ctx context.Context, req *hbone.Request, dest *route.Destination) (*hbone.Stream, error) {
+	if len(dest.Candidates) == 0 {
+		return nil, fmt.Errorf("waypoint: %w: %w for %s", hbone.ErrUnavailable, route.ErrNoEndpoints, dest.Service.Hostname)
+	}
 	var errs []error
 	for _, ep := range dest.Candidates {
 		up, err := h.dialEndpoint(ctx, req, dest, ep)
