@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -15,9 +16,14 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	authv1 "k8s.io/api/authentication/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/identity/istioca"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -29,6 +35,11 @@ type tunnelFlags struct {
 	caDir, id  string // dev CA: mint our own SVID
 	cert, key  string // or files
 	bundle     string
+	// or the mesh CA, for a service account the developer may use
+	serviceAccount string // NS/NAME
+	kubeconfig     string
+	istiod         string
+	meshRoot       string
 }
 
 func (f *tunnelFlags) register(cmd *cobra.Command) {
@@ -41,13 +52,17 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.cert, "cert", "", "your SVID certificate (PEM), with --key and --bundle")
 	fl.StringVar(&f.key, "key", "", "your SVID key (PEM)")
 	fl.StringVar(&f.bundle, "bundle", "", "the trust bundle (PEM)")
+	fl.StringVar(&f.serviceAccount, "service-account", "", "get a mesh identity from istiod's CA for this service account, NAMESPACE/NAME (a token through your kubeconfig: TokenRequest)")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for --service-account (default: $KUBECONFIG or ~/.kube/config)")
+	fl.StringVar(&f.istiod, "istiod", "istiod.istio-system.svc:15012", "istiod's CA address, for --service-account (e.g. through kubectl port-forward)")
+	fl.StringVar(&f.meshRoot, "mesh-root", "", "the mesh root certificate (PEM), for --service-account (default: the istio-ca-root-cert ConfigMap of the account's namespace)")
 }
 
 func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, error) {
 	if f.waypoint == "" {
 		return nil, errors.New("--waypoint is required")
 	}
-	src, err := f.identity(log)
+	src, err := f.identity(ctx, log)
 	if err != nil {
 		return nil, err
 	}
@@ -64,8 +79,10 @@ func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunne
 	return tunnel.Dial(dctx, f.transport, f.waypoint, src, authorize, log)
 }
 
-func (f *tunnelFlags) identity(log *slog.Logger) (identity.Source, error) {
+func (f *tunnelFlags) identity(ctx context.Context, log *slog.Logger) (identity.Source, error) {
 	switch {
+	case f.serviceAccount != "":
+		return f.meshIdentity(ctx, log)
 	case f.caDir != "" && f.id != "":
 		ca, err := devca.Load(f.caDir)
 		if err != nil {
@@ -83,7 +100,66 @@ func (f *tunnelFlags) identity(log *slog.Logger) (identity.Source, error) {
 		}
 		return files, nil
 	}
-	return nil, errors.New("an identity is required: --ca DIR --id SPIFFE-ID, or --cert, --key and --bundle")
+	return nil, errors.New("an identity is required: --service-account NS/NAME (istiod's CA), --ca DIR --id SPIFFE-ID, or --cert, --key and --bundle")
+}
+
+// meshIdentity gets a certificate for a service account from istiod's CA with a token the user's
+// kubeconfig may request (TokenRequest, audience istio-ca), and keeps it renewed until ctx ends.
+func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (identity.Source, error) {
+	ns, name, ok := strings.Cut(f.serviceAccount, "/")
+	if !ok || ns == "" || name == "" {
+		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
+	}
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = f.kubeconfig
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	kube, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	var root []byte
+	if f.meshRoot != "" {
+		if root, err = os.ReadFile(f.meshRoot); err != nil {
+			return nil, err
+		}
+	} else {
+		cm, err := kube.CoreV1().ConfigMaps(ns).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading the mesh root (ConfigMap %s/istio-ca-root-cert; or pass --mesh-root): %w", ns, err)
+		}
+		root = []byte(cm.Data["root-cert.pem"])
+	}
+	rootFile, err := os.CreateTemp("", "detour-mesh-root-*.pem")
+	if err != nil {
+		return nil, err
+	}
+	rootFile.Write(root)
+	rootFile.Close()
+	context.AfterFunc(ctx, func() { os.Remove(rootFile.Name()) })
+	exp := int64(3600)
+	src := &identity.IstioCA{
+		Client: &istioca.Client{Addr: f.istiod, Token: func(ctx context.Context) (string, error) {
+			tr, err := kube.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authv1.TokenRequest{
+				Spec: authv1.TokenRequestSpec{Audiences: []string{"istio-ca"}, ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+			if err != nil {
+				return "", fmt.Errorf("TokenRequest for %s (does your kubeconfig allow create serviceaccounts/token?): %w", f.serviceAccount, err)
+			}
+			return tr.Status.Token, nil
+		}},
+		RootCertFile: rootFile.Name(),
+		Logger:       log,
+	}
+	go src.Run(ctx)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if _, err := identity.Wait(wctx, src); err != nil {
+		os.Remove(rootFile.Name())
+		return nil, fmt.Errorf("no certificate from istiod's CA at %s for %s: %w", f.istiod, f.serviceAccount, err)
+	}
+	return src, nil
 }
 
 // sessionCmd is `detour steal` and `detour mirror`.
