@@ -9,6 +9,7 @@ require (
 	github.com/quic-go/quic-go v0.65.0
 	github.com/spf13/cobra v1.10.2
 	github.com/spiffe/go-spiffe/v2 v2.9.0
+	github.com/things-go/go-socks5 v0.0.5
 	github.com/ti-mo/conntrack v0.6.0
 	go.uber.org/goleak v1.3.0
 	golang.org/x/net v0.62.0

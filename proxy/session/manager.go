@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
@@ -36,6 +37,9 @@ type Manager struct {
 	Publisher interface {
 		Publish(*Session) (unpublish func())
 	}
+	// EgressAddr is the waypoint's HBONE listener as this process dials it, for tunnels that
+	// ask for egress; "" refuses them.
+	EgressAddr string
 	// Bind, if set, binds an unbound service to this waypoint for a session that asks
 	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
 	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
@@ -57,8 +61,19 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
 		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
-	case hello.Register == nil:
-		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session or list them"})
+	case hello.Register == nil && !hello.Egress:
+		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, or list sessions"})
+		return
+	case hello.Egress && m.EgressAddr == "":
+		lastWord(ctl, tunnel.Reply{Error: "this waypoint offers no egress"})
+		return
+	}
+	if hello.Register == nil { // egress only
+		if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true}); err != nil {
+			return
+		}
+		m.egress(p)
+		io.Copy(io.Discard, ctl) // until the CLI hangs up or the tunnel dies
 		return
 	}
 	s, err := m.register(p, *hello.Register)
@@ -89,6 +104,9 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {
 		return
 	}
+	if hello.Egress {
+		m.egress(p)
+	}
 	m.log().Info("session: started", "session", s.ID, "developer", p.ID().String(), "mode", s.Spec.Mode,
 		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport())
 	// The CLI sends nothing more: its EOF (Ctrl-C) ends the session as surely as a dead tunnel.
@@ -108,6 +126,33 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 			return
 		}
 	}
+}
+
+// egress opens the developer's egress stream and connects it to the waypoint's HBONE listener;
+// it lives as long as the tunnel.
+func (m *Manager) egress(p *tunnel.Peer) {
+	go func() {
+		up, err := net.DialTimeout("tcp", m.EgressAddr, 5*time.Second)
+		if err != nil {
+			m.log().Error("session: egress: dialing the HBONE listener", "err", err)
+			return
+		}
+		c, err := p.Open(context.Background(), tunnel.Meta{Kind: "hbone"})
+		if err != nil {
+			up.Close()
+			return
+		}
+		stop := context.AfterFunc(ctxOf(p), func() { c.Close(); up.Close() })
+		defer stop()
+		hbone.Splice(c, up, 0)
+	}()
+}
+
+// ctxOf is a context that ends with the tunnel.
+func ctxOf(p *tunnel.Peer) context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-p.Done(); cancel() }()
+	return ctx
 }
 
 // lastWord sends the final reply and lets the CLI read it before the tunnel closes: half-close,

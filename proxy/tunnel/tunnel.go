@@ -42,6 +42,9 @@ const controlTarget = "control.detour.internal:1"
 type Hello struct {
 	Register *Spec `json:"register,omitempty"` // open a session
 	List     bool  `json:"list,omitempty"`     // list the waypoint's sessions
+	// Egress asks for a data stream (Meta kind hbone) connected to the waypoint's HBONE listener,
+	// over which the CLI speaks HBONE with its own SVID for the developer's outgoing connections.
+	Egress bool `json:"egress,omitempty"`
 }
 
 // Spec is what a developer asks for.

@@ -3,6 +3,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -35,8 +36,12 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetErr(stderr)
 	root.AddCommand(newVersionCmd(), newDemoCmd(logger), newServeCmd(logger), newCACmd(), newWaypointCmd(logger),
 		newSessionCmd("steal", logger), newSessionCmd("mirror", logger), newSessionsCmd(logger), newAgentCmd(logger),
-		newInstallCmd(), newUninstallCmd(), newDoctorCmd())
+		newInstallCmd(), newUninstallCmd(), newDoctorCmd(), newRunCmd(logger))
 	if err := root.ExecuteContext(ctx); err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			return int(code) // detour run: CMD's own exit code
+		}
 		fmt.Fprintln(stderr, "detour:", err)
 		return 1
 	}

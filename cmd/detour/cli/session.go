@@ -59,24 +59,31 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 }
 
 func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, error) {
+	t, _, err := f.dialWith(ctx, log)
+	return t, err
+}
+
+// dialWith also returns the developer's identity source.
+func (f *tunnelFlags) dialWith(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, identity.Source, error) {
 	if f.waypoint == "" {
-		return nil, errors.New("--waypoint is required")
+		return nil, nil, errors.New("--waypoint is required")
 	}
 	src, err := f.identity(ctx, log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var authorize tlsconfig.Authorizer
 	if f.waypointID != "" {
 		id, err := spiffeid.FromString(f.waypointID)
 		if err != nil {
-			return nil, fmt.Errorf("--waypoint-id: %w", err)
+			return nil, nil, fmt.Errorf("--waypoint-id: %w", err)
 		}
 		authorize = tlsconfig.AuthorizeID(id)
 	}
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	return tunnel.Dial(dctx, f.transport, f.waypoint, src, authorize, log)
+	t, err := tunnel.Dial(dctx, f.transport, f.waypoint, src, authorize, log)
+	return t, src, err
 }
 
 func (f *tunnelFlags) identity(ctx context.Context, log *slog.Logger) (identity.Source, error) {

@@ -1,0 +1,404 @@
+package cli
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/detour-mesh/detour/egress"
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/tunnel"
+)
+
+// ExitTunnelLost is detour run's exit code when the tunnel to the waypoint is lost (CMD is
+// stopped), unless --keep-running.
+const ExitTunnelLost = 75
+
+// exitCode makes Run exit with code, without a message (CMD already spoke).
+type exitCode int
+
+func (e exitCode) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+type runCmd struct {
+	session     sessionCmd
+	target      string
+	steal       bool
+	mirror      bool
+	envFile     string
+	keepRunning bool
+	container   string
+}
+
+func newRunCmd(log func() *slog.Logger) *cobra.Command {
+	r := &runCmd{session: sessionCmd{log: log}}
+	cmd := &cobra.Command{
+		Use:   "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
+		Short: "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return r.run(cmd, args)
+		},
+	}
+	r.session.tunnel.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVarP(&r.session.namespace, "namespace", "n", "default", "the target's namespace")
+	fl.StringVar(&r.target, "target", "", "the service whose workload CMD stands in for, svc/NAME[:PORT] (required)")
+	fl.BoolVar(&r.steal, "steal", false, "also steal the target's traffic to CMD (see detour steal)")
+	fl.BoolVar(&r.mirror, "mirror", false, "also mirror the target's traffic to CMD (see detour mirror)")
+	fl.StringVar(&r.session.to, "to", "", "with --steal or --mirror: where CMD listens, host:port")
+	fl.StringVar(&r.session.header, "header", "", "with --steal or --mirror: the header filter (see detour steal)")
+	fl.StringVar(&r.session.path, "path", "", "with --steal or --mirror: the path filter")
+	fl.StringVar(&r.session.method, "method", "", "with --steal or --mirror: the method filter")
+	fl.StringVar(&r.envFile, "env-file", "", "write the target's environment to this file instead of giving it to CMD")
+	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost")
+	fl.StringVar(&r.container, "container", "", "the container whose environment to take (default: the first one)")
+	return cmd
+}
+
+func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
+	ctx := cmd.Context()
+	log := r.session.log()
+	if r.steal && r.mirror {
+		return errors.New("--steal and --mirror exclude each other")
+	}
+	svcName, ok := strings.CutPrefix(r.target, "svc/")
+	if !ok || svcName == "" {
+		return fmt.Errorf("--target %q: want svc/NAME[:PORT]", r.target)
+	}
+	svcName, _, _ = strings.Cut(svcName, ":")
+	kube, err := kubeClient(r.session.tunnel.kubeconfig)
+	if err != nil {
+		return err
+	}
+	env, err := targetEnv(ctx, kube, r.session.namespace, svcName, r.container)
+	if err != nil {
+		return err
+	}
+	if r.envFile != "" {
+		if err := os.WriteFile(r.envFile, []byte(strings.Join(env, "\n")+"\n"), 0o600); err != nil {
+			return err
+		}
+		env = nil
+	}
+	hello := tunnel.Hello{Egress: true}
+	if r.steal || r.mirror {
+		r.session.mode = map[bool]string{true: "steal", false: "mirror"}[r.steal]
+		spec, err := r.session.spec(r.target)
+		if err != nil {
+			return err
+		}
+		hello.Register = &spec
+	}
+	tctx, cancelTunnel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelTunnel()
+	t, src, err := r.session.tunnel.dialWith(tctx, log)
+	if err != nil {
+		return err
+	}
+	defer t.Close()
+	if err := tunnel.WriteMsg(t.Control(), hello); err != nil {
+		return fmt.Errorf("sending the session: %w", err)
+	}
+	var reply tunnel.Reply
+	if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
+		return fmt.Errorf("reading the waypoint's answer: %w", err)
+	}
+	if !reply.OK {
+		return fmt.Errorf("the waypoint refused: %s", reply.Error)
+	}
+	go io.Copy(io.Discard, t.Control()) // events: the CLI of detour run does not print them
+
+	eg := &egressLink{ready: make(chan struct{})}
+	go r.accept(tctx, t, src, eg, log)
+	p := &egress.Proxies{Dial: eg.dial, Resolve: serviceResolver(kube, r.session.namespace), Logger: log}
+	if id, _ := src.Identity(); id != nil {
+		p.Principal = id.SVID.ID.String()
+	}
+	hl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	sl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		hl.Close()
+		return err
+	}
+	go p.Serve(tctx, hl, sl)
+
+	c := exec.Command(argv[0], argv[1:]...)
+	c.Env = append(append(os.Environ(), env...), egress.Env(hl.Addr().String(), sl.Addr().String())...)
+	c.Stdin, c.Stdout, c.Stderr = cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr()
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", argv[0], err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- c.Wait() }()
+	lost := t.Done()
+	for {
+		select {
+		case err := <-waited:
+			cancelTunnel()
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				return exitCode(ee.ExitCode())
+			}
+			return err
+		case <-ctx.Done(): // SIGINT or SIGTERM to detour: CMD gets it too
+			c.Process.Signal(syscall.SIGINT)
+			ctx = context.Background()
+		case <-lost:
+			lost = nil
+			if r.keepRunning {
+				fmt.Fprintln(cmd.ErrOrStderr(), "detour: the tunnel to the waypoint was lost; CMD keeps running (--keep-running)")
+				continue
+			}
+			fmt.Fprintln(cmd.ErrOrStderr(), "detour: the tunnel to the waypoint was lost; stopping CMD")
+			c.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-waited:
+			case <-time.After(10 * time.Second):
+				c.Process.Kill()
+				<-waited
+			}
+			return exitCode(ExitTunnelLost)
+		}
+	}
+}
+
+// accept serves the tunnel's data streams: the egress link, and stolen or mirrored streams for CMD.
+func (r *runCmd) accept(ctx context.Context, t *tunnel.Tunnel, src identity.Source, eg *egressLink, log *slog.Logger) {
+	for {
+		m, c, err := t.Accept(ctx)
+		if err != nil {
+			return
+		}
+		if m.Kind == "hbone" {
+			go eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
+			continue
+		}
+		go func() {
+			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", r.session.to)
+			if err != nil {
+				c.Close()
+				return
+			}
+			hbone.Splice(c, app, 0)
+		}()
+	}
+}
+
+// egressLink is the HBONE connection the developer's outgoing connections share.
+type egressLink struct {
+	once  sync.Once
+	ready chan struct{}
+	cc    *hbone.ClientConn
+	err   error
+}
+
+func (e *egressLink) start(ctx context.Context, c net.Conn, tlsCfg *tls.Config, log *slog.Logger) {
+	cc, err := hbone.NewClientConn(ctx, c, tlsCfg, hbone.Config{}, log)
+	e.once.Do(func() { e.cc, e.err = cc, err; close(e.ready) })
+}
+
+func (e *egressLink) dial(ctx context.Context, addr string) (net.Conn, error) {
+	select {
+	case <-e.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(15 * time.Second):
+		return nil, errors.New("egress: the waypoint never opened the egress link")
+	}
+	if e.err != nil {
+		return nil, fmt.Errorf("egress: %w", e.err)
+	}
+	return e.cc.Dial(ctx, addr, hbone.DialOptions{})
+}
+
+// serviceResolver maps cluster service names (NAME, NAME.NS, NAME.NS.svc, NAME.NS.svc.cluster.local;
+// NS defaults to ns) to their cluster IPs.
+func serviceResolver(kube kubernetes.Interface, ns string) func(context.Context, string) (net.IP, error) {
+	return func(ctx context.Context, host string) (net.IP, error) {
+		name, rest, _ := strings.Cut(strings.TrimSuffix(host, "."), ".")
+		sns := ns
+		if rest != "" {
+			sns, rest, _ = strings.Cut(rest, ".")
+			if rest != "" && rest != "svc" && rest != "svc.cluster.local" {
+				return nil, fmt.Errorf("egress: %s is not a cluster service name", host)
+			}
+		}
+		svc, err := kube.CoreV1().Services(sns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("egress: resolving %s: %w", host, err)
+		}
+		ip := net.ParseIP(svc.Spec.ClusterIP)
+		if ip == nil {
+			return nil, fmt.Errorf("egress: service %s/%s has no cluster IP (headless)", sns, name)
+		}
+		return ip, nil
+	}
+}
+
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = kubeconfig
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	return kubernetes.NewForConfig(rc)
+}
+
+// targetEnv is the environment of the service's workload: a pod the service selects, its
+// container's env and envFrom, with ConfigMap and Secret references read with the user's own
+// permissions.
+func targetEnv(ctx context.Context, kube kubernetes.Interface, ns, svcName, container string) ([]string, error) {
+	svc, err := kube.CoreV1().Services(ns).Get(ctx, svcName, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("target svc/%s in %s: %w", svcName, ns, err)
+	}
+	if len(svc.Spec.Selector) == 0 {
+		return nil, fmt.Errorf("target svc/%s selects no pods (no selector): no environment to take", svcName)
+	}
+	pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: labels.SelectorFromSet(svc.Spec.Selector).String()})
+	if err != nil {
+		return nil, fmt.Errorf("listing the pods of svc/%s: %w", svcName, err)
+	}
+	if len(pods.Items) == 0 {
+		return nil, fmt.Errorf("target svc/%s in %s has no pods", svcName, ns)
+	}
+	sort.Slice(pods.Items, func(i, j int) bool { return pods.Items[i].Name < pods.Items[j].Name })
+	pod := &pods.Items[0]
+	var ct *corev1.Container
+	for i := range pod.Spec.Containers {
+		if container == "" || pod.Spec.Containers[i].Name == container {
+			ct = &pod.Spec.Containers[i]
+			break
+		}
+	}
+	if ct == nil {
+		return nil, fmt.Errorf("pod %s has no container %q", pod.Name, container)
+	}
+	vals := map[string]string{}
+	var order []string
+	set := func(k, v string) {
+		if _, ok := vals[k]; !ok {
+			order = append(order, k)
+		}
+		vals[k] = v
+	}
+	for _, from := range ct.EnvFrom {
+		var data map[string]string
+		switch {
+		case from.ConfigMapRef != nil:
+			cm, err := kube.CoreV1().ConfigMaps(ns).Get(ctx, from.ConfigMapRef.Name, metav1.GetOptions{})
+			if err != nil {
+				if optional(from.ConfigMapRef.Optional) && apierrors.IsNotFound(err) {
+					continue
+				}
+				return nil, readErr("ConfigMap", ns, from.ConfigMapRef.Name, err)
+			}
+			data = cm.Data
+		case from.SecretRef != nil:
+			sec, err := kube.CoreV1().Secrets(ns).Get(ctx, from.SecretRef.Name, metav1.GetOptions{})
+			if err != nil {
+				if optional(from.SecretRef.Optional) && apierrors.IsNotFound(err) {
+					continue
+				}
+				return nil, readErr("Secret", ns, from.SecretRef.Name, err)
+			}
+			data = map[string]string{}
+			for k, v := range sec.Data {
+				data[k] = string(v)
+			}
+		}
+		keys := make([]string, 0, len(data))
+		for k := range data {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			set(from.Prefix+k, data[k])
+		}
+	}
+	for _, e := range ct.Env {
+		v, err := envValue(ctx, kube, pod, e)
+		if err != nil {
+			return nil, err
+		}
+		set(e.Name, v)
+	}
+	out := make([]string, 0, len(order))
+	for _, k := range order {
+		out = append(out, k+"="+vals[k])
+	}
+	return out, nil
+}
+
+func envValue(ctx context.Context, kube kubernetes.Interface, pod *corev1.Pod, e corev1.EnvVar) (string, error) {
+	src := e.ValueFrom
+	switch {
+	case src == nil:
+		return e.Value, nil
+	case src.ConfigMapKeyRef != nil:
+		cm, err := kube.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, src.ConfigMapKeyRef.Name, metav1.GetOptions{})
+		if err != nil {
+			if optional(src.ConfigMapKeyRef.Optional) && apierrors.IsNotFound(err) {
+				return "", nil
+			}
+			return "", readErr("ConfigMap", pod.Namespace, src.ConfigMapKeyRef.Name, err)
+		}
+		return cm.Data[src.ConfigMapKeyRef.Key], nil
+	case src.SecretKeyRef != nil:
+		sec, err := kube.CoreV1().Secrets(pod.Namespace).Get(ctx, src.SecretKeyRef.Name, metav1.GetOptions{})
+		if err != nil {
+			if optional(src.SecretKeyRef.Optional) && apierrors.IsNotFound(err) {
+				return "", nil
+			}
+			return "", readErr("Secret", pod.Namespace, src.SecretKeyRef.Name, err)
+		}
+		return string(sec.Data[src.SecretKeyRef.Key]), nil
+	case src.FieldRef != nil:
+		switch src.FieldRef.FieldPath {
+		case "metadata.name":
+			return pod.Name, nil
+		case "metadata.namespace":
+			return pod.Namespace, nil
+		case "spec.serviceAccountName":
+			return pod.Spec.ServiceAccountName, nil
+		case "spec.nodeName":
+			return pod.Spec.NodeName, nil
+		case "status.podIP":
+			return pod.Status.PodIP, nil
+		}
+	}
+	return "", nil // resourceFieldRef and other fields: not meaningful on a laptop
+}
+
+func optional(b *bool) bool { return b != nil && *b }
+
+func readErr(kind, ns, name string, err error) error {
+	if apierrors.IsForbidden(err) {
+		return fmt.Errorf("your kubeconfig may not read %s %s/%s, which the target's environment uses: %w", kind, ns, name, err)
+	}
+	return fmt.Errorf("reading %s %s/%s for the target's environment: %w", kind, ns, name, err)
+}

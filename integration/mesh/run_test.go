@@ -1,0 +1,138 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/integration/testbed"
+)
+
+// detour run: CMD gets the target's environment (env, envFrom, ConfigMap and Secret references)
+// and reaches cluster services by name through the waypoint as the developer, over the HTTP and
+// SOCKS5 proxies; a service whose policy denies the developer answers 403 naming the principal;
+// CMD's exit code is detour's.
+func TestRun(t *testing.T) {
+	c := testbed.Start(t, testbed.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const ns = "shop"
+	if err := c.Namespace(ctx, ns, nil); err != nil {
+		t.Fatal(err)
+	}
+	k := c.Client.CoreV1()
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(k.ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "web-config"}, Data: map[string]string{"GREETING": "hello"}}, metav1.CreateOptions{}))
+	must(k.Secrets(ns).Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "web-secret"}, Data: map[string][]byte{"TOKEN": []byte("s3cret")}}, metav1.CreateOptions{}))
+	must(k.Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web-0", Labels: map[string]string{"app": "web"}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "web", Image: "none.invalid/web",
+			Env: []corev1.EnvVar{{Name: "MODE", Value: "prod"},
+				{Name: "TOKEN", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "web-secret"}, Key: "TOKEN"}}},
+				{Name: "POD", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}},
+			EnvFrom: []corev1.EnvFromSource{{ConfigMapRef: &corev1.ConfigMapEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "web-config"}}}},
+		}}}}, metav1.CreateOptions{}))
+	service := func(name string, selector map[string]string) *corev1.Service {
+		s, err := k.Services(ns).Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: corev1.ServiceSpec{Selector: selector, Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	service("web", map[string]string{"app": "web"})
+	api, vault := service("api", nil), service("vault", nil)
+
+	// api and vault: one pod on 127.0.0.2 behind an HBONE terminator.
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	ca, err := devca.Init(caDir, "cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svid, err := ca.Issue("spiffe://cluster.local/ns/shop/sa/api", time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	app, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	as := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "%s says hi", r.Host) })}
+	go as.Serve(app)
+	defer as.Close()
+	hl, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	term := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()}), nil)}
+	go term.Serve(hl)
+	defer term.Close()
+	appPort, hbonePort := app.Addr().(*net.TCPAddr).Port, hl.Addr().(*net.TCPAddr).Port
+
+	tunnel := freeAddr(t)
+	cfg := filepath.Join(dir, "waypoint.yaml")
+	doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
+listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q, upstreamHBONEPort: %d}
+waypoint: {namespace: shop, gateway: detour}
+discovery:
+  static:
+    services:
+    - {name: api, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
+    - {name: vault, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
+    policies:
+    - name: no-developers
+      namespace: shop
+      spec:
+        targetRefs: [{kind: Service, name: vault}]
+        action: DENY
+        rules: [{from: [{source: {namespaces: [dev]}}]}]
+`, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort)
+	os.WriteFile(cfg, []byte(doc), 0o600)
+	start(t, "waypoint", "--config", cfg).waitFor(t, "waypoint serving")
+
+	script := `echo MODE=$MODE TOKEN=$TOKEN GREETING=$GREETING POD=$POD
+curl -sS --max-time 10 http://api.shop.svc.cluster.local/hello; echo
+curl -sS --max-time 10 --proxy "$ALL_PROXY" http://api/hello; echo " (socks5)"
+curl -sS --max-time 10 http://vault.shop/; echo
+exit 7`
+	r := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--", "sh", "-c", script)
+	select {
+	case <-r.done:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("detour run did not end:\n%s", r.output())
+	}
+	out := r.output()
+	for _, want := range []string{
+		"MODE=prod TOKEN=s3cret GREETING=hello POD=web-0",
+		"api.shop.svc.cluster.local says hi",
+		"api says hi (socks5)",
+		"detour: egress: refused by the waypoint: an AuthorizationPolicy denies spiffe://cluster.local/ns/dev/sa/alice access to " + vault.Spec.ClusterIP + ":80",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+	t.Logf("detour run output:\n%s", out)
+	if code := r.ProcessState.ExitCode(); code != 7 {
+		t.Errorf("exit code %d, want CMD's 7\n%s", code, out)
+	}
+}
