@@ -7,7 +7,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -97,7 +99,14 @@ discovery:
     services:
     - {name: api, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
     - {name: vault, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
+    - {name: web, namespace: shop, vips: [10.96.200.1], ports: [{name: http, port: 80}]}
     policies:
+    - name: developers-steal
+      namespace: shop
+      spec:
+        targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: detour}]
+        action: ALLOW
+        rules: [{from: [{source: {namespaces: [dev]}}], to: [{operation: {methods: [STEAL]}}]}]
     - name: no-developers
       namespace: shop
       spec:
@@ -106,7 +115,8 @@ discovery:
         rules: [{from: [{source: {namespaces: [dev]}}]}]
 `, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort)
 	os.WriteFile(cfg, []byte(doc), 0o600)
-	start(t, "waypoint", "--config", cfg).waitFor(t, "waypoint serving")
+	wp := start(t, "waypoint", "--config", cfg)
+	wp.waitFor(t, "waypoint serving")
 
 	script := `echo MODE=$MODE TOKEN=$TOKEN GREETING=$GREETING POD=$POD
 curl -sS --max-time 10 http://api.shop.svc.cluster.local/hello; echo
@@ -135,4 +145,45 @@ exit 7`
 	if code := r.ProcessState.ExitCode(); code != 7 {
 		t.Errorf("exit code %d, want CMD's 7\n%s", code, out)
 	}
+
+	// Killing CMD ends the session within a second.
+	pidFile := filepath.Join(dir, "pid")
+	r = runSession(t, c.Kubeconfig, tunnel, caDir, "echo $$ > "+pidFile+"; echo ready; exec sleep 60")
+	wp.waitFor(t, "session: started")
+	raw, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
+	killed := time.Now()
+	syscall.Kill(pid, syscall.SIGKILL)
+	regexpFind(t, wp, `msg="session: (ended by the developer|tunnel lost)"`) // Ctrl-C, exit and crash look alike here
+	if took := time.Since(killed); took > time.Second {
+		t.Errorf("the session outlived CMD by %v", took)
+	}
+	<-r.done
+	if code := r.ProcessState.ExitCode(); code != 137 {
+		t.Errorf("detour run after CMD was killed by SIGKILL: exit %d, want 137", code)
+	}
+
+	// SIGINT to detour reaches CMD, which decides how to end; its code is detour's.
+	r = runSession(t, c.Kubeconfig, tunnel, caDir, `trap 'echo got-int; exit 3' INT; echo ready; sleep 60 >/dev/null 2>&1 & wait`)
+	r.Process.Signal(os.Interrupt)
+	select {
+	case <-r.done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("detour run ignored SIGINT:\n%s", r.output())
+	}
+	if code := r.ProcessState.ExitCode(); code != 3 || !strings.Contains(r.output(), "got-int") {
+		t.Errorf("after SIGINT: exit %d\n%s", code, r.output())
+	}
+}
+
+
+// runSession starts `detour run --steal` with script and returns it once the session is up.
+func runSession(t *testing.T, kubeconfig, tunnel, caDir, script string) *proc {
+	r := start(t, "run", "--target", "svc/web", "-n", "shop", "--kubeconfig", kubeconfig, "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--steal", "--to", "127.0.0.1:1", "--", "sh", "-c", script)
+	r.waitFor(t, "ready")
+	return r
 }

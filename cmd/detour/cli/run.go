@@ -160,6 +160,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 			cancelTunnel()
 			var ee *exec.ExitError
 			if errors.As(err, &ee) {
+				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+					return exitCode(128 + int(ws.Signal())) // as a shell reports it
+				}
 				return exitCode(ee.ExitCode())
 			}
 			return err
