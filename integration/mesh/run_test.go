@@ -179,7 +179,6 @@ exit 7`
 	}
 }
 
-
 // runSession starts `detour run --steal` with script and returns it once the session is up.
 func runSession(t *testing.T, kubeconfig, tunnel, caDir, script string) *proc {
 	r := start(t, "run", "--target", "svc/web", "-n", "shop", "--kubeconfig", kubeconfig, "--waypoint", tunnel,
