@@ -146,6 +146,30 @@ exit 7`
 		t.Errorf("exit code %d, want CMD's 7\n%s", code, out)
 	}
 
+	// A resolver for cluster names, for tools that take one (DETOUR_DNS).
+	dnsFile := filepath.Join(dir, "dns")
+	r = start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--", "sh", "-c", "echo $DETOUR_DNS > "+dnsFile+"; exec sleep 30")
+	var dnsAddr string
+	for deadline := time.Now().Add(20 * time.Second); dnsAddr == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(dnsFile)
+		dnsAddr = strings.TrimSpace(string(b))
+	}
+	res := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "udp", dnsAddr)
+	}}
+	for _, name := range []string{"api.shop.svc.cluster.local", "api.shop", "api"} {
+		addrs, err := res.LookupHost(ctx, name)
+		if err != nil || len(addrs) != 1 || addrs[0] != api.Spec.ClusterIP {
+			t.Errorf("DNS %s: %v %v, want %s", name, addrs, err, api.Spec.ClusterIP)
+		}
+	}
+	if addrs, err := res.LookupHost(ctx, "nothing.shop.svc.cluster.local"); err == nil {
+		t.Errorf("DNS for an unknown service: %v", addrs)
+	}
+	r.Process.Signal(os.Interrupt)
+	<-r.done
+
 	// Killing CMD ends the session within a second.
 	pidFile := filepath.Join(dir, "pid")
 	r = runSession(t, c.Kubeconfig, tunnel, caDir, "echo $$ > "+pidFile+"; echo ready; exec sleep 60")

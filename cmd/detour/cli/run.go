@@ -144,9 +144,20 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		return err
 	}
 	go p.Serve(tctx, hl, sl)
+	dnsUDP, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	dnsTCP, err := net.Listen("tcp", dnsUDP.LocalAddr().String())
+	if err != nil {
+		dnsUDP.Close()
+		return err
+	}
+	go (&egress.DNS{Resolve: p.Resolve}).Serve(tctx, dnsUDP, dnsTCP)
 
 	c := exec.Command(argv[0], argv[1:]...)
 	c.Env = append(append(os.Environ(), env...), egress.Env(hl.Addr().String(), sl.Addr().String())...)
+	c.Env = append(c.Env, "DETOUR_DNS="+dnsUDP.LocalAddr().String()) // a resolver for cluster names, for tools that take one
 	c.Stdin, c.Stdout, c.Stderr = cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr()
 	if err := c.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", argv[0], err)
