@@ -99,7 +99,7 @@ discovery:
     services:
     - {name: api, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
     - {name: vault, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
-    - {name: web, namespace: shop, vips: [10.96.200.1], ports: [{name: http, port: 80}]}
+    - {name: web, namespace: shop, vips: [10.96.200.1], ports: [{name: http, port: 80}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
     policies:
     - name: developers-steal
       namespace: shop
@@ -107,6 +107,12 @@ discovery:
         targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: detour}]
         action: ALLOW
         rules: [{from: [{source: {namespaces: [dev]}}], to: [{operation: {methods: [STEAL]}}]}]
+    - name: alice-impersonates-web
+      namespace: shop
+      spec:
+        targetRefs: [{kind: Service, name: web}]
+        action: ALLOW
+        rules: [{from: [{source: {principals: [cluster.local/ns/dev/sa/alice]}}], to: [{operation: {methods: [IMPERSONATE]}}]}]
     - name: no-developers
       namespace: shop
       spec:
@@ -144,6 +150,21 @@ exit 7`
 	t.Logf("detour run output:\n%s", out)
 	if code := r.ProcessState.ExitCode(); code != 7 {
 		t.Errorf("exit code %d, want CMD's 7\n%s", code, out)
+	}
+
+	// --as-target: the target's workload identity, which vault's policy does not deny; only with
+	// an IMPERSONATE grant.
+	asTarget := func(dev string) *proc {
+		p := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel, "--as-target",
+			"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/"+dev, "--", "sh", "-c", "curl -sS --max-time 10 http://vault.shop/")
+		<-p.done
+		return p
+	}
+	if out := asTarget("alice").output(); !strings.Contains(out, "vault.shop says hi") {
+		t.Errorf("--as-target with IMPERSONATE granted:\n%s", out)
+	}
+	if out := asTarget("bob").output(); !strings.Contains(out, "IMPERSONATE of web.shop.svc.cluster.local refused for cluster.local/ns/dev/sa/bob") {
+		t.Errorf("--as-target without a grant:\n%s", out)
 	}
 
 	// A resolver for cluster names, for tools that take one (DETOUR_DNS).

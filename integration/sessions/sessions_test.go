@@ -169,7 +169,9 @@ func start(t *testing.T, name, bin string, args ...string) *proc {
 	if err := p.Start(); err != nil {
 		t.Fatal(err)
 	}
+	read := make(chan struct{})
 	go func() {
+		defer close(read)
 		sc := bufio.NewScanner(pr)
 		for sc.Scan() {
 			p.mu.Lock()
@@ -181,7 +183,7 @@ func start(t *testing.T, name, bin string, args ...string) *proc {
 			}
 		}
 	}()
-	go func() { p.Wait(); pw.Close(); close(p.done) }()
+	go func() { p.Wait(); pw.Close(); <-read; close(p.done) }() // done: exited, and all output read
 	t.Cleanup(func() {
 		p.Process.Signal(os.Interrupt)
 		select {

@@ -67,7 +67,9 @@ func start(t *testing.T, cmd *exec.Cmd) *proc {
 	if err := p.Start(); err != nil {
 		t.Fatal(err)
 	}
+	read := make(chan struct{})
 	go func() {
+		defer close(read)
 		sc := bufio.NewScanner(pr)
 		for sc.Scan() {
 			p.mu.Lock()
@@ -75,7 +77,7 @@ func start(t *testing.T, cmd *exec.Cmd) *proc {
 			p.mu.Unlock()
 		}
 	}()
-	go func() { p.Wait(); pw.Close(); close(p.done) }()
+	go func() { p.Wait(); pw.Close(); <-read; close(p.done) }() // done: exited, and all output read
 	t.Cleanup(func() {
 		p.Process.Signal(syscall.SIGTERM)
 		select {

@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
@@ -37,9 +40,12 @@ type Manager struct {
 	Publisher interface {
 		Publish(*Session) (unpublish func())
 	}
-	// EgressAddr is the waypoint's HBONE listener as this process dials it, for tunnels that
-	// ask for egress; "" refuses them.
-	EgressAddr string
+	// Egress serves the developer's egress link (HBONE with the developer's SVID, over the
+	// tunnel): the waypoint's handler and server TLS. Nil Handler refuses egress.
+	Egress struct {
+		Handler hbone.Handler
+		TLS     *tls.Config
+	}
 	// Bind, if set, binds an unbound service to this waypoint for a session that asks
 	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
 	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
@@ -64,15 +70,25 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	case hello.Register == nil && !hello.Egress:
 		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, or list sessions"})
 		return
-	case hello.Egress && m.EgressAddr == "":
+	case hello.Egress && m.Egress.Handler == nil:
 		lastWord(ctl, tunnel.Reply{Error: "this waypoint offers no egress"})
 		return
+	}
+	var as spiffeid.ID
+	if hello.AsTarget != nil {
+		id, err := m.impersonate(p, *hello.AsTarget)
+		if err != nil {
+			m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+			lastWord(ctl, tunnel.Reply{Error: err.Error()})
+			return
+		}
+		as = id
 	}
 	if hello.Register == nil { // egress only
 		if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true}); err != nil {
 			return
 		}
-		m.egress(p)
+		m.egress(p, as)
 		io.Copy(io.Discard, ctl) // until the CLI hangs up or the tunnel dies
 		return
 	}
@@ -105,7 +121,7 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		return
 	}
 	if hello.Egress {
-		m.egress(p)
+		m.egress(p, as)
 	}
 	m.log().Info("session: started", "session", s.ID, "developer", p.ID().String(), "mode", s.Spec.Mode,
 		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport())
@@ -128,24 +144,54 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	}
 }
 
-// egress opens the developer's egress stream and connects it to the waypoint's HBONE listener;
-// it lives as long as the tunnel.
-func (m *Manager) egress(p *tunnel.Peer) {
+// egress opens the developer's egress link and serves HBONE on it with the waypoint's handler:
+// the developer's (or, with as, the impersonated workload's) identity is the streams' source.
+func (m *Manager) egress(p *tunnel.Peer, as spiffeid.ID) {
 	go func() {
-		up, err := net.DialTimeout("tcp", m.EgressAddr, 5*time.Second)
+		ctx := ctxOf(p)
+		c, err := p.Open(ctx, tunnel.Meta{Kind: "hbone"})
 		if err != nil {
-			m.log().Error("session: egress: dialing the HBONE listener", "err", err)
 			return
 		}
-		c, err := p.Open(context.Background(), tunnel.Meta{Kind: "hbone"})
-		if err != nil {
-			up.Close()
-			return
+		h := m.Egress.Handler
+		if !as.IsZero() {
+			h = hbone.HandlerFunc(func(s *hbone.Stream) error {
+				s.Request().PeerID = as
+				return m.Egress.Handler.ServeHBONE(s)
+			})
 		}
-		stop := context.AfterFunc(ctxOf(p), func() { c.Close(); up.Close() })
-		defer stop()
-		hbone.Splice(c, up, 0)
+		srv := &hbone.Server{Handler: h, TLSConfig: m.Egress.TLS, Logger: m.log()}
+		srv.ServeConn(ctx, c)
 	}()
+}
+
+// impersonate authorizes IMPERSONATE on t and returns the identity of t's workload.
+func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, error) {
+	svc := m.Routes().Service(t.Namespace, t.Service)
+	if svc == nil {
+		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s is not known to this waypoint", t.Namespace, t.Service)
+	}
+	sa := ""
+	for _, e := range svc.Endpoints {
+		if e.ServiceAccount != "" {
+			sa = e.ServiceAccount
+			break
+		}
+	}
+	if sa == "" {
+		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s has no endpoint with a known service account to impersonate", t.Namespace, t.Service)
+	}
+	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	var dec authz.Decision
+	if m.Policies != nil {
+		dec = m.Policies().Grant(&authz.Request{Principal: principal, Service: authz.Service{Namespace: svc.Namespace, Name: svc.Name},
+			HTTP: &authz.HTTPRequest{Method: "IMPERSONATE", Host: svc.Hostname, Path: "/"}})
+	}
+	if !dec.Allow {
+		return spiffeid.ID{}, fmt.Errorf("IMPERSONATE of %s refused for %s: %s. A policy that would grant it:\n%s",
+			svc.Hostname, principal, dec.Reason, m.suggest(principal, "IMPERSONATE", svc.Hostname, "/"))
+	}
+	return spiffeid.FromSegments(p.ID().TrustDomain(), "ns", svc.Namespace, "sa", sa)
 }
 
 // ctxOf is a context that ends with the tunnel.

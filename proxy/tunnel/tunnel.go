@@ -45,6 +45,15 @@ type Hello struct {
 	// Egress asks for a data stream (Meta kind hbone) connected to the waypoint's HBONE listener,
 	// over which the CLI speaks HBONE with its own SVID for the developer's outgoing connections.
 	Egress bool `json:"egress,omitempty"`
+	// AsTarget: the egress link's connections carry this service's workload identity instead of
+	// the developer's (an AuthorizationPolicy must grant IMPERSONATE on it).
+	AsTarget *Target `json:"asTarget,omitempty"`
+}
+
+// Target names a service.
+type Target struct {
+	Namespace string `json:"namespace"`
+	Service   string `json:"service"`
 }
 
 // Spec is what a developer asks for.

@@ -47,6 +47,7 @@ type runCmd struct {
 	envFile     string
 	keepRunning bool
 	container   string
+	asTarget    bool
 }
 
 func newRunCmd(log func() *slog.Logger) *cobra.Command {
@@ -72,6 +73,7 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	fl.StringVar(&r.envFile, "env-file", "", "write the target's environment to this file instead of giving it to CMD")
 	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost")
 	fl.StringVar(&r.container, "container", "", "the container whose environment to take (default: the first one)")
+	fl.BoolVar(&r.asTarget, "as-target", false, "CMD's outgoing connections carry the target's workload identity, not yours (needs an AuthorizationPolicy granting you IMPERSONATE on it)")
 	return cmd
 }
 
@@ -101,6 +103,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		env = nil
 	}
 	hello := tunnel.Hello{Egress: true}
+	if r.asTarget {
+		hello.AsTarget = &tunnel.Target{Namespace: r.session.namespace, Service: svcName}
+	}
 	if r.steal || r.mirror {
 		r.session.mode = map[bool]string{true: "steal", false: "mirror"}[r.steal]
 		spec, err := r.session.spec(r.target)

@@ -129,7 +129,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 				Registry: h.Sessions, Relay: h.RelayOpener, TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 			g.Go(func() error { return store.Run(ctx) })
 		}
-		tl, err := serveTunnels(ctx, g, cfg, src, h, l.Addr(), disc.bind, store, log)
+		tl, err := serveTunnels(ctx, g, cfg, src, h, disc.bind, store, log)
 		if err != nil {
 			srv.Close()
 			return errors.Join(err, g.Wait())
@@ -190,7 +190,7 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 
 // serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
 // and returns the address.
-func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler, hboneAddr net.Addr,
+func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler,
 	bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) (string, error) {
 	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
 	if err != nil {
@@ -203,8 +203,8 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
 	}
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind,
-		EgressAddr: egressAddr(hboneAddr)}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
+	m.Egress.Handler, m.Egress.TLS = h, identity.ServerTLS(src, nil)
 	if store != nil {
 		m.Publisher = store
 	}
@@ -296,13 +296,4 @@ func advertise(cfg *config.Config, l net.Listener) string {
 		return net.JoinHostPort(ip, strconv.Itoa(port))
 	}
 	return l.Addr().String()
-}
-
-// egressAddr is the HBONE listener as this process dials it (a wildcard address via loopback).
-func egressAddr(a net.Addr) string {
-	ta := a.(*net.TCPAddr)
-	if ta.IP.IsUnspecified() {
-		return net.JoinHostPort("127.0.0.1", strconv.Itoa(ta.Port))
-	}
-	return ta.String()
 }
