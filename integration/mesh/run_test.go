@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -13,6 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	"google.golang.org/grpc/health/grpc_health_v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -69,7 +74,7 @@ func TestRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svid, err := ca.Issue("spiffe://cluster.local/ns/shop/sa/api", time.Time{}, time.Time{})
+	svid, err := ca.Issue("spiffe://cluster.local/ns/shop/sa/web", time.Time{}, time.Time{}) // every pod here runs as web
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,6 +93,15 @@ func TestRun(t *testing.T) {
 	go term.Serve(hl)
 	defer term.Close()
 	appPort, hbonePort := app.Addr().(*net.TCPAddr).Port, hl.Addr().(*net.TCPAddr).Port
+	gl, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	grpc_health_v1.RegisterHealthServer(gs, health.NewServer())
+	go gs.Serve(gl)
+	defer gs.Stop()
+	grpcSvc := service("grpc", nil)
 
 	tunnel := freeAddr(t)
 	cfg := filepath.Join(dir, "waypoint.yaml")
@@ -97,9 +111,10 @@ waypoint: {namespace: shop, gateway: detour}
 discovery:
   static:
     services:
-    - {name: api, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
-    - {name: vault, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: api}]}
-    - {name: web, namespace: shop, vips: [10.96.200.1], ports: [{name: http, port: 80}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
+    - {name: api, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
+    - {name: vault, namespace: shop, vips: [%s], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
+    - {name: web, namespace: shop, vips: [10.96.200.1], ports: [{name: http, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
+    - {name: grpc, namespace: shop, vips: [%s], ports: [{name: grpc, port: 80, targetPort: %d}], endpoints: [{ip: 127.0.0.2, serviceAccount: web}]}
     policies:
     - name: developers-steal
       namespace: shop
@@ -119,7 +134,7 @@ discovery:
         targetRefs: [{kind: Service, name: vault}]
         action: DENY
         rules: [{from: [{source: {namespaces: [dev]}}]}]
-`, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort)
+`, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort, appPort, grpcSvc.Spec.ClusterIP, gl.Addr().(*net.TCPAddr).Port)
 	os.WriteFile(cfg, []byte(doc), 0o600)
 	wp := start(t, "waypoint", "--config", cfg)
 	wp.waitFor(t, "waypoint serving")
@@ -166,6 +181,63 @@ exit 7`
 	if out := asTarget("bob").output(); !strings.Contains(out, "IMPERSONATE of web.shop.svc.cluster.local refused for cluster.local/ns/dev/sa/bob") {
 		t.Errorf("--as-target without a grant:\n%s", out)
 	}
+
+	// gRPC through the SOCKS5 proxy (the process is this test binary, as a gRPC client).
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--", "sh", "-c", "DETOUR_TEST_ROLE=grpc-client exec "+self+" grpc.shop:80")
+	<-g.done
+	if out := g.output(); !strings.Contains(out, "grpc health: SERVING") {
+		t.Errorf("gRPC through SOCKS5:\n%s", out)
+	}
+
+	// Stolen requests reach the local app with their tracing headers (the app is this binary).
+	hboneAddr := regexpFind(t, wp, `hbone=(127\.0\.0\.1:\d+)`)
+	headersFile := filepath.Join(dir, "headers")
+	appAddr := freeAddr(t)
+	h := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--steal", "--header", "x-dev=alice", "--to", appAddr,
+		"--", "sh", "-c", "DETOUR_TEST_ROLE=header-app exec "+self+" "+appAddr+" "+headersFile)
+	wp.waitFor(t, `filter="header x-dev=alice"`)
+	clientSVID, err := ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cliTLS, _ := identity.ClientTLS(identity.Static(&identity.Identity{SVID: clientSVID, Bundle: ca.Bundle()}), spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/detour"))
+	hd := &hbone.Dialer{}
+	defer hd.Close()
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return hd.Dial(ctx, hboneAddr, addr, hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.244.1.9:4000"`})
+	}}
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequest("GET", "http://10.96.200.1:80/", nil)
+	req.Header.Set("X-Dev", "alice")
+	req.Header.Set("Forwarded", `for="192.0.2.7"`)
+	req.Header.Set("Baggage", "user=alice")
+	req.Header.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	var body []byte
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		resp, err := (&http.Client{Transport: tr, Timeout: 5 * time.Second}).Do(req)
+		if err == nil {
+			body, _ = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) == "local app" {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stolen request never reached the local app: %v %q", err, body)
+		}
+	}
+	got, _ := os.ReadFile(headersFile)
+	if want := `forwarded=for="192.0.2.7" baggage=user=alice traceparent=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01`; !strings.Contains(string(got), want) {
+		t.Errorf("the local app saw %q, want %q", got, want)
+	}
+	h.Process.Signal(os.Interrupt)
+	<-h.done
 
 	// A resolver for cluster names, for tools that take one (DETOUR_DNS).
 	dnsFile := filepath.Join(dir, "dns")
