@@ -54,16 +54,57 @@ func SpliceCount(a, b net.Conn, halfCloseTimeout time.Duration) (Counts, error) 
 		}
 	}
 	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		end(pipe(b, a, &aToB))
-	}()
+	if sa, ok := a.(*Stream); ok {
+		// a -> b runs only while a has bytes: an idle spliced stream parks one goroutine, not two.
+		drainOnDemand(sa, b, &aToB, func(err error) {
+			end(err)
+			close(done)
+		})
+	} else {
+		go func() {
+			defer close(done)
+			end(pipe(b, a, &aToB))
+		}()
+	}
 	end(pipe(a, b, &bToA))
 	<-done
 	if t := watchdog.Load(); t != nil {
 		t.Stop()
 	}
 	return Counts{AToB: aToB.Load(), BToA: bToA.Load()}, errors.Join(firstErr, closeBoth(a, b))
+}
+
+// drainOnDemand copies src to dst (then half-closes dst) in a goroutine started whenever src
+// has bytes or ends, and gone while src is idle; finish is called once, with the copy's error.
+func drainOnDemand(src *Stream, dst net.Conn, progress *atomic.Int64, finish func(error)) {
+	var running atomic.Bool
+	var run func()
+	run = func() {
+		for {
+			_, err, idle := src.drainTo(progressWriter{dst, progress})
+			if !idle {
+				src.onReadable.Store(nil)
+				if err == nil {
+					err = closeWrite(dst)
+				}
+				finish(err)
+				return
+			}
+			running.Store(false)
+			// Bytes that arrived after the drain and before the flag dropped poked a running
+			// drainer and were not seen: look again.
+			if !src.pending() || !running.CompareAndSwap(false, true) {
+				return
+			}
+		}
+	}
+	notify := func() {
+		if running.CompareAndSwap(false, true) {
+			go run()
+		}
+	}
+	src.onReadable.Store(&notify)
+	notify()
 }
 
 // watch calls stall when progress has not moved for d.

@@ -65,6 +65,10 @@ type Stream struct {
 	closeMu  sync.Once
 	onClose  func() error // optional: releases what the stream runs over (double HBONE)
 	closeErr error
+
+	// onReadable, when set, is called (from the connection's reader, so it must not block) each
+	// time bytes or an end arrive: Splice drains an idle direction without parking a goroutine.
+	onReadable atomic.Pointer[func()]
 }
 
 func newStream(c *conn, id uint32) *Stream {
@@ -166,6 +170,9 @@ func (s *Stream) pokeRead() {
 	select {
 	case s.readable <- struct{}{}:
 	default:
+	}
+	if f := s.onReadable.Load(); f != nil {
+		(*f)()
 	}
 }
 
@@ -308,6 +315,50 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 			return total, errDeadline
 		}
 	}
+}
+
+// drainTo is WriteTo without the wait: it writes what is buffered and returns. idle reports that
+// the stream is still open with nothing buffered; otherwise it ended (err nil at END_STREAM).
+func (s *Stream) drainTo(w io.Writer) (total int64, err error, idle bool) {
+	var batch []*chunk
+	for {
+		s.mu.Lock()
+		if len(s.chunks) == 0 {
+			err := s.readErrLocked()
+			s.mu.Unlock()
+			if err == io.EOF {
+				return total, nil, false
+			}
+			return total, err, err == nil
+		}
+		n := min(len(s.chunks), maxBatchChunks)
+		batch = append(batch[:0], s.chunks[:n]...)
+		clear(s.chunks[:n])
+		s.chunks = s.chunks[n:]
+		s.mu.Unlock()
+		bufs := make(net.Buffers, len(batch))
+		size := 0
+		for i, ch := range batch {
+			bufs[i] = ch.buf[ch.r:ch.w]
+			size += ch.w - ch.r
+		}
+		n64, err := writeBuffers(w, bufs)
+		total += n64
+		s.c.credit(s, size)
+		for _, ch := range batch {
+			putChunk(ch)
+		}
+		if err != nil {
+			return total, err, false
+		}
+	}
+}
+
+// pending reports whether drainTo has something to do.
+func (s *Stream) pending() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.chunks) > 0 || s.readErrLocked() != nil
 }
 
 // maxBatchChunks bounds one WriteTo batch (16 x 32 KiB).
