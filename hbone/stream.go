@@ -275,38 +275,10 @@ func (s *Stream) readErrLocked() error {
 // another Stream. It returns nil at the peer's END_STREAM.
 func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	var total int64
-	var batch []*chunk
 	for {
-		s.mu.Lock()
-		if len(s.chunks) > 0 {
-			n := min(len(s.chunks), maxBatchChunks)
-			batch = append(batch[:0], s.chunks[:n]...)
-			clear(s.chunks[:n])
-			s.chunks = s.chunks[n:]
-			s.mu.Unlock()
-			bufs := make(net.Buffers, len(batch))
-			size := 0
-			for i, ch := range batch {
-				bufs[i] = ch.buf[ch.r:ch.w]
-				size += ch.w - ch.r
-			}
-			n64, err := writeBuffers(w, bufs)
-			total += n64
-			s.c.credit(s, size)
-			for _, ch := range batch {
-				putChunk(ch)
-			}
-			if err != nil {
-				return total, err
-			}
-			continue
-		}
-		err := s.readErrLocked()
-		s.mu.Unlock()
-		if err == io.EOF {
-			return total, nil
-		}
-		if err != nil {
+		n, err, idle := s.drainTo(w)
+		total += n
+		if !idle {
 			return total, err
 		}
 		select {

@@ -1,18 +1,13 @@
 package mesh
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/detour-mesh/detour/identity/devca"
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -40,71 +36,13 @@ var detourBin = sync.OnceValues(func() (string, error) {
 	return bin, nil
 })
 
-type proc struct {
-	*exec.Cmd
-	mu   sync.Mutex
-	out  strings.Builder
-	done chan struct{}
-}
-
-func start(t *testing.T, args ...string) *proc {
+// start runs the detour binary with args.
+func start(t *testing.T, args ...string) *it.Proc {
 	bin, err := detourBin()
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{Cmd: exec.Command(bin, args...), done: make(chan struct{})}
-	pr, pw := io.Pipe()
-	p.Stdout, p.Stderr = pw, pw
-	p.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	read := make(chan struct{})
-	go func() {
-		defer close(read)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			p.mu.Lock()
-			p.out.WriteString(sc.Text() + "\n")
-			p.mu.Unlock()
-		}
-	}()
-	go func() { p.Wait(); pw.Close(); <-read; close(p.done) }() // done: exited, and all output read
-	t.Cleanup(func() {
-		p.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s:\n%s", strings.Join(p.Args, " "), p.output())
-		}
-	})
-	return p
-}
-
-func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.String()
-}
-
-func (p *proc) waitFor(t *testing.T, substr string) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(p.output(), substr) {
-		select {
-		case <-p.done:
-			t.Fatalf("%s exited before %q:\n%s", p.Args, substr, p.output())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q from %s:\n%s", substr, p.Args, p.output())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return it.Start(t, exec.Command(bin, args...))
 }
 
 func freeAddr(t *testing.T) string {
@@ -151,7 +89,7 @@ func TestSessionBinding(t *testing.T) {
 	if _, err := devca.Init(caDir, "cluster.local"); err != nil {
 		t.Fatal(err)
 	}
-	waypointProc := func(tunnel string) *proc {
+	waypointProc := func(tunnel string) *it.Proc {
 		cfg := filepath.Join(t.TempDir(), "waypoint.yaml")
 		doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
 listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q}
@@ -162,13 +100,13 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 			t.Fatal(err)
 		}
 		p := start(t, "waypoint", "--config", cfg)
-		p.waitFor(t, "mesh: discovery synced")
+		p.WaitFor(t, "mesh: discovery synced")
 		return p
 	}
-	steal := func(tunnel string) *proc {
+	steal := func(tunnel string) *it.Proc {
 		p := start(t, "steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--bind", "--waypoint", tunnel,
 			"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
-		p.waitFor(t, "stealing ")
+		p.WaitFor(t, "stealing ")
 		return p
 	}
 	host := "detour.shop.svc.cluster.local"
@@ -185,29 +123,13 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	cli = steal(tunA)
 	waypointOf(t, c, ns, "web", host)
 	a.Process.Kill() // the waypoint dies holding the binding
-	<-a.done
+	<-a.Done
 	killed = time.Now()
 	b := waypointProc(freeAddr(t)) // another replica (or the restarted one)
 	waypointOf(t, c, ns, "web", "")
 	t.Logf("waypoint killed: another replica reverted the binding after its lease expired, %v after the kill (TTL 3s)", time.Since(killed).Round(100*time.Millisecond))
-	b.waitFor(t, "a session binding expired")
+	b.WaitFor(t, "a session binding expired")
 	if _, err := c.Client.CoordinationV1().Leases(ns).Get(ctx, "detour-bind-web", metav1.GetOptions{}); err == nil {
 		t.Fatal("the expired lease is still there")
-	}
-}
-
-// regexpFind waits for pattern in p's output and returns its first group.
-func regexpFind(t *testing.T, p *proc, pattern string) string {
-	t.Helper()
-	re := regexp.MustCompile(pattern)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if m := re.FindStringSubmatch(p.output()); m != nil {
-			return m[1]
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s in:\n%s", pattern, p.output())
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

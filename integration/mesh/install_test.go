@@ -24,7 +24,9 @@ func detour(t *testing.T, args ...string) (int, string) {
 }
 
 // dump renders what a user would compare: the namespace and the given services, without the
-// fields the API server changes on every write.
+// fields the API server changes on every write, and without status (what controllers, istiod
+// among them, report about the objects, asynchronously: istiod's WaypointBound condition follows
+// the binding a moment later).
 func dump(t *testing.T, c *testbed.Cluster, ns string, services ...string) string {
 	ctx := context.Background()
 	var objs []any
@@ -34,6 +36,7 @@ func dump(t *testing.T, c *testbed.Cluster, ns string, services ...string) strin
 	}
 	clean := func(m *metav1.ObjectMeta) { m.ResourceVersion, m.ManagedFields, m.Generation = "", nil, 0 }
 	clean(&n.ObjectMeta)
+	n.Status = corev1.NamespaceStatus{}
 	objs = append(objs, n)
 	for _, s := range services {
 		svc, err := c.Client.CoreV1().Services(ns).Get(ctx, s, metav1.GetOptions{})
@@ -41,6 +44,7 @@ func dump(t *testing.T, c *testbed.Cluster, ns string, services ...string) strin
 			t.Fatal(err)
 		}
 		clean(&svc.ObjectMeta)
+		svc.Status = corev1.ServiceStatus{}
 		objs = append(objs, svc)
 	}
 	b, err := yaml.Marshal(objs)

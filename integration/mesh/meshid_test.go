@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -55,17 +56,17 @@ discovery:
 `, c.Istiod.CAAddr, tokenFile, rootFile, tunnel)
 	os.WriteFile(cfg, []byte(doc), 0o600)
 	wp := start(t, "waypoint", "--config", cfg)
-	wp.waitFor(t, "waypoint serving")
-	steal := func(sa string) *proc {
+	wp.WaitFor(t, "waypoint serving")
+	steal := func(sa string) *it.Proc {
 		return start(t, "steal", "svc/web:80", "-n", "shop", "--to", "127.0.0.1:1", "--waypoint", tunnel,
 			"--service-account", sa, "--kubeconfig", c.Kubeconfig, "--istiod", c.Istiod.CAAddr, "--mesh-root", rootFile)
 	}
 	alice := steal("dev/alice")
-	alice.waitFor(t, "stealing shop/web")
-	wp.waitFor(t, "developer=spiffe://cluster.local/ns/dev/sa/alice")
+	alice.WaitFor(t, "stealing shop/web")
+	wp.WaitFor(t, "developer=spiffe://cluster.local/ns/dev/sa/alice")
 	if _, err := c.ServiceAccountToken(ctx, "dev", "bob", "istio-ca"); err != nil {
 		t.Fatal(err)
 	}
 	bob := steal("dev/bob")
-	bob.waitFor(t, "STEAL on web.shop.svc.cluster.local port 80 refused for cluster.local/ns/dev/sa/bob")
+	bob.WaitFor(t, "STEAL on web.shop.svc.cluster.local port 80 refused for cluster.local/ns/dev/sa/bob")
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -63,7 +64,7 @@ func TestReplicasRelay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	replica := func(hboneAddr string) *proc {
+	replica := func(hboneAddr string) *it.Proc {
 		cfg := filepath.Join(t.TempDir(), "waypoint.yaml")
 		doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
 listeners: {hbone: %q, health: "off", tunnel: "127.0.0.1:0"}
@@ -74,13 +75,13 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 			t.Fatal(err)
 		}
 		p := start(t, "waypoint", "--config", cfg)
-		p.waitFor(t, "mesh: discovery synced")
+		p.WaitFor(t, "mesh: discovery synced")
 		return p
 	}
 	aAddr, bAddr := freeAddr(t), freeAddr(t)
 	a := replica(aAddr)
 	b := replica(bAddr)
-	tunnel := regexpFind(t, a, `tunnel=(127\.0\.0\.1:\d+)`)
+	tunnel := a.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 
 	// The developer's app, and the CLI holding its tunnel on replica A.
 	app, err := net.Listen("tcp", "127.0.0.1:0")
@@ -99,8 +100,8 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	}()
 	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", app.Addr().String(), "--waypoint", tunnel,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
-	cli.waitFor(t, "stealing ")
-	b.waitFor(t, "relaying a session held by another replica")
+	cli.WaitFor(t, "stealing ")
+	b.WaitFor(t, "relaying a session held by another replica")
 
 	svid, err := ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
 	if err != nil {
@@ -163,11 +164,11 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	}
 	long.Close()
 	b.Process.Kill()
-	<-b.done
+	<-b.Done
 	b = replica(bAddr)
-	b.waitFor(t, "relaying a session held by another replica")
+	b.WaitFor(t, "relaying a session held by another replica")
 	if got := greet(bAddr); got != "dev" {
 		t.Fatalf("through B after its restart: %q", got)
 	}
-	cli.waitFor(t, "steal stream:")
+	cli.WaitFor(t, "steal stream:")
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -137,7 +138,7 @@ discovery:
 `, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort, appPort, grpcSvc.Spec.ClusterIP, gl.Addr().(*net.TCPAddr).Port)
 	os.WriteFile(cfg, []byte(doc), 0o600)
 	wp := start(t, "waypoint", "--config", cfg)
-	wp.waitFor(t, "waypoint serving")
+	wp.WaitFor(t, "waypoint serving")
 
 	script := `echo MODE=$MODE TOKEN=$TOKEN GREETING=$GREETING POD=$POD
 curl -sS --max-time 10 http://api.shop.svc.cluster.local/hello; echo
@@ -147,11 +148,11 @@ exit 7`
 	r := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--", "sh", "-c", script)
 	select {
-	case <-r.done:
+	case <-r.Done:
 	case <-time.After(60 * time.Second):
-		t.Fatalf("detour run did not end:\n%s", r.output())
+		t.Fatalf("detour run did not end:\n%s", r.Output())
 	}
-	out := r.output()
+	out := r.Output()
 	for _, want := range []string{
 		"MODE=prod TOKEN=s3cret GREETING=hello POD=web-0",
 		"api.shop.svc.cluster.local says hi",
@@ -169,16 +170,16 @@ exit 7`
 
 	// --as-target: the target's workload identity, which vault's policy does not deny; only with
 	// an IMPERSONATE grant.
-	asTarget := func(dev string) *proc {
+	asTarget := func(dev string) *it.Proc {
 		p := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel, "--as-target",
 			"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/"+dev, "--", "sh", "-c", "curl -sS --max-time 10 http://vault.shop/")
-		<-p.done
+		<-p.Done
 		return p
 	}
-	if out := asTarget("alice").output(); !strings.Contains(out, "vault.shop says hi") {
+	if out := asTarget("alice").Output(); !strings.Contains(out, "vault.shop says hi") {
 		t.Errorf("--as-target with IMPERSONATE granted:\n%s", out)
 	}
-	if out := asTarget("bob").output(); !strings.Contains(out, "IMPERSONATE of web.shop.svc.cluster.local refused for cluster.local/ns/dev/sa/bob") {
+	if out := asTarget("bob").Output(); !strings.Contains(out, "IMPERSONATE of web.shop.svc.cluster.local refused for cluster.local/ns/dev/sa/bob") {
 		t.Errorf("--as-target without a grant:\n%s", out)
 	}
 
@@ -189,19 +190,19 @@ exit 7`
 	}
 	g := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--", "sh", "-c", "DETOUR_TEST_ROLE=grpc-client exec "+self+" grpc.shop:80")
-	<-g.done
-	if out := g.output(); !strings.Contains(out, "grpc health: SERVING") {
+	<-g.Done
+	if out := g.Output(); !strings.Contains(out, "grpc health: SERVING") {
 		t.Errorf("gRPC through SOCKS5:\n%s", out)
 	}
 
 	// Stolen requests reach the local app with their tracing headers (the app is this binary).
-	hboneAddr := regexpFind(t, wp, `hbone=(127\.0\.0\.1:\d+)`)
+	hboneAddr := wp.Find(t, `hbone=(127\.0\.0\.1:\d+)`)
 	headersFile := filepath.Join(dir, "headers")
 	appAddr := freeAddr(t)
 	h := start(t, "run", "--target", "svc/web", "-n", ns, "--kubeconfig", c.Kubeconfig, "--waypoint", tunnel,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--steal", "--header", "x-dev=alice", "--to", appAddr,
 		"--", "sh", "-c", "DETOUR_TEST_ROLE=header-app exec "+self+" "+appAddr+" "+headersFile)
-	wp.waitFor(t, `filter="header x-dev=alice"`)
+	wp.WaitFor(t, `filter="header x-dev=alice"`)
 	clientSVID, err := ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
 	if err != nil {
 		t.Fatal(err)
@@ -237,7 +238,7 @@ exit 7`
 		t.Errorf("the local app saw %q, want %q", got, want)
 	}
 	h.Process.Signal(os.Interrupt)
-	<-h.done
+	<-h.Done
 
 	// A resolver for cluster names, for tools that take one (DETOUR_DNS).
 	dnsFile := filepath.Join(dir, "dns")
@@ -261,12 +262,12 @@ exit 7`
 		t.Errorf("DNS for an unknown service: %v", addrs)
 	}
 	r.Process.Signal(os.Interrupt)
-	<-r.done
+	<-r.Done
 
 	// Killing CMD ends the session within a second.
 	pidFile := filepath.Join(dir, "pid")
 	r = runSession(t, c.Kubeconfig, tunnel, caDir, "echo $$ > "+pidFile+"; echo ready; exec sleep 60")
-	wp.waitFor(t, "session: started")
+	wp.WaitFor(t, "session: started")
 	raw, err := os.ReadFile(pidFile)
 	if err != nil {
 		t.Fatal(err)
@@ -274,11 +275,11 @@ exit 7`
 	pid, _ := strconv.Atoi(strings.TrimSpace(string(raw)))
 	killed := time.Now()
 	syscall.Kill(pid, syscall.SIGKILL)
-	regexpFind(t, wp, `msg="session: (ended by the developer|tunnel lost)"`) // Ctrl-C, exit and crash look alike here
+	wp.Find(t, `msg="session: (ended by the developer|tunnel lost)"`) // Ctrl-C, exit and crash look alike here
 	if took := time.Since(killed); took > time.Second {
 		t.Errorf("the session outlived CMD by %v", took)
 	}
-	<-r.done
+	<-r.Done
 	if code := r.ProcessState.ExitCode(); code != 137 {
 		t.Errorf("detour run after CMD was killed by SIGKILL: exit %d, want 137", code)
 	}
@@ -287,19 +288,19 @@ exit 7`
 	r = runSession(t, c.Kubeconfig, tunnel, caDir, `trap 'echo got-int; exit 3' INT; echo ready; sleep 60 >/dev/null 2>&1 & wait`)
 	r.Process.Signal(os.Interrupt)
 	select {
-	case <-r.done:
+	case <-r.Done:
 	case <-time.After(10 * time.Second):
-		t.Fatalf("detour run ignored SIGINT:\n%s", r.output())
+		t.Fatalf("detour run ignored SIGINT:\n%s", r.Output())
 	}
-	if code := r.ProcessState.ExitCode(); code != 3 || !strings.Contains(r.output(), "got-int") {
-		t.Errorf("after SIGINT: exit %d\n%s", code, r.output())
+	if code := r.ProcessState.ExitCode(); code != 3 || !strings.Contains(r.Output(), "got-int") {
+		t.Errorf("after SIGINT: exit %d\n%s", code, r.Output())
 	}
 }
 
 // runSession starts `detour run --steal` with script and returns it once the session is up.
-func runSession(t *testing.T, kubeconfig, tunnel, caDir, script string) *proc {
+func runSession(t *testing.T, kubeconfig, tunnel, caDir, script string) *it.Proc {
 	r := start(t, "run", "--target", "svc/web", "-n", "shop", "--kubeconfig", kubeconfig, "--waypoint", tunnel,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--steal", "--to", "127.0.0.1:1", "--", "sh", "-c", script)
-	r.waitFor(t, "ready")
+	r.WaitFor(t, "ready")
 	return r
 }

@@ -5,7 +5,6 @@
 package sessions
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -30,6 +29,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
+	it "github.com/detour-mesh/detour/integration"
 )
 
 var detourBin string
@@ -72,7 +72,7 @@ type bed struct {
 	devGRPC  string
 	devTCP   string
 	devSeen  chan []byte // what the developer's TCP app received, per connection
-	waypoint *proc
+	waypoint *it.Proc
 }
 
 func newBed(t *testing.T) *bed {
@@ -125,7 +125,7 @@ discovery:
 		t.Fatal(err)
 	}
 	b.waypoint = start(t, "waypoint", detourBin, "waypoint", "--config", path)
-	waitLine(t, b.waypoint, "waypoint serving")
+	b.waypoint.WaitFor(t, "waypoint serving")
 	cliTLS, err := identity.ClientTLS(b.id(t, clientID), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/detour"))
 	if err != nil {
 		t.Fatal(err)
@@ -145,85 +145,17 @@ func (b *bed) id(t *testing.T, id string) identity.Source {
 }
 
 // cli runs `detour MODE svc/web:PORT --to to ...` as developer dev and waits for its first line.
-func (b *bed) cli(t *testing.T, dev, transport, mode string, port int, to string, args ...string) *proc {
+func (b *bed) cli(t *testing.T, dev, transport, mode string, port int, to string, args ...string) *it.Proc {
 	argv := append([]string{mode, fmt.Sprintf("svc/web:%d", port), "-n", "demo", "--to", to, "--waypoint", b.tunnel,
 		"--transport", transport, "--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/" + dev}, args...)
 	p := start(t, "cli-"+dev, detourBin, argv...)
-	waitLine(t, p, map[string]string{"steal": "stealing ", "mirror": "mirroring "}[mode])
+	p.WaitFor(t, map[string]string{"steal": "stealing ", "mirror": "mirroring "}[mode])
 	return p
 }
 
-// proc is a child process whose output lines are collected.
-type proc struct {
-	*exec.Cmd
-	mu    sync.Mutex
-	lines []string
-	more  chan struct{}
-	done  chan struct{}
-}
-
-func start(t *testing.T, name, bin string, args ...string) *proc {
-	p := &proc{Cmd: exec.Command(bin, args...), more: make(chan struct{}, 1), done: make(chan struct{})}
-	pr, pw := io.Pipe()
-	p.Stdout, p.Stderr = pw, pw
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	read := make(chan struct{})
-	go func() {
-		defer close(read)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			p.mu.Lock()
-			p.lines = append(p.lines, sc.Text())
-			p.mu.Unlock()
-			select {
-			case p.more <- struct{}{}:
-			default:
-			}
-		}
-	}()
-	go func() { p.Wait(); pw.Close(); <-read; close(p.done) }() // done: exited, and all output read
-	t.Cleanup(func() {
-		p.Process.Signal(os.Interrupt)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s output:\n%s", name, p.output())
-		}
-	})
-	return p
-}
-
-func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return strings.Join(p.lines, "\n")
-}
-
-func waitLine(t *testing.T, p *proc, substr string) {
-	t.Helper()
-	deadline := time.After(20 * time.Second)
-	for {
-		if strings.Contains(p.output(), substr) {
-			return
-		}
-		select {
-		case <-p.more:
-		case <-p.done:
-			time.Sleep(50 * time.Millisecond)
-			if strings.Contains(p.output(), substr) {
-				return
-			}
-			t.Fatalf("process exited before printing %q:\n%s", substr, p.output())
-		case <-deadline:
-			t.Fatalf("no %q after 20 s:\n%s", substr, p.output())
-		}
-	}
+// start runs bin with args (name is for the reader).
+func start(t *testing.T, _ string, bin string, args ...string) *it.Proc {
+	return it.Start(t, exec.Command(bin, args...))
 }
 
 func free(t *testing.T) string {
@@ -377,7 +309,7 @@ func TestHeaderFilteredSteal(t *testing.T) {
 				}
 			}
 			checkGRPC(t, b)
-			waitLine(t, cli, "steal POST /x 200")
+			cli.WaitFor(t, "steal POST /x 200")
 		})
 	}
 }
@@ -452,11 +384,11 @@ func TestWholeStreamStealAndMirror(t *testing.T) {
 		t.Fatalf("stolen stream answered %.40q...", got)
 	}
 	<-b.devSeen
-	waitLine(t, steal, "steal stream: 65000 B in")
+	steal.WaitFor(t, "steal stream: 65000 B in")
 	steal.Process.Signal(os.Interrupt)
-	<-steal.done
-	if !strings.Contains(steal.output(), "session ended") {
-		t.Errorf("CLI after Ctrl-C:\n%s", steal.output())
+	<-steal.Done
+	if !strings.Contains(steal.Output(), "session ended") {
+		t.Errorf("CLI after Ctrl-C:\n%s", steal.Output())
 	}
 	if got := b.tcpRoundTrip(t, msg); got != "real\n"+string(msg) {
 		t.Fatalf("after the session: %.40q...", got)
@@ -594,13 +526,13 @@ func TestStalledMirrorNeverSlowsTheRealPath(t *testing.T) {
 	}
 	out := start(t, "sessions", detourBin, "sessions", "--waypoint", b.tunnel, "--ca", filepath.Join(b.dir, "ca"),
 		"--id", "spiffe://cluster.local/ns/dev/sa/carol")
-	<-out.done
-	lines := strings.Split(out.output(), "\n")
+	<-out.Done
+	lines := strings.Split(out.Output(), "\n")
 	if len(lines) != 2 || !strings.HasPrefix(lines[0], "SESSION") || !strings.Contains(lines[1], "mirror") ||
 		!strings.Contains(lines[1], "spiffe://cluster.local/ns/dev/sa/carol") || strings.HasSuffix(lines[1], " 0") {
-		t.Fatalf("detour sessions (want the mirror with a dropped count):\n%s", out.output())
+		t.Fatalf("detour sessions (want the mirror with a dropped count):\n%s", out.Output())
 	}
-	t.Logf("detour sessions:\n%s", out.output())
+	t.Logf("detour sessions:\n%s", out.Output())
 }
 
 // Acceptance 4 on the wire, and HTTP mirroring: alice and bob steal by different values of one
@@ -625,9 +557,9 @@ func TestDevelopersSideBySide(t *testing.T) {
 	b.cli(t, "carol", "quic", "mirror", 80, carolL.Addr().String(), "--path", "^/copy/")
 	refused := start(t, "cli-dave", detourBin, "steal", "svc/web:80", "-n", "demo", "--to", alice, "--waypoint", b.tunnel,
 		"--header", "x-dev~.*", "--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/dave")
-	<-refused.done
-	if refused.ProcessState.ExitCode() != 1 || !strings.Contains(refused.output(), "already stolen by spiffe://cluster.local/ns/dev/sa/") {
-		t.Fatalf("an overlapping steal: exit %d\n%s", refused.ProcessState.ExitCode(), refused.output())
+	<-refused.Done
+	if refused.ProcessState.ExitCode() != 1 || !strings.Contains(refused.Output(), "already stolen by spiffe://cluster.local/ns/dev/sa/") {
+		t.Fatalf("an overlapping steal: exit %d\n%s", refused.ProcessState.ExitCode(), refused.Output())
 	}
 	c, _ := b.httpClient(t, false)
 	for _, tc := range []struct {

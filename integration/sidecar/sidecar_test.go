@@ -15,12 +15,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/detour-mesh/detour/identity/devca"
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -51,69 +51,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// proc is a process whose combined output is collected.
-type proc struct {
-	*exec.Cmd
-	mu   sync.Mutex
-	out  strings.Builder
-	done chan struct{}
-}
-
-func start(t *testing.T, cmd *exec.Cmd) *proc {
-	p := &proc{Cmd: cmd, done: make(chan struct{})}
-	pr, pw := io.Pipe()
-	p.Stdout, p.Stderr = pw, pw
-	p.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	read := make(chan struct{})
-	go func() {
-		defer close(read)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			p.mu.Lock()
-			p.out.WriteString(sc.Text() + "\n")
-			p.mu.Unlock()
-		}
-	}()
-	go func() { p.Wait(); pw.Close(); <-read; close(p.done) }() // done: exited, and all output read
-	t.Cleanup(func() {
-		p.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s:\n%s", strings.Join(p.Args, " "), p.output())
-		}
-	})
-	return p
-}
-
-func (p *proc) output() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.out.String()
-}
-
-func (p *proc) waitFor(t *testing.T, substr string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(p.output(), substr) {
-		select {
-		case <-p.done:
-			t.Fatalf("%s exited before %q:\n%s", p.Args, substr, p.output())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q from %s:\n%s", substr, p.Args, p.output())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+func start(t *testing.T, cmd *exec.Cmd) *it.Proc { return it.Start(t, cmd) }
 
 func run(t *testing.T, cmd *exec.Cmd) string {
 	t.Helper()
@@ -231,7 +169,7 @@ func TestSidecarPod(t *testing.T) {
 		return a.Command(detourBin, "agent", "--config", cfg, "--pod", "demo/a", "--ports", "8080,9000")
 	}
 	ag := start(t, agentCmd())
-	ag.waitFor(t, "agent ready")
+	ag.WaitFor(t, "agent ready")
 	installed := rules(t, a)
 	if n := strings.Count(installed, "-A OUTPUT -m comment --comment \"detour agent\" -j DETOUR_OUTPUT"); n != 1 {
 		t.Fatalf("%d jumps to DETOUR_OUTPUT:\n%s", n, installed)
@@ -244,10 +182,10 @@ func TestSidecarPod(t *testing.T) {
 	// Without a session the app still answers, through the agent.
 	mustTalk(t, client, a.IP+":8080", "app-8080")
 
-	steal := func(port, to, transport string) *proc {
+	steal := func(port, to, transport string) *it.Proc {
 		p := start(t, dev.Command(detourBin, "steal", "pod/a:"+port, "-n", "demo", "--to", to, "--waypoint", a.IP+":15009",
 			"--transport", transport, "--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice"))
-		p.waitFor(t, "stealing ")
+		p.WaitFor(t, "stealing ")
 		return p
 	}
 	s1 := steal("8080", "127.0.0.1:7080", "quic")
@@ -259,8 +197,8 @@ func TestSidecarPod(t *testing.T) {
 	if line, err := oldR.ReadString('\n'); err == nil {
 		t.Fatalf("the connection opened before the agent still reaches the app: %q", line)
 	}
-	if !strings.Contains(ag.output(), "flushed the sidecar's open connections") || strings.Contains(ag.output(), "flows=0") {
-		t.Errorf("agent log:\n%s", ag.output())
+	if !strings.Contains(ag.Output(), "flushed the sidecar's open connections") || strings.Contains(ag.Output(), "flows=0") {
+		t.Errorf("agent log:\n%s", ag.Output())
 	}
 	s2 := steal("9000", "127.0.0.1:7090", "h2")
 	mustTalk(t, client, a.IP+":8080", "dev-8080")
@@ -268,19 +206,19 @@ func TestSidecarPod(t *testing.T) {
 	// The seed bug: the app's own outbound connection to port 9000 of another pod, while 9000 is
 	// being stolen, must reach that pod.
 	mustTalk(t, a, remote.IP+":9000", "remote-9000")
-	s1.waitFor(t, "steal stream:")
+	s1.WaitFor(t, "steal stream:")
 
 	// Ctrl-C on one session: that port goes back to the app, the other stays stolen.
 	s1.Process.Signal(os.Interrupt)
-	<-s1.done
+	<-s1.Done
 	mustTalk(t, client, a.IP+":8080", "app-8080")
 	mustTalk(t, client, a.IP+":9000", "dev-9000")
 	s2.Process.Signal(os.Interrupt)
-	<-s2.done
+	<-s2.Done
 
 	// SIGTERM: every rule goes.
 	ag.Process.Signal(syscall.SIGTERM)
-	<-ag.done
+	<-ag.Done
 	if after := rules(t, a); after != before {
 		t.Fatalf("rules after the agent stopped differ from before:\n--- before\n%s\n--- after\n%s", before, after)
 	}
@@ -288,19 +226,19 @@ func TestSidecarPod(t *testing.T) {
 
 	// kill -9 leaves the rules; the next agent sweeps them, and its exit leaves none.
 	ag = start(t, agentCmd())
-	ag.waitFor(t, "agent ready")
+	ag.WaitFor(t, "agent ready")
 	ag.Process.Kill()
-	<-ag.done
+	<-ag.Done
 	if !strings.Contains(rules(t, a), "DETOUR_OUTPUT") {
 		t.Fatal("kill -9 removed the rules?")
 	}
 	ag = start(t, agentCmd())
-	ag.waitFor(t, "agent ready")
+	ag.WaitFor(t, "agent ready")
 	if again := rules(t, a); again != installed {
 		t.Fatalf("after kill -9 and a restart the rules differ from one agent's (duplicates?):\n%s\n--- want\n%s", again, installed)
 	}
 	ag.Process.Signal(syscall.SIGTERM)
-	<-ag.done
+	<-ag.Done
 	if after := rules(t, a); after != before {
 		t.Fatalf("rules after kill -9, restart and stop differ from before:\n--- before\n%s\n--- after\n%s", before, after)
 	}

@@ -1,0 +1,106 @@
+package integration
+
+import (
+	"bufio"
+	"io"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Proc is a child process (detour's binary, a CLI, an agent) whose combined output a test reads.
+type Proc struct {
+	*exec.Cmd
+	// Done is closed once the process exited and all its output was read.
+	Done chan struct{}
+
+	mu   sync.Mutex
+	out  strings.Builder
+	more chan struct{}
+}
+
+// Start runs cmd; it dies with the test process (Pdeathsig) and is interrupted, then killed after
+// 10 s, when the test ends. Its output is logged if the test failed.
+func Start(t testing.TB, cmd *exec.Cmd) *Proc {
+	t.Helper()
+	p := &Proc{Cmd: cmd, Done: make(chan struct{}), more: make(chan struct{}, 1)}
+	pr, pw := io.Pipe()
+	p.Stdout, p.Stderr = pw, pw
+	if p.SysProcAttr == nil {
+		p.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	p.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.out.WriteString(sc.Text() + "\n")
+			p.mu.Unlock()
+			select {
+			case p.more <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	go func() { p.Wait(); pw.Close(); <-read; close(p.Done) }()
+	t.Cleanup(func() {
+		p.Process.Signal(os.Interrupt)
+		select {
+		case <-p.Done:
+		case <-time.After(10 * time.Second):
+			p.Process.Kill()
+			<-p.Done
+		}
+		if t.Failed() {
+			t.Logf("%s:\n%s", strings.Join(p.Args, " "), p.Output())
+		}
+	})
+	return p
+}
+
+// Output is what the process wrote so far (stdout and stderr).
+func (p *Proc) Output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.out.String()
+}
+
+// WaitFor waits (20 s at most) until the output contains substr.
+func (p *Proc) WaitFor(t testing.TB, substr string) {
+	t.Helper()
+	p.Find(t, regexp.QuoteMeta(substr))
+}
+
+// Find waits (20 s at most) until the output matches pattern, and returns its first group (or
+// the whole match).
+func (p *Proc) Find(t testing.TB, pattern string) string {
+	t.Helper()
+	re := regexp.MustCompile(pattern)
+	deadline := time.After(20 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(p.Output()); m != nil {
+			return m[len(m)-1]
+		}
+		select {
+		case <-p.more:
+		case <-p.Done:
+			if m := re.FindStringSubmatch(p.Output()); m != nil {
+				return m[len(m)-1]
+			}
+			t.Fatalf("%s exited before its output matched %q:\n%s", strings.Join(p.Args, " "), pattern, p.Output())
+		case <-deadline:
+			t.Fatalf("no %q from %s after 20 s:\n%s", pattern, strings.Join(p.Args, " "), p.Output())
+		}
+	}
+}
