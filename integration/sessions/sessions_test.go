@@ -527,7 +527,7 @@ func TestStalledMirrorNeverSlowsTheRealPath(t *testing.T) {
 	out := start(t, "sessions", detourBin, "sessions", "--waypoint", b.tunnel, "--ca", filepath.Join(b.dir, "ca"),
 		"--id", "spiffe://cluster.local/ns/dev/sa/carol")
 	<-out.Done
-	lines := strings.Split(out.Output(), "\n")
+	lines := strings.Split(strings.TrimSpace(out.Output()), "\n")
 	if len(lines) != 2 || !strings.HasPrefix(lines[0], "SESSION") || !strings.Contains(lines[1], "mirror") ||
 		!strings.Contains(lines[1], "spiffe://cluster.local/ns/dev/sa/carol") || strings.HasSuffix(lines[1], " 0") {
 		t.Fatalf("detour sessions (want the mirror with a dropped count):\n%s", out.Output())
