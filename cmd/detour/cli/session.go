@@ -40,11 +40,13 @@ type tunnelFlags struct {
 	kubeconfig     string
 	istiod         string
 	meshRoot       string
+	portForward    string // NAMESPACE[/WAYPOINT]: reach the waypoint through the API server
 }
 
 func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (required)")
+	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (or --port-forward)")
+	fl.StringVar(&f.portForward, "port-forward", "", "reach the waypoint through a Kubernetes port-forward to one of its pods, NAMESPACE[/WAYPOINT] (HTTP/2 tunnel; uses --kubeconfig)")
 	fl.StringVar(&f.transport, "transport", "quic", "quic, or h2 when only TCP reaches the waypoint (a port-forward)")
 	fl.StringVar(&f.waypointID, "waypoint-id", "", "the waypoint's SPIFFE ID to insist on (default: any identity of the trust domain)")
 	fl.StringVar(&f.caDir, "ca", "", "a dev CA directory (detour ca init) to mint your identity from, with --id")
@@ -53,7 +55,7 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.key, "key", "", "your SVID key (PEM)")
 	fl.StringVar(&f.bundle, "bundle", "", "the trust bundle (PEM)")
 	fl.StringVar(&f.serviceAccount, "service-account", "", "get a mesh identity from istiod's CA for this service account, NAMESPACE/NAME (a token through your kubeconfig: TokenRequest)")
-	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for --service-account (default: $KUBECONFIG or ~/.kube/config)")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for --service-account, --port-forward and detour run (default: $KUBECONFIG or ~/.kube/config)")
 	fl.StringVar(&f.istiod, "istiod", "istiod.istio-system.svc:15012", "istiod's CA address, for --service-account (e.g. through kubectl port-forward)")
 	fl.StringVar(&f.meshRoot, "mesh-root", "", "the mesh root certificate (PEM), for --service-account (default: the istio-ca-root-cert ConfigMap of the account's namespace)")
 }
@@ -65,8 +67,15 @@ func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunne
 
 // dialWith also returns the developer's identity source.
 func (f *tunnelFlags) dialWith(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, identity.Source, error) {
+	if f.portForward != "" {
+		addr, err := portForward(ctx, f.kubeconfig, f.portForward)
+		if err != nil {
+			return nil, nil, err
+		}
+		f.waypoint, f.transport = addr, "h2" // a port-forward carries TCP only
+	}
 	if f.waypoint == "" {
-		return nil, nil, errors.New("--waypoint is required")
+		return nil, nil, errors.New("--waypoint or --port-forward is required")
 	}
 	src, err := f.identity(ctx, log)
 	if err != nil {
