@@ -89,19 +89,19 @@ func TestSessionBinding(t *testing.T) {
 	if _, err := devca.Init(caDir, "cluster.local"); err != nil {
 		t.Fatal(err)
 	}
-	waypointProc := func(tunnel string) *it.Proc {
+	waypointProc := func() (*it.Proc, string) {
 		cfg := filepath.Join(t.TempDir(), "waypoint.yaml")
 		doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
-listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q}
+listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: "127.0.0.1:0"}
 waypoint: {namespace: shop, gateway: detour, bindTTL: 3s}
 discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
-`, caDir, tunnel, c.Kubeconfig)
+`, caDir, c.Kubeconfig)
 		if err := os.WriteFile(cfg, []byte(doc), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		p := start(t, "waypoint", "--config", cfg)
 		p.WaitFor(t, "mesh: discovery synced")
-		return p
+		return p, p.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 	}
 	steal := func(tunnel string) *it.Proc {
 		p := start(t, "steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--bind", "--waypoint", tunnel,
@@ -111,8 +111,7 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	}
 	host := "detour.shop.svc.cluster.local"
 
-	tunA := freeAddr(t)
-	a := waypointProc(tunA)
+	a, tunA := waypointProc()
 	cli := steal(tunA)
 	waypointOf(t, c, ns, "web", host)
 	cli.Process.Kill()
@@ -125,7 +124,7 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	a.Process.Kill() // the waypoint dies holding the binding
 	<-a.Done
 	killed = time.Now()
-	b := waypointProc(freeAddr(t)) // another replica (or the restarted one)
+	b, _ := waypointProc() // another replica (or the restarted one)
 	waypointOf(t, c, ns, "web", "")
 	t.Logf("waypoint killed: another replica reverted the binding after its lease expired, %v after the kill (TTL 3s)", time.Since(killed).Round(100*time.Millisecond))
 	b.WaitFor(t, "a session binding expired")

@@ -36,10 +36,9 @@ func TestMeshIdentityForTheCLI(t *testing.T) {
 	tokenFile, rootFile := filepath.Join(dir, "token"), filepath.Join(dir, "root.pem")
 	os.WriteFile(tokenFile, []byte(token), 0o600)
 	os.WriteFile(rootFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Istiod.Root.Raw}), 0o644)
-	tunnel := freeAddr(t)
 	cfg := filepath.Join(dir, "waypoint.yaml")
 	doc := fmt.Sprintf(`identity: {source: istio-ca, istioCA: {addr: %q, tokenFile: %q, rootCertFile: %q}}
-listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q}
+listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: "127.0.0.1:0"}
 waypoint: {namespace: shop, gateway: detour}
 discovery:
   static:
@@ -53,10 +52,10 @@ discovery:
         rules:
         - from: [{source: {principals: [cluster.local/ns/dev/sa/alice]}}]
           to: [{operation: {methods: [STEAL]}}]
-`, c.Istiod.CAAddr, tokenFile, rootFile, tunnel)
+`, c.Istiod.CAAddr, tokenFile, rootFile)
 	os.WriteFile(cfg, []byte(doc), 0o600)
 	wp := start(t, "waypoint", "--config", cfg)
-	wp.WaitFor(t, "waypoint serving")
+	tunnel := wp.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 	steal := func(sa string) *it.Proc {
 		return start(t, "steal", "svc/web:80", "-n", "shop", "--to", "127.0.0.1:1", "--waypoint", tunnel,
 			"--service-account", sa, "--kubeconfig", c.Kubeconfig, "--istiod", c.Istiod.CAAddr, "--mesh-root", rootFile)

@@ -104,10 +104,9 @@ func TestRun(t *testing.T) {
 	defer gs.Stop()
 	grpcSvc := service("grpc", nil)
 
-	tunnel := freeAddr(t)
 	cfg := filepath.Join(dir, "waypoint.yaml")
 	doc := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/shop/sa/detour"}}
-listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: %q, upstreamHBONEPort: %d}
+listeners: {hbone: "127.0.0.1:0", health: "off", tunnel: "127.0.0.1:0", upstreamHBONEPort: %d}
 waypoint: {namespace: shop, gateway: detour}
 discovery:
   static:
@@ -135,10 +134,10 @@ discovery:
         targetRefs: [{kind: Service, name: vault}]
         action: DENY
         rules: [{from: [{source: {namespaces: [dev]}}]}]
-`, caDir, tunnel, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort, appPort, grpcSvc.Spec.ClusterIP, gl.Addr().(*net.TCPAddr).Port)
+`, caDir, hbonePort, api.Spec.ClusterIP, appPort, vault.Spec.ClusterIP, appPort, appPort, grpcSvc.Spec.ClusterIP, gl.Addr().(*net.TCPAddr).Port)
 	os.WriteFile(cfg, []byte(doc), 0o600)
 	wp := start(t, "waypoint", "--config", cfg)
-	wp.WaitFor(t, "waypoint serving")
+	tunnel := wp.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 
 	script := `echo MODE=$MODE TOKEN=$TOKEN GREETING=$GREETING POD=$POD
 curl -sS --max-time 10 http://api.shop.svc.cluster.local/hello; echo

@@ -94,10 +94,10 @@ func newBed(t *testing.T) *bed {
 	// The developer's apps.
 	b.devHTTP, b.devGRPC, b.devTCP = httpApp(t, "127.0.0.1", "dev"), grpcApp(t, "127.0.0.1", "dev"), tcpApp(t, "127.0.0.1", "dev", b.devSeen)
 
-	b.hbone, b.tunnel = free(t), free(t)
+	b.hbone = free(t)
 	port := func(addr string) string { _, p, _ := net.SplitHostPort(addr); return p }
 	cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/demo/sa/detour"}}
-listeners: {hbone: %q, health: "off", tunnel: %q, upstreamHBONEPort: %s}
+listeners: {hbone: %q, health: "off", tunnel: "127.0.0.1:0", upstreamHBONEPort: %s}
 waypoint: {namespace: demo, gateway: detour}
 discovery:
   static:
@@ -119,13 +119,13 @@ discovery:
         rules:
         - from: [{source: {principals: ["cluster.local/ns/dev/sa/*"]}}]
           to: [{operation: {methods: [STEAL, MIRROR], hosts: [web.demo.svc.cluster.local]}}]
-`, filepath.Join(b.dir, "ca"), b.hbone, b.tunnel, port(hl.Addr().String()), vip, port(appHTTP), port(appGRPC), port(appTCP))
+`, filepath.Join(b.dir, "ca"), b.hbone, port(hl.Addr().String()), vip, port(appHTTP), port(appGRPC), port(appTCP))
 	path := filepath.Join(b.dir, "waypoint.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	b.waypoint = start(t, "waypoint", detourBin, "waypoint", "--config", path)
-	b.waypoint.WaitFor(t, "waypoint serving")
+	b.tunnel = b.waypoint.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 	cliTLS, err := identity.ClientTLS(b.id(t, clientID), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/detour"))
 	if err != nil {
 		t.Fatal(err)

@@ -133,15 +133,9 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 	g.Go(func() error {
 		return (&agent.Server{Registry: reg, Namespace: ns, Pod: name, Logger: log}).Serve(gctx, rl)
 	})
-	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
+	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
 	if err != nil {
 		return errors.Join(fmt.Errorf("agent: tunnel listener: %w", err), g.Wait())
-	}
-	host, _, _ := net.SplitHostPort(cfg.Listeners.Tunnel)
-	pc, err := net.ListenPacket("udp", net.JoinHostPort(host, strconv.Itoa(tl.Addr().(*net.TCPAddr).Port)))
-	if err != nil {
-		tl.Close()
-		return errors.Join(fmt.Errorf("agent: tunnel listener (UDP): %w", err), g.Wait())
 	}
 	m := &session.Manager{Registry: reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: agent.CheckSpec}

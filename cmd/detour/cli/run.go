@@ -149,14 +149,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		return err
 	}
 	go p.Serve(tctx, hl, sl)
-	dnsUDP, err := net.ListenPacket("udp", "127.0.0.1:0")
+	dnsTCP, dnsUDP, err := listenTCPUDP("127.0.0.1:0")
 	if err != nil {
-		return err
-	}
-	dnsTCP, err := net.Listen("tcp", dnsUDP.LocalAddr().String())
-	if err != nil {
-		dnsUDP.Close()
-		return err
+		return fmt.Errorf("the DNS resolver's port: %w", err)
 	}
 	go (&egress.DNS{Resolve: p.Resolve}).Serve(tctx, dnsUDP, dnsTCP)
 

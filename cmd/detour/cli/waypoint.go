@@ -192,15 +192,9 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 // and returns the address.
 func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler,
 	bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) (string, error) {
-	tl, err := net.Listen("tcp", cfg.Listeners.Tunnel)
+	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
 	if err != nil {
 		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
-	}
-	host, _, _ := net.SplitHostPort(cfg.Listeners.Tunnel)
-	pc, err := net.ListenPacket("udp", net.JoinHostPort(host, strconv.Itoa(tl.Addr().(*net.TCPAddr).Port)))
-	if err != nil {
-		tl.Close()
-		return "", fmt.Errorf("waypoint: tunnel listener (UDP, same port as TCP): %w", err)
 	}
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
