@@ -406,6 +406,13 @@ func TestWholeStreamStealAndMirror(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the developer never got the copy")
 	}
+
+	// A steal whose local app is down: the CLI cannot connect the stream, says so, and the stream
+	// goes to the real service instead of failing.
+	b.cli(t, "eve", "h2", "steal", 82, "127.0.0.1:1")
+	if got := b.tcpRoundTrip(t, msg); got != "real\n"+string(msg) {
+		t.Fatalf("a steal whose app is down answered %.40q...", got)
+	}
 }
 
 // Acceptance 5: SIGKILL the CLI in the middle of 200 connections/s: no connection the session

@@ -152,7 +152,8 @@ func (h *handedStream) Close() error {
 // Control is the control stream: send the Hello, read the Reply, then Events.
 func (t *Tunnel) Control() net.Conn { return t.control }
 
-// Accept waits for the next data stream and reads its Meta.
+// Accept waits for the next data stream and reads its Meta. The caller answers with AckStream
+// once it connected the stream (or failed to).
 func (t *Tunnel) Accept(ctx context.Context) (Meta, net.Conn, error) {
 	c, err := t.accept(ctx)
 	if err != nil {
@@ -196,11 +197,22 @@ func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error
 			if seen != nil {
 				seen(m, err)
 			}
-			if err != nil {
+			if AckStream(c, err) != nil || err != nil {
 				c.Close()
+				if app != nil {
+					app.Close()
+				}
 				return
 			}
 			hbone.Splice(c, app, 0)
 		})
 	}
+}
+
+// AckStream answers a data stream's Meta: connected (err nil) or not.
+func AckStream(c net.Conn, err error) error {
+	if err != nil {
+		return WriteMsg(c, Ack{Error: err.Error()})
+	}
+	return WriteMsg(c, Ack{OK: true})
 }

@@ -51,7 +51,8 @@ func (e *OpenError) Error() string {
 }
 func (e *OpenError) Unwrap() error { return e.Err }
 
-// Open opens a data stream to the developer and sends m on it. Errors are *OpenError.
+// Open opens a data stream to the developer, sends m on it and waits for its Ack (the developer
+// connected it to the app). Errors are *OpenError: nothing of the traffic reached the developer.
 func (p *Peer) Open(ctx context.Context, m Meta) (net.Conn, error) {
 	select {
 	case <-p.done:
@@ -65,6 +66,21 @@ func (p *Peer) Open(ctx context.Context, m Meta) (net.Conn, error) {
 	if err := WriteMsg(c, m); err != nil {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: err}
+	}
+	deadline := time.Now().Add(AckTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	c.SetReadDeadline(deadline)
+	var ack Ack
+	if err := ReadMsg(c, &ack); err != nil {
+		c.Close()
+		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("waiting for the developer's acknowledgement: %w", err)}
+	}
+	c.SetReadDeadline(time.Time{})
+	if !ack.OK {
+		c.Close()
+		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("the developer's side: %s", ack.Error)}
 	}
 	return c, nil
 }

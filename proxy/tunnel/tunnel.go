@@ -122,6 +122,17 @@ type Meta struct {
 	Source   string `json:"source,omitempty"`   // the client's SPIFFE ID
 }
 
+// Ack answers a data stream's Meta, from the CLI: the stream is connected to the developer's app
+// (OK), or not (Error). The waypoint answers its client only after an OK, and sends the traffic to
+// the real service otherwise: a developer whose tunnel or app just went away fails nothing.
+type Ack struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+// AckTimeout bounds the wait for an Ack.
+const AckTimeout = 5 * time.Second
+
 // ErrTooLarge: a message over MaxMessage.
 var ErrTooLarge = errors.New("tunnel: message too large")
 

@@ -207,13 +207,20 @@ func (r *runCmd) accept(ctx context.Context, t *tunnel.Tunnel, src identity.Sour
 			return
 		}
 		if m.Kind == "hbone" {
+			if tunnel.AckStream(c, nil) != nil {
+				c.Close()
+				continue
+			}
 			go eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
 			continue
 		}
 		go func() {
 			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", r.session.to)
-			if err != nil {
+			if tunnel.AckStream(c, err) != nil || err != nil {
 				c.Close()
+				if app != nil {
+					app.Close()
+				}
 				return
 			}
 			hbone.Splice(c, app, 0)
