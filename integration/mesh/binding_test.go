@@ -72,18 +72,7 @@ func TestSessionBinding(t *testing.T) {
 		t.Fatal(out)
 	}
 	readyEndpoints(t, c, ns, "detour", "10.244.9.10", 15008)
-	ic, err := istioclient.NewForConfig(c.REST)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
-		ObjectMeta: metav1.ObjectMeta{Name: "devs", Namespace: ns},
-		Spec: secv1beta1.AuthorizationPolicy{
-			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
-			Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL"}}}}}},
-		}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	grantSteal(t, ctx, c, ns)
 	dir := t.TempDir()
 	caDir := filepath.Join(dir, "ca")
 	if _, err := devca.Init(caDir, "cluster.local"); err != nil {
@@ -131,4 +120,23 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	if _, err := c.Client.CoordinationV1().Leases(ns).Get(ctx, "detour-bind-web", metav1.GetOptions{}); err == nil {
 		t.Fatal("the expired lease is still there")
 	}
+}
+
+// grantSteal applies an AuthorizationPolicy on the detour Gateway granting STEAL to everyone,
+// and returns the Istio client it used.
+func grantSteal(t *testing.T, ctx context.Context, c *testbed.Cluster, ns string) istioclient.Interface {
+	t.Helper()
+	ic, err := istioclient.NewForConfig(c.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "devs", Namespace: ns},
+		Spec: secv1beta1.AuthorizationPolicy{
+			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
+			Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL"}}}}}},
+		}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return ic
 }

@@ -16,7 +16,6 @@ import (
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 	istiosec "istio.io/client-go/pkg/apis/security/v1"
-	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/detour-mesh/detour/hbone"
@@ -47,18 +46,7 @@ func TestReplicasRelay(t *testing.T) {
 	if code, out := detour(t, "install", "-n", ns, "--kubeconfig", c.Kubeconfig); code != 0 {
 		t.Fatal(out)
 	}
-	ic, err := istioclient.NewForConfig(c.REST)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, &istiosec.AuthorizationPolicy{
-		ObjectMeta: metav1.ObjectMeta{Name: "devs", Namespace: ns},
-		Spec: secv1beta1.AuthorizationPolicy{
-			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
-			Rules:      []*secv1beta1.Rule{{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL"}}}}}},
-		}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	ic := grantSteal(t, ctx, c, ns)
 	caDir := filepath.Join(t.TempDir(), "ca")
 	ca, err := devca.Init(caDir, "cluster.local")
 	if err != nil {

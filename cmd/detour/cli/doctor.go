@@ -9,7 +9,6 @@ import (
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/detour-mesh/detour/mesh"
 )
@@ -33,11 +32,9 @@ func newDoctorCmd() *cobra.Command {
 				}
 				d.Service = name
 			}
-			rules := clientcmd.NewDefaultClientConfigLoadingRules()
-			rules.ExplicitPath = k.kubeconfig
-			rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+			rc, err := userConfig(k.kubeconfig)
 			if err != nil {
-				return fmt.Errorf("kubeconfig: %w", err)
+				return err
 			}
 			if d.Kube, err = kubernetes.NewForConfig(rc); err != nil {
 				return err

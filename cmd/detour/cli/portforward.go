@@ -13,7 +13,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
 )
@@ -46,11 +45,9 @@ func portForward(ctx context.Context, kubeconfig, target string) (string, error)
 	if name == "" {
 		name = "detour"
 	}
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = kubeconfig
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	rc, err := userConfig(kubeconfig)
 	if err != nil {
-		return "", fmt.Errorf("kubeconfig: %w", err)
+		return "", err
 	}
 	kube, err := kubernetes.NewForConfig(rc)
 	if err != nil {

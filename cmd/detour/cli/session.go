@@ -19,7 +19,6 @@ import (
 	authv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
@@ -126,11 +125,9 @@ func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (ident
 	if !ok || ns == "" || name == "" {
 		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
 	}
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = f.kubeconfig
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	rc, err := userConfig(f.kubeconfig)
 	if err != nil {
-		return nil, fmt.Errorf("kubeconfig: %w", err)
+		return nil, err
 	}
 	kube, err := kubernetes.NewForConfig(rc)
 	if err != nil {
