@@ -24,6 +24,11 @@ type DialOptions struct {
 	// check itself is TLSConfig's job.
 	ServerID string
 	LocalID  string
+	// Tenant, when set, is one more part of the pool key: streams of different tenants never
+	// share a connection. The waypoint sets it to the inbound peer's identity, as ztunnel pools
+	// per source workload, so one client's unread streams never take window or stream slots from
+	// another client's (no head-of-line blocking across clients).
+	Tenant string
 
 	Forwarded   string // original source, e.g. FormatForwarded(ForwardedElement{For: "10.0.0.1:3456"})
 	Baggage     string
@@ -31,7 +36,7 @@ type DialOptions struct {
 	Header      http.Header // any other request headers
 }
 
-// Dialer opens HBONE streams, pooling connections per (proxy address, ServerID, LocalID):
+// Dialer opens HBONE streams, pooling connections per (proxy address, ServerID, LocalID, Tenant):
 // a new connection when the pooled ones carry MaxConcurrentStreams (default 100, or fewer if the
 // proxy says so), dead or draining connections dropped, concurrent dials for one key coalesced.
 // The zero value is ready to use; Close it to release its connections.
@@ -48,7 +53,7 @@ type Dialer struct {
 	wg     sync.WaitGroup
 }
 
-type poolKey struct{ addr, serverID, localID string }
+type poolKey struct{ addr, serverID, localID, tenant string }
 
 type pool struct {
 	conns   []*conn
@@ -70,7 +75,7 @@ func (d *Dialer) Dial(ctx context.Context, proxyAddr, target string, o DialOptio
 	if err != nil {
 		return nil, err
 	}
-	key := poolKey{proxyAddr, o.ServerID, o.LocalID}
+	key := poolKey{proxyAddr, o.ServerID, o.LocalID, o.Tenant}
 	for attempt := 1; ; attempt++ {
 		c, err := d.conn(ctx, key, o.TLSConfig)
 		if err != nil {
