@@ -33,21 +33,6 @@ func list(t *testing.T, patterns ...string) []pkg {
 	return pkgs
 }
 
-// The data path never depends on Kubernetes client code: that lives in its own package.
-func TestDataPathDoesNotImportKubernetes(t *testing.T) {
-	for _, p := range list(t, "../hbone/...", "../identity/...", "../proxy/...") {
-		out, err := exec.Command("go", "list", "-deps", p.ImportPath).Output()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, dep := range strings.Fields(string(out)) {
-			if kubernetes(dep) {
-				t.Errorf("%s depends on %s", p.ImportPath, dep)
-			}
-		}
-	}
-}
-
 // kubernetes reports Kubernetes client code. sigs.k8s.io/yaml is a plain YAML library (the config
 // document uses it) and stays allowed.
 func kubernetes(dep string) bool {

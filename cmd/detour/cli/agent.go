@@ -18,6 +18,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/sidecar"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -131,14 +132,14 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 		g.Go(func() error { return keep(gctx) })
 	}
 	g.Go(func() error {
-		return (&agent.Server{Registry: reg, Namespace: ns, Pod: name, Logger: log}).Serve(gctx, rl)
+		return (&sidecar.Server{Registry: reg, Namespace: ns, Pod: name, OriginalDst: agent.OriginalDst, Logger: log}).Serve(gctx, rl)
 	})
 	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
 	if err != nil {
 		return errors.Join(fmt.Errorf("agent: tunnel listener: %w", err), g.Wait())
 	}
 	m := &session.Manager{Registry: reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: agent.CheckSpec}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: sidecar.CheckSpec}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(gctx, tl) })
 	g.Go(func() error { defer pc.Close(); return ts.ServeQUIC(gctx, pc) })

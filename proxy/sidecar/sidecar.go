@@ -1,10 +1,15 @@
-package agent
+// Package sidecar is the data path of the sidecar-mode fallback (`detour agent`): it takes the
+// connections the agent's rules redirect and hands each to the whole-stream steal session of its
+// original port, or on to the application on loopback. The rules themselves (iptables,
+// conntrack, SO_ORIGINAL_DST) are package agent's; this package knows nothing of them.
+package sidecar
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,8 +27,11 @@ import (
 type Server struct {
 	Registry       *session.Registry
 	Namespace, Pod string // the sessions' "service": the pod
-	Logger         *slog.Logger
-	wg             sync.WaitGroup
+	// OriginalDst is where a redirected connection was going (agent.OriginalDst on Linux).
+	// Required.
+	OriginalDst func(*net.TCPConn) (netip.AddrPort, error)
+	Logger      *slog.Logger // nil means slog.Default()
+	wg          sync.WaitGroup
 }
 
 // Serve accepts on l until ctx ends, then waits for its connections.
@@ -37,7 +45,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("agent: accepting: %w", err)
+			return fmt.Errorf("sidecar: accepting: %w", err)
 		}
 		s.wg.Go(func() { s.handle(ctx, c.(*net.TCPConn)) })
 	}
@@ -45,9 +53,9 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 
 func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
 	defer c.Close()
-	orig, err := OriginalDst(c)
+	orig, err := s.OriginalDst(c)
 	if err != nil {
-		s.log().Info("agent: a connection without its original destination", "from", c.RemoteAddr().String(), "err", err)
+		s.log().Info("sidecar: a connection without its original destination", "from", c.RemoteAddr().String(), "err", err)
 		return
 	}
 	port := orig.Port()
@@ -70,17 +78,17 @@ func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
 	}
 	app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))))
 	if err != nil {
-		s.log().Info("agent: the application does not answer on loopback", "port", port, "err", err)
+		s.log().Info("sidecar: the application does not answer on loopback", "port", port, "err", err)
 		return
 	}
 	hbone.Splice(c, app, 0)
 }
 
-// CheckSpec refuses what the agent cannot do: it takes whole streams only (per-request
+// CheckSpec refuses what the sidecar fallback cannot do: it takes whole streams only (per-request
 // filtering is the waypoint's).
 func CheckSpec(spec tunnel.Spec) error {
 	if spec.Mode != session.Steal || !spec.Filter.IsZero() {
-		return fmt.Errorf("agent: the sidecar fallback takes whole streams only (steal, no filter); got %s %s",
+		return fmt.Errorf("sidecar: the sidecar fallback takes whole streams only (steal, no filter); got %s %s",
 			spec.Mode, strings.TrimSpace(fmt.Sprint(spec.Filter)))
 	}
 	return nil
