@@ -11,7 +11,7 @@ import (
 // WorkloadAPI takes the identity from a SPIFFE Workload API (SPIRE's agent, or any server of the
 // API) and follows its rotations. It uses the default SVID and the bundle of its trust domain.
 type WorkloadAPI struct {
-	Addr   string       // e.g. unix:///run/spire/sockets/agent.sock; "" means $SPIFFE_ENDPOINT_SOCKET (read by cmd/)
+	Addr   string       // e.g. unix:///run/spire/sockets/agent.sock; required (the config's identity.workloadAPI.addr)
 	Logger *slog.Logger // nil means slog.Default()
 
 	Holder
