@@ -32,7 +32,7 @@ func newDoctorCmd() *cobra.Command {
 				}
 				d.Service = name
 			}
-			rc, err := userConfig(k.kubeconfig)
+			rc, err := mesh.UserConfig(k.kubeconfig)
 			if err != nil {
 				return err
 			}

@@ -6,8 +6,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/detour-mesh/detour/mesh"
 )
@@ -29,7 +27,7 @@ func (k *kubeFlags) installer() (*mesh.Installer, error) {
 	if k.namespace == "" {
 		return nil, errors.New("--namespace is required")
 	}
-	rc, err := userConfig(k.kubeconfig)
+	rc, err := mesh.UserConfig(k.kubeconfig)
 	if err != nil {
 		return nil, err
 	}
@@ -119,15 +117,4 @@ func newUninstallCmd() *cobra.Command {
 	}
 	k.register(cmd)
 	return cmd
-}
-
-// userConfig is the user's kubeconfig: path, else $KUBECONFIG, else ~/.kube/config.
-func userConfig(path string) (*rest.Config, error) {
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = path
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig: %w", err)
-	}
-	return rc, nil
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/detour-mesh/detour/egress"
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -279,7 +280,7 @@ func serviceResolver(kube kubernetes.Interface, ns string) func(context.Context,
 }
 
 func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
-	rc, err := userConfig(kubeconfig)
+	rc, err := mesh.UserConfig(kubeconfig)
 	if err != nil {
 		return nil, err
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/identity/istioca"
+	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -67,11 +68,11 @@ func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunne
 // dialWith also returns the developer's identity source.
 func (f *tunnelFlags) dialWith(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, identity.Source, error) {
 	if f.portForward != "" {
-		addr, err := portForward(ctx, f.kubeconfig, f.portForward)
+		pf, err := f.forward(ctx)
 		if err != nil {
 			return nil, nil, err
 		}
-		f.waypoint, f.transport = addr, "h2" // a port-forward carries TCP only
+		f.waypoint, f.transport = pf.Addr(), "h2" // a port-forward carries TCP only
 	}
 	if f.waypoint == "" {
 		return nil, nil, errors.New("--waypoint or --port-forward is required")
@@ -92,6 +93,22 @@ func (f *tunnelFlags) dialWith(ctx context.Context, log *slog.Logger) (*tunnel.T
 	defer cancel()
 	t, err := tunnel.Dial(dctx, f.transport, f.waypoint, src, authorize, log)
 	return t, src, err
+}
+
+// forward reaches the waypoint named by --port-forward through the API server, until ctx ends.
+func (f *tunnelFlags) forward(ctx context.Context) (*mesh.PortForward, error) {
+	ns, name, _ := strings.Cut(f.portForward, "/")
+	if ns == "" {
+		return nil, fmt.Errorf("--port-forward %q: want NAMESPACE or NAMESPACE/WAYPOINT", f.portForward)
+	}
+	if name == "" {
+		name = "detour"
+	}
+	rc, err := mesh.UserConfig(f.kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	return mesh.ForwardWaypoint(ctx, rc, ns, name)
 }
 
 func (f *tunnelFlags) identity(ctx context.Context, log *slog.Logger) (identity.Source, error) {
@@ -125,7 +142,7 @@ func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (ident
 	if !ok || ns == "" || name == "" {
 		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
 	}
-	rc, err := userConfig(f.kubeconfig)
+	rc, err := mesh.UserConfig(f.kubeconfig)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,113 @@
+package mesh
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/portforward"
+	"k8s.io/client-go/transport/spdy"
+)
+
+// UserConfig is the user's kubeconfig: path, else $KUBECONFIG, else ~/.kube/config (client-go's
+// loading rules, which read the environment; the CLI is the only caller).
+func UserConfig(path string) (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = path
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("mesh: kubeconfig: %w", err)
+	}
+	return rc, nil
+}
+
+// WaypointPod picks a ready pod of the waypoint name (label app.kubernetes.io/name=name) in ns.
+func WaypointPod(ctx context.Context, kube kubernetes.Interface, ns, name string) (*corev1.Pod, error) {
+	pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=" + name})
+	if err != nil {
+		return nil, fmt.Errorf("mesh: finding the waypoint's pods in %s: %w", ns, err)
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
+				return p, nil
+			}
+		}
+	}
+	return nil, fmt.Errorf("mesh: no ready pod of waypoint %s in %s (label app.kubernetes.io/name=%s); detour doctor -n %s explains why", name, ns, name, ns)
+}
+
+// PortForward is a local loopback port forwarded to a pod's port through the API server, as
+// kubectl port-forward does. It runs until the context given to ForwardWaypoint ends.
+type PortForward struct {
+	addr string
+	done chan struct{}
+	err  error // set before done is closed
+}
+
+// Addr is the local address, 127.0.0.1:PORT.
+func (f *PortForward) Addr() string { return f.addr }
+
+// Wait blocks until the forward has stopped (its context ended, or the API server went away)
+// and returns why, nil for a cancelled context.
+func (f *PortForward) Wait() error {
+	<-f.done
+	return f.err
+}
+
+// ForwardWaypoint forwards a free local port to the tunnel port (TCP 15009: the HTTP/2 tunnel)
+// of a ready pod of waypoint name in ns, until ctx ends.
+func ForwardWaypoint(ctx context.Context, rc *rest.Config, ns, name string) (*PortForward, error) {
+	kube, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("mesh: %w", err)
+	}
+	pod, err := WaypointPod(ctx, kube, ns, name)
+	if err != nil {
+		return nil, err
+	}
+	rt, upgrader, err := spdy.RoundTripperFor(rc)
+	if err != nil {
+		return nil, fmt.Errorf("mesh: port-forward: %w", err)
+	}
+	u, err := url.Parse(strings.TrimSuffix(rc.Host, "/") + fmt.Sprintf("/api/v1/namespaces/%s/pods/%s/portforward", pod.Namespace, pod.Name))
+	if err != nil {
+		return nil, fmt.Errorf("mesh: port-forward: %w", err)
+	}
+	dialer := spdy.NewDialer(upgrader, &http.Client{Transport: rt}, http.MethodPost, u)
+	ready := make(chan struct{})
+	pf, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:15009"}, ctx.Done(), ready, io.Discard, io.Discard)
+	if err != nil {
+		return nil, fmt.Errorf("mesh: port-forward: %w", err)
+	}
+	f := &PortForward{done: make(chan struct{})}
+	go func() {
+		defer close(f.done)
+		if err := pf.ForwardPorts(); err != nil && ctx.Err() == nil {
+			f.err = fmt.Errorf("mesh: port-forward to %s/%s: %w", pod.Namespace, pod.Name, err)
+		}
+	}()
+	select {
+	case <-ready:
+	case <-f.done:
+		return nil, errors.Join(fmt.Errorf("mesh: port-forward to %s/%s did not start", pod.Namespace, pod.Name), f.err, ctx.Err())
+	}
+	ports, err := pf.GetPorts()
+	if err != nil || len(ports) == 0 {
+		pf.Close()
+		<-f.done
+		return nil, errors.Join(errors.New("mesh: port-forward: no local port"), err)
+	}
+	f.addr = fmt.Sprintf("127.0.0.1:%d", ports[0].Local)
+	return f, nil
+}
