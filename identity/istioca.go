@@ -25,6 +25,7 @@ const DefaultRenewFraction = 0.5
 type IstioCA struct {
 	Client        *istioca.Client // Token and the CA address; RootCAs is filled from RootCertFile when nil
 	RootCertFile  string          // root-cert.pem from the istio-ca-root-cert ConfigMap
+	RootCert      []byte          // the same PEM in memory; used when RootCertFile is ""
 	TrustDomain   string          // default "cluster.local"
 	TTL           time.Duration   // requested lifetime; 0 lets istiod choose (24 h by default)
 	RenewFraction float64         // of the lifetime, when to renew; 0 means DefaultRenewFraction
@@ -59,12 +60,15 @@ func (s *IstioCA) Fetch(ctx context.Context) (*Identity, error) {
 }
 
 func (s *IstioCA) bundle() (*x509bundle.Bundle, *x509.CertPool, error) {
-	if s.RootCertFile == "" {
-		return nil, nil, errors.New("identity: istio CA: RootCertFile (the istio-ca-root-cert mount) is required")
-	}
-	pemBytes, err := os.ReadFile(s.RootCertFile)
-	if err != nil {
-		return nil, nil, fmt.Errorf("identity: istio CA: reading the mesh root: %w", err)
+	pemBytes, source := s.RootCert, "the mesh root"
+	if s.RootCertFile != "" {
+		var err error
+		if pemBytes, err = os.ReadFile(s.RootCertFile); err != nil {
+			return nil, nil, fmt.Errorf("identity: istio CA: reading the mesh root: %w", err)
+		}
+		source = s.RootCertFile
+	} else if len(pemBytes) == 0 {
+		return nil, nil, errors.New("identity: istio CA: RootCertFile (the istio-ca-root-cert mount) or RootCert is required")
 	}
 	td := s.TrustDomain
 	if td == "" {
@@ -76,10 +80,10 @@ func (s *IstioCA) bundle() (*x509bundle.Bundle, *x509.CertPool, error) {
 	}
 	b, err := x509bundle.Parse(trustDomain, pemBytes)
 	if err != nil {
-		return nil, nil, fmt.Errorf("identity: istio CA: %s: %w", s.RootCertFile, err)
+		return nil, nil, fmt.Errorf("identity: istio CA: %s: %w", source, err)
 	}
 	if len(b.X509Authorities()) == 0 {
-		return nil, nil, fmt.Errorf("identity: istio CA: %s holds no certificate", s.RootCertFile)
+		return nil, nil, fmt.Errorf("identity: istio CA: %s holds no certificate", source)
 	}
 	pool := x509.NewCertPool()
 	for _, c := range b.X509Authorities() {

@@ -154,7 +154,7 @@ func TestIstioCAErrors(t *testing.T) {
 		want string
 	}{
 		{"bad token", mk("bad", root), "istioca: CreateCertificate at " + l.Addr().String() + " refused: Unauthenticated: request authenticate failure (istiod could not authenticate the service-account token: its audience must be istio-ca, its service account must exist, and ClusterID must match istiod's)"},
-		{"no root file", mk("good-token", ""), "identity: istio CA: RootCertFile (the istio-ca-root-cert mount) is required"},
+		{"no root file", mk("good-token", ""), "identity: istio CA: RootCertFile (the istio-ca-root-cert mount) or RootCert is required"},
 		{"empty root", mk("good-token", empty), "identity: istio CA: " + empty + " holds no certificate"},
 	} {
 		_, err := tc.src.Fetch(context.Background())

@@ -16,13 +16,10 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
-	authv1 "k8s.io/api/authentication/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
-	"github.com/detour-mesh/detour/identity/istioca"
 	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
@@ -135,8 +132,7 @@ func (f *tunnelFlags) identity(ctx context.Context, log *slog.Logger) (identity.
 	return nil, errors.New("an identity is required: --service-account NS/NAME (istiod's CA), --ca DIR --id SPIFFE-ID, or --cert, --key and --bundle")
 }
 
-// meshIdentity gets a certificate for a service account from istiod's CA with a token the user's
-// kubeconfig may request (TokenRequest, audience istio-ca), and keeps it renewed until ctx ends.
+// meshIdentity gets a certificate for --service-account from istiod's CA, renewed until ctx ends.
 func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (identity.Source, error) {
 	ns, name, ok := strings.Cut(f.serviceAccount, "/")
 	if !ok || ns == "" || name == "" {
@@ -150,46 +146,13 @@ func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (ident
 	if err != nil {
 		return nil, err
 	}
-	var root []byte
+	a := &mesh.AccountIdentity{Kube: kube, Namespace: ns, Name: name, Istiod: f.istiod, Logger: log}
 	if f.meshRoot != "" {
-		if root, err = os.ReadFile(f.meshRoot); err != nil {
-			return nil, err
+		if a.MeshRoot, err = os.ReadFile(f.meshRoot); err != nil {
+			return nil, fmt.Errorf("--mesh-root: %w", err)
 		}
-	} else {
-		cm, err := kube.CoreV1().ConfigMaps(ns).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
-		if err != nil {
-			return nil, fmt.Errorf("reading the mesh root (ConfigMap %s/istio-ca-root-cert; or pass --mesh-root): %w", ns, err)
-		}
-		root = []byte(cm.Data["root-cert.pem"])
 	}
-	rootFile, err := os.CreateTemp("", "detour-mesh-root-*.pem")
-	if err != nil {
-		return nil, err
-	}
-	rootFile.Write(root)
-	rootFile.Close()
-	context.AfterFunc(ctx, func() { os.Remove(rootFile.Name()) })
-	exp := int64(3600)
-	src := &identity.IstioCA{
-		Client: &istioca.Client{Addr: f.istiod, Token: func(ctx context.Context) (string, error) {
-			tr, err := kube.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authv1.TokenRequest{
-				Spec: authv1.TokenRequestSpec{Audiences: []string{"istio-ca"}, ExpirationSeconds: &exp}}, metav1.CreateOptions{})
-			if err != nil {
-				return "", fmt.Errorf("TokenRequest for %s (does your kubeconfig allow create serviceaccounts/token?): %w", f.serviceAccount, err)
-			}
-			return tr.Status.Token, nil
-		}},
-		RootCertFile: rootFile.Name(),
-		Logger:       log,
-	}
-	go src.Run(ctx)
-	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if _, err := identity.Wait(wctx, src); err != nil {
-		os.Remove(rootFile.Name())
-		return nil, fmt.Errorf("no certificate from istiod's CA at %s for %s: %w", f.istiod, f.serviceAccount, err)
-	}
-	return src, nil
+	return a.Start(ctx)
 }
 
 // sessionCmd is `detour steal` and `detour mirror`.
