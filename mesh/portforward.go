@@ -12,23 +12,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
 )
-
-// UserConfig is the user's kubeconfig: path, else $KUBECONFIG, else ~/.kube/config (client-go's
-// loading rules, which read the environment; the CLI is the only caller).
-func UserConfig(path string) (*rest.Config, error) {
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	rules.ExplicitPath = path
-	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
-	if err != nil {
-		return nil, fmt.Errorf("mesh: kubeconfig: %w", err)
-	}
-	return rc, nil
-}
 
 // WaypointPod picks a ready pod of the waypoint name (label app.kubernetes.io/name=name) in ns.
 func WaypointPod(ctx context.Context, kube kubernetes.Interface, ns, name string) (*corev1.Pod, error) {
@@ -67,12 +53,9 @@ func (f *PortForward) Wait() error {
 
 // ForwardWaypoint forwards a free local port to the tunnel port (TCP 15009: the HTTP/2 tunnel)
 // of a ready pod of waypoint name in ns, until ctx ends.
-func ForwardWaypoint(ctx context.Context, rc *rest.Config, ns, name string) (*PortForward, error) {
-	kube, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return nil, fmt.Errorf("mesh: %w", err)
-	}
-	pod, err := WaypointPod(ctx, kube, ns, name)
+func ForwardWaypoint(ctx context.Context, c *Clients, ns, name string) (*PortForward, error) {
+	rc := c.Config
+	pod, err := WaypointPod(ctx, c.Kube, ns, name)
 	if err != nil {
 		return nil, err
 	}

@@ -6,9 +6,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	istioclient "istio.io/client-go/pkg/clientset/versioned"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/detour-mesh/detour/mesh"
 )
@@ -32,19 +29,11 @@ func newDoctorCmd() *cobra.Command {
 				}
 				d.Service = name
 			}
-			rc, err := mesh.UserConfig(k.kubeconfig)
+			c, err := mesh.UserClients(k.kubeconfig)
 			if err != nil {
 				return err
 			}
-			if d.Kube, err = kubernetes.NewForConfig(rc); err != nil {
-				return err
-			}
-			if d.Dynamic, err = dynamic.NewForConfig(rc); err != nil {
-				return err
-			}
-			if d.Istio, err = istioclient.NewForConfig(rc); err != nil {
-				return err
-			}
+			d.Kube, d.Dynamic, d.Istio = c.Kube, c.Dynamic, c.Istio
 			findings, err := d.Run(cmd.Context())
 			if err != nil {
 				return err

@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/dynamic"
 
 	"github.com/detour-mesh/detour/mesh"
 )
@@ -27,15 +26,11 @@ func (k *kubeFlags) installer() (*mesh.Installer, error) {
 	if k.namespace == "" {
 		return nil, errors.New("--namespace is required")
 	}
-	rc, err := mesh.UserConfig(k.kubeconfig)
+	c, err := mesh.UserClients(k.kubeconfig)
 	if err != nil {
 		return nil, err
 	}
-	dc, err := dynamic.NewForConfig(rc)
-	if err != nil {
-		return nil, err
-	}
-	return &mesh.Installer{Client: dc, Namespace: k.namespace, Name: k.name}, nil
+	return &mesh.Installer{Client: c.Dynamic, Namespace: k.namespace, Name: k.name}, nil
 }
 
 func newInstallCmd() *cobra.Command {

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/detour-mesh/detour/egress"
 	"github.com/detour-mesh/detour/hbone"
@@ -83,11 +82,11 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		return fmt.Errorf("--target %q: want svc/NAME[:PORT]", r.target)
 	}
 	svcName, _, _ = strings.Cut(svcName, ":")
-	kube, err := kubeClient(r.session.tunnel.kubeconfig)
+	kc, err := mesh.UserClients(r.session.tunnel.kubeconfig)
 	if err != nil {
 		return err
 	}
-	env, err := mesh.TargetEnv(ctx, kube, r.session.namespace, svcName, r.container)
+	env, err := mesh.TargetEnv(ctx, kc.Kube, r.session.namespace, svcName, r.container)
 	if err != nil {
 		return err
 	}
@@ -130,7 +129,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 
 	eg := &egressLink{ready: make(chan struct{})}
 	go r.accept(tctx, t, src, eg, log)
-	p := &egress.Proxies{Dial: eg.dial, Resolve: mesh.ServiceResolver(kube, r.session.namespace), Logger: log}
+	p := &egress.Proxies{Dial: eg.dial, Resolve: mesh.ServiceResolver(kc.Kube, r.session.namespace), Logger: log}
 	if id, _ := src.Identity(); id != nil {
 		p.Principal = id.SVID.ID.String()
 	}
@@ -248,12 +247,4 @@ func (e *egressLink) dial(ctx context.Context, addr string) (net.Conn, error) {
 		return nil, fmt.Errorf("egress: %w", e.err)
 	}
 	return e.cc.Dial(ctx, addr, hbone.DialOptions{})
-}
-
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
-	rc, err := mesh.UserConfig(kubeconfig)
-	if err != nil {
-		return nil, err
-	}
-	return kubernetes.NewForConfig(rc)
 }

@@ -16,7 +16,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
@@ -101,11 +100,11 @@ func (f *tunnelFlags) forward(ctx context.Context) (*mesh.PortForward, error) {
 	if name == "" {
 		name = "detour"
 	}
-	rc, err := mesh.UserConfig(f.kubeconfig)
+	c, err := mesh.UserClients(f.kubeconfig)
 	if err != nil {
 		return nil, err
 	}
-	return mesh.ForwardWaypoint(ctx, rc, ns, name)
+	return mesh.ForwardWaypoint(ctx, c, ns, name)
 }
 
 func (f *tunnelFlags) identity(ctx context.Context, log *slog.Logger) (identity.Source, error) {
@@ -138,15 +137,11 @@ func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (ident
 	if !ok || ns == "" || name == "" {
 		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
 	}
-	rc, err := mesh.UserConfig(f.kubeconfig)
+	c, err := mesh.UserClients(f.kubeconfig)
 	if err != nil {
 		return nil, err
 	}
-	kube, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return nil, err
-	}
-	a := &mesh.AccountIdentity{Kube: kube, Namespace: ns, Name: name, Istiod: f.istiod, Logger: log}
+	a := &mesh.AccountIdentity{Kube: c.Kube, Namespace: ns, Name: name, Istiod: f.istiod, Logger: log}
 	if f.meshRoot != "" {
 		if a.MeshRoot, err = os.ReadFile(f.meshRoot); err != nil {
 			return nil, fmt.Errorf("--mesh-root: %w", err)
