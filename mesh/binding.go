@@ -162,9 +162,9 @@ func (b *Binder) unbind(ctx context.Context, namespace, svc string) error {
 	return nil
 }
 
-// Reconcile reverts bindings whose lease expired (its session's waypoint died), every ttl/3,
+// Run reverts bindings whose lease expired (its session's waypoint died), every ttl/3,
 // until ctx ends. Every replica runs it; reverting twice is harmless.
-func (b *Binder) Reconcile(ctx context.Context) error {
+func (b *Binder) Run(ctx context.Context) error {
 	tick := time.NewTicker(b.ttl() / 3)
 	defer tick.Stop()
 	for {

@@ -49,8 +49,8 @@ func (d *Doctor) name() string {
 	return d.Name
 }
 
-// Run makes every check; it fails only when the cluster cannot be read at all.
-func (d *Doctor) Run(ctx context.Context) ([]Finding, error) {
+// Check makes every check once; it fails only when the cluster cannot be read at all.
+func (d *Doctor) Check(ctx context.Context) ([]Finding, error) {
 	var out []Finding
 	add := func(f Finding) { out = append(out, f) }
 	ns, err := d.Kube.CoreV1().Namespaces().Get(ctx, d.Namespace, metav1.GetOptions{})

@@ -34,7 +34,7 @@ func newDoctorCmd() *cobra.Command {
 				return err
 			}
 			d.Kube, d.Dynamic, d.Istio = c.Kube, c.Dynamic, c.Istio
-			findings, err := d.Run(cmd.Context())
+			findings, err := d.Check(cmd.Context())
 			if err != nil {
 				return err
 			}

@@ -256,7 +256,7 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	holder, _ := os.Hostname()
 	b := &mesh.Binder{Kube: kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
-	g.Go(func() error { return b.Reconcile(ctx) })
+	g.Go(func() error { return b.Run(ctx) })
 	dc, err := dynamic.NewForConfig(rc)
 	if err != nil {
 		return nil, err
