@@ -55,8 +55,13 @@ type Manager struct {
 func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	ctl := p.Control()
 	ctl.SetReadDeadline(time.Now().Add(helloTimeout))
-	var hello tunnel.Hello
-	if err := tunnel.ReadMsg(ctl, &hello); err != nil {
+	hello, err := tunnel.ReadHello(ctl)
+	if errors.Is(err, tunnel.ErrTooLarge) {
+		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+		lastWord(ctl, tunnel.Reply{Error: fmt.Sprintf("session: the registration is larger than %d bytes: shorten its filter (regexes of at most %d bytes)", tunnel.MaxHello, MaxRegex)})
+		return
+	}
+	if err != nil {
 		m.log().Info("session: no hello", "developer", p.ID().String(), "err", err)
 		return
 	}
@@ -214,21 +219,21 @@ func lastWord(ctl net.Conn, r tunnel.Reply) {
 	io.Copy(io.Discard, ctl)
 }
 
-// register validates, authorizes and registers spec.
+// register validates, authorizes and registers spec. Nothing proportional to the spec's size
+// (its filter's regexes) is done before the policy said yes.
 func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	svc, port, err := m.find(spec)
 	if err != nil {
 		return nil, err
 	}
 	spec.Port = port
+	if spec.Mode != Steal && spec.Mode != Mirror {
+		return nil, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
+	}
 	if m.Check != nil {
 		if err := m.Check(spec); err != nil {
 			return nil, err
 		}
-	}
-	s, err := New(spec, svc.Hostname, p.ID(), p) // validates the mode and the filter first
-	if err != nil {
-		return nil, err
 	}
 	method := strings.ToUpper(spec.Mode)
 	path := fmt.Sprintf("/ports/%d", port)
@@ -247,6 +252,10 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	if !dec.Allow {
 		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
 			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
+	}
+	s, err := New(spec, svc.Hostname, p.ID(), p) // compiles the filter's (bounded) regexes
+	if err != nil {
+		return nil, err
 	}
 	s.metrics = m.Metrics
 	if err := m.Registry.Add(s); err != nil {

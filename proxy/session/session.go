@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"regexp/syntax"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,6 +39,11 @@ const (
 	// MaxMirrorInFlight bounds mirrored requests waiting on one developer; past it, copies are
 	// dropped (counted), never queued: the real path is never slowed.
 	MaxMirrorInFlight = 32
+	// MaxRegex bounds a filter's regex, in bytes of pattern and in instructions once compiled
+	// (repetitions multiply: `a{1000}` is a thousand). Go's regexp matches in linear time, but its
+	// compiled program grows with every repetition: an 18 KiB pattern of `a{1000}` costs 560 MB.
+	MaxRegex     = 1 << 10
+	MaxRegexInst = 10_000
 	// eventQueue bounds events waiting for the control stream; past it, events are dropped.
 	eventQueue = 256
 )
@@ -87,19 +93,60 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	}
 	var err error
 	if f.HeaderRegex != "" {
-		if s.headerV, err = regexp.Compile(f.HeaderRegex); err != nil {
-			return nil, fmt.Errorf("session: header regex: %w", err)
+		if s.headerV, err = compile("header", f.HeaderRegex); err != nil {
+			return nil, err
 		}
 	}
 	if f.Path != "" {
-		if s.path, err = regexp.Compile(f.Path); err != nil {
-			return nil, fmt.Errorf("session: path regex: %w", err)
+		if s.path, err = compile("path", f.Path); err != nil {
+			return nil, err
 		}
 	}
 	var id [6]byte
 	rand.Read(id[:])
 	s.ID = hex.EncodeToString(id[:])
 	return s, nil
+}
+
+// compile compiles a filter's regex once it is known to be small: the pattern's length, then
+// the size of its program as the parse tree says (parsing does not expand repetitions).
+func compile(what, pattern string) (*regexp.Regexp, error) {
+	if len(pattern) > MaxRegex {
+		return nil, fmt.Errorf("session: the %s regex is %d bytes long, at most %d: shorten it", what, len(pattern), MaxRegex)
+	}
+	re, err := syntax.Parse(pattern, syntax.Perl)
+	if err != nil {
+		return nil, fmt.Errorf("session: %s regex: %w", what, err)
+	}
+	if progSize(re) > MaxRegexInst {
+		return nil, fmt.Errorf("session: the %s regex expands to more than %d instructions: use fewer or smaller counted repetitions ({n})", what, MaxRegexInst)
+	}
+	return regexp.Compile(pattern)
+}
+
+// progSize estimates the instructions re compiles to, saturating just past MaxRegexInst.
+func progSize(re *syntax.Regexp) int {
+	n := 1
+	switch re.Op {
+	case syntax.OpLiteral:
+		n = len(re.Rune)
+	case syntax.OpCharClass:
+		n = 1 + len(re.Rune)/2
+	}
+	for _, sub := range re.Sub {
+		n += progSize(sub)
+		if n > MaxRegexInst {
+			return MaxRegexInst + 1
+		}
+	}
+	if re.Op == syntax.OpRepeat {
+		times := max(re.Max, re.Min, 1)
+		if n > (MaxRegexInst+1)/times {
+			return MaxRegexInst + 1
+		}
+		n *= times
+	}
+	return min(n, MaxRegexInst+1)
 }
 
 // NewRemote is a session another replica holds (learnt from the cluster); opener relays to it.

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -207,4 +208,51 @@ func TestConflicts(t *testing.T) {
 		}
 	}
 
+}
+
+// allocated is what f allocates, in the whole process.
+func allocated(f func()) uint64 {
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// A Hello costs nothing proportional to its size before the policy said yes: a refused developer's
+// huge regex is never compiled, and an authorized developer's regex is bounded in length and in
+// compiled size (counted repetitions multiply), each refusal one line saying what to change.
+func TestHelloAuthorizedBeforeWork(t *testing.T) {
+	b := newBed(t, grant("alice-steals", secv1beta1.AuthorizationPolicy_ALLOW, "cluster.local/ns/dev/sa/alice", "STEAL"))
+	const ceiling = 16 << 20 // a tunnel's handshake and buffers; a compiled `a{1000}`x146 is 36 MB
+	for _, tc := range []struct {
+		name, dev, regex, want string
+	}{
+		{"huge, refused by policy", "mallory", strings.Repeat("a{1000}", 2600),
+			"session: the registration is larger than 8192 bytes: shorten its filter (regexes of at most 1024 bytes)"},
+		{"1 KiB, refused by policy", "mallory", strings.Repeat("a{1000}", 146),
+			"STEAL on web.demo.svc.cluster.local port 80 refused for cluster.local/ns/dev/sa/mallory: no ALLOW policy names method STEAL"},
+		{"1 KiB, authorized", "alice", strings.Repeat("a{1000}", 146),
+			"session: the header regex expands to more than 10000 instructions: use fewer or smaller counted repetitions ({n})"},
+		{"2 KiB, authorized", "alice", strings.Repeat("ab", 1024),
+			"session: the header regex is 2048 bytes long, at most 1024: shorten it"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var r tunnel.Reply
+			cost := allocated(func() {
+				_, r = b.register(t, "quic", tc.dev, steal(tunnel.Filter{Header: "x-dev", HeaderRegex: tc.regex}))
+			})
+			if r.OK || !strings.HasPrefix(r.Error, tc.want) {
+				t.Errorf("reply %+v, want an error starting %q", r, tc.want)
+			}
+			if cost > ceiling {
+				t.Errorf("the refused Hello cost %d MB, want at most %d MB", cost>>20, ceiling>>20)
+			}
+		})
+	}
+	// A regex within the bounds still works.
+	if _, r := b.register(t, "h2", "alice", steal(tunnel.Filter{Header: "x-dev", HeaderRegex: "^(alice|a{3,30})$", Path: "^/api/"})); !r.OK {
+		t.Fatalf("a small regex refused: %s", r.Error)
+	}
 }
