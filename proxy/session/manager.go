@@ -68,7 +68,7 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	ctl.SetReadDeadline(time.Time{})
 	switch {
 	case hello.List:
-		sessions := m.Registry.List()
+		sessions := m.visible(p)
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
 		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
@@ -158,13 +158,15 @@ func (m *Manager) egress(p *tunnel.Peer, as spiffeid.ID) {
 		if err != nil {
 			return
 		}
-		h := m.Egress.Handler
-		if !as.IsZero() {
-			h = hbone.HandlerFunc(func(s *hbone.Stream) error {
+		h := hbone.HandlerFunc(func(s *hbone.Stream) error {
+			if s.Request().Target.Host == RelayHost {
+				return fmt.Errorf("session: %w: the egress link opens no relays between replicas", hbone.ErrForbidden)
+			}
+			if !as.IsZero() {
 				s.Request().PeerID = as
-				return m.Egress.Handler.ServeHBONE(s)
-			})
-		}
+			}
+			return m.Egress.Handler.ServeHBONE(s)
+		})
 		srv := &hbone.Server{Handler: h, TLSConfig: m.Egress.TLS, Logger: m.log()}
 		srv.ServeConn(ctx, c)
 	}()
@@ -186,6 +188,13 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 	if sa == "" {
 		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s has no endpoint with a known service account to impersonate", t.Namespace, t.Service)
 	}
+	id, err := spiffeid.FromSegments(p.ID().TrustDomain(), "ns", svc.Namespace, "sa", sa)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s: %w", t.Namespace, t.Service, err)
+	}
+	if id == p.Local() || p.Local().IsZero() {
+		return spiffeid.ID{}, fmt.Errorf("session: IMPERSONATE of %s refused: its workloads run as this waypoint's own identity (%s), which no grant hands out; impersonate the service you debug instead", svc.Hostname, id)
+	}
 	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
 	var dec authz.Decision
 	if m.Policies != nil {
@@ -196,7 +205,35 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 		return spiffeid.ID{}, fmt.Errorf("IMPERSONATE of %s refused for %s: %s. A policy that would grant it:\n%s",
 			svc.Hostname, principal, dec.Reason, m.suggest(principal, "IMPERSONATE", svc.Hostname, "/"))
 	}
-	return spiffeid.FromSegments(p.ID().TrustDomain(), "ns", svc.Namespace, "sa", sa)
+	return id, nil
+}
+
+// visible is what `list` shows p: its own sessions, and others' on service ports it holds a grant
+// on (LIST, or the STEAL or MIRROR that would let it take the same traffic).
+func (m *Manager) visible(p *tunnel.Peer) []tunnel.SessionInfo {
+	var out []tunnel.SessionInfo
+	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	for _, s := range m.Registry.Sessions() {
+		if s.Holder == p.ID() || m.Policies != nil && m.mayList(m.Policies(), principal, s) {
+			out = append(out, s.Info())
+		}
+	}
+	return out
+}
+
+func (m *Manager) mayList(e *authz.Engine, principal string, s *Session) bool {
+	for _, method := range []string{"LIST", "STEAL", "MIRROR"} {
+		dec := e.Grant(&authz.Request{
+			Principal: principal,
+			Service:   authz.Service{Namespace: s.Spec.Namespace, Name: s.Spec.Service},
+			DestPort:  s.Spec.Port,
+			HTTP:      &authz.HTTPRequest{Method: method, Host: s.Host, Path: fmt.Sprintf("/ports/%d", s.Spec.Port)},
+		})
+		if dec.Allow {
+			return true
+		}
+	}
+	return false
 }
 
 // ctxOf is a context that ends with the tunnel.

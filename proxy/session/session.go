@@ -31,6 +31,10 @@ const (
 	Mirror = "mirror"
 )
 
+// RelayHost is the authority's host of a stream one replica relays to another (the holder of the
+// session's tunnel); the waypoint's handler accepts it only from the waypoint's own identity.
+const RelayHost = "relay.detour.internal"
+
 // Bounds on what a session may hold.
 const (
 	// MaxMirrorBody is the largest request body copied to a mirror; a larger request is not
@@ -361,6 +365,17 @@ func (r *Registry) For(namespace, name string, port uint16) []*Session {
 		return nil
 	}
 	return (*m)[key{namespace, name, port}]
+}
+
+// Sessions returns every session.
+func (r *Registry) Sessions() []*Session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*Session, 0, len(r.byID))
+	for _, s := range r.byID {
+		out = append(out, s)
+	}
+	return out
 }
 
 // List describes every session.

@@ -24,6 +24,7 @@ const setupTimeout = 10 * time.Second
 // Peer is one connected developer, on the waypoint's side.
 type Peer struct {
 	id        spiffeid.ID
+	local     spiffeid.ID // the waypoint's own, when the tunnel was set up
 	transport string
 	control   net.Conn
 	open      func(ctx context.Context) (net.Conn, error)
@@ -33,6 +34,9 @@ type Peer struct {
 
 // ID is the developer's verified SPIFFE ID.
 func (p *Peer) ID() spiffeid.ID { return p.id }
+
+// Local is the waypoint's own SPIFFE ID (what it presented to the developer).
+func (p *Peer) Local() spiffeid.ID { return p.local }
 
 // Transport is quic or h2.
 func (p *Peer) Transport() string { return p.transport }
@@ -124,7 +128,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn) error {
 		s.wg.Go(func() {
 			stop := context.AfterFunc(ctx, func() { c.CloseWithError(0, "waypoint shutting down") })
 			defer stop()
-			p, err := quicPeer(ctx, c)
+			p, err := quicPeer(ctx, c, s.localID())
 			if err != nil {
 				s.log().Info("tunnel: refused", "transport", "quic", "remote", c.RemoteAddr().String(), "err", err)
 				c.CloseWithError(1, "setup failed")
@@ -140,7 +144,7 @@ func quicConfig() *quic.Config {
 	return &quic.Config{KeepAlivePeriod: KeepaliveInterval, MaxIdleTimeout: DeadAfter, HandshakeIdleTimeout: setupTimeout}
 }
 
-func quicPeer(ctx context.Context, c *quic.Conn) (*Peer, error) {
+func quicPeer(ctx context.Context, c *quic.Conn, local spiffeid.ID) (*Peer, error) {
 	id, err := peerID(c.ConnectionState().TLS)
 	if err != nil {
 		return nil, err
@@ -152,7 +156,7 @@ func quicPeer(ctx context.Context, c *quic.Conn) (*Peer, error) {
 		return nil, fmt.Errorf("waiting for the control stream: %w", err)
 	}
 	return &Peer{
-		id: id, transport: "quic", control: quicConn(c, ctl),
+		id: id, local: local, transport: "quic", control: quicConn(c, ctl),
 		open: func(ctx context.Context) (net.Conn, error) {
 			st, err := c.OpenStreamSync(ctx)
 			if err != nil {
@@ -213,13 +217,21 @@ func (s *Server) h2Peer(ctx context.Context, nc net.Conn) (*Peer, error) {
 		return nil, fmt.Errorf("opening the control stream: %w", err)
 	}
 	return &Peer{
-		id: cc.PeerID(), transport: "h2", control: ctl,
+		id: cc.PeerID(), local: s.localID(), transport: "h2", control: ctl,
 		open: func(ctx context.Context) (net.Conn, error) {
 			return cc.Dial(ctx, "stream.detour.internal:1", hbone.DialOptions{})
 		},
 		done:  cc.Done(),
 		close: cc.Close,
 	}, nil
+}
+
+// localID is the waypoint's current SPIFFE ID (zero before it has one: no handshake succeeds then).
+func (s *Server) localID() spiffeid.ID {
+	if own, _ := s.Identity.Identity(); own != nil && own.SVID != nil {
+		return own.SVID.ID
+	}
+	return spiffeid.ID{}
 }
 
 func (s *Server) log() *slog.Logger {

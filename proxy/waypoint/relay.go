@@ -21,7 +21,7 @@ import (
 // Meta in headers), presented with the waypoint's own identity; the holder accepts relays only
 // from that identity (its own service account: another replica).
 const (
-	RelayTarget        = "relay.detour.internal:1"
+	RelayTarget        = session.RelayHost + ":1"
 	headerRelaySession = "Detour-Session"
 	headerRelayMeta    = "Detour-Meta"
 )
