@@ -40,9 +40,12 @@ const (
 	// MaxMirrorBody is the largest request body copied to a mirror; a larger request is not
 	// mirrored (counted as dropped).
 	MaxMirrorBody = 1 << 20
-	// MaxMirrorInFlight bounds mirrored requests waiting on one developer; past it, copies are
-	// dropped (counted), never queued: the real path is never slowed.
+	// MaxMirrorInFlight bounds a session's mirror copies in flight (requests, and whole streams:
+	// each holds one goroutine or two, and one tunnel stream); past it, copies are dropped
+	// (counted), never queued: the real path is never slowed.
 	MaxMirrorInFlight = 32
+	// MaxMirrorPerDeveloper bounds the same across all of one developer's sessions.
+	MaxMirrorPerDeveloper = 64
 	// MaxRegex bounds a filter's regex, in bytes of pattern and in instructions once compiled
 	// (repetitions multiply: `a{1000}` is a thousand). Go's regexp matches in linear time, but its
 	// compiled program grows with every repetition: an 18 KiB pattern of `a{1000}` costs 560 MB.
@@ -73,12 +76,26 @@ type Session struct {
 	path    *regexp.Regexp
 
 	streams, requests, dropped atomic.Int64
-	mirrors                    chan struct{} // semaphore: mirrored requests in flight
+	mirrors                    chan struct{} // semaphore: mirror copies in flight
+	developer                  *budget       // the holder's share, across its sessions; set by Registry.Add
 	events                     chan tunnel.Event
+
+	// ctx ends with the session (Registry.Remove); the goroutines started by Go watch it, and
+	// Remove waits for them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
 	tmu    sync.Mutex
 	h1, h2 *http.Transport
-	closed bool
+	closed bool // owned by tmu, with h1, h2 and wg.Add
+}
+
+// budget is a developer's mirror slots, shared by its sessions. Owned by the Registry's mutex
+// (refs); slots is a semaphore.
+type budget struct {
+	slots chan struct{}
+	refs  int
 }
 
 // New builds a session for spec (validated: mode, regexes) held by holder through peer.
@@ -89,6 +106,7 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	f := spec.Filter
 	s := &Session{Spec: spec, Host: host, Holder: holder, peer: peer, Since: time.Now(),
 		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if f.Header == "" && (f.HeaderValue != "" || f.HeaderRegex != "") {
 		return nil, fmt.Errorf("session: a header value needs a header name")
 	}
@@ -241,20 +259,51 @@ func (s *Session) Transport(h2 bool) *http.Transport {
 	return *t
 }
 
-// TryMirror reserves a mirrored-request slot; false (and a drop counted) when the developer is
-// behind. Release it with MirrorDone.
+// TryMirror reserves a mirror slot (of the session, and of its developer's share); false (and a
+// drop counted) when the developer is behind. Release it with MirrorDone.
 func (s *Session) TryMirror() bool {
 	select {
 	case s.mirrors <- struct{}{}:
+	default:
+		s.Dropped()
+		return false
+	}
+	if s.developer == nil {
+		return true
+	}
+	select {
+	case s.developer.slots <- struct{}{}:
 		return true
 	default:
+		<-s.mirrors
 		s.Dropped()
 		return false
 	}
 }
 
 // MirrorDone releases a TryMirror slot.
-func (s *Session) MirrorDone() { <-s.mirrors }
+func (s *Session) MirrorDone() {
+	if s.developer != nil {
+		<-s.developer.slots
+	}
+	<-s.mirrors
+}
+
+// Go runs f in a goroutine the session owns: f's ctx ends with the session, and Registry.Remove
+// waits for f to return. False (f not run) once the session ended.
+func (s *Session) Go(f func(ctx context.Context)) bool {
+	s.tmu.Lock()
+	defer s.tmu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		f(s.ctx)
+	}()
+	return true
+}
 
 // Dropped counts mirror data lost (a request, or a stream's copy).
 func (s *Session) Dropped() {
@@ -284,12 +333,14 @@ func (s *Session) Info() tunnel.SessionInfo {
 		Streams: s.streams.Load(), Requests: s.requests.Load(), Dropped: s.dropped.Load()}
 }
 
-// close releases the session's connections to the developer.
+// close ends the session's goroutines and releases its connections to the developer.
 func (s *Session) close() {
 	s.tmu.Lock()
 	s.closed = true
 	h1, h2 := s.h1, s.h2
 	s.tmu.Unlock()
+	s.cancel()
+	s.wg.Wait()
 	for _, t := range []*http.Transport{h1, h2} {
 		if t != nil {
 			t.CloseIdleConnections()
@@ -304,9 +355,10 @@ type key struct {
 
 // Registry holds the live sessions. Reads (For) are lock-free.
 type Registry struct {
-	mu   sync.Mutex
-	byID map[string]*Session
-	view atomic.Pointer[map[key][]*Session]
+	mu         sync.Mutex
+	byID       map[string]*Session
+	developers map[spiffeid.ID]*budget // the mirror shares of the holders of byID
+	view       atomic.Pointer[map[key][]*Session]
 }
 
 // Add registers s unless a steal already holds traffic s's steal could match.
@@ -323,8 +375,15 @@ func (r *Registry) Add(s *Session) error {
 		}
 	}
 	if r.byID == nil {
-		r.byID = map[string]*Session{}
+		r.byID, r.developers = map[string]*Session{}, map[spiffeid.ID]*budget{}
 	}
+	b := r.developers[s.Holder]
+	if b == nil {
+		b = &budget{slots: make(chan struct{}, MaxMirrorPerDeveloper)}
+		r.developers[s.Holder] = b
+	}
+	b.refs++
+	s.developer = b
 	r.byID[s.ID] = s
 	r.publishLocked()
 	return nil
@@ -337,11 +396,18 @@ func (r *Registry) Get(id string) *Session {
 	return r.byID[id]
 }
 
-// Remove ends s: new traffic no longer matches it.
+// Remove ends s: new traffic no longer matches it; it returns once s's goroutines did.
 func (r *Registry) Remove(s *Session) {
 	r.mu.Lock()
-	delete(r.byID, s.ID)
-	r.publishLocked()
+	if r.byID[s.ID] == s {
+		delete(r.byID, s.ID)
+		if b := r.developers[s.Holder]; b != nil {
+			if b.refs--; b.refs == 0 {
+				delete(r.developers, s.Holder)
+			}
+		}
+		r.publishLocked()
+	}
 	r.mu.Unlock()
 	s.close()
 }

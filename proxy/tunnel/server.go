@@ -28,6 +28,7 @@ type Peer struct {
 	transport string
 	control   net.Conn
 	open      func(ctx context.Context) (net.Conn, error)
+	rtt       func() time.Duration // the tunnel's smoothed round trip; nil: unknown
 	done      <-chan struct{}
 	close     func() error
 }
@@ -56,37 +57,52 @@ func (e *OpenError) Error() string {
 func (e *OpenError) Unwrap() error { return e.Err }
 
 // Open opens a data stream to the developer, sends m on it and waits for its Ack (the developer
-// connected it to the app). Errors are *OpenError: nothing of the traffic reached the developer.
+// connected it to the app), all within AckTimeout plus twice the tunnel's round trip: a developer
+// whose tunnel just died costs its traffic that wait, not the dead-peer timeout. The bound is on
+// the stream's setup only; its data then flows at the developer's pace. Errors are *OpenError:
+// nothing of the traffic reached the developer.
 func (p *Peer) Open(ctx context.Context, m Meta) (net.Conn, error) {
 	select {
 	case <-p.done:
 		return nil, &OpenError{Peer: p.id, Err: errors.New("the tunnel is gone")}
 	default:
 	}
+	ctx, cancel := context.WithTimeout(ctx, p.ackTimeout())
+	defer cancel()
 	c, err := p.open(ctx)
 	if err != nil {
 		return nil, &OpenError{Peer: p.id, Err: err}
 	}
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline) // the Meta's write, too, waits no longer
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
 	if err := WriteMsg(c, m); err != nil {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: err}
 	}
-	deadline := time.Now().Add(AckTimeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c.SetReadDeadline(deadline)
 	var ack Ack
 	if err := ReadMsg(c, &ack); err != nil {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("waiting for the developer's acknowledgement: %w", err)}
 	}
-	c.SetReadDeadline(time.Time{})
+	if !stop() {
+		c.Close() // ctx ended just as the ack came: the deadline is set; give up on the stream
+		return nil, &OpenError{Peer: p.id, Err: ctx.Err()}
+	}
+	c.SetDeadline(time.Time{})
 	if !ack.OK {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("the developer's side: %s", ack.Error)}
 	}
 	return c, nil
+}
+
+func (p *Peer) ackTimeout() time.Duration {
+	if p.rtt == nil {
+		return AckTimeout
+	}
+	return AckTimeout + 2*p.rtt()
 }
 
 // Done is closed when the tunnel is gone (closed, or silent for DeadAfter).
@@ -164,6 +180,7 @@ func quicPeer(ctx context.Context, c *quic.Conn, local spiffeid.ID) (*Peer, erro
 			}
 			return quicConn(c, st), nil
 		},
+		rtt:   func() time.Duration { return c.ConnectionStats().SmoothedRTT },
 		done:  c.Context().Done(),
 		close: func() error { return c.CloseWithError(0, "") },
 	}, nil

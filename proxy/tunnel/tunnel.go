@@ -134,8 +134,11 @@ type Ack struct {
 	Error string `json:"error,omitempty"`
 }
 
-// AckTimeout bounds the wait for an Ack.
-const AckTimeout = 5 * time.Second
+// AckTimeout bounds the wait for a data stream's Ack (plus twice the tunnel's round trip, when
+// known): the CLI answers once its app accepted a TCP connection, which takes milliseconds for a
+// healthy developer. Past it the traffic goes to the real service, well before DeadAfter says the
+// tunnel is gone.
+const AckTimeout = time.Second
 
 // ErrTooLarge: a message over MaxMessage.
 var ErrTooLarge = errors.New("tunnel: message too large")
