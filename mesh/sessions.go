@@ -175,11 +175,7 @@ func (st *SessionStore) upsert(o any) {
 	if _, known := st.remote[id]; known || st.Registry.Get(id) != nil {
 		return
 	}
-	holder, err := spiffeid.FromString(spec.Holder)
-	if err != nil {
-		return
-	}
-	s, err := session.NewRemote(id, spec.Session, spec.Host, holder, st.Relay(spec.Replica, id))
+	s, err := remoteSession(id, spec, st.Relay(spec.Replica, id))
 	if err != nil {
 		st.log().Error("mesh: a remote session cannot be used", "session", id, "err", err)
 		return
@@ -190,6 +186,16 @@ func (st *SessionStore) upsert(o any) {
 	}
 	st.remote[id] = s
 	st.log().Info("mesh: relaying a session held by another replica", "session", id, "replica", spec.Replica, "service", spec.Host)
+}
+
+// remoteSession is the session a DebugSession of another replica describes (its filter bounded
+// and compiled as a local registration's).
+func remoteSession(id string, spec debugSessionSpec, relay session.Opener) (*session.Session, error) {
+	holder, err := spiffeid.FromString(spec.Holder)
+	if err != nil {
+		return nil, fmt.Errorf("mesh: holder %q: %w", spec.Holder, err)
+	}
+	return session.NewRemote(id, spec.Session, spec.Host, holder, relay)
 }
 
 func (st *SessionStore) drop(id string) {

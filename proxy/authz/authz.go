@@ -509,7 +509,7 @@ func namesMethod(r *secv1beta1.Rule, method string) bool {
 }
 
 // PrivilegeMethods are the methods of detour's privileges (see Grant); no traffic uses them.
-var PrivilegeMethods = []string{"STEAL", "MIRROR", "IMPERSONATE"}
+var PrivilegeMethods = []string{"STEAL", "MIRROR", "IMPERSONATE", "LIST"}
 
 // privilegeOnly: an ALLOW policy every rule of which grants only privileges. It is about
 // sessions, not traffic: it takes no part in traffic decisions, so granting a developer STEAL

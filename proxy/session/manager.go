@@ -55,15 +55,20 @@ type Manager struct {
 func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	ctl := p.Control()
 	ctl.SetReadDeadline(time.Now().Add(helloTimeout))
-	var hello tunnel.Hello
-	if err := tunnel.ReadMsg(ctl, &hello); err != nil {
+	hello, err := tunnel.ReadHello(ctl)
+	if errors.Is(err, tunnel.ErrTooLarge) {
+		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+		lastWord(ctl, tunnel.Reply{Error: fmt.Sprintf("session: the registration is larger than %d bytes: shorten its filter (regexes of at most %d bytes)", tunnel.MaxHello, MaxRegex)})
+		return
+	}
+	if err != nil {
 		m.log().Info("session: no hello", "developer", p.ID().String(), "err", err)
 		return
 	}
 	ctl.SetReadDeadline(time.Time{})
 	switch {
 	case hello.List:
-		sessions := m.Registry.List()
+		sessions := m.visible(p)
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
 		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
@@ -153,13 +158,15 @@ func (m *Manager) egress(p *tunnel.Peer, as spiffeid.ID) {
 		if err != nil {
 			return
 		}
-		h := m.Egress.Handler
-		if !as.IsZero() {
-			h = hbone.HandlerFunc(func(s *hbone.Stream) error {
+		h := hbone.HandlerFunc(func(s *hbone.Stream) error {
+			if s.Request().Target.Host == RelayHost {
+				return fmt.Errorf("session: %w: the egress link opens no relays between replicas", hbone.ErrForbidden)
+			}
+			if !as.IsZero() {
 				s.Request().PeerID = as
-				return m.Egress.Handler.ServeHBONE(s)
-			})
-		}
+			}
+			return m.Egress.Handler.ServeHBONE(s)
+		})
 		srv := &hbone.Server{Handler: h, TLSConfig: m.Egress.TLS, Logger: m.log()}
 		srv.ServeConn(ctx, c)
 	}()
@@ -181,6 +188,13 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 	if sa == "" {
 		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s has no endpoint with a known service account to impersonate", t.Namespace, t.Service)
 	}
+	id, err := spiffeid.FromSegments(p.ID().TrustDomain(), "ns", svc.Namespace, "sa", sa)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("session: service %s/%s: %w", t.Namespace, t.Service, err)
+	}
+	if id == p.Local() || p.Local().IsZero() {
+		return spiffeid.ID{}, fmt.Errorf("session: IMPERSONATE of %s refused: its workloads run as this waypoint's own identity (%s), which no grant hands out; impersonate the service you debug instead", svc.Hostname, id)
+	}
 	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
 	var dec authz.Decision
 	if m.Policies != nil {
@@ -191,7 +205,35 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 		return spiffeid.ID{}, fmt.Errorf("IMPERSONATE of %s refused for %s: %s. A policy that would grant it:\n%s",
 			svc.Hostname, principal, dec.Reason, m.suggest(principal, "IMPERSONATE", svc.Hostname, "/"))
 	}
-	return spiffeid.FromSegments(p.ID().TrustDomain(), "ns", svc.Namespace, "sa", sa)
+	return id, nil
+}
+
+// visible is what `list` shows p: its own sessions, and others' on service ports it holds a grant
+// on (LIST, or the STEAL or MIRROR that would let it take the same traffic).
+func (m *Manager) visible(p *tunnel.Peer) []tunnel.SessionInfo {
+	var out []tunnel.SessionInfo
+	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	for _, s := range m.Registry.Sessions() {
+		if s.Holder == p.ID() || m.Policies != nil && m.mayList(m.Policies(), principal, s) {
+			out = append(out, s.Info())
+		}
+	}
+	return out
+}
+
+func (m *Manager) mayList(e *authz.Engine, principal string, s *Session) bool {
+	for _, method := range []string{"LIST", "STEAL", "MIRROR"} {
+		dec := e.Grant(&authz.Request{
+			Principal: principal,
+			Service:   authz.Service{Namespace: s.Spec.Namespace, Name: s.Spec.Service},
+			DestPort:  s.Spec.Port,
+			HTTP:      &authz.HTTPRequest{Method: method, Host: s.Host, Path: fmt.Sprintf("/ports/%d", s.Spec.Port)},
+		})
+		if dec.Allow {
+			return true
+		}
+	}
+	return false
 }
 
 // ctxOf is a context that ends with the tunnel.
@@ -214,21 +256,21 @@ func lastWord(ctl net.Conn, r tunnel.Reply) {
 	io.Copy(io.Discard, ctl)
 }
 
-// register validates, authorizes and registers spec.
+// register validates, authorizes and registers spec. Nothing proportional to the spec's size
+// (its filter's regexes) is done before the policy said yes.
 func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	svc, port, err := m.find(spec)
 	if err != nil {
 		return nil, err
 	}
 	spec.Port = port
+	if spec.Mode != Steal && spec.Mode != Mirror {
+		return nil, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
+	}
 	if m.Check != nil {
 		if err := m.Check(spec); err != nil {
 			return nil, err
 		}
-	}
-	s, err := New(spec, svc.Hostname, p.ID(), p) // validates the mode and the filter first
-	if err != nil {
-		return nil, err
 	}
 	method := strings.ToUpper(spec.Mode)
 	path := fmt.Sprintf("/ports/%d", port)
@@ -247,6 +289,10 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	if !dec.Allow {
 		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
 			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
+	}
+	s, err := New(spec, svc.Hostname, p.ID(), p) // compiles the filter's (bounded) regexes
+	if err != nil {
+		return nil, err
 	}
 	s.metrics = m.Metrics
 	if err := m.Registry.Add(s); err != nil {

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"regexp/syntax"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,14 +31,26 @@ const (
 	Mirror = "mirror"
 )
 
+// RelayHost is the authority's host of a stream one replica relays to another (the holder of the
+// session's tunnel); the waypoint's handler accepts it only from the waypoint's own identity.
+const RelayHost = "relay.detour.internal"
+
 // Bounds on what a session may hold.
 const (
 	// MaxMirrorBody is the largest request body copied to a mirror; a larger request is not
 	// mirrored (counted as dropped).
 	MaxMirrorBody = 1 << 20
-	// MaxMirrorInFlight bounds mirrored requests waiting on one developer; past it, copies are
-	// dropped (counted), never queued: the real path is never slowed.
+	// MaxMirrorInFlight bounds a session's mirror copies in flight (requests, and whole streams:
+	// each holds one goroutine or two, and one tunnel stream); past it, copies are dropped
+	// (counted), never queued: the real path is never slowed.
 	MaxMirrorInFlight = 32
+	// MaxMirrorPerDeveloper bounds the same across all of one developer's sessions.
+	MaxMirrorPerDeveloper = 64
+	// MaxRegex bounds a filter's regex, in bytes of pattern and in instructions once compiled
+	// (repetitions multiply: `a{1000}` is a thousand). Go's regexp matches in linear time, but its
+	// compiled program grows with every repetition: an 18 KiB pattern of `a{1000}` costs 560 MB.
+	MaxRegex     = 1 << 10
+	MaxRegexInst = 10_000
 	// eventQueue bounds events waiting for the control stream; past it, events are dropped.
 	eventQueue = 256
 )
@@ -63,12 +76,26 @@ type Session struct {
 	path    *regexp.Regexp
 
 	streams, requests, dropped atomic.Int64
-	mirrors                    chan struct{} // semaphore: mirrored requests in flight
+	mirrors                    chan struct{} // semaphore: mirror copies in flight
+	developer                  *budget       // the holder's share, across its sessions; set by Registry.Add
 	events                     chan tunnel.Event
+
+	// ctx ends with the session (Registry.Remove); the goroutines started by Go watch it, and
+	// Remove waits for them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
 	tmu    sync.Mutex
 	h1, h2 *http.Transport
-	closed bool
+	closed bool // owned by tmu, with h1, h2 and wg.Add
+}
+
+// budget is a developer's mirror slots, shared by its sessions. Owned by the Registry's mutex
+// (refs); slots is a semaphore.
+type budget struct {
+	slots chan struct{}
+	refs  int
 }
 
 // New builds a session for spec (validated: mode, regexes) held by holder through peer.
@@ -79,6 +106,7 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	f := spec.Filter
 	s := &Session{Spec: spec, Host: host, Holder: holder, peer: peer, Since: time.Now(),
 		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if f.Header == "" && (f.HeaderValue != "" || f.HeaderRegex != "") {
 		return nil, fmt.Errorf("session: a header value needs a header name")
 	}
@@ -87,19 +115,60 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	}
 	var err error
 	if f.HeaderRegex != "" {
-		if s.headerV, err = regexp.Compile(f.HeaderRegex); err != nil {
-			return nil, fmt.Errorf("session: header regex: %w", err)
+		if s.headerV, err = compile("header", f.HeaderRegex); err != nil {
+			return nil, err
 		}
 	}
 	if f.Path != "" {
-		if s.path, err = regexp.Compile(f.Path); err != nil {
-			return nil, fmt.Errorf("session: path regex: %w", err)
+		if s.path, err = compile("path", f.Path); err != nil {
+			return nil, err
 		}
 	}
 	var id [6]byte
 	rand.Read(id[:])
 	s.ID = hex.EncodeToString(id[:])
 	return s, nil
+}
+
+// compile compiles a filter's regex once it is known to be small: the pattern's length, then
+// the size of its program as the parse tree says (parsing does not expand repetitions).
+func compile(what, pattern string) (*regexp.Regexp, error) {
+	if len(pattern) > MaxRegex {
+		return nil, fmt.Errorf("session: the %s regex is %d bytes long, at most %d: shorten it", what, len(pattern), MaxRegex)
+	}
+	re, err := syntax.Parse(pattern, syntax.Perl)
+	if err != nil {
+		return nil, fmt.Errorf("session: %s regex: %w", what, err)
+	}
+	if progSize(re) > MaxRegexInst {
+		return nil, fmt.Errorf("session: the %s regex expands to more than %d instructions: use fewer or smaller counted repetitions ({n})", what, MaxRegexInst)
+	}
+	return regexp.Compile(pattern)
+}
+
+// progSize estimates the instructions re compiles to, saturating just past MaxRegexInst.
+func progSize(re *syntax.Regexp) int {
+	n := 1
+	switch re.Op {
+	case syntax.OpLiteral:
+		n = len(re.Rune)
+	case syntax.OpCharClass:
+		n = 1 + len(re.Rune)/2
+	}
+	for _, sub := range re.Sub {
+		n += progSize(sub)
+		if n > MaxRegexInst {
+			return MaxRegexInst + 1
+		}
+	}
+	if re.Op == syntax.OpRepeat {
+		times := max(re.Max, re.Min, 1)
+		if n > (MaxRegexInst+1)/times {
+			return MaxRegexInst + 1
+		}
+		n *= times
+	}
+	return min(n, MaxRegexInst+1)
 }
 
 // NewRemote is a session another replica holds (learnt from the cluster); opener relays to it.
@@ -190,20 +259,51 @@ func (s *Session) Transport(h2 bool) *http.Transport {
 	return *t
 }
 
-// TryMirror reserves a mirrored-request slot; false (and a drop counted) when the developer is
-// behind. Release it with MirrorDone.
+// TryMirror reserves a mirror slot (of the session, and of its developer's share); false (and a
+// drop counted) when the developer is behind. Release it with MirrorDone.
 func (s *Session) TryMirror() bool {
 	select {
 	case s.mirrors <- struct{}{}:
+	default:
+		s.Dropped()
+		return false
+	}
+	if s.developer == nil {
+		return true
+	}
+	select {
+	case s.developer.slots <- struct{}{}:
 		return true
 	default:
+		<-s.mirrors
 		s.Dropped()
 		return false
 	}
 }
 
 // MirrorDone releases a TryMirror slot.
-func (s *Session) MirrorDone() { <-s.mirrors }
+func (s *Session) MirrorDone() {
+	if s.developer != nil {
+		<-s.developer.slots
+	}
+	<-s.mirrors
+}
+
+// Go runs f in a goroutine the session owns: f's ctx ends with the session, and Registry.Remove
+// waits for f to return. False (f not run) once the session ended.
+func (s *Session) Go(f func(ctx context.Context)) bool {
+	s.tmu.Lock()
+	defer s.tmu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		f(s.ctx)
+	}()
+	return true
+}
 
 // Dropped counts mirror data lost (a request, or a stream's copy).
 func (s *Session) Dropped() {
@@ -233,12 +333,14 @@ func (s *Session) Info() tunnel.SessionInfo {
 		Streams: s.streams.Load(), Requests: s.requests.Load(), Dropped: s.dropped.Load()}
 }
 
-// close releases the session's connections to the developer.
+// close ends the session's goroutines and releases its connections to the developer.
 func (s *Session) close() {
 	s.tmu.Lock()
 	s.closed = true
 	h1, h2 := s.h1, s.h2
 	s.tmu.Unlock()
+	s.cancel()
+	s.wg.Wait()
 	for _, t := range []*http.Transport{h1, h2} {
 		if t != nil {
 			t.CloseIdleConnections()
@@ -253,9 +355,10 @@ type key struct {
 
 // Registry holds the live sessions. Reads (For) are lock-free.
 type Registry struct {
-	mu   sync.Mutex
-	byID map[string]*Session
-	view atomic.Pointer[map[key][]*Session]
+	mu         sync.Mutex
+	byID       map[string]*Session
+	developers map[spiffeid.ID]*budget // the mirror shares of the holders of byID
+	view       atomic.Pointer[map[key][]*Session]
 }
 
 // Add registers s unless a steal already holds traffic s's steal could match.
@@ -272,8 +375,15 @@ func (r *Registry) Add(s *Session) error {
 		}
 	}
 	if r.byID == nil {
-		r.byID = map[string]*Session{}
+		r.byID, r.developers = map[string]*Session{}, map[spiffeid.ID]*budget{}
 	}
+	b := r.developers[s.Holder]
+	if b == nil {
+		b = &budget{slots: make(chan struct{}, MaxMirrorPerDeveloper)}
+		r.developers[s.Holder] = b
+	}
+	b.refs++
+	s.developer = b
 	r.byID[s.ID] = s
 	r.publishLocked()
 	return nil
@@ -286,11 +396,18 @@ func (r *Registry) Get(id string) *Session {
 	return r.byID[id]
 }
 
-// Remove ends s: new traffic no longer matches it.
+// Remove ends s: new traffic no longer matches it; it returns once s's goroutines did.
 func (r *Registry) Remove(s *Session) {
 	r.mu.Lock()
-	delete(r.byID, s.ID)
-	r.publishLocked()
+	if r.byID[s.ID] == s {
+		delete(r.byID, s.ID)
+		if b := r.developers[s.Holder]; b != nil {
+			if b.refs--; b.refs == 0 {
+				delete(r.developers, s.Holder)
+			}
+		}
+		r.publishLocked()
+	}
 	r.mu.Unlock()
 	s.close()
 }
@@ -314,6 +431,17 @@ func (r *Registry) For(namespace, name string, port uint16) []*Session {
 		return nil
 	}
 	return (*m)[key{namespace, name, port}]
+}
+
+// Sessions returns every session.
+func (r *Registry) Sessions() []*Session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*Session, 0, len(r.byID))
+	for _, s := range r.byID {
+		out = append(out, s)
+	}
+	return out
 }
 
 // List describes every session.

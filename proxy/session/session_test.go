@@ -2,17 +2,24 @@ package session_test
 
 import (
 	"context"
+	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 
+	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/proxy/authz"
@@ -43,13 +50,27 @@ func newBed(t *testing.T, policies ...*authz.Policy) *bed {
 	}
 	b := &bed{ca: ca, reg: &session.Registry{}}
 	table, err := route.NewTable([]*route.Service{{Name: "web", Namespace: "demo", Hostname: "web.demo.svc.cluster.local",
-		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{{Port: 80, TargetPort: 8080}, {Port: 81, TargetPort: 8081}}}})
+		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{{Port: 80, TargetPort: 8080}, {Port: 81, TargetPort: 8081}},
+		Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("10.244.0.20"), Ready: true, ServiceAccount: "web"}}},
+		// the waypoint's own Service: its pods run as the waypoint's identity
+		{Name: "detour", Namespace: "demo", Hostname: "detour.demo.svc.cluster.local",
+			VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.30")}, Ports: []route.Port{{Port: 15008, TargetPort: 15008}},
+			Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("10.244.0.30"), Ready: true, ServiceAccount: "detour"}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, policies)
 	m := &session.Manager{Registry: b.reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
 		Namespace: "demo", Gateway: "detour", Logger: quiet}
+	// Egress: a handler that answers with the stream's source, as the waypoint's policies would see it.
+	m.Egress.TLS = identity.ServerTLS(b.id(t, "spiffe://cluster.local/ns/demo/sa/detour"), nil)
+	m.Egress.Handler = hbone.HandlerFunc(func(s *hbone.Stream) error {
+		if err := s.Accept(); err != nil {
+			return err
+		}
+		_, err := io.WriteString(s, s.Request().PeerID.String()+" "+s.Request().Target.String())
+		return errors.Join(err, s.CloseWrite())
+	})
 	srv := &tunnel.Server{Identity: b.id(t, "spiffe://cluster.local/ns/demo/sa/detour"), Handler: m.ServeTunnel, Logger: quiet}
 	ctx, cancel := context.WithCancel(context.Background())
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
@@ -207,4 +228,186 @@ func TestConflicts(t *testing.T) {
 		}
 	}
 
+}
+
+// allocated is what f allocates, in the whole process.
+func allocated(f func()) uint64 {
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// A Hello costs nothing proportional to its size before the policy said yes: a refused developer's
+// huge regex is never compiled, and an authorized developer's regex is bounded in length and in
+// compiled size (counted repetitions multiply), each refusal one line saying what to change.
+func TestHelloAuthorizedBeforeWork(t *testing.T) {
+	b := newBed(t, grant("alice-steals", secv1beta1.AuthorizationPolicy_ALLOW, "cluster.local/ns/dev/sa/alice", "STEAL"))
+	const ceiling = 16 << 20 // a tunnel's handshake and buffers; a compiled `a{1000}`x146 is 36 MB
+	for _, tc := range []struct {
+		name, dev, regex, want string
+	}{
+		{"huge, refused by policy", "mallory", strings.Repeat("a{1000}", 2600),
+			"session: the registration is larger than 8192 bytes: shorten its filter (regexes of at most 1024 bytes)"},
+		{"1 KiB, refused by policy", "mallory", strings.Repeat("a{1000}", 146),
+			"STEAL on web.demo.svc.cluster.local port 80 refused for cluster.local/ns/dev/sa/mallory: no ALLOW policy names method STEAL"},
+		{"1 KiB, authorized", "alice", strings.Repeat("a{1000}", 146),
+			"session: the header regex expands to more than 10000 instructions: use fewer or smaller counted repetitions ({n})"},
+		{"2 KiB, authorized", "alice", strings.Repeat("ab", 1024),
+			"session: the header regex is 2048 bytes long, at most 1024: shorten it"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var r tunnel.Reply
+			cost := allocated(func() {
+				_, r = b.register(t, "quic", tc.dev, steal(tunnel.Filter{Header: "x-dev", HeaderRegex: tc.regex}))
+			})
+			if r.OK || !strings.HasPrefix(r.Error, tc.want) {
+				t.Errorf("reply %+v, want an error starting %q", r, tc.want)
+			}
+			if cost > ceiling {
+				t.Errorf("the refused Hello cost %d MB, want at most %d MB", cost>>20, ceiling>>20)
+			}
+		})
+	}
+	// A regex within the bounds still works.
+	if _, r := b.register(t, "h2", "alice", steal(tunnel.Filter{Header: "x-dev", HeaderRegex: "^(alice|a{3,30})$", Path: "^/api/"})); !r.OK {
+		t.Fatalf("a small regex refused: %s", r.Error)
+	}
+}
+
+// hello opens a tunnel as dev and sends h; it returns the tunnel and the reply.
+func (b *bed) hello(t *testing.T, dev string, h tunnel.Hello) (*tunnel.Tunnel, tunnel.Reply) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tn, err := tunnel.Dial(ctx, "quic", b.quicAddr, b.id(t, "spiffe://cluster.local/ns/dev/sa/"+dev), nil, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tn.Close() })
+	if err := tunnel.WriteMsg(tn.Control(), h); err != nil {
+		t.Fatal(err)
+	}
+	var r tunnel.Reply
+	if err := tunnel.ReadMsg(tn.Control(), &r); err != nil {
+		t.Fatal(err)
+	}
+	return tn, r
+}
+
+// `list` shows a developer its own sessions, and others' only on service ports it holds a grant
+// on: LIST, or a STEAL or MIRROR that would cover the same port.
+func TestListShowsOnlyWhatAGrantCovers(t *testing.T) {
+	onWeb := func(name, principal, method, path string) *authz.Policy {
+		p := grant(name, secv1beta1.AuthorizationPolicy_ALLOW, principal, method)
+		p.Spec.Rules[0].To[0].Operation.Paths = []string{path}
+		return p
+	}
+	b := newBed(t,
+		onWeb("alice", "cluster.local/ns/dev/sa/alice", "STEAL", "/ports/80"),
+		onWeb("bob", "cluster.local/ns/dev/sa/bob", "STEAL", "/ports/81"), // another port of the service
+		onWeb("carol", "cluster.local/ns/dev/sa/carol", "LIST", "/ports/*"),
+		onWeb("erin", "cluster.local/ns/dev/sa/erin", "MIRROR", "/ports/80"),
+	)
+	if _, r := b.register(t, "quic", "alice", steal(tunnel.Filter{Header: "x-dev", HeaderValue: "alice"})); !r.OK {
+		t.Fatal(r.Error)
+	}
+	own := steal(tunnel.Filter{})
+	own.Port = 81
+	if _, r := b.register(t, "quic", "bob", own); !r.OK {
+		t.Fatal(r.Error)
+	}
+	for dev, want := range map[string][]string{
+		"alice":   {"sa/alice"},           // her own; no grant on port 81
+		"bob":     {"sa/bob"},             // his own; a grant on port 81 says nothing about port 80
+		"carol":   {"sa/alice", "sa/bob"}, // LIST on every port
+		"erin":    {"sa/alice"},           // MIRROR on port 80
+		"mallory": nil,                    // no grant
+	} {
+		_, r := b.hello(t, dev, tunnel.Hello{List: true})
+		var got []string
+		for _, s := range r.Sessions {
+			got = append(got, s.Holder[strings.LastIndex(s.Holder, "sa/"):])
+		}
+		slices.Sort(got)
+		if !r.OK || !slices.Equal(got, want) {
+			t.Errorf("%s lists %v (%+v), want %v", dev, got, r, want)
+		}
+	}
+}
+
+// IMPERSONATE never yields the waypoint's own identity, even with a grant on the waypoint's
+// Service; the egress link never opens a relay between replicas, whoever it speaks as.
+func TestImpersonateNeverTheWaypoint(t *testing.T) {
+	imp := func(host string) *authz.Policy {
+		p := grant("imp-"+host, secv1beta1.AuthorizationPolicy_ALLOW, "cluster.local/ns/dev/sa/alice", "IMPERSONATE")
+		p.Spec.Rules[0].To[0].Operation.Hosts = []string{host}
+		return p
+	}
+	b := newBed(t, imp("detour.demo.svc.cluster.local"), imp("web.demo.svc.cluster.local"))
+	_, r := b.hello(t, "alice", tunnel.Hello{Egress: true, AsTarget: &tunnel.Target{Namespace: "demo", Service: "detour"}})
+	want := "session: IMPERSONATE of detour.demo.svc.cluster.local refused: its workloads run as this waypoint's own identity " +
+		"(spiffe://cluster.local/ns/demo/sa/detour), which no grant hands out; impersonate the service you debug instead"
+	if r.OK || r.Error != want {
+		t.Errorf("impersonating the waypoint: %+v, want %q", r, want)
+	}
+	tn, r := b.hello(t, "alice", tunnel.Hello{Egress: true, AsTarget: &tunnel.Target{Namespace: "demo", Service: "web"}})
+	if !r.OK {
+		t.Fatalf("impersonating web: %s", r.Error)
+	}
+	cc := b.egressLink(t, tn, "alice")
+	if got := egressGet(t, cc, "10.96.0.20:80"); got != "spiffe://cluster.local/ns/demo/sa/web 10.96.0.20:80" {
+		t.Errorf("egress as web: %q", got)
+	}
+	if got := egressGet(t, cc, "relay.detour.internal:1"); got != "403" {
+		t.Errorf("egress to the relay authority: %q, want 403", got)
+	}
+}
+
+// egressLink accepts the waypoint's egress stream on tn and speaks HBONE over it as dev.
+func (b *bed) egressLink(t *testing.T, tn *tunnel.Tunnel, dev string) *hbone.ClientConn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, c, err := tn.Accept(ctx)
+	if err != nil || m.Kind != "hbone" {
+		t.Fatalf("egress stream: %+v %v", m, err)
+	}
+	if err := tunnel.AckStream(c, nil); err != nil {
+		t.Fatal(err)
+	}
+	tlsCfg, err := identity.ClientTLS(b.id(t, "spiffe://cluster.local/ns/dev/sa/"+dev), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/detour"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := hbone.NewClientConn(ctx, c, tlsCfg, hbone.Config{}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// egressGet opens a stream to target over the egress link: what the handler answered, or the
+// CONNECT's status.
+func egressGet(t *testing.T, cc *hbone.ClientConn, target string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := cc.Dial(ctx, target, hbone.DialOptions{})
+	var se *hbone.StatusError
+	if errors.As(err, &se) {
+		return strconv.Itoa(se.Code)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(got)
 }

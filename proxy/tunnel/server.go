@@ -24,15 +24,20 @@ const setupTimeout = 10 * time.Second
 // Peer is one connected developer, on the waypoint's side.
 type Peer struct {
 	id        spiffeid.ID
+	local     spiffeid.ID // the waypoint's own, when the tunnel was set up
 	transport string
 	control   net.Conn
 	open      func(ctx context.Context) (net.Conn, error)
+	rtt       func() time.Duration // the tunnel's smoothed round trip; nil: unknown
 	done      <-chan struct{}
 	close     func() error
 }
 
 // ID is the developer's verified SPIFFE ID.
 func (p *Peer) ID() spiffeid.ID { return p.id }
+
+// Local is the waypoint's own SPIFFE ID (what it presented to the developer).
+func (p *Peer) Local() spiffeid.ID { return p.local }
 
 // Transport is quic or h2.
 func (p *Peer) Transport() string { return p.transport }
@@ -52,37 +57,52 @@ func (e *OpenError) Error() string {
 func (e *OpenError) Unwrap() error { return e.Err }
 
 // Open opens a data stream to the developer, sends m on it and waits for its Ack (the developer
-// connected it to the app). Errors are *OpenError: nothing of the traffic reached the developer.
+// connected it to the app), all within AckTimeout plus twice the tunnel's round trip: a developer
+// whose tunnel just died costs its traffic that wait, not the dead-peer timeout. The bound is on
+// the stream's setup only; its data then flows at the developer's pace. Errors are *OpenError:
+// nothing of the traffic reached the developer.
 func (p *Peer) Open(ctx context.Context, m Meta) (net.Conn, error) {
 	select {
 	case <-p.done:
 		return nil, &OpenError{Peer: p.id, Err: errors.New("the tunnel is gone")}
 	default:
 	}
+	ctx, cancel := context.WithTimeout(ctx, p.ackTimeout())
+	defer cancel()
 	c, err := p.open(ctx)
 	if err != nil {
 		return nil, &OpenError{Peer: p.id, Err: err}
 	}
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline) // the Meta's write, too, waits no longer
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
 	if err := WriteMsg(c, m); err != nil {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: err}
 	}
-	deadline := time.Now().Add(AckTimeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c.SetReadDeadline(deadline)
 	var ack Ack
 	if err := ReadMsg(c, &ack); err != nil {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("waiting for the developer's acknowledgement: %w", err)}
 	}
-	c.SetReadDeadline(time.Time{})
+	if !stop() {
+		c.Close() // ctx ended just as the ack came: the deadline is set; give up on the stream
+		return nil, &OpenError{Peer: p.id, Err: ctx.Err()}
+	}
+	c.SetDeadline(time.Time{})
 	if !ack.OK {
 		c.Close()
 		return nil, &OpenError{Peer: p.id, Err: fmt.Errorf("the developer's side: %s", ack.Error)}
 	}
 	return c, nil
+}
+
+func (p *Peer) ackTimeout() time.Duration {
+	if p.rtt == nil {
+		return AckTimeout
+	}
+	return AckTimeout + 2*p.rtt()
 }
 
 // Done is closed when the tunnel is gone (closed, or silent for DeadAfter).
@@ -124,7 +144,7 @@ func (s *Server) ServeQUIC(ctx context.Context, pc net.PacketConn) error {
 		s.wg.Go(func() {
 			stop := context.AfterFunc(ctx, func() { c.CloseWithError(0, "waypoint shutting down") })
 			defer stop()
-			p, err := quicPeer(ctx, c)
+			p, err := quicPeer(ctx, c, s.localID())
 			if err != nil {
 				s.log().Info("tunnel: refused", "transport", "quic", "remote", c.RemoteAddr().String(), "err", err)
 				c.CloseWithError(1, "setup failed")
@@ -140,7 +160,7 @@ func quicConfig() *quic.Config {
 	return &quic.Config{KeepAlivePeriod: KeepaliveInterval, MaxIdleTimeout: DeadAfter, HandshakeIdleTimeout: setupTimeout}
 }
 
-func quicPeer(ctx context.Context, c *quic.Conn) (*Peer, error) {
+func quicPeer(ctx context.Context, c *quic.Conn, local spiffeid.ID) (*Peer, error) {
 	id, err := peerID(c.ConnectionState().TLS)
 	if err != nil {
 		return nil, err
@@ -152,7 +172,7 @@ func quicPeer(ctx context.Context, c *quic.Conn) (*Peer, error) {
 		return nil, fmt.Errorf("waiting for the control stream: %w", err)
 	}
 	return &Peer{
-		id: id, transport: "quic", control: quicConn(c, ctl),
+		id: id, local: local, transport: "quic", control: quicConn(c, ctl),
 		open: func(ctx context.Context) (net.Conn, error) {
 			st, err := c.OpenStreamSync(ctx)
 			if err != nil {
@@ -160,6 +180,7 @@ func quicPeer(ctx context.Context, c *quic.Conn) (*Peer, error) {
 			}
 			return quicConn(c, st), nil
 		},
+		rtt:   func() time.Duration { return c.ConnectionStats().SmoothedRTT },
 		done:  c.Context().Done(),
 		close: func() error { return c.CloseWithError(0, "") },
 	}, nil
@@ -213,13 +234,21 @@ func (s *Server) h2Peer(ctx context.Context, nc net.Conn) (*Peer, error) {
 		return nil, fmt.Errorf("opening the control stream: %w", err)
 	}
 	return &Peer{
-		id: cc.PeerID(), transport: "h2", control: ctl,
+		id: cc.PeerID(), local: s.localID(), transport: "h2", control: ctl,
 		open: func(ctx context.Context) (net.Conn, error) {
 			return cc.Dial(ctx, "stream.detour.internal:1", hbone.DialOptions{})
 		},
 		done:  cc.Done(),
 		close: cc.Close,
 	}, nil
+}
+
+// localID is the waypoint's current SPIFFE ID (zero before it has one: no handshake succeeds then).
+func (s *Server) localID() spiffeid.ID {
+	if own, _ := s.Identity.Identity(); own != nil && own.SVID != nil {
+		return own.SVID.ID
+	}
+	return spiffeid.ID{}
 }
 
 func (s *Server) log() *slog.Logger {

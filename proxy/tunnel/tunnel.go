@@ -28,6 +28,10 @@ const ALPN = "detour-tunnel/1"
 // MaxMessage bounds one control or Meta message.
 const MaxMessage = 64 << 10
 
+// MaxHello bounds the Hello, which the waypoint reads before it knows whether the developer may
+// do anything: room for two regexes of 1 KiB (session.MaxRegex), escaped, and the names.
+const MaxHello = 8 << 10
+
 // Keepalive: a tunnel whose peer stays silent for DeadAfter is gone (the waypoint ends its
 // sessions); each side pings every KeepaliveInterval.
 const (
@@ -130,8 +134,11 @@ type Ack struct {
 	Error string `json:"error,omitempty"`
 }
 
-// AckTimeout bounds the wait for an Ack.
-const AckTimeout = 5 * time.Second
+// AckTimeout bounds the wait for a data stream's Ack (plus twice the tunnel's round trip, when
+// known): the CLI answers once its app accepted a TCP connection, which takes milliseconds for a
+// healthy developer. Past it the traffic goes to the real service, well before DeadAfter says the
+// tunnel is gone.
+const AckTimeout = time.Second
 
 // ErrTooLarge: a message over MaxMessage.
 var ErrTooLarge = errors.New("tunnel: message too large")
@@ -152,14 +159,25 @@ func WriteMsg(w io.Writer, v any) error {
 }
 
 // ReadMsg reads one message into v; unknown fields are refused, so a typo never passes silently.
-func ReadMsg(r io.Reader, v any) error {
+func ReadMsg(r io.Reader, v any) error { return ReadMsgMax(r, v, MaxMessage) }
+
+// ReadHello reads the CLI's Hello, at most MaxHello bytes.
+func ReadHello(r io.Reader) (Hello, error) {
+	var h Hello
+	err := ReadMsgMax(r, &h, MaxHello)
+	return h, err
+}
+
+// ReadMsgMax is ReadMsg for a message of at most limit bytes (and MaxMessage); a longer one is
+// refused (ErrTooLarge) from its length, before its body is read.
+func ReadMsgMax(r io.Reader, v any, limit int) error {
 	var hdr [4]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return err
 	}
 	n := binary.BigEndian.Uint32(hdr[:])
-	if n > MaxMessage {
-		return fmt.Errorf("%w: %d bytes", ErrTooLarge, n)
+	if n > MaxMessage || int64(n) > int64(limit) {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrTooLarge, n, min(limit, MaxMessage))
 	}
 	b := make([]byte, n)
 	if _, err := io.ReadFull(r, b); err != nil {

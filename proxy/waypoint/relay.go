@@ -21,7 +21,7 @@ import (
 // Meta in headers), presented with the waypoint's own identity; the holder accepts relays only
 // from that identity (its own service account: another replica).
 const (
-	RelayTarget        = "relay.detour.internal:1"
+	RelayTarget        = session.RelayHost + ":1"
 	headerRelaySession = "Detour-Session"
 	headerRelayMeta    = "Detour-Meta"
 )
@@ -66,13 +66,13 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 	if own == nil || req.PeerID != own.SVID.ID {
 		return fmt.Errorf("waypoint: %w: relays are accepted only from replicas of this waypoint (%v), not %v", hbone.ErrForbidden, own.SVID.ID, req.PeerID)
 	}
-	st := h.Sessions.Get(req.Header.Get(headerRelaySession))
-	if st == nil || st.Remote {
-		return fmt.Errorf("waypoint: %w: no local session %q", hbone.ErrUnavailable, req.Header.Get(headerRelaySession))
+	id, m, err := relayHeaders(req.Header)
+	if err != nil {
+		return err
 	}
-	var m tunnel.Meta
-	if err := json.Unmarshal([]byte(req.Header.Get(headerRelayMeta)), &m); err != nil {
-		return fmt.Errorf("waypoint: %w: relay meta: %v", hbone.ErrBadAuthority, err)
+	st := h.Sessions.Get(id)
+	if st == nil || st.Remote {
+		return fmt.Errorf("waypoint: %w: no local session %q", hbone.ErrUnavailable, id)
 	}
 	dev, err := st.Open(s.Context(), m)
 	if err != nil {
@@ -93,4 +93,21 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 		st.Report(ev)
 	}
 	return err
+}
+
+// relayHeaders reads a relayed stream's session and Meta: a stream of a session (a whole stream or
+// an HTTP connection), never anything else a data stream can be (the egress link).
+func relayHeaders(h http.Header) (id string, m tunnel.Meta, err error) {
+	dec := json.NewDecoder(strings.NewReader(h.Get(headerRelayMeta)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil {
+		return "", m, fmt.Errorf("waypoint: %w: relay meta: %v", hbone.ErrBadAuthority, err)
+	}
+	if dec.More() {
+		return "", m, fmt.Errorf("waypoint: %w: relay meta: trailing data", hbone.ErrBadAuthority)
+	}
+	if m.Kind != "tcp" && m.Kind != "http" {
+		return "", m, fmt.Errorf("waypoint: %w: relay meta: kind %q is not tcp or http", hbone.ErrBadAuthority, m.Kind)
+	}
+	return h.Get(headerRelaySession), m, nil
 }

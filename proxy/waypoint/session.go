@@ -131,16 +131,28 @@ type mirrorSink struct {
 	sent  int64
 }
 
-func (h *Handler) mirrorStream(ctx context.Context, in net.Conn, req *hbone.Request, mirrors []*session.Session) net.Conn {
-	if len(mirrors) == 0 {
-		return in
-	}
+// mirrorStream tees in to each mirror that has a slot free (session.TryMirror: bounded per
+// session and per developer; a copy without one is dropped and counted). Each copy runs in a
+// goroutine its session owns, so it ends with the session, not only with the stream.
+// The stream's context (unused) does not bound the copies: the developer gets the whole copy of a
+// stream that just ended.
+func (h *Handler) mirrorStream(_ context.Context, in net.Conn, req *hbone.Request, mirrors []*session.Session) net.Conn {
 	t := &mirrorTee{Conn: in}
 	source := strings.TrimPrefix(req.PeerID.String(), "spiffe://")
+	meta := tunnel.Meta{Kind: "tcp", Target: req.Target.String(), Source: source}
 	for _, m := range mirrors {
+		if !m.TryMirror() {
+			continue
+		}
 		sink := &mirrorSink{st: m, wake: make(chan struct{}, 1)}
+		if !m.Go(func(ctx context.Context) { defer m.MirrorDone(); sink.run(ctx, meta) }) {
+			m.MirrorDone() // the session just ended
+			continue
+		}
 		t.sinks = append(t.sinks, sink)
-		go sink.run(context.WithoutCancel(ctx), tunnel.Meta{Kind: "tcp", Target: req.Target.String(), Source: source})
+	}
+	if len(t.sinks) == 0 {
+		return in
 	}
 	return t
 }
@@ -178,47 +190,85 @@ func (m *mirrorSink) poke() {
 	}
 }
 
+// run opens the developer's copy and feeds it until the client's stream ends, the copy is
+// abandoned, or the session ends (ctx). After the client's EOF it waits at most mirrorTimeout for
+// the developer's side to finish, so a developer that never closes holds its slot no longer.
 func (m *mirrorSink) run(ctx context.Context, meta tunnel.Meta) {
+	defer m.stop()
 	dev, err := m.st.Open(ctx, meta)
 	if err != nil {
-		m.mu.Lock()
-		m.bad = true
-		m.mu.Unlock()
-		m.st.Dropped()
+		m.abandon()
 		return
 	}
-	defer dev.Close()
-	go io.Copy(io.Discard, dev) // the developer's answers go nowhere
-	for range m.wake {
+	answered := make(chan struct{})
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer dev.Close()                                           // resets the copy unless it finished; ends the reader
+	wg.Go(func() { io.Copy(io.Discard, dev); close(answered) }) // the developer's answers go nowhere
+	for {
+		select {
+		case <-m.wake:
+		case <-ctx.Done():
+			return
+		}
 		m.mu.Lock()
 		bufs, bad, ended, eof := m.buf, m.bad, m.ended, m.eof
 		m.buf, m.size = nil, 0
 		m.mu.Unlock()
 		if bad {
-			return // the deferred Close resets the copy
-		}
-		for _, b := range bufs {
-			n, err := dev.Write(b)
-			m.sent += int64(n)
-			if err != nil {
-				m.mu.Lock()
-				m.bad = true
-				m.mu.Unlock()
-				m.st.Dropped()
-				return
-			}
-		}
-		if ended {
-			if eof {
-				if cw, ok := dev.(interface{ CloseWrite() error }); ok {
-					cw.CloseWrite()
-				}
-				m.st.Report(tunnel.Event{Kind: "stream", Received: m.sent, Source: meta.Source})
-				io.Copy(io.Discard, dev)
-			}
 			return
 		}
+		if !m.send(ctx, dev, bufs) {
+			m.abandon()
+			return
+		}
+		if !ended {
+			continue
+		}
+		if eof {
+			if cw, ok := dev.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+			m.st.Report(tunnel.Event{Kind: "stream", Received: m.sent, Source: meta.Source})
+			timer := time.NewTimer(mirrorTimeout)
+			defer timer.Stop()
+			select {
+			case <-answered:
+			case <-timer.C:
+			case <-ctx.Done():
+			}
+		}
+		return
 	}
+}
+
+// send writes bufs to the developer; a write blocked by a developer that does not read ends when
+// the session does.
+func (m *mirrorSink) send(ctx context.Context, dev net.Conn, bufs [][]byte) bool {
+	stop := context.AfterFunc(ctx, func() { dev.Close() })
+	defer stop()
+	for _, b := range bufs {
+		n, err := dev.Write(b)
+		m.sent += int64(n)
+		if err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// stop makes the tee's further writes no-ops once run returned.
+func (m *mirrorSink) stop() {
+	m.mu.Lock()
+	m.bad = true
+	m.buf, m.size = nil, 0
+	m.mu.Unlock()
+}
+
+// abandon gives up the copy (counted as dropped); the real stream goes on.
+func (m *mirrorSink) abandon() {
+	m.stop()
+	m.st.Dropped()
 }
 
 // requestSessions splits the sessions an HTTP request matches: the steal (the first that
@@ -315,9 +365,9 @@ func (hs *httpStream) mirrorRequest(r *http.Request, path string, mirrors []*ses
 				m.MirrorDone()
 				continue
 			}
-			go func() {
+			started := m.Go(func(ctx context.Context) {
 				defer m.MirrorDone()
-				ctx, cancel := context.WithTimeout(context.Background(), mirrorTimeout)
+				ctx, cancel := context.WithTimeout(ctx, mirrorTimeout)
 				defer cancel()
 				req, err := http.NewRequestWithContext(ctx, method, "http://"+m.Host+uri, bytes.NewReader(body))
 				if err != nil {
@@ -341,7 +391,10 @@ func (hs *httpStream) mirrorRequest(r *http.Request, path string, mirrors []*ses
 				}
 				ev.Micros = time.Since(start).Microseconds()
 				m.Report(ev)
-			}()
+			})
+			if !started {
+				m.MirrorDone() // the session just ended
+			}
 		}
 	}
 	if r.Body == nil || r.Body == http.NoBody {

@@ -333,7 +333,7 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 	var f tunnelFlags
 	cmd := &cobra.Command{
 		Use:   "sessions --waypoint ADDR",
-		Short: "List a waypoint's debug sessions, with their holders and counters",
+		Short: "List a waypoint's debug sessions you may see (yours, and others' where a LIST, STEAL or MIRROR grant covers the port), with holders and counters",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			t, err := f.dial(cmd.Context(), log())
