@@ -151,13 +151,23 @@ func (st *SessionStore) Run(ctx context.Context) error {
 	}
 }
 
+// maxSessionTTL bounds a DebugSession's ttlSeconds: a larger one (or one that overflows a
+// Duration) would keep a dead replica's session forever.
+const maxSessionTTL = time.Hour
+
 func decodeSpec(u *unstructured.Unstructured) (debugSessionSpec, error) {
 	var spec debugSessionSpec
 	raw, err := json.Marshal(u.Object["spec"])
 	if err != nil {
-		return spec, err
+		return spec, fmt.Errorf("mesh: DebugSession %s: %w", u.GetName(), err)
 	}
-	return spec, json.Unmarshal(raw, &spec)
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return spec, fmt.Errorf("mesh: DebugSession %s: %w", u.GetName(), err)
+	}
+	if spec.TTLSeconds <= 0 || spec.TTLSeconds > int(maxSessionTTL/time.Second) {
+		return spec, fmt.Errorf("mesh: DebugSession %s: ttlSeconds %d is outside 1..%d", u.GetName(), spec.TTLSeconds, int(maxSessionTTL.Seconds()))
+	}
+	return spec, nil
 }
 
 func (st *SessionStore) upsert(o any) {
@@ -166,8 +176,12 @@ func (st *SessionStore) upsert(o any) {
 		return
 	}
 	spec, err := decodeSpec(u)
-	if err != nil || spec.Replica == st.Replica {
-		return // ours, or unreadable
+	if err != nil {
+		st.log().Error("mesh: a DebugSession cannot be read; ignoring it", "err", err)
+		return
+	}
+	if spec.Replica == st.Replica {
+		return // ours
 	}
 	id := u.GetName()
 	st.mu.Lock()

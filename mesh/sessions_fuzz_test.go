@@ -39,3 +39,32 @@ func FuzzDebugSession(f *testing.F) {
 		}
 	})
 }
+
+// A ttlSeconds that is not positive, or so large that the session of a dead replica would never
+// expire (or overflow a Duration), makes the DebugSession unreadable.
+func TestDebugSessionTTLBounded(t *testing.T) {
+	for _, tc := range []struct {
+		ttl  int64
+		want string
+	}{
+		{30, ""},
+		{3600, ""},
+		{0, "mesh: DebugSession x: ttlSeconds 0 is outside 1..3600"},
+		{-5, "mesh: DebugSession x: ttlSeconds -5 is outside 1..3600"},
+		{3601, "mesh: DebugSession x: ttlSeconds 3601 is outside 1..3600"},
+		{1 << 40, "mesh: DebugSession x: ttlSeconds 1099511627776 is outside 1..3600"},
+	} {
+		u := &unstructured.Unstructured{Object: map[string]any{"metadata": map[string]any{"name": "x"}, "spec": map[string]any{"ttlSeconds": tc.ttl}}}
+		_, err := decodeSpec(u)
+		if got := errText(err); got != tc.want {
+			t.Errorf("ttlSeconds %d: %q, want %q", tc.ttl, got, tc.want)
+		}
+	}
+}
+
+func errText(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

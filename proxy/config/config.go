@@ -277,6 +277,9 @@ func (c *Config) validate() error {
 	if i := c.Waypoint.Inspect; i != "auto" && i != "always" {
 		bad("waypoint.inspect %q is not one of auto, always", i)
 	}
+	if t := c.Waypoint.BindTTL.Duration; t < 0 || t > time.Hour {
+		bad("waypoint.bindTTL %s is outside 0s..1h (the other replicas ignore a longer one)", t)
+	}
 	switch c.Discovery.Source {
 	case "static":
 		if c.Discovery.Static == nil {
