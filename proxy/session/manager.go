@@ -120,8 +120,8 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	if m.Publisher != nil {
 		defer m.Publisher.Publish(s)()
 	}
-	m.Metrics.SessionStarted(s.Spec.Mode)
-	defer m.Metrics.SessionEnded(s.Spec.Mode)
+	m.Metrics.SessionStarted(string(s.Spec.Mode))
+	defer m.Metrics.SessionEnded(string(s.Spec.Mode))
 	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {
 		return
 	}
@@ -154,7 +154,7 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 func (m *Manager) egress(p *tunnel.Peer, as spiffeid.ID) {
 	go func() {
 		ctx := ctxOf(p)
-		c, err := p.Open(ctx, tunnel.Meta{Kind: "hbone"})
+		c, err := p.Open(ctx, tunnel.Meta{Kind: tunnel.KindHBONE})
 		if err != nil {
 			return
 		}
@@ -272,7 +272,7 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 			return nil, err
 		}
 	}
-	method := strings.ToUpper(spec.Mode)
+	method := strings.ToUpper(string(spec.Mode))
 	path := fmt.Sprintf("/ports/%d", port)
 	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
 	var dec authz.Decision

@@ -25,10 +25,10 @@ import (
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
-// Modes.
+// Modes (the tunnel's).
 const (
-	Steal  = "steal"
-	Mirror = "mirror"
+	Steal  = tunnel.ModeSteal
+	Mirror = tunnel.ModeMirror
 )
 
 // RelayHost is the authority's host of a stream one replica relays to another (the holder of the
@@ -252,7 +252,7 @@ func (s *Session) Transport(h2 bool) *http.Transport {
 			IdleConnTimeout:     90 * time.Second,
 			MaxIdleConnsPerHost: 16,
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return s.Open(ctx, tunnel.Meta{Kind: "http", Protocol: proto})
+				return s.Open(ctx, tunnel.Meta{Kind: tunnel.KindHTTP, Protocol: proto})
 			},
 		}
 	}
@@ -314,12 +314,12 @@ func (s *Session) Dropped() {
 // Report counts what the session took and queues the event for the developer's CLI (dropped if
 // the CLI is behind).
 func (s *Session) Report(ev tunnel.Event) {
-	if ev.Kind == "stream" {
+	if ev.Kind == tunnel.EventStream {
 		s.streams.Add(1)
 	} else {
 		s.requests.Add(1)
 	}
-	s.metrics.SessionTook(s.Spec.Mode, ev.Kind)
+	s.metrics.SessionTook(string(s.Spec.Mode), string(ev.Kind))
 	ev.Mode = s.Spec.Mode
 	select {
 	case s.events <- ev:

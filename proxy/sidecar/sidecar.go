@@ -63,13 +63,13 @@ func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
 		if st.Spec.Mode != session.Steal || !st.Whole() {
 			continue
 		}
-		dev, err := st.Open(ctx, tunnel.Meta{Kind: "tcp", Target: orig.String(), Source: c.RemoteAddr().String()})
+		dev, err := st.Open(ctx, tunnel.Meta{Kind: tunnel.KindTCP, Target: orig.String(), Source: c.RemoteAddr().String()})
 		if err != nil {
 			break // the developer is gone: the application answers
 		}
 		start := time.Now()
 		counts, err := hbone.SpliceCount(c, dev, 0)
-		ev := tunnel.Event{Kind: "stream", Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: c.RemoteAddr().String()}
+		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: c.RemoteAddr().String()}
 		if err != nil {
 			ev.Error = err.Error()
 		}

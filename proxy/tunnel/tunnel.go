@@ -42,6 +42,31 @@ const (
 // controlTarget is the authority of the control stream over HTTP/2.
 const controlTarget = "control.detour.internal:1"
 
+// Mode is what a session does with the traffic it takes.
+type Mode string
+
+const (
+	ModeSteal  Mode = "steal"  // the developer's app answers instead of the service
+	ModeMirror Mode = "mirror" // the developer's app gets a copy; its answers are discarded
+)
+
+// Kind is what a data stream carries.
+type Kind string
+
+const (
+	KindTCP   Kind = "tcp"   // one whole stream's bytes
+	KindHTTP  Kind = "http"  // an HTTP connection carrying stolen or mirrored requests
+	KindHBONE Kind = "hbone" // the egress link: HBONE with the developer's SVID
+)
+
+// EventKind is what an Event reports.
+type EventKind string
+
+const (
+	EventRequest EventKind = "request"
+	EventStream  EventKind = "stream"
+)
+
 // Hello is the CLI's first message.
 type Hello struct {
 	Register *Spec `json:"register,omitempty"` // open a session
@@ -65,7 +90,7 @@ type Spec struct {
 	Namespace string `json:"namespace"`
 	Service   string `json:"service"`
 	Port      uint16 `json:"port"` // service port; 0: the service's only port
-	Mode      string `json:"mode"` // steal or mirror
+	Mode      Mode   `json:"mode"` // steal or mirror
 	Filter    Filter `json:"filter,omitzero"`
 	// Bind asks the waypoint to bind the (unbound) service to itself for the session's life.
 	Bind bool `json:"bind,omitempty"`
@@ -104,23 +129,23 @@ type SessionInfo struct {
 
 // Event reports one stolen or mirrored request or stream to the CLI.
 type Event struct {
-	Kind     string `json:"kind"` // request or stream
-	Mode     string `json:"mode"`
-	Method   string `json:"method,omitempty"`
-	Path     string `json:"path,omitempty"`
-	Status   int    `json:"status,omitempty"`
-	Micros   int64  `json:"us,omitempty"`
-	Received int64  `json:"received,omitempty"`
-	Sent     int64  `json:"sent,omitempty"`
-	Source   string `json:"source,omitempty"`
-	Error    string `json:"error,omitempty"`
+	Kind     EventKind `json:"kind"`
+	Mode     Mode      `json:"mode"`
+	Method   string    `json:"method,omitempty"`
+	Path     string    `json:"path,omitempty"`
+	Status   int       `json:"status,omitempty"`
+	Micros   int64     `json:"us,omitempty"`
+	Received int64     `json:"received,omitempty"`
+	Sent     int64     `json:"sent,omitempty"`
+	Source   string    `json:"source,omitempty"`
+	Error    string    `json:"error,omitempty"`
 }
 
 // Meta starts every data stream.
 type Meta struct {
 	Session  string `json:"session"`
-	Kind     string `json:"kind"`               // tcp (a whole stream) or http (HTTP connections for requests)
-	Mode     string `json:"mode"`               // steal or mirror
+	Kind     Kind   `json:"kind"`
+	Mode     Mode   `json:"mode"`
 	Protocol string `json:"protocol,omitempty"` // http: http/1.1 or h2c
 	Target   string `json:"target,omitempty"`   // the stream's original destination
 	Source   string `json:"source,omitempty"`   // the client's SPIFFE ID

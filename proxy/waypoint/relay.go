@@ -84,8 +84,8 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 	}
 	start := time.Now()
 	counts, err := hbone.SpliceCount(s, dev, h.HalfCloseTimeout)
-	if m.Kind == "tcp" {
-		ev := tunnel.Event{Kind: "stream", Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
+	if m.Kind == tunnel.KindTCP {
+		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
 			Source: strings.TrimPrefix(m.Source, "spiffe://")}
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			ev.Error = err.Error()
@@ -106,7 +106,7 @@ func relayHeaders(h http.Header) (id string, m tunnel.Meta, err error) {
 	if dec.More() {
 		return "", m, fmt.Errorf("waypoint: %w: relay meta: trailing data", hbone.ErrBadAuthority)
 	}
-	if m.Kind != "tcp" && m.Kind != "http" {
+	if m.Kind != tunnel.KindTCP && m.Kind != tunnel.KindHTTP {
 		return "", m, fmt.Errorf("waypoint: %w: relay meta: kind %q is not tcp or http", hbone.ErrBadAuthority, m.Kind)
 	}
 	return h.Get(headerRelaySession), m, nil

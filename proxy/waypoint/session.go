@@ -65,7 +65,7 @@ func whole(ss []*session.Session) (steal *session.Session, mirrors []*session.Se
 // not be reached: the caller forwards the stream as usual.
 func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, req *hbone.Request, st *session.Session) (handled bool, err error) {
 	source := strings.TrimPrefix(req.PeerID.String(), "spiffe://")
-	dev, err := st.Open(s.Context(), tunnel.Meta{Kind: "tcp", Target: req.Target.String(), Source: source})
+	dev, err := st.Open(s.Context(), tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: source})
 	if err != nil {
 		h.log().Debug("waypoint: session unreachable, forwarding to the service", "session", st.ID, "err", err)
 		return false, nil
@@ -76,7 +76,7 @@ func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, req *hbone.Request, 
 	}
 	start := time.Now()
 	counts, err := hbone.SpliceCount(in, dev, h.HalfCloseTimeout)
-	ev := tunnel.Event{Kind: "stream", Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: source}
+	ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: source}
 	if err != nil {
 		ev.Error = err.Error()
 	}
@@ -139,7 +139,7 @@ type mirrorSink struct {
 func (h *Handler) mirrorStream(_ context.Context, in net.Conn, req *hbone.Request, mirrors []*session.Session) net.Conn {
 	t := &mirrorTee{Conn: in}
 	source := strings.TrimPrefix(req.PeerID.String(), "spiffe://")
-	meta := tunnel.Meta{Kind: "tcp", Target: req.Target.String(), Source: source}
+	meta := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: source}
 	for _, m := range mirrors {
 		if !m.TryMirror() {
 			continue
@@ -229,7 +229,7 @@ func (m *mirrorSink) run(ctx context.Context, meta tunnel.Meta) {
 			if cw, ok := dev.(interface{ CloseWrite() error }); ok {
 				cw.CloseWrite()
 			}
-			m.st.Report(tunnel.Event{Kind: "stream", Received: m.sent, Source: meta.Source})
+			m.st.Report(tunnel.Event{Kind: tunnel.EventStream, Received: m.sent, Source: meta.Source})
 			timer := time.NewTimer(mirrorTimeout)
 			defer timer.Stop()
 			select {
@@ -306,7 +306,7 @@ func (hs *httpStream) stealRequest(w *recorder, r *http.Request, path string, st
 		if code == 0 {
 			code = http.StatusOK
 		}
-		st.Report(tunnel.Event{Kind: "request", Method: r.Method, Path: path, Status: code,
+		st.Report(tunnel.Event{Kind: tunnel.EventRequest, Method: r.Method, Path: path, Status: code,
 			Micros: time.Since(start).Microseconds(), Source: hs.labels.SourcePrincipal})
 	}
 }
@@ -378,7 +378,7 @@ func (hs *httpStream) mirrorRequest(r *http.Request, path string, mirrors []*ses
 				if tr == nil {
 					return
 				}
-				ev := tunnel.Event{Kind: "request", Method: method, Path: path, Source: source}
+				ev := tunnel.Event{Kind: tunnel.EventRequest, Method: method, Path: path, Source: source}
 				start := time.Now()
 				resp, err := tr.RoundTrip(req)
 				if err != nil {

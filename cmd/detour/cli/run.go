@@ -200,7 +200,7 @@ func (r *runCmd) accept(ctx context.Context, t *tunnel.Tunnel, src identity.Sour
 		if err != nil {
 			return
 		}
-		if m.Kind == "hbone" {
+		if m.Kind == tunnel.KindHBONE {
 			if tunnel.AckStream(c, nil) != nil {
 				c.Close()
 				continue

@@ -201,7 +201,7 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 	if !ok || name == "" {
 		return tunnel.Spec{}, fmt.Errorf("target %q: want svc/NAME[:PORT] (or pod/NAME:PORT for a sidecar pod's agent)", target)
 	}
-	spec := tunnel.Spec{Namespace: c.namespace, Service: name, Mode: c.mode}
+	spec := tunnel.Spec{Namespace: c.namespace, Service: name, Mode: tunnel.Mode(c.mode)}
 	if n, p, found := strings.Cut(name, ":"); found {
 		port, err := strconv.ParseUint(p, 10, 16)
 		if err != nil || port == 0 {
@@ -315,7 +315,7 @@ func filterText(f tunnel.Filter) string {
 // eventLine is one live line: a request with its status and latency, or a stream with its bytes.
 func eventLine(ev tunnel.Event) string {
 	took := (time.Duration(ev.Micros) * time.Microsecond).Round(10 * time.Microsecond)
-	if ev.Kind == "request" {
+	if ev.Kind == tunnel.EventRequest {
 		status := strconv.Itoa(ev.Status)
 		if ev.Error != "" {
 			status = "error: " + ev.Error
