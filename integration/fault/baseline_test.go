@@ -10,3 +10,11 @@ func TestBaseline(t *testing.T) {
 	peak, _ := w.mem.Peak()
 	t.Logf("healthy waypoint peak RSS under the background load: %d MB", peak>>20)
 }
+
+// Memory: the healthy value measured by TestBaseline (peak RSS of the waypoint from its start
+// through the background load), and each attack's ceiling.
+const (
+	healthyRSS  = 51 << 20
+	holCeiling  = 3 * healthyRSS
+	loopCeiling = 3 * healthyRSS
+)

@@ -320,7 +320,7 @@ func waitListening(t *testing.T, addr string, p *it.Proc) {
 
 // memKillAt is where the watch kills a waypoint whose memory runs away (a loop, a flood), so that
 // a failing test never takes the shared machine down with it.
-const memKillAt = 600 << 20
+const memKillAt = 400 << 20
 
 // memWatch samples a process's VmRSS every 20 ms, keeping the peak, and kills it past a limit.
 type memWatch struct {

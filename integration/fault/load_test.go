@@ -37,12 +37,12 @@ type loadOptions struct {
 
 // load is a running background load; wait returns its results.
 type load struct {
-	o       loadOptions
-	b       *bed
-	clients []*loadClient
-	wg      sync.WaitGroup
-	mu      sync.Mutex
-	results []result
+	o        loadOptions
+	b        *bed
+	clients  []*loadClient
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	results  []result
 	inFlight map[int]time.Time // started, not yet ended: request number -> start
 }
 
@@ -264,8 +264,9 @@ func (r loadResult) describe(keep func(result) bool) string {
 // checkLoad fails the test unless every background request succeeded.
 func checkLoad(t *testing.T, r loadResult) {
 	t.Helper()
-	t.Log(r)
 	if len(r.failed(nil)) > 0 {
 		t.Error(r)
+	} else {
+		t.Log(r)
 	}
 }
