@@ -18,3 +18,8 @@ const (
 	holCeiling  = 3 * healthyRSS
 	loopCeiling = 3 * healthyRSS
 )
+
+const (
+	helloCeiling = 3 * healthyRSS
+	resetCeiling = 3 * healthyRSS
+)
