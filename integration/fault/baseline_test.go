@@ -9,6 +9,7 @@ func TestBaseline(t *testing.T) {
 	checkLoad(t, b.startLoad(w, loadOptions{}).wait())
 	peak, _ := w.mem.Peak()
 	t.Logf("healthy waypoint peak RSS under the background load: %d MB", peak>>20)
+	t.Logf("healthy waypoint goroutines after the background load: %d", w.goroutines(t))
 }
 
 // Memory: the healthy value measured by TestBaseline (peak RSS of the waypoint from its start
@@ -22,4 +23,9 @@ const (
 const (
 	helloCeiling = 3 * healthyRSS
 	resetCeiling = 3 * healthyRSS
+)
+
+const (
+	mirrorCeiling    = 3 * healthyRSS
+	mirrorGoroutines = 200 // healthy: 30 without a session (TestBaseline); room for a bounded set of mirror copies
 )

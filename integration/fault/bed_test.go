@@ -420,7 +420,7 @@ func procStatus(pid int, field string) (int64, error) {
 	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
-var goroutineHeader = regexp.MustCompile(`(?m)^goroutine \d+ \[`)
+var goroutineHeader = regexp.MustCompile(`(?m)^goroutine [1-9]\d* `) // goroutine 0 is a thread's system stack
 
 // goroutines ends the waypoint with SIGQUIT and counts the goroutines of its dump (GOTRACEBACK=all).
 // detour has no debug endpoint; this is the count at the moment of the signal.
@@ -430,9 +430,13 @@ func (w *waypoint) goroutines(t *testing.T) int {
 	w.proc.Process.Signal(syscall.SIGQUIT)
 	<-w.proc.Done
 	w.mem.stop()
-	n := len(goroutineHeader.FindAllString(w.proc.Output()[before:], -1))
+	dump := w.proc.Output()[before:]
+	if f := os.Getenv("FAULT_DUMP"); f != "" {
+		os.WriteFile(f, []byte(dump), 0o644)
+	}
+	n := len(goroutineHeader.FindAllString(dump, -1))
 	if n == 0 {
-		t.Fatalf("no goroutine dump after SIGQUIT:\n%s", w.proc.Output()[before:])
+		t.Fatalf("no goroutine dump after SIGQUIT:\n%s", dump)
 	}
 	return n
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -66,10 +67,9 @@ func (b *bed) startLoad(w *waypoint, o loadOptions) *load {
 	o.n = cmp(o.n, 150)
 	o.every = cmp(o.every, 20*time.Millisecond)
 	o.deadline = cmp(o.deadline, 3*time.Second)
-	l := &load{o: o, b: b, inFlight: map[int]time.Time{}}
+	l := &load{o: o, b: b}
 	for _, id := range loadIDs {
-		l.clients = append(l.clients, &loadClient{id: id, b: b,
-			d: istiohbone.NewDialer(istiohbone.Config{ProxyAddress: w.hbone, TLS: b.clientTLS(id)})})
+		l.clients = append(l.clients, &loadClient{id: id, b: b, d: istioDialer(w, b.clientTLS(id))})
 	}
 	l.wg.Add(1)
 	go func() {
@@ -82,6 +82,11 @@ func (b *bed) startLoad(w *waypoint, o loadOptions) *load {
 		}
 	}()
 	return l
+}
+
+// istioDialer is Istio's Go HBONE client to waypoint w with tlsCfg.
+func istioDialer(w *waypoint, tlsCfg *tls.Config) istiohbone.Dialer {
+	return istiohbone.NewDialer(istiohbone.Config{ProxyAddress: w.hbone, TLS: tlsCfg})
 }
 
 func cmp[T comparable](v, def T) T {
@@ -100,9 +105,6 @@ func (l *load) one(i int) {
 		r.kind = "http"
 		r.matched = len(l.o.header) == 2 && (i/(2*len(l.clients)))%2 == 0
 	}
-	l.mu.Lock()
-	l.inFlight[i] = r.start
-	l.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), l.o.deadline)
 	defer cancel()
 	if r.kind == "http" {
@@ -115,7 +117,6 @@ func (l *load) one(i int) {
 	}
 	r.end = time.Now()
 	l.mu.Lock()
-	delete(l.inFlight, i)
 	l.results = append(l.results, r)
 	l.mu.Unlock()
 }
@@ -180,34 +181,79 @@ func (c *loadClient) tcp(ctx context.Context, i int) (string, error) {
 	defer conn.Close()
 	dl, _ := ctx.Deadline()
 	conn.SetDeadline(dl)
-	br := bufio.NewReader(conn)
-	name, err := br.ReadString('\n')
+	s := &tcpStream{Conn: conn, br: bufio.NewReader(conn)}
+	name, err := s.greeting()
+	if err != nil {
+		return "", err
+	}
+	return name, s.echo(bytes.Repeat([]byte{byte('a' + i%26)}, 512))
+}
+
+// tcpSized is tcp with size bytes echoed and its own deadline.
+func (c *loadClient) tcpSized(i, size int, deadline time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
+	defer cancel()
+	conn, err := c.dial(ctx, webVIP+":82")
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(deadline))
+	s := &tcpStream{Conn: conn, br: bufio.NewReader(conn)}
+	name, err := s.greeting()
+	if err != nil {
+		return "", err
+	}
+	return name, s.echo(bytes.Repeat([]byte{byte('a' + i%26)}, size))
+}
+
+// tcpStream is a stream to web's TCP port: the pod's greeting, then an echo.
+type tcpStream struct {
+	net.Conn
+	br  *bufio.Reader
+	pod string // the greeting
+}
+
+func (s *tcpStream) greeting() (string, error) {
+	name, err := s.br.ReadString('\n')
 	if err != nil {
 		return "", fmt.Errorf("reading the greeting: %w", err)
 	}
-	msg := bytes.Repeat([]byte{byte('a' + i%26)}, 512)
-	if _, err := conn.Write(msg); err != nil {
-		return "", err
-	}
-	got := make([]byte, len(msg))
-	if _, err := io.ReadFull(br, got); err != nil {
-		return "", fmt.Errorf("reading the echo: %w", err)
-	}
-	if !bytes.Equal(got, msg) {
-		return "", fmt.Errorf("echo differs")
-	}
-	return strings.TrimSpace(name), nil
+	s.pod = strings.TrimSpace(name)
+	return s.pod, nil
 }
 
-// inFlightAt is the number of requests started and not yet ended now.
-func (l *load) inFlightNow() map[int]bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	m := map[int]bool{}
-	for i := range l.inFlight {
-		m[i] = true
+// echo writes msg (from another goroutine: the pipe is synchronous) and reads it back.
+func (s *tcpStream) echo(msg []byte) error {
+	werr := make(chan error, 1)
+	go func() { _, err := s.Write(msg); werr <- err }()
+	got := make([]byte, len(msg))
+	_, err := io.ReadFull(s.br, got)
+	if err != nil {
+		s.Close() // ends the writer
+		<-werr
+		return fmt.Errorf("reading the echo: %w", err)
 	}
-	return m
+	if err := <-werr; err != nil {
+		return err
+	}
+	if !bytes.Equal(got, msg) {
+		return fmt.Errorf("echo differs")
+	}
+	return nil
+}
+
+// waitEnded waits until n requests have ended (all of them at the latest).
+func (l *load) waitEnded(n int) {
+	for {
+		l.mu.Lock()
+		k := len(l.results)
+		l.mu.Unlock()
+		if k >= min(n, l.o.n) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // wait waits for every request and returns the results in order.
