@@ -423,7 +423,8 @@ func procStatus(pid int, field string) (int64, error) {
 var goroutineHeader = regexp.MustCompile(`(?m)^goroutine [1-9]\d* `) // goroutine 0 is a thread's system stack
 
 // goroutines ends the waypoint with SIGQUIT and counts the goroutines of its dump (GOTRACEBACK=all).
-// detour has no debug endpoint; this is the count at the moment of the signal.
+// detour has no debug endpoint; this is the count at the moment of the signal. FAULT_DUMP=FILE
+// keeps the dump, to see where they are parked.
 func (w *waypoint) goroutines(t *testing.T) int {
 	t.Helper()
 	before := len(w.proc.Output())
