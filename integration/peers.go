@@ -60,7 +60,14 @@ func NewPKI(t testing.TB) *PKI {
 // Listen opens a loopback listener closed at the end of the test.
 func Listen(t testing.TB) net.Listener {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return ListenAt(t, "127.0.0.1:0")
+}
+
+// ListenAt opens a TCP listener on addr (another loopback address such as 127.0.0.2 stands in for
+// a pod), closed at the end of the test.
+func ListenAt(t testing.TB, addr string) net.Listener {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +78,12 @@ func Listen(t testing.TB) net.Listener {
 // Backend runs serve for each connection to a loopback listener and returns its address.
 func Backend(t testing.TB, serve func(c *net.TCPConn)) string {
 	t.Helper()
-	l := Listen(t)
+	return BackendOn(t, Listen(t), serve)
+}
+
+// BackendOn is Backend on the listener l (closed at the end of the test).
+func BackendOn(t testing.TB, l net.Listener, serve func(c *net.TCPConn)) string {
+	t.Helper()
 	var wg sync.WaitGroup
 	t.Cleanup(func() { l.Close(); wg.Wait() })
 	wg.Add(1)

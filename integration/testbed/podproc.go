@@ -40,6 +40,10 @@ func podprocBinary() (string, error) {
 	return podproc.path, podproc.err
 }
 
+// PodProc is the podproc binary (built once per test process), for tests that run Istio's HBONE
+// server or an echo as a process of their own outside any pod, e.g. on a loopback address.
+func PodProc() (string, error) { return podprocBinary() }
+
 // Run starts podproc with args inside the pod's network namespace, waits until addr accepts
 // connections (dialled from inside the pod), and stops it when the test ends.
 func (p *Pod) Run(t testing.TB, addr string, args ...string) {

@@ -95,6 +95,13 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 		return fmt.Errorf("agent: redirect listener (is another agent running in this pod?): %w", err)
 	}
 	defer rl.Close()
+	// The tunnel's too, before any rule or goroutine: a port in use ends the agent here, at once.
+	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
+	if err != nil {
+		return &listenError{Addr: cfg.Listeners.Tunnel, Name: "tunnel", Key: "listeners.tunnel", Err: err}
+	}
+	defer tl.Close()
+	defer pc.Close()
 	if err := rules.Sweep(); err != nil {
 		return fmt.Errorf("agent: removing leftovers of an earlier agent: %w", err)
 	}
@@ -134,15 +141,11 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 	g.Go(func() error {
 		return (&sidecar.Server{Registry: reg, Namespace: ns, Pod: name, OriginalDst: agent.OriginalDst, Logger: log}).Serve(gctx, rl)
 	})
-	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
-	if err != nil {
-		return errors.Join(fmt.Errorf("agent: tunnel listener: %w", err), g.Wait())
-	}
 	m := &session.Manager{Registry: reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: sidecar.CheckSpec}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(gctx, tl) })
-	g.Go(func() error { defer pc.Close(); return ts.ServeQUIC(gctx, pc) })
+	g.Go(func() error { return ts.ServeQUIC(gctx, pc) })
 	log.Info("agent: serving", "pod", a.pod, "ports", a.ports, "redirect", rl.Addr().String(), "tunnel", tl.Addr().String())
 	fmt.Fprintf(cmd.OutOrStdout(), "agent ready: taking ports %s of %s; tunnel %s\n", a.ports, a.pod, tl.Addr())
 	return g.Wait()

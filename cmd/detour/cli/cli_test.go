@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -146,6 +147,94 @@ discovery: {static: {services: []}}
 	case <-time.After(15 * time.Second):
 		t.Fatal("did not exit after cancellation")
 	}
+}
+
+// A port in use at start ends `detour waypoint` at once, with one line naming the listener and
+// what to do, whichever listener it is (the tunnel's TCP or UDP half included); nothing is left
+// listening.
+func TestWaypointPortTaken(t *testing.T) {
+	dir := t.TempDir()
+	if code, _, errOut := run(t, "ca", "init", "--dir", dir+"/ca"); code != 0 {
+		t.Fatal(errOut)
+	}
+	for _, tc := range []struct {
+		listener, network, field string
+		want                     string
+	}{
+		{"hbone", "tcp", "hbone", "(hbone): address already in use; free the port, or set listeners.hbone in the config (another address)"},
+		{"health", "tcp", "health", `(health): address already in use; free the port, or set listeners.health in the config (another address, or "off")`},
+		{"tunnel", "tcp", "tunnel", `(tunnel, TCP): address already in use; free the port, or set listeners.tunnel in the config (another address, or "off")`},
+		{"tunnel", "udp", "tunnel", `(tunnel, UDP): address already in use; free the port, or set listeners.tunnel in the config (another address, or "off")`},
+	} {
+		t.Run(tc.listener+"-"+tc.network, func(t *testing.T) {
+			addrs := map[string]string{}
+			for _, name := range []string{"hbone", "health", "tunnel"} {
+				addrs[name] = freeTCPUDP(t)
+			}
+			taken := addrs[tc.field]
+			if tc.network == "tcp" {
+				l, err := net.Listen("tcp", taken)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer l.Close()
+			} else {
+				pc, err := net.ListenPacket("udp", taken)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer pc.Close()
+			}
+			cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/demo/sa/detour"}}
+listeners: {hbone: %q, health: %q, tunnel: %q}
+waypoint: {namespace: demo}
+discovery: {static: {services: []}}
+`, dir+"/ca", addrs["hbone"], addrs["health"], addrs["tunnel"])
+			path := filepath.Join(t.TempDir(), "detour.yaml")
+			if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var out, errOut bytes.Buffer
+			done := make(chan int, 1)
+			go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+			var code int
+			select {
+			case code = <-done:
+			case <-time.After(10 * time.Second):
+				cancel()
+				<-done
+				t.Fatalf("port %s taken: still running 10 s after the start (stderr %q)", taken, errOut.String())
+			}
+			want := "detour: listening on " + taken + " " + tc.want + "\n"
+			if code != 1 || errOut.String() != want {
+				t.Fatalf("exit %d, stderr %q; want 1, %q", code, errOut.String(), want)
+			}
+			for name, addr := range addrs {
+				if addr == taken {
+					continue
+				}
+				if l, err := net.Listen("tcp", addr); err != nil {
+					t.Errorf("%s %s still bound after the exit: %v", name, addr, err)
+				} else {
+					l.Close()
+				}
+			}
+		})
+	}
+}
+
+// freeTCPUDP is a loopback address whose port was free on TCP and UDP a moment ago.
+func freeTCPUDP(t *testing.T) string {
+	t.Helper()
+	l, pc, err := listenTCPUDP("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	defer pc.Close()
+	return l.Addr().String()
 }
 
 var update = flag.Bool("update", false, "rewrite golden files")

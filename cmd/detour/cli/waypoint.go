@@ -69,6 +69,12 @@ type listening struct {
 // runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
 // receives the listeners' addresses once serving. The access log, when on, goes to accessOut.
 func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, accessOut io.Writer, ready chan<- listening) error {
+	// Every listener before anything starts: a port in use ends the process here, at once.
+	ls, err := listenWaypoint(cfg.Listeners)
+	if err != nil {
+		return err
+	}
+	defer ls.Close()
 	src, keep, err := cfg.IdentitySource(log)
 	if err != nil {
 		return err
@@ -89,10 +95,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if err != nil {
 		return errors.Join(fmt.Errorf("waypoint: no identity from %s: %w", cfg.Identity.Source, err), g.Wait())
 	}
-	l, err := net.Listen("tcp", cfg.Listeners.HBONE)
-	if err != nil {
-		return errors.Join(fmt.Errorf("waypoint: listening: %w", err), g.Wait())
-	}
+	l := ls.hbone
 	onward := &hbone.Dialer{Logger: log}
 	defer onward.Close()
 	h := &waypoint.Handler{
@@ -129,19 +132,10 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 				Registry: h.Sessions, Relay: h.RelayOpener, TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 			g.Go(func() error { return store.Run(ctx) })
 		}
-		tl, err := serveTunnels(ctx, g, cfg, src, h, disc.bind, store, log)
-		if err != nil {
-			srv.Close()
-			return errors.Join(err, g.Wait())
-		}
-		addrs.Tunnel = tl
+		serveTunnels(ctx, g, cfg, ls.tunnel, ls.tunnelUDP, src, h, disc.bind, store, log)
+		addrs.Tunnel = ls.tunnel.Addr().String()
 	}
-	if cfg.Listeners.Health != "off" {
-		hl, err := net.Listen("tcp", cfg.Listeners.Health)
-		if err != nil {
-			srv.Close()
-			return errors.Join(fmt.Errorf("waypoint: health listener: %w", err), g.Wait())
-		}
+	if hl := ls.health; hl != nil {
 		addrs.Health = hl.Addr().String()
 		hs := &http.Server{Handler: healthMux(src, disc.synced, reg), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
@@ -188,14 +182,9 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 	return mux
 }
 
-// serveTunnels listens for developer tunnels on one port number, QUIC on UDP and HTTP/2 on TCP,
-// and returns the address.
-func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, src identity.Source, h *waypoint.Handler,
-	bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) (string, error) {
-	tl, pc, err := listenTCPUDP(cfg.Listeners.Tunnel)
-	if err != nil {
-		return "", fmt.Errorf("waypoint: tunnel listener: %w", err)
-	}
+// serveTunnels serves developer tunnels in g: QUIC on pc, HTTP/2 on tl (one port number).
+func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl net.Listener, pc net.PacketConn, src identity.Source,
+	h *waypoint.Handler, bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) {
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
 	m.Egress.Handler, m.Egress.TLS = h, identity.ServerTLS(src, nil)
@@ -209,7 +198,6 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, sr
 		pc.Close()
 		return err
 	})
-	return tl.Addr().String(), nil
 }
 
 // discovered is what a discovery source gives the waypoint.
