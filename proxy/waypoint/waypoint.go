@@ -252,7 +252,9 @@ func (e *dialError) Error() string { return fmt.Sprintf("dialing endpoint %s: %v
 func (e *dialError) Unwrap() error { return e.err }
 
 // dialEndpoint opens HBONE to ep's ztunnel with the waypoint's identity, passing the original
-// source on; it updates the balancer's view of ep.
+// source on; it updates the balancer's view of ep. Onward connections are pooled per inbound peer
+// identity (Tenant), as ztunnel pools per source workload: one client's unread streams never
+// take the connection window or stream slots of another client's.
 func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *route.Destination, ep netip.AddrPort) (*hbone.Stream, error) {
 	serverID, err := h.endpointID(dest, ep)
 	if err != nil {
@@ -286,6 +288,7 @@ func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *ro
 		TLSConfig:   tlsCfg,
 		ServerID:    serverID.String(),
 		LocalID:     own.SVID.ID.String(),
+		Tenant:      req.PeerID.String(),
 		Forwarded:   forwarded,
 		Baggage:     req.Baggage,
 		Traceparent: req.Traceparent,
