@@ -129,6 +129,9 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	if line, err := longR.ReadString('\n'); err != nil || line != "dev\n" {
 		t.Fatalf("long stream: %q %v", line, err)
 	}
+	if svc, err = c.Client.CoreV1().Services(ns).Get(ctx, "db", metav1.GetOptions{}); err != nil { // istiod writes its binding status
+		t.Fatal(err)
+	}
 	svc.Labels["touched"] = "yes"
 	if _, err := c.Client.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
