@@ -35,7 +35,10 @@ type Proxies struct {
 	wg sync.WaitGroup
 }
 
-// ErrRefused: the waypoint refused the connection (an AuthorizationPolicy denied the developer).
+// ErrRefused: the waypoint refused the connection: an AuthorizationPolicy denied the developer,
+// the destination is not bound to the waypoint (egress reaches only services bound to it: the
+// waypoint would reach any other with its own identity, not the developer's), or the
+// destination is the waypoint itself (a loop).
 var ErrRefused = errors.New("egress: refused by the waypoint")
 
 // dial resolves host:port and dials it through the tunnel.
@@ -53,8 +56,12 @@ func (p *Proxies) dial(ctx context.Context, addr string) (net.Conn, error) {
 	}
 	c, err := p.Dial(ctx, addr)
 	var se *hbone.StatusError
-	if errors.As(err, &se) && se.Code == http.StatusForbidden {
-		return nil, fmt.Errorf("%w: an AuthorizationPolicy denies %s access to %s (%v)", ErrRefused, p.Principal, addr, err)
+	switch {
+	case errors.As(err, &se) && se.Code == http.StatusForbidden:
+		return nil, fmt.Errorf("%w: an AuthorizationPolicy denies %s access to %s, or its service is not bound to the waypoint (istio.io/use-waypoint; egress reaches bound services only) (%v)",
+			ErrRefused, p.Principal, addr, err)
+	case errors.As(err, &se) && se.Code == http.StatusBadRequest:
+		return nil, fmt.Errorf("%w: %s is the waypoint itself, or was forwarded by it already (a loop) (%v)", ErrRefused, addr, err)
 	}
 	return c, err
 }

@@ -1,6 +1,7 @@
-// Package mesh is detour's Kubernetes side: Discovery watches Services, EndpointSlices, Pods and
-// Istio AuthorizationPolicies with client-go informers and compiles them into the route table and
-// policy engine the waypoint reads (proxy/route, proxy/authz), which never import client-go.
+// Package mesh is detour's Kubernetes side: Discovery watches Namespaces, Services,
+// EndpointSlices, Pods and Istio AuthorizationPolicies with client-go informers and compiles them
+// into the route table and policy engine the waypoint reads (proxy/route, proxy/authz), which
+// never import client-go.
 package mesh
 
 import (
@@ -17,6 +18,9 @@ import (
 	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -32,13 +36,25 @@ const debounce = 20 * time.Millisecond
 // Discovery keeps the route table and the policy engine in step with the cluster. Routes and
 // Policies are lock-free reads of immutable snapshots: a rebuild never touches a stream already
 // routed.
+//
+// Only services bound to this waypoint are routable: those whose istio.io/use-waypoint label
+// (on the Service, else on its Namespace; istio.io/use-waypoint-namespace names the waypoint's
+// namespace, default the labelled object's; "none" opts out) names Waypoint's Gateway. The
+// others are in the table as route.Service.Unbound. The Service whose hostname is the Gateway's
+// address (Address) is the waypoint's own (route.Service.Self): its VIPs and its endpoints, the
+// replicas, are refused as destinations.
 type Discovery struct {
 	Kube  kubernetes.Interface
 	Istio istioclient.Interface
-	// Namespace limits the watch to one namespace; "" watches all.
+	// Namespace limits the watch to one namespace; "" watches all. The Namespace objects
+	// (cluster-scoped: get, list and watch on namespaces) are read either way, for their labels.
 	Namespace string
 	Waypoint  authz.Waypoint
-	Logger    *slog.Logger // nil means slog.Default()
+	// Address is the Gateway's address, the hostname of the waypoint's own Service; "" means
+	// GATEWAY.NAMESPACE.svc.cluster.local, what detour install writes in the Gateway's
+	// spec.addresses.
+	Address string
+	Logger  *slog.Logger // nil means slog.Default()
 
 	routes  atomic.Pointer[route.Table]
 	engine  atomic.Pointer[authz.Engine]
@@ -75,10 +91,11 @@ func (d *Discovery) Ready() bool { return d.ready.Load() }
 func (d *Discovery) Builds() int64 { return d.builds.Load() }
 
 type listers struct {
-	services func() ([]*corev1.Service, error)
-	slices   func() ([]*discoveryv1.EndpointSlice, error)
-	pod      func(ns, name string) (*corev1.Pod, error)
-	policies func() ([]*authz.Policy, error)
+	namespace func(name string) (*corev1.Namespace, error)
+	services  func() ([]*corev1.Service, error)
+	slices    func() ([]*discoveryv1.EndpointSlice, error)
+	pod       func(ns, name string) (*corev1.Pod, error)
+	policies  func() ([]*authz.Policy, error)
 }
 
 // Run watches until ctx ends.
@@ -90,27 +107,41 @@ func (d *Discovery) Run(ctx context.Context) error {
 		kopts = append(kopts, informers.WithNamespace(d.Namespace))
 		iopts = append(iopts, istioinformers.WithNamespace(d.Namespace))
 	}
+	var nsopts []informers.SharedInformerOption
+	if d.Namespace != "" {
+		sel := fields.OneTermEqualSelector("metadata.name", d.Namespace).String()
+		nsopts = append(nsopts, informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = sel }))
+	}
+	if err := d.canReadNamespaces(ctx); err != nil {
+		return err
+	}
 	kf := informers.NewSharedInformerFactoryWithOptions(d.Kube, 0, kopts...)
+	nf := informers.NewSharedInformerFactoryWithOptions(d.Kube, 0, nsopts...)
 	inf := istioinformers.NewSharedInformerFactoryWithOptions(d.Istio, 0, iopts...)
 	svc, sl, pods := kf.Core().V1().Services(), kf.Discovery().V1().EndpointSlices(), kf.Core().V1().Pods()
+	nss := nf.Core().V1().Namespaces()
 	aps := inf.Security().V1().AuthorizationPolicies()
 	poke := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { d.poke() },
 		UpdateFunc: func(any, any) { d.poke() },
 		DeleteFunc: func(any) { d.poke() },
 	}
-	for _, i := range []cache.SharedIndexInformer{svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer()} {
+	for _, i := range []cache.SharedIndexInformer{nss.Informer(), svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer()} {
 		if _, err := i.AddEventHandler(poke); err != nil {
 			return fmt.Errorf("mesh: %w", err)
 		}
 	}
 	kf.Start(ctx.Done())
+	nf.Start(ctx.Done())
 	inf.Start(ctx.Done())
 	defer kf.Shutdown()
+	defer nf.Shutdown()
 	defer inf.Shutdown()
-	for typ, ok := range kf.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
+	for _, f := range []informers.SharedInformerFactory{kf, nf} {
+		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
+			}
 		}
 	}
 	for typ, ok := range inf.WaitForCacheSync(ctx.Done()) {
@@ -119,9 +150,10 @@ func (d *Discovery) Run(ctx context.Context) error {
 		}
 	}
 	l := listers{
-		services: func() ([]*corev1.Service, error) { return svc.Lister().List(labels.Everything()) },
-		slices:   func() ([]*discoveryv1.EndpointSlice, error) { return sl.Lister().List(labels.Everything()) },
-		pod:      func(ns, name string) (*corev1.Pod, error) { return pods.Lister().Pods(ns).Get(name) },
+		namespace: func(name string) (*corev1.Namespace, error) { return nss.Lister().Get(name) },
+		services:  func() ([]*corev1.Service, error) { return svc.Lister().List(labels.Everything()) },
+		slices:    func() ([]*discoveryv1.EndpointSlice, error) { return sl.Lister().List(labels.Everything()) },
+		pod:       func(ns, name string) (*corev1.Pod, error) { return pods.Lister().Pods(ns).Get(name) },
 		policies: func() ([]*authz.Policy, error) {
 			list, err := aps.Lister().List(labels.Everything())
 			if err != nil {
@@ -154,6 +186,23 @@ func (d *Discovery) Run(ctx context.Context) error {
 		}
 		d.rebuild(l)
 	}
+}
+
+// canReadNamespaces fails at once, naming the permission, when the Namespace objects cannot be
+// listed: their labels bind services, and an informer would retry forever.
+func (d *Discovery) canReadNamespaces(ctx context.Context) error {
+	lo := metav1.ListOptions{Limit: 1}
+	if d.Namespace != "" {
+		lo.FieldSelector = fields.OneTermEqualSelector("metadata.name", d.Namespace).String()
+	}
+	_, err := d.Kube.CoreV1().Namespaces().List(ctx, lo)
+	if apierrors.IsForbidden(err) {
+		return fmt.Errorf("mesh: reading namespaces (their istio.io/use-waypoint labels bind services) needs get, list and watch on namespaces: %w", err)
+	}
+	if err != nil {
+		return fmt.Errorf("mesh: listing namespaces: %w", err)
+	}
+	return nil
 }
 
 func (d *Discovery) poke() {
@@ -197,10 +246,56 @@ func (d *Discovery) table(l listers) (*route.Table, error) {
 		}
 	}
 	var out []*route.Service
+	self := d.address()
 	for _, s := range svcs {
-		out = append(out, d.service(l, s, bySvc[[2]string{s.Namespace, s.Name}]))
+		rs := d.service(l, s, bySvc[[2]string{s.Namespace, s.Name}])
+		var nsLabels map[string]string
+		if ns, err := l.namespace(s.Namespace); err == nil {
+			nsLabels = ns.Labels
+		}
+		wns, wname, ok := useWaypoint(s.Labels, s.Namespace, nsLabels)
+		rs.Unbound = !ok || wns != d.Waypoint.Namespace || wname != d.Waypoint.Gateway || isWaypoint(s.Labels)
+		rs.Self = rs.Hostname == self
+		out = append(out, rs)
 	}
 	return route.NewTable(out)
+}
+
+// address is the Gateway's address: the hostname of the waypoint's own Service.
+func (d *Discovery) address() string {
+	if d.Address != "" {
+		return d.Address
+	}
+	return d.Waypoint.Gateway + "." + d.Waypoint.Namespace + ".svc.cluster.local"
+}
+
+// useWaypoint resolves the waypoint an object in namespace ns uses, by Istio's rules
+// (pilot/pkg/serviceregistry/ambient/waypoints.go): the object's istio.io/use-waypoint label,
+// else its Namespace's; the waypoint's namespace is istio.io/use-waypoint-namespace on the same
+// object, else ns; "none" on the object opts out even when its namespace names a waypoint. ok
+// is false when no waypoint applies.
+func useWaypoint(objLabels map[string]string, ns string, nsLabels map[string]string) (wns, name string, ok bool) {
+	for _, labels := range []map[string]string{objLabels, nsLabels} {
+		v, set := labels[UseWaypoint]
+		if !set {
+			continue
+		}
+		if v == "none" {
+			return "", "", false
+		}
+		wns = ns
+		if o, set := labels[UseWaypointNamespace]; set {
+			wns = o
+		}
+		return wns, v, true
+	}
+	return "", "", false
+}
+
+// isWaypoint: Istio's waypoints (and east-west gateways) never have a waypoint themselves.
+func isWaypoint(labels map[string]string) bool {
+	m := labels["gateway.istio.io/managed"]
+	return m == "istio.io-mesh-controller" || m == "istio.io-eastwest-controller"
 }
 
 // service converts one Service and its EndpointSlices. Named target ports take the number the

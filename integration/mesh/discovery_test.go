@@ -40,8 +40,10 @@ func within(t *testing.T, what string, cond func() bool) time.Duration {
 	return time.Since(start)
 }
 
-// Services, EndpointSlices, Pods and AuthorizationPolicies created, updated and deleted on the
-// API server show in the route table and policy engine within 1 s.
+// Services, EndpointSlices, Pods, Namespaces and AuthorizationPolicies created, updated and
+// deleted on the API server show in the route table and policy engine within 1 s; only services
+// bound to this waypoint (istio.io/use-waypoint, Istio's rules) are routable, and the waypoint's
+// own Service and replicas are known as itself.
 func TestDiscovery(t *testing.T) {
 	c := testbed.Start(t, testbed.Options{Istiod: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -58,7 +60,7 @@ func TestDiscovery(t *testing.T) {
 		}
 	}
 	svc, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: ns},
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: ns, Labels: map[string]string{mesh.UseWaypoint: "detour"}},
 		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
 			{Name: "http", Port: 80, TargetPort: intstr.FromString("http"), Protocol: corev1.ProtocolTCP, AppProtocol: ptr("http")},
 		}},
@@ -143,6 +145,8 @@ func TestDiscovery(t *testing.T) {
 	}
 	note("policy deleted", within(t, "a deleted policy", func() bool { return d.Policies().Decide(evil).Allow }))
 
+	bindingSteps(t, ctx, c, d, note)
+
 	if err := c.Client.CoreV1().Services(ns).Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -151,4 +155,57 @@ func TestDiscovery(t *testing.T) {
 		return errors.Is(err, route.ErrUnknownTarget)
 	}))
 	t.Logf("reflected after: %s", strings.Join(took, ", "))
+}
+
+// bindingSteps: which services the waypoint shop/detour serves, as labels change.
+func bindingSteps(t *testing.T, ctx context.Context, c *testbed.Cluster, d *mesh.Discovery, note func(string, time.Duration)) {
+	t.Helper()
+	port := []testbed.ServicePort{{Name: "tcp", Port: 80, TargetPort: 8080}}
+	svc := func(ns, name string, labels map[string]string, ips ...string) netip.AddrPort {
+		t.Helper()
+		s, err := c.Service(ctx, ns, name, labels, port, ips...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return netip.AddrPortFrom(netip.MustParseAddr(s.Spec.ClusterIP), 80)
+	}
+	bound := func(target netip.AddrPort) func() bool {
+		return func() bool { _, err := d.Routes().Resolve(target, nil); return err == nil }
+	}
+	notBound := func(target netip.AddrPort) func() bool {
+		return func() bool { _, err := d.Routes().Resolve(target, nil); return errors.Is(err, route.ErrNotBound) }
+	}
+	if err := c.Namespace(ctx, "other", nil); err != nil {
+		t.Fatal(err)
+	}
+	api := svc("shop", "api", nil, "10.244.7.10")
+	note("unlabelled service not bound", within(t, "an unlabelled service refused", notBound(api)))
+	if _, err := d.Routes().Resolve(netip.AddrPortFrom(netip.MustParseAddr("10.244.7.10"), 8080), nil); !errors.Is(err, route.ErrNotBound) {
+		t.Fatalf("a pod of an unbound service, addressed directly: %v", err)
+	}
+	cross := svc("other", "db", map[string]string{mesh.UseWaypoint: "detour", mesh.UseWaypointNamespace: "shop"}, "10.244.7.11")
+	elsewhere := svc("other", "cache", map[string]string{mesh.UseWaypoint: "detour"}, "10.244.7.12") // other/detour
+	note("cross-namespace binding", within(t, "use-waypoint-namespace", bound(cross)))
+	within(t, "another namespace's waypoint of the same name", notBound(elsewhere))
+	optOut := svc("shop", "legacy", map[string]string{mesh.UseWaypoint: "none"}, "10.244.7.13")
+
+	nsObj, err := c.Client.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nsObj.Labels == nil {
+		nsObj.Labels = map[string]string{}
+	}
+	nsObj.Labels[mesh.UseWaypoint] = "detour"
+	if _, err := c.Client.CoreV1().Namespaces().Update(ctx, nsObj, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	note("namespace labelled", within(t, "a service bound by its namespace", bound(api)))
+	within(t, "use-waypoint: none on the service", notBound(optOut))
+
+	own := svc("shop", "detour", nil, "10.244.7.50", "10.244.7.51") // the Gateway's address: detour.shop.svc.cluster.local
+	within(t, "the waypoint's own Service", func() bool {
+		r := d.Routes()
+		return r.IsSelf(own.Addr()) && r.IsSelf(netip.MustParseAddr("10.244.7.51")) && !r.IsSelf(api.Addr())
+	})
 }

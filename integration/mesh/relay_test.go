@@ -23,6 +23,7 @@ import (
 	"github.com/detour-mesh/detour/identity/devca"
 	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
+	"github.com/detour-mesh/detour/mesh"
 )
 
 // Acceptance 4: two waypoint replicas. The developer's tunnel is on replica A; a stream that
@@ -39,7 +40,7 @@ func TestReplicasRelay(t *testing.T) {
 	// The endpoint is a network-namespace pod's address: should anything dial it from here by
 	// mistake, the test bed's blackhole route drops it rather than the default route.
 	pod := testbed.NewNetwork(t).Pod(t, nil, ns, "db-0", "db")
-	svc, err := c.Service(ctx, ns, "db", nil, []testbed.ServicePort{{Name: "tcp", Port: 5432, TargetPort: 5432}}, pod.IP)
+	svc, err := c.Service(ctx, ns, "db", map[string]string{mesh.UseWaypoint: "detour"}, []testbed.ServicePort{{Name: "tcp", Port: 5432, TargetPort: 5432}}, pod.IP)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +129,10 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 	if line, err := longR.ReadString('\n'); err != nil || line != "dev\n" {
 		t.Fatalf("long stream: %q %v", line, err)
 	}
-	svc.Labels = map[string]string{"touched": "yes"}
+	if svc, err = c.Client.CoreV1().Services(ns).Get(ctx, "db", metav1.GetOptions{}); err != nil { // istiod writes its binding status
+		t.Fatal(err)
+	}
+	svc.Labels["touched"] = "yes"
 	if _, err := c.Client.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}

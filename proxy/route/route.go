@@ -21,6 +21,14 @@ type Service struct {
 	VIPs            []netip.Addr // cluster IPs
 	Ports           []Port
 	Endpoints       []Endpoint
+	// Unbound: known (discovered) but not bound to this waypoint: its istio.io/use-waypoint
+	// resolves to another waypoint or none. Resolve refuses it: serving it would reach it with
+	// the waypoint's identity, past the policies that judge its real callers. Hand-built and
+	// static services are bound (false).
+	Unbound bool
+	// Self: this is the waypoint's own Service (the Gateway's address). Its VIPs and its
+	// endpoints (the waypoint's replicas) are the waypoint itself: see Table.IsSelf.
+	Self bool
 }
 
 // Port maps a service port to the endpoints' port.
@@ -50,10 +58,12 @@ type Destination struct {
 	Candidates []netip.AddrPort
 }
 
-// Errors the waypoint maps to a CONNECT status (both 503: nothing to send the stream to).
+// Errors the waypoint maps to a CONNECT status: 503 for the first two (nothing to send the
+// stream to), 403 for ErrNotBound.
 var (
 	ErrUnknownTarget = errors.New("route: no service or workload at this address")
 	ErrNoEndpoints   = errors.New("route: no ready endpoint")
+	ErrNotBound      = errors.New("route: not bound to this waypoint")
 )
 
 // Table finds services by VIP and workloads by IP. Immutable once built.
@@ -61,11 +71,14 @@ type Table struct {
 	byVIP  map[netip.Addr]*Service
 	byPod  map[netip.Addr]*Service
 	byName map[[2]string]*Service
+	self   map[netip.Addr]bool // the Self services' VIPs and endpoints
 }
 
-// NewTable indexes services; a VIP claimed twice is an error.
+// NewTable indexes services; a VIP claimed twice is an error. A pod that is an endpoint of
+// several services is workload-addressed as one that is bound, if any.
 func NewTable(services []*Service) (*Table, error) {
-	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}, byName: map[[2]string]*Service{}}
+	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}, byName: map[[2]string]*Service{},
+		self: map[netip.Addr]bool{}}
 	for _, s := range services {
 		t.byName[[2]string{s.Namespace, s.Name}] = s
 		for _, vip := range s.VIPs {
@@ -73,13 +86,25 @@ func NewTable(services []*Service) (*Table, error) {
 				return nil, fmt.Errorf("route: VIP %s belongs to both %s/%s and %s/%s", vip, other.Namespace, other.Name, s.Namespace, s.Name)
 			}
 			t.byVIP[vip] = s
+			if s.Self {
+				t.self[vip] = true
+			}
 		}
 		for _, ep := range s.Endpoints {
-			t.byPod[ep.IP] = s
+			if other, ok := t.byPod[ep.IP]; !ok || other.Unbound {
+				t.byPod[ep.IP] = s
+			}
+			if s.Self {
+				t.self[ep.IP] = true
+			}
 		}
 	}
 	return t, nil
 }
+
+// IsSelf reports whether addr is the waypoint's own: a VIP of its Service or one of its
+// replicas' pod IPs.
+func (t *Table) IsSelf(addr netip.Addr) bool { return t.self[addr.Unmap()] }
 
 // Service finds a service by namespace and name; nil if unknown.
 func (t *Table) Service(namespace, name string) *Service {
@@ -88,8 +113,12 @@ func (t *Table) Service(namespace, name string) *Service {
 
 // Resolve maps a stream's target to its destination; b orders the candidates (nil: as listed).
 // With ErrNoEndpoints the destination is returned too, without candidates.
+// A service that is not bound to this waypoint is ErrNotBound, addressed by VIP or by pod.
 func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error) {
 	if s, ok := t.byVIP[target.Addr()]; ok {
+		if s.Unbound {
+			return nil, fmt.Errorf("%w: %s/%s (its istio.io/use-waypoint names another waypoint or none)", ErrNotBound, s.Namespace, s.Name)
+		}
 		i := slices.IndexFunc(s.Ports, func(p Port) bool { return p.Port == target.Port() })
 		if i < 0 {
 			return nil, fmt.Errorf("%w: %s/%s has no port %d", ErrUnknownTarget, s.Namespace, s.Name, target.Port())
@@ -108,6 +137,9 @@ func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error
 		return &Destination{Service: s, Port: port, Candidates: b.order(s.Hostname, ready)}, nil
 	}
 	if s, ok := t.byPod[target.Addr()]; ok {
+		if s.Unbound {
+			return nil, fmt.Errorf("%w: workload %s of %s/%s (its istio.io/use-waypoint names another waypoint or none)", ErrNotBound, target.Addr(), s.Namespace, s.Name)
+		}
 		// Workload-addressed: the pod itself, on the port asked for.
 		port := Port{Port: target.Port(), TargetPort: target.Port()}
 		for _, p := range s.Ports {

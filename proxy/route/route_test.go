@@ -118,3 +118,34 @@ func TestLeastRequest(t *testing.T) {
 		t.Fatalf("in-flight counts left: %v", b.active)
 	}
 }
+
+// A service not bound to this waypoint is refused by VIP and by pod; a pod shared with a bound
+// service is that service's workload. The Self service's VIPs and endpoints are the waypoint's.
+func TestBindingAndSelf(t *testing.T) {
+	unbound := svc()
+	unbound.Unbound = true
+	own := &Service{Name: "detour", Namespace: "demo", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.99")}, Self: true,
+		Ports: []Port{{Port: 15008, TargetPort: 15008}}, Endpoints: []Endpoint{{IP: netip.MustParseAddr("10.244.0.50"), Ready: true}}}
+	shared := &Service{Name: "other", Namespace: "demo", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.11")},
+		Ports: []Port{{Port: 80, TargetPort: 8080}}, Endpoints: []Endpoint{{IP: netip.MustParseAddr("10.244.0.2"), Ready: true}}}
+	tb, err := NewTable([]*Service{shared, unbound, own})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for target, want := range map[string]string{
+		"10.96.0.10:80":   "route: not bound to this waypoint: demo/echo (its istio.io/use-waypoint names another waypoint or none)",
+		"10.244.0.1:8080": "route: not bound to this waypoint: workload 10.244.0.1 of demo/echo (its istio.io/use-waypoint names another waypoint or none)",
+	} {
+		if _, err := tb.Resolve(netip.MustParseAddrPort(target), nil); err == nil || err.Error() != want || !errors.Is(err, ErrNotBound) {
+			t.Errorf("%s: %v, want %q", target, err, want)
+		}
+	}
+	if d, err := tb.Resolve(netip.MustParseAddrPort("10.244.0.2:8080"), nil); err != nil || d.Service.Name != "other" {
+		t.Errorf("a pod of a bound and an unbound service: %+v %v", d, err)
+	}
+	for addr, want := range map[string]bool{"10.96.0.99": true, "10.244.0.50": true, "::ffff:10.244.0.50": true, "10.96.0.10": false, "10.244.0.2": false} {
+		if got := tb.IsSelf(netip.MustParseAddr(addr)); got != want {
+			t.Errorf("IsSelf(%s) = %v, want %v", addr, got, want)
+		}
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
@@ -78,6 +79,10 @@ type Handler struct {
 	AccessLog *slog.Logger
 	// Sessions are the developers' debug sessions (steal, mirror); nil means none.
 	Sessions *session.Registry
+	// Own are the waypoint's own addresses known without discovery (listeners, pod IPs): a
+	// CONNECT to one, or an endpoint at one, is a forwarding loop and refused at once, as is
+	// one to the route table's Self services. Nil means only those.
+	Own *Own
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
@@ -94,7 +99,15 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	if !req.Target.IsAddr() {
 		return fmt.Errorf("waypoint: %w: a waypoint is addressed by IP, got %s", hbone.ErrBadAuthority, req.Target)
 	}
-	dest, err := h.Routes().Resolve(req.Target.Addr, h.Balancer)
+	table := h.Routes()
+	if err := h.refuseLoop(req, table); err != nil {
+		return err
+	}
+	dest, err := table.Resolve(req.Target.Addr, h.Balancer)
+	if errors.Is(err, route.ErrNotBound) {
+		h.Metrics.Decision(false, policyNotBound)
+		return fmt.Errorf("waypoint: %w: %w", hbone.ErrForbidden, err)
+	}
 	if err != nil {
 		// A service without endpoints can still be stolen whole (the developer is its endpoint).
 		if st, _ := whole(h.sessionsFor(dest)); st == nil || st.Spec.Mode != session.Steal || !errors.Is(err, route.ErrNoEndpoints) {
@@ -252,7 +265,9 @@ func (e *dialError) Error() string { return fmt.Sprintf("dialing endpoint %s: %v
 func (e *dialError) Unwrap() error { return e.err }
 
 // dialEndpoint opens HBONE to ep's ztunnel with the waypoint's identity, passing the original
-// source on; it updates the balancer's view of ep.
+// source on; it updates the balancer's view of ep. Onward connections are pooled per inbound peer
+// identity (Tenant), as ztunnel pools per source workload: one client's unread streams never
+// take the connection window or stream slots of another client's.
 func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *route.Destination, ep netip.AddrPort) (*hbone.Stream, error) {
 	serverID, err := h.endpointID(dest, ep)
 	if err != nil {
@@ -280,15 +295,21 @@ func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *ro
 	if port == 0 {
 		port = DefaultHBONEPort
 	}
+	dial := netip.AddrPortFrom(ep.Addr(), port)
+	if err := h.selfEndpoint(dest, ep, dial); err != nil {
+		return nil, err
+	}
 	actx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	up, err := h.Dialer.Dial(actx, netip.AddrPortFrom(ep.Addr(), port).String(), ep.String(), hbone.DialOptions{
+	up, err := h.Dialer.Dial(actx, dial.String(), ep.String(), hbone.DialOptions{
 		TLSConfig:   tlsCfg,
 		ServerID:    serverID.String(),
 		LocalID:     own.SVID.ID.String(),
+		Tenant:      req.PeerID.String(),
 		Forwarded:   forwarded,
 		Baggage:     req.Baggage,
 		Traceparent: req.Traceparent,
+		Header:      http.Header{HopHeader: {own.SVID.ID.String()}},
 	})
 	if err == nil {
 		h.Balancer.Succeeded(ep)

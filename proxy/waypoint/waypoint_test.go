@@ -38,7 +38,13 @@ type bed struct {
 	mu       sync.Mutex
 	hits     map[string]int
 	fwd      []string
+	onward   []onwardStream
+	wpID     identity.Source
 }
+
+// onwardStream is what a backend saw of one stream: the original client (Forwarded) and the
+// onward connection it came on.
+type onwardStream struct{ forwarded, conn string }
 
 func (b *bed) id(t *testing.T, id string) identity.Source {
 	svid, err := b.ca.Issue(id, time.Time{}, time.Time{})
@@ -80,6 +86,7 @@ func newBedWith(t *testing.T, endpointSA string, tweak func(*waypoint.Handler)) 
 				b.mu.Lock()
 				b.hits[ip]++
 				b.fwd = append(b.fwd, s.Request().Forwarded)
+				b.onward = append(b.onward, onwardStream{s.Request().Forwarded, ip + "<-" + s.Request().RemoteAddr.String()})
 				b.mu.Unlock()
 				s.Accept()
 				io.WriteString(s, ip+" ")
@@ -100,6 +107,7 @@ func newBedWith(t *testing.T, endpointSA string, tweak func(*waypoint.Handler)) 
 		t.Fatal(err)
 	}
 	wpID := b.id(t, "spiffe://cluster.local/ns/demo/sa/waypoint")
+	b.wpID = wpID
 	onward := &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { onward.Close() })
 	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
@@ -115,11 +123,16 @@ func newBedWith(t *testing.T, endpointSA string, tweak func(*waypoint.Handler)) 
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	b.waypoint = l.Addr().String()
-	cliTLS, _ := identity.ClientTLS(b.id(t, "spiffe://cluster.local/ns/default/sa/sleep"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
-	b.opts = hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.1.1.1:1234"`, Baggage: "k8s.namespace.name=default"}
+	b.opts = b.clientOpts(t, "spiffe://cluster.local/ns/default/sa/sleep")
 	b.client = &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { b.client.Close() })
 	return b
+}
+
+// clientOpts are the dial options of a client with identity id.
+func (b *bed) clientOpts(t *testing.T, id string) hbone.DialOptions {
+	cliTLS, _ := identity.ClientTLS(b.id(t, id), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
+	return hbone.DialOptions{TLSConfig: cliTLS, LocalID: id, Forwarded: `for="10.1.1.1:1234"`, Baggage: "k8s.namespace.name=default"}
 }
 
 func (b *bed) roundTrip(ctx context.Context, target, msg string) (string, error) {

@@ -108,6 +108,11 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
 	}
+	// A CONNECT to one of these (or through an endpoint at one) would be a forwarding loop.
+	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
+		l.Close()
+		return errors.Join(err, g.Wait())
+	}
 	if cfg.Listeners.Tunnel != "off" {
 		h.Sessions = &session.Registry{}
 	}
