@@ -105,6 +105,7 @@ func (in *Installer) Objects() []Object {
 		}
 		return m
 	}
+	clusterMeta := map[string]any{"name": in.clusterName(), "labels": map[string]any{ManagedBy: "detour", "app.kubernetes.io/name": name}}
 	podLabels := map[string]any{"app.kubernetes.io/name": name, "istio.io/dataplane-mode": "none"}
 	config := fmt.Sprintf(`identity:
   source: istio-ca
@@ -134,6 +135,18 @@ discovery:
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),
 			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
+		// Discovery reads the namespace's istio.io/use-waypoint labels (a waypoint serves only what
+		// is bound to it): namespaces are cluster-scoped, so this one role is a ClusterRole, named
+		// per installation and holding nothing else.
+		{gvrClusterRole, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": clusterMeta,
+			"rules": []any{
+				map[string]any{"apiGroups": []any{""}, "resources": []any{"namespaces"}, "verbs": []any{"get", "list", "watch"}},
+			}}},
+		{gvrClusterRoleBinding, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": clusterMeta,
+			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": in.clusterName()},
 			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
 		{schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, map[string]any{
 			"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(nil), "data": map[string]any{"config.yaml": config}}},
@@ -386,7 +399,14 @@ func (in *Installer) unbind(ctx context.Context, t Target) error {
 	return in.patch(ctx, t, map[string]any{"metadata": map[string]any{"labels": labels, "annotations": map[string]any{PreviousAnnotation: nil}}})
 }
 
-var gvrCRD = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+var (
+	gvrCRD                = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	gvrClusterRole        = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}
+	gvrClusterRoleBinding = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}
+)
+
+// clusterName names this installation's cluster-scoped objects: one per namespace and name.
+func (in *Installer) clusterName() string { return "detour:" + in.Namespace + ":" + in.name() }
 
 // resource is o's client: cluster-scoped objects have no namespace in their metadata.
 func (in *Installer) resource(o Object) dynamic.ResourceInterface {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	authzv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -117,6 +118,7 @@ func TestInstallBindUninstall(t *testing.T) {
 	}
 	readyEndpoints(t, c, ns, "detour", "10.244.9.10", 15008)
 	waypointOf(t, c, ns, "web", "detour.shop.svc.cluster.local")
+	mayDiscover(t, c, ns, "detour", true)
 	if code, out := detour(t, append([]string{"install", "--bind", "svc/web"}, kc...)...); code != 0 {
 		t.Fatalf("install again (idempotent): %s", out)
 	}
@@ -131,6 +133,8 @@ func TestInstallBindUninstall(t *testing.T) {
 		get(c.Client.CoreV1().Services(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.CoreV1().ConfigMaps(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.PolicyV1().PodDisruptionBudgets(ns).Get(ctx, "detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().ClusterRoles().Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().ClusterRoleBindings().Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
 	} {
 		if !apierrors.IsNotFound(err) {
 			t.Errorf("an object left behind: %v", err)
@@ -172,3 +176,36 @@ func TestInstallBindUninstall(t *testing.T) {
 }
 
 func get[T any](_ T, err error) error { return err }
+
+// mayDiscover checks, as the API server's RBAC decides it, that the installed waypoint's service
+// account may read everything its discovery watches (the namespaces' binding labels included:
+// cluster-scoped) and no other namespace's services.
+func mayDiscover(t *testing.T, c *testbed.Cluster, ns, sa string, want bool) {
+	t.Helper()
+	user := "system:serviceaccount:" + ns + ":" + sa
+	for _, tc := range []struct {
+		attr authzv1.ResourceAttributes
+		want bool
+	}{
+		{authzv1.ResourceAttributes{Verb: "watch", Resource: "namespaces"}, want},
+		{authzv1.ResourceAttributes{Verb: "get", Resource: "namespaces", Name: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Resource: "services", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Resource: "pods", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "create", Group: "detour.dev", Resource: "debugsessions", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "list", Resource: "services", Namespace: "kube-system"}, false},
+		{authzv1.ResourceAttributes{Verb: "update", Resource: "namespaces", Name: ns}, false},
+	} {
+		attr := tc.attr
+		r, err := c.Client.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), &authzv1.SubjectAccessReview{
+			Spec: authzv1.SubjectAccessReviewSpec{User: user, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + ns}, ResourceAttributes: &attr}},
+			metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Status.Allowed != tc.want {
+			t.Errorf("%s may %s %s/%s in %q: %v, want %v (%s)", user, attr.Verb, attr.Group, attr.Resource, attr.Namespace, r.Status.Allowed, tc.want, r.Status.Reason)
+		}
+	}
+}
