@@ -52,7 +52,8 @@ func (r relayOpener) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) 
 	dctx, cancel := context.WithTimeout(ctx, DefaultConnectTimeout)
 	defer cancel()
 	s, err := r.h.Dialer.Dial(dctx, r.addr, RelayTarget, hbone.DialOptions{TLSConfig: tlsCfg, ServerID: own.SVID.ID.String(),
-		LocalID: own.SVID.ID.String(), Header: http.Header{headerRelaySession: {r.id}, headerRelayMeta: {string(meta)}}})
+		LocalID: own.SVID.ID.String(), Tenant: m.Source, // one client's relayed streams never share a connection with another's
+		Header: http.Header{headerRelaySession: {r.id}, headerRelayMeta: {string(meta)}}})
 	if err != nil {
 		return nil, &tunnel.OpenError{Peer: own.SVID.ID, Err: fmt.Errorf("relaying to replica %s: %w", r.addr, err)}
 	}
@@ -63,7 +64,10 @@ func (r relayOpener) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) 
 func (h *Handler) serveRelay(s *hbone.Stream) error {
 	req := s.Request()
 	own, _ := h.Identity.Identity()
-	if own == nil || req.PeerID != own.SVID.ID {
+	if own == nil {
+		return fmt.Errorf("waypoint: %w", identity.ErrNoIdentity)
+	}
+	if req.PeerID != own.SVID.ID {
 		return fmt.Errorf("waypoint: %w: relays are accepted only from replicas of this waypoint (%v), not %v", hbone.ErrForbidden, own.SVID.ID, req.PeerID)
 	}
 	id, m, err := relayHeaders(req.Header)
