@@ -225,6 +225,46 @@ discovery: {static: {services: []}}
 	}
 }
 
+// A waypoint whose identity never comes exits once the wait for it ends, with its listeners
+// released and its identity watch stopped (was: alive forever, waiting for goroutines nothing
+// cancelled).
+func TestWaypointWithoutIdentityExits(t *testing.T) {
+	defer func(d time.Duration) { identityTimeout = d }(identityTimeout)
+	identityTimeout = 500 * time.Millisecond
+	hb, health := freeTCPUDP(t), freeTCPUDP(t)
+	cfg := fmt.Sprintf(`identity: {source: workload-api, workloadAPI: {addr: "unix://%s/nobody.sock"}}
+listeners: {hbone: %q, health: %q, tunnel: "off"}
+waypoint: {namespace: demo}
+discovery: {static: {services: []}}
+`, t.TempDir(), hb, health)
+	path := filepath.Join(t.TempDir(), "detour.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errOut bytes.Buffer
+	done := make(chan int, 1)
+	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+	select {
+	case code := <-done:
+		if want := "\ndetour: waypoint: no identity from workload-api: identity: waiting for the first identity: context deadline exceeded\n"; code != 1 || !strings.HasSuffix(errOut.String(), want) {
+			t.Fatalf("exit %d, stderr %q; want 1, ending %q", code, errOut.String(), want)
+		}
+	case <-time.After(20 * time.Second):
+		cancel()
+		<-done
+		t.Fatalf("still running 20 s after its identity wait ended (stderr %q)", errOut.String())
+	}
+	for _, addr := range []string{hb, health} {
+		if l, err := net.Listen("tcp", addr); err != nil {
+			t.Errorf("%s still bound after the exit: %v", addr, err)
+		} else {
+			l.Close()
+		}
+	}
+}
+
 // freeTCPUDP is a loopback address whose port was free on TCP and UDP a moment ago.
 func freeTCPUDP(t *testing.T) string {
 	t.Helper()

@@ -35,8 +35,9 @@ import (
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
-// identityTimeout bounds the wait for the first certificate at start.
-const identityTimeout = 30 * time.Second
+// identityTimeout bounds the wait for the first certificate at start (a variable for the test of
+// what happens past it).
+var identityTimeout = 30 * time.Second
 
 func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 	var path string
@@ -81,19 +82,27 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	}
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	g, ctx := errgroup.WithContext(ctx)
+	// fail stops what already runs (identity renewal, discovery) and waits for it: a start-up
+	// error ends the process, never leaves it half alive.
+	fail := func(err error) error {
+		stop()
+		return errors.Join(err, g.Wait())
+	}
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
 	}
 	disc, err := discovery(ctx, g, cfg, log)
 	if err != nil {
-		return errors.Join(err, g.Wait())
+		return fail(err)
 	}
 	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
 	_, err = identity.Wait(wctx, src)
 	cancel()
 	if err != nil {
-		return errors.Join(fmt.Errorf("waypoint: no identity from %s: %w", cfg.Identity.Source, err), g.Wait())
+		return fail(fmt.Errorf("waypoint: no identity from %s: %w", cfg.Identity.Source, err))
 	}
 	l := ls.hbone
 	onward := &hbone.Dialer{Logger: log}
@@ -110,8 +119,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	}
 	// A CONNECT to one of these (or through an endpoint at one) would be a forwarding loop.
 	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
-		l.Close()
-		return errors.Join(err, g.Wait())
+		return fail(err)
 	}
 	if cfg.Listeners.Tunnel != "off" {
 		h.Sessions = &session.Registry{}
