@@ -38,6 +38,7 @@ type Stream struct {
 	recvEnded   bool  // END_STREAM received
 	responded   bool  // client: final response headers received
 	werr        error // writes fail with this once set
+	born        int64 // immutable once opened: unix nanos of the frame that opened it
 
 	endWritten bool // owned by the writer: END_STREAM is on the wire
 	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
