@@ -34,13 +34,13 @@ type conn struct {
 	srv  bool     // immutable: server side
 	cfg  Config   // immutable, defaults applied
 	log  *slog.Logger
-	fr   *http2.Framer // read side owned by the reader, write side by the writer
-	rd   io.Reader     // the TLS connection, read by the reader
-	frd  *replayReader // feeds the framer a frame header the reader already took
-	hdr  [9]byte       // owned by the reader
-	tiny [4096]byte    // owned by the reader: small DATA payloads land here, then share a chunk
-	wr   *frameWriter  // owned by the writer
-	wire *wireConn     // batches TLS records under TLS; nil when the transport is not a socket
+	fr   *http2.Framer  // read side owned by the reader, write side by the writer
+	rd   io.Reader      // the TLS connection, read by the reader
+	frd  *replayReader  // feeds the framer a frame header the reader already took
+	hdr  [9]byte        // owned by the reader
+	tiny [16 << 10]byte // owned by the reader: payloads under 16 KiB land here, then share a chunk
+	wr   *frameWriter   // owned by the writer
+	wire *wireConn      // batches TLS records under TLS; nil when the transport is not a socket
 	henc *hpack.Encoder
 	hbuf []byte // owned by the writer: HPACK scratch
 
@@ -59,6 +59,7 @@ type conn struct {
 	sendWin     int64  // connection send window
 	recvWin     int64  // bytes the peer may still send on the connection
 	recvUnacked int64  // consumed bytes not yet returned by WINDOW_UPDATE
+	early       int64  // unread bytes whose connection window was returned on arrival, <= cfg.ConnBuffer
 	goAwaySent  bool
 	goAwayRecv  bool
 	idleSince   time.Time // when the last stream ended; zero while streams are open
@@ -804,6 +805,7 @@ func (c *conn) admitData(id uint32, n, waste int64, end bool) (*Stream, error) {
 		return nil, http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
 	}
 	s.recvWin -= n
+	c.arrivedLocked(s, n-waste)
 	if waste > 0 {
 		// Padding is never read by anyone: return it to both windows now.
 		c.creditConnLocked(waste)
@@ -875,11 +877,44 @@ func (c *conn) creditConnLocked(n int64) {
 	}
 }
 
+// arrivedLocked accounts n bytes arriving for s's buffer. The connection window for them goes
+// back to the peer at once while the connection's early bytes fit cfg.ConnBuffer: the stream
+// window (which the peer must respect, admitData) bounds what one stream buffers, so a stream
+// whose reader stalls stalls only itself instead of holding the window every other stream of
+// the connection needs. Past the budget, the window goes back when the bytes are read, so a
+// connection never buffers more than ConnWindow + ConnBuffer unread bytes (MaxConcurrentStreams x
+// StreamWindow, up to 4 GiB on a server, would be no bound at all).
+func (c *conn) arrivedLocked(s *Stream, n int64) {
+	if n <= 0 {
+		return
+	}
+	if c.early+n > int64(c.cfg.ConnBuffer) {
+		s.late += n
+		return
+	}
+	c.early += n
+	s.early += n
+	c.creditConnLocked(n)
+}
+
+// releaseLocked accounts n bytes leaving s's buffer (read, or dropped with the stream): window
+// still held for them is returned now, budget taken by early ones is freed. Held window goes
+// first, so a stalled connection moves again as soon as possible.
+func (c *conn) releaseLocked(s *Stream, n int64) {
+	late := min(n, s.late)
+	s.late -= late
+	s.early -= n - late
+	c.early -= n - late
+	if late > 0 {
+		c.creditConnLocked(late)
+	}
+}
+
 // credit returns n consumed bytes of s to the peer's windows.
 func (c *conn) credit(s *Stream, n int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.creditConnLocked(int64(n))
+	c.releaseLocked(s, int64(n))
 	if s.recvEnded || c.streams[s.id] != s {
 		return
 	}
