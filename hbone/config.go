@@ -11,6 +11,11 @@ const (
 	// DefaultConnWindow is the connection window. ztunnel keeps it larger than the stream window so
 	// that one stalled stream cannot block the connection (16 MiB).
 	DefaultConnWindow = 16 << 20
+	// DefaultConnBuffer bounds the unread bytes per connection whose connection window is returned
+	// when they arrive rather than when they are read, so that a stream whose reader stalls holds
+	// only its own stream window, not the connection's; past it, window is returned on read again.
+	// A connection thus buffers at most ConnWindow + ConnBuffer unread bytes (16 + 16 MiB).
+	DefaultConnBuffer = 16 << 20
 	// DefaultMaxFrameSize is the largest DATA frame payload we accept (ztunnel: 1 MiB).
 	DefaultMaxFrameSize = 1 << 20
 	// DefaultMaxConcurrentStreams caps open streams per connection. ztunnel's pool uses at most 100
@@ -43,6 +48,7 @@ const (
 type Config struct {
 	StreamWindow         uint32        // default DefaultStreamWindow
 	ConnWindow           uint32        // default DefaultConnWindow
+	ConnBuffer           uint32        // default DefaultConnBuffer: unread bytes whose connection window returns on arrival
 	MaxFrameSize         uint32        // default DefaultMaxFrameSize
 	MaxConcurrentStreams uint32        // default: 100 on a Dialer, 1000 on a Server
 	MaxHeaderListSize    uint32        // default: 16 KiB on a Dialer, 64 KiB on a Server
@@ -56,6 +62,7 @@ type Config struct {
 func (c Config) withDefaults(server bool) Config {
 	setU32(&c.StreamWindow, DefaultStreamWindow)
 	setU32(&c.ConnWindow, DefaultConnWindow)
+	setU32(&c.ConnBuffer, DefaultConnBuffer)
 	setU32(&c.MaxFrameSize, DefaultMaxFrameSize)
 	if server {
 		setU32(&c.MaxConcurrentStreams, DefaultServerMaxConcurrentStreams)

@@ -34,13 +34,13 @@ type conn struct {
 	srv  bool     // immutable: server side
 	cfg  Config   // immutable, defaults applied
 	log  *slog.Logger
-	fr   *http2.Framer // read side owned by the reader, write side by the writer
-	rd   io.Reader     // the TLS connection, read by the reader
-	frd  *replayReader // feeds the framer a frame header the reader already took
-	hdr  [9]byte       // owned by the reader
-	tiny [4096]byte    // owned by the reader: small DATA payloads land here, then share a chunk
-	wr   *frameWriter  // owned by the writer
-	wire *wireConn     // batches TLS records under TLS; nil when the transport is not a socket
+	fr   *http2.Framer  // read side owned by the reader, write side by the writer
+	rd   io.Reader      // the TLS connection, read by the reader
+	frd  *replayReader  // feeds the framer a frame header the reader already took
+	hdr  [9]byte        // owned by the reader
+	tiny [16 << 10]byte // owned by the reader: payloads under 16 KiB land here, then share a chunk
+	wr   *frameWriter   // owned by the writer
+	wire *wireConn      // batches TLS records under TLS; nil when the transport is not a socket
 	henc *hpack.Encoder
 	hbuf []byte // owned by the writer: HPACK scratch
 
@@ -59,6 +59,7 @@ type conn struct {
 	sendWin     int64  // connection send window
 	recvWin     int64  // bytes the peer may still send on the connection
 	recvUnacked int64  // consumed bytes not yet returned by WINDOW_UPDATE
+	early       int64  // unread bytes whose connection window was returned on arrival, <= cfg.ConnBuffer
 	goAwaySent  bool
 	goAwayRecv  bool
 	idleSince   time.Time // when the last stream ended; zero while streams are open
@@ -73,11 +74,14 @@ type conn struct {
 	lastProgress int64
 	progressAt   time.Time
 
-	active int // server, guarded by mu: handlers running, refused past MaxConcurrentStreams
+	active int         // server, guarded by mu: handlers running, refused past MaxConcurrentStreams
+	waste  wasteBudget // server, guarded by mu: streams the peer wasted (budget.go)
+	noop   int         // owned by the reader: consecutive frames that carried nothing
 
 	wmu     sync.Mutex  // guards the write queues
 	ctrlQ   []writeItem // control frames, written first
 	ordQ    []writeItem // HEADERS, DATA and RST_STREAM, in order
+	ordCtl  int         // guarded by wmu: items of ordQ counted with ctrlQ against maxQueuedControl
 	closing bool        // guarded by wmu: flush the queues, then close
 	wake    chan struct{}
 
@@ -193,9 +197,25 @@ func (c *conn) queueCtrl(it writeItem) {
 
 func (c *conn) queueOrdered(it writeItem) {
 	c.wmu.Lock()
-	c.ordQ = append(c.ordQ, it)
+	c.appendOrderedLocked(it)
 	c.wmu.Unlock()
 	c.poke()
+}
+
+// minUncountedData: a DATA item this large points into the buffer of a local Write, which waits
+// until the writer took it, so such items are bounded by what local writers hold (an item costs
+// under 12% of the bytes it points to). Every other ordered item (HEADERS, RST_STREAM, small
+// DATA, END_STREAM) counts against maxQueuedControl: a peer that answers nothing could
+// otherwise grow the queue by one status per request, one RST_STREAM per stream error, or one
+// DATA frame per one-byte WINDOW_UPDATE.
+const minUncountedData = 1 << 10
+
+// appendOrderedLocked queues it in order; the caller holds wmu.
+func (c *conn) appendOrderedLocked(it writeItem) {
+	c.ordQ = append(c.ordQ, it)
+	if it.kind != wData || len(it.data) < minUncountedData {
+		c.ordCtl++
+	}
 }
 
 func (c *conn) poke() {
@@ -214,6 +234,7 @@ func (c *conn) writeLoop() {
 		c.wmu.Lock()
 		ctrl, c.ctrlQ = c.ctrlQ, ctrl[:0]
 		ord, c.ordQ = c.ordQ, ord[:0]
+		c.ordCtl = 0 // the writer holds them now: at most what the bound let in
 		closing := c.closing
 		c.wmu.Unlock()
 		if len(ctrl)+len(ord) == 0 {
@@ -315,10 +336,7 @@ func (c *conn) writeData(it *writeItem) error {
 		// the window those bytes had taken.
 		if n := int64(len(it.data)); n > 0 {
 			c.mu.Lock()
-			c.sendWin += n
-			for _, st := range c.streams {
-				st.pokeWindow()
-			}
+			c.growSendWinLocked(n)
 			c.mu.Unlock()
 		}
 		return nil
@@ -517,7 +535,10 @@ func (c *conn) readLoop() error {
 		switch {
 		case errors.As(err, &se):
 			c.resetStream(se.StreamID, se.Code, true)
-			continue
+			if !c.wasteStream() {
+				continue
+			}
+			c.goAway(http2.ErrCodeEnhanceYourCalm, connError{http2.ErrCodeEnhanceYourCalm, "too many streams refused, reset or in error"})
 		case errors.As(err, &ce):
 			c.goAway(ce.code, err)
 		case errors.As(err, &h2ce):
@@ -537,11 +558,23 @@ func (c *conn) readLoop() error {
 	}
 }
 
+// wasteStream counts a stream the reader refused or reset for the peer's fault (a server's
+// waste budget, budget.go) and reports whether the peer is past its budget.
+func (c *conn) wasteStream() bool {
+	if !c.srv {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.waste.waste()
+}
+
 func (c *conn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.DataFrame:
 		return connError{http2.ErrCodeInternal, "DATA reached the framer"}
 	case *http2.MetaHeadersFrame:
+		c.noop = 0
 		return c.onHeaders(f)
 	case *http2.SettingsFrame:
 		return c.onSettings(f)
@@ -549,23 +582,38 @@ func (c *conn) handle(f http2.Frame) error {
 		return c.onWindowUpdate(f)
 	case *http2.PingFrame:
 		if f.IsAck() {
-			c.pingSent.Store(0)
-			return nil
+			return c.countNoop(c.pingSent.Swap(0) == 0)
 		}
 		c.queueCtrl(writeItem{kind: wPingAck, ping: f.Data})
 	case *http2.RSTStreamFrame:
-		c.onReset(f)
+		return c.onReset(f)
 	case *http2.GoAwayFrame:
 		c.onGoAway(f)
 	case *http2.PushPromiseFrame:
 		return connError{http2.ErrCodeProtocol, "PUSH_PROMISE received"}
+	default:
+		return c.countNoop(true) // PRIORITY and unknown frames are ignored
 	}
-	return nil // PRIORITY and unknown frames are ignored
+	return nil
+}
+
+// countNoop counts a frame that carried nothing, or resets the count for one that did; a peer
+// past maxNoopFrames in a row is cut off.
+func (c *conn) countNoop(noop bool) error {
+	if !noop {
+		c.noop = 0
+		return nil
+	}
+	c.noop++
+	if c.noop > maxNoopFrames {
+		return connError{http2.ErrCodeEnhanceYourCalm, "too many frames that carry nothing"}
+	}
+	return nil
 }
 
 func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
-		return nil
+		return c.countNoop(true)
 	}
 	if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
 		return connError{http2.ErrCodeProtocol, err.Error()}
@@ -588,7 +636,7 @@ func (c *conn) applySettingLocked(s http2.Setting) error {
 		c.peerStreams = s.Val
 	case http2.SettingHeaderTableSize:
 		c.wmu.Lock()
-		c.ordQ = append(c.ordQ, writeItem{kind: wTableSize, n: min(s.Val, 4096)})
+		c.appendOrderedLocked(writeItem{kind: wTableSize, n: min(s.Val, 4096)})
 		c.wmu.Unlock()
 	case http2.SettingInitialWindowSize:
 		delta := int64(s.Val) - int64(c.peerWindow)
@@ -604,22 +652,32 @@ func (c *conn) applySettingLocked(s http2.Setting) error {
 	return nil
 }
 
+// growSendWinLocked adds n to the connection send window. Only writers that found it exhausted
+// wait for it, so they are woken only then: a peer sending a WINDOW_UPDATE per byte must not
+// cost a pass over every stream per frame.
+func (c *conn) growSendWinLocked(n int64) {
+	old := c.sendWin
+	c.sendWin += n
+	if old <= 0 {
+		for _, s := range c.streams {
+			s.pokeWindow()
+		}
+	}
+}
+
 func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if f.StreamID == 0 {
-		c.sendWin += int64(f.Increment)
+		c.growSendWinLocked(int64(f.Increment))
 		if c.sendWin > 1<<31-1 {
 			return connError{http2.ErrCodeFlowControl, "connection window overflow"}
-		}
-		for _, s := range c.streams {
-			s.pokeWindow()
 		}
 		return nil
 	}
 	s := c.streams[f.StreamID]
 	if s == nil {
-		return nil // closed streams may still get updates
+		return c.countNoop(true) // closed streams may still get updates, a few
 	}
 	s.sendWin += int64(f.Increment)
 	if s.sendWin > 1<<31-1 {
@@ -629,14 +687,18 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	return nil
 }
 
-// maxQueuedControl bounds control frames (PING and SETTINGS acks, WINDOW_UPDATE) waiting for the
-// writer: a peer that floods them without reading is cut off (x/net's http2 uses the same bound).
+// maxQueuedControl bounds control frames (PING and SETTINGS acks, WINDOW_UPDATE, and the ordered
+// items minUncountedData names) waiting for the writer: a peer that floods them without reading
+// is cut off (x/net's http2 uses the same bound, counting RST_STREAM for closed streams with
+// control frames). The writer holds at most one such batch more, so a connection queues at most
+// twice this many frames beyond the large DATA of local writers.
 const maxQueuedControl = 10000
 
-// readOne reads and handles one frame.
+// readOne reads and handles one frame. Every frame a peer can make us answer is read here, so
+// checking the queues before each read bounds them.
 func (c *conn) readOne() error {
 	c.wmu.Lock()
-	queued := len(c.ctrlQ)
+	queued := len(c.ctrlQ) + c.ordCtl
 	c.wmu.Unlock()
 	if queued > maxQueuedControl {
 		return connError{http2.ErrCodeEnhanceYourCalm, "too many control frames queued: the peer sends but does not read"}
@@ -690,6 +752,9 @@ func (c *conn) readData() error {
 		}
 	}
 	end := flags.Has(http2.FlagDataEndStream)
+	if err := c.countNoop(length == 0 && !end); err != nil {
+		return err
+	}
 	s, serr := c.admitData(id, int64(length), int64(pad)+int64(length-rem), end)
 	var ce connError
 	if errors.As(serr, &ce) {
@@ -740,6 +805,7 @@ func (c *conn) admitData(id uint32, n, waste int64, end bool) (*Stream, error) {
 		return nil, http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
 	}
 	s.recvWin -= n
+	c.arrivedLocked(s, n-waste)
 	if waste > 0 {
 		// Padding is never read by anyone: return it to both windows now.
 		c.creditConnLocked(waste)
@@ -811,11 +877,44 @@ func (c *conn) creditConnLocked(n int64) {
 	}
 }
 
+// arrivedLocked accounts n bytes arriving for s's buffer. The connection window for them goes
+// back to the peer at once while the connection's early bytes fit cfg.ConnBuffer: the stream
+// window (which the peer must respect, admitData) bounds what one stream buffers, so a stream
+// whose reader stalls stalls only itself instead of holding the window every other stream of
+// the connection needs. Past the budget, the window goes back when the bytes are read, so a
+// connection never buffers more than ConnWindow + ConnBuffer unread bytes (MaxConcurrentStreams x
+// StreamWindow, up to 4 GiB on a server, would be no bound at all).
+func (c *conn) arrivedLocked(s *Stream, n int64) {
+	if n <= 0 {
+		return
+	}
+	if c.early+n > int64(c.cfg.ConnBuffer) {
+		s.late += n
+		return
+	}
+	c.early += n
+	s.early += n
+	c.creditConnLocked(n)
+}
+
+// releaseLocked accounts n bytes leaving s's buffer (read, or dropped with the stream): window
+// still held for them is returned now, budget taken by early ones is freed. Held window goes
+// first, so a stalled connection moves again as soon as possible.
+func (c *conn) releaseLocked(s *Stream, n int64) {
+	late := min(n, s.late)
+	s.late -= late
+	s.early -= n - late
+	c.early -= n - late
+	if late > 0 {
+		c.creditConnLocked(late)
+	}
+}
+
 // credit returns n consumed bytes of s to the peer's windows.
 func (c *conn) credit(s *Stream, n int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.creditConnLocked(int64(n))
+	c.releaseLocked(s, int64(n))
 	if s.recvEnded || c.streams[s.id] != s {
 		return
 	}
@@ -864,6 +963,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return connError{http2.ErrCodeProtocol, "HEADERS with a reused or even stream ID"}
 	}
 	c.lastPeerID = f.StreamID
+	c.waste.open()
 	// Handlers count until they return, not until the peer resets their stream: a peer that
 	// opens and resets streams in a loop cannot start more than twice the limit
 	// (CVE-2023-44487). The slack covers handlers still tearing down streams that just ended.
@@ -923,16 +1023,28 @@ func (c *conn) onResponse(s *Stream, f *http2.MetaHeadersFrame) error {
 	return nil
 }
 
-func (c *conn) onReset(f *http2.RSTStreamFrame) {
+// onReset ends a stream the peer reset. On a server, a reset before the stream was answered and
+// within prematureAge of its opening is premature and counts as waste: the rapid reset attack
+// opens and resets streams so that each costs us a handler and the peer nothing.
+func (c *conn) onReset(f *http2.RSTStreamFrame) error {
 	c.mu.Lock()
 	s := c.streams[f.StreamID]
+	tooMuch := false
 	if s != nil {
 		c.removeLocked(s)
+		if c.srv && !s.accepted.Load() && c.lastRead.Load()-s.born < int64(prematureAge) {
+			tooMuch = c.waste.waste()
+		}
 	}
 	c.mu.Unlock()
-	if s != nil {
-		s.fail(&ResetError{Code: f.ErrCode, Remote: true})
+	if s == nil {
+		return c.countNoop(true)
 	}
+	s.fail(&ResetError{Code: f.ErrCode, Remote: true})
+	if tooMuch {
+		return connError{http2.ErrCodeEnhanceYourCalm, "too many streams reset before their answer"}
+	}
+	return nil
 }
 
 func (c *conn) onGoAway(f *http2.GoAwayFrame) {
@@ -979,6 +1091,7 @@ func (c *conn) newStreamLocked(id uint32) *Stream {
 	s := newStream(c, id)
 	s.sendWin = int64(c.peerWindow)
 	s.recvWin = int64(c.cfg.StreamWindow)
+	s.born = c.lastRead.Load()
 	c.streams[id] = s
 	c.idleSince = time.Time{}
 	return s
@@ -1036,7 +1149,7 @@ func (c *conn) openStream(req *Request) (*Stream, error) {
 	s.req = req
 	s.respCh = make(chan struct{})
 	c.wmu.Lock()
-	c.ordQ = append(c.ordQ, writeItem{kind: wHeaders, s: s, id: s.id, fields: req.fields()})
+	c.appendOrderedLocked(writeItem{kind: wHeaders, s: s, id: s.id, fields: req.fields()})
 	c.wmu.Unlock()
 	c.poke()
 	return s, nil

@@ -34,10 +34,12 @@ type Stream struct {
 	sendWin     int64
 	recvWin     int64
 	recvUnacked int64
+	early, late int64 // unread bytes whose connection window was returned on arrival / is still held
 	sentEnd     bool  // END_STREAM queued (or a final status sent)
 	recvEnded   bool  // END_STREAM received
 	responded   bool  // client: final response headers received
 	werr        error // writes fail with this once set
+	born        int64 // immutable once opened: unix nanos of the frame that opened it
 
 	endWritten bool // owned by the writer: END_STREAM is on the wire
 	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
@@ -501,10 +503,10 @@ func (s *Stream) close() error {
 	s.mu.Unlock()
 	s.pokeRead()
 	if unread > 0 {
-		// The peer spent connection window on these bytes: give it back, or enough dropped
-		// streams would stall the whole connection.
+		// The peer spent connection window on these bytes: give back what is still held, or
+		// enough dropped streams would stall the whole connection.
 		c.mu.Lock()
-		c.creditConnLocked(int64(unread))
+		c.releaseLocked(s, int64(unread))
 		c.mu.Unlock()
 	}
 
@@ -581,9 +583,14 @@ func (d *deadline) set(t time.Time) {
 	close(d.ch)
 }
 
+// wait returns a channel closed when the deadline passes. It makes one if no deadline was set,
+// so that a Read or Write already blocked sees a deadline set later, as net.Conn promises.
 func (d *deadline) wait() <-chan struct{} {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
 	return d.ch
 }
 
