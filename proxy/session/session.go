@@ -86,6 +86,8 @@ type Session struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	alive alive // does the developer's side answer (probes)
+
 	tmu    sync.Mutex
 	h1, h2 *http.Transport
 	closed bool // owned by tmu, with h1, h2 and wg.Add
@@ -222,7 +224,11 @@ func overlaps(a, b tunnel.Filter) bool {
 // Open opens a data stream to the developer for this session.
 func (s *Session) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) {
 	m.Session, m.Mode = s.ID, s.Spec.Mode
-	return s.peer.Open(ctx, m)
+	c, err := s.peer.Open(ctx, m)
+	if err == nil {
+		s.reached()
+	}
+	return c, err
 }
 
 // Transport sends HTTP requests to the developer's app: HTTP/1.1 or HTTP/2 prior knowledge, as

@@ -192,6 +192,10 @@ func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error
 			}
 			return err
 		}
+		if m.Kind == KindProbe {
+			AckProbe(c)
+			continue
+		}
 		wg.Go(func() {
 			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", addr)
 			if seen != nil {
@@ -207,6 +211,15 @@ func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error
 			hbone.Splice(c, app, 0)
 		})
 	}
+}
+
+// AckProbe answers a probe stream (the waypoint asks whether this side is there; the app is not
+// involved) and closes it. The Ack is the stream's first bytes, well within any window; the write
+// is bounded anyway.
+func AckProbe(c net.Conn) {
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	AckStream(c, nil)
+	c.Close()
 }
 
 // AckStream answers a data stream's Meta: connected (err nil) or not.

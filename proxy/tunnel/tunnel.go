@@ -57,6 +57,7 @@ const (
 	KindTCP   Kind = "tcp"   // one whole stream's bytes
 	KindHTTP  Kind = "http"  // an HTTP connection carrying stolen or mirrored requests
 	KindHBONE Kind = "hbone" // the egress link: HBONE with the developer's SVID
+	KindProbe Kind = "probe" // asks only for an Ack (is the developer's side there?), then closes
 )
 
 // EventKind is what an Event reports.

@@ -82,8 +82,8 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 	if err != nil {
 		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 	}
-	if err := s.Accept(); err != nil {
-		dev.Close()
+	if err := s.Accept(); err != nil || m.Kind == tunnel.KindProbe {
+		dev.Close() // a probe's answer is the 200: the developer acknowledged
 		return err
 	}
 	start := time.Now()
@@ -110,8 +110,8 @@ func relayHeaders(h http.Header) (id string, m tunnel.Meta, err error) {
 	if dec.More() {
 		return "", m, fmt.Errorf("waypoint: %w: relay meta: trailing data", hbone.ErrBadAuthority)
 	}
-	if m.Kind != tunnel.KindTCP && m.Kind != tunnel.KindHTTP {
-		return "", m, fmt.Errorf("waypoint: %w: relay meta: kind %q is not tcp or http", hbone.ErrBadAuthority, m.Kind)
+	if m.Kind != tunnel.KindTCP && m.Kind != tunnel.KindHTTP && m.Kind != tunnel.KindProbe {
+		return "", m, fmt.Errorf("waypoint: %w: relay meta: kind %q is not tcp, http or probe", hbone.ErrBadAuthority, m.Kind)
 	}
 	return h.Get(headerRelaySession), m, nil
 }

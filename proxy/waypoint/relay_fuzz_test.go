@@ -41,7 +41,7 @@ func FuzzRelayHeaders(f *testing.F) {
 func TestRelayHeaders(t *testing.T) {
 	for _, tc := range []struct{ meta, want string }{
 		{`{"kind":"tcp","target":"10.96.0.10:80"}`, ""},
-		{`{"kind":"hbone"}`, `waypoint: hbone: malformed authority: relay meta: kind "hbone" is not tcp or http`},
+		{`{"kind":"hbone"}`, `waypoint: hbone: malformed authority: relay meta: kind "hbone" is not tcp, http or probe`},
 		{`{"kind":"tcp","egress":true}`, `waypoint: hbone: malformed authority: relay meta: json: unknown field "egress"`},
 		{`{"kind":"tcp"} {"kind":"tcp"}`, `waypoint: hbone: malformed authority: relay meta: trailing data`},
 	} {

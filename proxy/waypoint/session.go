@@ -318,24 +318,36 @@ type stealTransport struct {
 
 func (t *stealTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	tr := t.st.Transport(r.ProtoMajor == 2)
-	if tr == nil { // the session just ended
+	if tr == nil || t.st.Unreachable() { // the session just ended, or its developer is not answering
 		return t.hs.RoundTrip(r)
 	}
 	body := &retryBody{rc: r.Body}
-	out := *r
+	ctx, cancel := context.WithCancel(r.Context())
+	out := r.WithContext(ctx)
 	if r.Body != nil && r.Body != http.NoBody {
 		out.Body = body
 	}
-	resp, err := tr.RoundTrip(&out)
+	// A reused connection to the developer has no Ack: while the response does not come, the
+	// session probes the developer's side, and a failed probe ends this attempt.
+	stop := t.st.Watch(cancel)
+	resp, err := tr.RoundTrip(out)
+	if gone := stop(); gone && err == nil {
+		resp.Body.Close()
+		resp, err = nil, context.Canceled
+	}
 	if err == nil {
 		if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
 			rec.upstream = "developer"
 		}
+		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
 		return resp, nil
 	}
+	cancel()
 	var oe *tunnel.OpenError
-	if errors.As(err, &oe) && !body.read {
-		return t.hs.RoundTrip(r) // nothing reached the developer: the real service answers
+	if (errors.As(err, &oe) || t.st.Unreachable()) && !body.read {
+		// Nothing reached the developer, or the developer vanished before answering: the real
+		// service answers.
+		return t.hs.RoundTrip(r)
 	}
 	return nil, err
 }

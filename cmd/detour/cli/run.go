@@ -200,6 +200,10 @@ func (r *runCmd) accept(ctx context.Context, t *tunnel.Tunnel, src identity.Sour
 		if err != nil {
 			return
 		}
+		if m.Kind == tunnel.KindProbe {
+			tunnel.AckProbe(c)
+			continue
+		}
 		if m.Kind == tunnel.KindHBONE {
 			if tunnel.AckStream(c, nil) != nil {
 				c.Close()
