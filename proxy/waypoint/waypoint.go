@@ -88,55 +88,25 @@ type Handler struct {
 	tlsFor map[spiffeid.ID]*tls.Config
 }
 
-// ServeHBONE routes, authorizes, connects onward (trying the next endpoint when one fails to
-// connect), accepts, and then either splices or, when the stream must be inspected, sniffs it and
-// serves HTTP request by request. The 200 goes back only once an onward stream is up.
+// ServeHBONE serves one CONNECT in phases: the plan (where to, which policy and sessions; a
+// refusal here dials nothing), then what can still fail before the 200 (the whole-stream steal's
+// developer, the onward dial, trying the next endpoint when one fails to connect), then the 200
+// and the stream's carriage. The 200 goes back only once an onward stream (or the developer)
+// is there.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
-	req := s.Request()
-	if req.Target.Host == "relay.detour.internal" && h.Sessions != nil {
-		return h.serveRelay(s)
-	}
-	if !req.Target.IsAddr() {
-		return fmt.Errorf("waypoint: %w: a waypoint is addressed by IP, got %s", hbone.ErrBadAuthority, req.Target)
-	}
-	table := h.Routes()
-	if err := h.refuseLoop(req, table); err != nil {
+	p, err := h.plan(s.Request())
+	if err != nil {
 		return err
 	}
-	dest, err := table.Resolve(req.Target.Addr, h.Balancer)
-	if errors.Is(err, route.ErrNotBound) {
-		h.Metrics.Decision(false, policyNotBound)
-		return fmt.Errorf("waypoint: %w: %w", hbone.ErrForbidden, err)
+	if p.relay {
+		return h.serveRelay(s)
 	}
-	if err != nil {
-		// A service without endpoints can still be stolen whole (the developer is its endpoint).
-		if st, _ := whole(h.sessionsFor(dest)); st == nil || st.Spec.Mode != session.Steal || !errors.Is(err, route.ErrNoEndpoints) {
-			return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
-		}
-	}
-	var engine *authz.Engine
-	if h.Policies != nil {
-		engine = h.Policies()
-	}
-	proto, declared := protocolOf(dest.Port)
-	inspect := h.Inspect == InspectAlways || engine != nil && engine.NeedsL7(authzService(dest))
-	sessions := h.sessionsFor(dest)
-	inspect = inspect || filtered(sessions)
-	if declared && proto == sniff.TCP {
-		inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
-	}
-	steal, mirrors := whole(sessions)
-	if !inspect {
-		if err := h.authorize(engine, h.authzRequest(req, dest, "", nil), req); err != nil {
+	if !p.inspect && p.steal != nil {
+		if handled, err := h.stealStream(s, s, p.req, p.steal); handled {
 			return err
 		}
-		if steal != nil {
-			if handled, err := h.stealStream(s, s, req, steal); handled {
-				return err
-			}
-		}
 	}
-	up, err := h.connect(s.Context(), req, dest)
+	up, err := h.connect(s.Context(), p.req, p.dest)
 	if err != nil {
 		return err
 	}
@@ -144,36 +114,7 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		up.Close()
 		return err
 	}
-	var in net.Conn = s
-	sni := ""
-	if inspect && (!declared || proto == sniff.TLS) {
-		sc, res, err := sniff.Sniff(s, h.SniffWait)
-		if err != nil {
-			up.Close()
-			return fmt.Errorf("waypoint: sniffing: %w", err)
-		}
-		in, sni = sc, res.SNI
-		if !declared {
-			proto = res.Protocol
-		}
-	}
-	if inspect && (proto == sniff.HTTP1 || proto == sniff.HTTP2) {
-		return h.serveHTTP(s.Context(), in, up, req, dest)
-	}
-	if inspect {
-		// Decided only now, with the SNI; a denial resets the accepted stream.
-		if err := h.authorize(engine, h.authzRequest(req, dest, sni, nil), req); err != nil {
-			up.Close()
-			return err
-		}
-		if steal != nil {
-			if handled, err := h.stealStream(s, in, req, steal); handled {
-				up.Close()
-				return err
-			}
-		}
-	}
-	return h.splice(h.mirrorStream(s.Context(), in, req, mirrors), up, req, dest, proto)
+	return h.serveAccepted(s, up, p)
 }
 
 // splice moves an opaque stream's bytes and records it.

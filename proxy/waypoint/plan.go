@@ -1,0 +1,118 @@
+package waypoint
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/sniff"
+)
+
+// plan is what the waypoint does with one CONNECT, decided from the request and the current
+// tables alone, with no I/O (ztunnel's build_inbound_request): where the stream goes, which
+// policies and protocol apply, whether it is inspected, which debug sessions take it, and, for a
+// stream that is not inspected, the policy decision itself. Whatever it refuses is refused
+// before anything is dialed.
+type plan struct {
+	req      *hbone.Request
+	relay    bool               // a stream another replica relays into a local session; nothing else is set
+	dest     *route.Destination // the service and its candidate endpoints (none: a whole steal takes it)
+	engine   *authz.Engine      // nil allows everything
+	proto    sniff.Protocol     // the port's declared protocol, or TCP until sniffed
+	declared bool               // the port declares its protocol
+	// inspect: sniffed after the 200; HTTP is served request by request, TLS and TCP are decided
+	// with the SNI. Otherwise the decision was taken here, at CONNECT time.
+	inspect bool
+	steal   *session.Session   // the whole-stream steal, if any
+	mirrors []*session.Session // the whole-stream mirrors
+}
+
+// plan builds req's plan. Its errors map to the CONNECT's status (hbone.Status).
+func (h *Handler) plan(req *hbone.Request) (*plan, error) {
+	if req.Target.Host == session.RelayHost && h.Sessions != nil {
+		return &plan{req: req, relay: true}, nil
+	}
+	if !req.Target.IsAddr() {
+		return nil, fmt.Errorf("waypoint: %w: a waypoint is addressed by IP, got %s", hbone.ErrBadAuthority, req.Target)
+	}
+	table := h.Routes()
+	if err := h.refuseLoop(req, table); err != nil {
+		return nil, err
+	}
+	dest, err := table.Resolve(req.Target.Addr, h.Balancer)
+	if errors.Is(err, route.ErrNotBound) {
+		h.Metrics.Decision(false, policyNotBound)
+		return nil, fmt.Errorf("waypoint: %w: %w", hbone.ErrForbidden, err)
+	}
+	sessions := h.sessionsFor(dest)
+	p := &plan{req: req, dest: dest}
+	p.steal, p.mirrors = whole(sessions)
+	// A service without endpoints can still be stolen whole (the developer is its endpoint).
+	if err != nil && (p.steal == nil || !errors.Is(err, route.ErrNoEndpoints)) {
+		return nil, fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
+	}
+	if h.Policies != nil {
+		p.engine = h.Policies()
+	}
+	p.proto, p.declared = protocolOf(dest.Port)
+	p.inspect = h.Inspect == InspectAlways || p.engine != nil && p.engine.NeedsL7(authzService(dest)) || filtered(sessions)
+	if p.declared && p.proto == sniff.TCP {
+		p.inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
+	}
+	if !p.inspect {
+		if err := h.authorize(p.engine, h.authzRequest(req, dest, "", nil), req); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// serveAccepted carries a stream once the 200 is sent: sniffed first when the plan inspects it
+// (HTTP is then served request by request; TLS and TCP are decided with the SNI, and a denial
+// resets the stream), then spliced with the onward stream, whole-stream mirrors teeing it.
+func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) error {
+	var in net.Conn = s
+	proto := p.proto
+	if p.inspect {
+		var sni string
+		var err error
+		if in, proto, sni, err = h.peek(s, p); err != nil {
+			up.Close()
+			return err
+		}
+		if proto == sniff.HTTP1 || proto == sniff.HTTP2 {
+			return h.serveHTTP(s.Context(), in, up, p.req, p.dest)
+		}
+		if err := h.authorize(p.engine, h.authzRequest(p.req, p.dest, sni, nil), p.req); err != nil {
+			up.Close()
+			return err
+		}
+		if p.steal != nil {
+			if handled, err := h.stealStream(s, in, p.req, p.steal); handled {
+				up.Close()
+				return err
+			}
+		}
+	}
+	return h.splice(h.mirrorStream(s.Context(), in, p.req, p.mirrors), up, p.req, p.dest, proto)
+}
+
+// peek sniffs an inspected stream's first bytes, unless its port declares HTTP (nothing to
+// learn): the stream to read from now on (the peeked bytes replayed), its protocol and SNI.
+func (h *Handler) peek(s *hbone.Stream, p *plan) (net.Conn, sniff.Protocol, string, error) {
+	if p.declared && p.proto != sniff.TLS {
+		return s, p.proto, "", nil
+	}
+	sc, res, err := sniff.Sniff(s, h.SniffWait)
+	if err != nil {
+		return nil, 0, "", fmt.Errorf("waypoint: sniffing: %w", err)
+	}
+	if !p.declared {
+		return sc, res.Protocol, res.SNI, nil
+	}
+	return sc, p.proto, res.SNI, nil
+}
