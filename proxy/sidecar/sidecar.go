@@ -63,18 +63,11 @@ func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
 		if st.Spec.Mode != session.Steal || !st.Whole() {
 			continue
 		}
-		dev, err := st.Open(ctx, tunnel.Meta{Kind: tunnel.KindTCP, Target: orig.String(), Source: c.RemoteAddr().String()})
-		if err != nil {
-			break // the developer is gone: the application answers
+		m := tunnel.Meta{Kind: tunnel.KindTCP, Target: orig.String(), Source: c.RemoteAddr().String()}
+		if handled, _ := st.Take(ctx, c, m, nil, 0); handled {
+			return
 		}
-		start := time.Now()
-		counts, err := hbone.SpliceCount(c, dev, 0)
-		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: c.RemoteAddr().String()}
-		if err != nil {
-			ev.Error = err.Error()
-		}
-		st.Report(ev)
-		return
+		break // the developer is gone: the application answers
 	}
 	app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))))
 	if err != nil {

@@ -3,12 +3,10 @@ package waypoint
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"strings"
-	"time"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
@@ -78,23 +76,17 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 	if st == nil || st.Remote {
 		return fmt.Errorf("waypoint: %w: no local session %q", hbone.ErrUnavailable, id)
 	}
-	dev, err := st.Open(s.Context(), m)
-	if err != nil {
-		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
-	}
-	if err := s.Accept(); err != nil || m.Kind == tunnel.KindProbe {
-		dev.Close() // a probe's answer is the 200: the developer acknowledged
-		return err
-	}
-	start := time.Now()
-	counts, err := hbone.SpliceCount(s, dev, h.HalfCloseTimeout)
-	if m.Kind == tunnel.KindTCP {
-		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
-			Source: strings.TrimPrefix(m.Source, "spiffe://")}
-		if err != nil && !errors.Is(err, net.ErrClosed) {
-			ev.Error = err.Error()
+	if m.Kind == tunnel.KindProbe {
+		dev, err := st.Open(s.Context(), m)
+		if err != nil {
+			return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 		}
-		st.Report(ev)
+		dev.Close() // a probe's answer is the 200: the developer acknowledged
+		return s.Accept()
+	}
+	handled, err := st.Take(s.Context(), s, m, s.Accept, h.HalfCloseTimeout)
+	if !handled {
+		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 	}
 	return err
 }

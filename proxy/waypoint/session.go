@@ -61,26 +61,16 @@ func whole(ss []*session.Session) (steal *session.Session, mirrors []*session.Se
 	return steal, mirrors
 }
 
-// stealStream sends a whole stream to the developer. handled is false when the developer could
-// not be reached: the caller forwards the stream as usual.
+// stealStream sends a whole stream to the developer (session.Take). handled is false when the
+// developer could not be reached: the caller forwards the stream as usual.
 func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, req *hbone.Request, st *session.Session) (handled bool, err error) {
-	source := strings.TrimPrefix(req.PeerID.String(), "spiffe://")
-	dev, err := st.Open(s.Context(), tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: source})
-	if err != nil {
+	m := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: strings.TrimPrefix(req.PeerID.String(), "spiffe://")}
+	// Accept is idempotent: an inspected stream was accepted to be sniffed.
+	handled, err = st.Take(s.Context(), in, m, s.Accept, h.HalfCloseTimeout)
+	if !handled {
 		h.log().Debug("waypoint: session unreachable, forwarding to the service", "session", st.ID, "err", err)
 		return false, nil
 	}
-	if err := s.Accept(); err != nil { // idempotent when the stream was accepted to be sniffed
-		dev.Close()
-		return true, err
-	}
-	start := time.Now()
-	counts, err := hbone.SpliceCount(in, dev, h.HalfCloseTimeout)
-	ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(), Source: source}
-	if err != nil {
-		ev.Error = err.Error()
-	}
-	st.Report(ev)
 	return true, err
 }
 
