@@ -174,9 +174,26 @@ func (t *Tunnel) Done() <-chan struct{} { return t.done }
 func (t *Tunnel) Close() error { return t.close() }
 
 // Forward connects each data stream to the developer's app at addr until the tunnel ends or ctx
-// is done; seen, if set, is told of each stream. A stream whose app connection fails is closed
-// (the waypoint answers the client as for a failed upstream).
+// is done; seen, if set, is told of each stream. See Forwarder.
 func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error)) error {
+	return (&Forwarder{Addr: addr, Seen: seen}).Serve(ctx, t)
+}
+
+// Forwarder is the developer's side of the data streams: probes answered at once, the egress
+// link (Meta kind hbone) handed to Egress, every other stream acknowledged once connected to the
+// app at Addr and spliced with it. A stream whose app connection fails is refused in its Ack (the
+// waypoint sends the traffic to the real service).
+type Forwarder struct {
+	Addr string
+	// Seen, if set, is told of each stream to the app and how its connection went.
+	Seen func(Meta, error)
+	// Egress, if set, serves the egress link (acknowledged first) until ctx ends; nil refuses it.
+	Egress func(ctx context.Context, c net.Conn)
+}
+
+// Serve forwards t's data streams until the tunnel ends or ctx is done, then waits for the
+// streams it started.
+func (f *Forwarder) Serve(ctx context.Context, t *Tunnel) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -192,25 +209,38 @@ func (t *Tunnel) Forward(ctx context.Context, addr string, seen func(Meta, error
 			}
 			return err
 		}
-		if m.Kind == KindProbe {
+		switch {
+		case m.Kind == KindProbe:
 			AckProbe(c)
-			continue
-		}
-		wg.Go(func() {
-			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", addr)
-			if seen != nil {
-				seen(m, err)
-			}
-			if AckStream(c, err) != nil || err != nil {
+		case m.Kind == KindHBONE && f.Egress == nil:
+			AckStream(c, errors.New("this CLI asked for no egress link"))
+			c.Close()
+		case m.Kind == KindHBONE:
+			if AckStream(c, nil) != nil {
 				c.Close()
-				if app != nil {
-					app.Close()
-				}
-				return
+				continue
 			}
-			hbone.Splice(c, app, 0)
-		})
+			wg.Go(func() { f.Egress(ctx, c) })
+		default:
+			wg.Go(func() { f.app(ctx, m, c) })
+		}
 	}
+}
+
+// app connects one data stream to the app and splices the two.
+func (f *Forwarder) app(ctx context.Context, m Meta, c net.Conn) {
+	app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", f.Addr)
+	if f.Seen != nil {
+		f.Seen(m, err)
+	}
+	if AckStream(c, err) != nil || err != nil {
+		c.Close()
+		if app != nil {
+			app.Close()
+		}
+		return
+	}
+	hbone.Splice(c, app, 0)
 }
 
 // AckProbe answers a probe stream (the waypoint asks whether this side is there; the app is not

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/detour-mesh/detour/egress"
 	"github.com/detour-mesh/detour/hbone"
@@ -125,10 +126,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	if !reply.OK {
 		return fmt.Errorf("the waypoint refused: %s", reply.Error)
 	}
-	go io.Copy(io.Discard, t.Control()) // events: the CLI of detour run does not print them
-
 	eg := &egressLink{ready: make(chan struct{})}
-	go r.accept(tctx, t, src, eg, log)
 	p := &egress.Proxies{Dial: eg.dial, Resolve: mesh.ServiceResolver(kc.Kube, r.session.namespace), Logger: log}
 	if id, _ := src.Identity(); id != nil {
 		p.Principal = id.SVID.ID.String()
@@ -142,12 +140,30 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		hl.Close()
 		return err
 	}
-	go p.Serve(tctx, hl, sl)
 	dnsTCP, dnsUDP, err := listenTCPUDP("127.0.0.1:0")
 	if err != nil {
+		hl.Close()
+		sl.Close()
 		return fmt.Errorf("the DNS resolver's port: %w", err)
 	}
-	go (&egress.DNS{Resolve: p.Resolve}).Serve(tctx, dnsUDP, dnsTCP)
+	// Everything that serves CMD runs in g under tctx, and is waited for once CMD is done and the
+	// tunnel closed.
+	g, gctx := errgroup.WithContext(tctx)
+	defer func() {
+		cancelTunnel()
+		t.Close()
+		g.Wait()
+	}()
+	g.Go(func() error {
+		_, err := io.Copy(io.Discard, t.Control()) // events: the CLI of detour run does not print them
+		return ignoreClosed(gctx, err)
+	})
+	fw := &tunnel.Forwarder{Addr: r.session.to, Egress: func(ctx context.Context, c net.Conn) {
+		eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
+	}}
+	g.Go(func() error { return fw.Serve(gctx, t) })
+	g.Go(func() error { return p.Serve(gctx, hl, sl) })
+	g.Go(func() error { return (&egress.DNS{Resolve: p.Resolve}).Serve(gctx, dnsUDP, dnsTCP) })
 
 	c := exec.Command(argv[0], argv[1:]...)
 	c.Env = append(append(os.Environ(), env...), egress.Env(hl.Addr().String(), sl.Addr().String())...)
@@ -157,12 +173,11 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		return fmt.Errorf("starting %s: %w", argv[0], err)
 	}
 	waited := make(chan error, 1)
-	go func() { waited <- c.Wait() }()
+	go func() { waited <- c.Wait() }() // returns when CMD does; every path below waits for it
 	lost := t.Done()
 	for {
 		select {
 		case err := <-waited:
-			cancelTunnel()
 			var ee *exec.ExitError
 			if errors.As(err, &ee) {
 				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
@@ -193,37 +208,12 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	}
 }
 
-// accept serves the tunnel's data streams: the egress link, and stolen or mirrored streams for CMD.
-func (r *runCmd) accept(ctx context.Context, t *tunnel.Tunnel, src identity.Source, eg *egressLink, log *slog.Logger) {
-	for {
-		m, c, err := t.Accept(ctx)
-		if err != nil {
-			return
-		}
-		if m.Kind == tunnel.KindProbe {
-			tunnel.AckProbe(c)
-			continue
-		}
-		if m.Kind == tunnel.KindHBONE {
-			if tunnel.AckStream(c, nil) != nil {
-				c.Close()
-				continue
-			}
-			go eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
-			continue
-		}
-		go func() {
-			app, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", r.session.to)
-			if tunnel.AckStream(c, err) != nil || err != nil {
-				c.Close()
-				if app != nil {
-					app.Close()
-				}
-				return
-			}
-			hbone.Splice(c, app, 0)
-		}()
+// ignoreClosed is nil for the error of a read that ended because the tunnel did.
+func ignoreClosed(ctx context.Context, err error) error {
+	if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+		return nil
 	}
+	return err
 }
 
 // egressLink is the HBONE connection the developer's outgoing connections share.
