@@ -34,7 +34,12 @@ var layers = []rule{
 		why: "egress speaks HBONE through the tunnel, nothing more"},
 	{from: []string{"mesh/..."}, not: []string{"cmd/...", "agent/..."},
 		why: "mesh is a library for cmd"},
+	{from: []string{"cmd/..."}, not: []string{kubeDirect},
+		why: "cmd reaches Kubernetes only through mesh"},
 }
+
+// kubeDirect stands for a direct import of Kubernetes client code (mesh's, indirectly, is fine).
+const kubeDirect = "kubernetes client code, imported directly"
 
 // matches reports whether the module-relative path p is named by pattern ("x/..." for a tree).
 func matches(pattern, p string) bool {
@@ -53,6 +58,14 @@ func violations(rules []rule, pkg string, imports, deps []string) []string {
 			continue
 		}
 		for _, not := range r.not {
+			if not == kubeDirect {
+				for _, imp := range imports {
+					if kubernetes(imp) {
+						out = append(out, fmt.Sprintf("%s imports %s (%s)", pkg, imp, r.why))
+					}
+				}
+				continue
+			}
 			if not == kube {
 				for _, d := range deps {
 					if kubernetes(d) {
@@ -117,6 +130,7 @@ func TestLayersCatchViolations(t *testing.T) {
 		{"agent_imports_proxy", "agent/fixture", "agent/fixture imports proxy/session (the agent is rules and conntrack only; the sidecar's data path is proxy/sidecar)"},
 		{"egress_imports_proxy", "egress/fixture", "egress/fixture imports proxy/tunnel (egress speaks HBONE through the tunnel, nothing more)"},
 		{"mesh_imports_cmd", "mesh/fixture", "mesh/fixture imports cmd/detour/cli (mesh is a library for cmd)"},
+		{"cmd_imports_kube", "cmd/fixture", "cmd/fixture imports k8s.io/client-go/kubernetes (cmd reaches Kubernetes only through mesh)"},
 	} {
 		t.Run(tc.fixture, func(t *testing.T) {
 			_, imports, deps := goList(t, "./"+path.Join("testdata/violate", tc.fixture))

@@ -17,12 +17,6 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
-	istioclient "istio.io/client-go/pkg/clientset/versioned"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/mesh"
@@ -140,8 +134,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
 		var store *mesh.SessionStore
-		if disc.dynamic != nil {
-			store = &mesh.SessionStore{Client: disc.dynamic, Namespace: cfg.Waypoint.Namespace, Replica: advertise(cfg, l),
+		if disc.clients != nil {
+			store = &mesh.SessionStore{Client: disc.clients.Dynamic, Namespace: cfg.Waypoint.Namespace, Replica: advertise(cfg, l),
 				Registry: h.Sessions, Relay: h.RelayOpener, TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 			g.Go(func() error { return store.Run(ctx) })
 		}
@@ -219,7 +213,7 @@ type discovered struct {
 	policies func() *authz.Engine
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
-	dynamic  dynamic.Interface                                                    // nil: static
+	clients  *mesh.Clients                                                        // nil: static
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -240,45 +234,17 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	if k == nil {
 		k = &config.Kubernetes{}
 	}
-	rc, err := kubeConfig(k.Kubeconfig)
+	c, err := mesh.WorkloadClients(k.Kubeconfig)
 	if err != nil {
 		return nil, err
 	}
-	kube, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes client: %w", err)
-	}
-	ic, err := istioclient.NewForConfig(rc)
-	if err != nil {
-		return nil, fmt.Errorf("istio client: %w", err)
-	}
-	d := &mesh.Discovery{Kube: kube, Istio: ic, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Namespace: k.Namespace, Waypoint: wp, Logger: log}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
-	b := &mesh.Binder{Kube: kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
+	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	dc, err := dynamic.NewForConfig(rc)
-	if err != nil {
-		return nil, err
-	}
-	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, dynamic: dc}, nil
-}
-
-// kubeConfig loads a kubeconfig file, or the in-cluster config when path is "".
-func kubeConfig(path string) (*rest.Config, error) {
-	if path == "" {
-		rc, err := rest.InClusterConfig()
-		if err != nil {
-			return nil, fmt.Errorf("kubernetes: no kubeconfig given and not in a cluster: %w", err)
-		}
-		return rc, nil
-	}
-	rc, err := clientcmd.BuildConfigFromFlags("", path)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes: kubeconfig %s: %w", path, err)
-	}
-	return rc, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, clients: c}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
