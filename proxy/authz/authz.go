@@ -47,6 +47,10 @@ type Request struct {
 	RequestJWT bool         // always false: detour validates no JWT
 }
 
+// Principal is a SPIFFE ID in the form Istio's policies name it (source.principal,
+// principals): the trust domain and path, without "spiffe://". "" stays "".
+func Principal(spiffeID string) string { return strings.TrimPrefix(spiffeID, "spiffe://") }
+
 // Service names the destination.
 type Service struct{ Namespace, Name string }
 

@@ -195,7 +195,7 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 	if id == p.Local() || p.Local().IsZero() {
 		return spiffeid.ID{}, fmt.Errorf("session: IMPERSONATE of %s refused: its workloads run as this waypoint's own identity (%s), which no grant hands out; impersonate the service you debug instead", svc.Hostname, id)
 	}
-	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	principal := authz.Principal(p.ID().String())
 	var dec authz.Decision
 	if m.Policies != nil {
 		dec = m.Policies().Grant(&authz.Request{Principal: principal, Service: authz.Service{Namespace: svc.Namespace, Name: svc.Name},
@@ -212,7 +212,7 @@ func (m *Manager) impersonate(p *tunnel.Peer, t tunnel.Target) (spiffeid.ID, err
 // on (LIST, or the STEAL or MIRROR that would let it take the same traffic).
 func (m *Manager) visible(p *tunnel.Peer) []tunnel.SessionInfo {
 	var out []tunnel.SessionInfo
-	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	principal := authz.Principal(p.ID().String())
 	for _, s := range m.Registry.Sessions() {
 		if s.Holder == p.ID() || m.Policies != nil && m.mayList(m.Policies(), principal, s) {
 			out = append(out, s.Info())
@@ -274,7 +274,7 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 	}
 	method := strings.ToUpper(string(spec.Mode))
 	path := fmt.Sprintf("/ports/%d", port)
-	principal := strings.TrimPrefix(p.ID().String(), "spiffe://")
+	principal := authz.Principal(p.ID().String())
 	var dec authz.Decision
 	if m.Policies != nil {
 		dec = m.Policies().Grant(&authz.Request{

@@ -4,10 +4,11 @@ import (
 	"context"
 	"errors"
 	"net"
-	"strings"
+
 	"time"
 
 	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -32,7 +33,7 @@ func (s *Session) Take(ctx context.Context, c net.Conn, m tunnel.Meta, accept fu
 	counts, err := hbone.SpliceCount(c, dev, halfClose)
 	if m.Kind == tunnel.KindTCP {
 		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
-			Source: strings.TrimPrefix(m.Source, "spiffe://")}
+			Source: authz.Principal(m.Source)}
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			ev.Error = err.Error()
 		}

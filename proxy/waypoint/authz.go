@@ -20,7 +20,7 @@ import (
 // as Envoy's (use_remote_address false, no trusted hops), else the peer.
 func (h *Handler) authzRequest(r *hbone.Request, d *route.Destination, sni string, hr *authz.HTTPRequest) *authz.Request {
 	req := &authz.Request{
-		Principal: strings.TrimPrefix(r.PeerID.String(), "spiffe://"),
+		Principal: authz.Principal(r.PeerID.String()),
 		DestIP:    r.Target.Addr.Addr(),
 		DestPort:  r.Target.Addr.Port(),
 		Service:   authzService(d),

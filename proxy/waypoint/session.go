@@ -8,11 +8,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
 	"github.com/detour-mesh/detour/proxy/tunnel"
@@ -64,7 +64,7 @@ func whole(ss []*session.Session) (steal *session.Session, mirrors []*session.Se
 // stealStream sends a whole stream to the developer (session.Take). handled is false when the
 // developer could not be reached: the caller forwards the stream as usual.
 func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, req *hbone.Request, st *session.Session) (handled bool, err error) {
-	m := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: strings.TrimPrefix(req.PeerID.String(), "spiffe://")}
+	m := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: authz.Principal(req.PeerID.String())}
 	// Accept is idempotent: an inspected stream was accepted to be sniffed.
 	handled, err = st.Take(s.Context(), in, m, s.Accept, h.HalfCloseTimeout)
 	if !handled {
@@ -128,7 +128,7 @@ type mirrorSink struct {
 // stream that just ended.
 func (h *Handler) mirrorStream(_ context.Context, in net.Conn, req *hbone.Request, mirrors []*session.Session) net.Conn {
 	t := &mirrorTee{Conn: in}
-	source := strings.TrimPrefix(req.PeerID.String(), "spiffe://")
+	source := authz.Principal(req.PeerID.String())
 	meta := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: source}
 	for _, m := range mirrors {
 		if !m.TryMirror() {

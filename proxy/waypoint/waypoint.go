@@ -136,7 +136,7 @@ func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest
 }
 
 func streamLabels(req *hbone.Request, dest *route.Destination) metrics.Stream {
-	labels := metrics.Stream{SourcePrincipal: strings.TrimPrefix(req.PeerID.String(), "spiffe://")}
+	labels := metrics.Stream{SourcePrincipal: authz.Principal(req.PeerID.String())}
 	if dest.Service != nil {
 		labels.Service, labels.ServiceNamespace = dest.Service.Hostname, dest.Service.Namespace
 	}

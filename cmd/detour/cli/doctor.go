@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/detour-mesh/detour/mesh"
+	"github.com/detour-mesh/detour/proxy/authz"
 )
 
 func newDoctorCmd() *cobra.Command {
@@ -21,7 +22,7 @@ func newDoctorCmd() *cobra.Command {
 			if k.namespace == "" {
 				return errors.New("--namespace is required")
 			}
-			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: strings.TrimPrefix(developer, "spiffe://"), Ambientz: ambientz}
+			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: authz.Principal(developer), Ambientz: ambientz}
 			if len(args) == 1 {
 				name, ok := strings.CutPrefix(args[0], "svc/")
 				if !ok || name == "" {
