@@ -75,14 +75,10 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	ctx := cmd.Context()
 	log := r.session.log()
-	if r.steal && r.mirror {
-		return errors.New("--steal and --mirror exclude each other")
+	svcName, hello, err := r.hello()
+	if err != nil {
+		return err
 	}
-	svcName, ok := strings.CutPrefix(r.target, "svc/")
-	if !ok || svcName == "" {
-		return fmt.Errorf("--target %q: want svc/NAME[:PORT]", r.target)
-	}
-	svcName, _, _ = strings.Cut(svcName, ":")
 	kc, err := mesh.UserClients(r.session.tunnel.kubeconfig)
 	if err != nil {
 		return err
@@ -97,18 +93,8 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		}
 		env = nil
 	}
-	hello := tunnel.Hello{Egress: true}
-	if r.asTarget {
-		hello.AsTarget = &tunnel.Target{Namespace: r.session.namespace, Service: svcName}
-	}
-	if r.steal || r.mirror {
-		r.session.mode = map[bool]string{true: "steal", false: "mirror"}[r.steal]
-		spec, err := r.session.spec(r.target)
-		if err != nil {
-			return err
-		}
-		hello.Register = &spec
-	}
+	// The tunnel outlives a signal to detour: CMD gets the signal and the tunnel serves it until
+	// it exits.
 	tctx, cancelTunnel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelTunnel()
 	t, src, err := r.session.tunnel.dialWith(tctx, log)
@@ -116,6 +102,57 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		return err
 	}
 	defer t.Close()
+	if err := register(t, hello); err != nil {
+		return err
+	}
+	// Everything that serves CMD runs in g, and is waited for once CMD is done and the tunnel closed.
+	g, gctx := errgroup.WithContext(tctx)
+	defer func() {
+		cancelTunnel()
+		t.Close()
+		g.Wait()
+	}()
+	cmdEnv, err := r.serve(gctx, g, t, src, kc, log)
+	if err != nil {
+		return err
+	}
+	c := exec.Command(argv[0], argv[1:]...)
+	c.Env = append(append(os.Environ(), env...), cmdEnv...)
+	c.Stdin, c.Stdout, c.Stderr = cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr()
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", argv[0], err)
+	}
+	return r.supervise(ctx, cmd.ErrOrStderr(), c, t)
+}
+
+// hello is the tunnel's first message: egress for CMD, the target's identity with --as-target,
+// a session with --steal or --mirror.
+func (r *runCmd) hello() (svcName string, hello tunnel.Hello, err error) {
+	if r.steal && r.mirror {
+		return "", hello, errors.New("--steal and --mirror exclude each other")
+	}
+	svcName, ok := strings.CutPrefix(r.target, "svc/")
+	if !ok || svcName == "" {
+		return "", hello, fmt.Errorf("--target %q: want svc/NAME[:PORT]", r.target)
+	}
+	svcName, _, _ = strings.Cut(svcName, ":")
+	hello = tunnel.Hello{Egress: true}
+	if r.asTarget {
+		hello.AsTarget = &tunnel.Target{Namespace: r.session.namespace, Service: svcName}
+	}
+	if r.steal || r.mirror {
+		r.session.mode = map[bool]string{true: "steal", false: "mirror"}[r.steal]
+		spec, err := r.session.spec(r.target)
+		if err != nil {
+			return "", hello, err
+		}
+		hello.Register = &spec
+	}
+	return svcName, hello, nil
+}
+
+// register sends the Hello and reads the waypoint's answer.
+func register(t *tunnel.Tunnel, hello tunnel.Hello) error {
 	if err := tunnel.WriteMsg(t.Control(), hello); err != nil {
 		return fmt.Errorf("sending the session: %w", err)
 	}
@@ -126,6 +163,13 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	if !reply.OK {
 		return fmt.Errorf("the waypoint refused: %s", reply.Error)
 	}
+	return nil
+}
+
+// serve starts, in g, what CMD reaches the cluster through (the HTTP and SOCKS5 proxies and the
+// DNS resolver over the egress link) and the tunnel's data streams; it returns CMD's environment
+// for them.
+func (r *runCmd) serve(ctx context.Context, g *errgroup.Group, t *tunnel.Tunnel, src identity.Source, kc *mesh.Clients, log *slog.Logger) ([]string, error) {
 	eg := &egressLink{ready: make(chan struct{})}
 	p := &egress.Proxies{Dial: eg.dial, Resolve: mesh.ServiceResolver(kc.Kube, r.session.namespace), Logger: log}
 	if id, _ := src.Identity(); id != nil {
@@ -133,45 +177,36 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	}
 	hl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		hl.Close()
-		return err
+		return nil, err
 	}
 	dnsTCP, dnsUDP, err := listenTCPUDP("127.0.0.1:0")
 	if err != nil {
 		hl.Close()
 		sl.Close()
-		return fmt.Errorf("the DNS resolver's port: %w", err)
+		return nil, fmt.Errorf("the DNS resolver's port: %w", err)
 	}
-	// Everything that serves CMD runs in g under tctx, and is waited for once CMD is done and the
-	// tunnel closed.
-	g, gctx := errgroup.WithContext(tctx)
-	defer func() {
-		cancelTunnel()
-		t.Close()
-		g.Wait()
-	}()
 	g.Go(func() error {
 		_, err := io.Copy(io.Discard, t.Control()) // events: the CLI of detour run does not print them
-		return ignoreClosed(gctx, err)
+		return ignoreClosed(ctx, err)
 	})
 	fw := &tunnel.Forwarder{Addr: r.session.to, Egress: func(ctx context.Context, c net.Conn) {
 		eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
 	}}
-	g.Go(func() error { return fw.Serve(gctx, t) })
-	g.Go(func() error { return p.Serve(gctx, hl, sl) })
-	g.Go(func() error { return (&egress.DNS{Resolve: p.Resolve}).Serve(gctx, dnsUDP, dnsTCP) })
+	g.Go(func() error { return fw.Serve(ctx, t) })
+	g.Go(func() error { return p.Serve(ctx, hl, sl) })
+	g.Go(func() error { return (&egress.DNS{Resolve: p.Resolve}).Serve(ctx, dnsUDP, dnsTCP) })
+	env := egress.Env(hl.Addr().String(), sl.Addr().String())
+	return append(env, "DETOUR_DNS="+dnsUDP.LocalAddr().String()), nil // a resolver for cluster names, for tools that take one
+}
 
-	c := exec.Command(argv[0], argv[1:]...)
-	c.Env = append(append(os.Environ(), env...), egress.Env(hl.Addr().String(), sl.Addr().String())...)
-	c.Env = append(c.Env, "DETOUR_DNS="+dnsUDP.LocalAddr().String()) // a resolver for cluster names, for tools that take one
-	c.Stdin, c.Stdout, c.Stderr = cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr()
-	if err := c.Start(); err != nil {
-		return fmt.Errorf("starting %s: %w", argv[0], err)
-	}
+// supervise waits for CMD and returns its exit code as detour's: a signal to detour goes on to
+// CMD; a lost tunnel stops CMD (exit ExitTunnelLost) unless --keep-running.
+func (r *runCmd) supervise(ctx context.Context, stderr io.Writer, c *exec.Cmd, t *tunnel.Tunnel) error {
 	waited := make(chan error, 1)
 	go func() { waited <- c.Wait() }() // returns when CMD does; every path below waits for it
 	lost := t.Done()
@@ -192,10 +227,10 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 		case <-lost:
 			lost = nil
 			if r.keepRunning {
-				fmt.Fprintln(cmd.ErrOrStderr(), "detour: the tunnel to the waypoint was lost; CMD keeps running (--keep-running)")
+				fmt.Fprintln(stderr, "detour: the tunnel to the waypoint was lost; CMD keeps running (--keep-running)")
 				continue
 			}
-			fmt.Fprintln(cmd.ErrOrStderr(), "detour: the tunnel to the waypoint was lost; stopping CMD")
+			fmt.Fprintln(stderr, "detour: the tunnel to the waypoint was lost; stopping CMD")
 			c.Process.Signal(syscall.SIGTERM)
 			select {
 			case <-waited:
