@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -86,6 +87,23 @@ type Handler struct {
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
+	hop    atomic.Pointer[hopMarker] // the onward CONNECTs' marker, for the identity it names
+}
+
+// hopMarker is the Detour-Hop header of one identity, shared read-only by every onward CONNECT
+// (one map, not one per stream).
+type hopMarker struct {
+	id     spiffeid.ID
+	header http.Header
+}
+
+func (h *Handler) hopHeader(own spiffeid.ID) http.Header {
+	if m := h.hop.Load(); m != nil && m.id == own {
+		return m.header
+	}
+	m := &hopMarker{id: own, header: http.Header{HopHeader: {own.String()}}}
+	h.hop.Store(m)
+	return m.header
 }
 
 // ServeHBONE serves one CONNECT in phases: the plan (where to, which policy and sessions; a
@@ -250,7 +268,7 @@ func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *ro
 		Forwarded:   forwarded,
 		Baggage:     req.Baggage,
 		Traceparent: req.Traceparent,
-		Header:      http.Header{HopHeader: {own.SVID.ID.String()}},
+		Header:      h.hopHeader(own.SVID.ID),
 	})
 	if err == nil {
 		h.Balancer.Succeeded(ep)
