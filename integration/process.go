@@ -2,10 +2,13 @@ package integration
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -103,4 +106,28 @@ func (p *Proc) Find(t testing.TB, pattern string) string {
 			t.Fatalf("no %q from %s after 20 s:\n%s", pattern, strings.Join(p.Args, " "), p.Output())
 		}
 	}
+}
+
+// BuildDetour builds detour's binary from the main module (its go.sum, not this one's) into a new
+// temporary directory, for a TestMain: it returns the binary and the function that removes it.
+func BuildDetour(name string) (bin string, remove func(), err error) {
+	dir, err := os.MkdirTemp("", "detour-"+name+"-")
+	if err != nil {
+		return "", nil, err
+	}
+	bin = filepath.Join(dir, "detour")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/detour")
+	build.Dir = mainModule()
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("building detour: %w", err)
+	}
+	return bin, func() { os.RemoveAll(dir) }, nil
+}
+
+// mainModule is the directory of detour's main module: this package's parent.
+func mainModule() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Dir(filepath.Dir(file))
 }

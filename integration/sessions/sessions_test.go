@@ -35,20 +35,14 @@ import (
 var detourBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "detour-sessions-")
+	bin, remove, err := it.BuildDetour("sessions")
 	if err != nil {
-		panic(err)
-	}
-	detourBin = filepath.Join(dir, "detour")
-	build := exec.Command("go", "build", "-o", detourBin, "./cmd/detour")
-	build.Dir = "../.." // the main module: its go.sum, not this one's
-	build.Stderr = os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building detour:", err)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	detourBin = bin
 	code := m.Run()
-	os.RemoveAll(dir)
+	remove()
 	os.Exit(code)
 }
 

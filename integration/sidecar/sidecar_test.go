@@ -27,18 +27,12 @@ import (
 var detourBin, pilotAgent string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "detour-sidecar-")
+	bin, remove, err := it.BuildDetour("sidecar")
 	if err != nil {
-		panic(err)
-	}
-	detourBin = filepath.Join(dir, "detour")
-	build := exec.Command("go", "build", "-o", detourBin, "./cmd/detour")
-	build.Dir = "../.."
-	build.Stderr = os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building detour:", err)
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	detourBin = bin
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	pilotAgent, err = testbed.PilotAgent(ctx, func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) })
 	cancel()
@@ -47,7 +41,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	remove()
 	os.Exit(code)
 }
 

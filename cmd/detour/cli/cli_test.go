@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -190,26 +191,13 @@ listeners: {hbone: %q, health: %q, tunnel: %q}
 waypoint: {namespace: demo}
 discovery: {static: {services: []}}
 `, dir+"/ca", addrs["hbone"], addrs["health"], addrs["tunnel"])
-			path := filepath.Join(t.TempDir(), "detour.yaml")
-			if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			var out, errOut bytes.Buffer
-			done := make(chan int, 1)
-			go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
-			var code int
-			select {
-			case code = <-done:
-			case <-time.After(10 * time.Second):
-				cancel()
-				<-done
-				t.Fatalf("port %s taken: still running 10 s after the start (stderr %q)", taken, errOut.String())
+			code, errOut, exited := runWaypointUntil(t, cfg, 10*time.Second)
+			if !exited {
+				t.Fatalf("port %s taken: still running 10 s after the start (stderr %q)", taken, errOut)
 			}
 			want := "detour: listening on " + taken + " " + tc.want + "\n"
-			if code != 1 || errOut.String() != want {
-				t.Fatalf("exit %d, stderr %q; want 1, %q", code, errOut.String(), want)
+			if code != 1 || errOut != want {
+				t.Fatalf("exit %d, stderr %q; want 1, %q", code, errOut, want)
 			}
 			for name, addr := range addrs {
 				if addr == taken {
@@ -237,24 +225,12 @@ listeners: {hbone: %q, health: %q, tunnel: "off"}
 waypoint: {namespace: demo}
 discovery: {static: {services: []}}
 `, t.TempDir(), hb, health)
-	path := filepath.Join(t.TempDir(), "detour.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
+	code, errOut, exited := runWaypointUntil(t, cfg, 20*time.Second)
+	if !exited {
+		t.Fatalf("still running 20 s after its identity wait ended (stderr %q)", errOut)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var out, errOut bytes.Buffer
-	done := make(chan int, 1)
-	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
-	select {
-	case code := <-done:
-		if want := "\ndetour: waypoint: no identity from workload-api: identity: waiting for the first identity: context deadline exceeded\n"; code != 1 || !strings.HasSuffix(errOut.String(), want) {
-			t.Fatalf("exit %d, stderr %q; want 1, ending %q", code, errOut.String(), want)
-		}
-	case <-time.After(20 * time.Second):
-		cancel()
-		<-done
-		t.Fatalf("still running 20 s after its identity wait ended (stderr %q)", errOut.String())
+	if want := "\ndetour: waypoint: no identity from workload-api: identity: waiting for the first identity: context deadline exceeded\n"; code != 1 || !strings.HasSuffix(errOut, want) {
+		t.Fatalf("exit %d, stderr %q; want 1, ending %q", code, errOut, want)
 	}
 	for _, addr := range []string{hb, health} {
 		if l, err := net.Listen("tcp", addr); err != nil {
@@ -263,6 +239,47 @@ discovery: {static: {services: []}}
 			l.Close()
 		}
 	}
+}
+
+// runWaypointUntil runs `detour waypoint` on the config document cfg and waits at most limit for
+// it to exit; past it the waypoint is stopped and exited is false.
+func runWaypointUntil(t *testing.T, cfg string, limit time.Duration) (code int, stderr string, exited bool) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "detour.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errOut syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+	select {
+	case code = <-done:
+		return code, errOut.String(), true
+	case <-time.After(limit):
+		cancel()
+		<-done
+		return 0, errOut.String(), false
+	}
+}
+
+// syncBuffer is a bytes.Buffer that a running command writes while a test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // freeTCPUDP is a loopback address whose port was free on TCP and UDP a moment ago.
