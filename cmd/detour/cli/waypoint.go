@@ -75,7 +75,6 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		return err
 	}
 	reg := prometheus.NewRegistry()
-	m := metrics.New(reg)
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 	g, ctx := errgroup.WithContext(ctx)
@@ -101,36 +100,11 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	l := ls.hbone
 	onward := &hbone.Dialer{Logger: log}
 	defer onward.Close()
-	h := &waypoint.Handler{
-		Routes:    disc.routes,
-		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
-		Identity:  src,
-		Dialer:    onward,
-		Policies:  disc.policies,
-		Metrics:   m,
-		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
-		Logger:    log,
-	}
-	// A CONNECT to one of these (or through an endpoint at one) would be a forwarding loop.
-	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
+	h, err := newHandler(cfg, src, disc, metrics.New(reg), onward, l, accessOut, log)
+	if err != nil {
 		return fail(err)
 	}
-	if cfg.Listeners.Tunnel != "off" {
-		h.Sessions = &session.Registry{}
-	}
-	if cfg.Waypoint.Inspect == "always" {
-		h.Inspect = waypoint.InspectAlways
-	}
-	if cfg.Waypoint.AccessLog {
-		h.AccessLog = slog.New(slog.NewJSONHandler(accessOut, nil))
-	}
-	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(src, nil), Logger: log}
-	g.Go(func() error {
-		if err := srv.Serve(l); !errors.Is(err, hbone.ErrServerClosed) {
-			return err
-		}
-		return nil
-	})
+	serveHBONE(ctx, g, h, src, l, log)
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
 		var store *mesh.SessionStore
@@ -144,15 +118,56 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	}
 	if hl := ls.health; hl != nil {
 		addrs.Health = hl.Addr().String()
-		hs := &http.Server{Handler: healthMux(src, disc.synced, reg), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
-				return err
-			}
-			return nil
-		})
-		g.Go(func() error { <-ctx.Done(); return hs.Close() })
+		serveHealth(ctx, g, hl, healthMux(src, disc.synced, reg))
 	}
+	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "tunnel", addrs.Tunnel, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
+	if ready != nil {
+		ready <- addrs
+	}
+	return g.Wait()
+}
+
+// newHandler is the waypoint's handler for cfg: routes and policies from discovery, the onward
+// dialer, and the addresses that are the waypoint's own (a CONNECT to one, or through an
+// endpoint at one, would be a forwarding loop).
+func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *metrics.Metrics, onward *hbone.Dialer, l net.Listener,
+	accessOut io.Writer, log *slog.Logger) (*waypoint.Handler, error) {
+	h := &waypoint.Handler{
+		Routes:    disc.routes,
+		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
+		Identity:  src,
+		Dialer:    onward,
+		Policies:  disc.policies,
+		Metrics:   m,
+		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
+		Logger:    log,
+	}
+	var err error
+	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
+		return nil, err
+	}
+	if cfg.Listeners.Tunnel != "off" {
+		h.Sessions = &session.Registry{}
+	}
+	if cfg.Waypoint.Inspect == "always" {
+		h.Inspect = waypoint.InspectAlways
+	}
+	if cfg.Waypoint.AccessLog {
+		h.AccessLog = slog.New(slog.NewJSONHandler(accessOut, nil))
+	}
+	return h, nil
+}
+
+// serveHBONE serves h on l in g until ctx ends, then drains: GOAWAY, open streams finish within
+// drainTimeout.
+func serveHBONE(ctx context.Context, g *errgroup.Group, h *waypoint.Handler, src identity.Source, l net.Listener, log *slog.Logger) {
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(src, nil), Logger: log}
+	g.Go(func() error {
+		if err := srv.Serve(l); !errors.Is(err, hbone.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
 	g.Go(func() error {
 		<-ctx.Done()
 		drain, cancel := context.WithTimeout(context.Background(), drainTimeout)
@@ -162,11 +177,18 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		}
 		return nil
 	})
-	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "tunnel", addrs.Tunnel, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
-	if ready != nil {
-		ready <- addrs
-	}
-	return g.Wait()
+}
+
+// serveHealth serves mux on hl in g until ctx ends.
+func serveHealth(ctx context.Context, g *errgroup.Group, hl net.Listener, mux http.Handler) {
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	g.Go(func() error {
+		if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	g.Go(func() error { <-ctx.Done(); return hs.Close() })
 }
 
 // healthMux serves /healthz (the process is up), /readyz (it has an identity and discovery has
