@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -89,11 +90,19 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		}
 		as = id
 	}
+	// The egress link (if asked for) lives until the tunnel goes or this handler returns, and is
+	// waited for before it does.
+	ctx, stop := tunnelContext(p)
+	var egress sync.WaitGroup
+	defer func() {
+		stop()
+		egress.Wait()
+	}()
 	if hello.Register == nil { // egress only
 		if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true}); err != nil {
 			return
 		}
-		m.egress(p, as)
+		egress.Go(func() { m.egress(ctx, p, as) })
 		io.Copy(io.Discard, ctl) // until the CLI hangs up or the tunnel dies
 		return
 	}
@@ -126,7 +135,7 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		return
 	}
 	if hello.Egress {
-		m.egress(p, as)
+		egress.Go(func() { m.egress(ctx, p, as) })
 	}
 	m.log().Info("session: started", "session", s.ID, "developer", p.ID().String(), "mode", s.Spec.Mode,
 		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport())
@@ -151,25 +160,22 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 
 // egress opens the developer's egress link and serves HBONE on it with the waypoint's handler:
 // the developer's (or, with as, the impersonated workload's) identity is the streams' source.
-func (m *Manager) egress(p *tunnel.Peer, as spiffeid.ID) {
-	go func() {
-		ctx := ctxOf(p)
-		c, err := p.Open(ctx, tunnel.Meta{Kind: tunnel.KindHBONE})
-		if err != nil {
-			return
+func (m *Manager) egress(ctx context.Context, p *tunnel.Peer, as spiffeid.ID) {
+	c, err := p.Open(ctx, tunnel.Meta{Kind: tunnel.KindHBONE})
+	if err != nil {
+		return
+	}
+	h := hbone.HandlerFunc(func(s *hbone.Stream) error {
+		if s.Request().Target.Host == RelayHost {
+			return fmt.Errorf("session: %w: the egress link opens no relays between replicas", hbone.ErrForbidden)
 		}
-		h := hbone.HandlerFunc(func(s *hbone.Stream) error {
-			if s.Request().Target.Host == RelayHost {
-				return fmt.Errorf("session: %w: the egress link opens no relays between replicas", hbone.ErrForbidden)
-			}
-			if !as.IsZero() {
-				s.Request().PeerID = as
-			}
-			return m.Egress.Handler.ServeHBONE(s)
-		})
-		srv := &hbone.Server{Handler: h, TLSConfig: m.Egress.TLS, Logger: m.log()}
-		srv.ServeConn(ctx, c)
-	}()
+		if !as.IsZero() {
+			s.Request().PeerID = as
+		}
+		return m.Egress.Handler.ServeHBONE(s)
+	})
+	srv := &hbone.Server{Handler: h, TLSConfig: m.Egress.TLS, Logger: m.log()}
+	srv.ServeConn(ctx, c)
 }
 
 // impersonate authorizes IMPERSONATE on t and returns the identity of t's workload.
@@ -236,11 +242,23 @@ func (m *Manager) mayList(e *authz.Engine, principal string, s *Session) bool {
 	return false
 }
 
-// ctxOf is a context that ends with the tunnel.
-func ctxOf(p *tunnel.Peer) context.Context {
+// tunnelContext is a context that ends with the tunnel, or with stop, which also waits for the
+// watcher it started.
+func tunnelContext(p *tunnel.Peer) (ctx context.Context, stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { <-p.Done(); cancel() }()
-	return ctx
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	return ctx, func() {
+		cancel()
+		<-done
+	}
 }
 
 // lastWord sends the final reply and lets the CLI read it before the tunnel closes: half-close,
