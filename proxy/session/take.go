@@ -17,20 +17,21 @@ import (
 // client with accept (a CONNECT's 200; nil when there is nothing to answer), splices c with the
 // developer's stream (halfClose: see hbone.Splice) and, for a whole stream (m.Kind tcp), reports
 // it to the developer's CLI. handled is false when the developer could not be reached, with the
-// reason: nothing was sent to it, and the caller carries the stream as usual.
-func (s *Session) Take(ctx context.Context, c net.Conn, m tunnel.Meta, accept func() error, halfClose time.Duration) (handled bool, err error) {
+// reason: nothing was sent to it, and the caller carries the stream as usual. counts are the
+// spliced bytes (c to the developer in AToB).
+func (s *Session) Take(ctx context.Context, c net.Conn, m tunnel.Meta, accept func() error, halfClose time.Duration) (handled bool, counts hbone.Counts, err error) {
 	dev, err := s.Open(ctx, m)
 	if err != nil {
-		return false, err
+		return false, counts, err
 	}
 	if accept != nil {
 		if err := accept(); err != nil {
 			dev.Close()
-			return true, err
+			return true, counts, err
 		}
 	}
 	start := time.Now()
-	counts, err := hbone.SpliceCount(c, dev, halfClose)
+	counts, err = hbone.SpliceCount(c, dev, halfClose)
 	if m.Kind == tunnel.KindTCP {
 		ev := tunnel.Event{Kind: tunnel.EventStream, Received: counts.AToB, Sent: counts.BToA, Micros: time.Since(start).Microseconds(),
 			Source: authz.Principal(m.Source)}
@@ -39,5 +40,5 @@ func (s *Session) Take(ctx context.Context, c net.Conn, m tunnel.Meta, accept fu
 		}
 		s.Report(ev)
 	}
-	return true, err
+	return true, counts, err
 }

@@ -64,7 +64,7 @@ func (s *Server) handle(ctx context.Context, c *net.TCPConn) {
 			continue
 		}
 		m := tunnel.Meta{Kind: tunnel.KindTCP, Target: orig.String(), Source: c.RemoteAddr().String()}
-		if handled, _ := st.Take(ctx, c, m, nil, 0); handled {
+		if handled, _, _ := st.Take(ctx, c, m, nil, 0); handled {
 			return
 		}
 		break // the developer is gone: the application answers

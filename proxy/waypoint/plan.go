@@ -92,7 +92,7 @@ func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) erro
 			return err
 		}
 		if p.steal != nil {
-			if handled, err := h.stealStream(s, in, p.req, p.steal); handled {
+			if handled, err := h.stealStream(s, in, p, proto); handled {
 				up.Close()
 				return err
 			}

@@ -84,7 +84,7 @@ func (h *Handler) serveRelay(s *hbone.Stream) error {
 		dev.Close() // a probe's answer is the 200: the developer acknowledged
 		return s.Accept()
 	}
-	handled, err := st.Take(s.Context(), s, m, s.Accept, h.HalfCloseTimeout)
+	handled, _, err := st.Take(s.Context(), s, m, s.Accept, h.HalfCloseTimeout)
 	if !handled {
 		return fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/sniff"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -63,13 +64,24 @@ func whole(ss []*session.Session) (steal *session.Session, mirrors []*session.Se
 
 // stealStream sends a whole stream to the developer (session.Take). handled is false when the
 // developer could not be reached: the caller forwards the stream as usual.
-func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, req *hbone.Request, st *session.Session) (handled bool, err error) {
+func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, p *plan, proto sniff.Protocol) (handled bool, err error) {
+	req, st := p.req, p.steal
 	m := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: authz.Principal(req.PeerID.String())}
-	// Accept is idempotent: an inspected stream was accepted to be sniffed.
-	handled, err = st.Take(s.Context(), in, m, s.Accept, h.HalfCloseTimeout)
+	var rec *streamRecord
+	accept := func() error {
+		if err := s.Accept(); err != nil { // idempotent: an inspected stream was accepted to be sniffed
+			return err
+		}
+		rec = h.openRecord(req, p.dest, proto, "developer")
+		return nil
+	}
+	handled, counts, err := st.Take(s.Context(), in, m, accept, h.HalfCloseTimeout)
 	if !handled {
 		h.log().Debug("waypoint: session unreachable, forwarding to the service", "session", st.ID, "err", err)
 		return false, nil
+	}
+	if rec != nil {
+		rec.close(counts, err)
 	}
 	return true, err
 }

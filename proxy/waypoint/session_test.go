@@ -247,3 +247,27 @@ func TestStalledMirrorsAreBounded(t *testing.T) {
 		t.Errorf("%d copies counted as dropped, want at least %d", dropped, want)
 	}
 }
+
+// A stream a developer took is counted like any other (the same result record): Istio's TCP
+// metrics with the service's labels, bytes both ways, and the session's own count.
+func TestStolenStreamCounted(t *testing.T) {
+	sb := newSessionBed(t)
+	sb.developer(t, sb.tunnel, tunnel.Spec{Namespace: "demo", Service: "echo", Port: 80, Mode: session.Steal}, sb.app(t, echoApp))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second) // a hang guard
+	defer cancel()
+	if got, err := sb.roundTrip(ctx, "10.96.0.10:80", "one"); err != nil || got != "dev one" {
+		t.Fatalf("stolen stream: %q %v", got, err)
+	}
+	m := sb.metrics
+	for name, c := range map[string]prometheus.Collector{"opened": m.Opened, "closed": m.Closed} {
+		if n := testutil.CollectAndCount(c); n != 1 {
+			t.Errorf("istio_tcp_connections_%s_total: %d series, want 1", name, n)
+		}
+	}
+	if got := testutil.ToFloat64(m.Closed.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls")); got != 1 {
+		t.Errorf("closed with Istio's labels = %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(m.Received.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls")); got != 3 {
+		t.Errorf("received bytes = %v, want 3", got)
+	}
+}

@@ -120,7 +120,7 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		return h.serveRelay(s)
 	}
 	if !p.inspect && p.steal != nil {
-		if handled, err := h.stealStream(s, s, p.req, p.steal); handled {
+		if handled, err := h.stealStream(s, s, p, p.proto); handled {
 			return err
 		}
 	}
@@ -137,19 +137,12 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 
 // splice moves an opaque stream's bytes and records it.
 func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination, proto sniff.Protocol) error {
-	labels := streamLabels(req, dest)
 	ep := up.Request().Target.Addr
 	h.Balancer.Started(ep)
 	defer h.Balancer.Done(ep)
-	h.Metrics.StreamOpened(labels)
-	start := time.Now()
+	rec := h.openRecord(req, dest, proto, up.Request().Target.String())
 	counts, err := hbone.SpliceCount(in, up, h.HalfCloseTimeout)
-	h.Metrics.StreamClosed(labels, counts.AToB, counts.BToA)
-	if h.AccessLog != nil {
-		h.AccessLog.Info("stream", "protocol", proto.String(), "source", labels.SourcePrincipal, "target", req.Target.String(),
-			"service", labels.Service, "upstream", up.Request().Target.String(), "received", counts.AToB, "sent", counts.BToA,
-			"duration_ms", time.Since(start).Milliseconds(), "err", errString(err))
-	}
+	rec.close(counts, err)
 	return err
 }
 
