@@ -259,6 +259,11 @@ func TestStolenStreamCounted(t *testing.T) {
 		t.Fatalf("stolen stream: %q %v", got, err)
 	}
 	m := sb.metrics
+	// The waypoint closes its record once its splice has ended, a moment after the client read
+	// its answer.
+	for testutil.CollectAndCount(m.Closed) == 0 && ctx.Err() == nil {
+		time.Sleep(10 * time.Millisecond)
+	}
 	for name, c := range map[string]prometheus.Collector{"opened": m.Opened, "closed": m.Closed} {
 		if n := testutil.CollectAndCount(c); n != 1 {
 			t.Errorf("istio_tcp_connections_%s_total: %d series, want 1", name, n)
