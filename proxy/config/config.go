@@ -86,9 +86,11 @@ type Waypoint struct {
 	Namespace     string `json:"namespace"`     // required
 	Gateway       string `json:"gateway"`       // default detour
 	RootNamespace string `json:"rootNamespace"` // default istio-system
-	// Inspect: auto (default) looks inside a stream only when a policy on its destination needs
-	// HTTP or SNI attributes; always parses HTTP on every port not declared opaque (per-request
-	// balancing and istio_requests_total for all HTTP traffic, as Istio's waypoint).
+	// Inspect: auto (default) parses HTTP where Istio's waypoint does (ports declared
+	// HTTP/HTTP2/gRPC, undeclared ports sniffed as HTTP): each request authorized (403 on a
+	// denial), balanced and counted; declared TCP/TLS ports and non-HTTP bytes stay opaque.
+	// always also sniffs declared TLS ports. opaque looks inside only when a policy needs HTTP
+	// or SNI attributes (a denied HTTP client gets a refused CONNECT).
 	Inspect string `json:"inspect"`
 	// Balancer: round-robin (default) or least-request (the less busy of two endpoints drawn at
 	// random, counting streams and HTTP requests in flight).
@@ -274,8 +276,8 @@ func (c *Config) validate() error {
 	if b := c.Waypoint.Balancer; b != "round-robin" && b != "least-request" {
 		bad("waypoint.balancer %q is not one of round-robin, least-request", b)
 	}
-	if i := c.Waypoint.Inspect; i != "auto" && i != "always" {
-		bad("waypoint.inspect %q is not one of auto, always", i)
+	if i := c.Waypoint.Inspect; i != "auto" && i != "always" && i != "opaque" {
+		bad("waypoint.inspect %q is not one of auto, always, opaque", i)
 	}
 	if t := c.Waypoint.BindTTL.Duration; t < 0 || t > time.Hour {
 		bad("waypoint.bindTTL %s is outside 0s..1h (the other replicas ignore a longer one)", t)

@@ -54,7 +54,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\ndiscovery: {static: {}}\n", "waypoint.namespace is required"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes, static: {}}\n", "discovery.static is not used with source kubernetes; remove it"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\nlistners: {}\n", `json: unknown field "listners"`},
-		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always`},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always, opaque`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, bindTTL: 2h}\ndiscovery: {static: {}}\n", "waypoint.bindTTL 2h0m0s is outside 0s..1h (the other replicas ignore a longer one)"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},

@@ -59,7 +59,7 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 		p.engine = h.Policies()
 	}
 	p.proto, p.declared = protocolOf(dest.Port)
-	p.inspect = h.Inspect == InspectAlways || p.engine != nil && p.engine.NeedsL7(authzService(dest)) || filtered(sessions)
+	p.inspect = h.inspects(p, sessions)
 	if p.declared && p.proto == sniff.TCP {
 		p.inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
 	}
@@ -115,4 +115,19 @@ func (h *Handler) peek(s *hbone.Stream, p *plan) (net.Conn, sniff.Protocol, stri
 		return sc, res.Protocol, res.SNI, nil
 	}
 	return sc, p.proto, res.SNI, nil
+}
+
+// inspects says whether p's stream is sniffed (or, on a port declared HTTP, parsed) after the
+// 200 rather than decided now; a declared TCP port never is (see plan).
+func (h *Handler) inspects(p *plan, sessions []*session.Session) bool {
+	switch {
+	case h.Inspect == InspectAlways, filtered(sessions):
+		return true
+	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)):
+		return true
+	case h.Inspect == InspectOpaque, p.steal != nil, len(p.mirrors) > 0:
+		return false
+	}
+	// As Istio's waypoint: HTTP chains on declared HTTP ports, protocol detection on the rest.
+	return !p.declared || p.proto == sniff.HTTP1 || p.proto == sniff.HTTP2
 }

@@ -29,12 +29,15 @@ func TestPlan(t *testing.T) {
 			VIPs: []netip.Addr{netip.MustParseAddr(vip)}, Ports: []route.Port{port}, Endpoints: eps}
 	}
 	table, err := route.NewTable([]*route.Service{
-		svc("web", "10.96.0.10", route.Port{Port: 80, TargetPort: 8080}, ep),                  // undeclared: sniffed when inspected
-		svc("db", "10.96.0.11", route.Port{Name: "tcp-db", Port: 5432, TargetPort: 5432}, ep), // declared opaque
-		svc("api", "10.96.0.12", route.Port{Name: "http", Port: 80, TargetPort: 8080}, ep),    // declared HTTP
-		svc("empty", "10.96.0.13", route.Port{Port: 80, TargetPort: 8080}, nil),               // no endpoints
-		svc("taken", "10.96.0.14", route.Port{Port: 80, TargetPort: 8080}, nil),               // no endpoints, stolen whole
-		svc("filtered", "10.96.0.15", route.Port{Port: 80, TargetPort: 8080}, ep),             // a header-filtered session
+		svc("web", "10.96.0.10", route.Port{Port: 80, TargetPort: 8080}, ep),                    // undeclared: sniffed when inspected
+		svc("db", "10.96.0.11", route.Port{Name: "tcp-db", Port: 5432, TargetPort: 5432}, ep),   // declared opaque
+		svc("api", "10.96.0.12", route.Port{Name: "http", Port: 80, TargetPort: 8080}, ep),      // declared HTTP
+		svc("empty", "10.96.0.13", route.Port{Port: 80, TargetPort: 8080}, nil),                 // no endpoints
+		svc("taken", "10.96.0.14", route.Port{Port: 80, TargetPort: 8080}, nil),                 // no endpoints, stolen whole
+		svc("filtered", "10.96.0.15", route.Port{Port: 80, TargetPort: 8080}, ep),               // a header-filtered session
+		svc("plain", "10.96.0.18", route.Port{Port: 80, TargetPort: 8080}, ep),                  // undeclared, an L4 DENY
+		svc("raw", "10.96.0.19", route.Port{Name: "tcp", Port: 9000, TargetPort: 9000}, ep),     // declared TCP, an L4 DENY
+		svc("secure", "10.96.0.21", route.Port{Name: "https", Port: 443, TargetPort: 8443}, ep), // declared TLS
 		func() *route.Service {
 			s := svc("other", "10.96.0.16", route.Port{Port: 80}, ep)
 			s.Unbound = true
@@ -73,6 +76,9 @@ func TestPlan(t *testing.T) {
 		policy("admin-db", "db", &secv1beta1.Rule{To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Paths: []string{"/admin"}}}}}, secv1beta1.AuthorizationPolicy_DENY),
 		// api: only sleep, decided at CONNECT time.
 		policy("sleep-only", "api", &secv1beta1.Rule{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Principals: []string{"cluster.local/ns/default/sa/sleep"}}}}}, secv1beta1.AuthorizationPolicy_ALLOW),
+		// plain and raw: a DENY of curl that needs no HTTP attribute.
+		policy("no-curl", "plain", &secv1beta1.Rule{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Principals: []string{"cluster.local/ns/default/sa/curl"}}}}}, secv1beta1.AuthorizationPolicy_DENY),
+		policy("no-curl-raw", "raw", &secv1beta1.Rule{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Principals: []string{"cluster.local/ns/default/sa/curl"}}}}}, secv1beta1.AuthorizationPolicy_DENY),
 	})
 	h := &Handler{Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine }, Sessions: reg}
 
@@ -86,7 +92,7 @@ func TestPlan(t *testing.T) {
 	for _, tc := range []struct {
 		name, target, peer string
 		header             http.Header
-		inspectAlways      bool
+		inspect            Inspect
 		want               want
 		err                string
 		is                 error
@@ -104,10 +110,22 @@ func TestPlan(t *testing.T) {
 		// Its HTTP attribute is unknowable on an opaque port: the DENY applies, at CONNECT (as Istio).
 		{name: "an HTTP DENY on a declared TCP port: decided now, closed", target: "10.96.0.11:5432",
 			err: "hbone: forbidden: RBAC: access denied: denied by DENY policy demo/admin-db", is: hbone.ErrForbidden},
-		{name: "declared HTTP, allowed at CONNECT", target: "10.96.0.12:80", peer: "spiffe://cluster.local/ns/default/sa/sleep", want: want{service: "api", proto: sniff.HTTP1, declared: true}},
-		{name: "declared HTTP, denied at CONNECT", target: "10.96.0.12:80", err: "hbone: forbidden: RBAC: access denied", is: hbone.ErrForbidden},
-		{name: "inspect: always", target: "10.96.0.12:80", peer: "spiffe://cluster.local/ns/default/sa/sleep", inspectAlways: true,
+		// As Istio's waypoint: HTTP parsed on a declared HTTP port, an undeclared port sniffed,
+		// so an L4 policy's denial is a 403 per request, not a refused CONNECT.
+		{name: "declared HTTP, an L4 ALLOW: parsed", target: "10.96.0.12:80", peer: "spiffe://cluster.local/ns/default/sa/sleep", want: want{service: "api", proto: sniff.HTTP1, declared: true, inspect: true}},
+		{name: "declared HTTP, denied by an L4 ALLOW: parsed, decided per request", target: "10.96.0.12:80", want: want{service: "api", proto: sniff.HTTP1, declared: true, inspect: true}},
+		{name: "undeclared, an L4 DENY: sniffed, decided after", target: "10.96.0.18:80", want: want{service: "plain", inspect: true}},
+		{name: "declared TCP, an L4 DENY: decided now, closed", target: "10.96.0.19:9000", err: "hbone: forbidden: RBAC: access denied: denied by DENY policy demo/no-curl-raw", is: hbone.ErrForbidden},
+		{name: "declared TLS, no SNI policy: opaque", target: "10.96.0.21:443", want: want{service: "secure", proto: sniff.TLS, declared: true}},
+		{name: "inspect: always", target: "10.96.0.12:80", peer: "spiffe://cluster.local/ns/default/sa/sleep", inspect: InspectAlways,
 			want: want{service: "api", proto: sniff.HTTP1, declared: true, inspect: true}},
+		{name: "inspect: always, declared TLS: sniffed", target: "10.96.0.21:443", inspect: InspectAlways, want: want{service: "secure", proto: sniff.TLS, declared: true, inspect: true}},
+		// inspect: opaque, detour's opaque-first opt-in: decided at CONNECT unless a policy needs HTTP.
+		{name: "inspect: opaque, declared HTTP, allowed at CONNECT", target: "10.96.0.12:80", peer: "spiffe://cluster.local/ns/default/sa/sleep", inspect: InspectOpaque,
+			want: want{service: "api", proto: sniff.HTTP1, declared: true}},
+		{name: "inspect: opaque, declared HTTP, denied at CONNECT", target: "10.96.0.12:80", inspect: InspectOpaque, err: "hbone: forbidden: RBAC: access denied", is: hbone.ErrForbidden},
+		{name: "inspect: opaque, undeclared, denied at CONNECT", target: "10.96.0.18:80", inspect: InspectOpaque, err: "hbone: forbidden: RBAC: access denied: denied by DENY policy demo/no-curl", is: hbone.ErrForbidden},
+		{name: "inspect: opaque, an HTTP policy: sniffed", target: "10.96.0.10:80", inspect: InspectOpaque, want: want{service: "web", inspect: true}},
 		{name: "a filtered session: parsed", target: "10.96.0.15:80", want: want{service: "filtered", inspect: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -121,10 +139,7 @@ func TestPlan(t *testing.T) {
 			}
 			req := &hbone.Request{Target: target, PeerID: spiffeid.RequireFromString(peer), Header: tc.header,
 				RemoteAddr: &net.TCPAddr{IP: net.IPv4(10, 244, 1, 7), Port: 40000}}
-			h.Inspect = InspectAuto
-			if tc.inspectAlways {
-				h.Inspect = InspectAlways
-			}
+			h.Inspect = tc.inspect
 			p, err := h.plan(req)
 			if tc.is != nil || tc.err != "" {
 				if err == nil || (tc.is != nil && !errors.Is(err, tc.is)) || (tc.err != "" && !strings.HasPrefix(err.Error(), tc.err)) {

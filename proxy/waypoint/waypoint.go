@@ -2,9 +2,9 @@
 // names a service VIP:port (or a pod IP:port); the waypoint picks a ready endpoint and opens HBONE
 // to that pod's ztunnel (podIP:15008, authority podIP:targetPort) with its own identity, passing
 // on Forwarded, baggage and traceparent. The 200 goes back only once that onward stream is up.
-// Where a policy needs the stream's content (or Inspect says always), the stream is sniffed and
-// HTTP/1.1 or HTTP/2 (gRPC) is served request by request: each request is authorized, balanced
-// over the endpoints and counted on its own.
+// Where Istio's waypoint parses HTTP (a port declared HTTP/HTTP2/gRPC, or an undeclared port
+// sniffed as HTTP; see Inspect), HTTP/1.1 or HTTP/2 (gRPC) is served request by request: each
+// request is authorized, balanced over the endpoints and counted on its own.
 package waypoint
 
 import (
@@ -42,12 +42,21 @@ const DefaultConnectTimeout = 5 * time.Second
 type Inspect int
 
 const (
-	// InspectAuto looks inside only when a policy that applies to the destination needs an
-	// attribute the content gives (HTTP fields, SNI); every other stream is spliced untouched.
+	// InspectAuto parses HTTP where Istio's waypoint does: on every port declared HTTP, HTTP2 or
+	// gRPC, and on every undeclared port once sniffed as HTTP (protocol detection; TLS and
+	// other bytes are then spliced opaque, decided with the SNI). So every HTTP request is
+	// authorized on its own (a denial is Envoy's 403, gRPC status 7), balanced and counted.
+	// Declared TCP and TLS ports stay opaque, decided at CONNECT time unless a policy needs the
+	// SNI; so does a stream a whole-stream session takes (the developer gets it as a stream).
 	InspectAuto Inspect = iota
-	// InspectAlways parses HTTP on every stream not declared opaque, as Istio's waypoint does:
-	// per-request balancing and istio_requests_total for all HTTP traffic.
+	// InspectAlways sniffs every stream not declared opaque TCP, declared TLS included, and
+	// parses HTTP wherever it is found.
 	InspectAlways
+	// InspectOpaque looks inside only when a policy that applies to the destination needs an
+	// attribute the content gives (HTTP fields, SNI) or a session filters requests; every other
+	// stream is decided at CONNECT time and spliced untouched (a denied HTTP client sees a
+	// refused CONNECT; its requests are not counted). detour's opaque-first fast path.
+	InspectOpaque
 )
 
 // Handler forwards streams to their services' endpoints over HBONE.

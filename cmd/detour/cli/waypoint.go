@@ -149,8 +149,11 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 	if cfg.Listeners.Tunnel != "off" {
 		h.Sessions = &session.Registry{}
 	}
-	if cfg.Waypoint.Inspect == "always" {
+	switch cfg.Waypoint.Inspect {
+	case "always":
 		h.Inspect = waypoint.InspectAlways
+	case "opaque":
+		h.Inspect = waypoint.InspectOpaque
 	}
 	if cfg.Waypoint.AccessLog {
 		h.AccessLog = slog.New(slog.NewJSONHandler(accessOut, nil))
