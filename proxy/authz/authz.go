@@ -1,7 +1,9 @@
 // Package authz enforces Istio AuthorizationPolicy the way a waypoint does: only policies that
 // target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
-// the root namespace) apply; CUSTOM is not supported and fails closed; then DENY, then ALLOW (if
-// any ALLOW applies, one must match); AUDIT only marks the decision.
+// the root namespace) apply; CUSTOM (detour calls no ext_authz provider, so as istiod does for an
+// unknown provider) denies the requests its rules match; then DENY, then ALLOW (if any ALLOW
+// applies, one must match); AUDIT only marks the decision. A policy annotated
+// `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
 //
 // An attribute the stream cannot give (HTTP fields on an opaque TCP stream, JWT claims, which
 // detour does not validate) makes an ALLOW rule unmatchable and is ignored in a DENY rule, as
@@ -24,6 +26,19 @@ import (
 type Policy struct {
 	Namespace, Name string
 	Spec            *secv1beta1.AuthorizationPolicy
+	// DryRun: the policy is evaluated and reported in Decision.DryRun, never enforced (Istio's
+	// istio.io/dry-run annotation; see DryRun).
+	DryRun bool
+}
+
+// DryRunAnnotation marks a policy as evaluated but not enforced.
+const DryRunAnnotation = "istio.io/dry-run"
+
+// DryRun reads the istio.io/dry-run annotation as istiod does (strconv.ParseBool); a value it
+// cannot parse leaves the policy enforced, failing closed.
+func DryRun(annotations map[string]string) bool {
+	v, err := strconv.ParseBool(annotations[DryRunAnnotation])
+	return err == nil && v
 }
 
 func (p *Policy) id() string { return p.Namespace + "/" + p.Name }
@@ -66,6 +81,9 @@ type Decision struct {
 	Policy string   // namespace/name of the deciding policy; "" when none applied
 	Reason string   // for logs and refusals
 	Audit  []string // AUDIT policies that matched
+	// DryRun is the would-be outcome of each dry-run policy that applies, "namespace/name: allow"
+	// or "namespace/name: deny"; none of them took part in the decision.
+	DryRun []string
 }
 
 // Engine holds the policies of one config. Immutable.
@@ -85,49 +103,94 @@ func New(wp Waypoint, policies []*Policy) *Engine {
 
 // Decide evaluates the policies that apply to req.
 func (e *Engine) Decide(req *Request) Decision {
-	var allows []*Policy
-	var d Decision
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) {
-			continue
-		}
-		switch p.Spec.GetAction() {
-		case secv1beta1.AuthorizationPolicy_CUSTOM:
-			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
-		case secv1beta1.AuthorizationPolicy_AUDIT:
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
-				d.Audit = append(d.Audit, p.id())
-			}
+	d := Decision{DryRun: e.dryRun(req)}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_AUDIT) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
+			d.Audit = append(d.Audit, p.id())
 		}
 	}
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_DENY {
-			continue
-		}
+	if p := e.custom(req); p != nil {
+		d.Policy, d.Reason = p.id(), customReason(p)
+		return d
+	}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_DENY) {
 		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
 			d.Policy, d.Reason = p.id(), "denied by DENY policy "+p.id()
 			return d
 		}
 	}
-	for _, p := range e.policies {
-		if e.applies(p, req.Service) && p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_ALLOW && !privilegeOnly(p) {
-			allows = append(allows, p)
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
-				d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
-				return d
-			}
+	var names []string
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_ALLOW) {
+		if privilegeOnly(p) {
+			continue
+		}
+		names = append(names, p.id())
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
+			d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
+			return d
 		}
 	}
-	if len(allows) > 0 {
-		names := make([]string, len(allows))
-		for i, p := range allows {
-			names[i] = p.id()
-		}
+	if len(names) > 0 {
 		d.Reason = "no ALLOW policy matched (" + strings.Join(names, ", ") + ")"
 		return d
 	}
 	d.Allow, d.Reason = true, "no policy applies"
 	return d
+}
+
+// enforced lists the policies with action that apply to dst and are not dry-run.
+func (e *Engine) enforced(dst Service, action secv1beta1.AuthorizationPolicy_Action) []*Policy {
+	var out []*Policy
+	for _, p := range e.policies {
+		if !p.DryRun && p.Spec.GetAction() == action && e.applies(p, dst) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// custom is the first enforced CUSTOM policy whose rules match req. detour calls no ext_authz
+// provider, so it does what istiod does for a provider it cannot find: the CUSTOM rules become
+// DENY rules (an attribute the stream lacks is ignored, as in any DENY rule).
+func (e *Engine) custom(req *Request) *Policy {
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_CUSTOM) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+			return p
+		}
+	}
+	return nil
+}
+
+func customReason(p *Policy) string {
+	return fmt.Sprintf("denied by CUSTOM policy %s: detour has no ext_authz provider %q, so its matching requests are denied (as istiod does for an unknown provider)",
+		p.id(), p.Spec.GetProvider().GetName())
+}
+
+// dryRun is the would-be outcome of each dry-run policy that applies: an ALLOW allows what it
+// matches and denies the rest; a DENY or CUSTOM (no provider) denies what it matches; an AUDIT
+// decides nothing and is not reported.
+func (e *Engine) dryRun(req *Request) []string {
+	var out []string
+	for _, p := range e.policies {
+		if !p.DryRun || !e.applies(p, req.Service) {
+			continue
+		}
+		var allow bool
+		switch p.Spec.GetAction() {
+		case secv1beta1.AuthorizationPolicy_ALLOW:
+			allow = matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW)
+		case secv1beta1.AuthorizationPolicy_DENY, secv1beta1.AuthorizationPolicy_CUSTOM:
+			allow = !matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY)
+		default:
+			continue
+		}
+		verdict := "deny"
+		if allow {
+			verdict = "allow"
+		}
+		out = append(out, p.id()+": "+verdict)
+	}
+	return out
 }
 
 // applies reports whether p targets this waypoint, the destination service, or all waypoints.
@@ -428,7 +491,7 @@ func (d Decision) String() string {
 // made once, at CONNECT time, and the bytes are only spliced.
 func (e *Engine) NeedsL7(dst Service) bool {
 	for _, p := range e.policies {
-		if !e.applies(p, dst) || p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM || privilegeOnly(p) {
+		if !e.applies(p, dst) || privilegeOnly(p) {
 			continue
 		}
 		for _, r := range p.Spec.GetRules() {
@@ -468,23 +531,15 @@ func ruleNeedsL7(r *secv1beta1.Rule) bool {
 // explicitly grants it, so an ALLOW written for ordinary traffic (no methods, or GET/POST) never
 // hands out a privilege. No such rule: denied.
 func (e *Engine) Grant(req *Request) Decision {
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) {
-			continue
-		}
-		switch p.Spec.GetAction() {
-		case secv1beta1.AuthorizationPolicy_CUSTOM:
-			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
-		case secv1beta1.AuthorizationPolicy_DENY:
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
-				return Decision{Policy: p.id(), Reason: "denied by DENY policy " + p.id()}
-			}
+	if p := e.custom(req); p != nil {
+		return Decision{Policy: p.id(), Reason: customReason(p)}
+	}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_DENY) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+			return Decision{Policy: p.id(), Reason: "denied by DENY policy " + p.id()}
 		}
 	}
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_ALLOW {
-			continue
-		}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_ALLOW) {
 		for _, r := range p.Spec.GetRules() {
 			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, false) {
 				return Decision{Allow: true, Policy: p.id(), Reason: "granted by ALLOW policy " + p.id()}

@@ -150,9 +150,12 @@ type Endpoint struct {
 
 // Policy is an AuthorizationPolicy.
 type Policy struct {
-	Name      string                          `json:"name"`
-	Namespace string                          `json:"namespace"`
-	Spec      *secv1beta1.AuthorizationPolicy `json:"spec"`
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
+	// Annotations as on the Kubernetes object; `istio.io/dry-run: "true"` evaluates and logs the
+	// policy without enforcing it. Default none.
+	Annotations map[string]string               `json:"annotations,omitempty"`
+	Spec        *secv1beta1.AuthorizationPolicy `json:"spec"`
 }
 
 // Duration is a time.Duration written as "90s" or "24h".

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"github.com/detour-mesh/detour/proxy/authz"
 	"strings"
 	"testing"
 )
@@ -63,5 +64,17 @@ func TestDecodeErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("got %v\nwant %s", err, tc.want)
 		}
+	}
+}
+
+func TestDryRunPolicy(t *testing.T) {
+	doc := strings.Replace(example, "    - name: only-default\n      namespace: demo\n", "    - name: only-default\n      namespace: demo\n      annotations: {istio.io/dry-run: \"true\"}\n", 1)
+	c, err := Decode([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.Authz().Decide(&authz.Request{Principal: "cluster.local/ns/prod/sa/x", Service: authz.Service{Namespace: "demo", Name: "echo"}})
+	if d.String() != "allow: no policy applies" || len(d.DryRun) != 1 || d.DryRun[0] != "demo/only-default: deny" {
+		t.Fatalf("got %s, dry-run %q", d, d.DryRun)
 	}
 }
