@@ -1,6 +1,7 @@
 // Package authz enforces Istio AuthorizationPolicy the way a waypoint does: only policies that
 // target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
-// the root namespace) apply; CUSTOM (detour calls no ext_authz provider, so as istiod does for an
+// the root namespace) apply (targetRefs; the legacy targetRef only when targetRefs is empty; a
+// ServiceEntry target applies to nothing, detour knowing no ServiceEntries); CUSTOM (detour calls no ext_authz provider, so as istiod does for an
 // unknown provider) denies the requests its rules match; then DENY, then ALLOW (if any ALLOW
 // applies, one must match); AUDIT only marks the decision. A policy annotated
 // `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
@@ -199,8 +200,8 @@ func (e *Engine) applies(p *Policy, dst Service) bool {
 		return true
 	}
 	refs := p.Spec.GetTargetRefs()
-	if r := p.Spec.GetTargetRef(); r != nil {
-		refs = append(refs, r)
+	if r := p.Spec.GetTargetRef(); len(refs) == 0 && r != nil {
+		refs = append(refs, r) // the legacy targetRef counts only without targetRefs, as in istiod
 	}
 	for _, r := range refs {
 		if r.GetNamespace() != "" && r.GetNamespace() != p.Namespace {
@@ -220,18 +221,18 @@ func targets(r *typev1beta1.PolicyTargetReference, ns string, wp Waypoint, dst S
 		return ns == wp.Namespace && name == wp.Gateway
 	case (group == "" || group == "core") && kind == "Service":
 		return ns == dst.Namespace && name == dst.Name
-	case group == "networking.istio.io" && kind == "ServiceEntry":
-		return ns == dst.Namespace && name == dst.Name
 	case group == "gateway.networking.k8s.io" && kind == "GatewayClass":
 		return ns == wp.RootNamespace && name == "istio-waypoint"
 	}
+	// Anything else applies to nothing: in particular a ServiceEntry (detour discovers no
+	// ServiceEntries, and a Service of the same name is another object).
 	return false
 }
 
 // matchPolicy: a policy matches when any rule does; a policy with no rules matches nothing.
 func matchPolicy(p *Policy, req *Request, action secv1beta1.AuthorizationPolicy_Action) bool {
 	for _, r := range p.Spec.GetRules() {
-		if matchRule(r, req, action == secv1beta1.AuthorizationPolicy_DENY) {
+		if matchRule(r, req, p.Namespace, action == secv1beta1.AuthorizationPolicy_DENY) {
 			return true
 		}
 	}
@@ -247,7 +248,8 @@ const (
 	unknown
 )
 
-func matchRule(r *secv1beta1.Rule, req *Request, deny bool) bool {
+// matchRule: ns is the policy's namespace (a serviceAccounts entry without one names it).
+func matchRule(r *secv1beta1.Rule, req *Request, ns string, deny bool) bool {
 	ok := func(t tri) bool {
 		if t == unknown {
 			return deny // ignored in DENY, unmatchable in ALLOW
@@ -257,7 +259,7 @@ func matchRule(r *secv1beta1.Rule, req *Request, deny bool) bool {
 	if len(r.GetFrom()) > 0 {
 		any := false
 		for _, f := range r.GetFrom() {
-			if allOK(ok, sourceFields(f.GetSource(), req)) {
+			if allOK(ok, sourceFields(f.GetSource(), req, ns)) {
 				any = true
 				break
 			}
@@ -333,8 +335,14 @@ func boolTri(b bool) tri {
 	return no
 }
 
-func sourceFields(s *secv1beta1.Source, req *Request) []tri {
+func sourceFields(s *secv1beta1.Source, req *Request, policyNS string) []tri {
 	ns, sa, td := principalParts(req.Principal)
+	serviceAccount := func(v string) tri {
+		if !strings.Contains(v, "/") {
+			v = policyNS + "/" + v // `<serviceaccount>` alone: the policy's namespace
+		}
+		return boolTri(v == ns+"/"+sa && sa != "")
+	}
 	remote := req.RemoteIP
 	if !remote.IsValid() {
 		remote = req.SourceIP
@@ -344,7 +352,7 @@ func sourceFields(s *secv1beta1.Source, req *Request) []tri {
 		field(s.GetPrincipals(), s.GetNotPrincipals(), func(v string) tri { return boolTri(wildcard(v, req.Principal)) }),
 		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), jwt),
 		field(s.GetNamespaces(), s.GetNotNamespaces(), func(v string) tri { return boolTri(wildcard(v, ns)) }),
-		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), func(v string) tri { return boolTri(v == ns+"/"+sa && sa != "") }),
+		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), serviceAccount),
 		field(s.GetTrustDomains(), s.GetNotTrustDomains(), func(v string) tri { return boolTri(wildcard(v, td)) }),
 		field(s.GetIpBlocks(), s.GetNotIpBlocks(), func(v string) tri { return boolTri(inBlock(v, req.SourceIP)) }),
 		field(s.GetRemoteIpBlocks(), s.GetNotRemoteIpBlocks(), func(v string) tri { return boolTri(inBlock(v, remote)) }),
@@ -363,7 +371,9 @@ func operationFields(o *secv1beta1.Operation, req *Request) []tri {
 	}
 	return []tri{
 		field(o.GetPorts(), o.GetNotPorts(), func(v string) tri { return boolTri(v == strconv.Itoa(int(req.DestPort))) }),
-		field(o.GetHosts(), o.GetNotHosts(), httpOnly(func(v string) bool { return wildcardFold(v, hostOnly(h.Host)) || wildcardFold(v, h.Host) })),
+		// Envoy matches :authority as sent, port included, case-insensitively (istiod's
+		// HostMatcher): "example.com" does not match "example.com:8080"; "example.com:*" does.
+		field(o.GetHosts(), o.GetNotHosts(), httpOnly(func(v string) bool { return wildcardFold(v, h.Host) })),
 		field(o.GetMethods(), o.GetNotMethods(), httpOnly(func(v string) bool { return v == h.Method })),
 		field(o.GetPaths(), o.GetNotPaths(), httpOnly(func(v string) bool { return matchPath(v, h.Path) })),
 	}
@@ -397,15 +407,10 @@ func condition(c *secv1beta1.Condition, req *Request) tri {
 		if req.HTTP == nil {
 			return unknown
 		}
-		name := key[len("request.headers[") : len(key)-1]
-		return field(c.GetValues(), c.GetNotValues(), func(v string) tri {
-			for _, got := range req.HTTP.Header.Values(name) {
-				if wildcard(v, got) {
-					return yes
-				}
-			}
-			return no
-		})
+		// Envoy's header matcher sees a repeated header as its values joined with ",".
+		got := req.HTTP.Header.Values(key[len("request.headers[") : len(key)-1])
+		joined := strings.Join(got, ",")
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(len(got) > 0 && wildcard(v, joined)) })
 	default:
 		// request.auth.* (JWT, not validated by detour) and keys a waypoint does not support.
 		return unknown
@@ -446,11 +451,23 @@ func matchPath(pattern, path string) bool {
 	return len(ps) == len(vs)
 }
 
-func hostOnly(h string) string {
-	if i := strings.LastIndexByte(h, ':'); i > 0 && !strings.HasSuffix(h, "]") {
-		return h[:i]
+// RemoteIP is the client address X-Forwarded-For gives (remote.ip, remoteIpBlocks), as Envoy
+// finds it with use_remote_address false (Istio's waypoint) and numTrustedProxies n: the
+// (n+1)th address from the right of the header's values joined with ",". Fewer entries, or one
+// that is not an IP: the zero Addr, meaning Request.SourceIP.
+func RemoteIP(forwardedFor []string, n int) netip.Addr {
+	var ips []string
+	for _, v := range forwardedFor {
+		ips = append(ips, strings.Split(v, ",")...)
 	}
-	return h
+	if n < 0 || n >= len(ips) {
+		return netip.Addr{}
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(ips[len(ips)-1-n]))
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ip.Unmap()
 }
 
 // inBlock matches an IP against "10.0.0.0/8" or "10.0.0.1".
@@ -541,7 +558,7 @@ func (e *Engine) Grant(req *Request) Decision {
 	}
 	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_ALLOW) {
 		for _, r := range p.Spec.GetRules() {
-			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, false) {
+			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, p.Namespace, false) {
 				return Decision{Allow: true, Policy: p.id(), Reason: "granted by ALLOW policy " + p.id()}
 			}
 		}

@@ -116,8 +116,8 @@ func TestConformance(t *testing.T) {
 		{"path template {*}", []*Policy{pol("a", ALLOW, toEcho, to(&op{Paths: []string{"/users/{*}/profile"}}))}, httpReq("GET", "/users/42/profile"), true, "demo/a"},
 		{"path template {**}", []*Policy{pol("a", ALLOW, toEcho, to(&op{Paths: []string{"/files/{**}"}}))}, httpReq("GET", "/files/a/b/c"), true, "demo/a"},
 		{"notPaths", []*Policy{pol("a", ALLOW, toEcho, to(&op{NotPaths: []string{"/private*"}}))}, httpReq("GET", "/private/x"), false, ""},
-		{"hosts, port ignored and case folded", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"ECHO.demo.svc.cluster.local"}}))}, httpReq("GET", "/"), true, "demo/a"},
-		{"hosts wildcard", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"*.svc.cluster.local"}}))}, httpReq("GET", "/"), true, "demo/a"},
+		{"hosts, case folded, port as sent", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"ECHO.demo.svc.cluster.local:80"}}))}, httpReq("GET", "/"), true, "demo/a"},
+		{"hosts prefix wildcard", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"echo.demo.*"}}))}, httpReq("GET", "/"), true, "demo/a"},
 		// Conditions.
 		{"when request header", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"alice"}}))}, httpReq("GET", "/"), true, "demo/a"},
 		{"when request header notValues", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[X-Dev]", NotValues: []string{"ali*"}}))}, httpReq("GET", "/"), false, ""},

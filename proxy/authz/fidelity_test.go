@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	secv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
 )
 
 func dry(p *Policy) *Policy { p.DryRun = true; return p }
@@ -98,5 +99,86 @@ func TestCustomWithoutProvider(t *testing.T) {
 	}
 	if d := New(wp, []*Policy{custom("ext", "opa", &rule{}), grant}).Grant(steal); d.String() != reason {
 		t.Fatalf("got %q", d)
+	}
+}
+
+// Where a match differs from a plain reading of the fields, Envoy's (as istiod configures it) wins.
+func TestEnvoyMatching(t *testing.T) {
+	withHost := func(host string) *Request { r := httpReq("GET", "/"); r.HTTP.Host = host; return r }
+	withHeader := func(vs ...string) *Request { r := httpReq("GET", "/"); r.HTTP.Header["X-Dev"] = vs; return r }
+	se := []*typev1beta1.PolicyTargetReference{{Group: "networking.istio.io", Kind: "ServiceEntry", Name: "echo"}}
+	for _, tc := range []struct {
+		name     string
+		policies []*Policy
+		req      *Request
+		want     string
+	}{
+		// serviceAccounts: `sa` alone names the policy's namespace.
+		{"serviceAccounts short form in the policy's namespace", []*Policy{pol("a", ALLOW, toEcho, from(&src{ServiceAccounts: []string{"sleep"}}))},
+			func() *Request { r := tcp(); r.Principal = "cluster.local/ns/demo/sa/sleep"; return r }(), "allow: allowed by ALLOW policy demo/a"},
+		{"serviceAccounts short form, caller in another namespace", []*Policy{pol("a", ALLOW, toEcho, from(&src{ServiceAccounts: []string{"sleep"}}))},
+			tcp(), "deny: no ALLOW policy matched (demo/a)"},
+		{"notServiceAccounts short form", []*Policy{pol("d", DENY, toEcho, from(&src{NotServiceAccounts: []string{"sleep"}}))},
+			func() *Request { r := tcp(); r.Principal = "cluster.local/ns/demo/sa/sleep"; return r }(), "allow: no policy applies"},
+		{"serviceAccounts ns/sa form", []*Policy{pol("a", ALLOW, toEcho, from(&src{ServiceAccounts: []string{"default/sleep"}}))},
+			tcp(), "allow: allowed by ALLOW policy demo/a"},
+		// hosts: :authority as sent, port included, case folded.
+		{"hosts without port do not match a Host with one", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"echo.demo.svc.cluster.local"}}))},
+			withHost("echo.demo.svc.cluster.local:8080"), "deny: no ALLOW policy matched (demo/a)"},
+		{"hosts with port:* match a Host with one", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"ECHO.demo.svc.cluster.local:*"}}))},
+			withHost("echo.demo.svc.cluster.local:8080"), "allow: allowed by ALLOW policy demo/a"},
+		{"hosts exact without port", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"Echo.demo.svc.cluster.local"}}))},
+			withHost("echo.demo.svc.cluster.local"), "allow: allowed by ALLOW policy demo/a"},
+		{"notHosts without port do not exclude a Host with one", []*Policy{pol("d", DENY, toEcho, to(&op{NotHosts: []string{"echo.demo.svc.cluster.local"}}))},
+			withHost("echo.demo.svc.cluster.local:80"), "deny: denied by DENY policy demo/d"},
+		// Repeated headers are matched joined with ",".
+		{"repeated header joined: exact value no longer matches", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"alice"}}))},
+			withHeader("alice", "bob"), "deny: no ALLOW policy matched (demo/a)"},
+		{"repeated header joined: the joined value matches", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"alice,bob"}}))},
+			withHeader("alice", "bob"), "allow: allowed by ALLOW policy demo/a"},
+		{"repeated header joined: suffix", []*Policy{pol("d", DENY, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"*,bob"}}))},
+			withHeader("alice", "bob"), "deny: denied by DENY policy demo/d"},
+		{"absent header never matches a value", []*Policy{pol("d", DENY, toEcho, when(&cond{Key: "request.headers[x-none]", Values: []string{"*"}}))},
+			withHeader("alice"), "allow: no policy applies"},
+		// targetRefs wins over the legacy targetRef.
+		{"legacy targetRef ignored when targetRefs is set", []*Policy{{Namespace: "demo", Name: "both", Spec: &secv1beta1.AuthorizationPolicy{Action: DENY, TargetRef: toEcho[0], TargetRefs: toOther, Rules: []*rule{{}}}}},
+			tcp(), "allow: no policy applies"},
+		// A ServiceEntry target is not the Service of the same name.
+		{"ServiceEntry targetRef does not apply to the Service echo", []*Policy{pol("se", DENY, se, &rule{})}, tcp(), "allow: no policy applies"},
+		// remote.ip from X-Forwarded-For.
+		{"remoteIpBlocks from X-Forwarded-For", []*Policy{pol("d", DENY, toEcho, from(&src{RemoteIpBlocks: []string{"203.0.113.0/24"}}))},
+			func() *Request {
+				r := httpReq("GET", "/")
+				r.RemoteIP = RemoteIP([]string{"203.0.113.7, 10.0.0.1"}, 1)
+				return r
+			}(), "deny: denied by DENY policy demo/d"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if d := New(wp, tc.policies).Decide(tc.req); d.String() != tc.want {
+				t.Fatalf("got  %q\nwant %q", d, tc.want)
+			}
+		})
+	}
+}
+
+func TestRemoteIP(t *testing.T) {
+	for _, tc := range []struct {
+		xff  []string
+		n    int
+		want string // "" for the zero Addr (the source IP)
+	}{
+		{nil, 0, ""},
+		{[]string{"203.0.113.7"}, 0, "203.0.113.7"},
+		{[]string{"203.0.113.7, 10.0.0.1"}, 0, "10.0.0.1"},
+		{[]string{"203.0.113.7, 10.0.0.1"}, 1, "203.0.113.7"},
+		{[]string{"203.0.113.7", "10.0.0.1,10.0.0.2"}, 2, "203.0.113.7"}, // repeated headers joined
+		{[]string{"203.0.113.7, 10.0.0.1"}, 2, ""},                       // fewer entries than trusted proxies
+		{[]string{"not-an-ip"}, 0, ""},
+		{[]string{"::ffff:10.0.0.9"}, 0, "10.0.0.9"},
+	} {
+		got := RemoteIP(tc.xff, tc.n)
+		if s := got.String(); (tc.want == "" && got.IsValid()) || (tc.want != "" && s != tc.want) {
+			t.Errorf("RemoteIP(%q, %d) = %s, want %q", tc.xff, tc.n, got, tc.want)
+		}
 	}
 }

@@ -99,6 +99,10 @@ type Waypoint struct {
 	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
 	// Default false.
 	AccessLog bool `json:"accessLog"`
+	// NumTrustedProxies: how many proxies in front of the clients append to X-Forwarded-For
+	// (Istio's numTrustedProxies): remote.ip and remoteIpBlocks use the (n+1)th address from
+	// the right (see authz.RemoteIP). Default 0, the rightmost.
+	NumTrustedProxies int `json:"numTrustedProxies"`
 }
 
 // Discovery chooses where services, endpoints and policies come from.
@@ -279,6 +283,9 @@ func (c *Config) validate() error {
 	}
 	if i := c.Waypoint.Inspect; i != "auto" && i != "always" {
 		bad("waypoint.inspect %q is not one of auto, always", i)
+	}
+	if n := c.Waypoint.NumTrustedProxies; n < 0 {
+		bad("waypoint.numTrustedProxies %d is negative; use 0 (the rightmost X-Forwarded-For address) or more", n)
 	}
 	if t := c.Waypoint.BindTTL.Duration; t < 0 || t > time.Hour {
 		bad("waypoint.bindTTL %s is outside 0s..1h (the other replicas ignore a longer one)", t)

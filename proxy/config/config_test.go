@@ -43,6 +43,12 @@ func TestDecode(t *testing.T) {
 	if p.GetAction().String() != "ALLOW" || p.GetRules()[0].GetFrom()[0].GetSource().GetNamespaces()[0] != "default" || p.GetTargetRefs()[0].GetName() != "echo" {
 		t.Fatalf("policy: %v", p)
 	}
+	if c.Waypoint.NumTrustedProxies != 0 {
+		t.Fatalf("numTrustedProxies default: %d", c.Waypoint.NumTrustedProxies)
+	}
+	if c, err := Decode([]byte(strings.Replace(example, "  namespace: demo\ndiscovery", "  namespace: demo\n  numTrustedProxies: 2\ndiscovery", 1))); err != nil || c.Waypoint.NumTrustedProxies != 2 {
+		t.Fatalf("numTrustedProxies: %v, %v", c, err)
+	}
 	if _, err := c.Routes(); err != nil {
 		t.Fatal(err)
 	}
@@ -56,6 +62,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes, static: {}}\n", "discovery.static is not used with source kubernetes; remove it"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\nlistners: {}\n", `json: unknown field "listners"`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always`},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, numTrustedProxies: -1}\ndiscovery: {static: {}}\n", "waypoint.numTrustedProxies -1 is negative; use 0 (the rightmost X-Forwarded-For address) or more"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, bindTTL: 2h}\ndiscovery: {static: {}}\n", "waypoint.bindTTL 2h0m0s is outside 0s..1h (the other replicas ignore a longer one)"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
