@@ -199,6 +199,9 @@ func Decode(doc []byte) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := checkPolicies(doc); err != nil {
+		return nil, err
+	}
 	dec := json.NewDecoder(bytes.NewReader(j))
 	dec.DisallowUnknownFields()
 	var c Config
