@@ -117,8 +117,21 @@ func checkElem(v *yaml.Node, fd protoreflect.FieldDescriptor, path string) error
 			names = append(names, string(ed.Values().Get(i).Name()))
 		}
 		return fmt.Errorf("line %d: %s %q is not one of %s", v.Line, path, v.Value, strings.Join(names, ", "))
+	case protoreflect.StringKind:
+		if v.Kind == yaml.ScalarNode && (v.Tag != "!!str" || v.Style == 0 && yaml11Bool(v.Value)) {
+			return fmt.Errorf("line %d: %s %s must be a string: quote it (%q)", v.Line, path, v.Value, v.Value)
+		}
 	}
 	return nil
+}
+
+// yaml11Bool: a plain word YAML 1.1 (which the document decoder follows) reads as a boolean.
+func yaml11Bool(s string) bool {
+	switch s {
+	case "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF":
+		return true
+	}
+	return false
 }
 
 // suggest is "; did you mean X?" for the field of md closest to name, if close enough.

@@ -29,6 +29,10 @@ func TestDecodePolicyStrict(t *testing.T) {
 			"discovery.static.policies[0] (demo/p): line 10: spec.rules must be a list"},
 		{"unknown field in a nested message", "        rules: [{}]\n        action: DENY\n        provider: {nme: x}\n",
 			"discovery.static.policies[0] (demo/p): line 12: spec.provider.nme is not a field of ExtensionProvider; did you mean name?"},
+		{"a port as a number", "        rules: [{to: [{operation: {ports: [8080]}}]}]\n",
+			`discovery.static.policies[0] (demo/p): line 10: spec.rules[0].to[0].operation.ports[0] 8080 must be a string: quote it ("8080")`},
+		{"a YAML 1.1 boolean word as a value", "        rules: [{when: [{key: \"request.headers[x-debug]\", values: [on]}]}]\n",
+			`discovery.static.policies[0] (demo/p): line 10: spec.rules[0].when[0].values[0] on must be a string: quote it ("on")`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Decode([]byte(policyDoc + tc.spec))
