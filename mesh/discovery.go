@@ -161,7 +161,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 			}
 			out := make([]*authz.Policy, 0, len(list))
 			for _, ap := range list {
-				out = append(out, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec})
+				out = append(out, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec, DryRun: authz.DryRun(ap.Annotations)})
 			}
 			return out, nil
 		},

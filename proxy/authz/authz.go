@@ -1,7 +1,10 @@
 // Package authz enforces Istio AuthorizationPolicy the way a waypoint does: only policies that
 // target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
-// the root namespace) apply; CUSTOM is not supported and fails closed; then DENY, then ALLOW (if
-// any ALLOW applies, one must match); AUDIT only marks the decision.
+// the root namespace) apply (targetRefs; the legacy targetRef only when targetRefs is empty; a
+// ServiceEntry target applies to nothing, detour knowing no ServiceEntries); CUSTOM (detour calls no ext_authz provider, so as istiod does for an
+// unknown provider) denies the requests its rules match; then DENY, then ALLOW (if any ALLOW
+// applies, one must match); AUDIT only marks the decision. A policy annotated
+// `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
 //
 // An attribute the stream cannot give (HTTP fields on an opaque TCP stream, JWT claims, which
 // detour does not validate) makes an ALLOW rule unmatchable and is ignored in a DENY rule, as
@@ -24,6 +27,19 @@ import (
 type Policy struct {
 	Namespace, Name string
 	Spec            *secv1beta1.AuthorizationPolicy
+	// DryRun: the policy is evaluated and reported in Decision.DryRun, never enforced (Istio's
+	// istio.io/dry-run annotation; see DryRun).
+	DryRun bool
+}
+
+// DryRunAnnotation marks a policy as evaluated but not enforced.
+const DryRunAnnotation = "istio.io/dry-run"
+
+// DryRun reads the istio.io/dry-run annotation as istiod does (strconv.ParseBool); a value it
+// cannot parse leaves the policy enforced, failing closed.
+func DryRun(annotations map[string]string) bool {
+	v, err := strconv.ParseBool(annotations[DryRunAnnotation])
+	return err == nil && v
 }
 
 func (p *Policy) id() string { return p.Namespace + "/" + p.Name }
@@ -66,6 +82,9 @@ type Decision struct {
 	Policy string   // namespace/name of the deciding policy; "" when none applied
 	Reason string   // for logs and refusals
 	Audit  []string // AUDIT policies that matched
+	// DryRun is the would-be outcome of each dry-run policy that applies, "namespace/name: allow"
+	// or "namespace/name: deny"; none of them took part in the decision.
+	DryRun []string
 }
 
 // Engine holds the policies of one config. Immutable.
@@ -85,49 +104,94 @@ func New(wp Waypoint, policies []*Policy) *Engine {
 
 // Decide evaluates the policies that apply to req.
 func (e *Engine) Decide(req *Request) Decision {
-	var allows []*Policy
-	var d Decision
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) {
-			continue
-		}
-		switch p.Spec.GetAction() {
-		case secv1beta1.AuthorizationPolicy_CUSTOM:
-			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
-		case secv1beta1.AuthorizationPolicy_AUDIT:
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
-				d.Audit = append(d.Audit, p.id())
-			}
+	d := Decision{DryRun: e.dryRun(req)}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_AUDIT) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
+			d.Audit = append(d.Audit, p.id())
 		}
 	}
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_DENY {
-			continue
-		}
+	if p := e.custom(req); p != nil {
+		d.Policy, d.Reason = p.id(), customReason(p)
+		return d
+	}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_DENY) {
 		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
 			d.Policy, d.Reason = p.id(), "denied by DENY policy "+p.id()
 			return d
 		}
 	}
-	for _, p := range e.policies {
-		if e.applies(p, req.Service) && p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_ALLOW && !privilegeOnly(p) {
-			allows = append(allows, p)
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
-				d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
-				return d
-			}
+	var names []string
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_ALLOW) {
+		if privilegeOnly(p) {
+			continue
+		}
+		names = append(names, p.id())
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW) {
+			d.Allow, d.Policy, d.Reason = true, p.id(), "allowed by ALLOW policy "+p.id()
+			return d
 		}
 	}
-	if len(allows) > 0 {
-		names := make([]string, len(allows))
-		for i, p := range allows {
-			names[i] = p.id()
-		}
+	if len(names) > 0 {
 		d.Reason = "no ALLOW policy matched (" + strings.Join(names, ", ") + ")"
 		return d
 	}
 	d.Allow, d.Reason = true, "no policy applies"
 	return d
+}
+
+// enforced lists the policies with action that apply to dst and are not dry-run.
+func (e *Engine) enforced(dst Service, action secv1beta1.AuthorizationPolicy_Action) []*Policy {
+	var out []*Policy
+	for _, p := range e.policies {
+		if !p.DryRun && p.Spec.GetAction() == action && e.applies(p, dst) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// custom is the first enforced CUSTOM policy whose rules match req. detour calls no ext_authz
+// provider, so it does what istiod does for a provider it cannot find: the CUSTOM rules become
+// DENY rules (an attribute the stream lacks is ignored, as in any DENY rule).
+func (e *Engine) custom(req *Request) *Policy {
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_CUSTOM) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+			return p
+		}
+	}
+	return nil
+}
+
+func customReason(p *Policy) string {
+	return fmt.Sprintf("denied by CUSTOM policy %s: detour has no ext_authz provider %q, so its matching requests are denied (as istiod does for an unknown provider)",
+		p.id(), p.Spec.GetProvider().GetName())
+}
+
+// dryRun is the would-be outcome of each dry-run policy that applies: an ALLOW allows what it
+// matches and denies the rest; a DENY or CUSTOM (no provider) denies what it matches; an AUDIT
+// decides nothing and is not reported.
+func (e *Engine) dryRun(req *Request) []string {
+	var out []string
+	for _, p := range e.policies {
+		if !p.DryRun || !e.applies(p, req.Service) {
+			continue
+		}
+		var allow bool
+		switch p.Spec.GetAction() {
+		case secv1beta1.AuthorizationPolicy_ALLOW:
+			allow = matchPolicy(p, req, secv1beta1.AuthorizationPolicy_ALLOW)
+		case secv1beta1.AuthorizationPolicy_DENY, secv1beta1.AuthorizationPolicy_CUSTOM:
+			allow = !matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY)
+		default:
+			continue
+		}
+		verdict := "deny"
+		if allow {
+			verdict = "allow"
+		}
+		out = append(out, p.id()+": "+verdict)
+	}
+	return out
 }
 
 // applies reports whether p targets this waypoint, the destination service, or all waypoints.
@@ -136,8 +200,8 @@ func (e *Engine) applies(p *Policy, dst Service) bool {
 		return true
 	}
 	refs := p.Spec.GetTargetRefs()
-	if r := p.Spec.GetTargetRef(); r != nil {
-		refs = append(refs, r)
+	if r := p.Spec.GetTargetRef(); len(refs) == 0 && r != nil {
+		refs = append(refs, r) // the legacy targetRef counts only without targetRefs, as in istiod
 	}
 	for _, r := range refs {
 		if r.GetNamespace() != "" && r.GetNamespace() != p.Namespace {
@@ -157,18 +221,18 @@ func targets(r *typev1beta1.PolicyTargetReference, ns string, wp Waypoint, dst S
 		return ns == wp.Namespace && name == wp.Gateway
 	case (group == "" || group == "core") && kind == "Service":
 		return ns == dst.Namespace && name == dst.Name
-	case group == "networking.istio.io" && kind == "ServiceEntry":
-		return ns == dst.Namespace && name == dst.Name
 	case group == "gateway.networking.k8s.io" && kind == "GatewayClass":
 		return ns == wp.RootNamespace && name == "istio-waypoint"
 	}
+	// Anything else applies to nothing: in particular a ServiceEntry (detour discovers no
+	// ServiceEntries, and a Service of the same name is another object).
 	return false
 }
 
 // matchPolicy: a policy matches when any rule does; a policy with no rules matches nothing.
 func matchPolicy(p *Policy, req *Request, action secv1beta1.AuthorizationPolicy_Action) bool {
 	for _, r := range p.Spec.GetRules() {
-		if matchRule(r, req, action == secv1beta1.AuthorizationPolicy_DENY) {
+		if matchRule(r, req, p.Namespace, action == secv1beta1.AuthorizationPolicy_DENY) {
 			return true
 		}
 	}
@@ -184,7 +248,8 @@ const (
 	unknown
 )
 
-func matchRule(r *secv1beta1.Rule, req *Request, deny bool) bool {
+// matchRule: ns is the policy's namespace (a serviceAccounts entry without one names it).
+func matchRule(r *secv1beta1.Rule, req *Request, ns string, deny bool) bool {
 	ok := func(t tri) bool {
 		if t == unknown {
 			return deny // ignored in DENY, unmatchable in ALLOW
@@ -194,7 +259,7 @@ func matchRule(r *secv1beta1.Rule, req *Request, deny bool) bool {
 	if len(r.GetFrom()) > 0 {
 		any := false
 		for _, f := range r.GetFrom() {
-			if allOK(ok, sourceFields(f.GetSource(), req)) {
+			if allOK(ok, sourceFields(f.GetSource(), req, ns)) {
 				any = true
 				break
 			}
@@ -270,8 +335,14 @@ func boolTri(b bool) tri {
 	return no
 }
 
-func sourceFields(s *secv1beta1.Source, req *Request) []tri {
+func sourceFields(s *secv1beta1.Source, req *Request, policyNS string) []tri {
 	ns, sa, td := principalParts(req.Principal)
+	serviceAccount := func(v string) tri {
+		if !strings.Contains(v, "/") {
+			v = policyNS + "/" + v // `<serviceaccount>` alone: the policy's namespace
+		}
+		return boolTri(v == ns+"/"+sa && sa != "")
+	}
 	remote := req.RemoteIP
 	if !remote.IsValid() {
 		remote = req.SourceIP
@@ -281,7 +352,7 @@ func sourceFields(s *secv1beta1.Source, req *Request) []tri {
 		field(s.GetPrincipals(), s.GetNotPrincipals(), func(v string) tri { return boolTri(wildcard(v, req.Principal)) }),
 		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), jwt),
 		field(s.GetNamespaces(), s.GetNotNamespaces(), func(v string) tri { return boolTri(wildcard(v, ns)) }),
-		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), func(v string) tri { return boolTri(v == ns+"/"+sa && sa != "") }),
+		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), serviceAccount),
 		field(s.GetTrustDomains(), s.GetNotTrustDomains(), func(v string) tri { return boolTri(wildcard(v, td)) }),
 		field(s.GetIpBlocks(), s.GetNotIpBlocks(), func(v string) tri { return boolTri(inBlock(v, req.SourceIP)) }),
 		field(s.GetRemoteIpBlocks(), s.GetNotRemoteIpBlocks(), func(v string) tri { return boolTri(inBlock(v, remote)) }),
@@ -300,7 +371,9 @@ func operationFields(o *secv1beta1.Operation, req *Request) []tri {
 	}
 	return []tri{
 		field(o.GetPorts(), o.GetNotPorts(), func(v string) tri { return boolTri(v == strconv.Itoa(int(req.DestPort))) }),
-		field(o.GetHosts(), o.GetNotHosts(), httpOnly(func(v string) bool { return wildcardFold(v, hostOnly(h.Host)) || wildcardFold(v, h.Host) })),
+		// Envoy matches :authority as sent, port included, case-insensitively (istiod's
+		// HostMatcher): "example.com" does not match "example.com:8080"; "example.com:*" does.
+		field(o.GetHosts(), o.GetNotHosts(), httpOnly(func(v string) bool { return wildcardFold(v, h.Host) })),
 		field(o.GetMethods(), o.GetNotMethods(), httpOnly(func(v string) bool { return v == h.Method })),
 		field(o.GetPaths(), o.GetNotPaths(), httpOnly(func(v string) bool { return matchPath(v, h.Path) })),
 	}
@@ -334,15 +407,10 @@ func condition(c *secv1beta1.Condition, req *Request) tri {
 		if req.HTTP == nil {
 			return unknown
 		}
-		name := key[len("request.headers[") : len(key)-1]
-		return field(c.GetValues(), c.GetNotValues(), func(v string) tri {
-			for _, got := range req.HTTP.Header.Values(name) {
-				if wildcard(v, got) {
-					return yes
-				}
-			}
-			return no
-		})
+		// Envoy's header matcher sees a repeated header as its values joined with ",".
+		got := req.HTTP.Header.Values(key[len("request.headers[") : len(key)-1])
+		joined := strings.Join(got, ",")
+		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(len(got) > 0 && wildcard(v, joined)) })
 	default:
 		// request.auth.* (JWT, not validated by detour) and keys a waypoint does not support.
 		return unknown
@@ -383,11 +451,23 @@ func matchPath(pattern, path string) bool {
 	return len(ps) == len(vs)
 }
 
-func hostOnly(h string) string {
-	if i := strings.LastIndexByte(h, ':'); i > 0 && !strings.HasSuffix(h, "]") {
-		return h[:i]
+// RemoteIP is the client address X-Forwarded-For gives (remote.ip, remoteIpBlocks), as Envoy
+// finds it with use_remote_address false (Istio's waypoint) and numTrustedProxies n: the
+// (n+1)th address from the right of the header's values joined with ",". Fewer entries, or one
+// that is not an IP: the zero Addr, meaning Request.SourceIP.
+func RemoteIP(forwardedFor []string, n int) netip.Addr {
+	var ips []string
+	for _, v := range forwardedFor {
+		ips = append(ips, strings.Split(v, ",")...)
 	}
-	return h
+	if n < 0 || n >= len(ips) {
+		return netip.Addr{}
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(ips[len(ips)-1-n]))
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ip.Unmap()
 }
 
 // inBlock matches an IP against "10.0.0.0/8" or "10.0.0.1".
@@ -428,7 +508,7 @@ func (d Decision) String() string {
 // made once, at CONNECT time, and the bytes are only spliced.
 func (e *Engine) NeedsL7(dst Service) bool {
 	for _, p := range e.policies {
-		if !e.applies(p, dst) || p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM || privilegeOnly(p) {
+		if !e.applies(p, dst) || privilegeOnly(p) {
 			continue
 		}
 		for _, r := range p.Spec.GetRules() {
@@ -468,25 +548,17 @@ func ruleNeedsL7(r *secv1beta1.Rule) bool {
 // explicitly grants it, so an ALLOW written for ordinary traffic (no methods, or GET/POST) never
 // hands out a privilege. No such rule: denied.
 func (e *Engine) Grant(req *Request) Decision {
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) {
-			continue
-		}
-		switch p.Spec.GetAction() {
-		case secv1beta1.AuthorizationPolicy_CUSTOM:
-			return Decision{Policy: p.id(), Reason: "CUSTOM authorization (policy " + p.id() + ") is not supported by detour: denied, failing closed"}
-		case secv1beta1.AuthorizationPolicy_DENY:
-			if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
-				return Decision{Policy: p.id(), Reason: "denied by DENY policy " + p.id()}
-			}
+	if p := e.custom(req); p != nil {
+		return Decision{Policy: p.id(), Reason: customReason(p)}
+	}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_DENY) {
+		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
+			return Decision{Policy: p.id(), Reason: "denied by DENY policy " + p.id()}
 		}
 	}
-	for _, p := range e.policies {
-		if !e.applies(p, req.Service) || p.Spec.GetAction() != secv1beta1.AuthorizationPolicy_ALLOW {
-			continue
-		}
+	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_ALLOW) {
 		for _, r := range p.Spec.GetRules() {
-			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, false) {
+			if namesMethod(r, req.HTTP.Method) && matchRule(r, req, p.Namespace, false) {
 				return Decision{Allow: true, Policy: p.id(), Reason: "granted by ALLOW policy " + p.id()}
 			}
 		}

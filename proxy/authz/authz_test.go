@@ -77,7 +77,7 @@ func TestConformance(t *testing.T) {
 		{"GatewayClass from the root namespace applies", []*Policy{{Namespace: "istio-system", Name: "all", Spec: &secv1beta1.AuthorizationPolicy{Action: DENY, TargetRefs: toClass, Rules: []*rule{{}}}}}, tcp(), false, "istio-system/all"},
 		{"GatewayClass from another namespace does not apply", []*Policy{pol("cls", DENY, toClass, &rule{})}, tcp(), true, ""},
 		// Action order.
-		{"CUSTOM fails closed", []*Policy{pol("ext", CUSTOM, toEcho, &rule{}), pol("ok", ALLOW, toEcho, &rule{})}, tcp(), false, "demo/ext"},
+		{"CUSTOM matching its rule denies", []*Policy{pol("ext", CUSTOM, toEcho, &rule{}), pol("ok", ALLOW, toEcho, &rule{})}, tcp(), false, "demo/ext"},
 		{"DENY over ALLOW", []*Policy{pol("a", ALLOW, toEcho, &rule{}), pol("d", DENY, toEcho, &rule{})}, tcp(), false, "demo/d"},
 		{"ALLOW with no match denies", []*Policy{pol("a", ALLOW, toEcho, from(&src{Namespaces: []string{"prod"}}))}, tcp(), false, ""},
 		{"one of several ALLOW matching allows", []*Policy{pol("a1", ALLOW, toEcho, from(&src{Namespaces: []string{"prod"}})), pol("a2", ALLOW, toGateway, from(&src{Namespaces: []string{"default"}}))}, tcp(), true, "demo/a2"},
@@ -116,8 +116,8 @@ func TestConformance(t *testing.T) {
 		{"path template {*}", []*Policy{pol("a", ALLOW, toEcho, to(&op{Paths: []string{"/users/{*}/profile"}}))}, httpReq("GET", "/users/42/profile"), true, "demo/a"},
 		{"path template {**}", []*Policy{pol("a", ALLOW, toEcho, to(&op{Paths: []string{"/files/{**}"}}))}, httpReq("GET", "/files/a/b/c"), true, "demo/a"},
 		{"notPaths", []*Policy{pol("a", ALLOW, toEcho, to(&op{NotPaths: []string{"/private*"}}))}, httpReq("GET", "/private/x"), false, ""},
-		{"hosts, port ignored and case folded", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"ECHO.demo.svc.cluster.local"}}))}, httpReq("GET", "/"), true, "demo/a"},
-		{"hosts wildcard", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"*.svc.cluster.local"}}))}, httpReq("GET", "/"), true, "demo/a"},
+		{"hosts, case folded, port as sent", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"ECHO.demo.svc.cluster.local:80"}}))}, httpReq("GET", "/"), true, "demo/a"},
+		{"hosts prefix wildcard", []*Policy{pol("a", ALLOW, toEcho, to(&op{Hosts: []string{"echo.demo.*"}}))}, httpReq("GET", "/"), true, "demo/a"},
 		// Conditions.
 		{"when request header", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"alice"}}))}, httpReq("GET", "/"), true, "demo/a"},
 		{"when request header notValues", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[X-Dev]", NotValues: []string{"ali*"}}))}, httpReq("GET", "/"), false, ""},
@@ -143,10 +143,6 @@ func TestAuditAndReasons(t *testing.T) {
 	if d.Allow || d.Reason != "no ALLOW policy matched (demo/a1, demo/a2)" || len(d.Audit) != 1 || d.Audit[0] != "demo/au" {
 		t.Fatalf("got %+v", d)
 	}
-	d = New(wp, []*Policy{pol("ext", CUSTOM, toEcho, &rule{})}).Decide(tcp())
-	if d.String() != "deny: CUSTOM authorization (policy demo/ext) is not supported by detour: denied, failing closed" {
-		t.Fatalf("got %q", d)
-	}
 }
 
 func TestNeedsL7(t *testing.T) {
@@ -166,7 +162,8 @@ func TestNeedsL7(t *testing.T) {
 		{"header condition", pol("a", ALLOW, toEcho, when(&cond{Key: "request.headers[x-dev]", Values: []string{"a"}})), true},
 		{"sni condition", pol("a", ALLOW, toEcho, when(&cond{Key: "connection.sni", Values: []string{"a"}})), true},
 		{"another service's HTTP policy", pol("a", ALLOW, toOther, to(&op{Methods: []string{"GET"}})), false},
-		{"CUSTOM is refused outright", pol("a", CUSTOM, toEcho, to(&op{Methods: []string{"GET"}})), false},
+		{"CUSTOM rules with HTTP fields", pol("a", CUSTOM, toEcho, to(&op{Methods: []string{"GET"}})), true},
+		{"dry-run policy with HTTP fields (its would-be outcome needs them)", dry(pol("a", DENY, toEcho, to(&op{Methods: []string{"GET"}}))), true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -46,7 +46,7 @@ func (c *Config) Authz() *authz.Engine {
 		static = c.Discovery.Static.Policies
 	}
 	for _, p := range static {
-		ps = append(ps, &authz.Policy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec})
+		ps = append(ps, &authz.Policy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec, DryRun: authz.DryRun(p.Annotations)})
 	}
 	return authz.New(authz.Waypoint{Namespace: c.Waypoint.Namespace, Gateway: c.Waypoint.Gateway, RootNamespace: c.Waypoint.RootNamespace}, ps)
 }

@@ -101,6 +101,10 @@ type Waypoint struct {
 	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
 	// Default false.
 	AccessLog bool `json:"accessLog"`
+	// NumTrustedProxies: how many proxies in front of the clients append to X-Forwarded-For
+	// (Istio's numTrustedProxies): remote.ip and remoteIpBlocks use the (n+1)th address from
+	// the right (see authz.RemoteIP). Default 0, the rightmost.
+	NumTrustedProxies int `json:"numTrustedProxies"`
 }
 
 // Discovery chooses where services, endpoints and policies come from.
@@ -152,9 +156,12 @@ type Endpoint struct {
 
 // Policy is an AuthorizationPolicy.
 type Policy struct {
-	Name      string                          `json:"name"`
-	Namespace string                          `json:"namespace"`
-	Spec      *secv1beta1.AuthorizationPolicy `json:"spec"`
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
+	// Annotations as on the Kubernetes object; `istio.io/dry-run: "true"` evaluates and logs the
+	// policy without enforcing it. Default none.
+	Annotations map[string]string               `json:"annotations,omitempty"`
+	Spec        *secv1beta1.AuthorizationPolicy `json:"spec"`
 }
 
 // Duration is a time.Duration written as "90s" or "24h".
@@ -192,6 +199,9 @@ func Load(path string) (*Config, error) {
 func Decode(doc []byte) (*Config, error) {
 	j, err := yaml.YAMLToJSON(doc)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkPolicies(doc); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(j))
@@ -278,6 +288,9 @@ func (c *Config) validate() error {
 	}
 	if i := c.Waypoint.Inspect; i != "auto" && i != "always" && i != "opaque" {
 		bad("waypoint.inspect %q is not one of auto, always, opaque", i)
+	}
+	if n := c.Waypoint.NumTrustedProxies; n < 0 {
+		bad("waypoint.numTrustedProxies %d is negative; use 0 (the rightmost X-Forwarded-For address) or more", n)
 	}
 	if t := c.Waypoint.BindTTL.Duration; t < 0 || t > time.Hour {
 		bad("waypoint.bindTTL %s is outside 0s..1h (the other replicas ignore a longer one)", t)

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"github.com/detour-mesh/detour/proxy/authz"
 	"strings"
 	"testing"
 )
@@ -42,6 +43,12 @@ func TestDecode(t *testing.T) {
 	if p.GetAction().String() != "ALLOW" || p.GetRules()[0].GetFrom()[0].GetSource().GetNamespaces()[0] != "default" || p.GetTargetRefs()[0].GetName() != "echo" {
 		t.Fatalf("policy: %v", p)
 	}
+	if c.Waypoint.NumTrustedProxies != 0 {
+		t.Fatalf("numTrustedProxies default: %d", c.Waypoint.NumTrustedProxies)
+	}
+	if c, err := Decode([]byte(strings.Replace(example, "  namespace: demo\ndiscovery", "  namespace: demo\n  numTrustedProxies: 2\ndiscovery", 1))); err != nil || c.Waypoint.NumTrustedProxies != 2 {
+		t.Fatalf("numTrustedProxies: %v, %v", c, err)
+	}
 	if _, err := c.Routes(); err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +62,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes, static: {}}\n", "discovery.static is not used with source kubernetes; remove it"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\nlistners: {}\n", `json: unknown field "listners"`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always, opaque`},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, numTrustedProxies: -1}\ndiscovery: {static: {}}\n", "waypoint.numTrustedProxies -1 is negative; use 0 (the rightmost X-Forwarded-For address) or more"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, bindTTL: 2h}\ndiscovery: {static: {}}\n", "waypoint.bindTTL 2h0m0s is outside 0s..1h (the other replicas ignore a longer one)"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
@@ -63,5 +71,17 @@ func TestDecodeErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("got %v\nwant %s", err, tc.want)
 		}
+	}
+}
+
+func TestDryRunPolicy(t *testing.T) {
+	doc := strings.Replace(example, "    - name: only-default\n      namespace: demo\n", "    - name: only-default\n      namespace: demo\n      annotations: {istio.io/dry-run: \"true\"}\n", 1)
+	c, err := Decode([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.Authz().Decide(&authz.Request{Principal: "cluster.local/ns/prod/sa/x", Service: authz.Service{Namespace: "demo", Name: "echo"}})
+	if d.String() != "allow: no policy applies" || len(d.DryRun) != 1 || d.DryRun[0] != "demo/only-default: deny" {
+		t.Fatalf("got %s, dry-run %q", d, d.DryRun)
 	}
 }
