@@ -143,7 +143,7 @@ func (d *Doctor) checkGrant(ctx context.Context, add func(Finding)) {
 	}
 	var ps []*authz.Policy
 	for _, ap := range list.Items {
-		ps = append(ps, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec})
+		ps = append(ps, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec, DryRun: authz.DryRun(ap.Annotations)})
 	}
 	svcHost := d.Service + "." + d.Namespace + ".svc.cluster.local"
 	dec := authz.New(authz.Waypoint{Namespace: d.Namespace, Gateway: d.name()}, ps).Grant(&authz.Request{

@@ -5,6 +5,7 @@ package metrics
 
 import (
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +22,7 @@ type Metrics struct {
 	Sent      *prometheus.CounterVec   // istio_tcp_sent_bytes_total: service to client
 	Active    prometheus.Gauge         // detour_streams_active
 	Decisions *prometheus.CounterVec   // detour_authz_decisions_total{decision, policy}
+	DryRun    *prometheus.CounterVec   // detour_authz_dry_run_decisions_total{decision, policy}: never enforced
 	Sessions  *prometheus.GaugeVec     // detour_sessions_active{mode}
 	Taken     *prometheus.CounterVec   // detour_session_taken_total{mode, kind}: streams and requests sent to developers
 	Dropped   prometheus.Counter       // detour_mirror_dropped_total: mirror copies lost to slow developers
@@ -49,6 +51,9 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.Sessions = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_sessions_active", Help: "Debug sessions registered now."}, []string{"mode"})
 	m.Taken = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_session_taken_total", Help: "Streams and requests sent to developers (stolen or mirrored)."}, []string{"mode", "kind"})
 	m.Dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_mirror_dropped_total", Help: "Mirror copies (requests or streams) lost because the developer was slow, stalled or gone."})
+	m.DryRun = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_authz_dry_run_decisions_total",
+		Help: "What dry-run AuthorizationPolicies (istio.io/dry-run) would have decided; never enforced."}, []string{"decision", "policy"})
+	reg.MustRegister(m.DryRun)
 	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations, m.Sessions, m.Taken, m.Dropped)
 	return m
 }
@@ -84,6 +89,16 @@ func (m *Metrics) StreamClosed(s Stream, received, sent int64) {
 }
 
 // Decision records an authorization decision.
+// ShadowDecision counts what a dry-run policy would have decided ("namespace/name: allow|deny",
+// as authz.Decision.DryRun lists it).
+func (m *Metrics) ShadowDecision(outcome string) {
+	if m == nil {
+		return
+	}
+	policy, d, _ := strings.Cut(outcome, ": ")
+	m.DryRun.WithLabelValues(d, policy).Inc()
+}
+
 func (m *Metrics) Decision(allow bool, policy string) {
 	if m == nil {
 		return

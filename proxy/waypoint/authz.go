@@ -3,7 +3,6 @@ package waypoint
 import (
 	"fmt"
 	"net/netip"
-	"strings"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
@@ -16,8 +15,9 @@ import (
 // The source address (ipBlocks, source.ip) is the connection's peer, as ztunnel's RBAC takes
 // conn.src and Envoy's waypoint direct_remote_ip: ztunnel connects from the client pod's own
 // address. Forwarded is the client's to write, so it is carried on but never judged. The remote
-// address (remoteIpBlocks, remote.ip) of an HTTP request is the rightmost X-Forwarded-For entry,
-// as Envoy's (use_remote_address false, no trusted hops), else the peer.
+// address (remoteIpBlocks, remote.ip) of an HTTP request is X-Forwarded-For's entry
+// NumTrustedProxies from the right, as Envoy's (use_remote_address false, xff_num_trusted_hops),
+// else the peer.
 func (h *Handler) authzRequest(r *hbone.Request, d *route.Destination, sni string, hr *authz.HTTPRequest) *authz.Request {
 	req := &authz.Request{
 		Principal: authz.Principal(r.PeerID.String()),
@@ -31,27 +31,9 @@ func (h *Handler) authzRequest(r *hbone.Request, d *route.Destination, sni strin
 		req.SourceIP = ap.Addr().Unmap()
 	}
 	if hr != nil {
-		req.RemoteIP = lastForwardedFor(hr.Header)
+		req.RemoteIP = authz.RemoteIP(hr.Header.Values("X-Forwarded-For"), h.NumTrustedProxies)
 	}
 	return req
-}
-
-// lastForwardedFor is the rightmost address of X-Forwarded-For (Envoy's trusted client address
-// with no trusted hops); zero when absent or not an IP.
-func lastForwardedFor(h map[string][]string) netip.Addr {
-	vs := h["X-Forwarded-For"]
-	if len(vs) == 0 {
-		return netip.Addr{}
-	}
-	last := vs[len(vs)-1]
-	if i := strings.LastIndexByte(last, ','); i >= 0 {
-		last = last[i+1:]
-	}
-	ip, err := netip.ParseAddr(strings.TrimSpace(last))
-	if err != nil {
-		return netip.Addr{}
-	}
-	return ip.Unmap()
 }
 
 func authzService(d *route.Destination) authz.Service {
@@ -69,6 +51,12 @@ func (h *Handler) authorize(engine *authz.Engine, req *authz.Request, r *hbone.R
 	}
 	dec := engine.Decide(req)
 	h.Metrics.Decision(dec.Allow, dec.Policy)
+	for _, d := range dec.DryRun {
+		h.Metrics.ShadowDecision(d)
+	}
+	if len(dec.DryRun) > 0 {
+		h.log().Info("authz: dry run", "policies", dec.DryRun, "principal", req.Principal, "target", r.Target.String(), "enforced", dec.String())
+	}
 	if len(dec.Audit) > 0 {
 		h.log().Info("authz: audit", "policies", dec.Audit, "principal", req.Principal, "target", r.Target.String(), "decision", dec.String())
 	}

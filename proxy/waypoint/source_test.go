@@ -61,22 +61,26 @@ func TestIPBlocksJudgeThePeerNotForwarded(t *testing.T) {
 // else the peer; Forwarded is never read.
 func TestHTTPSourceAddresses(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		src  *secv1beta1.Source
-		hdr  []string
-		code int
+		name    string
+		src     *secv1beta1.Source
+		hdr     []string
+		code    int
+		trusted int // NumTrustedProxies
 	}{
-		{"ipBlocks, no header", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, nil, 403},
-		{"ipBlocks, forged Forwarded", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, []string{"Forwarded", `for="10.244.1.1:1234"`}, 403},
-		{"ipBlocks, forged X-Forwarded-For", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "10.244.1.1"}, 403},
-		{"ipBlocks, the peer", &secv1beta1.Source{IpBlocks: []string{"127.0.0.0/8"}}, []string{"Forwarded", `for="10.9.9.9"`}, 200},
-		{"remoteIpBlocks, rightmost X-Forwarded-For", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "1.2.3.4, 10.244.1.1"}, 200},
-		{"remoteIpBlocks, not the leftmost", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "10.244.1.1, 1.2.3.4"}, 403},
-		{"remoteIpBlocks, Forwarded ignored", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"Forwarded", `for="10.244.1.1"`}, 403},
-		{"remoteIpBlocks, no header: the peer", &secv1beta1.Source{RemoteIpBlocks: []string{"127.0.0.0/8"}}, nil, 200},
+		{"ipBlocks, no header", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, nil, 403, 0},
+		{"ipBlocks, forged Forwarded", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, []string{"Forwarded", `for="10.244.1.1:1234"`}, 403, 0},
+		{"ipBlocks, forged X-Forwarded-For", &secv1beta1.Source{IpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "10.244.1.1"}, 403, 0},
+		{"ipBlocks, the peer", &secv1beta1.Source{IpBlocks: []string{"127.0.0.0/8"}}, []string{"Forwarded", `for="10.9.9.9"`}, 200, 0},
+		{"remoteIpBlocks, rightmost X-Forwarded-For", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "1.2.3.4, 10.244.1.1"}, 200, 0},
+		{"remoteIpBlocks, not the leftmost", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "10.244.1.1, 1.2.3.4"}, 403, 0},
+		{"remoteIpBlocks, Forwarded ignored", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"Forwarded", `for="10.244.1.1"`}, 403, 0},
+		{"remoteIpBlocks, no header: the peer", &secv1beta1.Source{RemoteIpBlocks: []string{"127.0.0.0/8"}}, nil, 200, 0},
+		// One trusted proxy in front appended its client: the entry one from the right.
+		{"remoteIpBlocks, one trusted proxy", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "10.244.1.1, 1.2.3.4"}, 200, 1},
+		{"remoteIpBlocks, one trusted proxy, not the rightmost", &secv1beta1.Source{RemoteIpBlocks: []string{"10.244.0.0/16"}}, []string{"X-Forwarded-For", "1.2.3.4, 10.244.1.1"}, 403, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b := newHTTPBed(t, route.Port{Name: "http-web", Port: 80}, nil, allowFrom("web", tc.src))
+			b := newHTTPBed(t, route.Port{Name: "http-web", Port: 80}, func(h *waypoint.Handler) { h.NumTrustedProxies = tc.trusted }, allowFrom("web", tc.src))
 			b.opts.Forwarded = `for="10.244.1.1:1234"` // the CONNECT's own header, forged too
 			c, _ := b.httpClient(t, false)
 			if code, body, _ := get(t, c, "http://10.96.0.20:80/", tc.hdr...); code != tc.code {

@@ -89,6 +89,9 @@ type Handler struct {
 	AccessLog *slog.Logger
 	// Sessions are the developers' debug sessions (steal, mirror); nil means none.
 	Sessions *session.Registry
+	// NumTrustedProxies is how many proxies in front of the mesh appended to X-Forwarded-For
+	// (the mesh config's numTrustedProxies): remote.ip is the entry that many from the right.
+	NumTrustedProxies int
 	// Own are the waypoint's own addresses known without discovery (listeners, pod IPs): a
 	// CONNECT to one, or an endpoint at one, is a forwarding loop and refused at once, as is
 	// one to the route table's Self services. Nil means only those.

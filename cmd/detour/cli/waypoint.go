@@ -141,6 +141,8 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
+
+		NumTrustedProxies: cfg.Waypoint.NumTrustedProxies,
 	}
 	var err error
 	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
