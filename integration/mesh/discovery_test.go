@@ -32,8 +32,9 @@ func within(t *testing.T, what string, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for !cond() {
-		if time.Since(start) > time.Second {
-			t.Fatalf("%s: not reflected within 1 s", what)
+		// A hang guard, not a measure (the times are logged): generous for a loaded CI machine.
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("%s: not reflected within 5 s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -180,9 +181,8 @@ func bindingSteps(t *testing.T, ctx context.Context, c *testbed.Cluster, d *mesh
 	}
 	api := svc("shop", "api", nil, "10.244.7.10")
 	note("unlabelled service not bound", within(t, "an unlabelled service refused", notBound(api)))
-	if _, err := d.Routes().Resolve(netip.AddrPortFrom(netip.MustParseAddr("10.244.7.10"), 8080), nil); !errors.Is(err, route.ErrNotBound) {
-		t.Fatalf("a pod of an unbound service, addressed directly: %v", err)
-	}
+	// Its EndpointSlice is written after the Service: its pod is refused too once that is seen.
+	within(t, "a pod of an unbound service, addressed directly", notBound(netip.AddrPortFrom(netip.MustParseAddr("10.244.7.10"), 8080)))
 	cross := svc("other", "db", map[string]string{mesh.UseWaypoint: "detour", mesh.UseWaypointNamespace: "shop"}, "10.244.7.11")
 	elsewhere := svc("other", "cache", map[string]string{mesh.UseWaypoint: "detour"}, "10.244.7.12") // other/detour
 	note("cross-namespace binding", within(t, "use-waypoint-namespace", bound(cross)))
