@@ -27,7 +27,7 @@ import (
 
 func ptr[T any](v T) *T { return &v }
 
-// within polls cond and reports how long it took to hold (fails the test after 1 s).
+// within polls cond and reports how long it took to hold (fails the test after 5 s).
 func within(t *testing.T, what string, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
