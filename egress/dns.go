@@ -20,14 +20,34 @@ type DNS struct {
 // Serve answers on pc (UDP) and l (TCP) until ctx ends.
 func (d *DNS) Serve(ctx context.Context, pc net.PacketConn, l net.Listener) error {
 	h := dns.HandlerFunc(d.answer)
-	udp := &dns.Server{PacketConn: pc, Handler: h}
-	tcp := &dns.Server{Listener: l, Handler: h}
-	stop := context.AfterFunc(ctx, func() { udp.Shutdown(); tcp.Shutdown() })
-	defer stop()
-	errc := make(chan error, 2)
-	go func() { errc <- udp.ActivateAndServe() }()
-	go func() { errc <- tcp.ActivateAndServe() }()
-	return errors.Join(<-errc, <-errc)
+	// miekg/dns ignores a Shutdown that comes before its server started, which then serves
+	// forever: each server is shut down only once it said it started (or failed to).
+	udpUp, tcpUp := make(chan struct{}), make(chan struct{})
+	udp := &dns.Server{PacketConn: pc, Handler: h, NotifyStartedFunc: func() { close(udpUp) }}
+	tcp := &dns.Server{Listener: l, Handler: h, NotifyStartedFunc: func() { close(tcpUp) }}
+	udpErr, tcpErr := make(chan error, 1), make(chan error, 1)
+	go func() { udpErr <- udp.ActivateAndServe() }()
+	go func() { tcpErr <- tcp.ActivateAndServe() }()
+	wait := func(s *dns.Server, up chan struct{}, errc chan error) error {
+		select {
+		case <-up:
+		case err := <-errc:
+			return err // never started
+		}
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+			s.Shutdown()
+			return <-errc
+		}
+	}
+	uerr := wait(udp, udpUp, udpErr)
+	terr := wait(tcp, tcpUp, tcpErr)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return errors.Join(uerr, terr)
 }
 
 func (d *DNS) answer(w dns.ResponseWriter, q *dns.Msg) {
