@@ -110,7 +110,13 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	defer func() {
 		cancelTunnel()
 		t.Close()
-		g.Wait()
+		served := make(chan struct{})
+		go func() { g.Wait(); close(served) }()
+		select {
+		case <-served:
+		case <-time.After(exitWait): // a bug that must not keep CMD's exit code from the shell
+			log.Error("detour run: what served CMD did not stop; exiting anyway", "after", exitWait)
+		}
 	}()
 	cmdEnv, err := r.serve(gctx, g, t, src, kc, log)
 	if err != nil {
@@ -124,6 +130,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	}
 	return r.supervise(ctx, cmd.ErrOrStderr(), c, t)
 }
+
+// exitWait bounds the wait, once CMD is done, for what served it (proxies, resolver, tunnel).
+const exitWait = 10 * time.Second
 
 // hello is the tunnel's first message: egress for CMD, the target's identity with --as-target,
 // a session with --steal or --mirror.
