@@ -23,7 +23,6 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
-	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
@@ -45,17 +44,7 @@ type httpBed struct {
 }
 
 func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), policies ...*authz.Policy) *httpBed {
-	ca, err := devca.New("cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := func(s string) identity.Source {
-		svid, err := ca.Issue(s, time.Time{}, time.Time{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
-	}
+	_, id := testCA(t)
 	b := &httpBed{reg: prometheus.NewRegistry()}
 	b.m = metrics.New(b.reg)
 	hbonePort, appPort := freePort(t), freePort(t)

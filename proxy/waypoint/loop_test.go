@@ -16,7 +16,6 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
-	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
@@ -36,17 +35,7 @@ type loopBed struct {
 }
 
 func newLoopBed(t *testing.T, services []*route.Service, tweak func(*waypoint.Handler, net.Addr)) *loopBed {
-	ca, err := devca.New("cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := func(s string) identity.Source {
-		svid, err := ca.Issue(s, time.Time{}, time.Time{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
-	}
+	_, id := testCA(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
