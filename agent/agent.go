@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package agent is detour's fallback for sidecar-mode pods, where no ztunnel carries inbound
 // traffic and the waypoint cannot see it: inside the pod's network namespace it redirects what the
 // Istio sidecar forwards to the application's ports (uid 1337, on loopback, to a local address)
