@@ -1,0 +1,31 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestNonLinuxLinksNoNetfilter: the laptop builds of detour link none of the Linux-only packages
+// (netfilter, conntrack, netlink, iptables) that only the in-pod agent needs.
+func TestNonLinuxLinksNoNetfilter(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs go list")
+	}
+	linuxOnly := []string{"github.com/ti-mo/netfilter", "github.com/ti-mo/conntrack", "github.com/mdlayher/netlink", "github.com/coreos/go-iptables"}
+	for _, goos := range []string{"darwin", "windows"} {
+		cmd := exec.Command("go", "list", "-deps", ".")
+		cmd.Env = append(cmd.Environ(), "GOOS="+goos, "GOARCH=amd64", "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("GOOS=%s go list -deps: %v\n%s", goos, err, out)
+		}
+		for _, dep := range strings.Fields(string(out)) {
+			for _, bad := range linuxOnly {
+				if dep == bad || strings.HasPrefix(dep, bad+"/") {
+					t.Errorf("GOOS=%s: cmd/detour links %s", goos, dep)
+				}
+			}
+		}
+	}
+}
