@@ -27,10 +27,12 @@ test-integration: testbed ## interop tests against Istio's own code and the real
 testbed: ## build and cache kube-apiserver and istiod for the test bed (minutes the first time, then instant)
 	cd integration && $(GO) run ./testbed/build
 
-verify: ## fail on gofmt, go vet or go mod tidy drift, or a cmd/detour that does not build for linux, darwin and windows
+verify: ## fail on gofmt, go vet or go mod tidy drift, a main module that does not vet on darwin and windows, or a cmd/detour that does not build for linux, darwin and windows
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	cd integration && $(GO) vet ./...
+	GOOS=darwin $(GO) vet ./...
+	GOOS=windows $(GO) vet ./...
 	$(GO) mod tidy -diff
 	cd integration && $(GO) mod tidy -diff
 	@for p in linux/amd64 linux/arm64 darwin/amd64 darwin/arm64 windows/amd64; do \

@@ -258,7 +258,7 @@ func TestWriteQueuesBoundedForPeerThatNeverReads(t *testing.T) {
 	defer srv.Close()
 	// Small socket buffers on both ends, so the kernel holds few of the server's answers.
 	nd := &net.Dialer{Control: func(network, address string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return rc.Control(func(fd uintptr) { setRcvBuf(fd, 4096) })
 	}}
 	cfg := p.clientTLS.Clone()
 	cfg.NextProtos = []string{"h2"}
