@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"regexp"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -95,6 +97,7 @@ type listers struct {
 	services  func() ([]*corev1.Service, error)
 	slices    func() ([]*discoveryv1.EndpointSlice, error)
 	pod       func(ns, name string) (*corev1.Pod, error)
+	pods      func() ([]*corev1.Pod, error)
 	policies  func() ([]*authz.Policy, error)
 }
 
@@ -154,6 +157,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 		services:  func() ([]*corev1.Service, error) { return svc.Lister().List(labels.Everything()) },
 		slices:    func() ([]*discoveryv1.EndpointSlice, error) { return sl.Lister().List(labels.Everything()) },
 		pod:       func(ns, name string) (*corev1.Pod, error) { return pods.Lister().Pods(ns).Get(name) },
+		pods:      func() ([]*corev1.Pod, error) { return pods.Lister().List(labels.Everything()) },
 		policies: func() ([]*authz.Policy, error) {
 			list, err := aps.Lister().List(labels.Everything())
 			if err != nil {
@@ -258,8 +262,63 @@ func (d *Discovery) table(l listers) (*route.Table, error) {
 		rs.Self = rs.Hostname == self
 		out = append(out, rs)
 	}
-	return route.NewTable(out)
+	return route.NewTable(out, sources(l)...)
 }
+
+// sources are the watched pods as telemetry names them (Istio's source_workload, ...): a
+// stream's source is found by the connection's address.
+func sources(l listers) []*route.Workload {
+	if l.pods == nil {
+		return nil
+	}
+	pods, err := l.pods()
+	if err != nil {
+		return nil
+	}
+	var out []*route.Workload
+	for _, p := range pods {
+		var ips []netip.Addr
+		for _, ip := range p.Status.PodIPs {
+			if a, err := netip.ParseAddr(ip.IP); err == nil {
+				ips = append(ips, a)
+			}
+		}
+		if len(ips) > 0 && !p.Spec.HostNetwork {
+			out = append(out, podWorkload(p, ips...))
+		}
+	}
+	return out
+}
+
+// podWorkload names a pod's workload as Istio does (istio pkg/kube/util.go, GetDeployMetaFromPod):
+// a generated pod's controller, a ReplicaSet named for its pod-template-hash being its Deployment,
+// a Job named <cronjob>-<8 to 10 digits> its CronJob; otherwise the pod itself.
+func podWorkload(p *corev1.Pod, ips ...netip.Addr) *route.Workload {
+	name := p.Name
+	if p.GenerateName != "" {
+		for _, ref := range p.OwnerReferences {
+			if ref.Controller == nil || !*ref.Controller {
+				continue
+			}
+			name = ref.Name
+			if h := p.Labels["pod-template-hash"]; ref.Kind == "ReplicaSet" && h != "" && strings.HasSuffix(ref.Name, h) {
+				name = strings.TrimSuffix(ref.Name, "-"+h)
+			} else if ref.Kind == "Job" {
+				if m := cronJobName.FindStringSubmatch(ref.Name); m != nil {
+					name = m[1]
+				}
+			}
+			break
+		}
+	}
+	sa := p.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	return route.NewWorkload(name, p.Namespace, sa, p.Labels, ips...)
+}
+
+var cronJobName = regexp.MustCompile(`^(.+)-\d{8,10}$`)
 
 // address is the Gateway's address: the hostname of the waypoint's own Service.
 func (d *Discovery) address() string {
@@ -346,6 +405,7 @@ func (d *Discovery) service(l listers, s *corev1.Service, slices_ []*discoveryv1
 					if e.ServiceAccount == "" {
 						e.ServiceAccount = "default"
 					}
+					e.Workload = podWorkload(pod, ip)
 				}
 			}
 			rs.Endpoints = append(rs.Endpoints, e)

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -275,15 +276,23 @@ func TestIstioProtocolsThroughDetourWaypoint(t *testing.T) {
 	for testutil.ToFloat64(m.Active) != 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	lv := []string{"waypoint", "cluster.local/ns/default/sa/client", "web.demo.svc.cluster.local", "demo", "mutual_tls"}
+	lv := map[string]string{"reporter": "waypoint", "source_principal": "spiffe://cluster.local/ns/default/sa/client",
+		"destination_service": "web.demo.svc.cluster.local", "destination_service_namespace": "demo", "connection_security_policy": "mutual_tls"}
+	with := func(kv ...string) map[string]string {
+		m := maps.Clone(lv)
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
 	for _, c := range []struct {
 		name string
 		got  float64
 		want float64
 	}{
-		{"http requests 200", testutil.ToFloat64(m.Requests.WithLabelValues(append(lv, "http", "200", "", "-")...)), 2 * httpRequests},
-		{"grpc calls OK", testutil.ToFloat64(m.Requests.WithLabelValues(append(lv, "grpc", "200", "0", "-")...)), grpcCalls},
-		{"opaque streams closed (12 tcp, 6 tls; the refused SNI never opened)", testutil.ToFloat64(m.Closed.WithLabelValues(lv...)), 18},
+		{"http requests 200", metrics.Sum(m.Requests, with("request_protocol", "http", "response_code", "200", "grpc_response_status", "", "response_flags", "-")), 2 * httpRequests},
+		{"grpc calls OK", metrics.Sum(m.Requests, with("request_protocol", "grpc", "response_code", "200", "grpc_response_status", "0", "response_flags", "-")), grpcCalls},
+		{"opaque streams closed (12 tcp, 6 tls; the refused SNI never opened)", metrics.Sum(m.Closed, lv), 18},
 		{"denials", testutil.ToFloat64(m.Decisions.WithLabelValues("deny", "")), 1},
 	} {
 		if c.got != c.want {

@@ -31,7 +31,13 @@ func (c *Config) Routes() (*route.Table, error) {
 			rs.Ports = append(rs.Ports, route.Port{Name: p.Name, Port: p.Port, TargetPort: p.TargetPort, AppProtocol: p.AppProtocol})
 		}
 		for _, e := range s.Endpoints {
-			rs.Endpoints = append(rs.Endpoints, route.Endpoint{IP: netip.MustParseAddr(e.IP), Ready: !e.NotReady, ServiceAccount: e.ServiceAccount})
+			ip := netip.MustParseAddr(e.IP)
+			name := e.Workload
+			if name == "" {
+				name = s.Name
+			}
+			rs.Endpoints = append(rs.Endpoints, route.Endpoint{IP: ip, Ready: !e.NotReady, ServiceAccount: e.ServiceAccount,
+				Workload: route.NewWorkload(name, s.Namespace, e.ServiceAccount, e.Labels, ip)})
 		}
 		services = append(services, rs)
 	}

@@ -152,6 +152,12 @@ type Endpoint struct {
 	IP             string `json:"ip"`
 	ServiceAccount string `json:"serviceAccount"` // required: the identity its ztunnel presents
 	NotReady       bool   `json:"notReady"`
+	// Workload names the endpoint's workload in Istio's metric labels (destination_workload);
+	// default the service's name.
+	Workload string `json:"workload,omitempty"`
+	// Labels are the pod's labels, for the canonical service and revision, app and version
+	// labels of Istio's metrics. Default none.
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // Policy is an AuthorizationPolicy.

@@ -9,10 +9,20 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 )
 
-// Labels on Istio's metrics, as Istio names them.
-var streamLabels = []string{"reporter", "source_principal", "destination_service", "destination_service_namespace", "connection_security_policy"}
+// Labels on Istio's TCP metrics, as Istio names them and in the order ztunnel reports them
+// (ztunnel src/proxy/metrics.rs, CommonTrafficLabels), so dashboards and Kiali's queries
+// (tests/integration/ambient/baseline_test.go buildQuery/buildL4Query) group detour as they
+// group Envoy's waypoint.
+var streamLabels = []string{"reporter",
+	"source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
+	"source_principal", "source_app", "source_version", "source_cluster",
+	"destination_service", "destination_service_namespace", "destination_service_name",
+	"destination_workload", "destination_canonical_service", "destination_canonical_revision",
+	"destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+	"destination_cluster", "request_protocol", "response_flags", "connection_security_policy"}
 
 // Metrics are the waypoint's collectors. A nil *Metrics records nothing.
 type Metrics struct {
@@ -31,7 +41,7 @@ type Metrics struct {
 }
 
 // Labels on Istio's request metrics.
-var requestLabels = append(append([]string{}, streamLabels...), "request_protocol", "response_code", "grpc_response_status", "response_flags")
+var requestLabels = append(append([]string{}, streamLabels...), "response_code", "grpc_response_status")
 
 // New creates the collectors and registers them on reg.
 func New(reg prometheus.Registerer) *Metrics {
@@ -58,13 +68,46 @@ func New(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-// Stream is one forwarded stream's labels.
-type Stream struct {
-	SourcePrincipal, Service, ServiceNamespace string
+// Peer is one end of a stream as Istio's labels describe it. An empty field is reported as
+// "unknown", as Istio does.
+type Peer struct {
+	Workload, Namespace string // the workload (Deployment, ...) and its namespace
+	Principal           string // spiffe://...
+	App, Version        string // the pod's app and version labels
+	CanonicalService    string
+	CanonicalRevision   string
+	Cluster             string
 }
 
-func (s Stream) values() []string {
-	return []string{"waypoint", s.SourcePrincipal, s.Service, s.ServiceNamespace, "mutual_tls"}
+// Stream is one forwarded stream's labels: who sent it, the service it was addressed to, and the
+// workload that served it (the developer's, "unknown", when a session took it).
+type Stream struct {
+	Source, Destination Peer
+	Service             string // the service's hostname (destination_service)
+	ServiceName         string
+	ServiceNamespace    string
+}
+
+func unknown(v string) string {
+	if v == "" {
+		return "unknown"
+	}
+	return v
+}
+
+func (s Stream) values(protocol, flags string, extra int) []string {
+	if flags == "" {
+		flags = "-"
+	}
+	v := make([]string, 0, len(streamLabels)+extra)
+	src, dst := s.Source, s.Destination
+	return append(v, "waypoint",
+		unknown(src.Workload), unknown(src.CanonicalService), unknown(src.CanonicalRevision), unknown(src.Namespace),
+		unknown(src.Principal), unknown(src.App), unknown(src.Version), unknown(src.Cluster),
+		unknown(s.Service), unknown(s.ServiceNamespace), unknown(s.ServiceName),
+		unknown(dst.Workload), unknown(dst.CanonicalService), unknown(dst.CanonicalRevision),
+		unknown(dst.Namespace), unknown(dst.Principal), unknown(dst.App), unknown(dst.Version),
+		unknown(dst.Cluster), protocol, flags, "mutual_tls")
 }
 
 // StreamOpened records a stream accepted for forwarding.
@@ -72,7 +115,7 @@ func (m *Metrics) StreamOpened(s Stream) {
 	if m == nil {
 		return
 	}
-	m.Opened.WithLabelValues(s.values()...).Inc()
+	m.Opened.WithLabelValues(s.values("tcp", "", 0)...).Inc()
 	m.Active.Inc()
 }
 
@@ -81,7 +124,7 @@ func (m *Metrics) StreamClosed(s Stream, received, sent int64) {
 	if m == nil {
 		return
 	}
-	v := s.values()
+	v := s.values("tcp", "", 0)
 	m.Closed.WithLabelValues(v...).Inc()
 	m.Received.WithLabelValues(v...).Add(float64(received))
 	m.Sent.WithLabelValues(v...).Add(float64(sent))
@@ -126,11 +169,7 @@ func (m *Metrics) RequestDone(s Stream, r Request) {
 	if m == nil {
 		return
 	}
-	flags := r.Flags
-	if flags == "" {
-		flags = "-"
-	}
-	v := append(s.values(), r.Protocol, strconv.Itoa(r.Code), r.GRPCStatus, flags)
+	v := append(s.values(r.Protocol, r.Flags, 2), strconv.Itoa(r.Code), r.GRPCStatus)
 	m.Requests.WithLabelValues(v...).Inc()
 	m.Durations.WithLabelValues(v...).Observe(float64(r.Duration) / float64(time.Millisecond))
 }
@@ -160,4 +199,37 @@ func (m *Metrics) MirrorDropped() {
 	if m != nil {
 		m.Dropped.Inc()
 	}
+}
+
+// Sum adds up the samples of c's series whose labels include every pair of match (counters,
+// gauges and histogram counts): a subset query, as a PromQL selector names only the labels it
+// cares about.
+func Sum(c prometheus.Collector, match map[string]string) float64 {
+	ch := make(chan prometheus.Metric, 64)
+	go func() { c.Collect(ch); close(ch) }()
+	var total float64
+	for m := range ch {
+		var pb dto.Metric
+		if m.Write(&pb) != nil {
+			continue
+		}
+		n := 0
+		for _, lp := range pb.GetLabel() {
+			if v, ok := match[lp.GetName()]; ok && v == lp.GetValue() {
+				n++
+			}
+		}
+		if n != len(match) {
+			continue
+		}
+		switch {
+		case pb.Counter != nil:
+			total += pb.Counter.GetValue()
+		case pb.Gauge != nil:
+			total += pb.Gauge.GetValue()
+		case pb.Histogram != nil:
+			total += float64(pb.Histogram.GetSampleCount())
+		}
+	}
+	return total
 }

@@ -47,6 +47,8 @@ type Endpoint struct {
 	// ztunnel must present on the onward hop.
 	ServiceAccount string
 	Namespace      string
+	// Workload is the endpoint's pod for telemetry; nil when not known.
+	Workload *Workload
 }
 
 // Destination is where one stream goes.
@@ -72,13 +74,21 @@ type Table struct {
 	byPod  map[netip.Addr]*Service
 	byName map[[2]string]*Service
 	self   map[netip.Addr]bool // the Self services' VIPs and endpoints
+	// workloads by pod IP: the endpoints' and the others the table was built with (sources).
+	workloads map[netip.Addr]*Workload
 }
 
-// NewTable indexes services; a VIP claimed twice is an error. A pod that is an endpoint of
-// several services is workload-addressed as one that is bound, if any.
-func NewTable(services []*Service) (*Table, error) {
+// NewTable indexes services and workloads (pods that may be sources without backing a service,
+// for telemetry); a VIP claimed twice is an error. A pod that is an endpoint of several services
+// is workload-addressed as one that is bound, if any.
+func NewTable(services []*Service, workloads ...*Workload) (*Table, error) {
 	t := &Table{byVIP: map[netip.Addr]*Service{}, byPod: map[netip.Addr]*Service{}, byName: map[[2]string]*Service{},
-		self: map[netip.Addr]bool{}}
+		self: map[netip.Addr]bool{}, workloads: map[netip.Addr]*Workload{}}
+	for _, w := range workloads {
+		for _, ip := range w.IPs {
+			t.workloads[ip.Unmap()] = w
+		}
+	}
 	for _, s := range services {
 		t.byName[[2]string{s.Namespace, s.Name}] = s
 		for _, vip := range s.VIPs {
@@ -91,6 +101,9 @@ func NewTable(services []*Service) (*Table, error) {
 			}
 		}
 		for _, ep := range s.Endpoints {
+			if ep.Workload != nil {
+				t.workloads[ep.IP.Unmap()] = ep.Workload
+			}
 			if other, ok := t.byPod[ep.IP]; !ok || other.Unbound {
 				t.byPod[ep.IP] = s
 			}

@@ -52,7 +52,7 @@ type httpStream struct {
 // up is the onward stream dialed before the 200; it is reused for the first request to its
 // endpoint.
 func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination) error {
-	hs := &httpStream{h: h, req: req, labels: streamLabels(req, dest), pre: up, port: dest.Port.Port}
+	hs := &httpStream{h: h, req: req, labels: h.streamLabels(req, dest), pre: up, port: dest.Port.Port}
 	if dest.Service != nil {
 		hs.svcNS, hs.svc = dest.Service.Namespace, dest.Service.Name
 	}
@@ -137,10 +137,14 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if grpc {
 		done.Protocol, done.GRPCStatus = "grpc", grpcStatus(rec.Header())
 	}
-	hs.h.Metrics.RequestDone(hs.labels, done)
+	labels := hs.labels
+	if rec.dest != nil {
+		labels = hs.h.withEndpoint(labels, rec.dest, rec.ep)
+	}
+	hs.h.Metrics.RequestDone(labels, done)
 	if al := hs.h.AccessLog; al != nil {
 		al.Info("request", "protocol", r.Proto, "method", r.Method, "authority", r.Host, "path", path,
-			"status", rec.code, "grpc_status", done.GRPCStatus, "flags", done.Flags, "source", hs.labels.SourcePrincipal,
+			"status", rec.code, "grpc_status", done.GRPCStatus, "flags", done.Flags, "source", authz.Principal(hs.labels.Source.Principal),
 			"service", hs.labels.Service, "upstream", rec.upstream, "duration_ms", done.Duration.Milliseconds())
 	}
 }
@@ -182,7 +186,7 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 		resp, err := t.RoundTrip(&out)
 		if err == nil {
 			if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
-				rec.upstream = ep.String()
+				rec.upstream, rec.ep, rec.dest = ep.String(), ep, dest
 			}
 			hs.h.Balancer.Started(ep)
 			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { hs.h.Balancer.Done(ep) }}
@@ -336,6 +340,8 @@ type recorder struct {
 	code     int
 	flags    string
 	upstream string
+	ep       netip.AddrPort     // the endpoint that answered, with dest
+	dest     *route.Destination // nil when no endpoint answered
 }
 
 func (r *recorder) WriteHeader(code int) {

@@ -75,12 +75,17 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 	}
 	var eps []route.Endpoint
 	for i := 2; i <= 5; i++ {
-		eps = append(eps, route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: "web"})
+		eps = append(eps, route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: "web",
+			Workload: &route.Workload{Name: "web-v1", Namespace: "demo", ServiceAccount: "web", App: "web", Version: "v1",
+				CanonicalService: "web", CanonicalRevision: "v1"}})
 	}
+	// The client's pod: the HBONE client connects from 127.0.0.1, as ztunnel from the client pod's address.
+	sleep := &route.Workload{IPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Name: "sleep", Namespace: "default",
+		ServiceAccount: "sleep", App: "sleep", CanonicalService: "sleep", CanonicalRevision: "latest"}
 	port.TargetPort = uint16(appPort)
 	b.appPort = appPort
 	table, err := route.NewTable([]*route.Service{{Name: "web", Namespace: "demo", Hostname: "web.demo.svc.cluster.local",
-		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{port}, Endpoints: eps}})
+		VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.20")}, Ports: []route.Port{port}, Endpoints: eps}}, sleep)
 	if err != nil {
 		t.Fatal(err)
 	}

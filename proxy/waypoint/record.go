@@ -1,9 +1,11 @@
 package waypoint
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/sniff"
@@ -23,7 +25,11 @@ type streamRecord struct {
 }
 
 func (h *Handler) openRecord(req *hbone.Request, dest *route.Destination, proto sniff.Protocol, upstream string) *streamRecord {
-	r := &streamRecord{h: h, labels: streamLabels(req, dest), proto: proto, target: req.Target.String(), upstream: upstream, start: time.Now()}
+	labels := h.streamLabels(req, dest)
+	if ep, err := netip.ParseAddrPort(upstream); err == nil && dest.Service != nil {
+		labels = h.withEndpoint(labels, dest, ep)
+	}
+	r := &streamRecord{h: h, labels: labels, proto: proto, target: req.Target.String(), upstream: upstream, start: time.Now()}
 	h.Metrics.StreamOpened(r.labels)
 	return r
 }
@@ -31,7 +37,7 @@ func (h *Handler) openRecord(req *hbone.Request, dest *route.Destination, proto 
 func (r *streamRecord) close(c hbone.Counts, err error) {
 	r.h.Metrics.StreamClosed(r.labels, c.AToB, c.BToA)
 	if al := r.h.AccessLog; al != nil {
-		al.Info("stream", "protocol", r.proto.String(), "source", r.labels.SourcePrincipal, "target", r.target,
+		al.Info("stream", "protocol", r.proto.String(), "source", authz.Principal(r.labels.Source.Principal), "target", r.target,
 			"service", r.labels.Service, "upstream", r.upstream, "received", c.AToB, "sent", c.BToA,
 			"duration_ms", time.Since(r.start).Milliseconds(), "err", errString(err))
 	}

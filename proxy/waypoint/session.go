@@ -309,7 +309,7 @@ func (hs *httpStream) stealRequest(w *recorder, r *http.Request, path string, st
 			code = http.StatusOK
 		}
 		st.Report(tunnel.Event{Kind: tunnel.EventRequest, Method: r.Method, Path: path, Status: code,
-			Micros: time.Since(start).Microseconds(), Source: hs.labels.SourcePrincipal})
+			Micros: time.Since(start).Microseconds(), Source: authz.Principal(hs.labels.Source.Principal)})
 	}
 }
 
@@ -371,7 +371,7 @@ func (hs *httpStream) mirrorRequest(r *http.Request, path string, mirrors []*ses
 		hdr.Del(k)
 	}
 	method, host, uri, h2 := r.Method, r.Host, r.URL.RequestURI(), r.ProtoMajor == 2
-	source := hs.labels.SourcePrincipal
+	source := authz.Principal(hs.labels.Source.Principal)
 	dispatch := func(body []byte, ok bool) {
 		for _, m := range ms {
 			if !ok {

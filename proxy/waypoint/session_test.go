@@ -269,10 +269,10 @@ func TestStolenStreamCounted(t *testing.T) {
 			t.Errorf("istio_tcp_connections_%s_total: %d series, want 1", name, n)
 		}
 	}
-	if got := testutil.ToFloat64(m.Closed.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls")); got != 1 {
+	if got := metrics.Sum(m.Closed, istioStreamLabels("sleep", "echo")); got != 1 {
 		t.Errorf("closed with Istio's labels = %v, want 1", got)
 	}
-	if got := testutil.ToFloat64(m.Received.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls")); got != 3 {
+	if got := metrics.Sum(m.Received, istioStreamLabels("sleep", "echo")); got != 3 {
 		t.Errorf("received bytes = %v, want 3", got)
 	}
 }

@@ -158,14 +158,6 @@ func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest
 	return err
 }
 
-func streamLabels(req *hbone.Request, dest *route.Destination) metrics.Stream {
-	labels := metrics.Stream{SourcePrincipal: authz.Principal(req.PeerID.String())}
-	if dest.Service != nil {
-		labels.Service, labels.ServiceNamespace = dest.Service.Hostname, dest.Service.Namespace
-	}
-	return labels
-}
-
 func errString(err error) string {
 	if err == nil {
 		return ""

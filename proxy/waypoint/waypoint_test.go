@@ -267,7 +267,7 @@ func TestMetricsMatchTraffic(t *testing.T) {
 			t.Errorf("%s = %v, want %v", name, v, want)
 		}
 	}
-	labels := testutil.ToFloat64(m.Opened.WithLabelValues("waypoint", "cluster.local/ns/default/sa/sleep", "echo.demo.svc.cluster.local", "demo", "mutual_tls"))
+	labels := metrics.Sum(m.Opened, istioStreamLabels("sleep", "echo"))
 	if labels != 12 {
 		t.Errorf("opened with Istio's labels = %v, want 12", labels)
 	}
