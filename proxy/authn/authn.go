@@ -53,7 +53,8 @@ type Authenticator struct {
 	keys     *Keys
 	now      func() time.Time
 
-	rules sync.Map // authz.Service → []*rule, compiled on first use
+	rules    sync.Map // authz.Service → []*rule, compiled on first use
+	verified verifiedCache
 }
 
 // New builds an authenticator for waypoint wp. keys fetches jwksUri key sets (nil: a Keys of
@@ -275,8 +276,18 @@ func (a *Authenticator) verifyRule(ctx context.Context, ru *rule, tokens []token
 }
 
 // verify checks one token as Envoy's authenticator, in its order: the form, the issuer, exp and
-// nbf, the audiences, then the signature with the rule's key set.
+// nbf, the audiences, then the signature with the rule's key set (once per token and key set:
+// see verifiedCache).
 func (a *Authenticator) verify(ctx context.Context, ru *rule, t token) (verified, string) {
+	if c := a.verified.get(ru, t.raw); c != nil {
+		if set, err := a.keySet(ctx, ru); err == nil && set == c.set {
+			j, status := a.checkClaims(ru, c.claims)
+			if status != "" {
+				return verified{}, status
+			}
+			return verified{at: t.at, payload: c.payload, claims: c.claims, jwt: j}, ""
+		}
+	}
 	parts := strings.Split(t.raw, ".")
 	if len(parts) != 3 {
 		return verified{}, StatusBadFormat
@@ -297,9 +308,14 @@ func (a *Authenticator) verify(ctx context.Context, ru *rule, t token) (verified
 	if status != "" {
 		return verified{}, status
 	}
-	if status := a.checkSignature(ctx, ru, tok); status != "" {
+	set, err := a.keySet(ctx, ru)
+	if err != nil {
+		return verified{}, StatusVerificationFail // fail closed, as istiod's fake key set does
+	}
+	if status := checkSignature(set, tok); status != "" {
 		return verified{}, status
 	}
+	a.verified.put(ru, t.raw, &cached{set: set, claims: claims, payload: parts[1]})
 	return verified{at: t.at, payload: parts[1], claims: claims, jwt: j}, ""
 }
 
@@ -342,15 +358,16 @@ func (a *Authenticator) checkClaims(ru *rule, claims map[string]any) (*authz.JWT
 	return &authz.JWT{Principal: iss + "/" + sub, Audiences: aud, Presenter: azp, Claims: splitSpaced(claims, ru.spaced)}, ""
 }
 
-// checkSignature verifies tok with the rule's keys: the key its kid names, else each key.
-func (a *Authenticator) checkSignature(ctx context.Context, ru *rule, tok *jwt.JSONWebToken) string {
-	set, err := ru.inline, ru.keyErr
-	if set == nil && err == nil {
-		set, err = a.keys.Get(ctx, ru.spec.GetJwksUri(), ru.spec.GetTimeout().AsDuration())
+// keySet is the rule's key set: inline, or fetched from jwksUri.
+func (a *Authenticator) keySet(ctx context.Context, ru *rule) (*jose.JSONWebKeySet, error) {
+	if ru.inline != nil || ru.keyErr != nil {
+		return ru.inline, ru.keyErr
 	}
-	if err != nil {
-		return StatusVerificationFail // fail closed, as istiod's fake key set does
-	}
+	return a.keys.Get(ctx, ru.spec.GetJwksUri(), ru.spec.GetTimeout().AsDuration())
+}
+
+// checkSignature verifies tok with set: the key its kid names, else each key.
+func checkSignature(set *jose.JSONWebKeySet, tok *jwt.JSONWebToken) string {
 	keys := set.Keys
 	if kid := tok.Headers[0].KeyID; kid != "" {
 		keys = set.Key(kid)

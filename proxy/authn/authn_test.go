@@ -285,6 +285,15 @@ func TestJWKSURI(t *testing.T) {
 	if n := srv.hits.Load(); n != 2 {
 		t.Fatalf("a stale set was refreshed %d times, want once", n-1)
 	}
+	// The key rotates (same kid, another key): once refreshed, the token cached as verified is
+	// checked against the new set, and fails.
+	now = now.Add(2 * time.Minute)
+	srv.set(200, newSigner(t, "k1").jwks)
+	check(StatusVerificationFail)
+	srv.set(200, iss.jwks)
+	now = now.Add(2 * time.Minute)
+	check("")
+	hits := srv.hits.Load()
 	// A new issuer whose keys cannot be had: its tokens fail, and the next fetch waits for Retry.
 	srv.set(404, "")
 	a2 := New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: "iss1", JwksUri: srv.URL + "/other.json"})}, keys, clock)
@@ -293,8 +302,8 @@ func TestJWKSURI(t *testing.T) {
 			t.Fatalf("unavailable keys: %q, want %q", status(err), StatusVerificationFail)
 		}
 	}
-	if n := srv.hits.Load(); n != 3 {
-		t.Fatalf("an unavailable key set was fetched %d times in its retry interval, want once", n-2)
+	if n := srv.hits.Load(); n != hits+1 {
+		t.Fatalf("an unavailable key set was fetched %d times in its retry interval, want once", n-hits)
 	}
 	// Requests without a token need no keys.
 	if _, err := a2.Authenticate(context.Background(), request(t, "/"), web); err != nil {
@@ -319,5 +328,23 @@ func TestJWKSBounds(t *testing.T) {
 	ok := newJWKSServer(t, iss.jwks)
 	if set, err := keys.Get(context.Background(), ok.URL, 0); err != nil || len(set.Keys) != 1 {
 		t.Errorf("a good set: %v, %v", set, err)
+	}
+}
+
+// A token verified once is still checked for exp on every request (the cache keeps only the
+// signature's verdict).
+func TestVerifiedTokenStillExpires(t *testing.T) {
+	iss := newSigner(t, "k1")
+	now := epoch
+	a := New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: "iss1", Jwks: iss.jwks})}, nil, func() time.Time { return now })
+	tok := iss.sign(t, claims("iss1", "alice", "exp", epoch.Add(time.Minute).Unix()))
+	for _, want := range []string{"", ""} {
+		if _, err := a.Authenticate(context.Background(), request(t, "/", bearer(tok)...), web); status(err) != want {
+			t.Fatalf("status %q, want %q", status(err), want)
+		}
+	}
+	now = epoch.Add(time.Hour)
+	if _, err := a.Authenticate(context.Background(), request(t, "/", bearer(tok)...), web); status(err) != StatusExpired {
+		t.Fatalf("status %q, want %q", status(err), StatusExpired)
 	}
 }
