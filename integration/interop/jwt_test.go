@@ -22,6 +22,9 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 	secv1beta1 "istio.io/api/security/v1beta1"
+	"istio.io/istio/pkg/config"
+	"istio.io/istio/pkg/config/schema/gvk"
+	"istio.io/istio/pkg/config/validation"
 	istiohbone "istio.io/istio/pkg/hbone"
 	"istio.io/istio/tests/common/jwt"
 	"sigs.k8s.io/yaml"
@@ -139,12 +142,14 @@ func (b *jwtBed) apply(t *testing.T, docs string) {
 			if err := protojson.Unmarshal(obj.Spec, spec); err != nil {
 				t.Fatalf("%s: %v", obj.Metadata.Name, err)
 			}
+			istioValidates(t, validation.ValidateRequestAuthentication, gvk.RequestAuthentication, ns, obj.Metadata.Name, spec)
 			ras = append(ras, &authn.Policy{Namespace: ns, Name: obj.Metadata.Name, Spec: spec})
 		case "AuthorizationPolicy":
 			spec := &secv1beta1.AuthorizationPolicy{}
 			if err := protojson.Unmarshal(obj.Spec, spec); err != nil {
 				t.Fatalf("%s: %v", obj.Metadata.Name, err)
 			}
+			istioValidates(t, validation.ValidateAuthorizationPolicy, gvk.AuthorizationPolicy, ns, obj.Metadata.Name, spec)
 			aps = append(aps, &authz.Policy{Namespace: ns, Name: obj.Metadata.Name, Spec: spec})
 		default:
 			t.Fatalf("kind %q", obj.Kind)
@@ -152,6 +157,15 @@ func (b *jwtBed) apply(t *testing.T, docs string) {
 	}
 	b.engine.Store(authz.New(wp, aps))
 	b.authn.Store(authn.New(wp, ras, b.keys, nil))
+}
+
+// istioValidates runs istiod's own validation (pkg/config/validation, what its webhook runs) on
+// an object: every case's objects are ones istiod accepts.
+func istioValidates(t *testing.T, validate validation.ValidateFunc, kind config.GroupVersionKind, ns, name string, spec config.Spec) {
+	t.Helper()
+	if _, err := validate(config.Config{Meta: config.Meta{GroupVersionKind: kind, Namespace: ns, Name: name}, Spec: spec}); err != nil {
+		t.Fatalf("istiod refuses %s %s/%s: %v", kind.Kind, ns, name, err)
+	}
 }
 
 // client sends requests over Istio HBONE streams; h2 selects HTTP/2 prior knowledge.
