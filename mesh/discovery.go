@@ -1,7 +1,7 @@
 // Package mesh is detour's Kubernetes side: Discovery watches Namespaces, Services,
-// EndpointSlices, Pods and Istio AuthorizationPolicies with client-go informers and compiles them
-// into the route table and policy engine the waypoint reads (proxy/route, proxy/authz), which
-// never import client-go.
+// EndpointSlices, Pods and Istio AuthorizationPolicies and RequestAuthentications with client-go
+// informers and compiles them into the route table, policy engine and authenticator the waypoint
+// reads (proxy/route, proxy/authz, proxy/authn), which never import client-go.
 package mesh
 
 import (
@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/route"
 )
@@ -60,6 +61,8 @@ type Discovery struct {
 
 	routes  atomic.Pointer[route.Table]
 	engine  atomic.Pointer[authz.Engine]
+	authn   atomic.Pointer[authn.Authenticator]
+	keys    authn.Keys // jwksUri key sets, kept across snapshots
 	ready   atomic.Bool
 	builds  atomic.Int64
 	changed chan struct{}
@@ -83,6 +86,10 @@ func (d *Discovery) Policies() *authz.Engine {
 	return notSynced
 }
 
+// Authn is the current RequestAuthentication authenticator; nil before the first sync (when
+// Policies denies everything anyway).
+func (d *Discovery) Authn() *authn.Authenticator { return d.authn.Load() }
+
 // notSynced denies every request (one DENY policy matching everything).
 var notSynced = authz.DenyAll("detour/discovery-not-synced")
 
@@ -99,6 +106,7 @@ type listers struct {
 	pod       func(ns, name string) (*corev1.Pod, error)
 	pods      func() ([]*corev1.Pod, error)
 	policies  func() ([]*authz.Policy, error)
+	authns    func() ([]*authn.Policy, error)
 }
 
 // Run watches until ctx ends.
@@ -124,12 +132,13 @@ func (d *Discovery) Run(ctx context.Context) error {
 	svc, sl, pods := kf.Core().V1().Services(), kf.Discovery().V1().EndpointSlices(), kf.Core().V1().Pods()
 	nss := nf.Core().V1().Namespaces()
 	aps := inf.Security().V1().AuthorizationPolicies()
+	ras := inf.Security().V1().RequestAuthentications()
 	poke := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { d.poke() },
 		UpdateFunc: func(any, any) { d.poke() },
 		DeleteFunc: func(any) { d.poke() },
 	}
-	for _, i := range []cache.SharedIndexInformer{nss.Informer(), svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer()} {
+	for _, i := range []cache.SharedIndexInformer{nss.Informer(), svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer(), ras.Informer()} {
 		if _, err := i.AddEventHandler(poke); err != nil {
 			return fmt.Errorf("mesh: %w", err)
 		}
@@ -166,6 +175,17 @@ func (d *Discovery) Run(ctx context.Context) error {
 			out := make([]*authz.Policy, 0, len(list))
 			for _, ap := range list {
 				out = append(out, &authz.Policy{Namespace: ap.Namespace, Name: ap.Name, Spec: &ap.Spec, DryRun: authz.DryRun(ap.Annotations)})
+			}
+			return out, nil
+		},
+		authns: func() ([]*authn.Policy, error) {
+			list, err := ras.Lister().List(labels.Everything())
+			if err != nil {
+				return nil, err
+			}
+			out := make([]*authn.Policy, 0, len(list))
+			for _, ra := range list {
+				out = append(out, &authn.Policy{Namespace: ra.Namespace, Name: ra.Name, Spec: &ra.Spec})
 			}
 			return out, nil
 		},
@@ -229,6 +249,14 @@ func (d *Discovery) rebuild(l listers) {
 		d.log().Error("mesh: policies not updated", "err", err)
 	} else {
 		d.engine.Store(authz.New(d.Waypoint, ps))
+	}
+	if d.keys.Logger == nil {
+		d.keys.Logger = d.log()
+	}
+	if ras, err := l.authns(); err != nil {
+		d.log().Error("mesh: request authentications not updated", "err", err)
+	} else {
+		d.authn.Store(authn.New(d.Waypoint, ras, &d.keys, nil))
 	}
 	d.builds.Add(1)
 }

@@ -41,6 +41,12 @@ const waypointCPU = "1"
 // 127.0.0.2:targetPort behind the terminator on terminatorPort) and returns its HBONE address and
 // a reading of its CPU time.
 func externalWaypoint(b *testing.B, caDir string, terminatorPort, targetPort int, inspect string) (string, func() time.Duration) {
+	return externalWaypointWith(b, caDir, terminatorPort, targetPort, inspect, "")
+}
+
+// externalWaypointWith is externalWaypoint with more of discovery.static (policies,
+// requestAuthentications: YAML indented for that mapping).
+func externalWaypointWith(b *testing.B, caDir string, terminatorPort, targetPort int, inspect, static string) (string, func() time.Duration) {
 	bin := os.Getenv("DETOUR_BENCH_BIN")
 	if bin == "" {
 		b.Skip("DETOUR_BENCH_BIN is not set: run `make bench-waypoint`")
@@ -57,7 +63,7 @@ discovery:
       vips: [10.96.0.10]
       ports: [{name: echo, port: 80, targetPort: %d}]
       endpoints: [{ip: 127.0.0.2, serviceAccount: echo}]
-`, caDir, it.ServerID, hboneAddr, health, terminatorPort, inspect, targetPort)
+`, caDir, it.ServerID, hboneAddr, health, terminatorPort, inspect, targetPort) + static
 	path := filepath.Join(b.TempDir(), "waypoint.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		b.Fatal(err)
@@ -127,6 +133,11 @@ type pinnedBed struct {
 }
 
 func newPinnedBed(b *testing.B, targetPort int, inspect string) *pinnedBed {
+	return newPinnedBedWith(b, targetPort, inspect, "")
+}
+
+// newPinnedBedWith is newPinnedBed with more of discovery.static (see externalWaypointWith).
+func newPinnedBedWith(b *testing.B, targetPort int, inspect, static string) *pinnedBed {
 	caDir := filepath.Join(b.TempDir(), "ca")
 	ca, err := devca.Init(caDir, "cluster.local")
 	if err != nil {
@@ -146,7 +157,7 @@ func newPinnedBed(b *testing.B, targetPort int, inspect string) *pinnedBed {
 	backend := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(issue("spiffe://cluster.local/ns/demo/sa/echo"), nil), Logger: quiet}
 	go backend.Serve(bl)
 	b.Cleanup(func() { backend.Close() })
-	wp, cpu := externalWaypoint(b, caDir, bl.Addr().(*net.TCPAddr).Port, targetPort, inspect)
+	wp, cpu := externalWaypointWith(b, caDir, bl.Addr().(*net.TCPAddr).Port, targetPort, inspect, static)
 	client := issue(it.ClientID)
 	directTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo"))
 	wpTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString(it.ServerID))

@@ -6,9 +6,9 @@
 // applies, one must match); AUDIT only marks the decision. A policy annotated
 // `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
 //
-// An attribute the stream cannot give (HTTP fields on an opaque TCP stream, JWT claims, which
-// detour does not validate) makes an ALLOW rule unmatchable and is ignored in a DENY rule, as
-// Istio does: both directions fail closed.
+// An attribute the stream cannot give (HTTP fields, request principals and JWT claims on an
+// opaque TCP stream) makes an ALLOW rule unmatchable and is ignored in a DENY rule, as Istio
+// does: both directions fail closed. An HTTP request without a token has no request principal.
 package authz
 
 import (
@@ -52,15 +52,14 @@ type Waypoint struct {
 
 // Request is what a policy can look at.
 type Request struct {
-	Principal  string     // peer SPIFFE ID without "spiffe://": cluster.local/ns/x/sa/y; "" if none
-	SourceIP   netip.Addr // the original client (Forwarded)
-	RemoteIP   netip.Addr // X-Forwarded-For's client for HTTP; zero means SourceIP
-	DestIP     netip.Addr
-	DestPort   uint16
-	SNI        string
-	Service    Service      // the destination service
-	HTTP       *HTTPRequest // nil for an opaque stream
-	RequestJWT bool         // always false: detour validates no JWT
+	Principal string     // peer SPIFFE ID without "spiffe://": cluster.local/ns/x/sa/y; "" if none
+	SourceIP  netip.Addr // the original client (Forwarded)
+	RemoteIP  netip.Addr // X-Forwarded-For's client for HTTP; zero means SourceIP
+	DestIP    netip.Addr
+	DestPort  uint16
+	SNI       string
+	Service   Service      // the destination service
+	HTTP      *HTTPRequest // nil for an opaque stream
 }
 
 // Principal is a SPIFFE ID in the form Istio's policies name it (source.principal,
@@ -74,6 +73,7 @@ type Service struct{ Namespace, Name string }
 type HTTPRequest struct {
 	Host, Method, Path string
 	Header             http.Header
+	JWT                *JWT // the validated token (RequestAuthentication); nil: none
 }
 
 // Decision is the outcome and who made it.
@@ -199,15 +199,25 @@ func (e *Engine) applies(p *Policy, dst Service) bool {
 	if e.all {
 		return true
 	}
-	refs := p.Spec.GetTargetRefs()
-	if r := p.Spec.GetTargetRef(); len(refs) == 0 && r != nil {
-		refs = append(refs, r) // the legacy targetRef counts only without targetRefs, as in istiod
+	return Attached(p.Spec.GetTargetRefs(), p.Spec.GetTargetRef(), p.Namespace, e.wp, dst)
+}
+
+// Attached reports whether a policy in namespace ns with these targetRefs (and the legacy
+// targetRef, which counts only without targetRefs, as in istiod) binds at waypoint wp for
+// dst: Istio's ShouldAttachPolicy for a waypoint (pilot/pkg/model/policyattachment.go), which
+// never uses a selector. AuthorizationPolicy and RequestAuthentication attach alike.
+func Attached(refs []*typev1beta1.PolicyTargetReference, legacy *typev1beta1.PolicyTargetReference, ns string, wp Waypoint, dst Service) bool {
+	if wp.RootNamespace == "" {
+		wp.RootNamespace = "istio-system"
+	}
+	if len(refs) == 0 && legacy != nil {
+		refs = []*typev1beta1.PolicyTargetReference{legacy}
 	}
 	for _, r := range refs {
-		if r.GetNamespace() != "" && r.GetNamespace() != p.Namespace {
+		if r.GetNamespace() != "" && r.GetNamespace() != ns {
 			continue // cross-namespace references are not allowed
 		}
-		if targets(r, p.Namespace, e.wp, dst) {
+		if targets(r, ns, wp, dst) {
 			return true
 		}
 	}
@@ -347,10 +357,10 @@ func sourceFields(s *secv1beta1.Source, req *Request, policyNS string) []tri {
 	if !remote.IsValid() {
 		remote = req.SourceIP
 	}
-	jwt := func(string) tri { return unknown }
+	principals := jwtField(req, func(j *JWT) []string { return nonEmpty(j.Principal) })
 	return []tri{
 		field(s.GetPrincipals(), s.GetNotPrincipals(), func(v string) tri { return boolTri(wildcard(v, req.Principal)) }),
-		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), jwt),
+		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), principals),
 		field(s.GetNamespaces(), s.GetNotNamespaces(), func(v string) tri { return boolTri(wildcard(v, ns)) }),
 		field(s.GetServiceAccounts(), s.GetNotServiceAccounts(), serviceAccount),
 		field(s.GetTrustDomains(), s.GetNotTrustDomains(), func(v string) tri { return boolTri(wildcard(v, td)) }),
@@ -411,10 +421,12 @@ func condition(c *secv1beta1.Condition, req *Request) tri {
 		got := req.HTTP.Header.Values(key[len("request.headers[") : len(key)-1])
 		joined := strings.Join(got, ",")
 		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(len(got) > 0 && wildcard(v, joined)) })
-	default:
-		// request.auth.* (JWT, not validated by detour) and keys a waypoint does not support.
-		return unknown
 	}
+	if t, ok := jwtCondition(key, c.GetValues(), c.GetNotValues(), req); ok {
+		return t
+	}
+	return unknown // a key a waypoint does not support
+
 }
 
 // wildcard is Istio's string match: "*" (present), "*suffix", "prefix*", or exact.
@@ -523,7 +535,7 @@ func (e *Engine) NeedsL7(dst Service) bool {
 func ruleNeedsL7(r *secv1beta1.Rule) bool {
 	for _, f := range r.GetFrom() {
 		s := f.GetSource()
-		if len(s.GetRemoteIpBlocks())+len(s.GetNotRemoteIpBlocks()) > 0 {
+		if len(s.GetRemoteIpBlocks())+len(s.GetNotRemoteIpBlocks())+len(s.GetRequestPrincipals())+len(s.GetNotRequestPrincipals()) > 0 {
 			return true
 		}
 	}
@@ -535,7 +547,7 @@ func ruleNeedsL7(r *secv1beta1.Rule) bool {
 	}
 	for _, c := range r.GetWhen() {
 		k := c.GetKey()
-		if k == "remote.ip" || k == "connection.sni" || strings.HasPrefix(k, "request.headers[") {
+		if k == "remote.ip" || k == "connection.sni" || strings.HasPrefix(k, "request.headers[") || strings.HasPrefix(k, "request.auth.") {
 			return true
 		}
 	}

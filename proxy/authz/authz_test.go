@@ -1,6 +1,7 @@
 package authz
 
 import (
+	"encoding/json"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -41,6 +42,15 @@ func when(c ...*cond) *rule { return &rule{When: c} }
 func tcp() *Request         { return req(nil) }
 func httpReq(method, path string) *Request {
 	return req(&HTTPRequest{Host: "echo.demo.svc.cluster.local:80", Method: method, Path: path, Header: http.Header{"X-Dev": {"alice"}}})
+}
+
+// withJWT gives r a validated token: principal issuer/subject, audiences foo and bar, presenter
+// client, groups [dev admin], nested.key "value1", iat a number.
+func withJWT(r *Request) *Request {
+	r.HTTP.JWT = &JWT{Principal: "issuer/subject", Audiences: []string{"foo", "bar"}, Presenter: "client", Claims: map[string]any{
+		"groups": []any{"dev", "admin"}, "nested": map[string]any{"key": "value1"}, "iat": json.Number("1"),
+	}}
+	return r
 }
 
 func req(h *HTTPRequest) *Request {
@@ -99,8 +109,16 @@ func TestConformance(t *testing.T) {
 		{"ipBlocks single IP no match", []*Policy{pol("d", DENY, toEcho, from(&src{IpBlocks: []string{"10.244.1.6"}}))}, tcp(), true, ""},
 		{"notIpBlocks", []*Policy{pol("a", ALLOW, toEcho, from(&src{NotIpBlocks: []string{"10.244.1.0/24"}}))}, tcp(), false, ""},
 		{"remoteIpBlocks fall back to the source IP", []*Policy{pol("a", ALLOW, toEcho, from(&src{RemoteIpBlocks: []string{"10.244.1.5"}}))}, tcp(), true, "demo/a"},
-		{"requestPrincipals (JWT) never match an ALLOW", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"*"}}))}, httpReq("GET", "/"), false, ""},
-		{"requestPrincipals (JWT) are ignored in a DENY", []*Policy{pol("d", DENY, toEcho, from(&src{RequestPrincipals: []string{"issuer/subject"}, Namespaces: []string{"default"}}))}, httpReq("GET", "/"), false, "demo/d"},
+		{"requestPrincipals: no token, no ALLOW", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"*"}}))}, httpReq("GET", "/"), false, ""},
+		{"requestPrincipals: a token's principal", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"issuer/subject"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"requestPrincipals: prefix", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"issuer/*"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"requestPrincipals: another principal", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"issuer/other"}}))}, withJWT(httpReq("GET", "/")), false, ""},
+		{"requestPrincipals never match an ALLOW on an opaque stream", []*Policy{pol("a", ALLOW, toEcho, from(&src{RequestPrincipals: []string{"*"}}))}, tcp(), false, ""},
+		{"requestPrincipals are ignored in a DENY on an opaque stream", []*Policy{pol("d", DENY, toEcho, from(&src{RequestPrincipals: []string{"issuer/subject"}, Namespaces: []string{"default"}}))}, tcp(), false, "demo/d"},
+		{"requestPrincipals: no token does not match a DENY", []*Policy{pol("d", DENY, toEcho, from(&src{RequestPrincipals: []string{"issuer/subject"}}))}, httpReq("GET", "/"), true, ""},
+		{"notRequestPrincipals *: no token is denied", []*Policy{pol("d", DENY, toEcho, from(&src{NotRequestPrincipals: []string{"*"}}))}, httpReq("GET", "/"), false, "demo/d"},
+		{"notRequestPrincipals *: a token passes", []*Policy{pol("d", DENY, toEcho, from(&src{NotRequestPrincipals: []string{"*"}}))}, withJWT(httpReq("GET", "/")), true, ""},
+		{"notRequestPrincipals on an opaque stream: DENY ignores it", []*Policy{pol("d", DENY, toEcho, from(&src{NotRequestPrincipals: []string{"*"}}))}, tcp(), false, "demo/d"},
 		{"two sources are ORed", []*Policy{pol("a", ALLOW, toEcho, &rule{From: []*secv1beta1.Rule_From{{Source: &src{Namespaces: []string{"prod"}}}, {Source: &src{Namespaces: []string{"default"}}}}})}, tcp(), true, "demo/a"},
 		{"fields of one source are ANDed", []*Policy{pol("a", ALLOW, toEcho, from(&src{Namespaces: []string{"default"}, IpBlocks: []string{"192.168.0.0/16"}}))}, tcp(), false, ""},
 		// Operation fields.
@@ -125,7 +143,18 @@ func TestConformance(t *testing.T) {
 		{"when source.ip", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "source.ip", Values: []string{"10.244.0.0/16"}}))}, tcp(), true, "demo/a"},
 		{"when destination.port", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "destination.port", Values: []string{"443"}}))}, tcp(), false, ""},
 		{"when connection.sni", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "connection.sni", Values: []string{"*.example.com"}}))}, tcp(), true, "demo/a"},
-		{"when request.auth.claims never matches an ALLOW", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[groups]", Values: []string{"admin"}}))}, httpReq("GET", "/"), false, ""},
+		{"when request.auth.claims: no token, no ALLOW", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[groups]", Values: []string{"admin"}}))}, httpReq("GET", "/"), false, ""},
+		{"when request.auth.claims: list claim, any element", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[groups]", Values: []string{"admin"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"when request.auth.claims: nested", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[nested][key]", Values: []string{"value*"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"when request.auth.claims: nested, absent", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[nested][other]", Values: []string{"*"}}))}, withJWT(httpReq("GET", "/")), false, ""},
+		{"when request.auth.claims: a number matches no string", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[iat]", Values: []string{"1"}}))}, withJWT(httpReq("GET", "/")), false, ""},
+		{"when request.auth.claims: malformed key never matches an ALLOW", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.claims[groups", Values: []string{"admin"}}))}, withJWT(httpReq("GET", "/")), false, ""},
+		{"when request.auth.claims notValues", []*Policy{pol("d", DENY, toEcho, when(&cond{Key: "request.auth.claims[groups]", NotValues: []string{"admin"}}))}, withJWT(httpReq("GET", "/")), true, ""},
+		{"when request.auth.principal", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.principal", Values: []string{"issuer/subject"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"when request.auth.audiences", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.audiences", Values: []string{"bar"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"when request.auth.presenter", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.presenter", Values: []string{"client"}}))}, withJWT(httpReq("GET", "/")), true, "demo/a"},
+		{"when request.auth.presenter, other", []*Policy{pol("a", ALLOW, toEcho, when(&cond{Key: "request.auth.presenter", Values: []string{"other"}}))}, withJWT(httpReq("GET", "/")), false, ""},
+		{"when request.auth.claims on an opaque stream: DENY ignores it", []*Policy{pol("d", DENY, toEcho, when(&cond{Key: "request.auth.claims[groups]", Values: []string{"admin"}}))}, tcp(), false, "demo/d"},
 		{"when unsupported key is ignored in a DENY", []*Policy{pol("d", DENY, toEcho, when(&cond{Key: "experimental.envoy.filters.x", Values: []string{"y"}}))}, tcp(), false, "demo/d"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

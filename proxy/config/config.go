@@ -127,6 +127,9 @@ type Kubernetes struct {
 type Static struct {
 	Services []Service `json:"services"`
 	Policies []Policy  `json:"policies"`
+	// RequestAuthentications are security.istio.io RequestAuthentication objects (JWT rules),
+	// bound by targetRefs as AuthorizationPolicies. Default none.
+	RequestAuthentications []RequestAuthentication `json:"requestAuthentications"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -208,6 +211,9 @@ func Decode(doc []byte) (*Config, error) {
 		return nil, err
 	}
 	if err := checkPolicies(doc); err != nil {
+		return nil, err
+	}
+	if err := checkRequestAuthentications(doc); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(j))
@@ -343,6 +349,7 @@ func (c *Config) validate() error {
 				bad("a policy needs name, namespace and spec")
 			}
 		}
+		errs = append(errs, validateRequestAuthentications(s.RequestAuthentications)...)
 	}
 	return errors.Join(errs...)
 }

@@ -103,6 +103,9 @@ func checkValue(v *yaml.Node, fd protoreflect.FieldDescriptor, path string) erro
 func checkElem(v *yaml.Node, fd protoreflect.FieldDescriptor, path string) error {
 	switch fd.Kind() {
 	case protoreflect.MessageKind, protoreflect.GroupKind:
+		if fd.Message().FullName() == "google.protobuf.Duration" && v.Kind == yaml.ScalarNode {
+			return nil // "5s", as protojson writes a Duration
+		}
 		return checkMessage(v, fd.Message(), path)
 	case protoreflect.EnumKind:
 		ed := fd.Enum()

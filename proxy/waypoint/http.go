@@ -113,7 +113,9 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if hs.h.Policies != nil {
 			engine = hs.h.Policies()
 		}
-		if err := hs.h.authorize(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req); err != nil {
+		if !hs.authenticate(rec, r, grpc, dest, hr) {
+			// answered: a token failed (401), before any policy, as Envoy's jwt_authn
+		} else if err := hs.h.authorize(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req); err != nil {
 			localReply(rec, grpc, http.StatusForbidden, 7, "RBAC: access denied")
 		} else {
 			steal, mirrors := requestSessions(hs.h.Sessions.For(hs.svcNS, hs.svc, hs.port), r, path)

@@ -125,6 +125,8 @@ func (h *Handler) inspects(p *plan, sessions []*session.Session) bool {
 		return true
 	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)):
 		return true
+	case h.Authn != nil && h.Authn().Applies(authzService(p.dest)):
+		return true // tokens are validated per request
 	case h.Inspect == InspectOpaque, p.steal != nil, len(p.mirrors) > 0:
 		return false
 	}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
@@ -72,6 +73,9 @@ type Handler struct {
 	Dialer *hbone.Dialer
 	// Policies returns the current AuthorizationPolicy engine; nil allows everything.
 	Policies func() *authz.Engine
+	// Authn returns the current RequestAuthentications; nil (or a nil result) validates no
+	// token, so no request has a request principal.
+	Authn func() *authn.Authenticator
 	// Inspect says when streams are sniffed and HTTP parsed; the zero value is InspectAuto.
 	Inspect Inspect
 	// SniffWait bounds the wait for a client's first bytes; 0 means sniff.DefaultWait.

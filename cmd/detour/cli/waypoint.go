@@ -20,6 +20,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/mesh"
+	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/metrics"
@@ -138,6 +139,7 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		Identity:  src,
 		Dialer:    onward,
 		Policies:  disc.policies,
+		Authn:     disc.authn,
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
@@ -238,6 +240,7 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl
 type discovered struct {
 	routes   func() *route.Table
 	policies func() *authz.Engine
+	authn    func() *authn.Authenticator
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
 	clients  *mesh.Clients                                                        // nil: static
@@ -253,9 +256,9 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		if err != nil {
 			return nil, err
 		}
-		engine := cfg.Authz()
+		engine, authenticator := cfg.Authz(), cfg.Authn(&authn.Keys{Logger: log}, nil)
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
-			synced: func() bool { return true }}, nil
+			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -271,7 +274,7 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, clients: c}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, synced: d.Ready, bind: b.Bind, clients: c}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
