@@ -127,6 +127,13 @@ type Kubernetes struct {
 type Static struct {
 	Services []Service `json:"services"`
 	Policies []Policy  `json:"policies"`
+	// ExtensionProviders are Istio's mesh config extensionProviders, as in istiod's `istio`
+	// ConfigMap (which Kubernetes discovery reads instead): the envoyExtAuthzHttp and
+	// envoyExtAuthzGrpc providers CUSTOM policies name, e.g. {name: opa, envoyExtAuthzGrpc:
+	// {service: opa.demo.svc.cluster.local, port: 9191, timeout: 1s}}. service is a host name
+	// (or IP) the waypoint resolves and dials directly, not over HBONE. Default none: CUSTOM
+	// policies deny what they match.
+	ExtensionProviders []ExtensionProvider `json:"extensionProviders"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -202,6 +209,9 @@ func Decode(doc []byte) (*Config, error) {
 		return nil, err
 	}
 	if err := checkPolicies(doc); err != nil {
+		return nil, err
+	}
+	if err := checkProviders(doc); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(j))
@@ -337,6 +347,7 @@ func (c *Config) validate() error {
 				bad("a policy needs name, namespace and spec")
 			}
 		}
+		errs = append(errs, validateProviders(s)...)
 	}
 	return errors.Join(errs...)
 }

@@ -317,3 +317,12 @@ func GRPCStatus(code int) int {
 	}
 	return 2 // UNKNOWN
 }
+
+// Validate checks p as NewChecker does, building nothing.
+func Validate(p *meshv1alpha1.MeshConfig_ExtensionProvider) error {
+	c, err := NewChecker(p, Config{})
+	if err != nil {
+		return err
+	}
+	return closeChecker(c)
+}

@@ -26,6 +26,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -72,6 +73,9 @@ type Handler struct {
 	Dialer *hbone.Dialer
 	// Policies returns the current AuthorizationPolicy engine; nil allows everything.
 	Policies func() *authz.Engine
+	// ExtAuthz holds the mesh config's ext_authz providers, which CUSTOM policies name (HTTP
+	// requests only); nil means none: the requests a CUSTOM policy matches are denied.
+	ExtAuthz *extauthz.Registry
 	// Inspect says when streams are sniffed and HTTP parsed; the zero value is InspectAuto.
 	Inspect Inspect
 	// SniffWait bounds the wait for a client's first bytes; 0 means sniff.DefaultWait.

@@ -16,12 +16,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -91,6 +93,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if err != nil {
 		return fail(err)
 	}
+	defer disc.extAuthz.Close()
 	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
 	_, err = identity.Wait(wctx, src)
 	cancel()
@@ -138,6 +141,7 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		Identity:  src,
 		Dialer:    onward,
 		Policies:  disc.policies,
+		ExtAuthz:  disc.extAuthz,
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
@@ -241,6 +245,7 @@ type discovered struct {
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
 	clients  *mesh.Clients                                                        // nil: static
+	extAuthz *extauthz.Registry                                                   // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -254,8 +259,12 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 			return nil, err
 		}
 		engine := cfg.Authz()
+		xa := &extauthz.Registry{}
+		if err := xa.Update(cfg.ExtensionProviders()); err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
-			synced: func() bool { return true }}, nil
+			synced: func() bool { return true }, extAuthz: xa}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -266,12 +275,18 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		return nil, err
 	}
 	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	xa := &extauthz.Registry{}
+	d.MeshConfig = func(mc *meshv1alpha1.MeshConfig) {
+		if err := xa.Update(mc.GetExtensionProviders()); err != nil {
+			log.Warn("waypoint: extension providers left out; CUSTOM policies naming them deny what they match", "err", err)
+		}
+	}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, clients: c}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
