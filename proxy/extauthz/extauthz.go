@@ -86,6 +86,10 @@ type Checker struct {
 	close    func() error
 }
 
+// Streams reports whether the provider checks opaque streams too (gRPC: Envoy's network
+// ext_authz filter); an HTTP provider checks HTTP requests only.
+func (c *Checker) Streams() bool { return c.spec.GetEnvoyExtAuthzGrpc() != nil }
+
 // Name is the provider's name.
 func (c *Checker) Name() string { return c.name }
 

@@ -55,7 +55,12 @@ func (h *Handler) authorizeCustom(engine *authz.Engine, req *authz.Request, r *h
 	if engine == nil {
 		return nil
 	}
-	dec := engine.Decide(req)
+	return h.settle(engine, req, r, engine.Decide(req), check)
+}
+
+// settle asks the provider dec's CUSTOM policy names with check (see custom), records the
+// decision and returns the denial, if any.
+func (h *Handler) settle(engine *authz.Engine, req *authz.Request, r *hbone.Request, dec authz.Decision, check ask) error {
 	var denied *customDenial
 	if dec.Custom != nil {
 		dec, denied = h.custom(engine, req, dec, check)

@@ -1,6 +1,7 @@
 package waypoint
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -37,8 +38,16 @@ func (h *Handler) custom(engine *authz.Engine, req *authz.Request, dec authz.Dec
 	if err != nil {
 		return dec, nil
 	}
+	if req.HTTP == nil && !chk.Streams() {
+		// istiod builds no network ext_authz filter for an HTTP provider (builder.go buildTCP:
+		// "ignored CUSTOM action with HTTP provider on TCP filter chain"): on an opaque stream
+		// the CUSTOM policy takes no part.
+		dec.Allow, dec.Policy, dec.Reason = c.Then.Allow, c.Then.Policy, c.Then.Reason+
+			fmt.Sprintf(" (CUSTOM policy %s: HTTP provider %q is not called for an opaque stream, as in istiod)", c.Policy, c.Provider)
+		return dec, nil
+	}
 	if check == nil {
-		dec.Reason = fmt.Sprintf("denied by CUSTOM policy %s: provider %q is called for HTTP requests only; an opaque stream its rules match is denied", c.Policy, c.Provider)
+		dec.Reason = fmt.Sprintf("denied by CUSTOM policy %s: provider %q cannot be asked here", c.Policy, c.Provider)
 		return dec, nil
 	}
 	res := check(chk)
@@ -64,14 +73,49 @@ func (h *Handler) custom(engine *authz.Engine, req *authz.Request, dec authz.Dec
 	return dec, nil
 }
 
+// pendingCheck is the CUSTOM call of a stream decided at CONNECT time: the plan does no I/O, so
+// ServeHBONE asks the provider before anything is dialed.
+type pendingCheck struct {
+	req *authz.Request
+	dec authz.Decision
+}
+
+// decideStream is authorize for a stream decided at CONNECT time: a decision that needs a
+// provider is left pending (nil error), any other is settled.
+func (h *Handler) decideStream(engine *authz.Engine, req *authz.Request, r *hbone.Request) (*pendingCheck, error) {
+	if engine == nil {
+		return nil, nil
+	}
+	dec := engine.Decide(req)
+	if dec.Custom != nil {
+		if _, err := h.ExtAuthz.Checker(dec.Custom.Provider); err == nil {
+			return &pendingCheck{req: req, dec: dec}, nil
+		}
+	}
+	return nil, h.settle(engine, req, r, dec, nil)
+}
+
+// checkStream asks the provider about an opaque stream (a gRPC provider: Envoy's network
+// ext_authz filter, which sends the source, its principal and the destination).
+func (h *Handler) checkStream(ctx context.Context, r *hbone.Request) ask {
+	return func(c *extauthz.Checker) extauthz.Result {
+		return c.Check(ctx, &extauthz.Request{Source: peerAddr(r), Destination: r.Target.Addr, Principal: r.PeerID.String()})
+	}
+}
+
+func peerAddr(r *hbone.Request) netip.AddrPort {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr.String())
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
 // checkHTTP asks the provider about r; on an allow it applies the provider's header changes
 // to r (upstream) and w (the response).
 func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 	return func(c *extauthz.Checker) extauthz.Result {
-		xr := &extauthz.Request{Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r}
-		if ap, err := netip.ParseAddrPort(hs.req.RemoteAddr.String()); err == nil {
-			xr.Source = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		}
+		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r}
 		res := c.Check(r.Context(), xr)
 		if !res.Allow {
 			return res

@@ -2,6 +2,7 @@ package waypoint_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -20,6 +21,7 @@ import (
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 
+	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/route"
@@ -33,8 +35,9 @@ import (
 // grpcAuthz implements Envoy's envoy.service.auth.v3.Authorization with go-control-plane.
 type grpcAuthz struct {
 	authv3.UnimplementedAuthorizationServer
-	calls atomic.Int32
-	last  atomic.Pointer[authv3.CheckRequest]
+	calls        atomic.Int32
+	last         atomic.Pointer[authv3.CheckRequest]
+	allowStreams atomic.Bool // an opaque stream (no HTTP attributes) is allowed
 }
 
 func (s *grpcAuthz) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
@@ -42,6 +45,9 @@ func (s *grpcAuthz) Check(ctx context.Context, req *authv3.CheckRequest) (*authv
 	s.last.Store(req)
 	hv := func(k, v string) *corev3.HeaderValueOption {
 		return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, Value: v}}
+	}
+	if req.GetAttributes().GetRequest().GetHttp() == nil && s.allowStreams.Load() {
+		return &authv3.CheckResponse{Status: &rpcstatus.Status{Code: int32(codes.OK)}}, nil
 	}
 	switch req.GetAttributes().GetRequest().GetHttp().GetHeaders()["x-ext-authz"] {
 	case "allow":
@@ -127,15 +133,19 @@ func customPolicy(provider string) *authz.Policy {
 
 // extAuthzBed is the HTTP bed with one provider and the CUSTOM policy naming it.
 func extAuthzBed(t *testing.T, p *meshv1alpha1.MeshConfig_ExtensionProvider, more ...*authz.Policy) *http.Client {
+	b := extAuthzPortBed(t, route.Port{Name: "http-web", Port: 80}, p, more...)
+	c, _ := b.httpClient(t, false)
+	return c
+}
+
+func extAuthzPortBed(t *testing.T, port route.Port, p *meshv1alpha1.MeshConfig_ExtensionProvider, more ...*authz.Policy) *httpBed {
 	reg := &extauthz.Registry{}
 	if err := reg.Update([]*meshv1alpha1.MeshConfig_ExtensionProvider{p}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { reg.Close() })
-	b := newHTTPBed(t, route.Port{Name: "http-web", Port: 80}, func(h *waypoint.Handler) { h.ExtAuthz = reg },
+	return newHTTPBed(t, port, func(h *waypoint.Handler) { h.ExtAuthz = reg; h.Inspect = waypoint.InspectAuto },
 		append([]*authz.Policy{customPolicy(p.GetName())}, more...)...)
-	c, _ := b.httpClient(t, false)
-	return c
 }
 
 type extCase struct {
@@ -275,4 +285,45 @@ func TestExtAuthzThenRBAC(t *testing.T) {
 		{"allowed by the provider, then DENY", "/protected/b", "allow", 403, "RBAC: access denied", nil},
 		{"denied by the provider first", "/protected/b", "deny", 401, "denied by grpc", nil},
 	})
+}
+
+// An opaque stream (a port declared TCP) that a CUSTOM policy matches is checked at CONNECT time
+// with a gRPC provider (Envoy's network ext_authz filter: source, principal, destination), a
+// denial refusing the CONNECT; an HTTP provider is not called for it, as istiod builds no
+// network filter for one.
+func TestExtAuthzOpaqueStream(t *testing.T) {
+	srv, gport := serveGRPCAuthz(t)
+	_, hport := serveHTTPAuthz(t)
+	tcp := route.Port{Name: "tcp-web", Port: 80}
+	grpcB := extAuthzPortBed(t, tcp, &meshv1alpha1.MeshConfig_ExtensionProvider{Name: "g", Provider: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExtAuthzGrpc{
+		EnvoyExtAuthzGrpc: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationGrpcProvider{Service: "127.0.0.1", Port: gport}}})
+	httpB := extAuthzPortBed(t, tcp, &meshv1alpha1.MeshConfig_ExtensionProvider{Name: "h", Provider: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExtAuthzHttp{
+		EnvoyExtAuthzHttp: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationHttpProvider{Service: "127.0.0.1", Port: hport}}})
+	stream := func(b *httpBed) error {
+		s, err := b.client.Dial(context.Background(), b.waypoint, "10.96.0.20:80", b.opts)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		io.WriteString(s, "\x00\x01binary\r\n\r\n")
+		s.CloseWrite()
+		if got, _ := io.ReadAll(s); !strings.HasPrefix(string(got), "HTTP/1.1 400") {
+			t.Errorf("the stream did not reach the app: %q", got)
+		}
+		return nil
+	}
+	var se *hbone.StatusError
+	if err := stream(grpcB); !errors.As(err, &se) || se.Code != 403 {
+		t.Errorf("gRPC provider denies the stream: got %v, want CONNECT 403", err)
+	}
+	if a := srv.last.Load().GetAttributes(); a.GetSource().GetPrincipal() != "spiffe://cluster.local/ns/default/sa/sleep" || a.GetDestination().GetAddress().GetSocketAddress().GetPortValue() != 80 {
+		t.Errorf("check request: %v", a)
+	}
+	srv.allowStreams.Store(true)
+	if err := stream(grpcB); err != nil {
+		t.Errorf("gRPC provider allows the stream: %v", err)
+	}
+	if err := stream(httpB); err != nil {
+		t.Errorf("HTTP provider (not called for an opaque stream): %v", err)
+	}
 }

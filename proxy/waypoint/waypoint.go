@@ -135,6 +135,11 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	if p.relay {
 		return h.serveRelay(s)
 	}
+	if c := p.check; c != nil {
+		if err := h.settle(p.engine, c.req, p.req, c.dec, h.checkStream(s.Context(), p.req)); err != nil {
+			return err
+		}
+	}
 	if !p.inspect && p.steal != nil {
 		if handled, err := h.stealStream(s, s, p, p.proto); handled {
 			return err
