@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
@@ -58,6 +59,9 @@ type Discovery struct {
 	// spec.addresses.
 	Address string
 	Logger  *slog.Logger // nil means slog.Default()
+	// MeshConfig, when set, is called from Run with istiod's mesh config (MeshConfigMap in the
+	// root namespace; see meshconfig.go) once synced and whenever it changes.
+	MeshConfig func(*meshv1alpha1.MeshConfig)
 
 	routes  atomic.Pointer[route.Table]
 	engine  atomic.Pointer[authz.Engine]
@@ -66,6 +70,9 @@ type Discovery struct {
 	ready   atomic.Bool
 	builds  atomic.Int64
 	changed chan struct{}
+
+	meshSeen bool   // owned by Run
+	meshData string // owned by Run
 }
 
 // Routes is the current route table (an empty one before the first sync).
@@ -107,6 +114,7 @@ type listers struct {
 	pods      func() ([]*corev1.Pod, error)
 	policies  func() ([]*authz.Policy, error)
 	authns    func() ([]*authn.Policy, error)
+	mesh      func() (*corev1.ConfigMap, error) // nil: not watched
 }
 
 // Run watches until ctx ends.
@@ -138,7 +146,21 @@ func (d *Discovery) Run(ctx context.Context) error {
 		UpdateFunc: func(any, any) { d.poke() },
 		DeleteFunc: func(any) { d.poke() },
 	}
-	for _, i := range []cache.SharedIndexInformer{nss.Informer(), svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer(), ras.Informer()} {
+	watched := []cache.SharedIndexInformer{nss.Informer(), svc.Informer(), sl.Informer(), pods.Informer(), aps.Informer(), ras.Informer()}
+	mf := d.meshConfigFactory(ctx)
+	factories := []informers.SharedInformerFactory{kf, nf}
+	var meshCM func() (*corev1.ConfigMap, error)
+	if mf != nil {
+		cms := mf.Core().V1().ConfigMaps()
+		watched = append(watched, cms.Informer())
+		factories = append(factories, mf)
+		meshCM = func() (*corev1.ConfigMap, error) {
+			return cms.Lister().ConfigMaps(d.rootNamespace()).Get(MeshConfigMap)
+		}
+		mf.Start(ctx.Done())
+		defer mf.Shutdown()
+	}
+	for _, i := range watched {
 		if _, err := i.AddEventHandler(poke); err != nil {
 			return fmt.Errorf("mesh: %w", err)
 		}
@@ -149,7 +171,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 	defer kf.Shutdown()
 	defer nf.Shutdown()
 	defer inf.Shutdown()
-	for _, f := range []informers.SharedInformerFactory{kf, nf} {
+	for _, f := range factories {
 		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
 			if !ok {
 				return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
@@ -189,6 +211,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 			}
 			return out, nil
 		},
+		mesh: meshCM,
 	}
 	d.rebuild(l)
 	d.ready.Store(true)
@@ -258,6 +281,7 @@ func (d *Discovery) rebuild(l listers) {
 	} else {
 		d.authn.Store(authn.New(d.Waypoint, ras, &d.keys, nil))
 	}
+	d.updateMeshConfig(l.mesh)
 	d.builds.Add(1)
 }
 

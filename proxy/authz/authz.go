@@ -1,9 +1,9 @@
 // Package authz enforces Istio AuthorizationPolicy the way a waypoint does: only policies that
 // target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
 // the root namespace) apply (targetRefs; the legacy targetRef only when targetRefs is empty; a
-// ServiceEntry target applies to nothing, detour knowing no ServiceEntries); CUSTOM (detour calls no ext_authz provider, so as istiod does for an
-// unknown provider) denies the requests its rules match; then DENY, then ALLOW (if any ALLOW
-// applies, one must match); AUDIT only marks the decision. A policy annotated
+// ServiceEntry target applies to nothing, detour knowing no ServiceEntries); CUSTOM first (a
+// request its rules match goes to the ext_authz provider it names: see Decision.Custom), then
+// DENY, then ALLOW (if any ALLOW applies, one must match); AUDIT only marks the decision. A policy annotated
 // `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
 //
 // An attribute the stream cannot give (HTTP fields, request principals and JWT claims on an
@@ -85,6 +85,19 @@ type Decision struct {
 	// DryRun is the would-be outcome of each dry-run policy that applies, "namespace/name: allow"
 	// or "namespace/name: deny"; none of them took part in the decision.
 	DryRun []string
+	// Custom is set when an enforced CUSTOM policy matched and names a usable provider. Allow is
+	// then false, so a caller that calls no provider denies, as istiod does for an unknown one; a
+	// caller that calls it (Envoy's waypoint runs the ext_authz filter before every other
+	// authorization filter: pilot listener_waypoint.go buildWaypointHTTPFilters) applies
+	// Custom.Then once the provider allows.
+	Custom *Custom
+}
+
+// Custom is a CUSTOM policy's call for an ext_authz check.
+type Custom struct {
+	Provider string   // the mesh config's extension provider the policy names
+	Policy   string   // namespace/name of the CUSTOM policy that matched
+	Then     Decision // the DENY and ALLOW policies' decision, which applies if the provider allows
 }
 
 // Engine holds the policies of one config. Immutable.
@@ -112,8 +125,21 @@ func (e *Engine) Decide(req *Request) Decision {
 	}
 	if p := e.custom(req); p != nil {
 		d.Policy, d.Reason = p.id(), customReason(p)
+		if prov, why := e.provider(req.Service, p); why != "" {
+			d.Reason = "denied by CUSTOM policy " + p.id() + ": " + why
+		} else {
+			d.Custom = &Custom{Provider: prov, Policy: p.id(), Then: e.local(req)}
+		}
 		return d
 	}
+	local := e.local(req)
+	d.Allow, d.Policy, d.Reason = local.Allow, local.Policy, local.Reason
+	return d
+}
+
+// local is the DENY and ALLOW policies' decision.
+func (e *Engine) local(req *Request) Decision {
+	var d Decision
 	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_DENY) {
 		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
 			d.Policy, d.Reason = p.id(), "denied by DENY policy "+p.id()
@@ -150,9 +176,9 @@ func (e *Engine) enforced(dst Service, action secv1beta1.AuthorizationPolicy_Act
 	return out
 }
 
-// custom is the first enforced CUSTOM policy whose rules match req. detour calls no ext_authz
-// provider, so it does what istiod does for a provider it cannot find: the CUSTOM rules become
-// DENY rules (an attribute the stream lacks is ignored, as in any DENY rule).
+// custom is the first enforced CUSTOM policy whose rules match req, matched as istiod's shadow
+// RBAC filter in front of ext_authz does: as DENY rules (an attribute the stream lacks is
+// ignored, as in any DENY rule).
 func (e *Engine) custom(req *Request) *Policy {
 	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_CUSTOM) {
 		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_DENY) {
@@ -163,8 +189,27 @@ func (e *Engine) custom(req *Request) *Policy {
 }
 
 func customReason(p *Policy) string {
-	return fmt.Sprintf("denied by CUSTOM policy %s: detour has no ext_authz provider %q, so its matching requests are denied (as istiod does for an unknown provider)",
+	return fmt.Sprintf("denied by CUSTOM policy %s: no usable ext_authz provider %q is configured, so its matching requests are denied (as istiod does for an unknown provider)",
 		p.id(), p.Spec.GetProvider().GetName())
+}
+
+// provider is the provider p names, or why none can be called, as istiod's builder decides
+// (pilot/pkg/security/authz/builder/builder.go, extauthz.go getExtAuthz): a policy that names
+// none, or CUSTOM policies on one destination (dry-run ones included) naming more than one
+// provider (istiod's PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS is off by default), deny
+// what they match.
+func (e *Engine) provider(dst Service, p *Policy) (string, string) {
+	name := p.Spec.GetProvider().GetName()
+	if name == "" {
+		return "", "it names no provider, so its matching requests are denied (as istiod does)"
+	}
+	for _, q := range e.policies {
+		if q.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM && e.applies(q, dst) && q.Spec.GetProvider().GetName() != name {
+			return "", fmt.Sprintf("CUSTOM policies %s and %s name different providers (%q, %q), so their matching requests are denied (as istiod does without PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS)",
+				p.id(), q.id(), name, q.Spec.GetProvider().GetName())
+		}
+	}
+	return name, ""
 }
 
 // dryRun is the would-be outcome of each dry-run policy that applies: an ALLOW allows what it

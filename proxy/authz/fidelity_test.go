@@ -70,7 +70,7 @@ func TestDryRunAnnotation(t *testing.T) {
 // CUSTOM without a provider denies exactly the requests its rules match (istiod turns the rules
 // of a CUSTOM policy with an unknown provider into DENY rules), traffic and privileges alike.
 func TestCustomWithoutProvider(t *testing.T) {
-	const reason = `deny: denied by CUSTOM policy demo/ext: detour has no ext_authz provider "opa", so its matching requests are denied (as istiod does for an unknown provider)`
+	const reason = `deny: denied by CUSTOM policy demo/ext: no usable ext_authz provider "opa" is configured, so its matching requests are denied (as istiod does for an unknown provider)`
 	for _, tc := range []struct {
 		name     string
 		policies []*Policy
@@ -99,6 +99,47 @@ func TestCustomWithoutProvider(t *testing.T) {
 	}
 	if d := New(wp, []*Policy{custom("ext", "opa", &rule{}), grant}).Grant(steal); d.String() != reason {
 		t.Fatalf("got %q", d)
+	}
+}
+
+// A matching CUSTOM policy hands the decision to its provider: the Decision denies (so a caller
+// that calls no provider fails closed) and carries the provider and the DENY/ALLOW decision that
+// applies if it allows; a policy naming no provider, or two providers on one service, deny.
+func TestCustomDecision(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		policies []*Policy
+		req      *Request
+		provider string // "" means Custom is nil
+		then     string
+		want     string
+	}{
+		{"matching: provider and the ALLOW's decision", []*Policy{custom("ext", "opa", &rule{}), pol("a", ALLOW, toEcho, from(&src{Namespaces: []string{"prod"}}))}, tcp(),
+			"opa", "deny: no ALLOW policy matched (demo/a)", `deny: denied by CUSTOM policy demo/ext: no usable ext_authz provider "opa" is configured, so its matching requests are denied (as istiod does for an unknown provider)`},
+		{"matching, DENY after it", []*Policy{custom("ext", "opa", &rule{}), pol("d", DENY, toEcho, &rule{})}, tcp(),
+			"opa", "deny: denied by DENY policy demo/d", ""},
+		{"matching, nothing else", []*Policy{custom("ext", "opa", &rule{})}, tcp(), "opa", "allow: no policy applies", ""},
+		{"not matching: no call", []*Policy{custom("ext", "opa", to(&op{Paths: []string{"/admin*"}}))}, httpReq("GET", "/"), "", "", "allow: no policy applies"},
+		{"no provider named", []*Policy{custom("ext", "", &rule{})}, tcp(), "", "",
+			"deny: denied by CUSTOM policy demo/ext: it names no provider, so its matching requests are denied (as istiod does)"},
+		{"two providers on one service", []*Policy{custom("a", "opa", &rule{}), dry(custom("b", "oauth", to(&op{Paths: []string{"/x"}})))}, tcp(), "", "",
+			`deny: denied by CUSTOM policy demo/a: CUSTOM policies demo/a and demo/b name different providers ("opa", "oauth"), so their matching requests are denied (as istiod does without PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS)`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := New(wp, tc.policies).Decide(tc.req)
+			if tc.want != "" && d.String() != tc.want {
+				t.Fatalf("got  %q\nwant %q", d, tc.want)
+			}
+			if tc.provider == "" {
+				if d.Custom != nil {
+					t.Fatalf("Custom = %+v, want nil", d.Custom)
+				}
+				return
+			}
+			if d.Allow || d.Custom == nil || d.Custom.Provider != tc.provider || d.Custom.Policy != "demo/ext" || d.Custom.Then.String() != tc.then {
+				t.Fatalf("got %s, Custom %+v; want a denial calling %q, then %q", d, d.Custom, tc.provider, tc.then)
+			}
+		})
 	}
 }
 

@@ -130,6 +130,13 @@ type Static struct {
 	// RequestAuthentications are security.istio.io RequestAuthentication objects (JWT rules),
 	// bound by targetRefs as AuthorizationPolicies. Default none.
 	RequestAuthentications []RequestAuthentication `json:"requestAuthentications"`
+	// ExtensionProviders are Istio's mesh config extensionProviders, as in istiod's `istio`
+	// ConfigMap (which Kubernetes discovery reads instead): the envoyExtAuthzHttp and
+	// envoyExtAuthzGrpc providers CUSTOM policies name, e.g. {name: opa, envoyExtAuthzGrpc:
+	// {service: opa.demo.svc.cluster.local, port: 9191, timeout: 1s}}. service is a host name
+	// (or IP) the waypoint resolves and dials directly, not over HBONE. Default none: CUSTOM
+	// policies deny what they match.
+	ExtensionProviders []ExtensionProvider `json:"extensionProviders"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -214,6 +221,9 @@ func Decode(doc []byte) (*Config, error) {
 		return nil, err
 	}
 	if err := checkRequestAuthentications(doc); err != nil {
+		return nil, err
+	}
+	if err := checkProviders(doc); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(j))
@@ -350,6 +360,7 @@ func (c *Config) validate() error {
 			}
 		}
 		errs = append(errs, validateRequestAuthentications(s.RequestAuthentications)...)
+		errs = append(errs, validateProviders(s)...)
 	}
 	return errors.Join(errs...)
 }

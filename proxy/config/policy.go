@@ -60,6 +60,9 @@ func lookup(n *yaml.Node, key string) *yaml.Node {
 
 // checkMessage walks mapping n against message md; path names n in errors.
 func checkMessage(n *yaml.Node, md protoreflect.MessageDescriptor, path string) error {
+	if wellKnown(md) {
+		return nil
+	}
 	if n.Kind != yaml.MappingNode {
 		if n.Tag == "!!null" {
 			return nil

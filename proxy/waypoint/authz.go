@@ -46,10 +46,25 @@ func authzService(d *route.Destination) authz.Service {
 // authorize decides req with engine (nil allows) and records the decision; a denial is an error
 // wrapping hbone.ErrForbidden ("RBAC: access denied", as Envoy says it).
 func (h *Handler) authorize(engine *authz.Engine, req *authz.Request, r *hbone.Request) error {
+	return h.authorizeCustom(engine, req, r, nil)
+}
+
+// authorizeCustom is authorize, asking a CUSTOM policy's provider with check first (see
+// custom); a denial by the provider is a *customDenial.
+func (h *Handler) authorizeCustom(engine *authz.Engine, req *authz.Request, r *hbone.Request, check ask) error {
 	if engine == nil {
 		return nil
 	}
-	dec := engine.Decide(req)
+	return h.settle(engine, req, r, engine.Decide(req), check)
+}
+
+// settle asks the provider dec's CUSTOM policy names with check (see custom), records the
+// decision and returns the denial, if any.
+func (h *Handler) settle(engine *authz.Engine, req *authz.Request, r *hbone.Request, dec authz.Decision, check ask) error {
+	var denied *customDenial
+	if dec.Custom != nil {
+		dec, denied = h.custom(engine, req, dec, check)
+	}
 	h.Metrics.Decision(dec.Allow, dec.Policy)
 	for _, d := range dec.DryRun {
 		h.Metrics.ShadowDecision(d)
@@ -59,6 +74,9 @@ func (h *Handler) authorize(engine *authz.Engine, req *authz.Request, r *hbone.R
 	}
 	if len(dec.Audit) > 0 {
 		h.log().Info("authz: audit", "policies", dec.Audit, "principal", req.Principal, "target", r.Target.String(), "decision", dec.String())
+	}
+	if denied != nil {
+		return denied
 	}
 	if !dec.Allow {
 		return fmt.Errorf("%w: RBAC: access denied: %s", hbone.ErrForbidden, dec.Reason)

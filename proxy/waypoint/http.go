@@ -115,8 +115,8 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if !hs.authenticate(rec, r, grpc, dest, hr) {
 			// answered: a token failed (401), before any policy, as Envoy's jwt_authn
-		} else if err := hs.h.authorize(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req); err != nil {
-			localReply(rec, grpc, http.StatusForbidden, 7, "RBAC: access denied")
+		} else if err := hs.h.authorizeCustom(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req, hs.checkHTTP(rec, r)); err != nil {
+			deny(rec, grpc, err)
 		} else {
 			steal, mirrors := requestSessions(hs.h.Sessions.For(hs.svcNS, hs.svc, hs.port), r, path)
 			if len(mirrors) > 0 {

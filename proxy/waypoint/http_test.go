@@ -61,6 +61,7 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 			b.conns.Store(r.RemoteAddr, true)
 			body, _ := io.ReadAll(r.Body)
 			w.Header().Set("X-Pod", ip)
+			w.Header()["Echo-X-User"] = r.Header["X-User"] // what an ext_authz provider set upstream
 			fmt.Fprintf(w, "%s %s %s host=%s fwd=%s body=%s", ip, r.Proto, r.URL.RequestURI(), r.Host, r.Header.Get("X-Forwarded-For"), body)
 		})}
 		go as.Serve(app)

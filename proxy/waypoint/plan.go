@@ -29,6 +29,7 @@ type plan struct {
 	inspect bool
 	steal   *session.Session   // the whole-stream steal, if any
 	mirrors []*session.Session // the whole-stream mirrors
+	check   *pendingCheck      // a CUSTOM policy's provider to ask before the stream is dialed
 }
 
 // plan builds req's plan. Its errors map to the CONNECT's status (hbone.Status).
@@ -64,7 +65,7 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 		p.inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
 	}
 	if !p.inspect {
-		if err := h.authorize(p.engine, h.authzRequest(req, dest, "", nil), req); err != nil {
+		if p.check, err = h.decideStream(p.engine, h.authzRequest(req, dest, "", nil), req); err != nil {
 			return nil, err
 		}
 	}
@@ -87,7 +88,7 @@ func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) erro
 		if proto == sniff.HTTP1 || proto == sniff.HTTP2 {
 			return h.serveHTTP(s.Context(), in, up, p.req, p.dest)
 		}
-		if err := h.authorize(p.engine, h.authzRequest(p.req, p.dest, sni, nil), p.req); err != nil {
+		if err := h.authorizeCustom(p.engine, h.authzRequest(p.req, p.dest, sni, nil), p.req, h.checkStream(s.Context(), p.req)); err != nil {
 			up.Close()
 			return err
 		}

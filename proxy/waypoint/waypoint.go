@@ -27,6 +27,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -76,6 +77,9 @@ type Handler struct {
 	// Authn returns the current RequestAuthentications; nil (or a nil result) validates no
 	// token, so no request has a request principal.
 	Authn func() *authn.Authenticator
+	// ExtAuthz holds the mesh config's ext_authz providers, which CUSTOM policies name (HTTP
+	// requests only); nil means none: the requests a CUSTOM policy matches are denied.
+	ExtAuthz *extauthz.Registry
 	// Inspect says when streams are sniffed and HTTP parsed; the zero value is InspectAuto.
 	Inspect Inspect
 	// SniffWait bounds the wait for a client's first bytes; 0 means sniff.DefaultWait.
@@ -134,6 +138,11 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	}
 	if p.relay {
 		return h.serveRelay(s)
+	}
+	if c := p.check; c != nil {
+		if err := h.settle(p.engine, c.req, p.req, c.dec, h.checkStream(s.Context(), p.req)); err != nil {
+			return err
+		}
 	}
 	if !p.inspect && p.steal != nil {
 		if handled, err := h.stealStream(s, s, p, p.proto); handled {

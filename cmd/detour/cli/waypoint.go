@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
@@ -23,6 +24,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -92,6 +94,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if err != nil {
 		return fail(err)
 	}
+	defer disc.extAuthz.Close()
 	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
 	_, err = identity.Wait(wctx, src)
 	cancel()
@@ -140,6 +143,7 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		Dialer:    onward,
 		Policies:  disc.policies,
 		Authn:     disc.authn,
+		ExtAuthz:  disc.extAuthz,
 		Metrics:   m,
 		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
 		Logger:    log,
@@ -244,6 +248,7 @@ type discovered struct {
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
 	clients  *mesh.Clients                                                        // nil: static
+	extAuthz *extauthz.Registry                                                   // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -257,8 +262,12 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 			return nil, err
 		}
 		engine, authenticator := cfg.Authz(), cfg.Authn(&authn.Keys{Logger: log}, nil)
+		xa := &extauthz.Registry{}
+		if err := xa.Update(cfg.ExtensionProviders()); err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
-			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }}, nil
+			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }, extAuthz: xa}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -269,12 +278,18 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		return nil, err
 	}
 	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	xa := &extauthz.Registry{}
+	d.MeshConfig = func(mc *meshv1alpha1.MeshConfig) {
+		if err := xa.Update(mc.GetExtensionProviders()); err != nil {
+			log.Warn("waypoint: extension providers left out; CUSTOM policies naming them deny what they match", "err", err)
+		}
+	}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, synced: d.Ready, bind: b.Bind, clients: c}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.

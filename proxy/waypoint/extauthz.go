@@ -1,0 +1,165 @@
+package waypoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"strconv"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/extauthz"
+)
+
+// ask calls a CUSTOM policy's provider for one request or stream.
+type ask func(*extauthz.Checker) extauthz.Result
+
+// customDenial is a request the provider denied, or a failed check: the client gets the
+// provider's answer.
+type customDenial struct {
+	res    extauthz.Result
+	reason string
+}
+
+func (e *customDenial) Error() string { return hbone.ErrForbidden.Error() + ": " + e.reason }
+func (e *customDenial) Unwrap() error { return hbone.ErrForbidden }
+
+// custom resolves a decision a CUSTOM policy handed to its provider: the provider is asked
+// (nil ask: the stream cannot be checked, so it stays denied); if it allows, the DENY and ALLOW
+// policies decide, re-evaluated on the request as the provider changed it (Envoy runs RBAC
+// after ext_authz, on the mutated headers). Without h.ExtAuthz, or a provider of that name,
+// the decision stays the denial the engine made.
+func (h *Handler) custom(engine *authz.Engine, req *authz.Request, dec authz.Decision, check ask) (authz.Decision, *customDenial) {
+	c := dec.Custom
+	chk, err := h.ExtAuthz.Checker(c.Provider)
+	if err != nil {
+		return dec, nil
+	}
+	if req.HTTP == nil && !chk.Streams() {
+		// istiod builds no network ext_authz filter for an HTTP provider (builder.go buildTCP:
+		// "ignored CUSTOM action with HTTP provider on TCP filter chain"): on an opaque stream
+		// the CUSTOM policy takes no part.
+		dec.Allow, dec.Policy, dec.Reason = c.Then.Allow, c.Then.Policy, c.Then.Reason+
+			fmt.Sprintf(" (CUSTOM policy %s: HTTP provider %q is not called for an opaque stream, as in istiod)", c.Policy, c.Provider)
+		return dec, nil
+	}
+	if check == nil {
+		dec.Reason = fmt.Sprintf("denied by CUSTOM policy %s: provider %q cannot be asked here", c.Policy, c.Provider)
+		return dec, nil
+	}
+	res := check(chk)
+	if !res.Allow {
+		dec.Reason = fmt.Sprintf("denied by ext_authz provider %q (CUSTOM policy %s): status %d", c.Provider, c.Policy, res.Status)
+		if res.Err != nil {
+			dec.Reason += ": " + res.Err.Error()
+		}
+		return dec, &customDenial{res: res, reason: dec.Reason}
+	}
+	then := c.Then
+	if len(res.UpstreamSet)+len(res.UpstreamAppend)+len(res.UpstreamRemove) > 0 && req.HTTP != nil {
+		again := engine.Decide(req)
+		then = again
+		if again.Custom != nil {
+			then = again.Custom.Then
+		}
+	}
+	dec.Allow, dec.Policy, dec.Reason = then.Allow, then.Policy, then.Reason
+	if res.Err != nil {
+		dec.Reason += fmt.Sprintf(" (ext_authz provider %q failed open: %v)", c.Provider, res.Err)
+	}
+	return dec, nil
+}
+
+// pendingCheck is the CUSTOM call of a stream decided at CONNECT time: the plan does no I/O, so
+// ServeHBONE asks the provider before anything is dialed.
+type pendingCheck struct {
+	req *authz.Request
+	dec authz.Decision
+}
+
+// decideStream is authorize for a stream decided at CONNECT time: a decision that needs a
+// provider is left pending (nil error), any other is settled.
+func (h *Handler) decideStream(engine *authz.Engine, req *authz.Request, r *hbone.Request) (*pendingCheck, error) {
+	if engine == nil {
+		return nil, nil
+	}
+	dec := engine.Decide(req)
+	if dec.Custom != nil {
+		if _, err := h.ExtAuthz.Checker(dec.Custom.Provider); err == nil {
+			return &pendingCheck{req: req, dec: dec}, nil
+		}
+	}
+	return nil, h.settle(engine, req, r, dec, nil)
+}
+
+// checkStream asks the provider about an opaque stream (a gRPC provider: Envoy's network
+// ext_authz filter, which sends the source, its principal and the destination).
+func (h *Handler) checkStream(ctx context.Context, r *hbone.Request) ask {
+	return func(c *extauthz.Checker) extauthz.Result {
+		return c.Check(ctx, &extauthz.Request{Source: peerAddr(r), Destination: r.Target.Addr, Principal: r.PeerID.String()})
+	}
+}
+
+func peerAddr(r *hbone.Request) netip.AddrPort {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr.String())
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// checkHTTP asks the provider about r; on an allow it applies the provider's header changes
+// to r (upstream) and w (the response).
+func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
+	return func(c *extauthz.Checker) extauthz.Result {
+		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r}
+		res := c.Check(r.Context(), xr)
+		if !res.Allow {
+			return res
+		}
+		for k, vs := range res.UpstreamSet {
+			r.Header[http.CanonicalHeaderKey(k)] = vs
+		}
+		for k, vs := range res.UpstreamAppend {
+			for _, v := range vs {
+				r.Header.Add(k, v)
+			}
+		}
+		for _, k := range res.UpstreamRemove {
+			r.Header.Del(k)
+		}
+		for k, vs := range res.Downstream {
+			for _, v := range vs {
+				w.Header().Add(k, v)
+			}
+		}
+		return res
+	}
+}
+
+// deny answers a denied request: the provider's answer for a CUSTOM denial (status, headers,
+// body; a gRPC client gets the status Envoy maps it to), else Envoy's 403.
+func deny(w http.ResponseWriter, grpc bool, err error) {
+	var cd *customDenial
+	if !errors.As(err, &cd) {
+		localReply(w, grpc, http.StatusForbidden, 7, "RBAC: access denied")
+		return
+	}
+	for k, vs := range cd.res.Header {
+		w.Header()[http.CanonicalHeaderKey(k)] = vs
+	}
+	if grpc {
+		msg := string(cd.res.Body)
+		if msg == "" {
+			msg = http.StatusText(cd.res.Status)
+		}
+		localReply(w, true, cd.res.Status, extauthz.GRPCStatus(cd.res.Status), msg)
+		return
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(cd.res.Body)))
+	w.WriteHeader(cd.res.Status)
+	io.WriteString(w, string(cd.res.Body))
+}
