@@ -15,6 +15,8 @@ import (
 
 	secv1beta1 "istio.io/api/security/v1beta1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/detour-mesh/detour/proxy/httproute"
 )
 
 // Config is the whole document.
@@ -127,6 +129,11 @@ type Kubernetes struct {
 type Static struct {
 	Services []Service `json:"services"`
 	Policies []Policy  `json:"policies"`
+	// HTTPRoutes and GRPCRoutes are Gateway API objects (gateway.networking.k8s.io/v1) whose
+	// parentRefs name services above; see proxy/httproute for the fields detour implements (any
+	// other is refused). Default none.
+	HTTPRoutes []httproute.HTTPRoute `json:"httpRoutes,omitempty"`
+	GRPCRoutes []httproute.GRPCRoute `json:"grpcRoutes,omitempty"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -202,6 +209,9 @@ func Decode(doc []byte) (*Config, error) {
 		return nil, err
 	}
 	if err := checkPolicies(doc); err != nil {
+		return nil, err
+	}
+	if err := checkRoutes(doc); err != nil {
 		return nil, err
 	}
 	dec := json.NewDecoder(bytes.NewReader(j))
@@ -335,6 +345,11 @@ func (c *Config) validate() error {
 		for _, p := range s.Policies {
 			if p.Name == "" || p.Namespace == "" || p.Spec == nil {
 				bad("a policy needs name, namespace and spec")
+			}
+		}
+		if len(errs) == 0 {
+			if _, err := c.HTTPRoutes(); err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}

@@ -21,6 +21,9 @@ type Metadata struct {
 	Namespace string `json:"namespace"`
 	// CreationTimestamp orders routes on a precedence tie (the oldest first); zero sorts first.
 	CreationTimestamp time.Time `json:"creationTimestamp,omitzero"`
+	// Labels and Annotations are allowed (a manifest copied from a cluster has them) and unused.
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
 }
 
 // HTTPRoute is a gateway.networking.k8s.io HTTPRoute.

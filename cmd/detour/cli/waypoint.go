@@ -22,6 +22,7 @@ import (
 	"github.com/detour-mesh/detour/mesh"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -133,14 +134,16 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *metrics.Metrics, onward *hbone.Dialer, l net.Listener,
 	accessOut io.Writer, log *slog.Logger) (*waypoint.Handler, error) {
 	h := &waypoint.Handler{
-		Routes:    disc.routes,
-		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
-		Identity:  src,
-		Dialer:    onward,
-		Policies:  disc.policies,
-		Metrics:   m,
-		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
-		Logger:    log,
+		Routes:   disc.routes,
+		Balancer: &route.Balancer{Policy: cfg.Waypoint.Balancer},
+		Identity: src,
+		Dialer:   onward,
+		Policies: disc.policies,
+		Metrics:  m,
+
+		HTTPRoutes: disc.httpRoutes,
+		HBONEPort:  cfg.Listeners.UpstreamHBONEPort,
+		Logger:     log,
 
 		NumTrustedProxies: cfg.Waypoint.NumTrustedProxies,
 	}
@@ -238,9 +241,11 @@ func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl
 type discovered struct {
 	routes   func() *route.Table
 	policies func() *authz.Engine
-	synced   func() bool
-	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
-	clients  *mesh.Clients                                                        // nil: static
+	// httpRoutes are the HTTPRoutes and GRPCRoutes attached to services.
+	httpRoutes func() *httproute.Table
+	synced     func() bool
+	bind       func(ctx context.Context, namespace, service string) (func(), error) // nil: static
+	clients    *mesh.Clients                                                        // nil: static
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -254,8 +259,12 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 			return nil, err
 		}
 		engine := cfg.Authz()
+		hr, err := cfg.HTTPRoutes()
+		if err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
-			synced: func() bool { return true }}, nil
+			httpRoutes: func() *httproute.Table { return hr }, synced: func() bool { return true }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -265,13 +274,13 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	if err != nil {
 		return nil, err
 	}
-	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Gateway: c.Gateway, Namespace: k.Namespace, Waypoint: wp, Logger: log}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, synced: d.Ready, bind: b.Bind, clients: c}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, httpRoutes: d.HTTPRoutes, synced: d.Ready, bind: b.Bind, clients: c}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
