@@ -97,8 +97,8 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 	}
 	var hrs []*httproute.HTTPRoute
 	for _, h := range hs {
-		r := &httproute.HTTPRoute{Metadata: meta(h.Namespace, h.Name, h.CreationTimestamp.Time)}
-		if err := convert(h.Spec, &r.Spec); err != nil {
+		r, err := HTTPRoute(h)
+		if err != nil {
 			d.log().Warn("mesh: HTTPRoute not applied", "namespace", h.Namespace, "name", h.Name, "err", err)
 			continue
 		}
@@ -106,8 +106,8 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 	}
 	var grs []*httproute.GRPCRoute
 	for _, g := range gs {
-		r := &httproute.GRPCRoute{Metadata: meta(g.Namespace, g.Name, g.CreationTimestamp.Time)}
-		if err := convert(g.Spec, &r.Spec); err != nil {
+		r, err := GRPCRoute(g)
+		if err != nil {
 			d.log().Warn("mesh: GRPCRoute not applied", "namespace", g.Namespace, "name", g.Name, "err", err)
 			continue
 		}
@@ -118,6 +118,24 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 		d.log().Warn("mesh: routes not applied", "err", err) // the others are
 	}
 	return t, nil
+}
+
+// HTTPRoute converts a gateway-api HTTPRoute into proxy/httproute's (see convert).
+func HTTPRoute(h *gwv1.HTTPRoute) (*httproute.HTTPRoute, error) {
+	r := &httproute.HTTPRoute{Metadata: meta(h.Namespace, h.Name, h.CreationTimestamp.Time)}
+	if err := convert(h.Spec, &r.Spec); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// GRPCRoute converts a gateway-api GRPCRoute into proxy/httproute's (see convert).
+func GRPCRoute(g *gwv1.GRPCRoute) (*httproute.GRPCRoute, error) {
+	r := &httproute.GRPCRoute{Metadata: meta(g.Namespace, g.Name, g.CreationTimestamp.Time)}
+	if err := convert(g.Spec, &r.Spec); err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 // convert moves a gateway-api spec into detour's types through JSON, strictly: a field set in

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -40,7 +41,7 @@ type routed struct {
 // client addressed see the request as sent, before any route; sessions on a route's backend see
 // what that backend would get, after the rule's filters.
 func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc bool) bool {
-	if hs.h.HTTPRoutes == nil || hs.svc == "" {
+	if hs.h.HTTPRoutes == nil || hs.svc == "" || !hs.serviceAddressed() {
 		return false
 	}
 	m, attached := hs.h.HTTPRoutes().Match(hs.svcNS, hs.svc, hs.port, callerNamespace(hs.req.PeerID.Path()), r, path, grpc)
@@ -94,6 +95,13 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 		hs.proxy.ServeHTTP(w, r)
 	}
 	return true
+}
+
+// serviceAddressed: the stream names a VIP of its service. Routes attach to Services: a
+// workload-addressed stream (a pod IP) is not routed, as in Istio.
+func (hs *httpStream) serviceAddressed() bool {
+	s := hs.h.Routes().Service(hs.svcNS, hs.svc)
+	return s != nil && slices.Contains(s.VIPs, hs.req.Target.Addr.Addr().Unmap())
 }
 
 // callerNamespace is the namespace of a SPIFFE path /ns/NS/sa/SA ("" for any other).
