@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/route"
 )
@@ -102,6 +103,16 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 func (hs *httpStream) serviceAddressed() bool {
 	s := hs.h.Routes().Service(hs.svcNS, hs.svc)
 	return s != nil && slices.Contains(s.VIPs, hs.req.Target.Addr.Addr().Unmap())
+}
+
+// routed: HTTPRoutes or GRPCRoutes attach to the service port req addresses by VIP, so its
+// stream is parsed whatever the inspect mode or a whole-stream session would do: a route is
+// never skipped by splicing the stream (a whole-stream steal or mirror then takes requests).
+func (h *Handler) routed(req *hbone.Request, dest *route.Destination) bool {
+	if h.HTTPRoutes == nil || dest == nil || dest.Service == nil || !slices.Contains(dest.Service.VIPs, req.Target.Addr.Addr().Unmap()) {
+		return false
+	}
+	return h.HTTPRoutes().Attached(dest.Service.Namespace, dest.Service.Name, dest.Port.Port)
 }
 
 // callerNamespace is the namespace of a SPIFFE path /ns/NS/sa/SA ("" for any other).

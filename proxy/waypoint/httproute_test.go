@@ -34,6 +34,8 @@ type routeBed struct {
 	client   *hbone.Dialer
 	opts     hbone.DialOptions
 	mirrored chan echoed // requests the app saw with X-Mirror-Probe set
+	handler  *waypoint.Handler
+	id       func(string) identity.Source
 }
 
 type echoed struct {
@@ -44,9 +46,9 @@ type echoed struct {
 	Headers http.Header `json:"headers"`
 }
 
-func newRouteBed(t *testing.T, intn func(int) int, routes ...string) *routeBed {
+func newRouteBed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *routeBed {
 	_, id := testCA(t)
-	b := &routeBed{mirrored: make(chan echoed, 16)}
+	b := &routeBed{mirrored: make(chan echoed, 16), id: id}
 	hbonePort, appPort := freePort(t), freePort(t)
 	for i, sa := range []string{"echo-v1", "echo-v2"} {
 		ip := fmt.Sprintf("127.0.0.%d", i+2)
@@ -126,7 +128,11 @@ func newRouteBed(t *testing.T, intn func(int) int, routes ...string) *routeBed {
 	t.Cleanup(func() { onward.Close() })
 	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
 		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Policies: func() *authz.Engine { return engine },
-		HTTPRoutes: func() *httproute.Table { return rt }, RouteRand: intn}
+		HTTPRoutes: func() *httproute.Table { return rt }}
+	if tweak != nil {
+		tweak(h)
+	}
+	b.handler = h
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -290,7 +296,7 @@ spec:
 // connection is exact.
 func TestHTTPRouteWeightsPerRequest(t *testing.T) {
 	var n atomic.Int64
-	b := newRouteBed(t, func(max int) int { return int(n.Add(1)-1) % max }, `
+	b := newRouteBed(t, func(h *waypoint.Handler) { h.RouteRand = func(max int) int { return int(n.Add(1)-1) % max } }, `
 metadata: {name: split, namespace: demo}
 spec:
   parentRefs: [{kind: Service, name: echo, port: 80}]

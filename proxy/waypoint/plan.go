@@ -123,7 +123,7 @@ func (h *Handler) inspects(p *plan, sessions []*session.Session) bool {
 	switch {
 	case h.Inspect == InspectAlways, filtered(sessions):
 		return true
-	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)):
+	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)), h.routed(p.req, p.dest):
 		return true
 	case h.Inspect == InspectOpaque, p.steal != nil, len(p.mirrors) > 0:
 		return false
