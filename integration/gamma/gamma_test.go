@@ -158,6 +158,12 @@ func docs(t *testing.T, name string) [][]byte {
 // Kubernetes discovery converts them (mesh.HTTPRoute, mesh.GRPCRoute); it returns an HTTP
 // client that reaches services by name over Istio's HBONE client.
 func (b *bed) waypoint(t *testing.T, manifests []string) *nethttp.Client {
+	c, _ := b.waypointDial(t, manifests)
+	return c
+}
+
+// waypointDial is waypoint, and the dial function its client uses (name:port to a stream).
+func (b *bed) waypointDial(t *testing.T, manifests []string) (*nethttp.Client, func(ctx context.Context, addr string) (net.Conn, error)) {
 	table, err := route.NewTable(b.services)
 	if err != nil {
 		t.Fatal(err)
@@ -207,7 +213,7 @@ func (b *bed) waypoint(t *testing.T, manifests []string) *nethttp.Client {
 	d := it.IstioDialer(b.pki, wp.Addr().String())
 	var p nethttp.Protocols
 	p.SetHTTP1(true)
-	tr := &nethttp.Transport{Protocols: &p, DisableKeepAlives: false, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+	dial := func(ctx context.Context, addr string) (net.Conn, error) {
 		host, port, _ := net.SplitHostPort(addr)
 		vip, ok := b.vips[host]
 		if ip, err := netip.ParseAddr(host); err == nil {
@@ -217,10 +223,11 @@ func (b *bed) waypoint(t *testing.T, manifests []string) *nethttp.Client {
 			return nil, fmt.Errorf("no service %s", host)
 		}
 		return d.DialContext(ctx, "tcp", net.JoinHostPort(vip.String(), port))
-	}}
+	}
+	tr := &nethttp.Transport{Protocols: &p, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) { return dial(ctx, addr) }}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &nethttp.Client{Transport: tr, Timeout: 10 * time.Second,
-		CheckRedirect: func(*nethttp.Request, []*nethttp.Request) error { return nethttp.ErrUseLastResponse }}
+		CheckRedirect: func(*nethttp.Request, []*nethttp.Request) error { return nethttp.ErrUseLastResponse }}, dial
 }
 
 // send makes the suite's request (defaults as its echo client: host echo, GET) and reads the

@@ -316,3 +316,44 @@ spec:
 		t.Errorf("70/30 split over 100 requests: %v", counts)
 	}
 }
+
+// GRPCRoute: service and method matches in the spec's precedence, header matches and
+// modifiers; an unmatched method is gRPC's UNIMPLEMENTED in a trailers-only answer.
+func TestGRPCRouteThroughWaypoint(t *testing.T) {
+	b := newRouteBed(t, nil, `
+kind: GRPCRoute
+metadata: {name: grpc, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 7070}]
+  rules:
+  - matches: [{method: {service: shop.Cart, method: Get}}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-grpc, value: get}]}}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+  - matches: [{method: {service: shop.Cart}}]
+    backendRefs: [{name: echo-v2, port: 7070}]
+  - matches: [{method: {type: RegularExpression, service: "shop\\.(Orders|Items)", method: "Li.*"}, headers: [{name: tenant, value: a}]}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+`)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return b.client.Dial(ctx, b.waypoint, addr, b.opts)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	for _, tc := range []struct {
+		path, tenant, pod, grpcStatus, header string
+	}{
+		{"/shop.Cart/Get", "", "echo-v1", "", "get"},
+		{"/shop.Cart/Put", "", "echo-v2", "", ""},
+		{"/shop.Orders/List", "a", "echo-v1", "", ""},
+		{"/shop.Orders/List", "b", "", "12", ""},
+		{"/other.Svc/Get", "", "", "12", ""},
+	} {
+		a := b.do(t, c, "POST", "http://10.96.0.30:7070"+tc.path, "Content-Type", "application/grpc", "Tenant", tc.tenant)
+		if a.code != 200 || a.echo.Pod != tc.pod || a.hdr.Get("Grpc-Status") != tc.grpcStatus || a.echo.Headers.Get("X-Grpc") != tc.header {
+			t.Errorf("%s (tenant %q): %d from %q, grpc-status %q, x-grpc %q; want %q, %q, %q", tc.path, tc.tenant, a.code, a.echo.Pod,
+				a.hdr.Get("Grpc-Status"), a.echo.Headers.Get("X-Grpc"), tc.pod, tc.grpcStatus, tc.header)
+		}
+	}
+}
