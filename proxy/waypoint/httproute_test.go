@@ -35,6 +35,7 @@ type routeBed struct {
 	opts     hbone.DialOptions
 	mirrored chan echoed // requests the app saw with X-Mirror-Probe set
 	handler  *waypoint.Handler
+	flaky    atomic.Int64 // requests to /flaky: all but every third answer 503
 	id       func(string) identity.Source
 }
 
@@ -74,6 +75,9 @@ func newRouteBed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) 
 				}
 			}
 			w.Header().Set("X-Pod", sa)
+			if strings.HasPrefix(r.URL.Path, "/flaky") && b.flaky.Add(1)%3 != 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
 			json.NewEncoder(w).Encode(e)
 		})}
 		go as.Serve(app)
@@ -355,5 +359,28 @@ spec:
 			t.Errorf("%s (tenant %q): %d from %q, grpc-status %q, x-grpc %q; want %q, %q, %q", tc.path, tc.tenant, a.code, a.echo.Pod,
 				a.hdr.Get("Grpc-Status"), a.echo.Headers.Get("X-Grpc"), tc.pod, tc.grpcStatus, tc.header)
 		}
+	}
+}
+
+// retry: a body-less request answered 503 is tried again, up to attempts more times; with no
+// retry the 503 goes back.
+func TestHTTPRouteRetry(t *testing.T) {
+	b := newRouteBed(t, nil, `
+metadata: {name: retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {value: /flaky/retried}}]
+    retry: {attempts: 2, codes: [503], backoff: 1ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {value: /flaky/once}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+`)
+	c := b.httpClient(t)
+	if a := b.do(t, c, "GET", "http://10.96.0.30/flaky/retried"); a.code != 200 || b.flaky.Load() != 3 {
+		t.Errorf("retried request: %d after %d tries, want 200 after 3", a.code, b.flaky.Load())
+	}
+	if a := b.do(t, c, "GET", "http://10.96.0.30/flaky/once"); a.code != 503 || b.flaky.Load() != 4 {
+		t.Errorf("request without retry: %d after %d tries in all, want 503 after 4", a.code, b.flaky.Load())
 	}
 }
