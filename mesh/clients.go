@@ -8,6 +8,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 )
 
 // Clients are the clients of one cluster, all from one rest config: the only way cmd/ reaches
@@ -17,6 +18,7 @@ type Clients struct {
 	Kube    kubernetes.Interface
 	Dynamic dynamic.Interface
 	Istio   istioclient.Interface
+	Gateway gwclient.Interface // HTTPRoutes, GRPCRoutes
 }
 
 // NewClients builds every client from rc (no I/O).
@@ -31,6 +33,9 @@ func NewClients(rc *rest.Config) (*Clients, error) {
 	}
 	if c.Istio, err = istioclient.NewForConfig(rc); err != nil {
 		return nil, fmt.Errorf("mesh: istio client: %w", err)
+	}
+	if c.Gateway, err = gwclient.NewForConfig(rc); err != nil {
+		return nil, fmt.Errorf("mesh: gateway-api client: %w", err)
 	}
 	return c, nil
 }

@@ -30,7 +30,11 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/detour-mesh/detour/proxy/authn"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -50,6 +54,8 @@ const debounce = 20 * time.Millisecond
 type Discovery struct {
 	Kube  kubernetes.Interface
 	Istio istioclient.Interface
+	// Gateway reads HTTPRoutes and GRPCRoutes (gateway.networking.k8s.io/v1); nil watches none.
+	Gateway gwclient.Interface
 	// Namespace limits the watch to one namespace; "" watches all. The Namespace objects
 	// (cluster-scoped: get, list and watch on namespaces) are read either way, for their labels.
 	Namespace string
@@ -64,6 +70,7 @@ type Discovery struct {
 	MeshConfig func(*meshv1alpha1.MeshConfig)
 
 	routes  atomic.Pointer[route.Table]
+	http    atomic.Pointer[httproute.Table]
 	engine  atomic.Pointer[authz.Engine]
 	authn   atomic.Pointer[authn.Authenticator]
 	keys    authn.Keys // jwksUri key sets, kept across snapshots
@@ -83,6 +90,10 @@ func (d *Discovery) Routes() *route.Table {
 	t, _ := route.NewTable(nil)
 	return t
 }
+
+// HTTPRoutes is the current table of HTTPRoutes and GRPCRoutes attached to services (nil, no
+// route, before the first sync).
+func (d *Discovery) HTTPRoutes() *httproute.Table { return d.http.Load() }
 
 // Policies is the current policy engine. Before the first sync it refuses everything: no
 // policy seen is not the same as no policy.
@@ -107,14 +118,16 @@ func (d *Discovery) Ready() bool { return d.ready.Load() }
 func (d *Discovery) Builds() int64 { return d.builds.Load() }
 
 type listers struct {
-	namespace func(name string) (*corev1.Namespace, error)
-	services  func() ([]*corev1.Service, error)
-	slices    func() ([]*discoveryv1.EndpointSlice, error)
-	pod       func(ns, name string) (*corev1.Pod, error)
-	pods      func() ([]*corev1.Pod, error)
-	policies  func() ([]*authz.Policy, error)
-	authns    func() ([]*authn.Policy, error)
-	mesh      func() (*corev1.ConfigMap, error) // nil: not watched
+	namespace  func(name string) (*corev1.Namespace, error)
+	services   func() ([]*corev1.Service, error)
+	slices     func() ([]*discoveryv1.EndpointSlice, error)
+	pod        func(ns, name string) (*corev1.Pod, error)
+	pods       func() ([]*corev1.Pod, error)
+	policies   func() ([]*authz.Policy, error)
+	authns     func() ([]*authn.Policy, error)
+	mesh       func() (*corev1.ConfigMap, error) // nil: not watched
+	httpRoutes func() ([]*gwv1.HTTPRoute, error)
+	grpcRoutes func() ([]*gwv1.GRPCRoute, error)
 }
 
 // Run watches until ctx ends.
@@ -165,6 +178,14 @@ func (d *Discovery) Run(ctx context.Context) error {
 			return fmt.Errorf("mesh: %w", err)
 		}
 	}
+	ri, err := d.routeInformers(poke)
+	if err != nil {
+		return err
+	}
+	if ri.factory != nil {
+		ri.factory.Start(ctx.Done())
+		defer ri.factory.Shutdown()
+	}
 	kf.Start(ctx.Done())
 	nf.Start(ctx.Done())
 	inf.Start(ctx.Done())
@@ -182,6 +203,9 @@ func (d *Discovery) Run(ctx context.Context) error {
 		if !ok {
 			return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
 		}
+	}
+	if err := ri.sync(ctx); err != nil {
+		return err
 	}
 	l := listers{
 		namespace: func(name string) (*corev1.Namespace, error) { return nss.Lister().Get(name) },
@@ -211,7 +235,9 @@ func (d *Discovery) Run(ctx context.Context) error {
 			}
 			return out, nil
 		},
-		mesh: meshCM,
+		mesh:       meshCM,
+		httpRoutes: ri.http,
+		grpcRoutes: ri.grpc,
 	}
 	d.rebuild(l)
 	d.ready.Store(true)
@@ -266,6 +292,11 @@ func (d *Discovery) rebuild(l listers) {
 		d.log().Error("mesh: routes not updated", "err", err)
 	} else {
 		d.routes.Store(table)
+		if hr, err := d.compileRoutes(l, table); err != nil {
+			d.log().Error("mesh: HTTP routes not updated", "err", err)
+		} else {
+			d.http.Store(hr)
+		}
 	}
 	ps, err := l.policies()
 	if err != nil {

@@ -15,6 +15,8 @@ import (
 
 	secv1beta1 "istio.io/api/security/v1beta1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/detour-mesh/detour/proxy/httproute"
 )
 
 // Config is the whole document.
@@ -137,6 +139,11 @@ type Static struct {
 	// (or IP) the waypoint resolves and dials directly, not over HBONE. Default none: CUSTOM
 	// policies deny what they match.
 	ExtensionProviders []ExtensionProvider `json:"extensionProviders"`
+	// HTTPRoutes and GRPCRoutes are Gateway API objects (gateway.networking.k8s.io/v1) whose
+	// parentRefs name services above; see proxy/httproute for the fields detour implements (any
+	// other is refused). Default none.
+	HTTPRoutes []httproute.HTTPRoute `json:"httpRoutes,omitempty"`
+	GRPCRoutes []httproute.GRPCRoute `json:"grpcRoutes,omitempty"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -221,6 +228,9 @@ func Decode(doc []byte) (*Config, error) {
 		return nil, err
 	}
 	if err := checkRequestAuthentications(doc); err != nil {
+		return nil, err
+	}
+	if err := checkRoutes(doc); err != nil {
 		return nil, err
 	}
 	if err := checkProviders(doc); err != nil {
@@ -361,6 +371,11 @@ func (c *Config) validate() error {
 		}
 		errs = append(errs, validateRequestAuthentications(s.RequestAuthentications)...)
 		errs = append(errs, validateProviders(s)...)
+		if len(errs) == 0 {
+			if _, err := c.HTTPRoutes(); err != nil {
+				errs = append(errs, err)
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -132,22 +132,7 @@ func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error
 		if s.Unbound {
 			return nil, fmt.Errorf("%w: %s/%s (its istio.io/use-waypoint names another waypoint or none)", ErrNotBound, s.Namespace, s.Name)
 		}
-		i := slices.IndexFunc(s.Ports, func(p Port) bool { return p.Port == target.Port() })
-		if i < 0 {
-			return nil, fmt.Errorf("%w: %s/%s has no port %d", ErrUnknownTarget, s.Namespace, s.Name, target.Port())
-		}
-		port := s.Ports[i]
-		var ready []netip.AddrPort
-		for _, ep := range s.Endpoints {
-			if ep.Ready {
-				ready = append(ready, netip.AddrPortFrom(ep.IP, port.TargetPort))
-			}
-		}
-		if len(ready) == 0 {
-			// The destination still says which service it is (a debug session may take it).
-			return &Destination{Service: s, Port: port}, fmt.Errorf("%w for %s/%s", ErrNoEndpoints, s.Namespace, s.Name)
-		}
-		return &Destination{Service: s, Port: port, Candidates: b.order(s.Hostname, ready)}, nil
+		return t.servicePort(s, target.Port(), b)
 	}
 	if s, ok := t.byPod[target.Addr()]; ok {
 		if s.Unbound {
@@ -163,6 +148,36 @@ func (t *Table) Resolve(target netip.AddrPort, b *Balancer) (*Destination, error
 		return &Destination{Service: s, Port: port, Candidates: []netip.AddrPort{target}}, nil
 	}
 	return nil, fmt.Errorf("%w: %s", ErrUnknownTarget, target)
+}
+
+// ResolveService is the destination of service namespace/name on port (a route's backend),
+// with the errors of Resolve. Unlike a stream's own target, a backend need not be bound to this
+// waypoint: the route that names it is (istiod's waypoint sends to a backend's endpoints).
+func (t *Table) ResolveService(namespace, name string, port uint16, b *Balancer) (*Destination, error) {
+	s := t.Service(namespace, name)
+	if s == nil {
+		return nil, fmt.Errorf("%w: service %s/%s", ErrUnknownTarget, namespace, name)
+	}
+	return t.servicePort(s, port, b)
+}
+
+func (t *Table) servicePort(s *Service, port uint16, b *Balancer) (*Destination, error) {
+	i := slices.IndexFunc(s.Ports, func(p Port) bool { return p.Port == port })
+	if i < 0 {
+		return nil, fmt.Errorf("%w: %s/%s has no port %d", ErrUnknownTarget, s.Namespace, s.Name, port)
+	}
+	p := s.Ports[i]
+	var ready []netip.AddrPort
+	for _, ep := range s.Endpoints {
+		if ep.Ready {
+			ready = append(ready, netip.AddrPortFrom(ep.IP, p.TargetPort))
+		}
+	}
+	if len(ready) == 0 {
+		// The destination still says which service it is (a debug session may take it).
+		return &Destination{Service: s, Port: p}, fmt.Errorf("%w for %s/%s", ErrNoEndpoints, s.Namespace, s.Name)
+	}
+	return &Destination{Service: s, Port: p, Candidates: b.order(s.Hostname, ready)}, nil
 }
 
 // DefaultEjection is how long an endpoint that failed to connect is skipped.

@@ -46,13 +46,21 @@ type httpStream struct {
 	h1    *http.Transport
 	h2    *http.Transport
 	ended bool
+	dests map[string]*route.Destination // endpoint address: the routed backend it was picked for
+
+	mirrorSlots chan struct{} // RequestMirror copies in flight (routeMirror)
+	mirrorWG    sync.WaitGroup
+	mirrorCtx   context.Context // ends with the stream
+	mirrorStop  context.CancelFunc
 }
 
 // serveHTTP serves in until the client closes it, the stream ends or the idle timeout passes.
 // up is the onward stream dialed before the 200; it is reused for the first request to its
 // endpoint.
 func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination) error {
-	hs := &httpStream{h: h, req: req, labels: h.streamLabels(req, dest), pre: up, port: dest.Port.Port}
+	hs := &httpStream{h: h, req: req, labels: h.streamLabels(req, dest), pre: up, port: dest.Port.Port,
+		mirrorSlots: make(chan struct{}, maxRouteMirrors)}
+	hs.mirrorCtx, hs.mirrorStop = context.WithCancel(context.WithoutCancel(ctx))
 	if dest.Service != nil {
 		hs.svcNS, hs.svc = dest.Service.Namespace, dest.Service.Name
 	}
@@ -124,7 +132,7 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 			if steal != nil {
 				hs.stealRequest(rec, r, path, steal)
-			} else {
+			} else if !hs.routeHTTP(rec, r, path, grpc) {
 				hs.proxy.ServeHTTP(rec, r)
 			}
 		}
@@ -167,10 +175,11 @@ func (hs *httpStream) rewrite(pr *httputil.ProxyRequest) {
 // RoundTrip sends r to the endpoint the balancer prefers for this request, and to the next one
 // when an endpoint cannot be reached (nothing of the request was sent yet).
 func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
-	dest, err := hs.h.Routes().Resolve(hs.req.Target.Addr, hs.h.Balancer)
+	dest, err := hs.destination(r)
 	if err != nil {
 		return nil, &noUpstream{err}
 	}
+	rt, _ := r.Context().Value(routedKey{}).(*routed)
 	body := &retryBody{rc: r.Body}
 	var errs []error
 	for _, ep := range dest.Candidates {
@@ -185,7 +194,13 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 		if t == nil {
 			return nil, errors.New("waypoint: stream ended")
 		}
-		resp, err := t.RoundTrip(&out)
+		var resp *http.Response
+		if rt != nil {
+			hs.noteDest(ep, dest)
+			resp, err = hs.roundTripRouted(rt, t, &out, body)
+		} else {
+			resp, err = t.RoundTrip(&out)
+		}
 		if err == nil {
 			if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
 				rec.upstream, rec.ep, rec.dest = ep.String(), ep, dest
@@ -246,7 +261,11 @@ func (hs *httpStream) dial(ctx context.Context, _, addr string) (net.Conn, error
 		hs.mu.Unlock()
 		return pre, nil
 	}
+	routedDest := hs.dests[addr]
 	hs.mu.Unlock()
+	if routedDest != nil {
+		return hs.h.dialEndpoint(ctx, hs.req, routedDest, ep)
+	}
 	dest, err := hs.h.Routes().Resolve(hs.req.Target.Addr, nil)
 	if err != nil {
 		return nil, &dialError{ep: ep, err: err}
@@ -260,6 +279,8 @@ func (hs *httpStream) close() {
 	pre, h1, h2 := hs.pre, hs.h1, hs.h2
 	hs.pre = nil
 	hs.mu.Unlock()
+	hs.mirrorStop()
+	hs.mirrorWG.Wait()
 	if pre != nil {
 		pre.Close()
 	}
@@ -281,6 +302,13 @@ func (e *noUpstream) Unwrap() error { return e.err }
 func (hs *httpStream) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	rec, _ := w.(*recorder)
 	var nu *noUpstream
+	if code, flags, ok := routeStatus(r, err); ok {
+		if rec != nil {
+			rec.flags = flags
+		}
+		localReply(w, isGRPC(r), code, 4, "upstream request timeout")
+		return
+	}
 	switch {
 	case r.Context().Err() != nil:
 		if rec != nil {

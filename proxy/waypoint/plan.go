@@ -124,7 +124,7 @@ func (h *Handler) inspects(p *plan, sessions []*session.Session) bool {
 	switch {
 	case h.Inspect == InspectAlways, filtered(sessions):
 		return true
-	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)):
+	case p.engine != nil && p.engine.NeedsL7(authzService(p.dest)), h.routed(p.req, p.dest):
 		return true
 	case h.Authn != nil && h.Authn().Applies(authzService(p.dest)):
 		return true // tokens are validated per request

@@ -28,6 +28,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/extauthz"
+	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -95,6 +96,11 @@ type Handler struct {
 	Logger  *slog.Logger // nil means slog.Default()
 	// AccessLog, when set, gets one record per HTTP request and per opaque stream.
 	AccessLog *slog.Logger
+	// HTTPRoutes returns the current HTTPRoutes and GRPCRoutes attached to services; nil
+	// means none (every request is forwarded to the service it addressed).
+	HTTPRoutes func() *httproute.Table
+	// RouteRand draws route weights and mirror fractions; nil means math/rand/v2.IntN.
+	RouteRand func(n int) int
 	// Sessions are the developers' debug sessions (steal, mirror); nil means none.
 	Sessions *session.Registry
 	// NumTrustedProxies is how many proxies in front of the mesh appended to X-Forwarded-For

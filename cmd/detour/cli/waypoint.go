@@ -25,6 +25,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/extauthz"
+	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -137,16 +138,17 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *metrics.Metrics, onward *hbone.Dialer, l net.Listener,
 	accessOut io.Writer, log *slog.Logger) (*waypoint.Handler, error) {
 	h := &waypoint.Handler{
-		Routes:    disc.routes,
-		Balancer:  &route.Balancer{Policy: cfg.Waypoint.Balancer},
-		Identity:  src,
-		Dialer:    onward,
-		Policies:  disc.policies,
-		Authn:     disc.authn,
-		ExtAuthz:  disc.extAuthz,
-		Metrics:   m,
-		HBONEPort: cfg.Listeners.UpstreamHBONEPort,
-		Logger:    log,
+		Routes:     disc.routes,
+		Balancer:   &route.Balancer{Policy: cfg.Waypoint.Balancer},
+		Identity:   src,
+		Dialer:     onward,
+		Policies:   disc.policies,
+		Authn:      disc.authn,
+		ExtAuthz:   disc.extAuthz,
+		Metrics:    m,
+		HTTPRoutes: disc.httpRoutes,
+		HBONEPort:  cfg.Listeners.UpstreamHBONEPort,
+		Logger:     log,
 
 		NumTrustedProxies: cfg.Waypoint.NumTrustedProxies,
 	}
@@ -245,10 +247,12 @@ type discovered struct {
 	routes   func() *route.Table
 	policies func() *authz.Engine
 	authn    func() *authn.Authenticator
-	synced   func() bool
-	bind     func(ctx context.Context, namespace, service string) (func(), error) // nil: static
-	clients  *mesh.Clients                                                        // nil: static
-	extAuthz *extauthz.Registry                                                   // the mesh config's ext_authz providers
+	// httpRoutes are the HTTPRoutes and GRPCRoutes attached to services.
+	httpRoutes func() *httproute.Table
+	synced     func() bool
+	bind       func(ctx context.Context, namespace, service string) (func(), error) // nil: static
+	clients    *mesh.Clients                                                        // nil: static
+	extAuthz   *extauthz.Registry                                                   // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -266,8 +270,13 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		if err := xa.Update(cfg.ExtensionProviders()); err != nil {
 			return nil, err
 		}
+		hr, err := cfg.HTTPRoutes()
+		if err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
-			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }, extAuthz: xa}, nil
+			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }, extAuthz: xa,
+			httpRoutes: func() *httproute.Table { return hr }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -277,7 +286,7 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	if err != nil {
 		return nil, err
 	}
-	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Namespace: k.Namespace, Waypoint: wp, Logger: log}
+	d := &mesh.Discovery{Kube: c.Kube, Istio: c.Istio, Gateway: c.Gateway, Namespace: k.Namespace, Waypoint: wp, Logger: log}
 	xa := &extauthz.Registry{}
 	d.MeshConfig = func(mc *meshv1alpha1.MeshConfig) {
 		if err := xa.Update(mc.GetExtensionProviders()); err != nil {
@@ -289,7 +298,7 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.

@@ -1,0 +1,50 @@
+package config
+
+import (
+	"fmt"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/detour-mesh/detour/proxy/httproute"
+)
+
+// HTTPRoutes compiles the static discovery's HTTPRoutes and GRPCRoutes against its services.
+func (c *Config) HTTPRoutes() (*httproute.Table, error) {
+	table, err := c.Routes()
+	if err != nil {
+		return nil, err
+	}
+	var hrs []*httproute.HTTPRoute
+	var grs []*httproute.GRPCRoute
+	if s := c.Discovery.Static; s != nil {
+		for i := range s.HTTPRoutes {
+			hrs = append(hrs, &s.HTTPRoutes[i])
+		}
+		for i := range s.GRPCRoutes {
+			grs = append(grs, &s.GRPCRoutes[i])
+		}
+	}
+	return httproute.Compile(table, hrs, grs)
+}
+
+// checkRoutes names the YAML line of a field discovery.static.httpRoutes[] or grpcRoutes[] do
+// not have (the strict decoder refuses it too, without a line).
+func checkRoutes(doc []byte) error {
+	var root yaml.Node
+	if err := yaml.Unmarshal(doc, &root); err != nil || len(root.Content) == 0 {
+		return nil
+	}
+	static := lookup(lookup(root.Content[0], "discovery"), "static")
+	for _, kind := range []string{"httpRoutes", "grpcRoutes"} {
+		list := lookup(static, kind)
+		if list == nil || list.Kind != yaml.SequenceNode {
+			continue
+		}
+		for i, r := range list.Content {
+			if err := httproute.CheckYAML(r, kind == "grpcRoutes", fmt.Sprintf("discovery.static.%s[%d]", kind, i)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

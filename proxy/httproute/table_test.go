@@ -1,0 +1,261 @@
+package httproute
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/detour-mesh/detour/proxy/route"
+)
+
+func services(t testing.TB) *route.Table {
+	t.Helper()
+	var svcs []*route.Service
+	for i, name := range []string{"reviews", "reviews-v1", "reviews-v2"} {
+		svcs = append(svcs, &route.Service{Name: name, Namespace: "shop", Hostname: name + ".shop.svc.cluster.local",
+			VIPs:  []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, byte(i + 1)})},
+			Ports: []route.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "grpc", Port: 7070, TargetPort: 7070}}})
+	}
+	tbl, err := route.NewTable(svcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tbl
+}
+
+func mustHTTP(t testing.TB, doc string) *HTTPRoute {
+	t.Helper()
+	r, err := DecodeHTTPRoute([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+const matching = `
+metadata: {name: matching, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /}
+    - headers: [{name: version, value: one}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+    - headers: [{name: version, value: two}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - matches:
+    - path: {type: Exact, value: /exact}
+      method: POST
+    - path: {type: RegularExpression, value: "/re/[0-9]+"}
+    - queryParams: [{name: tenant, value: a}]
+      path: {value: /v2}
+    backendRefs: [{name: reviews, port: 80}]
+`
+
+func TestMatchPrecedence(t *testing.T) {
+	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, matching)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		method, target string
+		header         string
+		want           string // backend, "404" or "-" (not attached)
+	}{
+		{"GET", "/", "", "reviews-v1"},
+		{"GET", "/example", "", "reviews-v1"},
+		{"GET", "/", "one", "reviews-v1"},
+		{"GET", "/v2", "", "reviews-v2"},
+		{"GET", "/v2/", "", "reviews-v2"},
+		{"GET", "/v2/example", "", "reviews-v2"},
+		{"GET", "/", "two", "reviews-v2"},
+		{"GET", "/v2example", "", "reviews-v1"},
+		{"GET", "/foo/v2/example", "", "reviews-v1"},
+		{"POST", "/exact", "", "reviews"},
+		{"GET", "/exact", "", "reviews-v1"},
+		{"GET", "/re/12", "", "reviews-v1"}, // PathPrefix / outranks a regular expression
+		{"GET", "/v2?tenant=a", "", "reviews"},
+		{"GET", "/v2?tenant=b", "", "reviews-v2"},
+	} {
+		r := httptest.NewRequest(tc.method, tc.target, nil)
+		if tc.header != "" {
+			r.Header.Set("Version", tc.header)
+		}
+		got := result(tbl.Match("shop", "reviews", 80, "shop", r, r.URL.EscapedPath(), false))
+		if got != tc.want {
+			t.Errorf("%s %s (version %q) went to %s, want %s", tc.method, tc.target, tc.header, got, tc.want)
+		}
+	}
+	if _, attached := tbl.Match("shop", "reviews", 7070, "shop", httptest.NewRequest("GET", "/", nil), "/", false); attached {
+		t.Error("port 7070 has no route but is attached")
+	}
+}
+
+func result(m Matched, attached bool) string {
+	switch {
+	case !attached:
+		return "-"
+	case m.Rule == nil:
+		return "404"
+	}
+	b := m.Rule.Pick(func(int) int { return 0 })
+	if b == nil {
+		return "500"
+	}
+	return b.Name
+}
+
+func TestConsumerRouteOnlyForItsNamespace(t *testing.T) {
+	consumer := mustHTTP(t, `
+metadata: {name: mine, namespace: frontend}
+spec:
+  parentRefs: [{kind: Service, name: reviews, namespace: shop}]
+  rules:
+  - backendRefs: [{name: reviews-v2, namespace: shop, port: 80}]
+`)
+	producer := mustHTTP(t, `
+metadata: {name: theirs, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules:
+  - matches: [{path: {type: Exact, value: /only}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+`)
+	tbl, err := Compile(services(t), []*HTTPRoute{consumer, producer}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := httptest.NewRequest("GET", "/other", nil)
+	for _, tc := range []struct{ caller, want string }{{"frontend", "reviews-v2"}, {"shop", "404"}, {"elsewhere", "404"}} {
+		if got := result(tbl.Match("shop", "reviews", 80, tc.caller, r, "/other", false)); got != tc.want {
+			t.Errorf("caller in %s went to %s, want %s", tc.caller, got, tc.want)
+		}
+	}
+	if got := result(tbl.Match("shop", "reviews", 7070, "frontend", r, "/other", false)); got != "reviews-v2" {
+		t.Errorf("a parentRef without port attaches to every port; 7070 went to %s", got)
+	}
+}
+
+func TestWeightsAndInvalidBackends(t *testing.T) {
+	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, `
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{path: {value: /split}}]
+    backendRefs:
+    - {name: reviews-v1, port: 80, weight: 70}
+    - {name: reviews-v2, port: 80, weight: 30}
+    - {name: gone, port: 80, weight: 0}
+  - matches: [{path: {value: /none}}]
+    backendRefs: [{name: reviews-v1, port: 80, weight: 0}]
+  - matches: [{path: {value: /missing}}]
+    backendRefs: [{name: nosuch, port: 80}]
+`)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := httptest.NewRequest("GET", "/split", nil)
+	m, _ := tbl.Match("shop", "reviews", 80, "shop", r, "/split", false)
+	counts := map[string]int{}
+	for i := range 100 {
+		counts[m.Rule.Pick(func(n int) int { return i % n }).Name]++
+	}
+	if counts["reviews-v1"] != 70 || counts["reviews-v2"] != 30 {
+		t.Errorf("weights 70/30 over 100 draws gave %v", counts)
+	}
+	m, _ = tbl.Match("shop", "reviews", 80, "shop", r, "/none", false)
+	if b := m.Rule.Pick(func(int) int { return 0 }); b != nil {
+		t.Errorf("no weighted backend picked %v, want none (500)", b)
+	}
+	m, _ = tbl.Match("shop", "reviews", 80, "shop", r, "/missing", false)
+	if b := m.Rule.Pick(func(int) int { return 0 }); b == nil || b.Invalid != "backend(nosuch.shop) not found" {
+		t.Errorf("missing backend = %+v, want invalid", b)
+	}
+}
+
+func TestCompileErrors(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{matches: [{path: {type: RegularExpression, value: "("}}]}]}}`,
+			"httproute: HTTPRoute shop/a: rules[0]: matches[0]: path: regular expression \"(\": error parsing regexp: missing closing ): `^(?:()$`"},
+		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{filters: [{type: ExtensionRef, requestHeaderModifier: {}}]}]}}`,
+			`httproute: HTTPRoute shop/a: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect and URLRewrite)`},
+		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{matches: [{path: {type: Exact, value: /x}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]}]}}`,
+			`httproute: HTTPRoute shop/a: rules[0]: matches[0]: ReplacePrefixMatch needs a PathPrefix match`},
+		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{timeouts: {request: 1s, backendRequest: 2s}}]}}`,
+			`httproute: HTTPRoute shop/a: rules[0]: timeouts.backendRequest 2s is longer than timeouts.request 1s`},
+	} {
+		_, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, tc.doc)}, nil)
+		if err == nil || err.Error() != tc.want {
+			t.Errorf("Compile(%s) = %v\nwant %s", tc.doc, err, tc.want)
+		}
+	}
+}
+
+func TestDecodeRefusesUnknownFields(t *testing.T) {
+	_, err := DecodeHTTPRoute([]byte("metadata: {name: a, namespace: b}\nspec:\n  rules:\n  - sessionPersistence: {}\n"))
+	if err == nil || !strings.Contains(err.Error(), `unknown field "sessionPersistence"`) {
+		t.Errorf("err = %v, want unknown field sessionPersistence", err)
+	}
+}
+
+func TestFilters(t *testing.T) {
+	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, `
+metadata: {name: f, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{path: {value: /strip-prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: mine, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {value: /prefix/one}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /one}}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {value: /redirect}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+  - matches: [{path: {value: /port}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8083}}]
+  - matches: [{path: {value: /host}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org}}]
+  - matches: [{path: {value: /headers}}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: s}], add: [{name: x-add, value: a}], remove: [x-gone]}}]
+`)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	do := func(target string) (*http.Request, Matched) {
+		r := httptest.NewRequest("GET", "http://reviews"+target, nil)
+		m, _ := tbl.Match("shop", "reviews", 80, "shop", r, r.URL.EscapedPath(), false)
+		return r, m
+	}
+	for target, want := range map[string]string{
+		"/strip-prefix/three": "/three", "/strip-prefix": "/", "/prefix/one/two": "/one/two", "/full/one/two": "/one",
+	} {
+		r, m := do(target)
+		if got := m.Rule.Rewrite.Apply(r, r.URL.EscapedPath(), m.Prefix); got != want || r.URL.Path != want {
+			t.Errorf("rewrite %s = %s (URL %s), want %s", target, got, r.URL.Path, want)
+		}
+	}
+	for target, want := range map[string]string{
+		"/redirect/a?q=1": "https://example.org/new/a?q=1", "/port": "http://reviews:8083/port", "/host": "http://example.org/host",
+	} {
+		r, m := do(target)
+		if got := m.Rule.Redirect.Location(r, r.URL.EscapedPath(), m.Prefix, 80); got != want {
+			t.Errorf("redirect %s = %s, want %s", target, got, want)
+		}
+	}
+	r, m := do("/headers")
+	r.Header.Set("X-Gone", "1")
+	r.Header.Set("X-Add", "orig")
+	m.Rule.RequestHeaders.Apply(r.Header)
+	if got := r.Header; got.Get("X-Set") != "s" || strings.Join(got["X-Add"], ",") != "orig,a" || got.Get("X-Gone") != "" {
+		t.Errorf("headers after the modifier: %v", got)
+	}
+}

@@ -1,0 +1,386 @@
+package waypoint_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+// routeBed: services echo (10.96.0.30, both pods), echo-v1 (10.96.0.31, pod 127.0.0.2, service
+// account echo-v1), echo-v2 (10.96.0.32, pod 127.0.0.3, service account echo-v2) and empty
+// (10.96.0.33, no endpoint), each pod's ztunnel presenting its own identity, and the waypoint
+// with the given routes. The apps answer with what they got, as the conformance suite's echo.
+type routeBed struct {
+	waypoint string
+	client   *hbone.Dialer
+	opts     hbone.DialOptions
+	mirrored chan echoed // requests the app saw with X-Mirror-Probe set
+	handler  *waypoint.Handler
+	flaky    atomic.Int64 // requests to /flaky: all but every third answer 503
+	id       func(string) identity.Source
+}
+
+type echoed struct {
+	Pod     string      `json:"pod"`
+	Method  string      `json:"method"`
+	Path    string      `json:"path"`
+	Host    string      `json:"host"`
+	Headers http.Header `json:"headers"`
+}
+
+func newRouteBed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *routeBed {
+	_, id := testCA(t)
+	b := &routeBed{mirrored: make(chan echoed, 16), id: id}
+	hbonePort, appPort := freePort(t), freePort(t)
+	for i, sa := range []string{"echo-v1", "echo-v2"} {
+		ip := fmt.Sprintf("127.0.0.%d", i+2)
+		app, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(appPort)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", appPort, ip, err)
+		}
+		var p http.Protocols
+		p.SetHTTP1(true)
+		p.SetUnencryptedHTTP2(true)
+		as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			e := echoed{Pod: sa, Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Headers: r.Header}
+			if r.Header.Get("X-Mirror-Probe") != "" {
+				select {
+				case b.mirrored <- e:
+				default:
+				}
+			}
+			if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil {
+				select {
+				case <-time.After(d):
+				case <-r.Context().Done():
+				}
+			}
+			w.Header().Set("X-Pod", sa)
+			if strings.HasPrefix(r.URL.Path, "/flaky") && b.flaky.Add(1)%3 != 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+			json.NewEncoder(w).Encode(e)
+		})}
+		go as.Serve(app)
+		t.Cleanup(func() { as.Close() })
+		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(hbonePort)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", hbonePort, ip, err)
+		}
+		hs := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(id("spiffe://cluster.local/ns/demo/sa/"+sa), nil), Logger: quiet}
+		go hs.Serve(hl)
+		t.Cleanup(func() { hs.Close() })
+	}
+	ep := func(i int, sa string) route.Endpoint {
+		return route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: sa}
+	}
+	svc := func(name string, vip byte, eps ...route.Endpoint) *route.Service {
+		return &route.Service{Name: name, Namespace: "demo", Hostname: name + ".demo.svc.cluster.local",
+			VIPs:  []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, vip})},
+			Ports: []route.Port{{Name: "http", Port: 80, TargetPort: uint16(appPort)}, {Name: "grpc", Port: 7070, TargetPort: uint16(appPort), AppProtocol: "grpc"}}, Endpoints: eps}
+	}
+	table, err := route.NewTable([]*route.Service{
+		svc("echo", 30, ep(2, "echo-v1"), ep(3, "echo-v2")), svc("echo-v1", 31, ep(2, "echo-v1")),
+		svc("echo-v2", 32, ep(3, "echo-v2")), svc("empty", 33),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hrs []*httproute.HTTPRoute
+	var grs []*httproute.GRPCRoute
+	for _, doc := range routes {
+		if strings.Contains(doc, "kind: GRPCRoute") {
+			r, err := httproute.DecodeGRPCRoute([]byte(doc))
+			if err != nil {
+				t.Fatal(err)
+			}
+			grs = append(grs, r)
+			continue
+		}
+		r, err := httproute.DecodeHTTPRoute([]byte(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hrs = append(hrs, r)
+	}
+	rt, err := httproute.Compile(table, hrs, grs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, nil)
+	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
+	onward := &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { onward.Close() })
+	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
+		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Policies: func() *authz.Engine { return engine },
+		HTTPRoutes: func() *httproute.Table { return rt }}
+	if tweak != nil {
+		tweak(h)
+	}
+	b.handler = h
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	b.waypoint = l.Addr().String()
+	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/demo/sa/client"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
+	b.opts = hbone.DialOptions{TLSConfig: cliTLS}
+	b.client = &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { b.client.Close() })
+	return b
+}
+
+func (b *routeBed) httpClient(t *testing.T) *http.Client {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	tr := &http.Transport{Protocols: &p, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return b.client.Dial(ctx, b.waypoint, addr, b.opts)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+}
+
+type answer struct {
+	code int
+	hdr  http.Header
+	echo echoed
+	body string
+}
+
+func (b *routeBed) do(t *testing.T, c *http.Client, method, url string, hdr ...string) answer {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	a := answer{code: resp.StatusCode, hdr: resp.Header, body: string(body)}
+	json.Unmarshal(body, &a.echo)
+	return a
+}
+
+const routeMatching = `
+metadata: {name: mesh-matching, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /}
+    - headers: [{name: version, value: one}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches:
+    - path: {type: PathPrefix, value: /v2}
+    - headers: [{name: version, value: two}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /none}}]
+    backendRefs: [{name: nosuch, port: 80}]
+  - matches: [{path: {type: Exact, value: /empty}}]
+    backendRefs: [{name: empty, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: rewritten, path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Set, value: set}], add: [{name: X-Add, value: added}], remove: [X-Remove]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: X-Resp, value: r}]}
+    backendRefs:
+    - name: echo-v2
+      port: 80
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Backend, value: v2}]}}]
+  - matches: [{path: {type: PathPrefix, value: /redirect}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 308}}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 200ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+`
+
+// Requests to a routed service go where its HTTPRoute says, over HBONE to that backend's pods,
+// checked against that backend's identity; filters, redirects, 404, 500 and 503 as the spec.
+func TestHTTPRouteThroughWaypoint(t *testing.T) {
+	b := newRouteBed(t, nil, routeMatching)
+	c := b.httpClient(t)
+	for _, tc := range []struct {
+		path, version string
+		code          int
+		pod           string
+	}{
+		{"/", "", 200, "echo-v1"}, {"/example", "", 200, "echo-v1"}, {"/", "one", 200, "echo-v1"},
+		{"/v2", "", 200, "echo-v2"}, {"/v2/example", "", 200, "echo-v2"}, {"/", "two", 200, "echo-v2"},
+		{"/v2example", "", 200, "echo-v1"}, {"/foo/v2/example", "", 200, "echo-v1"},
+		{"/none", "", 500, ""}, {"/empty", "", 503, ""},
+	} {
+		a := b.do(t, c, "GET", "http://10.96.0.30"+tc.path, "Version", tc.version)
+		if a.code != tc.code || a.echo.Pod != tc.pod {
+			t.Errorf("GET %s (version %q) = %d from %q, want %d from %q (%s)", tc.path, tc.version, a.code, a.echo.Pod, tc.code, tc.pod, a.body)
+		}
+	}
+	a := b.do(t, c, "GET", "http://10.96.0.30/prefix/one/two?q=1", "X-Remove", "x", "X-Add", "orig")
+	if e := a.echo; a.code != 200 || e.Pod != "echo-v2" || e.Path != "/one/two?q=1" || e.Host != "rewritten" ||
+		e.Headers.Get("X-Set") != "set" || strings.Join(e.Headers["X-Add"], ",") != "orig,added" || e.Headers.Get("X-Remove") != "" ||
+		e.Headers.Get("X-Backend") != "v2" || a.hdr.Get("X-Resp") != "r" {
+		t.Errorf("rewrite and header filters: %d %+v, response headers %v", a.code, e, a.hdr)
+	}
+	a = b.do(t, c, "GET", "http://10.96.0.30/redirect/x?y=1")
+	if a.code != 308 || a.hdr.Get("Location") != "https://example.org/redirect/x?y=1" {
+		t.Errorf("redirect: %d Location %q", a.code, a.hdr.Get("Location"))
+	}
+	a = b.do(t, c, "GET", "http://10.96.0.30/slow?sleep=5s")
+	if a.code != 504 || a.body != "upstream request timeout" {
+		t.Errorf("timeouts.request: %d %q, want 504", a.code, a.body)
+	}
+	a = b.do(t, c, "GET", "http://10.96.0.30/mirror", "X-Mirror-Probe", "1")
+	if a.code != 200 || a.echo.Pod != "echo-v1" {
+		t.Errorf("mirrored request answered %d by %q, want echo-v1", a.code, a.echo.Pod)
+	}
+	if m := <-b.mirrored; m.Pod == "echo-v1" {
+		m = <-b.mirrored
+		if m.Pod != "echo-v2" || m.Path != "/mirror" {
+			t.Errorf("mirror copy %+v, want echo-v2 /mirror", m)
+		}
+	}
+	// A service without routes keeps the default forwarding.
+	if a := b.do(t, c, "GET", "http://10.96.0.31/x"); a.code != 200 || a.echo.Pod != "echo-v1" {
+		t.Errorf("unrouted service: %d from %q", a.code, a.echo.Pod)
+	}
+}
+
+// A rule that matches nothing on a routed service is 404 (attached routes, no match).
+func TestHTTPRouteNoMatchIs404(t *testing.T) {
+	b := newRouteBed(t, nil, `
+metadata: {name: only, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo}]
+  rules: [{matches: [{path: {type: Exact, value: /only}}], backendRefs: [{name: echo-v1, port: 80}]}]
+`)
+	c := b.httpClient(t)
+	if a := b.do(t, c, "GET", "http://10.96.0.30/other"); a.code != 404 {
+		t.Errorf("unmatched request: %d %q, want 404", a.code, a.body)
+	}
+	if a := b.do(t, c, "GET", "http://10.96.0.30/only"); a.code != 200 || a.echo.Pod != "echo-v1" {
+		t.Errorf("matched request: %d from %q", a.code, a.echo.Pod)
+	}
+}
+
+// Weights are drawn per request: with the draw injected, 70/30 over 100 requests on one
+// connection is exact.
+func TestHTTPRouteWeightsPerRequest(t *testing.T) {
+	var n atomic.Int64
+	b := newRouteBed(t, func(h *waypoint.Handler) { h.RouteRand = func(max int) int { return int(n.Add(1)-1) % max } }, `
+metadata: {name: split, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - backendRefs: [{name: echo-v1, port: 80, weight: 70}, {name: echo-v2, port: 80, weight: 30}]
+`)
+	c := b.httpClient(t)
+	counts := map[string]int{}
+	var mu sync.Mutex
+	for range 100 {
+		a := b.do(t, c, "GET", "http://10.96.0.30/")
+		mu.Lock()
+		counts[a.echo.Pod]++
+		mu.Unlock()
+	}
+	if counts["echo-v1"] != 70 || counts["echo-v2"] != 30 {
+		t.Errorf("70/30 split over 100 requests: %v", counts)
+	}
+}
+
+// GRPCRoute: service and method matches in the spec's precedence, header matches and
+// modifiers; an unmatched method is gRPC's UNIMPLEMENTED in a trailers-only answer.
+func TestGRPCRouteThroughWaypoint(t *testing.T) {
+	b := newRouteBed(t, nil, `
+kind: GRPCRoute
+metadata: {name: grpc, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 7070}]
+  rules:
+  - matches: [{method: {service: shop.Cart, method: Get}}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-grpc, value: get}]}}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+  - matches: [{method: {service: shop.Cart}}]
+    backendRefs: [{name: echo-v2, port: 7070}]
+  - matches: [{method: {type: RegularExpression, service: "shop\\.(Orders|Items)", method: "Li.*"}, headers: [{name: tenant, value: a}]}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+`)
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &p, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return b.client.Dial(ctx, b.waypoint, addr, b.opts)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	for _, tc := range []struct {
+		path, tenant, pod, grpcStatus, header string
+	}{
+		{"/shop.Cart/Get", "", "echo-v1", "", "get"},
+		{"/shop.Cart/Put", "", "echo-v2", "", ""},
+		{"/shop.Orders/List", "a", "echo-v1", "", ""},
+		{"/shop.Orders/List", "b", "", "12", ""},
+		{"/other.Svc/Get", "", "", "12", ""},
+	} {
+		a := b.do(t, c, "POST", "http://10.96.0.30:7070"+tc.path, "Content-Type", "application/grpc", "Tenant", tc.tenant)
+		if a.code != 200 || a.echo.Pod != tc.pod || a.hdr.Get("Grpc-Status") != tc.grpcStatus || a.echo.Headers.Get("X-Grpc") != tc.header {
+			t.Errorf("%s (tenant %q): %d from %q, grpc-status %q, x-grpc %q; want %q, %q, %q", tc.path, tc.tenant, a.code, a.echo.Pod,
+				a.hdr.Get("Grpc-Status"), a.echo.Headers.Get("X-Grpc"), tc.pod, tc.grpcStatus, tc.header)
+		}
+	}
+}
+
+// retry: a body-less request answered 503 is tried again, up to attempts more times; with no
+// retry the 503 goes back.
+func TestHTTPRouteRetry(t *testing.T) {
+	b := newRouteBed(t, nil, `
+metadata: {name: retry, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {value: /flaky/retried}}]
+    retry: {attempts: 2, codes: [503], backoff: 1ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {value: /flaky/once}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+`)
+	c := b.httpClient(t)
+	if a := b.do(t, c, "GET", "http://10.96.0.30/flaky/retried"); a.code != 200 || b.flaky.Load() != 3 {
+		t.Errorf("retried request: %d after %d tries, want 200 after 3", a.code, b.flaky.Load())
+	}
+	if a := b.do(t, c, "GET", "http://10.96.0.30/flaky/once"); a.code != 503 || b.flaky.Load() != 4 {
+		t.Errorf("request without retry: %d after %d tries in all, want 503 after 4", a.code, b.flaky.Load())
+	}
+}
