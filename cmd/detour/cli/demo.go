@@ -47,7 +47,7 @@ func newDemoCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run detour as a waypoint on loopback with a built-in CA, demo pods and traffic (no cluster needed)",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if d.streams < 1 || d.streams > 1000 {
 				return fmt.Errorf("--streams must be 1..1000, got %d", d.streams)

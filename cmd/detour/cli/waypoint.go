@@ -38,7 +38,7 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "waypoint",
 		Short: "Run detour as a waypoint: terminate HBONE, enforce AuthorizationPolicy, forward to endpoints",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if path == "" {
 				return errors.New("--config is required")
