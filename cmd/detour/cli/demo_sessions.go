@@ -103,7 +103,7 @@ type demoSession struct {
 // start runs the session and returns once the waypoint accepted it.
 func (d *demoDeveloperSide) start(ctx context.Context, out io.Writer, mode, header, to string) (*demoSession, error) {
 	c := &sessionCmd{mode: mode, namespace: "demo", to: to, headers: []string{header},
-		log: func() *slog.Logger { return slog.New(slog.DiscardHandler) },
+		log:    func() *slog.Logger { return slog.New(slog.DiscardHandler) },
 		tunnel: tunnelFlags{waypoint: d.tunnel, transport: "quic", caDir: d.caDir, id: demoDeveloper}}
 	fmt.Fprintf(out, "%s runs: detour %s svc/echo -n demo --header %s --to %s --waypoint %s --ca %s --id %s\n",
 		demoDeveloper, mode, header, to, d.tunnel, d.caDir, demoDeveloper)
