@@ -38,6 +38,16 @@ const (
 	profileKube       = "kube" // kubeconfig and context only
 )
 
+// sourceAnnotation marks a flag set from the environment or a profile, with where from.
+const sourceAnnotation = "detour.source"
+
+// typed reports whether flag name was given on the command line (not by the environment or a
+// profile).
+func typed(fl *pflag.FlagSet, name string) bool {
+	f := fl.Lookup(name)
+	return f != nil && f.Changed && f.Annotations[sourceAnnotation] == nil
+}
+
 // settingFlags are the flags a profile or a DETOUR_* variable may set, in the order applied.
 var settingFlags = []string{"waypoint", "port-forward", "transport", "waypoint-id", "service-account", "istiod", "mesh-root",
 	"ca", "id", "cert", "key", "bundle", "kubeconfig", "context", "namespace", "header", "path", "method", "to"}
@@ -163,7 +173,7 @@ func (s *settings) apply(cmd *cobra.Command) error {
 			}
 		}
 		s.sources[name] = from
-		return nil
+		return fl.SetAnnotation(name, sourceAnnotation, []string{from})
 	}
 	for _, name := range names {
 		if v := s.env(envName(name)); v != "" {

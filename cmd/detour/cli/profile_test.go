@@ -268,3 +268,22 @@ func TestConfigFileStrict(t *testing.T) {
 		t.Errorf("$DETOUR_CONFIG missing: %d %q", code, errOut)
 	}
 }
+
+// The README's profile example decodes (strictly) and names its default profile.
+func TestReadmeProfileExample(t *testing.T) {
+	readme, err := os.ReadFile("../../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(readme), "```yaml\n")
+	doc, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("README has no yaml block")
+	}
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	writeFile(t, path, doc)
+	cfg, err := decodeCLIConfig(path)
+	if err != nil || cfg.Profiles[cfg.DefaultProfile] == nil || cfg.Profiles["dev"].Identity.ServiceAccount != "dev/alice" {
+		t.Fatalf("%+v %v", cfg, err)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/detour-mesh/detour/egress"
@@ -43,6 +44,7 @@ type runCmd struct {
 	keepRunning bool
 	container   string
 	asTarget    bool
+	flags       *pflag.FlagSet // the command's, to tell typed flags from a profile's
 }
 
 func newRunCmd(log func() *slog.Logger) *cobra.Command {
@@ -75,6 +77,7 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 
 func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	ctx := cmd.Context()
+	r.flags = cmd.Flags()
 	log := r.session.log()
 	if err := r.session.tunnel.check(cmd.Flags()); err != nil {
 		return err
@@ -148,6 +151,13 @@ const exitWait = 10 * time.Second
 func (r *runCmd) hello() (svcName string, hello tunnel.Hello, err error) {
 	if r.steal && r.mirror {
 		return "", hello, errors.New("--steal and --mirror exclude each other")
+	}
+	if !r.steal && !r.mirror {
+		for _, name := range []string{"to", "header", "path", "method"} {
+			if typed(r.flags, name) {
+				return "", hello, fmt.Errorf("--%s needs --steal or --mirror (it says where and what to take)", name)
+			}
+		}
 	}
 	svcName, ok := strings.CutPrefix(r.target, "svc/")
 	if !ok || svcName == "" {
