@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -295,6 +296,9 @@ func (s *settings) userConfig() string {
 // typeErrLine is one of yaml's strict-decoding complaints.
 var typeErrLine = regexp.MustCompile(`^line (\d+): field (\S+) not found in type \S+$`)
 
+// maxCLIConfig bounds the config file.
+const maxCLIConfig = 1 << 20
+
 // decodeCLIConfig reads the file at path strictly.
 func decodeCLIConfig(path string) (*cliConfig, error) {
 	f, err := os.Open(path)
@@ -302,7 +306,19 @@ func decodeCLIConfig(path string) (*cliConfig, error) {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	defer f.Close()
-	dec := yaml.NewDecoder(f)
+	doc, err := io.ReadAll(io.LimitReader(f, maxCLIConfig+1))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(doc) > maxCLIConfig {
+		return nil, fmt.Errorf("config %s: larger than %d bytes", path, maxCLIConfig)
+	}
+	return parseCLIConfig(path, doc)
+}
+
+// parseCLIConfig decodes doc (the file at path) strictly.
+func parseCLIConfig(path string, doc []byte) (*cliConfig, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(doc))
 	dec.KnownFields(true)
 	var cfg cliConfig
 	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {

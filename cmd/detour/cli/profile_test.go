@@ -287,3 +287,26 @@ func TestReadmeProfileExample(t *testing.T) {
 		t.Fatalf("%+v %v", cfg, err)
 	}
 }
+
+func FuzzCLIConfig(f *testing.F) {
+	f.Add([]byte("defaultProfile: a\nprofiles:\n  a:\n    waypoint: x:1\n    identity: {ca: d, id: spiffe://td/a}\n    headers: [x=1]\n    to: 8080\n"))
+	f.Add([]byte("profiles: {a: {to: [1]}}"))
+	f.Add([]byte("profiles:\n  a: &x {namespace: n}\n  b: *x\n"))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		cfg, err := parseCLIConfig("f", doc)
+		if err != nil {
+			return
+		}
+		// What decodes gives flag values for every profile, and names an existing default.
+		for _, p := range cfg.Profiles {
+			if p != nil {
+				p.flags("/d")
+			}
+		}
+		if cfg.DefaultProfile != "" && cfg.Profiles[cfg.DefaultProfile] == nil {
+			if _, ok := cfg.Profiles[cfg.DefaultProfile]; !ok {
+				t.Fatalf("default %q is not a profile", cfg.DefaultProfile)
+			}
+		}
+	})
+}
