@@ -5,13 +5,31 @@ FUZZTIME  ?= 10s
 BENCHTIME ?= 2s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: help build test test-unit test-integration testbed verify fuzz bench bench-waypoint demo clean
+.PHONY: help build release test test-unit test-integration testbed verify fuzz bench bench-waypoint demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 build: ## build bin/detour
 	$(GO) build -ldflags "-X github.com/detour-mesh/detour/cmd/detour/cli.Version=$(VERSION)" -o $(BIN)/detour ./cmd/detour
+
+# make release: one archive per platform, dist/detour_$(VERSION)_OS_ARCH.tar.gz (.zip for windows),
+# holding detour_$(VERSION)_OS_ARCH/detour[.exe] and README.md, and dist/SHA256SUMS over them.
+DIST      ?= dist
+PLATFORMS ?= linux/amd64 linux/arm64 darwin/amd64 darwin/arm64 windows/amd64
+SHA256    ?= $(shell command -v sha256sum >/dev/null 2>&1 && echo sha256sum || echo shasum -a 256)
+release: ## cross-build the five platforms into dist/ (-trimpath, version stamped): tar.gz (zip for windows) and SHA256SUMS
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	@set -e; for p in $(PLATFORMS); do \
+	  os=$${p%/*}; arch=$${p#*/}; name=detour_$(VERSION)_$${os}_$${arch}; exe=; [ $$os = windows ] && exe=.exe; \
+	  echo "release $$name"; mkdir -p $(DIST)/$$name; \
+	  GOOS=$$os GOARCH=$$arch CGO_ENABLED=0 $(GO) build -trimpath \
+	    -ldflags "-s -w -X github.com/detour-mesh/detour/cmd/detour/cli.Version=$(VERSION)" -o $(DIST)/$$name/detour$$exe ./cmd/detour; \
+	  cp README.md $(DIST)/$$name/; \
+	  if [ $$os = windows ]; then (cd $(DIST) && zip -qr $$name.zip $$name); else tar -C $(DIST) -czf $(DIST)/$$name.tar.gz $$name; fi; \
+	  rm -rf $(DIST)/$$name; \
+	done
+	cd $(DIST) && $(SHA256) detour_* > SHA256SUMS && cat SHA256SUMS
 
 demo: build ## run detour's HBONE data path on an embedded default (no cluster)
 	$(BIN)/detour demo
@@ -58,4 +76,4 @@ bench-waypoint: build ## the waypoint as its own process on CPU 1, client and ba
 		-test.bench 'Pinned' -test.benchtime $(BENCHTIME) -test.count $(BENCHCOUNT) | tee $(CURDIR)/bench-waypoint.out
 
 clean: ## remove build output
-	rm -rf $(BIN)
+	rm -rf $(BIN) $(DIST)

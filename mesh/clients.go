@@ -42,12 +42,44 @@ func NewClients(rc *rest.Config) (*Clients, error) {
 
 // UserClients are the clients of the user's kubeconfig: path, else $KUBECONFIG, else
 // ~/.kube/config.
-func UserClients(path string) (*Clients, error) {
-	rc, err := UserConfig(path)
+func UserClients(path string) (*Clients, error) { return UserClientsContext(path, "") }
+
+// UserClientsContext are UserClients for the kubeconfig context named kubeContext ("": the
+// current context).
+func UserClientsContext(path, kubeContext string) (*Clients, error) {
+	rc, err := userClientConfig(path, kubeContext).ClientConfig()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("mesh: kubeconfig: %w", err)
 	}
 	return NewClients(rc)
+}
+
+// UserContext says which context and namespace the user's kubeconfig (as UserClientsContext
+// reads it) selects, without contacting the cluster: the context's name ("" when there is no
+// kubeconfig at all) and its namespace ("default" when it names none).
+func UserContext(path, kubeContext string) (name, namespace string, err error) {
+	cc := userClientConfig(path, kubeContext)
+	raw, err := cc.RawConfig()
+	if err != nil {
+		return "", "", fmt.Errorf("mesh: kubeconfig: %w", err)
+	}
+	name = kubeContext
+	if name == "" {
+		name = raw.CurrentContext
+	}
+	if _, ok := raw.Contexts[name]; !ok && name != "" {
+		return "", "", fmt.Errorf("mesh: kubeconfig: context %q not found", name)
+	}
+	if namespace, _, err = cc.Namespace(); err != nil {
+		return "", "", fmt.Errorf("mesh: kubeconfig: %w", err)
+	}
+	return name, namespace, nil
+}
+
+func userClientConfig(path, kubeContext string) clientcmd.ClientConfig {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = path
+	return clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: kubeContext})
 }
 
 // WorkloadClients are the waypoint's: the kubeconfig file at path, or the in-cluster config

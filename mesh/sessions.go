@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -161,7 +162,11 @@ func decodeSpec(u *unstructured.Unstructured) (debugSessionSpec, error) {
 	if err != nil {
 		return spec, fmt.Errorf("mesh: DebugSession %s: %w", u.GetName(), err)
 	}
-	if err := json.Unmarshal(raw, &spec); err != nil {
+	// Strict: a field this replica does not know (a newer replica's filter condition) refuses
+	// the session instead of relaying more traffic than its developer asked for.
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
 		return spec, fmt.Errorf("mesh: DebugSession %s: %w", u.GetName(), err)
 	}
 	if spec.TTLSeconds <= 0 || spec.TTLSeconds > int(maxSessionTTL/time.Second) {

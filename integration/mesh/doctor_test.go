@@ -1,7 +1,10 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +15,7 @@ import (
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/detour-mesh/detour/cmd/detour/cli"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
@@ -49,6 +53,24 @@ func TestDoctor(t *testing.T) {
 		`FAIL istiod    istiod tells ztunnel that web's waypoint is ""`,
 		"detour: 6 problem(s) found")
 	t.Logf("doctor, nothing set up:\n%s", out)
+	// The same findings, as JSON on stdout (the count of problems on stderr).
+	var stdout, stderr bytes.Buffer
+	code := cli.Run(ctx, append(args, "-o", "json"), &stdout, &stderr)
+	type finding struct {
+		Check string `json:"check"`
+		OK    bool   `json:"ok"`
+		Say   string `json:"say"`
+		Fix   string `json:"fix"`
+	}
+	var findings []finding
+	if err := json.Unmarshal(stdout.Bytes(), &findings); err != nil || code != 1 || stderr.String() != "detour: 6 problem(s) found\n" {
+		t.Fatalf("doctor -o json: exit %d, %v, %q\n%s", code, err, stderr.String(), stdout.String())
+	}
+	if failed := slices.IndexFunc(findings, func(f finding) bool {
+		return f.Check == "ambient" && !f.OK && f.Fix == "kubectl label namespace store istio.io/dataplane-mode=ambient"
+	}); failed < 0 {
+		t.Fatalf("doctor -o json lacks the ambient finding: %+v", findings)
+	}
 
 	n, _ := c.Client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
 	n.Labels["istio.io/dataplane-mode"] = "ambient"

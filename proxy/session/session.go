@@ -72,7 +72,7 @@ type Session struct {
 
 	peer    Opener
 	metrics *metrics.Metrics // nil records nothing
-	headerV *regexp.Regexp   // nil: no header condition, or exact match
+	headers []headerCond     // the filter's header conditions, all to hold
 	path    *regexp.Regexp
 
 	streams, requests, dropped atomic.Int64
@@ -109,17 +109,9 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	s := &Session{Spec: spec, Host: host, Holder: holder, peer: peer, Since: time.Now(),
 		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	if f.Header == "" && (f.HeaderValue != "" || f.HeaderRegex != "") {
-		return nil, fmt.Errorf("session: a header value needs a header name")
-	}
-	if f.HeaderValue != "" && f.HeaderRegex != "" {
-		return nil, fmt.Errorf("session: give a header value or a header regex, not both")
-	}
 	var err error
-	if f.HeaderRegex != "" {
-		if s.headerV, err = compile("header", f.HeaderRegex); err != nil {
-			return nil, err
-		}
+	if s.headers, err = compileHeaders(f); err != nil {
+		return nil, err
 	}
 	if f.Path != "" {
 		if s.path, err = compile("path", f.Path); err != nil {
@@ -196,27 +188,23 @@ func (s *Session) Match(r *http.Request, path string) bool {
 	if s.path != nil && !s.path.MatchString(path) {
 		return false
 	}
-	if f.Header != "" {
-		vals := r.Header.Values(f.Header)
-		ok := false
-		for _, v := range vals {
-			if f.HeaderValue != "" && v == f.HeaderValue || s.headerV != nil && s.headerV.MatchString(v) || f.HeaderValue == "" && s.headerV == nil {
-				ok = true
-				break
-			}
-		}
-		if !ok {
+	for _, h := range s.headers {
+		if !h.match(r.Header) {
 			return false
 		}
 	}
 	return true
 }
 
-// overlaps reports whether two steals could both match one request: only exact values of the
-// same header are known to be disjoint.
+// overlaps reports whether two steals could both match one request: only different exact values
+// of the same header (in any of their header conditions) are known to be disjoint.
 func overlaps(a, b tunnel.Filter) bool {
-	if a.Header != "" && strings.EqualFold(a.Header, b.Header) && a.HeaderValue != "" && b.HeaderValue != "" {
-		return a.HeaderValue == b.HeaderValue
+	for _, x := range a.HeaderMatches() {
+		for _, y := range b.HeaderMatches() {
+			if x.Value != "" && y.Value != "" && strings.EqualFold(x.Name, y.Name) && x.Value != y.Value {
+				return false
+			}
+		}
 	}
 	return true
 }
@@ -467,13 +455,8 @@ func describe(f tunnel.Filter) string {
 		return "whole streams, no filter"
 	}
 	var parts []string
-	switch {
-	case f.HeaderValue != "":
-		parts = append(parts, fmt.Sprintf("header %s=%s", f.Header, f.HeaderValue))
-	case f.HeaderRegex != "":
-		parts = append(parts, fmt.Sprintf("header %s~%s", f.Header, f.HeaderRegex))
-	case f.Header != "":
-		parts = append(parts, "header "+f.Header+" present")
+	for _, h := range f.HeaderMatches() {
+		parts = append(parts, describeHeader(h))
 	}
 	if f.Path != "" {
 		parts = append(parts, "path~"+f.Path)

@@ -97,17 +97,55 @@ type Spec struct {
 	Bind bool `json:"bind,omitempty"`
 }
 
-// Filter selects HTTP requests; the zero Filter takes whole streams (any protocol).
+// Filter selects HTTP requests; the zero Filter takes whole streams (any protocol). A request
+// matches when every condition given holds (AND).
 type Filter struct {
 	Header      string `json:"header,omitempty"`      // header name
 	HeaderValue string `json:"headerValue,omitempty"` // exact value
 	HeaderRegex string `json:"headerRegex,omitempty"` // or an RE2 regex on the value
-	Path        string `json:"path,omitempty"`        // RE2 regex on the path
-	Method      string `json:"method,omitempty"`      // exact method
+	// Headers are further header conditions, after Header's. A CLI sends its first header
+	// condition in Header (which every waypoint reads) and only the others here, so a waypoint
+	// older than Headers refuses a filter it cannot apply in full (unknown field) rather than
+	// applying part of it.
+	Headers []HeaderMatch `json:"headers,omitempty"`
+	Path    string        `json:"path,omitempty"`   // RE2 regex on the path
+	Method  string        `json:"method,omitempty"` // exact method
+}
+
+// HeaderMatch is one header condition: the header is present with a value equal to Value, or
+// matching Regex, or (neither given) with any value.
+type HeaderMatch struct {
+	Name  string `json:"name"`
+	Value string `json:"value,omitempty"`
+	Regex string `json:"regex,omitempty"`
 }
 
 // IsZero reports whether f takes whole streams.
-func (f Filter) IsZero() bool { return f == Filter{} }
+func (f Filter) IsZero() bool {
+	return f.Header == "" && f.HeaderValue == "" && f.HeaderRegex == "" && len(f.Headers) == 0 && f.Path == "" && f.Method == ""
+}
+
+// HeaderMatches are all of f's header conditions, Header's first.
+func (f Filter) HeaderMatches() []HeaderMatch {
+	var all []HeaderMatch
+	if f.Header != "" || f.HeaderValue != "" || f.HeaderRegex != "" {
+		all = append(all, HeaderMatch{Name: f.Header, Value: f.HeaderValue, Regex: f.HeaderRegex})
+	}
+	return append(all, f.Headers...)
+}
+
+// WithHeaders sets f's header conditions: the first in Header, the others in Headers.
+func (f Filter) WithHeaders(hs []HeaderMatch) Filter {
+	f.Header, f.HeaderValue, f.HeaderRegex, f.Headers = "", "", "", nil
+	if len(hs) > 0 {
+		f.Header, f.HeaderValue, f.HeaderRegex = hs[0].Name, hs[0].Value, hs[0].Regex
+		f.Headers = append([]HeaderMatch(nil), hs[1:]...)
+	}
+	if len(f.Headers) == 0 {
+		f.Headers = nil
+	}
+	return f
+}
 
 // Reply answers a Hello.
 type Reply struct {

@@ -40,7 +40,7 @@ func newAgentCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "agent --config FILE --pod NS/NAME --ports P[,P...]",
 		Short: "Sidecar-mode pods only: redirect what the sidecar forwards to the app's ports to debug sessions (run in the pod's network namespace)",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return a.run(cmd.Context(), cmd)
 		},

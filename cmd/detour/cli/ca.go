@@ -18,7 +18,7 @@ func newCACmd() *cobra.Command {
 	initCmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create a CA in --dir for --trust-domain",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
 				return errors.New("--dir is required")
@@ -39,7 +39,7 @@ func newCACmd() *cobra.Command {
 	issueCmd := &cobra.Command{
 		Use:   "issue",
 		Short: "Mint an SVID for --id, written as PREFIX.crt, PREFIX.key, PREFIX.bundle.pem",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" || id == "" || out == "" {
 				return errors.New("--dir, --id and --out are required")

@@ -30,9 +30,25 @@ func TestDemo(t *testing.T) {
 		"AuthorizationPolicy demo/no-admin: DENY paths /admin*\n",
 		"spiffe://cluster.local/ns/untrusted/sa/curl -> GET echo/: 403 RBAC: access denied (AuthorizationPolicy denial, as expected)\n",
 		"spiffe://cluster.local/ns/default/sa/sleep -> GET echo/admin/users: 403 RBAC: access denied (AuthorizationPolicy denial, as expected)\n",
+		// The steal: alice's requests answered by her laptop, the others by the pods, and the
+		// lines detour steal prints.
+		"  [detour steal] stealing demo/echo port 80 (header x-dev=alice) -> 127.0.0.1:",
+		"  [detour steal] steal GET /cart 200 ",
+		"  [detour steal] steal GET /checkout 200 ",
+		" from cluster.local/ns/default/sa/sleep\n",
+		"spiffe://cluster.local/ns/default/sa/sleep -> GET echo/cart (x-dev: alice): 200 \"hello from alice's laptop\" (stolen: alice's laptop answered)\n",
+		"spiffe://cluster.local/ns/default/sa/sleep -> GET echo/cart: 200 from pod 10.244.0.",
+		"  [detour steal] session ended\n",
+		// The mirror: the pods answer, the laptop gets copies.
+		"  [detour mirror] mirroring demo/echo port 80 (header x-dev=alice) -> 127.0.0.1:",
+		"spiffe://cluster.local/ns/default/sa/sleep -> POST echo/orders (x-dev: alice): 200 from pod 10.244.0.",
+		"alice's laptop app got a copy: POST /orders (x-dev: alice) {\"item\":\"book\"}\n",
+		"alice's laptop app got a copy: POST /orders (x-dev: alice) {\"item\":\"pen\"}\n",
+		"  [detour mirror] mirror POST /orders 200 ",
+		"  [detour mirror] session ended\n",
 		"failed 0, p50 ",
-		"pod 127.0.0.2:",
-		"pod 127.0.0.3:",
+		"pod 10.244.0.2:",
+		"pod 10.244.0.3:",
 		" HBONE streams, every echo byte-exact, 2 denied by policy\n",
 		"waypoint metrics: istio_requests_total by response_code: 200=",
 		" 403=2; detour_authz_decisions_total: allow=",
@@ -40,6 +56,40 @@ func TestDemo(t *testing.T) {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Fatalf("exit %d, missing %q\nstdout:\n%s\nstderr:\n%s", code, want, out, errOut)
 		}
+	}
+	if strings.Contains(out, "127.0.0.2") || strings.Contains(out, ":8080") {
+		t.Errorf("the demo binds a fixed address:\n%s", out)
+	}
+}
+
+// detour demo --duration 0 runs until Ctrl-C (the signal cancels Run's context), then shows its
+// summary and metrics and exits 0.
+func TestDemoUntilCtrlC(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out, errOut syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- Run(ctx, []string{"demo", "--streams", "2", "--duration", "0"}, &out, &errOut) }()
+	deadline := time.After(60 * time.Second)
+	for !strings.Contains(out.String(), "s] requests ok ") {
+		select {
+		case code := <-done:
+			t.Fatalf("exited (%d) before Ctrl-C:\n%s\n%s", code, out.String(), errOut.String())
+		case <-deadline:
+			t.Fatalf("no load line:\n%s", out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	cancel() // Ctrl-C
+	select {
+	case code := <-done:
+		for _, want := range []string{" until Ctrl-C\n", "interrupted (Ctrl-C): stopping\n", "waypoint metrics: istio_requests_total by response_code: 200="} {
+			if code != 0 || !strings.Contains(out.String(), want) {
+				t.Fatalf("exit %d, missing %q\nstdout:\n%s\nstderr:\n%s", code, want, out.String(), errOut.String())
+			}
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("still running 30 s after Ctrl-C")
 	}
 }
 
@@ -49,7 +99,7 @@ func TestBadInput(t *testing.T) {
 		want string
 	}{
 		{[]string{"demo", "--streams", "0"}, "detour: --streams must be 1..1000, got 0\n"},
-		{[]string{"demo", "--duration", "0s"}, "detour: --duration must be positive, got 0s\n"},
+		{[]string{"demo", "--duration", "-1s"}, "detour: --duration must be 0 (until Ctrl-C) or positive, got -1s\n"},
 		{[]string{"waypoint"}, "detour: --config is required\n"},
 		{[]string{"waypoint", "--config", "/nonexistent.yaml"}, "detour: config: open /nonexistent.yaml: no such file or directory\n"},
 		{[]string{"hbone-serve"}, "detour: --cert, --key and --ca are required\n"},

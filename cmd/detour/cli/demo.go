@@ -34,8 +34,10 @@ import (
 
 // demo is detour's main job on an embedded default: a dev CA, detour as the waypoint of service
 // echo (static config), two HTTP echo pods behind their own HBONE terminators (standing in for
-// their ztunnel), and ztunnel-like clients sending HTTP requests through the waypoint, two of
-// them refused by AuthorizationPolicy (a namespace not allowed in, a path denied). No cluster needed.
+// their ztunnel), ztunnel-like clients sending HTTP requests through the waypoint, two of them
+// refused by AuthorizationPolicy (a namespace not allowed in, a path denied), and a developer's
+// steal and mirror of the requests with a header. No cluster needed; every port is the kernel's
+// pick on 127.0.0.1 (the pods' addresses are made up, and dialled through a map).
 type demo struct {
 	duration time.Duration
 	streams  int
@@ -47,18 +49,18 @@ func newDemoCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run detour as a waypoint on loopback with a built-in CA, demo pods and traffic (no cluster needed)",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if d.streams < 1 || d.streams > 1000 {
 				return fmt.Errorf("--streams must be 1..1000, got %d", d.streams)
 			}
-			if d.duration <= 0 {
-				return fmt.Errorf("--duration must be positive, got %v", d.duration)
+			if d.duration < 0 {
+				return fmt.Errorf("--duration must be 0 (until Ctrl-C) or positive, got %v", d.duration)
 			}
-			return d.run(cmd.Context(), cmd.OutOrStdout())
+			return d.run(cmd.Context(), &lockedWriter{w: cmd.OutOrStdout()})
 		},
 	}
-	cmd.Flags().DurationVar(&d.duration, "duration", 5*time.Second, "how long to send traffic (Ctrl-C stops earlier)")
+	cmd.Flags().DurationVar(&d.duration, "duration", 5*time.Second, "how long to send traffic; 0: until Ctrl-C (Ctrl-C always stops, and exits 0)")
 	cmd.Flags().IntVar(&d.streams, "streams", 4, "concurrent client streams")
 	return cmd
 }
@@ -68,11 +70,18 @@ const (
 	demoWaypoint  = "spiffe://cluster.local/ns/demo/sa/detour"
 	demoSleep     = "spiffe://cluster.local/ns/default/sa/sleep"
 	demoIntruder  = "spiffe://cluster.local/ns/untrusted/sa/curl"
+	demoDeveloper = "spiffe://cluster.local/ns/dev/sa/alice"
 	demoServiceIP = "10.96.0.10"
+	demoPodPort   = 8080  // the pods' app port (the service's targetPort)
+	demoHBONEPort = 15008 // the pods' HBONE port (their ztunnel's)
 )
 
+// demoPods are the echo pods' made-up addresses.
+var demoPods = []string{"10.244.0.2", "10.244.0.3"}
+
 // demoConfig is the waypoint's configuration document: service echo at 10.96.0.10:80 with two
-// pods, a policy that lets only namespace default in, and one that keeps everyone out of /admin.
+// pods, a policy that lets only namespace default in, one that keeps everyone out of /admin, and
+// one that lets developer alice steal and mirror it.
 func demoConfig(caDir string, pods []string, podPort int) string {
 	eps := ""
 	for _, ip := range pods {
@@ -95,7 +104,7 @@ discovery:
     - name: echo
       namespace: demo
       vips: [%s]
-      ports: [{name: http, port: 80, targetPort: 8080}]
+      ports: [{name: http, port: 80, targetPort: %d}]
       endpoints:
 %s    policies:
     - name: only-default
@@ -112,7 +121,15 @@ discovery:
         action: DENY
         rules:
         - to: [{operation: {paths: ["/admin*"]}}]
-`, caDir, demoWaypoint, podPort, demoServiceIP, eps)
+    - name: developers
+      namespace: demo
+      spec:
+        targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: detour}]
+        action: ALLOW
+        rules:
+        - from: [{source: {principals: [%q]}}]
+          to: [{operation: {methods: [STEAL, MIRROR], hosts: [echo.demo.svc.cluster.local]}}]
+`, caDir, demoWaypoint, podPort, demoServiceIP, demoPodPort, eps, strings.TrimPrefix(demoDeveloper, "spiffe://"))
 }
 
 func (d *demo) run(ctx context.Context, out io.Writer) error {
@@ -122,43 +139,97 @@ func (d *demo) run(ctx context.Context, out io.Writer) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	ca, err := devca.Init(filepath.Join(dir, "ca"), demoTD)
+	caDir := filepath.Join(dir, "ca")
+	ca, err := devca.Init(caDir, demoTD)
 	if err != nil {
 		return err
 	}
-	pods := []string{"127.0.0.2", "127.0.0.3"}
-	podPort, stopPods, err := startDemoPods(ca, pods, quiet)
+	pods, err := startDemoPods(ca, demoPods, quiet)
 	if err != nil {
 		return err
 	}
-	defer stopPods()
-	cfg, err := config.Decode([]byte(demoConfig(filepath.Join(dir, "ca"), pods, podPort)))
+	defer pods.stop()
+	cfg, err := config.Decode([]byte(demoConfig(caDir, demoPods, demoHBONEPort)))
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(ctx)
+	// The waypoint outlives Ctrl-C until its metrics are shown.
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	ready := make(chan listening, 1)
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return runWaypoint(gctx, cfg, quiet, io.Discard, ready) })
+	g, gctx := errgroup.WithContext(wctx)
+	g.Go(func() error { return runWaypoint(gctx, cfg, quiet, io.Discard, ready, pods.dial) })
 	var addrs listening
 	select {
 	case addrs = <-ready:
 	case <-gctx.Done():
 		return g.Wait()
+	case <-ctx.Done():
+		cancel()
+		return g.Wait()
 	}
-	fmt.Fprintf(out, "detour waypoint %s as %s (dev CA in %s)\n", addrs.HBONE, demoWaypoint, filepath.Join(dir, "ca"))
+	fmt.Fprintf(out, "detour waypoint %s as %s (dev CA in %s)\n", addrs.HBONE, demoWaypoint, caDir)
 	fmt.Fprintf(out, "metrics: http://%s/metrics (health: /healthz, /readyz)\n", addrs.Health)
-	fmt.Fprintf(out, "service echo.demo at %s:80 (http) -> pods %v, each behind its own HBONE terminator on port %d\n", demoServiceIP, pods, podPort)
+	fmt.Fprintf(out, "developer tunnel: %s (QUIC; HTTP/2 on the same TCP port)\n", addrs.Tunnel)
+	fmt.Fprintf(out, "service echo.demo at %s:80 (http) -> pods %v, each behind its own HBONE terminator on port %d\n", demoServiceIP, demoPods, demoHBONEPort)
 	fmt.Fprintf(out, "AuthorizationPolicy demo/only-default: ALLOW from namespace default\n")
 	fmt.Fprintf(out, "AuthorizationPolicy demo/no-admin: DENY paths /admin*\n")
+	fmt.Fprintf(out, "AuthorizationPolicy demo/developers: ALLOW STEAL, MIRROR of echo to %s\n", demoDeveloper)
 
-	err = d.traffic(gctx, out, ca, addrs.HBONE)
+	err = d.show(ctx, out, ca, caDir, addrs)
+	if ctx.Err() != nil {
+		fmt.Fprintln(out, "interrupted (Ctrl-C): stopping")
+		err = nil
+	}
 	if err == nil {
 		err = demoMetrics(gctx, out, addrs.Health)
 	}
 	cancel()
 	return errors.Join(err, g.Wait())
+}
+
+// show is what the demo shows: the denials, a steal, a mirror, then the load.
+func (d *demo) show(ctx context.Context, out io.Writer, ca *devca.CA, caDir string, addrs listening) error {
+	clientOpts, err := demoDialOpts(ca, demoSleep)
+	if err != nil {
+		return err
+	}
+	dialer := &hbone.Dialer{Logger: slog.New(slog.DiscardHandler)}
+	defer dialer.Close()
+	client := newDemoClient(dialer, addrs.HBONE, clientOpts, d.streams)
+	defer client.http.CloseIdleConnections()
+	if err := demoDenials(ctx, out, ca, dialer, client, addrs.HBONE); err != nil {
+		return err
+	}
+	dev := &demoDeveloperSide{caDir: caDir, tunnel: addrs.Tunnel, client: client}
+	if err := dev.steal(ctx, out); err != nil {
+		return err
+	}
+	if err := dev.mirror(ctx, out); err != nil {
+		return err
+	}
+	return d.traffic(ctx, out, client)
+}
+
+// demoDenials shows the two AuthorizationPolicy denials.
+func demoDenials(ctx context.Context, out io.Writer, ca *devca.CA, dialer *hbone.Dialer, client *demoClient, wp string) error {
+	intruderOpts, err := demoDialOpts(ca, demoIntruder)
+	if err != nil {
+		return err
+	}
+	intruder := newDemoClient(dialer, wp, intruderOpts, 1)
+	defer intruder.http.CloseIdleConnections()
+	for _, den := range []struct {
+		c         *demoClient
+		who, path string
+	}{{intruder, demoIntruder, "/"}, {client, demoSleep, "/admin/users"}} {
+		code, body, _, err := den.c.do(ctx, "GET", den.path, nil, nil)
+		if err != nil || code != http.StatusForbidden || string(body) != "RBAC: access denied" {
+			return fmt.Errorf("demo: GET %s by %s was not refused: %d %q %v", den.path, den.who, code, body, err)
+		}
+		fmt.Fprintf(out, "%s -> GET echo%s: %d %s (AuthorizationPolicy denial, as expected)\n", den.who, den.path, code, body)
+	}
+	return nil
 }
 
 // demoClient sends HTTP/1.1 requests over HBONE streams to the waypoint, one stream per client
@@ -180,11 +251,12 @@ func newDemoClient(dialer *hbone.Dialer, wp string, opts hbone.DialOptions, conn
 }
 
 // do sends one request and returns the status, the body and the pod that answered.
-func (c *demoClient) do(ctx context.Context, method, path string, body []byte) (int, []byte, string, error) {
+func (c *demoClient) do(ctx context.Context, method, path string, header http.Header, body []byte) (int, []byte, string, error) {
 	req, err := http.NewRequestWithContext(ctx, method, "http://"+demoServiceIP+":80"+path, bytes.NewReader(body))
 	if err != nil {
 		return 0, nil, "", err
 	}
+	maps.Copy(req.Header, header)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return 0, nil, "", err
@@ -194,40 +266,23 @@ func (c *demoClient) do(ctx context.Context, method, path string, body []byte) (
 	return resp.StatusCode, got, resp.Header.Get("X-Pod"), err
 }
 
-// traffic runs the clients for the demo's duration and prints a line a second.
-func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp string) error {
-	clientOpts, err := demoDialOpts(ca, demoSleep)
-	if err != nil {
-		return err
-	}
-	intruderOpts, err := demoDialOpts(ca, demoIntruder)
-	if err != nil {
-		return err
-	}
-	dialer := &hbone.Dialer{Logger: slog.New(slog.DiscardHandler)}
-	defer dialer.Close()
-	client := newDemoClient(dialer, wp, clientOpts, d.streams)
-	defer client.http.CloseIdleConnections()
-	intruder := newDemoClient(dialer, wp, intruderOpts, 1)
-	defer intruder.http.CloseIdleConnections()
-	// The two denials, shown up front.
-	for _, den := range []struct {
-		c         *demoClient
-		who, path string
-	}{{intruder, demoIntruder, "/"}, {client, demoSleep, "/admin/users"}} {
-		code, body, _, err := den.c.do(ctx, "GET", den.path, nil)
-		if err != nil || code != http.StatusForbidden || string(body) != "RBAC: access denied" {
-			return fmt.Errorf("demo: GET %s by %s was not refused: %d %q %v", den.path, den.who, code, body, err)
-		}
-		fmt.Fprintf(out, "%s -> GET echo%s: %d %s (AuthorizationPolicy denial, as expected)\n", den.who, den.path, code, body)
-	}
-
+// traffic runs the clients for the demo's duration (0: until ctx ends) and prints a line a second.
+func (d *demo) traffic(ctx context.Context, out io.Writer, client *demoClient) error {
 	var ok, failed atomic.Int64
 	var mu sync.Mutex
 	var lat []time.Duration
 	pods := map[string]int{}
-	tctx, cancel := context.WithTimeout(ctx, d.duration)
+	tctx, cancel := context.WithCancel(ctx)
+	if d.duration > 0 {
+		tctx, cancel = context.WithTimeout(ctx, d.duration)
+	}
 	defer cancel()
+	fmt.Fprintf(out, "load: %d clients of namespace default sending POST /echo (1 KiB each, no x-dev header)", d.streams)
+	if d.duration == 0 {
+		fmt.Fprintln(out, " until Ctrl-C")
+	} else {
+		fmt.Fprintf(out, " for %v\n", d.duration)
+	}
 	g, gctx := errgroup.WithContext(tctx)
 	for range d.streams {
 		g.Go(func() error {
@@ -236,7 +291,7 @@ func (d *demo) traffic(ctx context.Context, out io.Writer, ca *devca.CA, wp stri
 			for gctx.Err() == nil {
 				rand.Read(msg)
 				start := time.Now()
-				code, echo, pod, err := client.do(ctx, "POST", "/echo", msg)
+				code, echo, pod, err := client.do(ctx, "POST", "/echo", nil, msg)
 				if ctx.Err() != nil {
 					return nil
 				}
@@ -285,7 +340,7 @@ loop:
 		return err
 	}
 	report()
-	if failed.Load() > 0 {
+	if failed.Load() > 0 && ctx.Err() == nil {
 		return fmt.Errorf("demo: %d requests failed", failed.Load())
 	}
 	fmt.Fprintf(out, "done: %d requests through the waypoint on %d HBONE streams, every echo byte-exact, 2 denied by policy\n", ok.Load(), client.streams.Load())
@@ -342,32 +397,44 @@ func demoDialOpts(ca *devca.CA, id string) (hbone.DialOptions, error) {
 		Forwarded: hbone.FormatForwarded(hbone.ForwardedElement{For: "10.244.9.9:40000"})}, nil
 }
 
-// startDemoPods runs, on each pod IP, an HTTP app on :8080 (HTTP/1.1 and HTTP/2) that echoes
-// request bodies and names itself in X-Pod, and an HBONE terminator (detour's server with a
-// Forwarder, as the pod's ztunnel) on one shared port.
-func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (int, func(), error) {
+// demoPodSet are the demo's pods, each an app and an HBONE terminator on loopback ports the
+// kernel picked, reached at made-up addresses through dial.
+type demoPodSet struct {
+	addrs   map[string]string // made-up IP:port -> loopback address
+	closers []func()
+}
+
+// dial opens a connection to a pod's made-up address; any other address is refused.
+func (p *demoPodSet) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	real, ok := p.addrs[addr]
+	if !ok {
+		return nil, fmt.Errorf("demo: no pod at %s", addr)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, real)
+}
+
+func (p *demoPodSet) stop() {
+	for _, c := range p.closers {
+		c()
+	}
+}
+
+// startDemoPods runs, for each pod IP, an HTTP app (HTTP/1.1 and HTTP/2) that echoes request
+// bodies and names itself in X-Pod, and an HBONE terminator (detour's server with a Forwarder,
+// as the pod's ztunnel), both on 127.0.0.1 ports the kernel picks.
+func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (*demoPodSet, error) {
 	svid, err := ca.Issue("spiffe://cluster.local/ns/demo/sa/echo", time.Time{}, time.Time{})
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
 	podID := identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
-	probe, err := net.Listen("tcp", ips[0]+":0")
-	if err != nil {
-		return 0, nil, fmt.Errorf("demo: loopback %s: %w", ips[0], err)
-	}
-	port := probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
-	var closers []func()
-	stop := func() {
-		for _, c := range closers {
-			c()
-		}
-	}
+	p := &demoPodSet{addrs: map[string]string{}}
 	for _, ip := range ips {
-		app, err := net.Listen("tcp", ip+":8080")
+		app, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			stop()
-			return 0, nil, fmt.Errorf("demo: pod %s: %w", ip, err)
+			p.stop()
+			return nil, fmt.Errorf("demo: pod %s: %w", ip, err)
 		}
 		var protocols http.Protocols
 		protocols.SetHTTP1(true)
@@ -383,15 +450,37 @@ func startDemoPods(ca *devca.CA, ips []string, log *slog.Logger) (int, func(), e
 			w.Write(body)
 		})}
 		go as.Serve(app)
-		closers = append(closers, func() { as.Close() })
-		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+		p.closers = append(p.closers, func() { as.Close() })
+		hl, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			stop()
-			return 0, nil, fmt.Errorf("demo: pod %s HBONE: %w", ip, err)
+			p.stop()
+			return nil, fmt.Errorf("demo: pod %s HBONE: %w", ip, err)
 		}
-		srv := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(podID, nil), Logger: log}
+		appAddr := net.JoinHostPort(ip, strconv.Itoa(demoPodPort))
+		p.addrs[net.JoinHostPort(ip, strconv.Itoa(demoHBONEPort))] = hl.Addr().String()
+		fwd := &hbone.Forwarder{Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if addr != appAddr {
+				return nil, fmt.Errorf("demo: pod %s has nothing on %s", ip, addr)
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, network, app.Addr().String())
+		}}
+		srv := &hbone.Server{Handler: fwd, TLSConfig: identity.ServerTLS(podID, nil), Logger: log}
 		go srv.Serve(hl)
-		closers = append(closers, func() { srv.Close() })
+		p.closers = append(p.closers, func() { srv.Close() })
 	}
-	return port, stop, nil
+	return p, nil
+}
+
+// lockedWriter serializes the writes of the demo's goroutines (its narration and the sessions'
+// live lines) to one output.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

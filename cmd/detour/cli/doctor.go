@@ -3,6 +3,7 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -11,14 +12,27 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 )
 
+// doctorFinding is a mesh.Finding as -o json|yaml writes it.
+type doctorFinding struct {
+	Check string `json:"check"`
+	OK    bool   `json:"ok"`
+	Say   string `json:"say"`
+	Fix   string `json:"fix,omitempty"`
+}
+
 func newDoctorCmd() *cobra.Command {
 	var k kubeFlags
 	var developer, ambientz string
+	var o output
 	cmd := &cobra.Command{
-		Use:   "doctor -n NAMESPACE [svc/NAME]",
-		Short: "Explain, with a fix for each, why traffic would not reach detour's waypoint",
-		Args:  cobra.MaximumNArgs(1),
+		Use:         "doctor -n NAMESPACE [svc/NAME]",
+		Short:       "Explain, with a fix for each, why traffic would not reach detour's waypoint",
+		Args:        maxArgs(1),
+		Annotations: map[string]string{profileAnnotation: profileKube},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.check(); err != nil {
+				return err
+			}
 			if k.namespace == "" {
 				return errors.New("--namespace is required")
 			}
@@ -30,7 +44,7 @@ func newDoctorCmd() *cobra.Command {
 				}
 				d.Service = name
 			}
-			c, err := mesh.UserClients(k.kubeconfig)
+			c, err := mesh.UserClientsContext(k.kubeconfig, k.kubeContext)
 			if err != nil {
 				return err
 			}
@@ -40,15 +54,28 @@ func newDoctorCmd() *cobra.Command {
 				return err
 			}
 			bad := 0
-			for _, f := range findings {
-				mark := "ok  "
+			out := make([]doctorFinding, len(findings))
+			for i, f := range findings {
+				out[i] = doctorFinding(f)
 				if !f.OK {
-					mark, bad = "FAIL", bad+1
+					bad++
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s %-9s %s\n", mark, f.Check, f.Say)
-				if f.Fix != "" && !f.OK {
-					fmt.Fprintf(cmd.OutOrStdout(), "     fix:      %s\n", f.Fix)
+			}
+			err = o.print(cmd.OutOrStdout(), out, func(w io.Writer) error {
+				for _, f := range findings {
+					mark := "ok  "
+					if !f.OK {
+						mark = "FAIL"
+					}
+					fmt.Fprintf(w, "%s %-9s %s\n", mark, f.Check, f.Say)
+					if f.Fix != "" && !f.OK {
+						fmt.Fprintf(w, "     fix:      %s\n", f.Fix)
+					}
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			if bad > 0 {
 				return fmt.Errorf("%d problem(s) found", bad)
@@ -57,6 +84,8 @@ func newDoctorCmd() *cobra.Command {
 		},
 	}
 	k.register(cmd)
+	o.register(cmd)
+	cmd.Flags().StringVar(&k.kubeContext, "context", "", "the kubeconfig context to use (default: its current context)")
 	cmd.Flags().StringVar(&developer, "developer", "", "check that this SPIFFE ID may steal from the service")
 	cmd.Flags().StringVar(&ambientz, "istiod", "", "istiod's /debug/ambientz URL, to check what ztunnel is told")
 	return cmd

@@ -11,9 +11,10 @@ import (
 
 // kubeFlags reach a cluster with the user's kubeconfig.
 type kubeFlags struct {
-	kubeconfig string
-	namespace  string
-	name       string
+	kubeconfig  string
+	kubeContext string // --context, where a command offers it
+	namespace   string
+	name        string
 }
 
 func (k *kubeFlags) register(cmd *cobra.Command) {
@@ -41,7 +42,7 @@ func newInstallCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "install -n NAMESPACE [--bind namespace|svc/NAME]...",
 		Short: "Install detour as a waypoint in a namespace (server-side apply) and bind the namespace or services to it",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if print {
 				in := &mesh.Installer{Namespace: k.namespace, Name: k.name, Image: image}
@@ -97,7 +98,7 @@ func newUninstallCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "uninstall -n NAMESPACE",
 		Short: "Remove detour's waypoint from a namespace and restore every binding it changed",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			in, err := k.installer()
 			if err != nil {

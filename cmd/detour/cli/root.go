@@ -7,12 +7,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 
 	"github.com/spf13/cobra"
 )
-
-// Version is set at build time with -ldflags "-X github.com/detour-mesh/detour/cmd/detour/cli.Version=...".
-var Version = "dev"
 
 // Run executes the command line args and returns the process exit code.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -21,9 +19,14 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Short:         "Istio-native, HBONE-aware proxy: steal or mirror live mesh traffic to a laptop",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       currentVersion().Version, // --version
 	}
+	root.SetVersionTemplate("detour {{.Version}}\n")
 	var verbose bool
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "log at debug level")
+	st := &settings{lookupEnv: os.LookupEnv}
+	root.PersistentFlags().StringVar(&st.profile, "profile", "", "the CLI config file's profile to use (default: $DETOUR_PROFILE, else the file's defaultProfile)")
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error { return st.apply(cmd) }
 	logger := func() *slog.Logger {
 		level := slog.LevelInfo
 		if verbose {
@@ -36,7 +39,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetErr(stderr)
 	root.AddCommand(newVersionCmd(), newDemoCmd(logger), newServeCmd(logger), newCACmd(), newWaypointCmd(logger),
 		newSessionCmd("steal", logger), newSessionCmd("mirror", logger), newSessionsCmd(logger), newAgentCmd(logger),
-		newInstallCmd(), newUninstallCmd(), newDoctorCmd(), newRunCmd(logger))
+		newInstallCmd(), newUninstallCmd(), newDoctorCmd(), newRunCmd(logger), newStatusCmd(st))
 	if err := root.ExecuteContext(ctx); err != nil {
 		var code exitCode
 		if errors.As(err, &code) {
@@ -46,16 +49,4 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
-}
-
-func newVersionCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "version",
-		Short: "Print detour's version",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintln(cmd.OutOrStdout(), "detour", Version)
-			return nil
-		},
-	}
 }

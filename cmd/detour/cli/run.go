@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/detour-mesh/detour/egress"
@@ -43,26 +44,28 @@ type runCmd struct {
 	keepRunning bool
 	container   string
 	asTarget    bool
+	flags       *pflag.FlagSet // the command's, to tell typed flags from a profile's
 }
 
 func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	r := &runCmd{session: sessionCmd{log: log}}
 	cmd := &cobra.Command{
-		Use:   "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
-		Short: "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
-		Args:  cobra.MinimumNArgs(1),
+		Use:         "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
+		Short:       "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
+		Args:        minArgs(1),
+		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return r.run(cmd, args)
 		},
 	}
 	r.session.tunnel.register(cmd)
 	fl := cmd.Flags()
-	fl.StringVarP(&r.session.namespace, "namespace", "n", "default", "the target's namespace")
+	fl.StringVarP(&r.session.namespace, "namespace", "n", "", "the target's namespace (default: the kubeconfig context's, else default)")
 	fl.StringVar(&r.target, "target", "", "the service whose workload CMD stands in for, svc/NAME[:PORT] (required)")
 	fl.BoolVar(&r.steal, "steal", false, "also steal the target's traffic to CMD (see detour steal)")
 	fl.BoolVar(&r.mirror, "mirror", false, "also mirror the target's traffic to CMD (see detour mirror)")
 	fl.StringVar(&r.session.to, "to", "", "with --steal or --mirror: where CMD listens, host:port")
-	fl.StringVar(&r.session.header, "header", "", "with --steal or --mirror: the header filter (see detour steal)")
+	fl.StringArrayVar(&r.session.headers, "header", nil, "with --steal or --mirror: a header filter, repeatable (see detour steal)")
 	fl.StringVar(&r.session.path, "path", "", "with --steal or --mirror: the path filter")
 	fl.StringVar(&r.session.method, "method", "", "with --steal or --mirror: the method filter")
 	fl.StringVar(&r.envFile, "env-file", "", "write the target's environment to this file instead of giving it to CMD")
@@ -74,12 +77,21 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 
 func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	ctx := cmd.Context()
+	r.flags = cmd.Flags()
 	log := r.session.log()
+	if err := r.session.tunnel.check(cmd.Flags()); err != nil {
+		return err
+	}
+	ns, err := r.session.tunnel.namespace(r.session.namespace)
+	if err != nil {
+		return err
+	}
+	r.session.namespace = ns
 	svcName, hello, err := r.hello()
 	if err != nil {
 		return err
 	}
-	kc, err := mesh.UserClients(r.session.tunnel.kubeconfig)
+	kc, err := mesh.UserClientsContext(r.session.tunnel.kubeconfig, r.session.tunnel.kubeContext)
 	if err != nil {
 		return err
 	}
@@ -139,6 +151,13 @@ const exitWait = 10 * time.Second
 func (r *runCmd) hello() (svcName string, hello tunnel.Hello, err error) {
 	if r.steal && r.mirror {
 		return "", hello, errors.New("--steal and --mirror exclude each other")
+	}
+	if !r.steal && !r.mirror {
+		for _, name := range []string{"to", "header", "path", "method"} {
+			if typed(r.flags, name) {
+				return "", hello, fmt.Errorf("--%s needs --steal or --mirror (it says where and what to take)", name)
+			}
+		}
 	}
 	svcName, ok := strings.CutPrefix(r.target, "svc/")
 	if !ok || svcName == "" {

@@ -31,7 +31,7 @@ func newServeCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "hbone-serve",
 		Short: "Terminate HBONE and forward each stream to its target over TCP",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return s.run(cmd.Context())
 		},

@@ -37,6 +37,7 @@ type tunnelFlags struct {
 	istiod         string
 	meshRoot       string
 	portForward    string // NAMESPACE[/WAYPOINT]: reach the waypoint through the API server
+	kubeContext    string // the kubeconfig context; "": its current one
 }
 
 func (f *tunnelFlags) register(cmd *cobra.Command) {
@@ -52,6 +53,7 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.bundle, "bundle", "", "the trust bundle (PEM)")
 	fl.StringVar(&f.serviceAccount, "service-account", "", "get a mesh identity from istiod's CA for this service account, NAMESPACE/NAME (a token through your kubeconfig: TokenRequest)")
 	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig for --service-account, --port-forward and detour run (default: $KUBECONFIG or ~/.kube/config)")
+	fl.StringVar(&f.kubeContext, "context", "", "the kubeconfig context to use (default: its current context)")
 	fl.StringVar(&f.istiod, "istiod", "istiod.istio-system.svc:15012", "istiod's CA address, for --service-account (e.g. through kubectl port-forward)")
 	fl.StringVar(&f.meshRoot, "mesh-root", "", "the mesh root certificate (PEM), for --service-account (default: the istio-ca-root-cert ConfigMap of the account's namespace)")
 }
@@ -100,7 +102,7 @@ func (f *tunnelFlags) forward(ctx context.Context) (*mesh.PortForward, error) {
 	if name == "" {
 		name = "detour"
 	}
-	c, err := mesh.UserClients(f.kubeconfig)
+	c, err := mesh.UserClientsContext(f.kubeconfig, f.kubeContext)
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +139,7 @@ func (f *tunnelFlags) meshIdentity(ctx context.Context, log *slog.Logger) (ident
 	if !ok || ns == "" || name == "" {
 		return nil, fmt.Errorf("--service-account %q: want NAMESPACE/NAME", f.serviceAccount)
 	}
-	c, err := mesh.UserClients(f.kubeconfig)
+	c, err := mesh.UserClientsContext(f.kubeconfig, f.kubeContext)
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +158,7 @@ type sessionCmd struct {
 	tunnel    tunnelFlags
 	namespace string
 	to        string
-	header    string
+	headers   []string
 	path      string
 	method    string
 	bind      bool
@@ -170,10 +172,14 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 		"mirror": "Send a copy of a service's traffic (all of it, or the HTTP requests that match) to a local app; its answers are discarded",
 	}[mode]
 	cmd := &cobra.Command{
-		Use:   mode + " svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR",
-		Short: what,
-		Args:  cobra.ExactArgs(1),
+		Use:         mode + " svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR",
+		Short:       what,
+		Args:        exactArgs(1),
+		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := c.tunnel.check(cmd.Flags()); err != nil {
+				return err
+			}
 			spec, err := c.spec(args[0])
 			if err != nil {
 				return err
@@ -183,9 +189,9 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 	}
 	c.tunnel.register(cmd)
 	fl := cmd.Flags()
-	fl.StringVarP(&c.namespace, "namespace", "n", "default", "the service's namespace")
-	fl.StringVar(&c.to, "to", "", "the local app, host:port (required)")
-	fl.StringVar(&c.header, "header", "", "only requests with this header: NAME=VALUE (exact), NAME~REGEX, or NAME (present)")
+	fl.StringVarP(&c.namespace, "namespace", "n", "", "the service's namespace (default: the kubeconfig context's, else default)")
+	fl.StringVar(&c.to, "to", "", "the local app, PORT (on 127.0.0.1) or HOST:PORT (required)")
+	fl.StringArrayVar(&c.headers, "header", nil, "only requests with this header: NAME=VALUE or NAME:VALUE (exact), NAME~REGEX, or NAME (present); repeat: all must hold")
 	fl.StringVar(&c.path, "path", "", "only requests whose path matches this regex")
 	fl.StringVar(&c.method, "method", "", "only requests with this method")
 	fl.BoolVar(&c.bind, "bind", false, "bind the service to the waypoint for this session only (it must be unbound; reverted when the session ends, or by a lease if the waypoint dies)")
@@ -201,7 +207,11 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 	if !ok || name == "" {
 		return tunnel.Spec{}, fmt.Errorf("target %q: want svc/NAME[:PORT] (or pod/NAME:PORT for a sidecar pod's agent)", target)
 	}
-	spec := tunnel.Spec{Namespace: c.namespace, Service: name, Mode: tunnel.Mode(c.mode)}
+	ns, err := c.tunnel.namespace(c.namespace)
+	if err != nil {
+		return tunnel.Spec{}, err
+	}
+	spec := tunnel.Spec{Namespace: ns, Service: name, Mode: tunnel.Mode(c.mode)}
 	if n, p, found := strings.Cut(name, ":"); found {
 		port, err := strconv.ParseUint(p, 10, 16)
 		if err != nil || port == 0 {
@@ -209,19 +219,12 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 		}
 		spec.Service, spec.Port = n, uint16(port)
 	}
-	if c.to == "" {
-		return tunnel.Spec{}, errors.New("--to is required: where your local app listens, e.g. 127.0.0.1:8080")
+	if c.to, err = parseTo(c.to); err != nil {
+		return tunnel.Spec{}, err
 	}
-	if c.header != "" {
-		if n, v, ok := strings.Cut(c.header, "="); ok {
-			spec.Filter.Header, spec.Filter.HeaderValue = n, v
-		} else if n, v, ok := strings.Cut(c.header, "~"); ok {
-			spec.Filter.Header, spec.Filter.HeaderRegex = n, v
-		} else {
-			spec.Filter.Header = c.header
-		}
+	if spec.Filter, err = parseFilter(c.headers, c.path, c.method); err != nil {
+		return tunnel.Spec{}, err
 	}
-	spec.Filter.Path, spec.Filter.Method = c.path, strings.ToUpper(c.method)
 	spec.Bind = c.bind
 	return spec, nil
 }
@@ -292,13 +295,15 @@ func portName(p uint16) string {
 
 func filterText(f tunnel.Filter) string {
 	var parts []string
-	switch {
-	case f.HeaderValue != "":
-		parts = append(parts, "header "+f.Header+"="+f.HeaderValue)
-	case f.HeaderRegex != "":
-		parts = append(parts, "header "+f.Header+"~"+f.HeaderRegex)
-	case f.Header != "":
-		parts = append(parts, "header "+f.Header)
+	for _, h := range f.HeaderMatches() {
+		switch {
+		case h.Value != "":
+			parts = append(parts, "header "+h.Name+"="+h.Value)
+		case h.Regex != "":
+			parts = append(parts, "header "+h.Name+"~"+h.Regex)
+		default:
+			parts = append(parts, "header "+h.Name)
+		}
 	}
 	if f.Path != "" {
 		parts = append(parts, "path ~"+f.Path)
@@ -331,11 +336,19 @@ func eventLine(ev tunnel.Event) string {
 
 func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 	var f tunnelFlags
+	var o output
 	cmd := &cobra.Command{
-		Use:   "sessions --waypoint ADDR",
-		Short: "List a waypoint's debug sessions you may see (yours, and others' where a LIST, STEAL or MIRROR grant covers the port), with holders and counters",
-		Args:  cobra.NoArgs,
+		Use:         "sessions --waypoint ADDR [-o json|yaml]",
+		Short:       "List a waypoint's debug sessions you may see (yours, and others' where a LIST, STEAL or MIRROR grant covers the port), with holders and counters",
+		Args:        noArgs,
+		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.check(); err != nil {
+				return err
+			}
+			if err := f.check(cmd.Flags()); err != nil {
+				return err
+			}
 			t, err := f.dial(cmd.Context(), log())
 			if err != nil {
 				return err
@@ -351,15 +364,18 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 			if !reply.OK {
 				return fmt.Errorf("the waypoint refused: %s", reply.Error)
 			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "SESSION\tMODE\tSERVICE\tPORT\tFILTER\tHOLDER\tSINCE\tSTREAMS\tREQUESTS\tDROPPED")
-			for _, s := range reply.Sessions {
-				fmt.Fprintf(w, "%s\t%s\t%s/%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\n", s.ID, s.Spec.Mode, s.Spec.Namespace, s.Spec.Service, s.Spec.Port,
-					filterText(s.Spec.Filter), s.Holder, s.Since.Format(time.RFC3339), s.Streams, s.Requests, s.Dropped)
-			}
-			return w.Flush()
+			return o.print(cmd.OutOrStdout(), append([]tunnel.SessionInfo{}, reply.Sessions...), func(out io.Writer) error {
+				w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(w, "SESSION\tMODE\tSERVICE\tPORT\tFILTER\tHOLDER\tSINCE\tSTREAMS\tREQUESTS\tDROPPED")
+				for _, s := range reply.Sessions {
+					fmt.Fprintf(w, "%s\t%s\t%s/%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\n", s.ID, s.Spec.Mode, s.Spec.Namespace, s.Spec.Service, s.Spec.Port,
+						filterText(s.Spec.Filter), s.Holder, s.Since.Format(time.RFC3339), s.Streams, s.Requests, s.Dropped)
+				}
+				return w.Flush()
+			})
 		},
 	}
 	f.register(cmd)
+	o.register(cmd)
 	return cmd
 }

@@ -42,7 +42,7 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "waypoint",
 		Short: "Run detour as a waypoint: terminate HBONE, enforce AuthorizationPolicy, forward to endpoints",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if path == "" {
 				return errors.New("--config is required")
@@ -51,7 +51,7 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return runWaypoint(cmd.Context(), cfg, log(), cmd.ErrOrStderr(), nil)
+			return runWaypoint(cmd.Context(), cfg, log(), cmd.ErrOrStderr(), nil, nil)
 		},
 	}
 	cmd.Flags().StringVar(&path, "config", "", "the configuration document (YAML; see proxy/config)")
@@ -67,7 +67,9 @@ type listening struct {
 
 // runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
 // receives the listeners' addresses once serving. The access log, when on, goes to accessOut.
-func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, accessOut io.Writer, ready chan<- listening) error {
+// netDial, if set, opens the onward TCP connections (the demo's pods live at made-up addresses).
+func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, accessOut io.Writer, ready chan<- listening,
+	netDial func(ctx context.Context, network, addr string) (net.Conn, error)) error {
 	// Every listener before anything starts: a port in use ends the process here, at once.
 	ls, err := listenWaypoint(cfg.Listeners)
 	if err != nil {
@@ -103,7 +105,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		return fail(fmt.Errorf("waypoint: no identity from %s: %w", cfg.Identity.Source, err))
 	}
 	l := ls.hbone
-	onward := &hbone.Dialer{Logger: log}
+	onward := &hbone.Dialer{Logger: log, NetDial: netDial}
 	defer onward.Close()
 	h, err := newHandler(cfg, src, disc, metrics.New(reg), onward, l, accessOut, log)
 	if err != nil {
