@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"net"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -11,6 +14,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -126,5 +131,91 @@ func TestSessionGrace(t *testing.T) {
 		if got := r.sessionGrace(tc.reply); got != tc.want {
 			t.Errorf("grace %v, reply %+v: %v, want %v", tc.mine, tc.reply, got, tc.want)
 		}
+	}
+}
+
+// A QUIC dial to a port where UDP gets no answer falls back to HTTP/2 over TCP within
+// QUICAnswerTimeout and says why; the session registers over HTTP/2, and a reconnection starts
+// with HTTP/2 (the transport that worked).
+func TestQUICFallsBackToHTTP2(t *testing.T) {
+	ca, err := devca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	source := func(id string) identity.Source {
+		svid, err := ca.Issue(id, time.Time{}, time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
+	}
+	hellos := make(chan tunnel.Hello, 4)
+	srv := &tunnel.Server{Identity: source("spiffe://cluster.local/ns/demo/sa/detour"), Logger: slog.New(slog.DiscardHandler),
+		Handler: func(p *tunnel.Peer) {
+			h, err := tunnel.ReadHello(p.Control())
+			if err != nil {
+				return
+			}
+			hellos <- h
+			tunnel.WriteMsg(p.Control(), tunnel.Reply{OK: true, Session: "0123456789ab", Protocol: tunnel.Protocol})
+			io.Copy(io.Discard, p.Control())
+		}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same port on UDP, bound and silent: datagrams arrive and nothing answers.
+	silent, err := net.ListenPacket("udp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { srv.ServeTCP(ctx, l); close(served) }()
+	defer func() { cancel(); <-served }()
+
+	dev := source("spiffe://cluster.local/ns/dev/sa/alice")
+	var transports []string
+	var notices []Notice
+	registered := make(chan struct{})
+	r := &Runner{Spec: tunnel.Spec{Namespace: "demo", Service: "web", Port: 80, Mode: tunnel.ModeSteal}, To: "127.0.0.1:1",
+		Addr: l.Addr().String(), Transport: "quic", Version: "v-test", Logger: slog.New(slog.DiscardHandler),
+		Dial: func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
+			transports = append(transports, transport)
+			dctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			return tunnel.Dial(dctx, transport, l.Addr().String(), dev, nil, slog.New(slog.DiscardHandler))
+		},
+		Notify: func(n Notice) {
+			notices = append(notices, n)
+			if n.Kind == Registered {
+				close(registered)
+			}
+		}}
+	rctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(rctx) }()
+	select {
+	case <-registered:
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(30 * time.Second): // a hang guard, not the bound under test
+		t.Fatal("no registration")
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("UDP to %s got no answer in 3s; using HTTP/2 over TCP (UDP may be blocked)", l.Addr())
+	if len(notices) != 2 || notices[0].Kind != FellBack || notices[0].String() != want || notices[1].Transport != "h2" {
+		t.Fatalf("notices %v, want the fallback (%q), then the session over h2", notices, want)
+	}
+	if fmt.Sprint(transports) != "[quic h2]" || r.transport != "h2" {
+		t.Fatalf("dials %v, then %s", transports, r.transport)
+	}
+	h := <-hellos
+	if h.Version != "v-test" || h.Protocol != tunnel.Protocol || !h.Has(tunnel.CapResume) || h.Resume != "" || h.GraceSeconds != 0 {
+		t.Fatalf("hello %+v", h)
 	}
 }

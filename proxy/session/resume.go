@@ -164,7 +164,8 @@ func (m *Manager) resume(p *tunnel.Peer, ctl net.Conn, hello tunnel.Hello, attac
 // session detached for its grace period, waiting for a Resume, and carries on over the Resume's
 // tunnel. It returns when the session ends: the developer ended it, or no Resume came in time.
 func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
-	var cur *attachment // the Resume's tunnel in use; nil: the registering one
+	stopping := p.Stopping() // the server's: every peer's is the same
+	var cur *attachment      // the Resume's tunnel in use; nil: the registering one
 	defer func() {
 		l.end()
 		if cur != nil {
@@ -190,6 +191,9 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 				timer.Stop()
 			case <-timer.C:
 				m.log().Info("session: not resumed within its grace period; ended", "session", l.s.ID, "grace", l.grace)
+				return
+			case <-stopping:
+				timer.Stop()
 				return
 			}
 		}
