@@ -125,7 +125,7 @@ type EndedError struct{ Reason string }
 func (e *EndedError) Error() string { return "the waypoint ended the session: " + e.Reason }
 
 // errLost: the tunnel is gone.
-var errLost = errors.New("the tunnel closed")
+var errLost = errors.New("the tunnel went silent or closed")
 
 // reconnect dials and re-registers the session until it is back, the waypoint refuses it, or the
 // grace period since the loss has passed. nil, nil: ctx ended.
