@@ -195,6 +195,10 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 			case <-stopping:
 				timer.Stop()
 				return
+			case <-l.s.yield:
+				timer.Stop()
+				m.log().Info("session: resumed on another replica; ended here", "session", l.s.ID)
+				return
 			}
 		}
 		if cur != nil {

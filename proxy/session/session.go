@@ -89,6 +89,9 @@ type Session struct {
 
 	alive alive // does the developer's side answer (probes)
 
+	yield     chan struct{} // closed by Yield
+	yieldOnce sync.Once
+
 	tmu    sync.Mutex
 	h1, h2 *http.Transport
 	closed bool // owned by tmu, with h1, h2 and wg.Add
@@ -115,7 +118,7 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 	}
 	f := spec.Filter
 	s := &Session{Spec: spec, Host: host, Holder: holder, Since: time.Now(),
-		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
+		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue), yield: make(chan struct{})}
 	s.peer.Store(&peerRef{peer})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if f.Header == "" && (f.HeaderValue != "" || f.HeaderRegex != "") {
@@ -260,6 +263,10 @@ func (s *Session) Attach(peer Opener) {
 	s.alive.mu.Unlock()
 	s.peer.Store(&peerRef{peer})
 }
+
+// Yield tells a local session that another replica holds it now (its developer resumed it
+// there): if it is waiting for a resume, it ends at once instead of at the end of its grace.
+func (s *Session) Yield() { s.yieldOnce.Do(func() { close(s.yield) }) }
 
 // Attached reports whether the session has a tunnel to its developer.
 func (s *Session) Attached() bool { return s.peer.Load() != nil }
