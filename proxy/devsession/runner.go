@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"os"
 	"time"
 
 	"github.com/detour-mesh/detour/proxy/tunnel"
@@ -170,7 +171,7 @@ func (r *Runner) register(ctx context.Context, id string, timeout time.Duration)
 		return nil, tunnel.Reply{}, err
 	}
 	reply, err := r.exchange(c.t, r.hello(id), timeout)
-	if err != nil && errors.Is(err, io.EOF) && !r.legacy && id == "" {
+	if errors.Is(err, errNoAnswer) && !r.legacy && id == "" {
 		c.close()
 		r.legacy = true
 		r.notify(Notice{Kind: Legacy, Text: fmt.Sprintf("the waypoint closed the tunnel on this CLI's version exchange (detour %s, tunnel protocol %d): "+
@@ -230,11 +231,18 @@ func (r *Runner) exchange(t *tunnel.Tunnel, h tunnel.Hello, timeout time.Duratio
 		return reply, fmt.Errorf("version skew: this CLI runs detour %s (tunnel protocol %d) and cannot read the answer of a waypoint running detour %s (tunnel protocol %d): %v; upgrade the CLI, or use one of the waypoint's version",
 			orUnknown(r.Version), tunnel.Protocol, orUnknown(se.Version), se.Protocol, se.Err)
 	}
+	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		return reply, fmt.Errorf("reading the waypoint's answer: %w (%w)", errNoAnswer, err)
+	}
 	if err != nil {
 		return reply, fmt.Errorf("reading the waypoint's answer: %w", err)
 	}
 	return reply, nil
 }
+
+// errNoAnswer: the waypoint closed the tunnel instead of answering the Hello (what a waypoint
+// older than the version exchange does with a Hello whose fields it does not know).
+var errNoAnswer = errors.New("the waypoint closed the tunnel without an answer")
 
 // dial opens a tunnel over the transport that worked last; a QUIC dial that gets no answer falls
 // back to HTTP/2 over TCP, for this dial and the next ones.

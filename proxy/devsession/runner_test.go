@@ -219,3 +219,86 @@ func TestQUICFallsBackToHTTP2(t *testing.T) {
 		t.Fatalf("hello %+v", h)
 	}
 }
+
+// oldHello is the Hello of protocol 1, as an older waypoint decodes it (strictly).
+type oldHello struct {
+	Register *tunnel.Spec   `json:"register,omitempty"`
+	List     bool           `json:"list,omitempty"`
+	Egress   bool           `json:"egress,omitempty"`
+	AsTarget *tunnel.Target `json:"asTarget,omitempty"`
+}
+
+// Against a waypoint older than the version exchange (it closes the tunnel on Hello fields it does
+// not know, without an answer), the CLI registers the old way, says so, and will not resume.
+func TestOlderWaypoint(t *testing.T) {
+	ca, err := devca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	source := func(id string) identity.Source {
+		svid, err := ca.Issue(id, time.Time{}, time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
+	}
+	srv := &tunnel.Server{Identity: source("spiffe://cluster.local/ns/demo/sa/detour"), Logger: slog.New(slog.DiscardHandler),
+		Handler: func(p *tunnel.Peer) {
+			var h oldHello
+			if err := tunnel.ReadMsg(p.Control(), &h); err != nil {
+				return // what a protocol-1 waypoint does
+			}
+			tunnel.WriteMsg(p.Control(), struct {
+				OK      bool   `json:"ok"`
+				Session string `json:"session"`
+			}{true, "0123456789ab"})
+			io.Copy(io.Discard, p.Control())
+		}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { srv.ServeTCP(ctx, l); close(served) }()
+	defer func() { cancel(); <-served }()
+
+	dev := source("spiffe://cluster.local/ns/dev/sa/alice")
+	var notices []Notice
+	registered := make(chan struct{})
+	r := &Runner{Spec: tunnel.Spec{Namespace: "demo", Service: "web", Port: 80, Mode: tunnel.ModeSteal}, To: "127.0.0.1:1",
+		Addr: l.Addr().String(), Transport: "h2", Version: "v-new", Logger: slog.New(slog.DiscardHandler),
+		Dial: func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
+			dctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			return tunnel.Dial(dctx, transport, l.Addr().String(), dev, nil, slog.New(slog.DiscardHandler))
+		},
+		Notify: func(n Notice) {
+			notices = append(notices, n)
+			if n.Kind == Registered {
+				close(registered)
+			}
+		}}
+	rctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(rctx) }()
+	select {
+	case <-registered:
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(30 * time.Second): // a hang guard
+		t.Fatal("no registration")
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	want := "the waypoint closed the tunnel on this CLI's version exchange (detour v-new, tunnel protocol 2): it runs an older detour; " +
+		"registering the old way, and a lost tunnel will end the session"
+	if len(notices) != 2 || notices[0].Kind != Legacy || notices[0].String() != want || notices[1].ID != "0123456789ab" {
+		t.Fatalf("notices %v, want %q, then the session", notices, want)
+	}
+	if r.grace != 0 {
+		t.Fatalf("a grace of %v against a waypoint that cannot resume", r.grace)
+	}
+}
