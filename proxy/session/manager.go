@@ -333,9 +333,37 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec, id string) (*Sessio
 	}
 	s.metrics = m.Metrics
 	if err := m.Registry.Add(s); err != nil {
-		return nil, err
+		if !m.replaceWaiting(err, s) {
+			return nil, err
+		}
+		if err := m.Registry.Add(s); err != nil {
+			return nil, err
+		}
 	}
 	return s, nil
+}
+
+// replaceWaiting ends the session err says s conflicts with when it is s's developer's own,
+// waiting for a resume (the developer started a new CLI instead), and reports whether it ended.
+func (m *Manager) replaceWaiting(err error, s *Session) bool {
+	var ce *ConflictError
+	if !errors.As(err, &ce) || ce.With.Holder != s.Holder || ce.With.Remote || ce.With.Attached() {
+		return false
+	}
+	l := m.lease(ce.With.ID)
+	if l == nil {
+		return false
+	}
+	m.log().Info("session: a new registration of its developer replaces a session waiting for a resume", "session", l.s.ID, "by", s.ID)
+	l.s.Yield()
+	timer := time.NewTimer(resumeWait)
+	defer timer.Stop()
+	select {
+	case <-l.gone:
+		return true
+	case <-timer.C:
+		return false
+	}
 }
 
 // authorize validates spec and asks the policies whether p may hold it; spec comes back with its

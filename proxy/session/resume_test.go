@@ -150,3 +150,27 @@ func TestReadReplySkew(t *testing.T) {
 		t.Fatalf("a reply of this protocol with an unknown field: %v", err)
 	}
 }
+
+// A new registration by the same developer (a new CLI, the old one gone) replaces that developer's
+// own session waiting for a resume instead of conflicting with it; another developer's is refused.
+func TestNewRegistrationReplacesOwnWaitingSession(t *testing.T) {
+	b := newBed(t, grant("devs", secv1beta1.AuthorizationPolicy_ALLOW, "cluster.local/ns/dev/sa/*", "STEAL"))
+	spec := steal(tunnel.Filter{})
+	tn, r := b.hello(t, "alice", resumable(spec, ""))
+	if !r.OK {
+		t.Fatal(r.Error)
+	}
+	old := r.Session
+	tn.Close()
+	waitFor(t, "the session detached", func() bool { s := b.reg.Get(old); return s != nil && !s.Attached() })
+	if _, r := b.hello(t, "bob", resumable(spec, "")); r.OK || !strings.Contains(r.Error, "already stolen by spiffe://cluster.local/ns/dev/sa/alice (session "+old) {
+		t.Fatalf("another developer's steal over a waiting session: %+v", r)
+	}
+	_, r = b.hello(t, "alice", resumable(spec, ""))
+	if !r.OK || r.Session == old {
+		t.Fatalf("alice's new registration: %+v", r)
+	}
+	if b.reg.Get(old) != nil {
+		t.Fatal("the waiting session outlived its replacement")
+	}
+}

@@ -97,6 +97,14 @@ type Session struct {
 	closed bool // owned by tmu, with h1, h2 and wg.Add
 }
 
+// ConflictError: a steal overlaps another's (With).
+type ConflictError struct {
+	With *Session
+	msg  string
+}
+
+func (e *ConflictError) Error() string { return e.msg }
+
 // peerRef boxes an Opener for an atomic pointer.
 type peerRef struct{ Opener }
 
@@ -436,8 +444,8 @@ func (r *Registry) add(s *Session) (replaced *Session, err error) {
 	if s.Spec.Mode == Steal {
 		for _, o := range r.byID {
 			if o != old && o.Spec.Mode == Steal && (key{o.Spec.Namespace, o.Spec.Service, o.Spec.Port}) == k && overlaps(o.Spec.Filter, s.Spec.Filter) {
-				return nil, fmt.Errorf("session: %s port %d is already stolen by %s (session %s, %s) with a filter that overlaps this one; "+
-					"two steals coexist only with different exact values of the same header", s.Host, k.port, o.Holder, o.ID, describe(o.Spec.Filter))
+				return nil, &ConflictError{With: o, msg: fmt.Sprintf("session: %s port %d is already stolen by %s (session %s, %s) with a filter that overlaps this one; "+
+					"two steals coexist only with different exact values of the same header", s.Host, k.port, o.Holder, o.ID, describe(o.Spec.Filter))}
 			}
 		}
 	}
