@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	secv1beta1 "istio.io/api/security/v1beta1"
 
 	"github.com/detour-mesh/detour/proxy/session"
@@ -172,5 +173,29 @@ func TestNewRegistrationReplacesOwnWaitingSession(t *testing.T) {
 	}
 	if b.reg.Get(old) != nil {
 		t.Fatal("the waiting session outlived its replacement")
+	}
+}
+
+// The developer's CLI moved to this replica from the one that held its session (known here as a
+// remote session, relayed there): its resume replaces the remote session with a local one of the
+// same ID, not a conflict with its own old entry. Another developer cannot take that ID.
+func TestResumeTakesOverARemoteSession(t *testing.T) {
+	b := newBed(t, grant("devs", secv1beta1.AuthorizationPolicy_ALLOW, "cluster.local/ns/dev/sa/*", "STEAL"))
+	spec := steal(tunnel.Filter{Header: "x-dev", HeaderValue: "alice"})
+	remote, err := session.NewRemote("0123456789ab", spec, "web.demo.svc.cluster.local", spiffeid.RequireFromString("spiffe://cluster.local/ns/dev/sa/alice"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.reg.Add(remote); err != nil {
+		t.Fatal(err)
+	}
+	if _, r := b.hello(t, "bob", resumable(steal(tunnel.Filter{Header: "x-dev", HeaderValue: "bob"}), remote.ID)); r.OK || r.Error != "session: the ID 0123456789ab is taken by another session" {
+		t.Fatalf("another developer resuming the ID: %+v", r)
+	}
+	if _, r := b.hello(t, "alice", resumable(spec, remote.ID)); !r.OK || r.Session != remote.ID {
+		t.Fatalf("the holder's resume: %+v", r)
+	}
+	if s := b.reg.Get(remote.ID); s == nil || s.Remote || !s.Attached() || len(b.reg.For("demo", "web", 80)) != 1 {
+		t.Fatalf("after the resume: %+v, %d sessions on the port", s, len(b.reg.For("demo", "web", 80)))
 	}
 }
