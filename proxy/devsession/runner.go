@@ -16,6 +16,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/detour-mesh/detour/proxy/tunnel"
@@ -155,7 +156,7 @@ func (r *Runner) reconnect(ctx context.Context, cause error) (*conn, error) {
 		if ctx.Err() != nil {
 			return nil, nil
 		}
-		if refused := (*RefusedError)(nil); errors.As(err, &refused) {
+		if refused := (*RefusedError)(nil); errors.As(err, &refused) && !strings.HasSuffix(refused.Reason, tunnel.Retry) {
 			return nil, fmt.Errorf("the waypoint refused to resume session %s: %s", r.id, refused.Reason)
 		}
 		last = err

@@ -145,12 +145,12 @@ func (m *Manager) resume(p *tunnel.Peer, ctl net.Conn, hello tunnel.Hello, attac
 		case <-l.gone:
 			return false
 		case <-timer.C:
-			return refuse(fmt.Errorf("session: session %s is ending; retry", hello.Resume))
+			return refuse(fmt.Errorf("session: session %s is ending%s", hello.Resume, tunnel.Retry))
 		}
 	case <-p.Done():
 		return true
 	case <-timer.C:
-		return refuse(fmt.Errorf("session: session %s is busy; retry", hello.Resume))
+		return refuse(fmt.Errorf("session: session %s is busy%s", hello.Resume, tunnel.Retry))
 	}
 	attached()
 	select {

@@ -155,6 +155,10 @@ type Reply struct {
 	GraceSeconds int `json:"graceSeconds,omitempty"`
 }
 
+// Retry ends the error of a refusal that is only for now (the session is busy moving between
+// tunnels): the CLI asks again after its backoff instead of giving up.
+const Retry = "; retry"
+
 // Has reports whether the waypoint announced capability c.
 func (r *Reply) Has(c string) bool { return slices.Contains(r.Capabilities, c) }
 
