@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -245,4 +246,122 @@ func TestVersionSkew(t *testing.T) {
 func frame(s string) string {
 	n := len(s)
 	return string([]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}) + s
+}
+
+// relay forwards TCP connections to whichever address to holds when they arrive: a Service or a
+// port-forward in front of waypoint replicas, as the CLI sees it.
+type relay struct {
+	l  net.Listener
+	mu sync.Mutex
+	to string
+	wg sync.WaitGroup
+}
+
+func newRelay(t *testing.T, to string) *relay {
+	r := &relay{l: listen(t, nil, "127.0.0.1:0"), to: to}
+	r.wg.Go(func() {
+		for {
+			c, err := r.l.Accept()
+			if err != nil {
+				return
+			}
+			r.mu.Lock()
+			to := r.to
+			r.mu.Unlock()
+			r.wg.Go(func() {
+				defer c.Close()
+				up, err := net.Dial("tcp", to)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				done := make(chan struct{})
+				go func() { io.Copy(up, c); up.Close(); close(done) }()
+				io.Copy(c, up)
+				c.Close()
+				<-done
+			})
+		}
+	})
+	t.Cleanup(func() { r.l.Close(); r.wg.Wait() })
+	return r
+}
+
+func (r *relay) point(to string) { r.mu.Lock(); r.to = to; r.mu.Unlock() }
+
+// The waypoint replica holding the tunnel goes away (SIGKILL) while what the CLI dials now
+// reaches another replica: the CLI reconnects there and re-registers the same session ID, which
+// carries on through that replica within the grace period; no request through it fails. (The
+// replicas here share nothing, static discovery: the other replica registers the ID anew. The
+// hand-over of a DebugSession between replicas is mesh/sessions.go's, tested with Kubernetes.)
+func TestReplicaGone(t *testing.T) {
+	a := newBed(t)
+	// Replica B: the same configuration on another HBONE port.
+	cfg, err := os.ReadFile(filepath.Join(a.dir, "waypoint.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := *a
+	b.hbone = free(t)
+	path := filepath.Join(a.dir, "waypoint-b.yaml")
+	if err := os.WriteFile(path, []byte(strings.Replace(string(cfg), fmt.Sprintf("hbone: %q", a.hbone), fmt.Sprintf("hbone: %q", b.hbone), 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b.waypoint = startIn(t, nil, detourBin, "waypoint", "--config", path)
+	b.tunnel = b.waypoint.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
+
+	front := newRelay(t, a.tunnel)
+	via := *a
+	via.tunnel = front.l.Addr().String()
+	cli := via.cli(t, "alice", "h2", "steal", 80, a.devHTTP, "--header", "x-dev=alice")
+	id := cli.Find(t, `session ([0-9a-f]{12}) over h2`)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute) // a hang guard
+	defer cancel()
+	if body, err := a.get(ctx, true); err != nil || !strings.HasPrefix(body, "dev ") {
+		t.Fatalf("through replica A: %q %v", body, err)
+	}
+
+	var failed, stolen, total int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	go func() { // 20 requests/s through replica B, every other one matched
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			wg.Go(func() {
+				body, err := b.get(ctx, i%2 == 0)
+				mu.Lock()
+				defer mu.Unlock()
+				total++
+				switch {
+				case err != nil:
+					failed++
+					t.Logf("through replica B: %v", err)
+				case strings.HasPrefix(body, "dev "):
+					stolen++
+				}
+			})
+		}
+	}()
+	time.Sleep(time.Second)
+	front.point(b.tunnel)
+	a.waypoint.Process.Kill()
+	<-a.waypoint.Done
+	back := cli.Find(t, `back: session ([0-9a-f]{12}) resumed over h2`)
+	time.Sleep(2 * time.Second)
+	close(stop)
+	wg.Wait()
+	t.Logf("%d requests through replica B, %d stolen; CLI:\n%s", total, stolen, cli.Output())
+	if back != id {
+		t.Fatalf("the session came back as %s, want %s", back, id)
+	}
+	if failed > 0 || stolen == 0 {
+		t.Fatalf("%d requests through replica B: %d failed, %d stolen (want none failed, some stolen once the session moved there)", total, failed, stolen)
+	}
 }
