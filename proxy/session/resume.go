@@ -38,6 +38,7 @@ type lease struct {
 	next  chan *attachment // a Resume's tunnel, received by hold only
 	ended chan struct{}    // closed when hold stops taking tunnels
 	gone  chan struct{}    // closed once the session and all it holds are released
+	cur   *attachment      // the Resume's tunnel in use (nil: the registering one); owned by hold, then dropLease
 	once  sync.Once
 }
 
@@ -65,6 +66,9 @@ func (m *Manager) newLease(s *Session, grace time.Duration) *lease {
 
 func (m *Manager) dropLease(l *lease) {
 	l.end()
+	if l.cur != nil {
+		close(l.cur.done) // now that the session is gone, its last tunnel may close
+	}
 	m.mu.Lock()
 	if m.leases[l.s.ID] == l {
 		delete(m.leases, l.s.ID)
@@ -165,13 +169,7 @@ func (m *Manager) resume(p *tunnel.Peer, ctl net.Conn, hello tunnel.Hello, attac
 // tunnel. It returns when the session ends: the developer ended it, or no Resume came in time.
 func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 	stopping := p.Stopping() // the server's: every peer's is the same
-	var cur *attachment      // the Resume's tunnel in use; nil: the registering one
-	defer func() {
-		l.end()
-		if cur != nil {
-			close(cur.done)
-		}
-	}()
+	defer l.end()
 	for {
 		a, ended := m.serveControl(l, p, ctl)
 		if ended {
@@ -201,10 +199,10 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 				return
 			}
 		}
-		if cur != nil {
-			close(cur.done)
+		if l.cur != nil {
+			close(l.cur.done)
 		}
-		cur, p, ctl, l.grace = a, a.p, a.ctl, a.grace
+		l.cur, p, ctl, l.grace = a, a.p, a.ctl, a.grace
 		l.s.Attach(p)
 		if err := tunnel.WriteMsg(ctl, m.reply(tunnel.Reply{OK: true, Session: l.s.ID}, a.proto, l.grace)); err != nil {
 			continue // lost again: serveControl sees it
@@ -214,8 +212,9 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 }
 
 // serveControl writes the session's events to ctl until the developer ends the session (its EOF:
-// ended), the tunnel is lost (nil, false), or a Resume brings another tunnel (a). The tunnel is
-// closed when it returns (the developer's side of a moved session is stale).
+// ended), the tunnel is lost (nil, false), or a Resume brings another tunnel (a). Unless ended, the
+// tunnel is closed when it returns (the developer's side of a moved session is stale); an ended
+// session's tunnel closes once the session is removed, so that the CLI's exit means it is gone.
 func (m *Manager) serveControl(l *lease, p *tunnel.Peer, ctl net.Conn) (a *attachment, ended bool) {
 	// The CLI sends nothing more: its EOF (Ctrl-C) ends the session; a read error is a lost tunnel.
 	gone := make(chan error, 1)
@@ -224,6 +223,9 @@ func (m *Manager) serveControl(l *lease, p *tunnel.Peer, ctl net.Conn) (a *attac
 		gone <- err
 	}()
 	defer func() {
+		if ended {
+			return // the read above is over (its EOF)
+		}
 		p.Close()
 		if gone != nil {
 			<-gone
