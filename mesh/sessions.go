@@ -61,7 +61,10 @@ func (st *SessionStore) ttl() time.Duration {
 	return st.TTL
 }
 
-// Publish writes s as a DebugSession and renews it until unpublish.
+// Publish writes s as a DebugSession and renews it until unpublish. A DebugSession of s's ID
+// already there for the same developer (the replica that held it before the developer's CLI
+// moved here, and resumed it) is taken over; the renewals and the deletion touch it only while
+// this replica still holds it.
 func (st *SessionStore) Publish(s *session.Session) (unpublish func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	obj := func() *unstructured.Unstructured {
@@ -76,8 +79,15 @@ func (st *SessionStore) Publish(s *session.Session) (unpublish func()) {
 		}}
 	}
 	res := st.Client.Resource(GVRDebugSession).Namespace(st.Namespace)
-	if _, err := res.Create(ctx, obj(), metav1.CreateOptions{}); err != nil {
+	written, err := res.Create(ctx, obj(), metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		written, err = st.takeOver(ctx, res, s, obj())
+	}
+	var rv string // the version this replica last wrote; owned by the renewing goroutine, then by unpublish
+	if err != nil {
 		st.log().Error("mesh: publishing a session (other replicas will not relay to it)", "session", s.ID, "err", err)
+	} else {
+		rv = written.GetResourceVersion()
 	}
 	done := make(chan struct{})
 	go func() {
@@ -89,20 +99,65 @@ func (st *SessionStore) Publish(s *session.Session) (unpublish func()) {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				patch, _ := json.Marshal(map[string]any{"spec": map[string]any{"renewTime": time.Now().UTC()}})
-				if _, err := res.Patch(ctx, s.ID, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil && ctx.Err() == nil {
-					st.log().Error("mesh: renewing a published session", "session", s.ID, "err", err)
-				}
+			}
+			// Renewed only while the replica field is still this one's.
+			patch, _ := json.Marshal([]map[string]any{
+				{"op": "test", "path": "/spec/replica", "value": st.Replica},
+				{"op": "replace", "path": "/spec/renewTime", "value": time.Now().UTC()},
+			})
+			u, err := res.Patch(ctx, s.ID, types.JSONPatchType, patch, metav1.PatchOptions{})
+			switch {
+			case err == nil:
+				rv = u.GetResourceVersion()
+			case ctx.Err() != nil:
+			case st.heldElsewhere(ctx, res, s.ID):
+				st.log().Info("mesh: another replica holds the session now; no longer renewing it", "session", s.ID)
+				return
+			default:
+				st.log().Error("mesh: renewing a published session", "session", s.ID, "err", err)
 			}
 		}
 	}()
 	return func() {
 		cancel()
 		<-done
-		if err := res.Delete(context.Background(), s.ID, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		if rv == "" {
+			return
+		}
+		err := res.Delete(context.Background(), s.ID, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{ResourceVersion: &rv}})
+		if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) { // conflict: another replica's now
 			st.log().Error("mesh: unpublishing a session (it will expire)", "session", s.ID, "err", err)
 		}
 	}
+}
+
+// takeOver overwrites the DebugSession of s's ID when it is the same developer's session (held by
+// another replica before the developer resumed it here).
+func (st *SessionStore) takeOver(ctx context.Context, res dynamic.ResourceInterface, s *session.Session, obj *unstructured.Unstructured) (*unstructured.Unstructured, error) {
+	cur, err := res.Get(ctx, s.ID, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("mesh: taking over DebugSession %s: %w", s.ID, err)
+	}
+	spec, err := decodeSpec(cur)
+	if err == nil && spec.Holder != s.Holder.String() {
+		err = fmt.Errorf("mesh: DebugSession %s belongs to %s, not %s", s.ID, spec.Holder, s.Holder)
+	}
+	if err != nil {
+		return nil, err
+	}
+	obj.SetResourceVersion(cur.GetResourceVersion())
+	st.log().Info("mesh: taking over a session another replica held", "session", s.ID, "replica", spec.Replica)
+	return res.Update(ctx, obj, metav1.UpdateOptions{})
+}
+
+// heldElsewhere reports whether DebugSession id now names another replica.
+func (st *SessionStore) heldElsewhere(ctx context.Context, res dynamic.ResourceInterface, id string) bool {
+	cur, err := res.Get(ctx, id, metav1.GetOptions{})
+	if err != nil {
+		return false
+	}
+	spec, err := decodeSpec(cur)
+	return err == nil && spec.Replica != st.Replica
 }
 
 // Run watches DebugSessions until ctx ends, keeping the registry's remote sessions in step, and
@@ -191,7 +246,15 @@ func (st *SessionStore) upsert(o any) {
 	id := u.GetName()
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if _, known := st.remote[id]; known || st.Registry.Get(id) != nil {
+	if _, known := st.remote[id]; known {
+		return
+	}
+	if local := st.Registry.Get(id); local != nil {
+		// The developer resumed it on the other replica: this one's, waiting, ends; the next
+		// renewal's event makes it a remote session here.
+		if !local.Remote && local.Holder.String() == spec.Holder {
+			local.Yield()
+		}
 		return
 	}
 	s, err := remoteSession(id, spec, st.Relay(spec.Replica, id))

@@ -55,7 +55,7 @@ func freeAddr(t *testing.T) string {
 }
 
 // Acceptance 3: a steal with --bind binds an unbound service for the session; SIGKILL of the CLI
-// reverts it (the tunnel dies, the session ends); SIGKILL of the waypoint holding it reverts it
+// reverts it (the tunnel dies, the session ends once its grace period, 2 s here, has passed); SIGKILL of the waypoint holding it reverts it
 // through another replica's reconciler once the lease expires; istiod's view follows.
 func TestSessionBinding(t *testing.T) {
 	c := testbed.Start(t, testbed.Options{Istiod: true})
@@ -93,7 +93,7 @@ discovery: {source: kubernetes, kubernetes: {kubeconfig: %q, namespace: shop}}
 		return p, p.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 	}
 	steal := func(tunnel string) *it.Proc {
-		p := start(t, "steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--bind", "--waypoint", tunnel,
+		p := start(t, "steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--bind", "--waypoint", tunnel, "--grace", "2s",
 			"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
 		p.WaitFor(t, "stealing ")
 		return p

@@ -30,6 +30,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 	it "github.com/detour-mesh/detour/integration"
+	"github.com/detour-mesh/detour/integration/testbed"
 )
 
 var detourBin string
@@ -67,28 +68,34 @@ type bed struct {
 	devTCP   string
 	devSeen  chan []byte // what the developer's TCP app received, per connection
 	waypoint *it.Proc
+	ns       *testbed.Pod // the network namespace everything runs in; nil: the test's own
 }
 
-func newBed(t *testing.T) *bed {
-	b := &bed{dir: t.TempDir(), devSeen: make(chan []byte, 100)}
+func newBed(t *testing.T) *bed { return newBedIn(t, nil) }
+
+// newBedIn is newBed with every process, listener and client in network namespace ns (nil: the
+// test's own).
+func newBedIn(t *testing.T, ns *testbed.Pod) *bed {
+	b := &bed{dir: t.TempDir(), devSeen: make(chan []byte, 100), ns: ns}
 	var err error
 	if b.ca, err = devca.Init(filepath.Join(b.dir, "ca"), "cluster.local"); err != nil {
 		t.Fatal(err)
 	}
 	podID := b.id(t, "spiffe://cluster.local/ns/demo/sa/web")
 	// The pod: its apps and its "ztunnel" (detour's HBONE server with a Forwarder).
-	appHTTP, appGRPC, appTCP := httpApp(t, "127.0.0.2", "real"), grpcApp(t, "127.0.0.2", "real"), tcpApp(t, "127.0.0.2", "real", nil)
-	hl, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
+	appHTTP, appGRPC, appTCP := httpAppIn(t, ns, "127.0.0.2", "real"), grpcAppIn(t, ns, "127.0.0.2", "real"), tcpAppIn(t, ns, "127.0.0.2", "real", nil)
+	hl := listen(t, ns, "127.0.0.2:0")
+	fwd := &hbone.Forwarder{}
+	if ns != nil {
+		fwd.Dial = ns.DialContext
 	}
-	term := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(podID, nil), Logger: quiet}
+	term := &hbone.Server{Handler: fwd, TLSConfig: identity.ServerTLS(podID, nil), Logger: quiet}
 	go term.Serve(hl)
 	t.Cleanup(func() { term.Close() })
 	// The developer's apps.
-	b.devHTTP, b.devGRPC, b.devTCP = httpApp(t, "127.0.0.1", "dev"), grpcApp(t, "127.0.0.1", "dev"), tcpApp(t, "127.0.0.1", "dev", b.devSeen)
+	b.devHTTP, b.devGRPC, b.devTCP = httpAppIn(t, ns, "127.0.0.1", "dev"), grpcAppIn(t, ns, "127.0.0.1", "dev"), tcpAppIn(t, ns, "127.0.0.1", "dev", b.devSeen)
 
-	b.hbone = free(t)
+	b.hbone = freeIn(t, ns)
 	port := func(addr string) string { _, p, _ := net.SplitHostPort(addr); return p }
 	cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: "spiffe://cluster.local/ns/demo/sa/detour"}}
 listeners: {hbone: %q, health: "off", tunnel: "127.0.0.1:0", upstreamHBONEPort: %s}
@@ -118,7 +125,7 @@ discovery:
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	b.waypoint = start(t, "waypoint", detourBin, "waypoint", "--config", path)
+	b.waypoint = startIn(t, ns, detourBin, "waypoint", "--config", path)
 	b.tunnel = b.waypoint.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 	cliTLS, err := identity.ClientTLS(b.id(t, clientID), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/detour"))
 	if err != nil {
@@ -126,6 +133,9 @@ discovery:
 	}
 	b.opts = hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.244.1.7:40000"`}
 	b.client = &hbone.Dialer{Logger: quiet}
+	if ns != nil {
+		b.client.NetDial = ns.DialContext
+	}
 	t.Cleanup(func() { b.client.Close() })
 	return b
 }
@@ -142,7 +152,7 @@ func (b *bed) id(t *testing.T, id string) identity.Source {
 func (b *bed) cli(t *testing.T, dev, transport, mode string, port int, to string, args ...string) *it.Proc {
 	argv := append([]string{mode, fmt.Sprintf("svc/web:%d", port), "-n", "demo", "--to", to, "--waypoint", b.tunnel,
 		"--transport", transport, "--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/" + dev}, args...)
-	p := start(t, "cli-"+dev, detourBin, argv...)
+	p := startIn(t, b.ns, detourBin, argv...)
 	p.WaitFor(t, map[string]string{"steal": "stealing ", "mirror": "mirroring "}[mode])
 	return p
 }
@@ -152,21 +162,42 @@ func start(t *testing.T, _ string, bin string, args ...string) *it.Proc {
 	return it.Start(t, exec.Command(bin, args...))
 }
 
-func free(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+// startIn runs bin with args in network namespace ns (nil: the test's own).
+func startIn(t *testing.T, ns *testbed.Pod, bin string, args ...string) *it.Proc {
+	if ns == nil {
+		return it.Start(t, exec.Command(bin, args...))
+	}
+	return it.Start(t, ns.Command(bin, args...))
+}
+
+// listen listens on TCP addr in ns (nil: the test's own namespace).
+func listen(t *testing.T, ns *testbed.Pod, addr string) net.Listener {
+	var l net.Listener
+	var err error
+	if ns == nil {
+		l, err = net.Listen("tcp", addr)
+	} else {
+		l, err = ns.Listen(addr)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
+	return l
+}
+
+func free(t *testing.T) string { return freeIn(t, nil) }
+
+func freeIn(t *testing.T, ns *testbed.Pod) string {
+	l := listen(t, ns, "127.0.0.1:0")
 	defer l.Close()
 	return l.Addr().String()
 }
 
 // httpApp answers every request with "<name> <proto> <body>" (HTTP/1.1 and HTTP/2 prior knowledge).
-func httpApp(t *testing.T, ip, name string) string {
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
+func httpApp(t *testing.T, ip, name string) string { return httpAppIn(t, nil, ip, name) }
+
+func httpAppIn(t *testing.T, ns *testbed.Pod, ip, name string) string {
+	l := listen(t, ns, ip+":0")
 	var p http.Protocols
 	p.SetHTTP1(true)
 	p.SetUnencryptedHTTP2(true)
@@ -200,11 +231,8 @@ func (g *grpcEcho) FullDuplexCall(s testgrpc.TestService_FullDuplexCallServer) e
 	}
 }
 
-func grpcApp(t *testing.T, ip, name string) string {
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
+func grpcAppIn(t *testing.T, ns *testbed.Pod, ip, name string) string {
+	l := listen(t, ns, ip+":0")
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, &grpcEcho{name: name})
 	go gs.Serve(l)
@@ -213,11 +241,8 @@ func grpcApp(t *testing.T, ip, name string) string {
 }
 
 // tcpApp writes "<name>\n" then echoes; seen, if set, gets everything a connection sent.
-func tcpApp(t *testing.T, ip, name string, seen chan<- []byte) string {
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
+func tcpAppIn(t *testing.T, ns *testbed.Pod, ip, name string, seen chan<- []byte) string {
+	l := listen(t, ns, ip+":0")
 	t.Cleanup(func() { l.Close() })
 	go func() {
 		for {

@@ -100,6 +100,10 @@ type Waypoint struct {
 	// BindTTL: how long a session's binding of a service outlives its waypoint (Kubernetes
 	// discovery only; a lease renewed while the session lives). Default 15s.
 	BindTTL Duration `json:"bindTTL"`
+	// SessionGrace: how long a debug session outlives its lost tunnel, its traffic going to the
+	// real service, waiting for the developer's CLI to reconnect and resume it (a CLI may ask for
+	// less). Default 30s, at most 10m; negative: sessions end with their tunnel.
+	SessionGrace Duration `json:"sessionGrace"`
 	// AccessLog: true writes one JSON record per HTTP request and per opaque stream to stderr.
 	// Default false.
 	AccessLog bool `json:"accessLog"`
@@ -326,6 +330,9 @@ func (c *Config) validate() error {
 	}
 	if t := c.Waypoint.BindTTL.Duration; t < 0 || t > time.Hour {
 		bad("waypoint.bindTTL %s is outside 0s..1h (the other replicas ignore a longer one)", t)
+	}
+	if t := c.Waypoint.SessionGrace.Duration; t > 10*time.Minute {
+		bad("waypoint.sessionGrace %s is over 10m", t)
 	}
 	switch c.Discovery.Source {
 	case "static":

@@ -50,6 +50,17 @@ type Manager struct {
 	// Bind, if set, binds an unbound service to this waypoint for a session that asks
 	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
 	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
+	// Grace is the longest a session outlives its lost tunnel, detached (its traffic goes to the
+	// real service), waiting for its CLI to re-register it (tunnel.Hello.Resume); a CLI may ask
+	// for less. 0 means DefaultGrace; negative: sessions end with their tunnel. Only CLIs that
+	// announce tunnel.CapResume get one.
+	Grace time.Duration
+	// Version is this waypoint's detour version, sent in every Reply and named in version-skew
+	// refusals.
+	Version string
+
+	mu     sync.Mutex
+	leases map[string]*lease // the local sessions, by ID, until all they hold is released
 }
 
 // ServeTunnel is a tunnel.Server Handler.
@@ -57,6 +68,12 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	ctl := p.Control()
 	ctl.SetReadDeadline(time.Now().Add(helloTimeout))
 	hello, err := tunnel.ReadHello(ctl)
+	if se := (*tunnel.SkewError)(nil); errors.As(err, &se) {
+		m.log().Info("session: refused: version skew", "developer", p.ID().String(), "cli", se.Version, "protocol", se.Protocol, "err", err)
+		lastWord(ctl, m.reply(tunnel.Reply{Error: fmt.Sprintf("version skew: this waypoint runs detour %s (tunnel protocol %d) and cannot read the request of a CLI running detour %s (tunnel protocol %d): %v; use a CLI of the waypoint's version, or upgrade the waypoint",
+			m.version(), tunnel.Protocol, orUnknown(se.Version), se.Protocol, se.Err)}, se.Protocol, 0))
+		return
+	}
 	if errors.Is(err, tunnel.ErrTooLarge) {
 		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
 		lastWord(ctl, tunnel.Reply{Error: fmt.Sprintf("session: the registration is larger than %d bytes: shorten its filter (regexes of at most %d bytes)", tunnel.MaxHello, MaxRegex)})
@@ -106,12 +123,24 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		io.Copy(io.Discard, ctl) // until the CLI hangs up or the tunnel dies
 		return
 	}
-	s, err := m.register(p, *hello.Register)
+	if hello.Resume != "" {
+		attached := func() {
+			if hello.Egress {
+				egress.Go(func() { m.egress(ctx, p, as) })
+			}
+		}
+		if m.resume(p, ctl, hello, attached) {
+			return
+		}
+	}
+	s, err := m.register(p, *hello.Register, hello.Resume)
 	if err != nil {
 		m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
 		lastWord(ctl, tunnel.Reply{Error: err.Error()})
 		return
 	}
+	l := m.newLease(s, m.graceFor(hello))
+	defer m.dropLease(l) // last: once the session and all it holds are released
 	defer m.Registry.Remove(s)
 	if s.Spec.Bind {
 		if m.Bind == nil {
@@ -131,31 +160,41 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 	}
 	m.Metrics.SessionStarted(string(s.Spec.Mode))
 	defer m.Metrics.SessionEnded(string(s.Spec.Mode))
-	if err := tunnel.WriteMsg(ctl, tunnel.Reply{OK: true, Session: s.ID}); err != nil {
+	if err := tunnel.WriteMsg(ctl, m.reply(tunnel.Reply{OK: true, Session: s.ID}, hello.Protocol, l.grace)); err != nil {
+		l.end()
 		return
 	}
 	if hello.Egress {
 		egress.Go(func() { m.egress(ctx, p, as) })
 	}
 	m.log().Info("session: started", "session", s.ID, "developer", p.ID().String(), "mode", s.Spec.Mode,
-		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport())
-	// The CLI sends nothing more: its EOF (Ctrl-C) ends the session as surely as a dead tunnel.
-	gone := make(chan struct{})
-	go func() { io.Copy(io.Discard, ctl); close(gone) }()
-	for {
-		select {
-		case ev := <-s.events:
-			if err := tunnel.WriteMsg(ctl, ev); err != nil {
-				return
-			}
-		case <-gone:
-			m.log().Info("session: ended by the developer", "session", s.ID)
-			return
-		case <-p.Done():
-			m.log().Info("session: tunnel lost", "session", s.ID)
-			return
-		}
+		"service", s.Host, "port", s.Spec.Port, "filter", describe(s.Spec.Filter), "transport", p.Transport(),
+		"cli", hello.Version, "grace", l.grace)
+	m.hold(l, p, ctl)
+}
+
+// reply is r with the waypoint's side of the version exchange, for a CLI of protocol proto (the
+// fields go only to a CLI that sent its own: an older one refuses fields it does not know); grace
+// is the session's.
+func (m *Manager) reply(r tunnel.Reply, proto int, grace time.Duration) tunnel.Reply {
+	if proto < 2 {
+		return r
 	}
+	r.Version, r.Protocol = m.version(), tunnel.Protocol
+	if m.Grace >= 0 {
+		r.Capabilities = []string{tunnel.CapResume}
+	}
+	r.GraceSeconds = int(grace / time.Second)
+	return r
+}
+
+func (m *Manager) version() string { return orUnknown(m.Version) }
+
+func orUnknown(v string) string {
+	if v == "" {
+		return "(unknown version)"
+	}
+	return v
 }
 
 // egress opens the developer's egress link and serves HBONE on it with the waypoint's handler:
@@ -274,20 +313,73 @@ func lastWord(ctl net.Conn, r tunnel.Reply) {
 	io.Copy(io.Discard, ctl)
 }
 
-// register validates, authorizes and registers spec. Nothing proportional to the spec's size
-// (its filter's regexes) is done before the policy said yes.
-func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
-	svc, port, err := m.find(spec)
+// register validates, authorizes and registers spec, under id when the CLI re-registers a session
+// no replica holds any more ("": a new ID). Nothing proportional to the spec's size (its filter's
+// regexes) is done before the policy said yes.
+func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec, id string) (*Session, error) {
+	if id != "" && !validID(id) {
+		return nil, fmt.Errorf("session: %q is not a session ID", id)
+	}
+	svc, spec, err := m.authorize(p, spec)
 	if err != nil {
 		return nil, err
 	}
+	s, err := New(spec, svc.Hostname, p.ID(), p) // compiles the filter's (bounded) regexes
+	if err != nil {
+		return nil, err
+	}
+	if id != "" {
+		s.ID = id
+	}
+	s.metrics = m.Metrics
+	if err := m.Registry.Add(s); err != nil {
+		if !m.replaceWaiting(err, s) {
+			return nil, err
+		}
+		if err := m.Registry.Add(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// replaceWaiting ends the session err says s conflicts with when it is s's developer's own,
+// waiting for a resume (the developer started a new CLI instead), and reports whether it ended.
+func (m *Manager) replaceWaiting(err error, s *Session) bool {
+	var ce *ConflictError
+	if !errors.As(err, &ce) || ce.With.Holder != s.Holder || ce.With.Remote || ce.With.Attached() {
+		return false
+	}
+	l := m.lease(ce.With.ID)
+	if l == nil {
+		return false
+	}
+	m.log().Info("session: a new registration of its developer replaces a session waiting for a resume", "session", l.s.ID, "by", s.ID)
+	l.s.Yield()
+	timer := time.NewTimer(resumeWait)
+	defer timer.Stop()
+	select {
+	case <-l.gone:
+		return true
+	case <-timer.C:
+		return false
+	}
+}
+
+// authorize validates spec and asks the policies whether p may hold it; spec comes back with its
+// port resolved.
+func (m *Manager) authorize(p *tunnel.Peer, spec tunnel.Spec) (*route.Service, tunnel.Spec, error) {
+	svc, port, err := m.find(spec)
+	if err != nil {
+		return nil, spec, err
+	}
 	spec.Port = port
 	if spec.Mode != Steal && spec.Mode != Mirror {
-		return nil, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
+		return nil, spec, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
 	}
 	if m.Check != nil {
 		if err := m.Check(spec); err != nil {
-			return nil, err
+			return nil, spec, err
 		}
 	}
 	method := strings.ToUpper(string(spec.Mode))
@@ -305,18 +397,10 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec) (*Session, error) {
 		dec.Reason = "this waypoint has no AuthorizationPolicy source"
 	}
 	if !dec.Allow {
-		return nil, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
+		return nil, spec, fmt.Errorf("%s on %s port %d refused for %s: %s. A policy that would grant it:\n%s",
 			method, svc.Hostname, port, principal, dec.Reason, m.suggest(principal, method, svc.Hostname, path))
 	}
-	s, err := New(spec, svc.Hostname, p.ID(), p) // compiles the filter's (bounded) regexes
-	if err != nil {
-		return nil, err
-	}
-	s.metrics = m.Metrics
-	if err := m.Registry.Add(s); err != nil {
-		return nil, err
-	}
-	return s, nil
+	return svc, spec, nil
 }
 
 // find resolves the spec's service and port.

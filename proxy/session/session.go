@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -70,9 +71,9 @@ type Session struct {
 	Host   string      // the service's hostname
 	Since  time.Time
 
-	peer    Opener
-	metrics *metrics.Metrics // nil records nothing
-	headers []headerCond     // the filter's header conditions, all to hold
+	peer    atomic.Pointer[peerRef] // nil: detached, its tunnel lost (waiting for a Resume)
+	metrics *metrics.Metrics        // nil records nothing
+	headers []headerCond            // the filter's header conditions, all to hold
 	path    *regexp.Regexp
 
 	streams, requests, dropped atomic.Int64
@@ -88,10 +89,28 @@ type Session struct {
 
 	alive alive // does the developer's side answer (probes)
 
+	yield     chan struct{} // closed by Yield
+	yieldOnce sync.Once
+
 	tmu    sync.Mutex
 	h1, h2 *http.Transport
 	closed bool // owned by tmu, with h1, h2 and wg.Add
 }
+
+// ConflictError: a steal overlaps another's (With).
+type ConflictError struct {
+	With *Session
+	msg  string
+}
+
+func (e *ConflictError) Error() string { return e.msg }
+
+// peerRef boxes an Opener for an atomic pointer.
+type peerRef struct{ Opener }
+
+// ErrDetached: the session's tunnel is lost and its developer has not re-registered it yet;
+// matched traffic goes to the real service meanwhile.
+var ErrDetached = errors.New("the developer's tunnel is down (waiting for the CLI to reconnect)")
 
 // budget is a developer's mirror slots, shared by its sessions. Owned by the Registry's mutex
 // (refs); slots is a semaphore.
@@ -106,8 +125,9 @@ func New(spec tunnel.Spec, host string, holder spiffeid.ID, peer Opener) (*Sessi
 		return nil, fmt.Errorf("session: mode %q is not steal or mirror", spec.Mode)
 	}
 	f := spec.Filter
-	s := &Session{Spec: spec, Host: host, Holder: holder, peer: peer, Since: time.Now(),
-		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue)}
+	s := &Session{Spec: spec, Host: host, Holder: holder, Since: time.Now(),
+		mirrors: make(chan struct{}, MaxMirrorInFlight), events: make(chan tunnel.Event, eventQueue), yield: make(chan struct{})}
+	s.peer.Store(&peerRef{peer})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	var err error
 	if s.headers, err = compileHeaders(f); err != nil {
@@ -209,14 +229,53 @@ func overlaps(a, b tunnel.Filter) bool {
 	return true
 }
 
-// Open opens a data stream to the developer for this session.
+// Open opens a data stream to the developer for this session; while the session is detached it
+// fails at once (a *tunnel.OpenError wrapping ErrDetached): nothing waits on a dead tunnel.
 func (s *Session) Open(ctx context.Context, m tunnel.Meta) (net.Conn, error) {
 	m.Session, m.Mode = s.ID, s.Spec.Mode
-	c, err := s.peer.Open(ctx, m)
+	ref := s.peer.Load()
+	if ref == nil {
+		return nil, &tunnel.OpenError{Peer: s.Holder, Err: ErrDetached}
+	}
+	c, err := ref.Open(ctx, m)
 	if err == nil {
 		s.reached()
 	}
 	return c, err
+}
+
+// Detach marks the session's tunnel lost: its traffic goes to the real service until Attach.
+// Idle connections to the developer's app (over the lost tunnel) are dropped.
+func (s *Session) Detach() {
+	s.peer.Store(nil)
+	s.closeIdle()
+}
+
+// Attach gives the session a new tunnel to its developer (a Resume).
+func (s *Session) Attach(peer Opener) {
+	s.closeIdle() // the old tunnel's
+	s.alive.mu.Lock()
+	s.alive.unreachable = false
+	s.alive.mu.Unlock()
+	s.peer.Store(&peerRef{peer})
+}
+
+// Yield tells a local session that another replica holds it now (its developer resumed it
+// there): if it is waiting for a resume, it ends at once instead of at the end of its grace.
+func (s *Session) Yield() { s.yieldOnce.Do(func() { close(s.yield) }) }
+
+// Attached reports whether the session has a tunnel to its developer.
+func (s *Session) Attached() bool { return s.peer.Load() != nil }
+
+func (s *Session) closeIdle() {
+	s.tmu.Lock()
+	h1, h2 := s.h1, s.h2
+	s.tmu.Unlock()
+	for _, t := range []*http.Transport{h1, h2} {
+		if t != nil {
+			t.CloseIdleConnections()
+		}
+	}
 }
 
 // Transport sends HTTP requests to the developer's app: HTTP/1.1 or HTTP/2 prior knowledge, as
@@ -331,15 +390,10 @@ func (s *Session) Info() tunnel.SessionInfo {
 func (s *Session) close() {
 	s.tmu.Lock()
 	s.closed = true
-	h1, h2 := s.h1, s.h2
 	s.tmu.Unlock()
 	s.cancel()
 	s.wg.Wait()
-	for _, t := range []*http.Transport{h1, h2} {
-		if t != nil {
-			t.CloseIdleConnections()
-		}
-	}
+	s.closeIdle()
 }
 
 type key struct {
@@ -355,19 +409,42 @@ type Registry struct {
 	view       atomic.Pointer[map[key][]*Session]
 }
 
-// Add registers s unless a steal already holds traffic s's steal could match.
+// Add registers s unless a steal already holds traffic s's steal could match. A session with s's
+// ID that another replica holds for the same developer (a remote one: the developer's CLI moved
+// to this replica and re-registered it) is replaced, not a conflict: a re-registering holder is
+// never refused by its own old entry.
 func (r *Registry) Add(s *Session) error {
+	replaced, err := r.add(s)
+	if replaced != nil {
+		replaced.close()
+	}
+	return err
+}
+
+func (r *Registry) add(s *Session) (replaced *Session, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	old := r.byID[s.ID]
+	if old != nil && (!old.Remote || old.Holder != s.Holder) {
+		return nil, fmt.Errorf("session: the ID %s is taken by another session", s.ID)
+	}
 	k := key{s.Spec.Namespace, s.Spec.Service, s.Spec.Port}
 	if s.Spec.Mode == Steal {
 		for _, o := range r.byID {
-			if o.Spec.Mode == Steal && (key{o.Spec.Namespace, o.Spec.Service, o.Spec.Port}) == k && overlaps(o.Spec.Filter, s.Spec.Filter) {
-				return fmt.Errorf("session: %s port %d is already stolen by %s (session %s, %s) with a filter that overlaps this one; "+
-					"two steals coexist only with different exact values of the same header", s.Host, k.port, o.Holder, o.ID, describe(o.Spec.Filter))
+			if o != old && o.Spec.Mode == Steal && (key{o.Spec.Namespace, o.Spec.Service, o.Spec.Port}) == k && overlaps(o.Spec.Filter, s.Spec.Filter) {
+				return nil, &ConflictError{With: o, msg: fmt.Sprintf("session: %s port %d is already stolen by %s (session %s, %s) with a filter that overlaps this one; "+
+					"two steals coexist only with different exact values of the same header", s.Host, k.port, o.Holder, o.ID, describe(o.Spec.Filter))}
 			}
 		}
 	}
+	if old != nil {
+		r.removeLocked(old)
+	}
+	r.addLocked(s)
+	return old, nil
+}
+
+func (r *Registry) addLocked(s *Session) {
 	if r.byID == nil {
 		r.byID, r.developers = map[string]*Session{}, map[spiffeid.ID]*budget{}
 	}
@@ -380,7 +457,6 @@ func (r *Registry) Add(s *Session) error {
 	s.developer = b
 	r.byID[s.ID] = s
 	r.publishLocked()
-	return nil
 }
 
 // Get returns the session with this ID, or nil.
@@ -394,16 +470,20 @@ func (r *Registry) Get(id string) *Session {
 func (r *Registry) Remove(s *Session) {
 	r.mu.Lock()
 	if r.byID[s.ID] == s {
-		delete(r.byID, s.ID)
-		if b := r.developers[s.Holder]; b != nil {
-			if b.refs--; b.refs == 0 {
-				delete(r.developers, s.Holder)
-			}
-		}
-		r.publishLocked()
+		r.removeLocked(s)
 	}
 	r.mu.Unlock()
 	s.close()
+}
+
+func (r *Registry) removeLocked(s *Session) {
+	delete(r.byID, s.ID)
+	if b := r.developers[s.Holder]; b != nil {
+		if b.refs--; b.refs == 0 {
+			delete(r.developers, s.Holder)
+		}
+	}
+	r.publishLocked()
 }
 
 func (r *Registry) publishLocked() {

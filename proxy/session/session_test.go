@@ -43,7 +43,10 @@ type bed struct {
 	reg      *session.Registry
 }
 
-func newBed(t *testing.T, policies ...*authz.Policy) *bed {
+func newBed(t *testing.T, policies ...*authz.Policy) *bed { return newBedWith(t, nil, policies...) }
+
+// newBedWith is newBed with the Manager's options set by opts.
+func newBedWith(t *testing.T, opts func(*session.Manager), policies ...*authz.Policy) *bed {
 	ca, err := devca.New("cluster.local")
 	if err != nil {
 		t.Fatal(err)
@@ -62,6 +65,9 @@ func newBed(t *testing.T, policies ...*authz.Policy) *bed {
 	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, policies)
 	m := &session.Manager{Registry: b.reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
 		Namespace: "demo", Gateway: "detour", Logger: quiet}
+	if opts != nil {
+		opts(m)
+	}
 	// Egress: a handler that answers with the stream's source, as the waypoint's policies would see it.
 	m.Egress.TLS = identity.ServerTLS(b.id(t, "spiffe://cluster.local/ns/demo/sa/detour"), nil)
 	m.Egress.Handler = hbone.HandlerFunc(func(s *hbone.Stream) error {

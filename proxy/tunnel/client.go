@@ -46,6 +46,9 @@ func dialQUIC(ctx context.Context, addr string, src identity.Source, authorize t
 	tlsCfg.NextProtos = []string{ALPN}
 	c, err := quic.DialAddr(ctx, addr, tlsCfg, quicConfig())
 	if err != nil {
+		if noAnswer(err) {
+			return nil, fmt.Errorf("tunnel: dialing %s over QUIC: %w (%w)", addr, ErrNoAnswer, err)
+		}
 		return nil, fmt.Errorf("tunnel: dialing %s over QUIC: %w", addr, err)
 	}
 	ctl, err := c.OpenStreamSync(ctx)
@@ -65,6 +68,16 @@ func dialQUIC(ctx context.Context, addr string, src identity.Source, authorize t
 		done:  c.Context().Done(),
 		close: func() error { return c.CloseWithError(0, "") },
 	}, nil
+}
+
+// ErrNoAnswer: a QUIC dial got no answer before its context ended or its handshake timed out
+// (UDP may be blocked on the way).
+var ErrNoAnswer = errors.New("no answer over UDP")
+
+func noAnswer(err error) bool {
+	var idle *quic.IdleTimeoutError
+	var hs *quic.HandshakeTimeoutError
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &idle) || errors.As(err, &hs)
 }
 
 // dialH2 dials TCP and serves TLS and HTTP/2 on it; the waypoint opens the streams.

@@ -30,8 +30,13 @@ type Peer struct {
 	open      func(ctx context.Context) (net.Conn, error)
 	rtt       func() time.Duration // the tunnel's smoothed round trip; nil: unknown
 	done      <-chan struct{}
+	stopping  <-chan struct{} // the server's context's
 	close     func() error
 }
+
+// Stopping is closed when the server is stopping: a handler that outlives its tunnel (a session
+// waiting for its developer to resume it) returns.
+func (p *Peer) Stopping() <-chan struct{} { return p.stopping }
 
 // ID is the developer's verified SPIFFE ID.
 func (p *Peer) ID() spiffeid.ID { return p.id }
@@ -180,9 +185,10 @@ func quicPeer(ctx context.Context, c *quic.Conn, local spiffeid.ID) (*Peer, erro
 			}
 			return quicConn(c, st), nil
 		},
-		rtt:   func() time.Duration { return c.ConnectionStats().SmoothedRTT },
-		done:  c.Context().Done(),
-		close: func() error { return c.CloseWithError(0, "") },
+		rtt:      func() time.Duration { return c.ConnectionStats().SmoothedRTT },
+		done:     c.Context().Done(),
+		stopping: ctx.Done(),
+		close:    func() error { return c.CloseWithError(0, "") },
 	}, nil
 }
 
@@ -238,8 +244,9 @@ func (s *Server) h2Peer(ctx context.Context, nc net.Conn) (*Peer, error) {
 		open: func(ctx context.Context) (net.Conn, error) {
 			return cc.Dial(ctx, "stream.detour.internal:1", hbone.DialOptions{})
 		},
-		done:  cc.Done(),
-		close: cc.Close,
+		done:     cc.Done(),
+		stopping: ctx.Done(),
+		close:    cc.Close,
 	}, nil
 }
 

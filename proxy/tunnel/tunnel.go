@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 )
 
@@ -66,7 +67,20 @@ type EventKind string
 const (
 	EventRequest EventKind = "request"
 	EventStream  EventKind = "stream"
+	// EventEnded: the waypoint ended the session (Error says why); the CLI does not re-register
+	// it. A control stream that ends without one is a lost tunnel.
+	EventEnded EventKind = "ended"
 )
+
+// Protocol is the tunnel protocol this build speaks: 1 is the protocol before the version
+// exchange (a Hello or Reply without a protocol field), 2 adds the version exchange and resuming a
+// session (CapResume). A peer of a higher protocol may send fields this build cannot read: the
+// version fields are then read on their own (ReadHello, ReadReply) to name both versions.
+const Protocol = 2
+
+// CapResume: the CLI re-registers its session after a lost tunnel (Hello.Resume), and the
+// waypoint keeps a session whose tunnel was lost for its grace period, waiting for that.
+const CapResume = "resume"
 
 // Hello is the CLI's first message.
 type Hello struct {
@@ -78,7 +92,23 @@ type Hello struct {
 	// AsTarget: the egress link's connections carry this service's workload identity instead of
 	// the developer's (an AuthorizationPolicy must grant IMPERSONATE on it).
 	AsTarget *Target `json:"asTarget,omitempty"`
+
+	// The version exchange (protocol 2; an older CLI sends none of these fields).
+	Version      string   `json:"version,omitempty"`      // the CLI's detour version, for messages
+	Protocol     int      `json:"protocol,omitempty"`     // the tunnel protocol it speaks; 0 means 1
+	Capabilities []string `json:"capabilities,omitempty"` // what it can do (CapResume)
+	// Resume re-registers the session with this ID after the CLI lost its tunnel: the waypoint
+	// re-attaches it to this tunnel when the same developer holds it with the same Register spec
+	// (within the grace period), or registers it anew under this ID when no replica holds it.
+	Resume string `json:"resume,omitempty"`
+	// GraceSeconds: how long the waypoint should keep the session after its tunnel is lost,
+	// waiting for a Resume (at most the waypoint's own grace; 0: the waypoint's). Only with
+	// CapResume.
+	GraceSeconds int `json:"graceSeconds,omitempty"`
 }
+
+// Has reports whether the CLI announced capability c.
+func (h *Hello) Has(c string) bool { return slices.Contains(h.Capabilities, c) }
 
 // Target names a service.
 type Target struct {
@@ -153,7 +183,22 @@ type Reply struct {
 	Error    string        `json:"error,omitempty"`
 	Session  string        `json:"session,omitempty"` // the new session's ID
 	Sessions []SessionInfo `json:"sessions,omitempty"`
+
+	// The version exchange (protocol 2; an older waypoint sends none of these fields).
+	Version      string   `json:"version,omitempty"`      // the waypoint's detour version
+	Protocol     int      `json:"protocol,omitempty"`     // the tunnel protocol it speaks; 0 means 1
+	Capabilities []string `json:"capabilities,omitempty"` // CapResume: it keeps sessions for a Resume
+	// GraceSeconds: how long the waypoint keeps this session after its tunnel is lost (0: it
+	// ends with the tunnel).
+	GraceSeconds int `json:"graceSeconds,omitempty"`
 }
+
+// Retry ends the error of a refusal that is only for now (the session is busy moving between
+// tunnels): the CLI asks again after its backoff instead of giving up.
+const Retry = "; retry"
+
+// Has reports whether the waypoint announced capability c.
+func (r *Reply) Has(c string) bool { return slices.Contains(r.Capabilities, c) }
 
 // SessionInfo describes a session for `detour sessions`.
 type SessionInfo struct {
@@ -225,28 +270,96 @@ func WriteMsg(w io.Writer, v any) error {
 // ReadMsg reads one message into v; unknown fields are refused, so a typo never passes silently.
 func ReadMsg(r io.Reader, v any) error { return ReadMsgMax(r, v, MaxMessage) }
 
-// ReadHello reads the CLI's Hello, at most MaxHello bytes.
+// ReadHello reads the CLI's Hello, at most MaxHello bytes. A Hello this build cannot decode
+// from a CLI that announces a higher protocol is a *SkewError naming the CLI's version.
 func ReadHello(r io.Reader) (Hello, error) {
 	var h Hello
-	err := ReadMsgMax(r, &h, MaxHello)
-	return h, err
+	b, err := readFrame(r, MaxHello)
+	if err != nil {
+		return h, err
+	}
+	if err := decode(b, &h); err != nil {
+		return h, skewed(b, err)
+	}
+	return h, nil
+}
+
+// ReadReply reads the waypoint's Reply; like ReadHello, one from a waypoint of a higher protocol
+// that this build cannot decode is a *SkewError.
+func ReadReply(r io.Reader) (Reply, error) {
+	var rp Reply
+	b, err := readFrame(r, MaxMessage)
+	if err != nil {
+		return rp, err
+	}
+	if err := decode(b, &rp); err != nil {
+		return rp, skewed(b, err)
+	}
+	return rp, nil
+}
+
+// SkewError: the peer speaks a higher tunnel protocol and sent a message this build cannot read.
+type SkewError struct {
+	Version  string // the peer's detour version ("" if it sent none)
+	Protocol int    // the peer's tunnel protocol
+	Err      error  // the decoding error
+}
+
+func (e *SkewError) Error() string {
+	return fmt.Sprintf("tunnel: the peer runs detour %s (tunnel protocol %d, this build speaks %d): %v", orUnknown(e.Version), e.Protocol, Protocol, e.Err)
+}
+
+func (e *SkewError) Unwrap() error { return e.Err }
+
+func orUnknown(v string) string {
+	if v == "" {
+		return "(unknown version)"
+	}
+	return v
+}
+
+// skewed turns err, the strict decoding error of b, into a *SkewError when b's version fields,
+// read on their own, announce a higher protocol than this build's.
+func skewed(b []byte, err error) error {
+	var v struct {
+		Version  string `json:"version"`
+		Protocol int    `json:"protocol"`
+	}
+	if json.Unmarshal(b, &v) != nil || v.Protocol <= Protocol {
+		return err
+	}
+	return &SkewError{Version: v.Version, Protocol: v.Protocol, Err: err}
 }
 
 // ReadMsgMax is ReadMsg for a message of at most limit bytes (and MaxMessage); a longer one is
 // refused (ErrTooLarge) from its length, before its body is read.
 func ReadMsgMax(r io.Reader, v any, limit int) error {
+	b, err := readFrame(r, limit)
+	if err != nil {
+		return err
+	}
+	return decode(b, v)
+}
+
+// readFrame reads one message's bytes, at most limit (and MaxMessage).
+func readFrame(r io.Reader, limit int) ([]byte, error) {
 	var hdr [4]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return err
+		return nil, err
 	}
 	n := binary.BigEndian.Uint32(hdr[:])
 	if n > MaxMessage || int64(n) > int64(limit) {
-		return fmt.Errorf("%w: %d bytes, at most %d", ErrTooLarge, n, min(limit, MaxMessage))
+		return nil, fmt.Errorf("%w: %d bytes, at most %d", ErrTooLarge, n, min(limit, MaxMessage))
 	}
 	b := make([]byte, n)
 	if _, err := io.ReadFull(r, b); err != nil {
-		return fmt.Errorf("tunnel: reading a %d-byte message: %w", n, err)
+		return nil, fmt.Errorf("tunnel: reading a %d-byte message: %w", n, err)
 	}
+	return b, nil
+}
+
+// decode decodes b strictly: unknown fields and trailing data are refused.
+func decode(b []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -256,4 +369,16 @@ func ReadMsgMax(r io.Reader, v any, limit int) error {
 		return errors.New("tunnel: trailing data after a message")
 	}
 	return nil
+}
+
+// Equal reports whether f and g select the same requests, condition by condition.
+func (f Filter) Equal(g Filter) bool {
+	return f.Header == g.Header && f.HeaderValue == g.HeaderValue && f.HeaderRegex == g.HeaderRegex &&
+		slices.Equal(f.Headers, g.Headers) && f.Path == g.Path && f.Method == g.Method
+}
+
+// Equal reports whether s and o ask for the same session.
+func (s Spec) Equal(o Spec) bool {
+	return s.Namespace == o.Namespace && s.Service == o.Service && s.Port == o.Port && s.Mode == o.Mode &&
+		s.Bind == o.Bind && s.Filter.Equal(o.Filter)
 }

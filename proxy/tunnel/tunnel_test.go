@@ -81,13 +81,18 @@ func FuzzHello(f *testing.F) {
 	f.Add([]byte(`{"register":{"mode":"steal","filter":{"header":"x-dev","headerValue":"a","headers":[{"name":"x-b","regex":"^b"},{"name":"x-c"}]}}}`))
 	f.Add([]byte(`{"list":true}`))
 	f.Add([]byte(`{"register":{"port":70000}}`))
+	f.Add([]byte(`{"register":{"namespace":"demo","service":"web","port":80,"mode":"steal"},"version":"v1","protocol":2,"capabilities":["resume"],"resume":"0123456789ab","graceSeconds":30}`))
+	f.Add([]byte(`{"register":{"namespace":"demo","sticky":1},"version":"v9","protocol":9}`))
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		if len(raw) > MaxMessage {
 			return
 		}
-		var h Hello
 		r := frame(string(raw))
-		if err := ReadMsg(r, &h); err != nil {
+		h, err := ReadHello(r)
+		if se := (*SkewError)(nil); errors.As(err, &se) && se.Protocol <= Protocol {
+			t.Fatalf("a skew error for protocol %d, this build's is %d", se.Protocol, Protocol)
+		}
+		if err != nil {
 			return
 		}
 		if r.Len() != 0 {
@@ -104,7 +109,9 @@ func FuzzHello(f *testing.F) {
 		// Compared as re-encoded: an empty headers list decodes to a non-nil slice, omitted once encoded.
 		was, _ := json.Marshal(h.Register)
 		is, _ := json.Marshal(again.Register)
-		if (h.Register == nil) != (again.Register == nil) || !bytes.Equal(was, is) || h.List != again.List {
+		if (h.Register == nil) != (again.Register == nil) || !bytes.Equal(was, is) || h.List != again.List ||
+			h.Version != again.Version || h.Protocol != again.Protocol || h.Resume != again.Resume || h.GraceSeconds != again.GraceSeconds ||
+			!slices.Equal(h.Capabilities, again.Capabilities) {
 			t.Fatalf("%+v != %+v", h, again)
 		}
 	})
@@ -116,6 +123,8 @@ func FuzzHello(f *testing.F) {
 func FuzzMessages(f *testing.F) {
 	f.Add(uint8(0), []byte(`{"ok":true,"session":"a1b2c3","sessions":[{"id":"x","holder":"spiffe://td/ns/a/sa/b","spec":{"namespace":"demo","service":"web","port":80,"mode":"steal"},"since":"2026-01-02T03:04:05Z","streams":1}]}`))
 	f.Add(uint8(0), []byte(`{"ok":false,"error":"refused"}`))
+	f.Add(uint8(0), []byte(`{"ok":true,"session":"0123456789ab","version":"v1","protocol":2,"capabilities":["resume"],"graceSeconds":30}`))
+	f.Add(uint8(0), []byte(`{"ok":true,"version":"v9","protocol":9,"lease":"x"}`))
 	f.Add(uint8(1), []byte(`{"kind":"request","mode":"steal","method":"GET","path":"/","status":200,"us":12,"source":"td/ns/a/sa/b"}`))
 	f.Add(uint8(1), []byte(`{"kind":"stream","received":-1,"sent":9223372036854775807}`))
 	f.Add(uint8(2), []byte(`{"session":"s","kind":"http","mode":"mirror","protocol":"h2c","target":"10.0.0.1:80","source":"td/ns/a/sa/b"}`))
@@ -137,7 +146,13 @@ func FuzzMessages(f *testing.F) {
 			v, again = new(Ack), new(Ack)
 		}
 		r := frame(string(raw))
-		if err := ReadMsg(r, v); err != nil {
+		var err error
+		if rp, ok := v.(*Reply); ok {
+			*rp, err = ReadReply(r)
+		} else {
+			err = ReadMsg(r, v)
+		}
+		if err != nil {
 			return
 		}
 		if r.Len() != 0 {
@@ -166,6 +181,9 @@ func normalize(v any) any {
 		c.Sessions = slices.Clip(slices.Clone(r.Sessions))
 		if len(c.Sessions) == 0 {
 			c.Sessions = nil
+		}
+		if len(c.Capabilities) == 0 {
+			c.Capabilities = nil
 		}
 		for i := range c.Sessions {
 			c.Sessions[i].Since = c.Sessions[i].Since.UTC()

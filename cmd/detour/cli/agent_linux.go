@@ -144,7 +144,7 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 		return (&sidecar.Server{Registry: reg, Namespace: ns, Pod: name, OriginalDst: agent.OriginalDst, Logger: log}).Serve(gctx, rl)
 	})
 	m := &session.Manager{Registry: reg, Routes: func() *route.Table { return table }, Policies: func() *authz.Engine { return engine },
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: sidecar.CheckSpec}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Check: sidecar.CheckSpec, Version: Version}
 	ts := &tunnel.Server{Identity: src, Handler: m.ServeTunnel, Logger: log}
 	g.Go(func() error { return ts.ServeTCP(gctx, tl) })
 	g.Go(func() error { return ts.ServeQUIC(gctx, pc) })

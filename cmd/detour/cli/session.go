@@ -20,6 +20,7 @@ import (
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/mesh"
+	"github.com/detour-mesh/detour/proxy/devsession"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
@@ -56,6 +57,52 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.kubeContext, "context", "", "the kubeconfig context to use (default: its current context)")
 	fl.StringVar(&f.istiod, "istiod", "istiod.istio-system.svc:15012", "istiod's CA address, for --service-account (e.g. through kubectl port-forward)")
 	fl.StringVar(&f.meshRoot, "mesh-root", "", "the mesh root certificate (PEM), for --service-account (default: the istio-ca-root-cert ConfigMap of the account's namespace)")
+}
+
+// dialer resolves the identity and returns a Dialer for the waypoint (a new port-forward per dial
+// with --port-forward, so that a reconnection reaches whichever pod now serves), the address for
+// messages and the transport to start with.
+func (f *tunnelFlags) dialer(ctx context.Context, log *slog.Logger) (dial devsession.Dialer, addr, transport string, err error) {
+	if f.waypoint == "" && f.portForward == "" {
+		return nil, "", "", errors.New("--waypoint or --port-forward is required")
+	}
+	src, err := f.identity(ctx, log)
+	if err != nil {
+		return nil, "", "", err
+	}
+	authorize, err := f.authorizer()
+	if err != nil {
+		return nil, "", "", err
+	}
+	addr, transport = f.waypoint, f.transport
+	if f.portForward != "" {
+		addr, transport = "port-forward "+f.portForward, "h2" // a port-forward carries TCP only
+	}
+	dial = func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
+		to := f.waypoint
+		if f.portForward != "" {
+			pf, err := f.forward(ctx) // lives until ctx ends: the Runner's, once done with the tunnel
+			if err != nil {
+				return nil, err
+			}
+			to = pf.Addr()
+		}
+		dctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		return tunnel.Dial(dctx, transport, to, src, authorize, log)
+	}
+	return dial, addr, transport, nil
+}
+
+func (f *tunnelFlags) authorizer() (tlsconfig.Authorizer, error) {
+	if f.waypointID == "" {
+		return nil, nil
+	}
+	id, err := spiffeid.FromString(f.waypointID)
+	if err != nil {
+		return nil, fmt.Errorf("--waypoint-id: %w", err)
+	}
+	return tlsconfig.AuthorizeID(id), nil
 }
 
 func (f *tunnelFlags) dial(ctx context.Context, log *slog.Logger) (*tunnel.Tunnel, error) {
@@ -162,6 +209,7 @@ type sessionCmd struct {
 	path      string
 	method    string
 	bind      bool
+	grace     time.Duration
 	log       func() *slog.Logger
 }
 
@@ -194,6 +242,7 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 	fl.StringArrayVar(&c.headers, "header", nil, "only requests with this header: NAME=VALUE or NAME:VALUE (exact), NAME~REGEX, or NAME (present); repeat: all must hold")
 	fl.StringVar(&c.path, "path", "", "only requests whose path matches this regex")
 	fl.StringVar(&c.method, "method", "", "only requests with this method")
+	fl.DurationVar(&c.grace, "grace", devsession.DefaultGrace, "after a lost tunnel, how long to keep reconnecting to resume the session (the waypoint keeps it, its traffic going to the real service, at most its own grace); 0 ends the session with its tunnel")
 	fl.BoolVar(&c.bind, "bind", false, "bind the service to the waypoint for this session only (it must be unbound; reverted when the session ends, or by a lease if the waypoint dies)")
 	return cmd
 }
@@ -231,59 +280,36 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 
 func (c *sessionCmd) run(ctx context.Context, spec tunnel.Spec, out io.Writer) error {
 	log := c.log()
-	t, err := c.tunnel.dial(ctx, log)
+	dial, addr, transport, err := c.tunnel.dialer(ctx, log)
 	if err != nil {
 		return err
 	}
-	defer t.Close()
-	ctl := t.Control()
-	if err := tunnel.WriteMsg(ctl, tunnel.Hello{Register: &spec}); err != nil {
-		return fmt.Errorf("sending the session: %w", err)
-	}
-	var reply tunnel.Reply
-	if err := tunnel.ReadMsg(ctl, &reply); err != nil {
-		return fmt.Errorf("reading the waypoint's answer: %w", err)
-	}
-	if !reply.OK {
-		return fmt.Errorf("the waypoint refused: %s", reply.Error)
+	grace := c.grace
+	if grace <= 0 {
+		grace = -1 // no resume
 	}
 	verb := map[string]string{"steal": "stealing", "mirror": "mirroring"}[c.mode]
-	fmt.Fprintf(out, "%s %s/%s port %s (%s) -> %s; session %s over %s; Ctrl-C ends it\n", verb, spec.Namespace, spec.Service,
-		portName(spec.Port), filterText(spec.Filter), c.to, reply.Session, c.tunnel.transport)
 	var failed atomic.Int64
-	fwdDone := make(chan error, 1)
-	go func() {
-		fwdDone <- t.Forward(ctx, c.to, func(m tunnel.Meta, err error) {
+	r := &devsession.Runner{Spec: spec, To: c.to, Addr: addr, Transport: transport, Dial: dial, Grace: grace, Version: Version, Logger: log,
+		Event: func(ev tunnel.Event) { fmt.Fprintln(out, eventLine(ev)) },
+		Seen: func(_ tunnel.Meta, err error) {
 			if err != nil && failed.Add(1) == 1 {
 				fmt.Fprintf(out, "cannot reach the local app %s: %v\n", c.to, err)
 			}
-		})
-	}()
-	evDone := make(chan error, 1)
-	go func() {
-		for {
-			var ev tunnel.Event
-			if err := tunnel.ReadMsg(ctl, &ev); err != nil {
-				evDone <- err
+		},
+		Notify: func(n devsession.Notice) {
+			if n.Kind == devsession.Registered {
+				fmt.Fprintf(out, "%s %s/%s port %s (%s) -> %s; %s; Ctrl-C ends it\n", verb, spec.Namespace, spec.Service,
+					portName(spec.Port), filterText(spec.Filter), c.to, n)
 				return
 			}
-			fmt.Fprintln(out, eventLine(ev))
-		}
-	}()
-	select {
-	case <-ctx.Done():
-		t.Close()
-		<-fwdDone
-		fmt.Fprintln(out, "session ended")
-		return nil
-	case <-t.Done():
-		return errors.New("the tunnel to the waypoint was lost; the session ended")
-	case err := <-evDone:
-		if errors.Is(err, io.EOF) {
-			return errors.New("the waypoint ended the session")
-		}
-		return fmt.Errorf("the tunnel to the waypoint was lost (%v); the session ended", err)
+			fmt.Fprintln(out, n)
+		}}
+	if err := r.Run(ctx); err != nil {
+		return err
 	}
+	fmt.Fprintln(out, "session ended")
+	return nil
 }
 
 func portName(p uint16) string {

@@ -230,7 +230,8 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl net.Listener, pc net.PacketConn, src identity.Source,
 	h *waypoint.Handler, bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) {
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind}
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind,
+		Grace: cfg.Waypoint.SessionGrace.Duration, Version: Version}
 	m.Egress.Handler, m.Egress.TLS = h, identity.ServerTLS(src, nil)
 	if store != nil {
 		m.Publisher = store
