@@ -62,5 +62,9 @@ image: ## detour's linux/amd64+arm64 image, no Docker, reproducible, as an OCI l
 	cd integration && $(GO) run ./image/build -source .. -version $(VERSION) -revision "$$(git rev-parse HEAD 2>/dev/null)" \
 		-created $(SOURCE_DATE_EPOCH) -o $(CURDIR)/$(BIN)/detour-image.tar
 
+.PHONY: chart
+chart: ## regenerate the Helm chart charts/detour from mesh.Installer (integration/chart checks helm template = install --print)
+	$(GO) test -count=1 ./mesh -run '^TestChartIsGenerated$$' -update
+
 clean: ## remove build output
 	rm -rf $(BIN)

@@ -7,12 +7,10 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
-// PodOptions shape the waypoint's pods. The zero value is the default: DefaultResources, the
-// Prometheus scrape annotations, no PodMonitor.
+// PodOptions shape the waypoint's pods. The zero value is the default: DefaultResources, no
+// PodMonitor. The pods always carry the prometheus.io scrape annotations.
 type PodOptions struct {
 	Resources Resources // "" fields take DefaultResources'
-	// NoScrapeAnnotations leaves out prometheus.io/scrape, port and path.
-	NoScrapeAnnotations bool
 	// PodMonitor adds a Prometheus Operator PodMonitor scraping the health port's /metrics.
 	PodMonitor bool
 }
@@ -53,9 +51,6 @@ func (p PodOptions) resources() map[string]any {
 }
 
 func (p PodOptions) annotations() map[string]any {
-	if p.NoScrapeAnnotations {
-		return nil
-	}
 	return map[string]any{"prometheus.io/scrape": "true", "prometheus.io/port": "15021", "prometheus.io/path": MetricsPath}
 }
 
