@@ -11,15 +11,15 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// checkInstall adds what the install depends on: the APIs are served, the waypoint's pods can
-// pull their image, and the waypoint runs the CLI's version.
+// checkInstall adds what the install depends on: the APIs are served, and, once detour is
+// installed (its Deployment exists; the gateway check names a missing install), its CRD is, the
+// waypoint's pods can pull their image, and the waypoint runs the CLI's version.
 func (d *Doctor) checkInstall(ctx context.Context, add func(Finding)) {
-	d.checkCRDs(add)
 	dep, err := d.Kube.AppsV1().Deployments(d.Namespace).Get(ctx, d.name(), metav1.GetOptions{})
+	installed := err == nil
+	d.checkCRDs(installed, add)
 	if err != nil {
-		if apierrors.IsNotFound(err) {
-			add(Finding{Check: "deployment", Say: fmt.Sprintf("no Deployment %s/%s", d.Namespace, d.name()), Fix: "detour install -n " + d.Namespace})
-		} else {
+		if !apierrors.IsNotFound(err) {
 			add(Finding{Check: "deployment", Say: fmt.Sprintf("cannot read Deployment %s/%s: %v", d.Namespace, d.name(), err)})
 		}
 		return
@@ -28,14 +28,17 @@ func (d *Doctor) checkInstall(ctx context.Context, add func(Finding)) {
 	d.checkVersion(dep.Labels[VersionLabel], containerImage(dep.Spec.Template.Spec.Containers), add)
 }
 
-func (d *Doctor) checkCRDs(add func(Finding)) {
+func (d *Doctor) checkCRDs(installed bool, add func(Finding)) {
 	var missing []string
 	fix := ""
-	for _, api := range []struct{ gv, resource, fix string }{
+	apis := []struct{ gv, resource, fix string }{
 		{"gateway.networking.k8s.io/v1", "gateways", GatewayAPIInstall},
 		{"security.istio.io/v1", "authorizationpolicies", IstioAmbientInstall},
-		{"detour.dev/v1alpha1", "debugsessions", "detour install -n " + d.Namespace + " (it creates the CRD)"},
-	} {
+	}
+	if installed {
+		apis = append(apis, struct{ gv, resource, fix string }{"detour.dev/v1alpha1", "debugsessions", "detour install -n " + d.Namespace + " (it creates the CRD)"})
+	}
+	for _, api := range apis {
 		list, err := d.Kube.Discovery().ServerResourcesForGroupVersion(api.gv)
 		if err == nil && slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == api.resource }) {
 			continue
@@ -53,7 +56,7 @@ func (d *Doctor) checkCRDs(add func(Finding)) {
 		add(Finding{Check: "crds", Say: "the cluster does not serve " + strings.Join(missing, ", ") + " (CRDs not installed)", Fix: fix})
 		return
 	}
-	add(Finding{Check: "crds", OK: true, Say: "the Gateway API, Istio and DebugSession CRDs are installed"})
+	add(Finding{Check: "crds", OK: true, Say: "the Gateway API and Istio CRDs are installed"})
 }
 
 // checkImage: no waypoint pod is stuck pulling its image.
