@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -84,6 +85,8 @@ type Installer struct {
 	Wait bool
 	// Progress, if set, receives one line per step (the wait's progress among them).
 	Progress func(string)
+
+	rootCertWait time.Duration // 0 is rootCertWait (preflight.go); tests shorten it
 }
 
 var (

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -102,7 +103,7 @@ func (c *cluster) apply(a k8stesting.PatchAction, dry bool) (bool, runtime.Objec
 }
 
 func (c *cluster) installer() *Installer {
-	return &Installer{Client: c.dyn, Kube: c.kube, Namespace: "shop", Image: "example.test/detour:v1"}
+	return &Installer{Client: c.dyn, Kube: c.kube, Namespace: "shop", Image: "example.test/detour:v1", rootCertWait: time.Millisecond}
 }
 
 // left lists the objects of the installation that exist.

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -130,8 +131,10 @@ func (in *Installer) checkNamespace(ctx context.Context, add func(Problem)) {
 // it watches (the waypoint mounts it), and istiod creates the GatewayClass istio-waypoint only
 // with ambient enabled (istio pilot/pkg/config/kube/gatewaycommon/classinfo.go,
 // GetBuiltinGatewayClasses). A user who may not read GatewayClasses is not refused for it.
+// istiod writes the ConfigMap a moment after a namespace is created: a missing one is looked for
+// again, every 200ms for up to rootCertWait.
 func (in *Installer) checkIstiod(ctx context.Context, add func(Problem)) {
-	_, err := in.Kube.CoreV1().ConfigMaps(in.Namespace).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+	err := in.rootCert(ctx)
 	switch {
 	case apierrors.IsNotFound(err):
 		add(Problem{"istiod", "no ConfigMap istio-ca-root-cert in " + in.Namespace + ": istiod is not running, or does not watch this namespace",
@@ -142,6 +145,28 @@ func (in *Installer) checkIstiod(ctx context.Context, add func(Problem)) {
 	_, err = in.Client.Resource(gvrGatewayClass).Get(ctx, "istio-waypoint", metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		add(Problem{"ambient", "no GatewayClass istio-waypoint: istiod runs without ambient mode (PILOT_ENABLE_AMBIENT)", IstioAmbientInstall})
+	}
+}
+
+// rootCertWait is how long the preflight waits for istio-ca-root-cert (Installer.rootCertWait 0).
+const rootCertWait = 10 * time.Second
+
+func (in *Installer) rootCert(ctx context.Context) error {
+	wait := in.rootCertWait
+	if wait == 0 {
+		wait = rootCertWait
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		_, err := in.Kube.CoreV1().ConfigMaps(in.Namespace).Get(ctx, "istio-ca-root-cert", metav1.GetOptions{})
+		if !apierrors.IsNotFound(err) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 }
 
