@@ -75,5 +75,16 @@ bench-waypoint: build ## the waypoint as its own process on CPU 1, client and ba
 	cd integration/bench && DETOUR_BENCH_BIN=$(CURDIR)/$(BIN)/detour taskset -c 0 $(CURDIR)/$(BIN)/bench.test -test.run '^$$' \
 		-test.bench 'Pinned' -test.benchtime $(BENCHTIME) -test.count $(BENCHCOUNT) | tee $(CURDIR)/bench-waypoint.out
 
+.PHONY: image
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+image: ## detour's linux/amd64+arm64 image, no Docker, reproducible, as an OCI layout tar: $(BIN)/detour-image.tar (RELEASING.md)
+	@mkdir -p $(BIN)
+	cd integration && $(GO) run ./image/build -source .. -version $(VERSION) -revision "$$(git rev-parse HEAD 2>/dev/null)" \
+		-created $(SOURCE_DATE_EPOCH) -o $(CURDIR)/$(BIN)/detour-image.tar
+
+.PHONY: chart
+chart: ## regenerate the Helm chart charts/detour from mesh.Installer (integration/chart checks helm template = install --print)
+	$(GO) test -count=1 ./mesh -run '^TestChartIsGenerated$$' -update
+
 clean: ## remove build output
 	rm -rf $(BIN) $(DIST)

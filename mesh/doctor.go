@@ -38,6 +38,8 @@ type Doctor struct {
 	Developer string
 	// Ambientz, if set, is istiod's /debug/ambientz URL, to read what ztunnel is told.
 	Ambientz string
+	// Version, if set, is the CLI's version, compared with the waypoint's (doctor_install.go).
+	Version string
 }
 
 var gvrGateway = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}
@@ -66,6 +68,9 @@ func (d *Doctor) Check(ctx context.Context) ([]Finding, error) {
 		add(Finding{Check: "ambient", Say: "namespace " + d.Namespace + " is not in ambient mode: ztunnel does not carry its traffic",
 			Fix: "kubectl label namespace " + d.Namespace + " istio.io/dataplane-mode=ambient"})
 	}
+
+	// The APIs, the image and the version (doctor_install.go).
+	d.checkInstall(ctx, add)
 
 	// The Gateway exists and istiod programmed it.
 	gw, err := d.Dynamic.Resource(gvrGateway).Namespace(d.Namespace).Get(ctx, d.name(), metav1.GetOptions{})

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -14,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 )
 
@@ -27,8 +29,11 @@ const (
 	PreviousAnnotation = "detour.dev/previous-waypoint-labels"
 	FieldManager       = "detour"
 	ManagedBy          = "app.kubernetes.io/managed-by"
-	// Image is what `ko` builds (`ko resolve` replaces the reference with the built image).
+	// Image is what `ko` builds (`ko resolve` replaces the reference with the built image): the
+	// image of Installer.Image "" (a development build has no published image; ReleaseImage).
 	Image = "ko://github.com/detour-mesh/detour/cmd/detour"
+	// Version labels the Deployment with the detour version that installed it (doctor compares).
+	VersionLabel = "app.kubernetes.io/version"
 )
 
 // Target is what a waypoint binding applies to: a whole namespace, or one Service.
@@ -66,6 +71,22 @@ type Installer struct {
 	TakeOver bool
 	// DryRun validates everything on the API server and changes nothing.
 	DryRun bool
+
+	// Kube answers the preflight (discovery, access reviews) and the wait; Install needs it.
+	Kube kubernetes.Interface
+	// Version is the installing CLI's version, the Deployment's VersionLabel ("" leaves it out).
+	Version  string
+	Replicas int        // default 2
+	Pod      PodOptions // resources, scrape annotations, PodMonitor (pod.go)
+	// KeepPartial keeps what a failed Install wrote; by default it is removed again.
+	KeepPartial bool
+	// Wait makes Install wait for the Deployment to be Available and the Gateway Programmed
+	// (bounded by ctx), and a failed wait fails the install.
+	Wait bool
+	// Progress, if set, receives one line per step (the wait's progress among them).
+	Progress func(string)
+
+	rootCertWait time.Duration // 0 is rootCertWait (preflight.go); tests shorten it
 }
 
 var (
@@ -116,7 +137,7 @@ discovery:
   source: kubernetes
   kubernetes: {namespace: %s}
 `, ns, name, ns)
-	return []Object{
+	return append([]Object{
 		{gvrCRD, debugSessionCRD()},
 		{schema.GroupVersionResource{Version: "v1", Resource: "serviceaccounts"}, map[string]any{
 			"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(nil)}},
@@ -150,13 +171,13 @@ discovery:
 			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
 		{schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, map[string]any{
 			"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(nil), "data": map[string]any{"config.yaml": config}}},
-		{schema.GroupVersionResource{Group: "apps", Version: "v1", Resource: "deployments"}, map[string]any{
-			"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(nil),
+		{gvrDeployment, map[string]any{
+			"apiVersion": "apps/v1", "kind": "Deployment", "metadata": in.versioned(meta(nil)),
 			"spec": map[string]any{
-				"replicas": 2,
+				"replicas": in.replicas(),
 				"selector": map[string]any{"matchLabels": map[string]any{"app.kubernetes.io/name": name}},
 				"template": map[string]any{
-					"metadata": map[string]any{"labels": podLabels},
+					"metadata": map[string]any{"labels": podLabels, "annotations": in.Pod.annotations()},
 					"spec": map[string]any{
 						"serviceAccountName": name,
 						"containers": []any{map[string]any{
@@ -171,6 +192,7 @@ discovery:
 								map[string]any{"name": "health", "containerPort": 15021, "protocol": "TCP"},
 							},
 							"readinessProbe": map[string]any{"httpGet": map[string]any{"path": "/readyz", "port": 15021}},
+							"resources":      in.Pod.resources(),
 							"volumeMounts": []any{
 								map[string]any{"name": "config", "mountPath": "/etc/detour"},
 								map[string]any{"name": "istio-token", "mountPath": "/var/run/secrets/tokens"},
@@ -213,7 +235,7 @@ discovery:
 				"addresses":        []any{map[string]any{"type": "Hostname", "value": in.Hostname()}},
 				"listeners":        []any{map[string]any{"name": "mesh", "port": 15008, "protocol": "HBONE"}},
 			}}},
-	}
+	}, in.Pod.podMonitor(meta(nil), name)...)
 }
 
 // Manifests renders Objects as one multi-document YAML (the kustomize base is this output).
@@ -239,31 +261,45 @@ func (in *Installer) dry() []string {
 	return nil
 }
 
-// Install applies the objects, then binds targets. A target bound to another waypoint is
-// refused (nothing is changed) unless TakeOver.
+// Install checks first (Preflight: nothing is written when it fails), applies the objects, binds
+// targets, and with Wait waits for the waypoint to serve. A target bound to another waypoint is
+// refused (nothing is changed) unless TakeOver. When anything fails after the first write, what
+// this install created is deleted again and the bindings it made are undone (rollout.go), unless
+// KeepPartial.
 func (in *Installer) Install(ctx context.Context, targets []Target) error {
+	if err := in.Preflight(ctx, targets); err != nil {
+		return err
+	}
 	for _, t := range targets {
 		if err := in.checkBind(ctx, t); err != nil {
 			return err
 		}
 	}
-	for _, o := range in.Objects() {
-		b, err := json.Marshal(o.Body)
-		if err != nil {
-			return err
-		}
-		name := o.Body["metadata"].(map[string]any)["name"].(string)
-		force := true
-		_, err = in.resource(o).Patch(ctx, name, types.ApplyPatchType, b,
-			metav1.PatchOptions{FieldManager: FieldManager, Force: &force, DryRun: in.dry()})
-		if err != nil {
-			return fmt.Errorf("mesh: applying %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
-		}
+	var w written
+	err := in.write(ctx, targets, &w)
+	if err == nil && in.Wait && !in.DryRun {
+		err = in.WaitReady(ctx)
 	}
-	for _, t := range targets {
-		if err := in.bind(ctx, t); err != nil {
-			return err
-		}
+	if err == nil || in.DryRun {
+		return err
+	}
+	return in.undo(ctx, &w, err)
+}
+
+// apply applies one object server-side (dry, or as Installer.DryRun says).
+func (in *Installer) apply(ctx context.Context, o Object, dry bool) error {
+	b, err := json.Marshal(o.Body)
+	if err != nil {
+		return err
+	}
+	name := o.Body["metadata"].(map[string]any)["name"].(string)
+	force := true
+	opts := metav1.PatchOptions{FieldManager: FieldManager, Force: &force, DryRun: in.dry()}
+	if dry {
+		opts.DryRun = []string{metav1.DryRunAll}
+	}
+	if _, err = in.resource(o).Patch(ctx, name, types.ApplyPatchType, b, opts); err != nil {
+		return fmt.Errorf("mesh: applying %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
 	}
 	return nil
 }
@@ -360,7 +396,9 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	objs := in.Objects()
+	all := *in
+	all.Pod.PodMonitor = true // installed with or without one: delete it if there (404 without its CRD)
+	objs := all.Objects()
 	slices.Reverse(objs)
 	for _, o := range objs {
 		name := o.Body["metadata"].(map[string]any)["name"].(string)
@@ -400,6 +438,7 @@ func (in *Installer) unbind(ctx context.Context, t Target) error {
 }
 
 var (
+	gvrDeployment         = schema.GroupVersionResource{Group: "apps", Version: "v1", Resource: "deployments"}
 	gvrCRD                = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 	gvrClusterRole        = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}
 	gvrClusterRoleBinding = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}

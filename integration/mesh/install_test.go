@@ -3,6 +3,7 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +20,11 @@ import (
 )
 
 func detour(t *testing.T, args ...string) (int, string) {
+	if len(args) > 0 && args[0] == "install" && !slices.Contains(args, "--print") {
+		// The test bed runs no controllers (no pod ever becomes available), and this CLI is a
+		// development build, which has no published image.
+		args = append(args, "--wait=false", "--image", "example.test/detour:dev")
+	}
 	var out bytes.Buffer
 	code := cli.Run(context.Background(), args, &out, &out)
 	return code, out.String()

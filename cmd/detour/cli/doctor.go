@@ -36,7 +36,7 @@ func newDoctorCmd() *cobra.Command {
 			if k.namespace == "" {
 				return errors.New("--namespace is required")
 			}
-			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: authz.Principal(developer), Ambientz: ambientz}
+			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: authz.Principal(developer), Ambientz: ambientz, Version: Version}
 			if len(args) == 1 {
 				name, ok := strings.CutPrefix(args[0], "svc/")
 				if !ok || name == "" {

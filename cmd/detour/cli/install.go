@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -31,21 +33,22 @@ func (k *kubeFlags) installer() (*mesh.Installer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &mesh.Installer{Client: c.Dynamic, Namespace: k.namespace, Name: k.name}, nil
+	return &mesh.Installer{Client: c.Dynamic, Kube: c.Kube, Namespace: k.namespace, Name: k.name}, nil
 }
 
 func newInstallCmd() *cobra.Command {
 	var k kubeFlags
 	var binds []string
 	var takeOver, dryRun, print bool
-	var image string
+	var o installOptions
 	cmd := &cobra.Command{
 		Use:   "install -n NAMESPACE [--bind namespace|svc/NAME]...",
 		Short: "Install detour as a waypoint in a namespace (server-side apply) and bind the namespace or services to it",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if print {
-				in := &mesh.Installer{Namespace: k.namespace, Name: k.name, Image: image}
+				in := &mesh.Installer{Namespace: k.namespace, Name: k.name}
+				o.apply(in)
 				if in.Namespace == "" {
 					return errors.New("--namespace is required")
 				}
@@ -64,12 +67,20 @@ func newInstallCmd() *cobra.Command {
 				}
 				targets = append(targets, t)
 			}
+			if o.image == "" {
+				return fmt.Errorf("this detour is a development build (version %s) and no image was published for it: pass --image REF "+
+					"(make image builds one, RELEASING.md), or use a release of detour, whose install defaults to %s:VERSION", Version, mesh.ImageRepository)
+			}
 			in, err := k.installer()
 			if err != nil {
 				return err
 			}
-			in.TakeOver, in.DryRun, in.Image = takeOver, dryRun, image
-			if err := in.Install(cmd.Context(), targets); err != nil {
+			in.TakeOver, in.DryRun = takeOver, dryRun
+			o.apply(in)
+			in.Progress = func(line string) { fmt.Fprintln(cmd.OutOrStdout(), line) }
+			ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
+			defer cancel()
+			if err := in.Install(ctx, targets); err != nil {
 				return err
 			}
 			verb := "installed"
@@ -89,8 +100,36 @@ func newInstallCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&takeOver, "take-over", false, "replace another waypoint's binding (uninstall restores it)")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "validate every object on the API server (server-side dry run), change nothing")
 	cmd.Flags().BoolVar(&print, "print", false, "print the manifests instead of applying them (no cluster needed)")
-	cmd.Flags().StringVar(&image, "image", mesh.Image, "the detour image (the default is a ko reference: ko resolve builds it)")
+	o.register(cmd)
 	return cmd
+}
+
+// installOptions are install's flags about the waypoint and how the install proceeds.
+type installOptions struct {
+	image       string
+	wait        bool
+	timeout     time.Duration
+	keepPartial bool
+	podMonitor  bool
+	replicas    int
+}
+
+func (o *installOptions) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&o.image, "image", mesh.ReleaseImage(Version),
+		"the detour image (default: this release's; a development build has none and needs --image; with --print, a ko reference)")
+	cmd.Flags().BoolVar(&o.wait, "wait", true, "wait for the Deployment to be Available and the Gateway Programmed (a failed wait rolls back)")
+	cmd.Flags().DurationVar(&o.timeout, "timeout", 5*time.Minute, "how long the whole install may take, its wait included")
+	cmd.Flags().BoolVar(&o.keepPartial, "keep-partial", false, "keep what a failed install wrote (default: remove it again)")
+	cmd.Flags().BoolVar(&o.podMonitor, "pod-monitor", false, "also create a Prometheus Operator PodMonitor for the waypoint's /metrics")
+	cmd.Flags().IntVar(&o.replicas, "replicas", 2, "waypoint replicas (they share sessions)")
+}
+
+func (o *installOptions) apply(in *mesh.Installer) {
+	in.Image, in.Replicas = o.image, o.replicas
+	if mesh.ReleaseImage(Version) != "" {
+		in.Version = Version // a development build's version names nothing to compare with
+	}
+	in.Wait, in.KeepPartial, in.Pod.PodMonitor = o.wait, o.keepPartial, o.podMonitor
 }
 
 func newUninstallCmd() *cobra.Command {
