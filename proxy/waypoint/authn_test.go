@@ -5,6 +5,8 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -77,5 +79,20 @@ func TestHTTPRequestAuthentication(t *testing.T) {
 	}
 	if *streams != 1 {
 		t.Errorf("%d client streams, want 1 (a 401 keeps the connection)", *streams)
+	}
+
+	// gRPC: Envoy's local reply maps 401 to UNAUTHENTICATED, in a trailers-only response.
+	h2, _ := b.httpClient(t, true)
+	req, _ := http.NewRequest("POST", "http://10.96.0.20:80/pkg.Svc/Call", strings.NewReader(""))
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Authorization", "Bearer "+sign(time.Now().Add(-time.Hour)))
+	resp, err := h2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Grpc-Status") != "16" || resp.Header.Get("Grpc-Message") != authn.StatusExpired {
+		t.Errorf("gRPC with an expired token: %d grpc-status %q %q, want 200, 16, %q", resp.StatusCode,
+			resp.Header.Get("Grpc-Status"), resp.Header.Get("Grpc-Message"), authn.StatusExpired)
 	}
 }
