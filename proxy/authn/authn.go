@@ -358,12 +358,16 @@ func (a *Authenticator) checkClaims(ru *rule, claims map[string]any) (*authz.JWT
 	return &authz.JWT{Principal: iss + "/" + sub, Audiences: aud, Presenter: azp, Claims: splitSpaced(claims, ru.spaced)}, ""
 }
 
-// keySet is the rule's key set: inline, or fetched from jwksUri.
+// keySet is the rule's key set: inline, fetched from jwksUri, or (neither given) found through
+// the issuer's OpenID configuration.
 func (a *Authenticator) keySet(ctx context.Context, ru *rule) (*jose.JSONWebKeySet, error) {
 	if ru.inline != nil || ru.keyErr != nil {
 		return ru.inline, ru.keyErr
 	}
-	return a.keys.Get(ctx, ru.spec.GetJwksUri(), ru.spec.GetTimeout().AsDuration())
+	if uri := ru.spec.GetJwksUri(); uri != "" {
+		return a.keys.Get(ctx, uri, ru.spec.GetTimeout().AsDuration())
+	}
+	return a.keys.ForIssuer(ctx, ru.spec.GetIssuer(), ru.spec.GetTimeout().AsDuration())
 }
 
 // checkSignature verifies tok with set: the key its kid names, else each key.

@@ -348,3 +348,28 @@ func TestVerifiedTokenStillExpires(t *testing.T) {
 		t.Fatalf("status %q, want %q", status(err), StatusExpired)
 	}
 }
+
+// A rule with neither jwks nor jwksUri finds its keys as istiod does: the issuer's OpenID
+// configuration names the jwks_uri.
+func TestOpenIDConfiguration(t *testing.T) {
+	iss := newSigner(t, "k1")
+	var issuer string
+	mux := http.NewServeMux()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, _ *http.Request) {
+		json.NewEncoder(w).Encode(map[string]string{"issuer": issuer, "jwks_uri": issuer + "/keys"})
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte(iss.jwks)) })
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	issuer = srv.URL
+	a := New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: issuer})}, nil, func() time.Time { return epoch })
+	j, err := a.Authenticate(context.Background(), request(t, "/", bearer(iss.sign(t, claims(issuer, "alice")))...), web)
+	if err != nil || j == nil || j.Principal != issuer+"/alice" {
+		t.Fatalf("%v, %v", j, err)
+	}
+	// An issuer without one fails its tokens closed.
+	a = New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: srv.URL + "/nothing"})}, nil, func() time.Time { return epoch })
+	if _, err := a.Authenticate(context.Background(), request(t, "/", bearer(iss.sign(t, claims(srv.URL+"/nothing", "alice")))...), web); status(err) != StatusVerificationFail {
+		t.Fatalf("status %q", status(err))
+	}
+}
