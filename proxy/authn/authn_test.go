@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -114,7 +115,8 @@ func TestAuthenticate(t *testing.T) {
 	}{
 		{"no token: no principal, no error", []*Policy{ra("a", rule1)}, request(t, "/"), "", ""},
 		{"valid token", []*Policy{ra("a", rule1)}, request(t, "/", bearer(good)...), "", "iss1/alice"},
-		{"bearer scheme in any case", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "bearer "+good), "", "iss1/alice"},
+		{"the Bearer prefix is case-sensitive, as Envoy's", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "bearer "+good), "", ""},
+		{"the prefix anywhere in the value, the token the base64url run after it", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "x, Bearer  "+good+" trailing"), "", "iss1/alice"},
 		{"other scheme: no token", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "Basic "+good), "", ""},
 		{"default access_token parameter", []*Policy{ra("a", rule1)}, request(t, "/?access_token="+good), "", "iss1/alice"},
 		{"expired", []*Policy{ra("a", rule1)}, request(t, "/", bearer(iss1.sign(t, claims("iss1", "alice", "exp", epoch.Add(-61*time.Second).Unix())))...), StatusExpired, ""},
@@ -203,7 +205,7 @@ func TestOutputs(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]string{"Authorization": "", "X-Payload": strings.Split(tok, ".")[1], "X-Nested": "v", "X-N": "7",
-		"X-Groups": "a,b", "X-Scope": "read write", "X-Absent": ""}
+		"X-Groups": base64.StdEncoding.EncodeToString([]byte(`["a","b"]`)), "X-Scope": "read write", "X-Absent": ""}
 	for k, v := range want {
 		if got := r.Header.Get(k); got != v {
 			t.Errorf("%s: %q, want %q", k, got, v)
