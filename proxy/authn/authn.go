@@ -180,11 +180,11 @@ func output(h http.Header, ru *rule, v verified) {
 		h.Del(v.at.header) // Envoy removes a header token; parameter and cookie tokens stay
 	}
 	if name := ru.spec.GetOutputPayloadToHeader(); name != "" {
-		h.Set(name, v.payload)
+		h.Add(name, v.payload) // added, as Envoy (the client's copy was dropped before)
 	}
 	for _, c := range ru.spec.GetOutputClaimToHeaders() {
-		if s, ok := claimHeader(v.claims, c.GetClaim()); ok {
-			h.Set(c.GetHeader(), s)
+		if s := claimHeader(v.claims, c.GetClaim()); s != "" {
+			h.Add(c.GetHeader(), s)
 		}
 	}
 }
@@ -265,7 +265,7 @@ func (a *Authenticator) verifyRule(ctx context.Context, ru *rule, tokens []token
 		return result{missing: true}
 	}
 	var res result
-	for _, t := range tokens {
+	for _, t := range slices.Backward(tokens) { // Envoy verifies the last found first
 		v, status := a.verify(ctx, ru, t)
 		if status != "" {
 			return result{status: status}
@@ -332,20 +332,21 @@ func (a *Authenticator) checkClaims(ru *rule, claims map[string]any) (*authz.JWT
 	if !ok {
 		return nil, StatusSubNotString
 	}
-	now := a.now()
 	exp, ok := optInt(claims["exp"])
 	if !ok {
 		return nil, StatusExpNotInteger
-	}
-	if exp != 0 && now.After(time.Unix(exp, 0).Add(clockSkew)) {
-		return nil, StatusExpired
 	}
 	nbf, ok := optInt(claims["nbf"])
 	if !ok {
 		return nil, StatusNbfNotInteger
 	}
+	// jwt_verify_lib's verifyTimeConstraint: nbf, then exp, each with the skew.
+	now := a.now()
 	if nbf != 0 && now.Add(clockSkew).Before(time.Unix(nbf, 0)) {
 		return nil, StatusNotYetValid
+	}
+	if exp != 0 && now.After(time.Unix(exp, 0).Add(clockSkew)) {
+		return nil, StatusExpired
 	}
 	aud, ok := audiences(claims["aud"])
 	if !ok {
@@ -358,12 +359,16 @@ func (a *Authenticator) checkClaims(ru *rule, claims map[string]any) (*authz.JWT
 	return &authz.JWT{Principal: iss + "/" + sub, Audiences: aud, Presenter: azp, Claims: splitSpaced(claims, ru.spaced)}, ""
 }
 
-// keySet is the rule's key set: inline, or fetched from jwksUri.
+// keySet is the rule's key set: inline, fetched from jwksUri, or (neither given) found through
+// the issuer's OpenID configuration.
 func (a *Authenticator) keySet(ctx context.Context, ru *rule) (*jose.JSONWebKeySet, error) {
 	if ru.inline != nil || ru.keyErr != nil {
 		return ru.inline, ru.keyErr
 	}
-	return a.keys.Get(ctx, ru.spec.GetJwksUri(), ru.spec.GetTimeout().AsDuration())
+	if uri := ru.spec.GetJwksUri(); uri != "" {
+		return a.keys.Get(ctx, uri, ru.spec.GetTimeout().AsDuration())
+	}
+	return a.keys.ForIssuer(ctx, ru.spec.GetIssuer(), ru.spec.GetTimeout().AsDuration())
 }
 
 // checkSignature verifies tok with set: the key its kid names, else each key.
@@ -488,38 +493,35 @@ func splitSpaced(claims map[string]any, names []string) map[string]any {
 	return out
 }
 
-// claimHeader is the value written for outputClaimToHeaders: the claim at a dotted path
-// ("nested.key"), a string as it is, a number or boolean as written, a list of strings joined
-// with ","; an object or absent claim writes nothing.
-func claimHeader(claims map[string]any, path string) (string, bool) {
+// claimHeader is the value written for outputClaimToHeaders, as Envoy's addJWTClaimToHeader:
+// the claim at a dotted path ("nested.key"); a string as it is, a number or boolean as written,
+// a list or an object as its JSON, base64-encoded; "" (nothing written) for an absent claim or
+// an empty string.
+func claimHeader(claims map[string]any, path string) string {
 	var v any = claims
 	for _, name := range strings.Split(path, ".") {
 		m, ok := v.(map[string]any)
 		if !ok {
-			return "", false
+			return ""
 		}
 		v = m[name]
 	}
 	switch v := v.(type) {
 	case string:
-		return v, true
+		return v
 	case json.Number:
-		return v.String(), true
+		return v.String()
 	case bool:
 		if v {
-			return "true", true
+			return "true"
 		}
-		return "false", true
-	case []any:
-		var parts []string
-		for _, e := range v {
-			s, ok := e.(string)
-			if !ok {
-				return "", false
-			}
-			parts = append(parts, s)
+		return "false"
+	case []any, map[string]any:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return ""
 		}
-		return strings.Join(parts, ","), true
+		return base64.StdEncoding.EncodeToString(b)
 	}
-	return "", false
+	return ""
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -114,7 +115,8 @@ func TestAuthenticate(t *testing.T) {
 	}{
 		{"no token: no principal, no error", []*Policy{ra("a", rule1)}, request(t, "/"), "", ""},
 		{"valid token", []*Policy{ra("a", rule1)}, request(t, "/", bearer(good)...), "", "iss1/alice"},
-		{"bearer scheme in any case", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "bearer "+good), "", "iss1/alice"},
+		{"the Bearer prefix is case-sensitive, as Envoy's", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "bearer "+good), "", ""},
+		{"the prefix anywhere in the value, the token the base64url run after it", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "x, Bearer  "+good+" trailing"), "", "iss1/alice"},
 		{"other scheme: no token", []*Policy{ra("a", rule1)}, request(t, "/", "Authorization", "Basic "+good), "", ""},
 		{"default access_token parameter", []*Policy{ra("a", rule1)}, request(t, "/?access_token="+good), "", "iss1/alice"},
 		{"expired", []*Policy{ra("a", rule1)}, request(t, "/", bearer(iss1.sign(t, claims("iss1", "alice", "exp", epoch.Add(-61*time.Second).Unix())))...), StatusExpired, ""},
@@ -203,7 +205,7 @@ func TestOutputs(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]string{"Authorization": "", "X-Payload": strings.Split(tok, ".")[1], "X-Nested": "v", "X-N": "7",
-		"X-Groups": "a,b", "X-Scope": "read write", "X-Absent": ""}
+		"X-Groups": base64.StdEncoding.EncodeToString([]byte(`["a","b"]`)), "X-Scope": "read write", "X-Absent": ""}
 	for k, v := range want {
 		if got := r.Header.Get(k); got != v {
 			t.Errorf("%s: %q, want %q", k, got, v)
@@ -346,5 +348,30 @@ func TestVerifiedTokenStillExpires(t *testing.T) {
 	now = epoch.Add(time.Hour)
 	if _, err := a.Authenticate(context.Background(), request(t, "/", bearer(tok)...), web); status(err) != StatusExpired {
 		t.Fatalf("status %q, want %q", status(err), StatusExpired)
+	}
+}
+
+// A rule with neither jwks nor jwksUri finds its keys as istiod does: the issuer's OpenID
+// configuration names the jwks_uri.
+func TestOpenIDConfiguration(t *testing.T) {
+	iss := newSigner(t, "k1")
+	var issuer string
+	mux := http.NewServeMux()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, _ *http.Request) {
+		json.NewEncoder(w).Encode(map[string]string{"issuer": issuer, "jwks_uri": issuer + "/keys"})
+	})
+	mux.HandleFunc("/keys", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte(iss.jwks)) })
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	issuer = srv.URL
+	a := New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: issuer})}, nil, func() time.Time { return epoch })
+	j, err := a.Authenticate(context.Background(), request(t, "/", bearer(iss.sign(t, claims(issuer, "alice")))...), web)
+	if err != nil || j == nil || j.Principal != issuer+"/alice" {
+		t.Fatalf("%v, %v", j, err)
+	}
+	// An issuer without one fails its tokens closed.
+	a = New(wp, []*Policy{ra("a", &secv1beta1.JWTRule{Issuer: srv.URL + "/nothing"})}, nil, func() time.Time { return epoch })
+	if _, err := a.Authenticate(context.Background(), request(t, "/", bearer(iss.sign(t, claims(srv.URL+"/nothing", "alice")))...), web); status(err) != StatusVerificationFail {
+		t.Fatalf("status %q", status(err))
 	}
 }

@@ -2,6 +2,7 @@ package authn
 
 import (
 	"net/http"
+	"slices"
 	"strings"
 
 	secv1beta1 "istio.io/api/security/v1beta1"
@@ -21,22 +22,29 @@ type token struct {
 }
 
 // locations are a rule's fromHeaders, fromParams and fromCookies; none given means Envoy's
-// default: the Authorization header with "Bearer ", then the access_token parameter.
+// default: the Authorization header with "Bearer ", and the access_token parameter. They are in
+// Envoy's extractor order (extractor.cc): headers by name and prefix, then parameters, then
+// cookies, each sorted.
 func locations(r *secv1beta1.JWTRule) []location {
-	var out []location
+	var headers, params, cookies []location
 	for _, h := range r.GetFromHeaders() {
-		out = append(out, location{header: http.CanonicalHeaderKey(h.GetName()), prefix: h.GetPrefix()})
+		headers = append(headers, location{header: http.CanonicalHeaderKey(h.GetName()), prefix: h.GetPrefix()})
 	}
 	for _, p := range r.GetFromParams() {
-		out = append(out, location{param: p})
+		params = append(params, location{param: p})
 	}
 	for _, c := range r.GetFromCookies() {
-		out = append(out, location{cookie: c})
+		cookies = append(cookies, location{cookie: c})
 	}
-	if len(out) == 0 {
-		out = []location{{header: "Authorization", prefix: "Bearer "}, {param: "access_token"}}
+	if len(headers)+len(params)+len(cookies) == 0 {
+		return []location{{header: "Authorization", prefix: "Bearer "}, {param: "access_token"}}
 	}
-	return out
+	slices.SortFunc(headers, func(a, b location) int {
+		return strings.Compare(strings.ToLower(a.header)+a.prefix, strings.ToLower(b.header)+b.prefix)
+	})
+	slices.SortFunc(params, func(a, b location) int { return strings.Compare(a.param, b.param) })
+	slices.SortFunc(cookies, func(a, b location) int { return strings.Compare(a.cookie, b.cookie) })
+	return slices.Concat(headers, params, cookies)
 }
 
 // extract lists the tokens at locs, each token once (Envoy keys them by value). header is the
@@ -57,7 +65,9 @@ func extract(locs []location, header http.Header, query map[string][]string, coo
 	for _, l := range locs {
 		switch {
 		case l.header != "":
-			add(headerToken(header.Get(l.header), l.prefix), l)
+			if vs := header.Values(l.header); len(vs) > 0 {
+				add(headerToken(strings.Join(vs, ","), l.prefix), l) // Envoy joins repeated headers
+			}
 		case l.param != "":
 			if v := query[l.param]; len(v) > 0 {
 				add(v[0], l)
@@ -69,17 +79,31 @@ func extract(locs []location, header http.Header, query map[string][]string, coo
 	return out
 }
 
-// headerToken is the token in a header value after prefix ("" when the value lacks it). The
-// default "Bearer " scheme is matched without regard to case (RFC 6750 §2.1), as Envoy does.
+// headerToken is the token in a header value as Envoy's extractor finds it: without a prefix,
+// the whole value; with one, the prefix is looked for anywhere in the value (case-sensitively:
+// "bearer " is not "Bearer "; "" when absent), and the token is the run of base64url characters
+// and dots that follows it (the whole value if there is none).
 func headerToken(v, prefix string) string {
 	if prefix == "" {
-		return strings.TrimSpace(v)
+		return v
 	}
-	if len(v) < len(prefix) {
+	i := strings.Index(v, prefix)
+	if i < 0 {
 		return ""
 	}
-	if v[:len(prefix)] != prefix && !(prefix == "Bearer " && strings.EqualFold(v[:len(prefix)], prefix)) {
-		return ""
+	rest := v[i+len(prefix):]
+	start := strings.IndexFunc(rest, jwtChar)
+	if start < 0 {
+		return v
 	}
-	return strings.TrimSpace(v[len(prefix):])
+	rest = rest[start:]
+	if end := strings.IndexFunc(rest, func(r rune) bool { return !jwtChar(r) }); end >= 0 {
+		rest = rest[:end]
+	}
+	return rest
+}
+
+// jwtChar: base64url's alphabet (RFC 4648 §5) and the dot.
+func jwtChar(r rune) bool {
+	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9' || r == '-' || r == '_' || r == '.'
 }

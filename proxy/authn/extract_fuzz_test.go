@@ -9,7 +9,7 @@ import (
 	secv1beta1 "istio.io/api/security/v1beta1"
 )
 
-// Token extraction never panics; a token found is a non-empty, trimmed part of what was sent,
+// Token extraction never panics; a token found is a non-empty part of what was sent,
 // each token at most once. The claim path of outputClaimToHeaders never panics either.
 func FuzzExtract(f *testing.F) {
 	f.Add("Bearer abc.def.ghi", "Bearer ", "access_token=x.y.z", "session=a.b.c", "nested.key")
@@ -35,8 +35,8 @@ func FuzzExtract(f *testing.F) {
 				t.Fatalf("token %q empty or repeated", tok.raw)
 			}
 			seen[tok.raw] = true
-			if tok.at.header != "" && (!strings.Contains(value, tok.raw) || strings.TrimSpace(tok.raw) != tok.raw) {
-				t.Fatalf("header token %q not a trimmed part of %q", tok.raw, value)
+			if tok.at.header != "" && !strings.Contains(value, tok.raw) {
+				t.Fatalf("header token %q not a part of %q", tok.raw, value)
 			}
 		}
 		claimHeader(map[string]any{"nested": map[string]any{"key": []any{"a", 1}}}, claimPath)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -51,16 +52,46 @@ type Keys struct {
 	sets map[string]*keySet // by jwksUri; owned by mu
 }
 
-// keySet is one jwksUri's state; its fields are owned by Keys.mu.
+// keySet is one address's state (a jwksUri's key set, or an issuer's OpenID configuration);
+// its fields are owned by Keys.mu.
 type keySet struct {
-	set      *jose.JSONWebKeySet // the last good one; nil before
-	at       time.Time           // of the last attempt
-	err      error               // of the last attempt
-	fetching chan struct{}       // closed when the fetch under way ends; nil when none
+	set      any           // the last good value (*jose.JSONWebKeySet, or the jwks_uri string); nil before
+	at       time.Time     // of the last attempt
+	err      error         // of the last attempt
+	fetching chan struct{} // closed when the fetch under way ends; nil when none
 }
 
 // Get is the key set at uri, fetched within timeout (0: Keys.Timeout).
 func (k *Keys) Get(ctx context.Context, uri string, timeout time.Duration) (*jose.JSONWebKeySet, error) {
+	v, err := k.get(ctx, uri, timeout, func(body []byte) (any, error) { return parseKeySet(uri, body) })
+	if err != nil {
+		return nil, err
+	}
+	return v.(*jose.JSONWebKeySet), nil
+}
+
+// ForIssuer is the key set of an issuer whose rule names no keys: its jwks_uri from the
+// issuer's OpenID configuration (issuer + "/.well-known/openid-configuration"), as istiod
+// resolves it (pilot/pkg/model/jwks_resolver.go), then that key set.
+func (k *Keys) ForIssuer(ctx context.Context, issuer string, timeout time.Duration) (*jose.JSONWebKeySet, error) {
+	where := strings.TrimSuffix(issuer, "/") + "/.well-known/openid-configuration"
+	v, err := k.get(ctx, where, timeout, func(body []byte) (any, error) {
+		var doc struct {
+			JWKSURI string `json:"jwks_uri"`
+		}
+		if err := json.Unmarshal(body, &doc); err != nil || doc.JWKSURI == "" {
+			return nil, fmt.Errorf("%w: %s names no jwks_uri", ErrKeys, where)
+		}
+		return doc.JWKSURI, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return k.Get(ctx, v.(string), timeout)
+}
+
+// get is the cached value at uri, fetched within timeout and decoded by parse.
+func (k *Keys) get(ctx context.Context, uri string, timeout time.Duration, parse func([]byte) (any, error)) (any, error) {
 	for {
 		k.mu.Lock()
 		if k.sets == nil {
@@ -98,7 +129,11 @@ func (k *Keys) Get(ctx context.Context, uri string, timeout time.Duration) (*jos
 		s.fetching = done
 		k.mu.Unlock()
 
-		set, err := k.fetch(ctx, uri, timeout)
+		var set any
+		body, err := k.fetch(ctx, uri, timeout)
+		if err == nil {
+			set, err = parse(body)
+		}
 		k.mu.Lock()
 		s.at, s.err, s.fetching = k.now(), err, nil
 		if err == nil {
@@ -117,7 +152,7 @@ func (k *Keys) Get(ctx context.Context, uri string, timeout time.Duration) (*jos
 }
 
 // fetch GETs uri within timeout, whatever becomes of the request that asked (others wait on it).
-func (k *Keys) fetch(ctx context.Context, uri string, timeout time.Duration) (*jose.JSONWebKeySet, error) {
+func (k *Keys) fetch(ctx context.Context, uri string, timeout time.Duration) ([]byte, error) {
 	if timeout <= 0 {
 		timeout = k.Timeout
 	}
@@ -153,7 +188,7 @@ func (k *Keys) fetch(ctx context.Context, uri string, timeout time.Duration) (*j
 	if int64(len(body)) > max {
 		return nil, fmt.Errorf("%w: %s is larger than %d bytes", ErrKeys, uri, max)
 	}
-	return parseKeySet(uri, body)
+	return body, nil
 }
 
 // parseKeySet decodes a JWKS document; one without a usable public key is refused.

@@ -402,7 +402,7 @@ func sourceFields(s *secv1beta1.Source, req *Request, policyNS string) []tri {
 	if !remote.IsValid() {
 		remote = req.SourceIP
 	}
-	principals := jwtField(req, func(j *JWT) []string { return nonEmpty(j.Principal) })
+	principals := requestPrincipals(req)
 	return []tri{
 		field(s.GetPrincipals(), s.GetNotPrincipals(), func(v string) tri { return boolTri(wildcard(v, req.Principal)) }),
 		field(s.GetRequestPrincipals(), s.GetNotRequestPrincipals(), principals),

@@ -48,7 +48,7 @@ func httpReq(method, path string) *Request {
 // client, groups [dev admin], nested.key "value1", iat a number.
 func withJWT(r *Request) *Request {
 	r.HTTP.JWT = &JWT{Principal: "issuer/subject", Audiences: []string{"foo", "bar"}, Presenter: "client", Claims: map[string]any{
-		"groups": []any{"dev", "admin"}, "nested": map[string]any{"key": "value1"}, "iat": json.Number("1"),
+		"iss": "issuer", "sub": "subject", "groups": []any{"dev", "admin"}, "nested": map[string]any{"key": "value1"}, "iat": json.Number("1"),
 	}}
 	return r
 }

@@ -8,7 +8,9 @@ import (
 // request.auth.* conditions look at. nil in HTTPRequest.JWT means the request carried none (no
 // request principal: not an error).
 type JWT struct {
-	Principal string   // "iss/sub", Istio's request.auth.principal
+	// Principal is "iss/sub", Istio's request principal, for logs: requestPrincipals and
+	// request.auth.principal match the iss and sub claims one by one, as istiod does.
+	Principal string
 	Audiences []string // aud, a string or a list in the token
 	Presenter string   // azp
 	// Claims is the token's payload as JSON decodes it (numbers as json.Number); the top-level
@@ -17,10 +19,21 @@ type JWT struct {
 	Claims map[string]any
 }
 
-// jwtField is a source's requestPrincipals / notRequestPrincipals test: unknown without HTTP
-// (an opaque stream: Istio's TCP filter drops the rule's HTTP-only fields, so an ALLOW cannot
-// match and a DENY ignores it), no request principal without a token.
+// jwtField tests a JWT attribute: unknown without HTTP (an opaque stream: Istio's TCP filter
+// drops the rule's HTTP-only fields, so an ALLOW cannot match and a DENY ignores it), no match
+// without a token, else any of get's strings matching the value (Istio's wildcards).
 func jwtField(req *Request, get func(*JWT) []string) func(string) tri {
+	return jwtMatch(req, func(j *JWT, v string) bool {
+		for _, got := range get(j) {
+			if wildcard(v, got) {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+func jwtMatch(req *Request, match func(j *JWT, v string) bool) func(string) tri {
 	return func(v string) tri {
 		if req.HTTP == nil {
 			return unknown
@@ -28,13 +41,45 @@ func jwtField(req *Request, get func(*JWT) []string) func(string) tri {
 		if req.HTTP.JWT == nil {
 			return no
 		}
-		for _, got := range get(req.HTTP.JWT) {
-			if wildcard(v, got) {
-				return yes
-			}
-		}
-		return no
+		return boolTri(match(req.HTTP.JWT, v))
 	}
+}
+
+// requestPrincipals matches requestPrincipals / notRequestPrincipals and request.auth.principal.
+func requestPrincipals(req *Request) func(string) tri {
+	return jwtMatch(req, func(j *JWT, v string) bool { return RequestPrincipal(v, j.Claims) })
+}
+
+// RequestPrincipal is istiod's match of a requestPrincipals value (pilot/pkg/security/authz/model
+// generator.go, requestPrincipalGenerator): the value splits at its last "/" into issuer and
+// subject, matched against the token's iss and sub claims, each of which must be there. "*" is
+// any issuer and subject; "*x/sub" an issuer ending in x; "iss/x*" a subject starting with x;
+// without a "/", "*x" is any issuer and a subject ending in x, "x*" an issuer starting with x.
+func RequestPrincipal(v string, claims map[string]any) bool {
+	iss, okIss := claims["iss"].(string)
+	sub, okSub := claims["sub"].(string)
+	if !okIss || !okSub {
+		return false
+	}
+	idx := strings.LastIndex(v, "/")
+	found := idx >= 0
+	wantIss, wantSub := v, ""
+	if found {
+		wantIss, wantSub = v[:idx], v[idx+1:]
+	}
+	switch {
+	case v == "*":
+		return iss != "" && sub != ""
+	case strings.HasPrefix(v, "*") && found:
+		return (wantIss == "*" && iss != "" || wantIss != "*" && strings.HasSuffix(iss, wantIss[1:])) && sub == wantSub
+	case strings.HasPrefix(v, "*"):
+		return iss != "" && strings.HasSuffix(sub, v[1:])
+	case strings.HasSuffix(v, "*") && found:
+		return iss == wantIss && (wantSub == "*" && sub != "" || wantSub != "*" && strings.HasPrefix(sub, wantSub[:len(wantSub)-1]))
+	case strings.HasSuffix(v, "*"):
+		return strings.HasPrefix(iss, v[:len(v)-1]) && sub != ""
+	}
+	return iss == wantIss && sub == wantSub
 }
 
 // jwtCondition evaluates the request.auth.* keys; ok is false for a key that is not one.
@@ -42,7 +87,7 @@ func jwtCondition(key string, values, notValues []string, req *Request) (t tri, 
 	var get func(*JWT) []string
 	switch {
 	case key == "request.auth.principal":
-		get = func(j *JWT) []string { return nonEmpty(j.Principal) }
+		return field(values, notValues, requestPrincipals(req)), true
 	case key == "request.auth.audiences":
 		get = func(j *JWT) []string { return j.Audiences }
 	case key == "request.auth.presenter":

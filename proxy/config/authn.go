@@ -44,7 +44,8 @@ func checkRequestAuthentications(doc []byte) error {
 }
 
 // validateRequestAuthentications: each needs a name, a namespace and a spec; each rule an
-// issuer and its keys (jwks or jwksUri), as istiod's validation asks.
+// issuer, as istiod's validation asks (a rule without jwks or jwksUri finds its keys through the
+// issuer's OpenID configuration).
 func validateRequestAuthentications(ras []RequestAuthentication) []error {
 	var errs []error
 	for i, ra := range ras {
@@ -54,11 +55,8 @@ func validateRequestAuthentications(ras []RequestAuthentication) []error {
 			continue
 		}
 		for j, r := range ra.Spec.GetJwtRules() {
-			switch {
-			case r.GetIssuer() == "":
+			if r.GetIssuer() == "" {
 				errs = append(errs, fmt.Errorf("%s (%s/%s): jwtRules[%d] needs an issuer", where, ra.Namespace, ra.Name, j))
-			case r.GetJwks() == "" && r.GetJwksUri() == "":
-				errs = append(errs, fmt.Errorf("%s (%s/%s): jwtRules[%d] (%s) needs jwks or jwksUri", where, ra.Namespace, ra.Name, j, r.GetIssuer()))
 			}
 		}
 	}

@@ -5,6 +5,9 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,8 +49,27 @@ func TestHTTPRequestAuthentication(t *testing.T) {
 	allow := &authz.Policy{Namespace: "demo", Name: "alice", Spec: &secv1beta1.AuthorizationPolicy{TargetRefs: toWeb,
 		Rules: []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{RequestPrincipals: []string{"issuer/alice"}}}}}}}}
 	a := authn.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, []*authn.Policy{ra}, nil, nil)
-	b := newHTTPBed(t, route.Port{Name: "http-web", Port: 80}, func(h *waypoint.Handler) {
+	for _, inspect := range []waypoint.Inspect{waypoint.InspectAuto, waypoint.InspectOpaque} {
+		t.Run(fmt.Sprint("inspect=", inspect), func(t *testing.T) { checkRequestAuthentication(t, inspect, a, sign, allow) })
+	}
+	// inspect: opaque too: a RequestAuthentication on the service has its requests parsed, and
+	// an opaque stream's ALLOW on requestPrincipals can never match (no 401 exists for TCP).
+	b := newHTTPBed(t, route.Port{Name: "tcp-web", Port: 80}, func(h *waypoint.Handler) {
 		h.Authn = func() *authn.Authenticator { return a }
+	}, allow)
+	c, _ := b.httpClient(t, false)
+	req, _ := http.NewRequest("GET", "http://10.96.0.20:80/", nil)
+	req.Header.Set("Authorization", "Bearer "+sign(time.Now().Add(time.Hour)))
+	if resp, err := c.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a declared TCP port with an ALLOW on requestPrincipals: %d, want the CONNECT refused", resp.StatusCode)
+	}
+}
+
+func checkRequestAuthentication(t *testing.T, inspect waypoint.Inspect, a *authn.Authenticator, sign func(time.Time) string, allow *authz.Policy) {
+	b := newHTTPBed(t, route.Port{Name: "web", Port: 80}, func(h *waypoint.Handler) {
+		h.Authn = func() *authn.Authenticator { return a }
+		h.Inspect = inspect
 	}, allow)
 	c, streams := b.httpClient(t, false)
 	for _, tc := range []struct {
@@ -77,5 +99,20 @@ func TestHTTPRequestAuthentication(t *testing.T) {
 	}
 	if *streams != 1 {
 		t.Errorf("%d client streams, want 1 (a 401 keeps the connection)", *streams)
+	}
+
+	// gRPC: Envoy's local reply maps 401 to UNAUTHENTICATED, in a trailers-only response.
+	h2, _ := b.httpClient(t, true)
+	req, _ := http.NewRequest("POST", "http://10.96.0.20:80/pkg.Svc/Call", strings.NewReader(""))
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Authorization", "Bearer "+sign(time.Now().Add(-time.Hour)))
+	resp, err := h2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Grpc-Status") != "16" || resp.Header.Get("Grpc-Message") != authn.StatusExpired {
+		t.Errorf("gRPC with an expired token: %d grpc-status %q %q, want 200, 16, %q", resp.StatusCode,
+			resp.Header.Get("Grpc-Status"), resp.Header.Get("Grpc-Message"), authn.StatusExpired)
 	}
 }
