@@ -13,6 +13,9 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte("listeners: {hbone: ':15008'}\nwaypoint: {inspect: always, bindTTL: 1h}\n"))
 	f.Add([]byte("discovery: {source: kubernetes, kubernetes: {}}\n"))
 	f.Add([]byte("a: &a [*a, *a]\n"))
+	f.Add([]byte("identity: {source: devca, devca: {dir: d, id: spiffe://x/ns/a/sa/b}}\nwaypoint: {namespace: demo}\ndiscovery:\n  static:\n    extensionProviders:\n" +
+		"    - {name: g, envoyExtAuthzGrpc: {service: a, port: 1, timeout: 1s, statusOnError: '503'}}\n" +
+		"    - {name: h, envoyExtAuthzHttp: {service: b, port: 2, pathPrefix: /x, includeRequestBodyInCheck: {maxRequestBytes: 10}}}\n"))
 	f.Fuzz(func(t *testing.T, doc []byte) {
 		if len(doc) > 64<<10 {
 			return
@@ -25,5 +28,6 @@ func FuzzDecode(f *testing.F) {
 			c.Routes()
 		}
 		c.Authz()
+		c.ExtensionProviders()
 	})
 }

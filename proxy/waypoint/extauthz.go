@@ -141,12 +141,15 @@ func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 }
 
 // deny answers a denied request: the provider's answer for a CUSTOM denial (status, headers,
-// body; a gRPC client gets the status Envoy maps it to), else Envoy's 403.
+// body; a gRPC client gets the status Envoy maps it to; response flag UAEX), else Envoy's 403.
 func deny(w http.ResponseWriter, grpc bool, err error) {
 	var cd *customDenial
 	if !errors.As(err, &cd) {
 		localReply(w, grpc, http.StatusForbidden, 7, "RBAC: access denied")
 		return
+	}
+	if rec, ok := w.(*recorder); ok {
+		rec.flags = "UAEX" // Envoy's response flag for a denial by the external authorization service
 	}
 	for k, vs := range cd.res.Header {
 		w.Header()[http.CanonicalHeaderKey(k)] = vs

@@ -186,6 +186,14 @@ func TestExtAuthzGRPC(t *testing.T) {
 	if n := srv.calls.Load(); n != 2 {
 		t.Errorf("provider called %d times, want 2 (the matching requests)", n)
 	}
+	// A gRPC client gets the denial as Envoy maps it: HTTP 200, grpc-status 16 for a 401.
+	b := extAuthzPortBed(t, route.Port{Name: "grpc-web", Port: 80}, &meshv1alpha1.MeshConfig_ExtensionProvider{Name: "grpc-authz",
+		Provider: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExtAuthzGrpc{EnvoyExtAuthzGrpc: &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationGrpcProvider{Service: "127.0.0.1", Port: port}}})
+	h2, _ := b.httpClient(t, true)
+	code, _, hdr := get(t, h2, "http://10.96.0.20:80/protected/a", "X-Ext-Authz", "deny", "Content-Type", "application/grpc")
+	if code != 200 || hdr.Get("Grpc-Status") != "16" || hdr.Get("Grpc-Message") != "denied by grpc" {
+		t.Errorf("gRPC client denied: %d %v", code, hdr)
+	}
 	attrs := srv.last.Load().GetAttributes()
 	if h := attrs.GetRequest().GetHttp(); h.GetMethod() != "POST" || h.GetPath() != "/protected/a" || h.GetHost() != "10.96.0.20:80" || attrs.GetSource().GetPrincipal() != "spiffe://cluster.local/ns/default/sa/sleep" {
 		t.Errorf("check request: %v", attrs)
