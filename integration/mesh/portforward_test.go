@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"context"
+	"github.com/detour-mesh/detour/identity/devca"
 	"strings"
 	"testing"
 	"time"
@@ -23,8 +24,12 @@ func TestPortForwardFindsTheWaypointPod(t *testing.T) {
 	if err := c.Namespace(ctx, ns, nil); err != nil {
 		t.Fatal(err)
 	}
+	caDir := t.TempDir()
+	if _, err := devca.Init(caDir, "cluster.local"); err != nil { // the CLI reads its identity before it dials
+		t.Fatal(err)
+	}
 	args := []string{"steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--port-forward", ns, "--kubeconfig", c.Kubeconfig,
-		"--ca", t.TempDir(), "--id", "spiffe://cluster.local/ns/dev/sa/alice"}
+		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice"}
 	if code, out := detour(t, args...); code == 0 || !strings.Contains(out, "no ready pod of waypoint detour in shop (label app.kubernetes.io/name=detour)") {
 		t.Fatalf("no waypoint pod: %d %s", code, out)
 	}

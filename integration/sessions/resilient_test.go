@@ -212,7 +212,7 @@ func TestVersionSkew(t *testing.T) {
 		t.Fatal(err)
 	}
 	r, err := tunnel.ReadReply(tn.Control())
-	if err != nil || r.OK || !regexp.MustCompile(`^version skew: this waypoint runs detour \S+ \(tunnel protocol 2\) and cannot read the request of a CLI running detour v9\.0\.0 \(tunnel protocol 9\): .*unknown field "priority"; use a CLI of the waypoint's version, or upgrade the waypoint$`).MatchString(r.Error) {
+	if err != nil || r.OK || !regexp.MustCompile(`^version skew: this waypoint runs detour .+ \(tunnel protocol 2\) and cannot read the request of a CLI running detour v9\.0\.0 \(tunnel protocol 9\): .*unknown field "priority"; use a CLI of the waypoint's version, or upgrade the waypoint$`).MatchString(r.Error) {
 		t.Fatalf("the waypoint's answer to a newer CLI: %+v %v", r, err)
 	}
 
@@ -236,7 +236,7 @@ func TestVersionSkew(t *testing.T) {
 	cli := startIn(t, nil, detourBin, "steal", "svc/web:80", "-n", "demo", "--to", b.devHTTP, "--waypoint", l.Addr().String(),
 		"--transport", "h2", "--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/alice")
 	<-cli.Done
-	want := regexp.MustCompile(`(?m)^detour: version skew: this CLI runs detour \S+ \(tunnel protocol 2\) and cannot read the answer of a waypoint running detour v9\.0\.0 \(tunnel protocol 9\): .*unknown field "lease"; upgrade the CLI, or use one of the waypoint's version$`)
+	want := regexp.MustCompile(`(?m)^detour: version skew: this CLI runs detour .+ \(tunnel protocol 2\) and cannot read the answer of a waypoint running detour v9\.0\.0 \(tunnel protocol 9\): .*unknown field "lease"; upgrade the CLI, or use one of the waypoint's version$`)
 	if cli.ProcessState.ExitCode() != 1 || !want.MatchString(cli.Output()) || strings.Count(strings.TrimSpace(cli.Output()), "\n") != 0 {
 		t.Fatalf("the CLI against a newer waypoint: exit %d, want one line matching %s:\n%s", cli.ProcessState.ExitCode(), want, cli.Output())
 	}
