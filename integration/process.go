@@ -126,6 +126,28 @@ func BuildDetour(name string) (bin string, remove func(), err error) {
 	return bin, func() { os.RemoveAll(dir) }, nil
 }
 
+// MainWithDetour is the TestMain of a package whose tests run the detour binary: it builds it
+// into *bin, runs setup (if any), runs the tests, removes the binary and exits with the tests'
+// code. A failed build or setup exits 1 with its error.
+func MainWithDetour(m *testing.M, name string, bin *string, setup func() error) {
+	b, remove, err := BuildDetour(name)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	*bin = b
+	if setup != nil {
+		if err := setup(); err != nil {
+			remove()
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	remove()
+	os.Exit(code)
+}
+
 // mainModule is the directory of detour's main module: this package's parent.
 func mainModule() string {
 	_, file, _, _ := runtime.Caller(0)

@@ -36,16 +36,7 @@ import (
 var detourBin string
 
 func TestMain(m *testing.M) {
-	bin, remove, err := it.BuildDetour("fault")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	detourBin = bin
-	it.QuietIstio()
-	code := m.Run()
-	remove()
-	os.Exit(code)
+	it.MainWithDetour(m, "fault", &detourBin, func() error { it.QuietIstio(); return nil })
 }
 
 // The mesh the waypoint serves (static discovery).

@@ -35,17 +35,7 @@ import (
 
 var detourBin string
 
-func TestMain(m *testing.M) {
-	bin, remove, err := it.BuildDetour("sessions")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	detourBin = bin
-	code := m.Run()
-	remove()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { it.MainWithDetour(m, "sessions", &detourBin, nil) }
 
 var quiet = slog.New(slog.DiscardHandler)
 

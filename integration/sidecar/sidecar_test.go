@@ -27,22 +27,12 @@ import (
 var detourBin, pilotAgent string
 
 func TestMain(m *testing.M) {
-	bin, remove, err := it.BuildDetour("sidecar")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	detourBin = bin
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-	pilotAgent, err = testbed.PilotAgent(ctx, func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) })
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	remove()
-	os.Exit(code)
+	it.MainWithDetour(m, "sidecar", &detourBin, func() (err error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+		defer cancel()
+		pilotAgent, err = testbed.PilotAgent(ctx, func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) })
+		return err
+	})
 }
 
 func start(t *testing.T, cmd *exec.Cmd) *it.Proc { return it.Start(t, cmd) }
