@@ -1,9 +1,6 @@
 package mesh
 
 import (
-	"io"
-	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -11,53 +8,9 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/mesh"
 )
-
-// tcpFront forwards each TCP connection to the address it points at when the connection
-// arrives: what a Service or a port-forward in front of waypoint replicas is to the CLI.
-type tcpFront struct {
-	l  net.Listener
-	mu sync.Mutex
-	to string
-	wg sync.WaitGroup
-}
-
-func newFront(t *testing.T, to string) *tcpFront {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &tcpFront{l: l, to: to}
-	f.wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			f.mu.Lock()
-			to := f.to
-			f.mu.Unlock()
-			f.wg.Go(func() {
-				defer c.Close()
-				up, err := net.Dial("tcp", to)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				done := make(chan struct{})
-				go func() { io.Copy(up, c); up.Close(); close(done) }()
-				io.Copy(c, up)
-				c.Close()
-				<-done
-			})
-		}
-	})
-	t.Cleanup(func() { l.Close(); f.wg.Wait() })
-	return f
-}
-
-func (f *tcpFront) point(to string) { f.mu.Lock(); f.to = to; f.mu.Unlock() }
 
 // Acceptance 3 of issue 19: two waypoint replicas, the developer's tunnel on A (reached through a
 // front that later reaches B). A is killed: the CLI reconnects through the front to B and resumes
@@ -70,9 +23,9 @@ func TestReplicaFailover(t *testing.T) {
 	c, ctx, ns := bed.c, bed.ctx, bed.ns
 	aAddr, bAddr := freeAddr(t), freeAddr(t)
 	a, b := bed.replica(t, aAddr), bed.replica(t, bAddr)
-	front := newFront(t, a.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
+	front := it.NewFront(t, a.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
 
-	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", devApp(t), "--waypoint", front.l.Addr().String(),
+	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", devApp(t), "--waypoint", front.Addr(),
 		"--transport", "h2", "--grace", "30s", "--ca", bed.caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
 	id := cli.Find(t, `session ([0-9a-f]{12}) over h2`)
 	b.WaitFor(t, "relaying a session held by another replica")
@@ -95,7 +48,7 @@ func TestReplicaFailover(t *testing.T) {
 	}
 	before := holder()
 
-	front.point(b.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
+	front.Point(b.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
 	a.Process.Kill()
 	<-a.Done
 	killed := time.Now()

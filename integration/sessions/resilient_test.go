@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
@@ -248,47 +249,6 @@ func frame(s string) string {
 	return string([]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}) + s
 }
 
-// relay forwards TCP connections to whichever address to holds when they arrive: a Service or a
-// port-forward in front of waypoint replicas, as the CLI sees it.
-type relay struct {
-	l  net.Listener
-	mu sync.Mutex
-	to string
-	wg sync.WaitGroup
-}
-
-func newRelay(t *testing.T, to string) *relay {
-	r := &relay{l: listen(t, nil, "127.0.0.1:0"), to: to}
-	r.wg.Go(func() {
-		for {
-			c, err := r.l.Accept()
-			if err != nil {
-				return
-			}
-			r.mu.Lock()
-			to := r.to
-			r.mu.Unlock()
-			r.wg.Go(func() {
-				defer c.Close()
-				up, err := net.Dial("tcp", to)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				done := make(chan struct{})
-				go func() { io.Copy(up, c); up.Close(); close(done) }()
-				io.Copy(c, up)
-				c.Close()
-				<-done
-			})
-		}
-	})
-	t.Cleanup(func() { r.l.Close(); r.wg.Wait() })
-	return r
-}
-
-func (r *relay) point(to string) { r.mu.Lock(); r.to = to; r.mu.Unlock() }
-
 // The waypoint replica holding the tunnel goes away (SIGKILL) while what the CLI dials now
 // reaches another replica: the CLI reconnects there and re-registers the same session ID, which
 // carries on through that replica within the grace period; no request through it fails. (The
@@ -310,9 +270,9 @@ func TestReplicaGone(t *testing.T) {
 	b.waypoint = startIn(t, nil, detourBin, "waypoint", "--config", path)
 	b.tunnel = b.waypoint.Find(t, `tunnel=(127\.0\.0\.1:\d+)`)
 
-	front := newRelay(t, a.tunnel)
+	front := it.NewFront(t, a.tunnel)
 	via := *a
-	via.tunnel = front.l.Addr().String()
+	via.tunnel = front.Addr()
 	cli := via.cli(t, "alice", "h2", "steal", 80, a.devHTTP, "--header", "x-dev=alice")
 	id := cli.Find(t, `session ([0-9a-f]{12}) over h2`)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute) // a hang guard
@@ -350,7 +310,7 @@ func TestReplicaGone(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Second)
-	front.point(b.tunnel)
+	front.Point(b.tunnel)
 	a.waypoint.Process.Kill()
 	<-a.waypoint.Done
 	back := cli.Find(t, `back: session ([0-9a-f]{12}) resumed over h2`)
