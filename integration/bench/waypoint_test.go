@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -242,5 +243,60 @@ func writeProfiles(b *testing.B, path string) {
 		}
 		pprof.Lookup(p).WriteTo(f, 0)
 		f.Close()
+	}
+}
+
+// BenchmarkConnectParallel (goal 3 of issue 21): new CONNECT streams per second with 64 in
+// flight on one warm client connection (the dialer's 100 streams per connection are never
+// reached), each stream one byte echoed and closed: through detour's waypoint to a backend
+// terminator ("waypoint"), and, beside it in the same run, one forwarding hop through detour's
+// Forwarder ("detour") and through Istio's Go HBONE server ("istio"), both to a TCP echo.
+func BenchmarkConnectParallel(b *testing.B) {
+	const inFlight = 64
+	for _, name := range []string{"waypoint", "detour", "istio"} {
+		b.Run(name, func(b *testing.B) {
+			var dial func(d *hbone.Dialer) (*hbone.Stream, error)
+			if name == "waypoint" {
+				echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
+				w := newWaypointBed(b, echo)
+				dial = func(d *hbone.Dialer) (*hbone.Stream, error) { return w.dial(b, d, "waypoint", echo) }
+			} else {
+				p := it.NewPKI(b)
+				echo := it.Echo(b)
+				proxy := forwardingServer(b, p, name)
+				opts := hbone.DialOptions{TLSConfig: p.ClientTLS}
+				dial = func(d *hbone.Dialer) (*hbone.Stream, error) { return d.Dial(context.Background(), proxy, echo, opts) }
+			}
+			d := dialer(b)
+			once := func(buf []byte) error {
+				s, err := dial(d)
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				if _, err := s.Write(buf); err != nil {
+					return err
+				}
+				_, err = io.ReadFull(s, buf)
+				return err
+			}
+			if err := once(make([]byte, 1)); err != nil { // warm the connections
+				b.Fatal(err)
+			}
+			b.SetParallelism((inFlight + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, 1)
+				for pb.Next() {
+					if err := once(buf); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "streams/s")
+		})
 	}
 }
