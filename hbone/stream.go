@@ -92,8 +92,9 @@ func newStream(c *conn, id uint32) *Stream {
 // called exactly once with the handler's result (mapped as if ServeHBONE had returned it: a
 // status if the stream was never accepted, a reset for an error, then Close). Until release the
 // server counts the stream as running (Shutdown waits for it). A long idle stream then holds no
-// goroutine stack (see SpliceAsync). Detach must be called from ServeHBONE, at most once; on a
-// stream no Server runs a handler for (a dialed one) it returns nil.
+// goroutine stack (see SpliceAsync). Detach must be called from ServeHBONE, at most once; what
+// ServeHBONE returns after it is not used (release's argument is). On a stream no Server runs a
+// handler for (a dialed one) it returns nil.
 func (s *Stream) Detach() (release func(error)) {
 	if s.srv == nil || !s.detached.CompareAndSwap(false, true) {
 		return nil
