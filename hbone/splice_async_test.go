@@ -93,3 +93,56 @@ func TestSpliceAsyncReset(t *testing.T) {
 	}
 	<-done
 }
+
+// Server.Close ends an idle detached stream pair: the relay's server waits for its release
+// (Close returns only after it) and the client sees the stream fail.
+func TestSpliceAsyncServerClose(t *testing.T) {
+	p := newPKI(t)
+	fwd := startServer(t, p, &hbone.Forwarder{})
+	target := echoServer(t)
+	onward := newDialer(t)
+	released := make(chan struct{})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{TLSConfig: p.serverTLS, Handler: hbone.HandlerFunc(func(s *hbone.Stream) error {
+		up, err := onward.Dial(s.Context(), fwd, target, hbone.DialOptions{TLSConfig: p.clientTLS})
+		if err != nil {
+			return err
+		}
+		if err := s.Accept(); err != nil {
+			up.Close()
+			return err
+		}
+		release := s.Detach()
+		hbone.SpliceAsync(s, up, 0, func(_ hbone.Counts, err error) {
+			close(released) // before release: Close may return as soon as release runs
+			release(err)
+		})
+		return nil
+	})}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	s, err := newDialer(t).Dial(ctxT(t), l.Addr().String(), target, hbone.DialOptions{TLSConfig: p.clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Write([]byte("x"))
+	if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	select {
+	case <-released:
+	default:
+		t.Fatal("Server.Close returned before the detached stream was released")
+	}
+	if err := <-served; err == nil {
+		t.Fatal("Serve returned nil after Close")
+	}
+	if _, err := io.ReadAll(s); err == nil {
+		t.Fatal("the client read a clean EOF after the server closed, want an error")
+	}
+}
