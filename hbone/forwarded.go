@@ -177,10 +177,14 @@ func isTokenChar(c byte) bool {
 		strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
 
+// quoteEscaper is built once: a Replacer builds its tables on first use (about 10 KB, once per
+// stream when it was made per call; issue 21).
+var quoteEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`)
+
 func quoteIfNeeded(v string) string {
 	for i := 0; i < len(v); i++ {
 		if !isTokenChar(v[i]) {
-			return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(v) + `"`
+			return `"` + quoteEscaper.Replace(v) + `"`
 		}
 	}
 	return v

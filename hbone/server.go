@@ -237,14 +237,25 @@ func (srv *Server) handleStream(s *Stream) {
 		s.c.handlerDone()
 		return
 	}
+	s.srv = srv
 	go srv.serveStream(s)
 }
 
-// serveStream runs the handler and maps its result to the status, once.
+// serveStream runs the handler and maps its result to the status, once; a handler that detached
+// the stream (Stream.Detach) maps it when it releases it.
 func (srv *Server) serveStream(s *Stream) {
+	err := srv.Handler.ServeHBONE(s)
+	if s.detached.Load() {
+		return
+	}
+	srv.finishStream(s, err)
+}
+
+// finishStream answers or resets the stream by its handler's result, closes it and lets the
+// server's accounting (Shutdown, the connection's active handlers) forget it.
+func (srv *Server) finishStream(s *Stream, err error) {
 	defer srv.wg.Done()
 	defer s.c.handlerDone()
-	err := srv.Handler.ServeHBONE(s)
 	switch {
 	case !s.accepted.Load():
 		code := Status(err)

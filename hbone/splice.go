@@ -33,43 +33,80 @@ type Counts struct {
 
 // SpliceCount is Splice that also reports the bytes moved each way (for metrics).
 func SpliceCount(a, b net.Conn, halfCloseTimeout time.Duration) (Counts, error) {
-	if halfCloseTimeout <= 0 {
-		halfCloseTimeout = DefaultHalfCloseTimeout
-	}
-	var aToB, bToA, finished atomic.Int64
-	var watchdog atomic.Pointer[time.Timer]
-	var firstErr error
-	var once sync.Once
-	end := func(err error) {
-		if err != nil {
-			once.Do(func() { firstErr = err })
-			abort(a, b)
-			return
-		}
-		if finished.Add(1) == 1 {
-			progress := func() int64 { return aToB.Load() + bToA.Load() }
-			watchdog.Store(watch(progress, halfCloseTimeout, func() { abort(a, b) }))
-		}
-	}
+	sp := newSplice(a, b, halfCloseTimeout)
 	done := make(chan struct{})
 	if sa, ok := a.(*Stream); ok {
 		// a -> b runs only while a has bytes: an idle spliced stream parks one goroutine, not two.
-		drainOnDemand(sa, b, &aToB, func(err error) {
-			end(err)
+		drainOnDemand(sa, b, &sp.aToB, func(err error) {
+			sp.end(err)
 			close(done)
 		})
 	} else {
 		go func() {
 			defer close(done)
-			end(pipe(b, a, &aToB))
+			sp.end(pipe(b, a, &sp.aToB))
 		}()
 	}
-	end(pipe(a, b, &bToA))
+	sp.end(pipe(a, b, &sp.bToA))
 	<-done
-	if t := watchdog.Load(); t != nil {
+	return sp.result()
+}
+
+// SpliceAsync is SpliceCount between two Streams that returns at once: both directions run
+// only while bytes flow (an idle pair holds no goroutine), and done is called once, after both
+// directions ended and both streams are closed, from the goroutine that ended the last one.
+// done must not block for long (it runs on a stream's drain).
+func SpliceAsync(a, b *Stream, halfCloseTimeout time.Duration, done func(Counts, error)) {
+	sp := newSplice(a, b, halfCloseTimeout)
+	var left atomic.Int32
+	left.Store(2)
+	finish := func(err error) {
+		sp.end(err)
+		if left.Add(-1) == 0 {
+			done(sp.result())
+		}
+	}
+	drainOnDemand(a, b, &sp.aToB, finish)
+	drainOnDemand(b, a, &sp.bToA, finish)
+}
+
+// splice is one Splice's shared state: its counts, first error and half-close watchdog.
+type splice struct {
+	a, b                 net.Conn
+	timeout              time.Duration
+	aToB, bToA, finished atomic.Int64
+	watchdog             atomic.Pointer[time.Timer]
+	once                 sync.Once
+	firstErr             error // set once, read by result after both directions ended
+}
+
+func newSplice(a, b net.Conn, halfCloseTimeout time.Duration) *splice {
+	if halfCloseTimeout <= 0 {
+		halfCloseTimeout = DefaultHalfCloseTimeout
+	}
+	return &splice{a: a, b: b, timeout: halfCloseTimeout}
+}
+
+// end records one direction's end: an error aborts both sides; the first clean end starts the
+// half-close watchdog.
+func (sp *splice) end(err error) {
+	if err != nil {
+		sp.once.Do(func() { sp.firstErr = err })
+		abort(sp.a, sp.b)
+		return
+	}
+	if sp.finished.Add(1) == 1 {
+		progress := func() int64 { return sp.aToB.Load() + sp.bToA.Load() }
+		sp.watchdog.Store(watch(progress, sp.timeout, func() { abort(sp.a, sp.b) }))
+	}
+}
+
+// result stops the watchdog and closes both sides, once both directions ended.
+func (sp *splice) result() (Counts, error) {
+	if t := sp.watchdog.Load(); t != nil {
 		t.Stop()
 	}
-	return Counts{AToB: aToB.Load(), BToA: bToA.Load()}, errors.Join(firstErr, closeBoth(a, b))
+	return Counts{AToB: sp.aToB.Load(), BToA: sp.bToA.Load()}, errors.Join(sp.firstErr, closeBoth(sp.a, sp.b))
 }
 
 // drainOnDemand copies src to dst (then half-closes dst) in a goroutine started whenever src

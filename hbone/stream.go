@@ -60,6 +60,8 @@ type Stream struct {
 	status   int           // client: the response status, valid once respCh is closed
 	respCh   chan struct{} // client: closed on the final response
 	accepted atomic.Bool   // server: the 200 was queued
+	srv      *Server       // server: the server running its handler (immutable once set)
+	detached atomic.Bool   // server: the handler handed the stream's end to Detach's release
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -83,6 +85,23 @@ func newStream(c *conn, id uint32) *Stream {
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s
+}
+
+// Detach lets a server Handler return before the stream ends without the server answering or
+// closing it: once ServeHBONE returns, the stream's end is whoever holds release, which must be
+// called exactly once with the handler's result (mapped as if ServeHBONE had returned it: a
+// status if the stream was never accepted, a reset for an error, then Close). Until release the
+// server counts the stream as running (Shutdown waits for it). A long idle stream then holds no
+// goroutine stack (see SpliceAsync). Detach must be called from ServeHBONE, at most once; what
+// ServeHBONE returns after it is not used (release's argument is). On a stream no Server runs a
+// handler for (a dialed one) it returns nil.
+func (s *Stream) Detach() (release func(error)) {
+	if s.srv == nil || !s.detached.CompareAndSwap(false, true) {
+		return nil
+	}
+	srv := s.srv
+	var once sync.Once
+	return func(err error) { once.Do(func() { srv.finishStream(s, err) }) }
 }
 
 // Request is the CONNECT this stream answers (server) or made (client).

@@ -5,7 +5,11 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,6 +31,12 @@ type waypointBed struct {
 }
 
 func newWaypointBed(b *testing.B, sinkPort int) *waypointBed {
+	return newWaypointBedWith(b, sinkPort, &hbone.Forwarder{})
+}
+
+// newWaypointBedWith is newWaypointBed whose backend terminator runs backend instead of a
+// Forwarder to sinkPort.
+func newWaypointBedWith(b *testing.B, sinkPort int, backend hbone.Handler) *waypointBed {
 	p := it.NewPKI(b)
 	issue := func(id string) identity.Source {
 		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
@@ -40,9 +50,9 @@ func newWaypointBed(b *testing.B, sinkPort int) *waypointBed {
 	if err != nil {
 		b.Fatal(err)
 	}
-	backend := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(backendID, nil), Logger: quiet}
-	go backend.Serve(bl)
-	b.Cleanup(func() { backend.Close() })
+	bsrv := &hbone.Server{Handler: backend, TLSConfig: identity.ServerTLS(backendID, nil), Logger: quiet}
+	go bsrv.Serve(bl)
+	b.Cleanup(func() { bsrv.Close() })
 	port := uint16(bl.Addr().(*net.TCPAddr).Port)
 	table, err := route.NewTable([]*route.Service{{Name: "echo", Namespace: "demo", Hostname: "echo.demo.svc.cluster.local",
 		VIPs:      []netip.Addr{netip.MustParseAddr("10.96.0.10")},
@@ -139,18 +149,40 @@ func BenchmarkWaypointConnect(b *testing.B) {
 // streams through the waypoint minus 1000 idle streams straight to the backend terminator (the
 // client, terminator and backend cost the same in both). Measured once per call.
 func BenchmarkWaypointIdle(b *testing.B) {
-	const n = 1000
 	echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
-	w := newWaypointBed(b, echo)
+	waypointIdle(b, newWaypointBed(b, echo), echo, 1000)
+}
+
+// BenchmarkWaypointIdle10k holds 10,000 idle proxied streams at once (goal 4 of issue 21): the
+// backend terminator echoes on the stream itself (10,000 TCP sockets to a backend would need
+// more descriptors than the machine allows), and the process's peak RSS is reported beside the
+// waypoint's bytes per stream. The RSS counts everything in the process: the client's and the
+// backend's 10,000 streams too.
+func BenchmarkWaypointIdle10k(b *testing.B) {
+	echo := hbone.HandlerFunc(func(s *hbone.Stream) error {
+		if err := s.Accept(); err != nil {
+			return err
+		}
+		_, err := io.Copy(s, s)
+		return err
+	})
+	const port = 9 // the echo handler ignores the target
+	waypointIdle(b, newWaypointBedWith(b, port, echo), port, 10000)
+}
+
+// waypointIdle measures the memory n idle streams hold through the waypoint minus n idle streams
+// straight to the backend terminator, in bytes per stream (total, stacks, heap), and the peak RSS.
+func waypointIdle(b *testing.B, w *waypointBed, sink, n int) {
 	d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
 	defer d.Close()
 	var stackDelta, heapDelta float64
+	var rss int64
 	measure := func(name string) float64 {
 		st0, hp0 := memParts()
 		before := memInUse()
 		streams := make([]*hbone.Stream, 0, n)
 		for range n {
-			s, err := w.dial(b, d, name, echo)
+			s, err := w.dial(b, d, name, sink)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -161,12 +193,18 @@ func BenchmarkWaypointIdle(b *testing.B) {
 		time.Sleep(200 * time.Millisecond)
 		after := memInUse()
 		st1, hp1 := memParts()
-		stackDelta, heapDelta = float64(st1-st0)/n, float64(hp1-hp0)/n
+		if f := os.Getenv("DETOUR_BENCH_HEAPPROFILE"); f != "" && name == "waypoint" {
+			writeProfiles(b, f)
+		}
+		if name == "waypoint" {
+			rss = residentBytes(b)
+		}
+		stackDelta, heapDelta = float64(st1-st0)/float64(n), float64(hp1-hp0)/float64(n)
 		for _, s := range streams {
 			s.Close()
 		}
 		time.Sleep(500 * time.Millisecond)
-		return (float64(after) - float64(before)) / n
+		return (float64(after) - float64(before)) / float64(n)
 	}
 	measure("direct") // warm pools and connections
 	direct := measure("direct")
@@ -175,4 +213,90 @@ func BenchmarkWaypointIdle(b *testing.B) {
 	b.ReportMetric(via-direct, "B/waypoint-stream")
 	b.ReportMetric(stackDelta-directStack, "B-stack/waypoint-stream")
 	b.ReportMetric(heapDelta-directHeap, "B-heap/waypoint-stream")
+	b.ReportMetric(float64(rss)/(1<<20), "MiB-rss")
+}
+
+// residentBytes is the process's resident set (VmRSS), 0 where /proc is not there.
+func residentBytes(b *testing.B) int64 {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				b.Fatalf("reading VmRSS %q: %v", v, err)
+			}
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// writeProfiles writes the heap and goroutine profiles at the peak (DETOUR_BENCH_HEAPPROFILE).
+func writeProfiles(b *testing.B, path string) {
+	for _, p := range []string{"heap", "goroutine"} {
+		f, err := os.Create(path + "." + p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		pprof.Lookup(p).WriteTo(f, 0)
+		f.Close()
+	}
+}
+
+// BenchmarkConnectParallel (goal 3 of issue 21): new CONNECT streams per second with 64 in
+// flight on one warm client connection (the dialer's 100 streams per connection are never
+// reached), each stream one byte echoed and closed: through detour's waypoint to a backend
+// terminator ("waypoint"), and, beside it in the same run, one forwarding hop through detour's
+// Forwarder ("detour") and through Istio's Go HBONE server ("istio"), both to a TCP echo.
+func BenchmarkConnectParallel(b *testing.B) {
+	const inFlight = 64
+	for _, name := range []string{"waypoint", "detour", "istio"} {
+		b.Run(name, func(b *testing.B) {
+			var dial func(d *hbone.Dialer) (*hbone.Stream, error)
+			if name == "waypoint" {
+				echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
+				w := newWaypointBed(b, echo)
+				dial = func(d *hbone.Dialer) (*hbone.Stream, error) { return w.dial(b, d, "waypoint", echo) }
+			} else {
+				p := it.NewPKI(b)
+				echo := it.Echo(b)
+				proxy := forwardingServer(b, p, name)
+				opts := hbone.DialOptions{TLSConfig: p.ClientTLS}
+				dial = func(d *hbone.Dialer) (*hbone.Stream, error) { return d.Dial(context.Background(), proxy, echo, opts) }
+			}
+			d := dialer(b)
+			once := func(buf []byte) error {
+				s, err := dial(d)
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				if _, err := s.Write(buf); err != nil {
+					return err
+				}
+				_, err = io.ReadFull(s, buf)
+				return err
+			}
+			if err := once(make([]byte, 1)); err != nil { // warm the connections
+				b.Fatal(err)
+			}
+			b.SetParallelism((inFlight + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			b.ResetTimer()
+			start := time.Now()
+			b.RunParallel(func(pb *testing.PB) {
+				buf := make([]byte, 1)
+				for pb.Next() {
+					if err := once(buf); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "streams/s")
+		})
+	}
 }

@@ -170,10 +170,22 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest *route.Destination, proto sniff.Protocol) error {
 	ep := up.Request().Target.Addr
 	h.Balancer.Started(ep)
-	defer h.Balancer.Done(ep)
 	rec := h.openRecord(req, dest, proto, up.Request().Target.String())
+	if s, ok := in.(*hbone.Stream); ok {
+		// Stream to stream: the handler returns and the pair runs only while bytes flow, so an
+		// idle proxied stream holds no goroutine stack (BENCHMARKS.md, issue 21).
+		if release := s.Detach(); release != nil {
+			hbone.SpliceAsync(s, up, h.HalfCloseTimeout, func(counts hbone.Counts, err error) {
+				rec.close(counts, err)
+				h.Balancer.Done(ep)
+				release(err)
+			})
+			return nil
+		}
+	}
 	counts, err := hbone.SpliceCount(in, up, h.HalfCloseTimeout)
 	rec.close(counts, err)
+	h.Balancer.Done(ep)
 	return err
 }
 
