@@ -90,8 +90,16 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
 		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
+	case hello.End != "":
+		if err := m.end(p, hello.End); err != nil {
+			m.log().Info("session: end refused", "session", hello.End, "by", p.ID().String(), "err", err)
+			lastWord(ctl, tunnel.Reply{Error: err.Error()})
+			return
+		}
+		lastWord(ctl, tunnel.Reply{OK: true, Session: hello.End})
+		return
 	case hello.Register == nil && !hello.Egress:
-		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, or list sessions"})
+		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, list sessions, or end one"})
 		return
 	case hello.Egress && m.Egress.Handler == nil:
 		lastWord(ctl, tunnel.Reply{Error: "this waypoint offers no egress"})

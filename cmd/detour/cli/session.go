@@ -372,23 +372,9 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 			if err := o.check(); err != nil {
 				return err
 			}
-			if err := f.check(cmd.Flags()); err != nil {
-				return err
-			}
-			t, err := f.dial(cmd.Context(), log())
+			reply, err := f.ask(cmd, log(), tunnel.Hello{List: true})
 			if err != nil {
 				return err
-			}
-			defer t.Close()
-			if err := tunnel.WriteMsg(t.Control(), tunnel.Hello{List: true}); err != nil {
-				return err
-			}
-			var reply tunnel.Reply
-			if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
-				return fmt.Errorf("reading the waypoint's answer: %w", err)
-			}
-			if !reply.OK {
-				return fmt.Errorf("the waypoint refused: %s", reply.Error)
 			}
 			return o.print(cmd.OutOrStdout(), append([]tunnel.SessionInfo{}, reply.Sessions...), func(out io.Writer) error {
 				w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
@@ -403,5 +389,50 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 	}
 	f.register(cmd)
 	o.register(cmd)
+	cmd.AddCommand(newSessionsEndCmd(log))
 	return cmd
+}
+
+// newSessionsEndCmd is `detour sessions end ID`.
+func newSessionsEndCmd(log func() *slog.Logger) *cobra.Command {
+	var f tunnelFlags
+	cmd := &cobra.Command{
+		Use:         "end ID --waypoint ADDR",
+		Short:       "End a debug session at the waypoint by its ID (its developer's, or any a STEAL, MIRROR or END grant on its port covers); its CLI is told and exits",
+		Args:        exactArgs(1),
+		Annotations: map[string]string{profileAnnotation: profileAll},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := f.ask(cmd, log(), tunnel.Hello{End: args[0]}); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "session %s ended\n", args[0])
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+// ask sends one Hello over a new tunnel and returns the waypoint's answer; a refusal is an error
+// of its one line.
+func (f *tunnelFlags) ask(cmd *cobra.Command, log *slog.Logger, h tunnel.Hello) (tunnel.Reply, error) {
+	if err := f.check(cmd.Flags()); err != nil {
+		return tunnel.Reply{}, err
+	}
+	t, err := f.dial(cmd.Context(), log)
+	if err != nil {
+		return tunnel.Reply{}, err
+	}
+	defer t.Close()
+	if err := tunnel.WriteMsg(t.Control(), h); err != nil {
+		return tunnel.Reply{}, err
+	}
+	var reply tunnel.Reply
+	if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
+		return tunnel.Reply{}, fmt.Errorf("reading the waypoint's answer: %w", err)
+	}
+	if !reply.OK {
+		return tunnel.Reply{}, fmt.Errorf("the waypoint refused: %s", reply.Error)
+	}
+	return reply, nil
 }
