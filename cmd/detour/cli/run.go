@@ -79,7 +79,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	ctx := cmd.Context()
 	r.flags = cmd.Flags()
 	log := r.session.log()
-	if err := r.session.tunnel.check(cmd.Flags()); err != nil {
+	if err := r.session.tunnel.checkFor(cmd.Flags(), true); err != nil {
 		return err
 	}
 	ns, err := r.session.tunnel.namespace(r.session.namespace)
@@ -89,6 +89,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	r.session.namespace = ns
 	svcName, hello, err := r.hello()
 	if err != nil {
+		return err
+	}
+	if err := r.session.tunnel.findWaypoint(ctx, r.session.namespace, svcName, cmd.OutOrStdout()); err != nil {
 		return err
 	}
 	kc, err := mesh.UserClientsContext(r.session.tunnel.kubeconfig, r.session.tunnel.kubeContext)

@@ -43,7 +43,7 @@ type tunnelFlags struct {
 
 func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (or --port-forward)")
+	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (or --port-forward; steal, mirror and run without either: the service's istio.io/use-waypoint waypoint, through a port-forward)")
 	fl.StringVar(&f.portForward, "port-forward", "", "reach the waypoint through a Kubernetes port-forward to one of its pods, NAMESPACE[/WAYPOINT] (HTTP/2 tunnel; uses --kubeconfig)")
 	fl.StringVar(&f.transport, "transport", "quic", "quic, or h2 when only TCP reaches the waypoint (a port-forward)")
 	fl.StringVar(&f.waypointID, "waypoint-id", "", "the waypoint's SPIFFE ID to insist on (default: any identity of the trust domain)")
@@ -220,16 +220,19 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 		"mirror": "Send a copy of a service's traffic (all of it, or the HTTP requests that match) to a local app; its answers are discarded",
 	}[mode]
 	cmd := &cobra.Command{
-		Use:         mode + " svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR",
+		Use:         mode + " svc/NAME[:PORT] --to HOST:PORT [--waypoint ADDR]",
 		Short:       what,
 		Args:        exactArgs(1),
 		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := c.tunnel.check(cmd.Flags()); err != nil {
+			if err := c.tunnel.checkFor(cmd.Flags(), true); err != nil {
 				return err
 			}
 			spec, err := c.spec(args[0])
 			if err != nil {
+				return err
+			}
+			if err := c.tunnel.findWaypoint(cmd.Context(), spec.Namespace, spec.Service, cmd.OutOrStdout()); err != nil {
 				return err
 			}
 			return c.run(cmd.Context(), spec, cmd.OutOrStdout())
