@@ -2,6 +2,7 @@ package mesh_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -56,5 +57,24 @@ func TestFindWaypoint(t *testing.T) {
 		if err != nil || got != tc.want {
 			t.Errorf("%s/%s: %+v, %v, want %+v", tc.ns, tc.svc, got, err, tc.want)
 		}
+	}
+}
+
+// Shell completion's listings: sorted names.
+func TestNames(t *testing.T) {
+	kube := kubefake.NewClientset(
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "default"}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop"}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "cart", Namespace: "shop"}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "other", Namespace: "default"}},
+	)
+	ns, err := mesh.NamespaceNames(context.Background(), kube)
+	if err != nil || !slices.Equal(ns, []string{"default", "shop"}) {
+		t.Errorf("namespaces: %v, %v", ns, err)
+	}
+	svcs, err := mesh.ServiceNames(context.Background(), kube, "shop")
+	if err != nil || !slices.Equal(svcs, []string{"cart", "web"}) {
+		t.Errorf("services: %v, %v", svcs, err)
 	}
 }

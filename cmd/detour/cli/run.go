@@ -72,6 +72,10 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost")
 	fl.StringVar(&r.container, "container", "", "the container whose environment to take (default: the first one)")
 	fl.BoolVar(&r.asTarget, "as-target", false, "CMD's outgoing connections carry the target's workload identity, not yours (needs an AuthorizationPolicy granting you IMPERSONATE on it)")
+	cmd.RegisterFlagCompletionFunc("target", func(_ *cobra.Command, _ []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		return completeServices(&r.session.tunnel, &r.session.namespace, toComplete)
+	})
+	completeKube(cmd, &r.session.tunnel)
 	return cmd
 }
 
