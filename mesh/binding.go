@@ -23,6 +23,9 @@ const (
 	DefaultBindTTL = 15 * time.Second
 	// LeaseLabel marks detour's binding leases; its value is the bound Service's name.
 	LeaseLabel = "detour.dev/binding-for"
+	// LeaseSession annotates a binding lease with its session's ID, so that the replica a
+	// resumed session moves to takes the binding over instead of refusing a bound service.
+	LeaseSession = "detour.dev/session"
 )
 
 // Binder binds services for sessions. The zero TTL means DefaultBindTTL.
@@ -55,13 +58,23 @@ func leaseName(svc string) string { return "detour-bind-" + svc }
 // Bind binds namespace/svc to the waypoint until release is called or ctx ends (then the
 // binding is reverted). A service already bound (to any waypoint, or through its namespace) is
 // refused: a session binds only what nobody bound.
-func (b *Binder) Bind(ctx context.Context, namespace, svc string) (release func(), err error) {
+//
+// session is the session's ID, recorded on the lease: a Bind for the same session while another
+// replica holds its binding (the developer's CLI resumed the session here) takes the binding
+// over, and that replica's release then leaves it alone.
+func (b *Binder) Bind(ctx context.Context, namespace, svc, session string) (release func(), err error) {
 	if namespace != b.Namespace {
 		return nil, fmt.Errorf("mesh: binding %s/%s: this waypoint binds services of namespace %s only", namespace, svc, b.Namespace)
 	}
 	s, err := b.Kube.CoreV1().Services(namespace).Get(ctx, svc, metav1.GetOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("mesh: binding %s/%s: %w", namespace, svc, err)
+	}
+	if took, err := b.takeOver(ctx, namespace, svc, session, s.Labels[UseWaypoint]); err != nil || took {
+		if err != nil {
+			return nil, err
+		}
+		return b.hold(ctx, namespace, svc), nil
 	}
 	if v, ok := s.Labels[UseWaypoint]; ok {
 		return nil, fmt.Errorf("mesh: service %s/%s already has %s=%s; a session binds only unbound services", namespace, svc, UseWaypoint, v)
@@ -76,8 +89,9 @@ func (b *Binder) Bind(ctx context.Context, namespace, svc string) (release func(
 	dur := int32(b.ttl().Seconds())
 	now := metav1.NewMicroTime(b.now())
 	lease := &coordinationv1.Lease{
-		ObjectMeta: metav1.ObjectMeta{Name: leaseName(svc), Namespace: namespace, Labels: map[string]string{LeaseLabel: svc, ManagedBy: "detour"}},
-		Spec:       coordinationv1.LeaseSpec{HolderIdentity: &b.Holder, LeaseDurationSeconds: &dur, AcquireTime: &now, RenewTime: &now},
+		ObjectMeta: metav1.ObjectMeta{Name: leaseName(svc), Namespace: namespace, Labels: map[string]string{LeaseLabel: svc, ManagedBy: "detour"},
+			Annotations: map[string]string{LeaseSession: session}},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: &b.Holder, LeaseDurationSeconds: &dur, AcquireTime: &now, RenewTime: &now},
 	}
 	if _, err := b.Kube.CoordinationV1().Leases(namespace).Create(ctx, lease, metav1.CreateOptions{}); err != nil {
 		if apierrors.IsAlreadyExists(err) {
@@ -89,7 +103,37 @@ func (b *Binder) Bind(ctx context.Context, namespace, svc string) (release func(
 		b.Kube.CoordinationV1().Leases(namespace).Delete(context.WithoutCancel(ctx), leaseName(svc), metav1.DeleteOptions{})
 		return nil, err
 	}
-	b.log().Info("mesh: session bound a service to the waypoint", "service", namespace+"/"+svc, "ttl", b.ttl())
+	b.log().Info("mesh: session bound a service to the waypoint", "service", namespace+"/"+svc, "session", session, "ttl", b.ttl())
+	return b.hold(ctx, namespace, svc), nil
+}
+
+// takeOver moves the binding of session to this replica when another holds it (a lease of the
+// same session and a label naming this waypoint): took reports it did. Another session's
+// binding, or none, is left to Bind.
+func (b *Binder) takeOver(ctx context.Context, namespace, svc, session, label string) (took bool, err error) {
+	if session == "" || label != b.Waypoint {
+		return false, nil
+	}
+	leases := b.Kube.CoordinationV1().Leases(namespace)
+	l, err := leases.Get(ctx, leaseName(svc), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) || err == nil && l.Annotations[LeaseSession] != session {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("mesh: binding %s/%s: lease: %w", namespace, svc, err)
+	}
+	from := deref(l.Spec.HolderIdentity)
+	now := metav1.NewMicroTime(b.now())
+	l.Spec.HolderIdentity, l.Spec.RenewTime = &b.Holder, &now
+	if _, err := leases.Update(ctx, l, metav1.UpdateOptions{FieldManager: FieldManager}); err != nil { // resourceVersion: one replica wins
+		return false, fmt.Errorf("mesh: binding %s/%s: taking over session %s's binding from %s: %w", namespace, svc, session, from, err)
+	}
+	b.log().Info("mesh: took over a resumed session's binding", "service", namespace+"/"+svc, "session", session, "from", from)
+	return true, nil
+}
+
+// hold renews the binding's lease until release is called or ctx ends, and reverts it then.
+func (b *Binder) hold(ctx context.Context, namespace, svc string) (release func()) {
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
@@ -113,13 +157,26 @@ func (b *Binder) Bind(ctx context.Context, namespace, svc string) (release func(
 		once = true
 		cancel()
 		<-done
-		if err := b.unbind(context.Background(), namespace, svc); err != nil {
+		if err := b.release(context.Background(), namespace, svc); err != nil {
 			b.log().Error("mesh: reverting a session's binding (the lease will expire)", "service", namespace+"/"+svc, "err", err)
 		}
-	}, nil
+	}
+}
+
+// release reverts this replica's binding of svc, unless another replica took it over.
+func (b *Binder) release(ctx context.Context, namespace, svc string) error {
+	l, err := b.Kube.CoordinationV1().Leases(namespace).Get(ctx, leaseName(svc), metav1.GetOptions{})
+	if err == nil && deref(l.Spec.HolderIdentity) != b.Holder {
+		b.log().Info("mesh: a session's binding moved to another replica; left to it", "service", namespace+"/"+svc, "holder", deref(l.Spec.HolderIdentity))
+		return nil
+	}
+	return b.unbind(ctx, namespace, svc)
 }
 
 func (b *Binder) renew(ctx context.Context, namespace, svc string) {
+	if l, err := b.Kube.CoordinationV1().Leases(namespace).Get(ctx, leaseName(svc), metav1.GetOptions{}); err == nil && deref(l.Spec.HolderIdentity) != b.Holder {
+		return // taken over by the replica the session moved to
+	}
 	now := metav1.NewMicroTime(b.now())
 	patch, _ := json.Marshal(map[string]any{"spec": map[string]any{"renewTime": now}})
 	if _, err := b.Kube.CoordinationV1().Leases(namespace).Patch(ctx, leaseName(svc), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil && ctx.Err() == nil {

@@ -48,8 +48,9 @@ type Manager struct {
 		TLS     *tls.Config
 	}
 	// Bind, if set, binds an unbound service to this waypoint for a session that asks
-	// (Spec.Bind); release reverts it. Nil: such sessions are refused.
-	Bind func(ctx context.Context, namespace, service string) (release func(), err error)
+	// (Spec.Bind); release reverts it. session is the session's ID: a session resumed here from
+	// another replica takes over its binding. Nil: such sessions are refused.
+	Bind func(ctx context.Context, namespace, service, session string) (release func(), err error)
 	// Grace is the longest a session outlives its lost tunnel, detached (its traffic goes to the
 	// real service), waiting for its CLI to re-register it (tunnel.Hello.Resume); a CLI may ask
 	// for less. 0 means DefaultGrace; negative: sessions end with their tunnel. Only CLIs that
@@ -90,8 +91,16 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		slices.SortFunc(sessions, func(a, b tunnel.SessionInfo) int { return a.Since.Compare(b.Since) })
 		lastWord(ctl, tunnel.Reply{OK: true, Sessions: sessions})
 		return
+	case hello.End != "":
+		if err := m.end(p, hello.End); err != nil {
+			m.log().Info("session: end refused", "session", hello.End, "by", p.ID().String(), "err", err)
+			lastWord(ctl, tunnel.Reply{Error: err.Error()})
+			return
+		}
+		lastWord(ctl, tunnel.Reply{OK: true, Session: hello.End})
+		return
 	case hello.Register == nil && !hello.Egress:
-		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, or list sessions"})
+		lastWord(ctl, tunnel.Reply{Error: "a hello must register a session, ask for egress, list sessions, or end one"})
 		return
 	case hello.Egress && m.Egress.Handler == nil:
 		lastWord(ctl, tunnel.Reply{Error: "this waypoint offers no egress"})
@@ -147,7 +156,7 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 			lastWord(ctl, tunnel.Reply{Error: "this waypoint cannot bind services (no Kubernetes discovery)"})
 			return
 		}
-		release, err := m.Bind(context.Background(), s.Spec.Namespace, s.Spec.Service)
+		release, err := m.Bind(context.Background(), s.Spec.Namespace, s.Spec.Service, s.ID)
 		if err != nil {
 			m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
 			lastWord(ctl, tunnel.Reply{Error: err.Error()})

@@ -39,6 +39,7 @@ type lease struct {
 	ended chan struct{}    // closed when hold stops taking tunnels
 	gone  chan struct{}    // closed once the session and all it holds are released
 	cur   *attachment      // the Resume's tunnel in use (nil: the registering one); owned by hold, then dropLease
+	kill  *kill            // `detour sessions end`
 	once  sync.Once
 }
 
@@ -54,7 +55,8 @@ type attachment struct {
 }
 
 func (m *Manager) newLease(s *Session, grace time.Duration) *lease {
-	l := &lease{s: s, grace: grace, next: make(chan *attachment), ended: make(chan struct{}), gone: make(chan struct{})}
+	l := &lease{s: s, grace: grace, next: make(chan *attachment), ended: make(chan struct{}), gone: make(chan struct{}),
+		kill: newKill()}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.leases == nil {
@@ -172,6 +174,10 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 	defer l.end()
 	for {
 		a, ended := m.serveControl(l, p, ctl)
+		if l.kill.done() {
+			l.s.Detach()
+			return // logged by end
+		}
 		if ended {
 			m.log().Info("session: ended by the developer", "session", l.s.ID)
 			return
@@ -196,6 +202,9 @@ func (m *Manager) hold(l *lease, p *tunnel.Peer, ctl net.Conn) {
 			case <-l.s.yield:
 				timer.Stop()
 				m.log().Info("session: resumed on another replica; ended here", "session", l.s.ID)
+				return
+			case <-l.kill.c:
+				timer.Stop()
 				return
 			}
 		}
@@ -244,6 +253,21 @@ func (m *Manager) serveControl(l *lease, p *tunnel.Peer, ctl net.Conn) (a *attac
 			return nil, false
 		case a := <-l.next:
 			return a, false
+		case <-l.kill.c:
+			// Tell the CLI (it does not re-register an ended session) and give it a moment to
+			// hang up before the tunnel is closed.
+			ctl.SetWriteDeadline(time.Now().Add(endWait))
+			if tunnel.WriteMsg(ctl, tunnel.Event{Kind: tunnel.EventEnded, Error: l.kill.reason}) == nil {
+				timer := time.NewTimer(endWait)
+				select {
+				case <-gone:
+					gone = nil
+				case <-p.Done():
+				case <-timer.C:
+				}
+				timer.Stop()
+			}
+			return nil, false
 		}
 	}
 }

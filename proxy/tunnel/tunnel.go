@@ -86,6 +86,9 @@ const CapResume = "resume"
 type Hello struct {
 	Register *Spec `json:"register,omitempty"` // open a session
 	List     bool  `json:"list,omitempty"`     // list the waypoint's sessions
+	// End ends the session with this ID (`detour sessions end`): its holder, or a principal
+	// granted END, or the session's own method (STEAL or MIRROR), on its service port, may.
+	End string `json:"end,omitempty"`
 	// Egress asks for a data stream (Meta kind hbone) connected to the waypoint's HBONE listener,
 	// over which the CLI speaks HBONE with its own SVID for the developer's outgoing connections.
 	Egress bool `json:"egress,omitempty"`

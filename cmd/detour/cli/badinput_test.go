@@ -3,6 +3,7 @@ package cli
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -39,9 +40,9 @@ func TestSessionBadInput(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"steal"}, "steal takes 1 argument, got 0; usage: detour steal svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR [flags]"},
-		{[]string{"steal", "svc/a", "svc/b"}, `steal takes 1 argument, got 2 (["svc/a" "svc/b"]); usage: detour steal svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR [flags]`},
-		{[]string{"mirror"}, "mirror takes 1 argument, got 0; usage: detour mirror svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR [flags]"},
+		{[]string{"steal"}, "steal takes 1 argument, got 0; usage: detour steal svc/NAME[:PORT] --to HOST:PORT [--waypoint ADDR] [flags]"},
+		{[]string{"steal", "svc/a", "svc/b"}, `steal takes 1 argument, got 2 (["svc/a" "svc/b"]); usage: detour steal svc/NAME[:PORT] --to HOST:PORT [--waypoint ADDR] [flags]`},
+		{[]string{"mirror"}, "mirror takes 1 argument, got 0; usage: detour mirror svc/NAME[:PORT] --to HOST:PORT [--waypoint ADDR] [flags]"},
 		{[]string{"sessions", "x"}, `sessions takes no arguments, got 1 (["x"]); usage: detour sessions --waypoint ADDR [-o json|yaml] [flags]`},
 		{[]string{"doctor", "svc/a", "svc/b"}, `doctor takes at most 1 argument, got 2 (["svc/a" "svc/b"]); usage: detour doctor -n NAMESPACE [svc/NAME] [flags]`},
 		{[]string{"run"}, "run takes at least 1 argument, got 0; usage: detour run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS... [flags]"},
@@ -52,7 +53,10 @@ func TestSessionBadInput(t *testing.T) {
 		{with("--to", "127.0.0.1"), `--to "127.0.0.1": port "127.0.0.1" is not a number from 1 to 65535`},
 		{[]string{"steal", "svc/web", "--waypoint", "127.0.0.1:1", "--ca", "/x", "--id", "spiffe://td/a"}, "--to is required: where your local app listens, PORT (on 127.0.0.1) or HOST:PORT"},
 		{with("--port-forward", "istio-system"), "--waypoint and --port-forward exclude each other: give one (a port-forward finds the waypoint's pod itself)"},
-		{[]string{"steal", "svc/web", "--to", "1"}, "--waypoint or --port-forward is required"},
+		{[]string{"sessions", "end", "0123456789ab"}, "--waypoint or --port-forward is required"},
+		{[]string{"sessions", "end"}, "end takes 1 argument, got 0; usage: detour sessions end ID --waypoint ADDR [flags]"},
+		{[]string{"steal", "svc/web", "--transport", "quic", "--ca", "/x", "--id", "spiffe://td/a", "--to", "1"},
+			"--transport quic needs --waypoint: without it the waypoint is reached by a port-forward, which carries TCP only (h2)"},
 		{with("--transport", "udp"), `--transport "udp": want quic or h2`},
 		{[]string{"steal", "svc/web", "--port-forward", "ns", "--transport", "quic", "--ca", "/x", "--id", "spiffe://td/a", "--to", "1"},
 			"--transport quic and --port-forward exclude each other: a port-forward carries TCP only (h2)"},
@@ -86,5 +90,17 @@ func TestSessionBadInput(t *testing.T) {
 		if want := "detour: " + tc.want + "\n"; code != 1 || errOut != want || out != "" {
 			t.Errorf("%q:\nexit %d, stdout %q, stderr %q\nwant 1, %q", tc.args, code, out, errOut, want)
 		}
+	}
+}
+
+// Without --waypoint and --port-forward a steal looks the service's waypoint up through the
+// kubeconfig (in the context's namespace); one that cannot be read says so in one line.
+// mesh.TestFindWaypoint covers the resolution itself.
+func TestFindWaypointUnreachable(t *testing.T) {
+	t.Chdir(t.TempDir())
+	code, out, errOut := run(t, "steal", "svc/web", "--kubeconfig", writeKubeconfig(t), "--ca", "/x", "--id", "spiffe://td/a", "--to", "1")
+	want := "detour: no --waypoint or --port-forward, and the service's waypoint was not found: mesh: finding the waypoint of shop/web: "
+	if code != 1 || out != "" || !strings.HasPrefix(errOut, want) || strings.Count(errOut, "\n") != 1 {
+		t.Errorf("exit %d, stdout %q, stderr %q, want %q...", code, out, errOut, want)
 	}
 }

@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 
@@ -14,12 +16,19 @@ import (
 
 // check refuses, before any network call, tunnel flags that conflict or are incomplete, one
 // line each.
-func (f *tunnelFlags) check(fl *pflag.FlagSet) error {
+func (f *tunnelFlags) check(fl *pflag.FlagSet) error { return f.checkFor(fl, false) }
+
+// checkFor is check for a command with a target service: canFind lets it go without --waypoint
+// and --port-forward (findWaypoint looks the service's waypoint up).
+func (f *tunnelFlags) checkFor(fl *pflag.FlagSet, canFind bool) error {
 	if f.waypoint != "" && f.portForward != "" {
 		return errors.New("--waypoint and --port-forward exclude each other: give one (a port-forward finds the waypoint's pod itself)")
 	}
-	if f.waypoint == "" && f.portForward == "" {
+	if f.waypoint == "" && f.portForward == "" && !canFind {
 		return errors.New("--waypoint or --port-forward is required")
+	}
+	if f.waypoint == "" && f.portForward == "" && f.transport == "quic" && fl.Changed("transport") {
+		return errors.New("--transport quic needs --waypoint: without it the waypoint is reached by a port-forward, which carries TCP only (h2)")
 	}
 	if f.transport != "quic" && f.transport != "h2" {
 		return fmt.Errorf("--transport %q: want quic or h2", f.transport)
@@ -103,4 +112,23 @@ func (f *tunnelFlags) namespace(ns string) (string, error) {
 		return "default", nil
 	}
 	return ctxNS, nil
+}
+
+// findWaypoint, when neither --waypoint nor --port-forward is given, finds the waypoint of
+// namespace/svc from its istio.io/use-waypoint label (else its namespace's), as istiod resolves
+// it (mesh.FindWaypoint), reaches it by a port-forward, and says which on out.
+func (f *tunnelFlags) findWaypoint(ctx context.Context, namespace, svc string, out io.Writer) error {
+	if f.waypoint != "" || f.portForward != "" {
+		return nil
+	}
+	c, err := mesh.UserClientsContext(f.kubeconfig, f.kubeContext)
+	if err == nil {
+		var ref mesh.WaypointRef
+		if ref, err = mesh.FindWaypoint(ctx, c.Kube, namespace, svc); err == nil {
+			f.portForward, f.transport = ref.Namespace+"/"+ref.Name, "h2"
+			fmt.Fprintf(out, "waypoint %s/%s (from %s), through a port-forward\n", ref.Namespace, ref.Name, ref.From)
+			return nil
+		}
+	}
+	return fmt.Errorf("no --waypoint or --port-forward, and the service's waypoint was not found: %w", err)
 }

@@ -159,9 +159,17 @@ profiles:
 		sessions[0].Holder != demoDeveloper || sessions[0].Spec.Service != "echo" || len(sessions[0].Spec.Filter.HeaderMatches()) != 2 || sessions[0].Requests != 1 {
 		t.Errorf("sessions -o json: exit %d, %v, %+v\n%s%s", code, err, sessions, listed, errList)
 	}
-	cancel()
-	if code := <-done; code != 0 || !strings.HasSuffix(out.String(), "session ended\n") {
-		t.Fatalf("exit %d:\n%s\n%s", code, out.String(), errOut.String())
+	// detour sessions end: an unknown ID gets one line; the session's own ID ends it, and the
+	// steal exits saying why.
+	if code, _, errEnd := run(t, "sessions", "end", "0123456789ab"); code != 1 ||
+		errEnd != "detour: the waypoint refused: session: no session 0123456789ab on this waypoint (`detour sessions` lists the ones you may see)\n" {
+		t.Errorf("sessions end of an unknown ID: exit %d, %q", code, errEnd)
+	}
+	if code, ended, errEnd := run(t, "sessions", "end", sessions[0].ID); code != 0 || ended != "session "+sessions[0].ID+" ended\n" {
+		t.Errorf("sessions end: exit %d, %q, %q", code, ended, errEnd)
+	}
+	if code := <-done; code != 1 || !strings.Contains(errOut.String(), "the waypoint ended the session: ended by its developer (detour sessions end)") {
+		t.Fatalf("the steal after sessions end: exit %d:\n%s\n%s", code, out.String(), errOut.String())
 	}
 }
 

@@ -72,6 +72,10 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost")
 	fl.StringVar(&r.container, "container", "", "the container whose environment to take (default: the first one)")
 	fl.BoolVar(&r.asTarget, "as-target", false, "CMD's outgoing connections carry the target's workload identity, not yours (needs an AuthorizationPolicy granting you IMPERSONATE on it)")
+	cmd.RegisterFlagCompletionFunc("target", func(_ *cobra.Command, _ []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		return completeServices(&r.session.tunnel, &r.session.namespace, toComplete)
+	})
+	completeKube(cmd, &r.session.tunnel)
 	return cmd
 }
 
@@ -79,7 +83,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	ctx := cmd.Context()
 	r.flags = cmd.Flags()
 	log := r.session.log()
-	if err := r.session.tunnel.check(cmd.Flags()); err != nil {
+	if err := r.session.tunnel.checkFor(cmd.Flags(), true); err != nil {
 		return err
 	}
 	ns, err := r.session.tunnel.namespace(r.session.namespace)
@@ -89,6 +93,9 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	r.session.namespace = ns
 	svcName, hello, err := r.hello()
 	if err != nil {
+		return err
+	}
+	if err := r.session.tunnel.findWaypoint(ctx, r.session.namespace, svcName, cmd.OutOrStdout()); err != nil {
 		return err
 	}
 	kc, err := mesh.UserClientsContext(r.session.tunnel.kubeconfig, r.session.tunnel.kubeContext)

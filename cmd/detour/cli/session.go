@@ -43,7 +43,7 @@ type tunnelFlags struct {
 
 func (f *tunnelFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (or --port-forward)")
+	fl.StringVar(&f.waypoint, "waypoint", "", "the waypoint's tunnel address, host:port (or --port-forward; steal, mirror and run without either: the service's istio.io/use-waypoint waypoint, through a port-forward)")
 	fl.StringVar(&f.portForward, "port-forward", "", "reach the waypoint through a Kubernetes port-forward to one of its pods, NAMESPACE[/WAYPOINT] (HTTP/2 tunnel; uses --kubeconfig)")
 	fl.StringVar(&f.transport, "transport", "quic", "quic, or h2 when only TCP reaches the waypoint (a port-forward)")
 	fl.StringVar(&f.waypointID, "waypoint-id", "", "the waypoint's SPIFFE ID to insist on (default: any identity of the trust domain)")
@@ -220,16 +220,19 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 		"mirror": "Send a copy of a service's traffic (all of it, or the HTTP requests that match) to a local app; its answers are discarded",
 	}[mode]
 	cmd := &cobra.Command{
-		Use:         mode + " svc/NAME[:PORT] --to HOST:PORT --waypoint ADDR",
+		Use:         mode + " svc/NAME[:PORT] --to HOST:PORT [--waypoint ADDR]",
 		Short:       what,
 		Args:        exactArgs(1),
 		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := c.tunnel.check(cmd.Flags()); err != nil {
+			if err := c.tunnel.checkFor(cmd.Flags(), true); err != nil {
 				return err
 			}
 			spec, err := c.spec(args[0])
 			if err != nil {
+				return err
+			}
+			if err := c.tunnel.findWaypoint(cmd.Context(), spec.Namespace, spec.Service, cmd.OutOrStdout()); err != nil {
 				return err
 			}
 			return c.run(cmd.Context(), spec, cmd.OutOrStdout())
@@ -244,6 +247,8 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 	fl.StringVar(&c.method, "method", "", "only requests with this method")
 	fl.DurationVar(&c.grace, "grace", devsession.DefaultGrace, "after a lost tunnel, how long to keep reconnecting to resume the session (the waypoint keeps it, its traffic going to the real service, at most its own grace); 0 ends the session with its tunnel")
 	fl.BoolVar(&c.bind, "bind", false, "bind the service to the waypoint for this session only (it must be unbound; reverted when the session ends, or by a lease if the waypoint dies)")
+	cmd.ValidArgsFunction = targetArg(&c.tunnel, &c.namespace)
+	completeKube(cmd, &c.tunnel)
 	return cmd
 }
 
@@ -372,23 +377,9 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 			if err := o.check(); err != nil {
 				return err
 			}
-			if err := f.check(cmd.Flags()); err != nil {
-				return err
-			}
-			t, err := f.dial(cmd.Context(), log())
+			reply, err := f.ask(cmd, log(), tunnel.Hello{List: true})
 			if err != nil {
 				return err
-			}
-			defer t.Close()
-			if err := tunnel.WriteMsg(t.Control(), tunnel.Hello{List: true}); err != nil {
-				return err
-			}
-			var reply tunnel.Reply
-			if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
-				return fmt.Errorf("reading the waypoint's answer: %w", err)
-			}
-			if !reply.OK {
-				return fmt.Errorf("the waypoint refused: %s", reply.Error)
 			}
 			return o.print(cmd.OutOrStdout(), append([]tunnel.SessionInfo{}, reply.Sessions...), func(out io.Writer) error {
 				w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
@@ -403,5 +394,50 @@ func newSessionsCmd(log func() *slog.Logger) *cobra.Command {
 	}
 	f.register(cmd)
 	o.register(cmd)
+	cmd.AddCommand(newSessionsEndCmd(log))
 	return cmd
+}
+
+// newSessionsEndCmd is `detour sessions end ID`.
+func newSessionsEndCmd(log func() *slog.Logger) *cobra.Command {
+	var f tunnelFlags
+	cmd := &cobra.Command{
+		Use:         "end ID --waypoint ADDR",
+		Short:       "End a debug session at the waypoint by its ID (its developer's, or any a STEAL, MIRROR or END grant on its port covers); its CLI is told and exits",
+		Args:        exactArgs(1),
+		Annotations: map[string]string{profileAnnotation: profileAll},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := f.ask(cmd, log(), tunnel.Hello{End: args[0]}); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "session %s ended\n", args[0])
+			return nil
+		},
+	}
+	f.register(cmd)
+	return cmd
+}
+
+// ask sends one Hello over a new tunnel and returns the waypoint's answer; a refusal is an error
+// of its one line.
+func (f *tunnelFlags) ask(cmd *cobra.Command, log *slog.Logger, h tunnel.Hello) (tunnel.Reply, error) {
+	if err := f.check(cmd.Flags()); err != nil {
+		return tunnel.Reply{}, err
+	}
+	t, err := f.dial(cmd.Context(), log)
+	if err != nil {
+		return tunnel.Reply{}, err
+	}
+	defer t.Close()
+	if err := tunnel.WriteMsg(t.Control(), h); err != nil {
+		return tunnel.Reply{}, err
+	}
+	var reply tunnel.Reply
+	if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
+		return tunnel.Reply{}, fmt.Errorf("reading the waypoint's answer: %w", err)
+	}
+	if !reply.OK {
+		return tunnel.Reply{}, fmt.Errorf("the waypoint refused: %s", reply.Error)
+	}
+	return reply, nil
 }

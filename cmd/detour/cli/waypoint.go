@@ -228,7 +228,7 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 
 // serveTunnels serves developer tunnels in g: QUIC on pc, HTTP/2 on tl (one port number).
 func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl net.Listener, pc net.PacketConn, src identity.Source,
-	h *waypoint.Handler, bind func(context.Context, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) {
+	h *waypoint.Handler, bind func(context.Context, string, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) {
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
 		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind,
 		Grace: cfg.Waypoint.SessionGrace.Duration, Version: Version}
@@ -253,9 +253,9 @@ type discovered struct {
 	// httpRoutes are the HTTPRoutes and GRPCRoutes attached to services.
 	httpRoutes func() *httproute.Table
 	synced     func() bool
-	bind       func(ctx context.Context, namespace, service string) (func(), error) // nil: static
-	clients    *mesh.Clients                                                        // nil: static
-	extAuthz   *extauthz.Registry                                                   // the mesh config's ext_authz providers
+	bind       func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
+	clients    *mesh.Clients                                                                 // nil: static
+	extAuthz   *extauthz.Registry                                                            // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
