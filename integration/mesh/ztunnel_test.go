@@ -1,8 +1,15 @@
 package mesh
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -11,19 +18,28 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/testbed"
 	"github.com/detour-mesh/detour/mesh"
 )
 
-// Issue 18, acceptance 1 (its control-plane half): the route ztunnel takes to a service comes
-// from istiod's workload xDS only. With detour installed and the service labelled to use it,
-// the stand-in's view (subscribed as ztunnel subscribes) sends db's VIP to detour's pod on its
-// HBONE port, with authority VIP:port and detour's service account as the identity to check;
-// unlabelled, straight to db's pod. Nothing in the test tells the view where the waypoint is.
-func TestZtunnelRoutesFromIstiodXDS(t *testing.T) {
+// ambientBed is an ambient namespace shop with detour installed, detour's pod detour-0 (the
+// labels its Service selects, a ready EndpointSlice: no endpoint controller) and db's pod db-0
+// behind service db (5432 -> 15432) labelled to use detour; view is ztunnel's view of it.
+type ambientBed struct {
+	c      *testbed.Cluster
+	ctx    context.Context
+	wp, db *testbed.Pod
+	svc    *corev1.Service
+	view   *testbed.WorkloadView
+	net    *testbed.Network
+}
+
+func newAmbientBed(t *testing.T) *ambientBed {
+	t.Helper()
 	c := testbed.Start(t, testbed.Options{Istiod: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
 	const ns = "shop"
 	if err := c.Namespace(ctx, ns, map[string]string{"istio.io/dataplane-mode": "ambient"}); err != nil {
 		t.Fatal(err)
@@ -52,7 +68,30 @@ func TestZtunnelRoutesFromIstiodXDS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 5432)
+	return &ambientBed{c: c, ctx: ctx, wp: wp, db: db, svc: svc, view: view, net: net}
+}
+
+func (b *ambientBed) vip() netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr(b.svc.Spec.ClusterIP), 5432)
+}
+
+// unbind removes db's istio.io/use-waypoint label.
+func (b *ambientBed) unbind(t *testing.T) {
+	t.Helper()
+	unbind := []byte(`{"metadata":{"labels":{"` + mesh.UseWaypoint + `":null}}}`)
+	if _, err := b.c.Client.CoreV1().Services("shop").Patch(b.ctx, "db", types.MergePatchType, unbind, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Issue 18, acceptance 1 (its control-plane half): the route ztunnel takes to a service comes
+// from istiod's workload xDS only. With detour installed and the service labelled to use it,
+// the stand-in's view (subscribed as ztunnel subscribes) sends db's VIP to detour's pod on its
+// HBONE port, with authority VIP:port and detour's service account as the identity to check;
+// unlabelled, straight to db's pod. Nothing in the test tells the view where the waypoint is.
+func TestZtunnelRoutesFromIstiodXDS(t *testing.T) {
+	b := newAmbientBed(t)
+	ctx, view, wp, db, vip := b.ctx, b.view, b.wp, b.db, b.vip()
 	want := testbed.Target{Waypoint: wp.IP + ":15008", WaypointIdentity: "spiffe://cluster.local/ns/shop/sa/detour", Authority: vip.String(), Workloads: []string{db.IP + ":15432"}}
 	got, err := view.WaitRoute(ctx, vip, time.Minute, func(r testbed.Target, ok bool) bool { return ok && equalTarget(r, want) })
 	if err != nil {
@@ -61,10 +100,7 @@ func TestZtunnelRoutesFromIstiodXDS(t *testing.T) {
 	t.Logf("bound: %+v (view holds %d addresses)", got, view.Len())
 
 	// Unbinding sends it back to the pod directly.
-	unbind := []byte(`{"metadata":{"labels":{"` + mesh.UseWaypoint + `":null}}}`)
-	if _, err := c.Client.CoreV1().Services(ns).Patch(ctx, "db", types.MergePatchType, unbind, metav1.PatchOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	b.unbind(t)
 	want = testbed.Target{Authority: vip.String(), Workloads: []string{db.IP + ":15432"}}
 	if _, err := view.WaitRoute(ctx, vip, time.Minute, func(r testbed.Target, ok bool) bool { return ok && equalTarget(r, want) }); err != nil {
 		t.Fatalf("unbound: %v\nwant %+v\nview:\n%s", err, want, view.Describe())
@@ -81,4 +117,122 @@ func equalTarget(a, b testbed.Target) bool {
 		}
 	}
 	return true
+}
+
+// Issue 18, acceptance 1 (the data path, short of captured traffic): a client pod's ztunnel
+// stand-in takes its route to db from istiod's xDS alone and sends the stream there with its
+// istiod-issued identity; bound, it crosses detour's waypoint (running in detour-0's network
+// namespace with an istiod-issued identity, forwarding to db's pod over HBONE), which logs it;
+// unbound, it goes to db's pod directly and detour sees nothing more.
+func TestZtunnelStandInCrossesDetour(t *testing.T) {
+	b := newAmbientBed(t)
+	ctx, c := b.ctx, b.c
+	const ns = "shop"
+	dbID, err := c.Workload(ctx, ns, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.db.RunIstioHBONE(t, dbID)
+	b.db.Run(t, b.db.IP+":15432", "echo", b.db.IP+":15432", "db")
+
+	// detour's waypoint in its pod: istiod's certificate for shop/detour, db from static
+	// discovery (the pod cannot reach the loopback API server; the route under test is the
+	// stand-in's, not detour's discovery).
+	wpID, err := c.Workload(ctx, ns, "detour")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cert, key, bundle, err := wpID.WriteFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "waypoint.yaml")
+	doc := fmt.Sprintf(`identity: {source: files, files: {cert: %q, key: %q, bundle: %q}}
+listeners: {hbone: "%s:15008", health: "%s:15021", tunnel: "127.0.0.1:0"}
+waypoint: {namespace: shop, gateway: detour}
+discovery:
+  static:
+    services:
+    - name: db
+      namespace: shop
+      vips: [%s]
+      ports: [{name: tcp, port: 5432, targetPort: 15432}]
+      endpoints: [{ip: %s, serviceAccount: db}]
+`, cert, key, bundle, b.wp.IP, b.wp.IP, b.svc.Spec.ClusterIP, b.db.IP)
+	if err := os.WriteFile(cfg, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bin, err := detourBin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wp := it.Start(t, b.wp.Command(bin, "waypoint", "--config", cfg))
+	wp.WaitFor(t, "waypoint serving")
+
+	client := b.net.Pod(t, c, ns, "sleep-0", "sleep")
+	clientID, err := c.Workload(ctx, ns, "sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	z := testbed.NewZtunnel(clientID, client.DialContext)
+	defer z.Close()
+	greet := func(r testbed.Target) string {
+		t.Helper()
+		to, id := r.Waypoint, r.WaypointIdentity
+		if to == "" { // direct: the workload's own ztunnel inbound
+			to, id = netip.MustParseAddrPort(r.Workloads[0]).Addr().String()+":15008", dbID.SVID.ID.String()
+		}
+		authority := r.Authority
+		if r.Waypoint == "" {
+			authority = r.Workloads[0]
+		}
+		s, err := z.Dial(ctx, to, id, authority, netip.MustParseAddrPort(client.IP+":41234"))
+		if err != nil {
+			t.Fatalf("via %s as %s: %v", to, authority, err)
+		}
+		defer s.Close()
+		line, err := bufio.NewReader(s).ReadString('\n')
+		if err != nil {
+			t.Fatalf("via %s as %s: %v", to, authority, err)
+		}
+		return strings.TrimSpace(line)
+	}
+	bound, err := b.view.WaitRoute(ctx, b.vip(), time.Minute, func(r testbed.Target, ok bool) bool { return ok && r.Waypoint != "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := greet(bound); got != "db" {
+		t.Fatalf("through the waypoint: %q", got)
+	}
+	opened := func() string {
+		t.Helper()
+		hc := &http.Client{Transport: &http.Transport{DialContext: client.DialContext}, Timeout: 10 * time.Second}
+		resp, err := hc.Get("http://" + b.wp.IP + ":15021/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+		for _, l := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(l, "istio_tcp_connections_opened_total{") && strings.Contains(l, `destination_service_name="db"`) {
+				return l[strings.LastIndexByte(l, ' ')+1:]
+			}
+		}
+		return "0"
+	}
+	if n := opened(); n != "1" {
+		t.Fatalf("detour counted %s streams to db, want 1", n)
+	}
+	b.unbind(t)
+	direct, err := b.view.WaitRoute(ctx, b.vip(), time.Minute, func(r testbed.Target, ok bool) bool { return ok && r.Waypoint == "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := greet(direct); got != "db" {
+		t.Fatalf("direct: %q", got)
+	}
+	if n := opened(); n != "1" {
+		t.Fatalf("unbound, detour counted %s streams to db, want still 1", n)
+	}
 }

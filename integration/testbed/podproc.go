@@ -93,20 +93,26 @@ func (p *Pod) RunAs(t testing.TB, uid int, addr string, args ...string) {
 // standing in for the pod's ztunnel inbound. Everything it dials stays inside the pod's namespace.
 func (p *Pod) RunIstioHBONE(t testing.TB, w *Workload) {
 	t.Helper()
-	dir := t.TempDir()
-	cert, key, bundle := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "bundle.pem")
-	if err := writeSVID(w.SVID, cert, key); err != nil {
+	cert, key, bundle, err := w.WriteFiles(t.TempDir())
+	if err != nil {
 		t.Fatal(err)
+	}
+	addr := p.IP + ":15008"
+	p.Run(t, addr, "istio-hbone", addr, cert, key, bundle)
+}
+
+// WriteFiles writes the workload's certificate chain, key and trust bundle as PEM files in dir
+// (cert.pem, key.pem, bundle.pem): what a files identity source or Istio's server reads.
+func (w *Workload) WriteFiles(dir string) (cert, key, bundle string, err error) {
+	cert, key, bundle = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "bundle.pem")
+	if err := writeSVID(w.SVID, cert, key); err != nil {
+		return "", "", "", err
 	}
 	var roots []byte
 	for _, c := range w.Bundle.X509Authorities() {
 		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
 	}
-	if err := os.WriteFile(bundle, roots, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	addr := p.IP + ":15008"
-	p.Run(t, addr, "istio-hbone", addr, cert, key, bundle)
+	return cert, key, bundle, os.WriteFile(bundle, roots, 0o600)
 }
 
 func writeSVID(s *x509svid.SVID, certPath, keyPath string) error {
