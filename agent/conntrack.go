@@ -18,8 +18,9 @@ var inboundPassthrough = netip.MustParseAddr("127.0.0.6")
 // application on ports (from 127.0.0.6 or a local address, to a local address): NAT only applies
 // to new flows, so without this a keep-alive connection opened before the agent would never be
 // redirected. Its next packet is seen as new, redirected to a port with no such connection and
-// reset; the sidecar reconnects, through the agent. Nothing else is touched: not the application's
-// own connections to other pods, not flows on other ports. It returns how many it deleted.
+// reset; the sidecar reconnects, through the agent. The agent calls it again when it stops, after
+// removing its rules, so no entry keeps a redirection to its closed port. Nothing else is touched:
+// not the application's own connections to other pods, not flows on other ports. It returns how many it deleted.
 func FlushRedirected(ports []uint16, local []netip.Addr) (int, error) {
 	c, err := conntrack.Dial(nil)
 	if err != nil {

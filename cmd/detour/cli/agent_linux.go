@@ -117,9 +117,18 @@ func (a *agentCmd) run(ctx context.Context, cmd *cobra.Command) (err error) {
 	defer func() {
 		if rerr := rules.Remove(); rerr != nil {
 			err = errors.Join(err, rerr)
-		} else {
-			log.Info("agent: rules removed")
+			return
 		}
+		// Every flow on the taken ports was redirected to this agent, and conntrack keeps that
+		// redirection for the flow's tuple after the rules are gone: a new connection that reuses
+		// the tuple of one that just closed (conntrack re-opens an entry in CLOSE or TIME_WAIT
+		// with its old NAT) would reach the closed redirect port and be reset. So they go too.
+		n, ferr := agent.FlushRedirected(ports, localAddrs())
+		if ferr != nil {
+			log.Info("agent: rules removed; could not flush the redirected flows (a reused tuple may be reset for up to 2 min)", "err", ferr)
+			return
+		}
+		log.Info("agent: rules removed", "flushed", n)
 	}()
 	if n, err := agent.FlushRedirected(ports, localAddrs()); err != nil {
 		log.Info("agent: could not flush the sidecar's open connections (they keep reaching the app until they close)", "err", err)
