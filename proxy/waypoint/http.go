@@ -98,6 +98,14 @@ func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, 
 // ServeHTTP authorizes one request and proxies it; it records the request once answered.
 func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	if r.ProtoMajor == 1 {
+		// Full duplex, as Envoy: an upstream that answers while the request body is still
+		// arriving (an echo, a streaming upload) gets the rest of it. Without this, net/http's
+		// HTTP/1 server ends the request body at the first flushed response byte, the onward
+		// transport's body write fails, and it closes the upstream connection mid-response: the
+		// client saw its whole echo but no final chunk (unexpected EOF).
+		http.NewResponseController(w).EnableFullDuplex()
+	}
 	rec := &recorder{ResponseWriter: w}
 	grpc := isGRPC(r)
 	path, ok := "*", r.RequestURI == "*"

@@ -1,9 +1,11 @@
 package waypoint_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -59,6 +61,22 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 		p.SetUnencryptedHTTP2(true)
 		as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			b.conns.Store(r.RemoteAddr, true)
+			if r.URL.Path == "/duplex" { // answers first, then echoes the body as it arrives
+				rc := http.NewResponseController(w)
+				rc.EnableFullDuplex()
+				rc.SetReadDeadline(time.Now().Add(10 * time.Second)) // bounded, whatever the waypoint does
+				io.WriteString(w, "ready\n")
+				rc.Flush()
+				buf := make([]byte, 1024)
+				for {
+					n, err := r.Body.Read(buf)
+					w.Write(buf[:n])
+					rc.Flush()
+					if err != nil {
+						return
+					}
+				}
+			}
 			body, _ := io.ReadAll(r.Body)
 			w.Header().Set("X-Pod", ip)
 			w.Header()["Echo-X-User"] = r.Header["X-User"] // what an ext_authz provider set upstream
@@ -317,4 +335,42 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// HTTP/1 through the waypoint is full duplex, as through Envoy: an app that answers before the
+// request body has arrived still gets all of it, and the client all of the answer. The client
+// sends its body only after the answer has begun, so without full duplex at the waypoint the
+// body is cut at the first flushed response byte (and the upstream connection with it).
+func TestHTTP1FullDuplex(t *testing.T) {
+	b := newHTTPBed(t, route.Port{Name: "http", Port: 80, AppProtocol: "http"}, nil)
+	c, _ := b.httpClient(t, false)
+	pr, pw := io.Pipe()
+	t.Cleanup(func() { pw.CloseWithError(errors.New("test over")) })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "POST", "http://10.96.0.20:80/duplex", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.ContentLength = -1
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("the answer began with %q, %v", line, err)
+	}
+	want := strings.Repeat("after the answer began; ", 200)
+	go func() {
+		for i := 0; i < len(want); i += 600 {
+			io.WriteString(pw, want[i:min(i+600, len(want))])
+		}
+		pw.Close()
+	}()
+	got, err := io.ReadAll(br)
+	if err != nil || string(got) != want {
+		t.Fatalf("echoed %d of %d bytes: %v", len(got), len(want), err)
+	}
 }
