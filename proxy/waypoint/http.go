@@ -98,14 +98,6 @@ func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, 
 // ServeHTTP authorizes one request and proxies it; it records the request once answered.
 func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	if r.ProtoMajor == 1 {
-		// Full duplex, as Envoy: an upstream that answers while the request body is still
-		// arriving (an echo, a streaming upload) gets the rest of it. Without this, net/http's
-		// HTTP/1 server ends the request body at the first flushed response byte, the onward
-		// transport's body write fails, and it closes the upstream connection mid-response: the
-		// client saw its whole echo but no final chunk (unexpected EOF).
-		http.NewResponseController(w).EnableFullDuplex()
-	}
 	rec := &recorder{ResponseWriter: w}
 	grpc := isGRPC(r)
 	path, ok := "*", r.RequestURI == "*"
@@ -146,7 +138,7 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if steal != nil {
 				hs.stealRequest(rec, r, path, steal)
 			} else if !hs.routeHTTP(rec, r, path, grpc) {
-				hs.proxy.ServeHTTP(rec, r)
+				hs.forward(rec, r)
 			}
 		}
 	}
@@ -483,3 +475,16 @@ type oneConnAddr struct{}
 
 func (oneConnAddr) Network() string { return "hbone" }
 func (oneConnAddr) String() string  { return "hbone" }
+
+// forward proxies r upstream. HTTP/1 is made full duplex first, as Envoy: an upstream that
+// answers while the request body is still arriving (an echo, a streaming upload) gets the rest of
+// it. Without this, net/http's HTTP/1 server ends the request body at the first flushed response
+// byte, the onward transport's body write fails and closes the upstream connection mid-response:
+// the client saw its whole echo but no final chunk (unexpected EOF). Local answers (denials, 401)
+// stay half duplex, so net/http drains the unread body and keeps the connection.
+func (hs *httpStream) forward(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		http.NewResponseController(w).EnableFullDuplex() // through the recorder's Unwrap
+	}
+	hs.proxy.ServeHTTP(w, r)
+}

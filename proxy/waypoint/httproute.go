@@ -93,7 +93,7 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 	if steal != nil {
 		hs.stealRequest(w, r, path, steal)
 	} else {
-		hs.proxy.ServeHTTP(w, r)
+		hs.forward(w, r)
 	}
 	return true
 }
