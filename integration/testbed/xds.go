@@ -153,11 +153,18 @@ func (v *WorkloadView) waypoint(g *workloadapi.GatewayAddress, t *Target) {
 		if svc == nil || svc.Hostname != h.GetHostname() || svc.Namespace != h.GetNamespace() {
 			continue
 		}
+		// istiod may hold a workload for the same address from the EndpointSlice too (no
+		// service account): the pod's, which has one, is the waypoint's identity.
 		for _, w := range v.workloadsOf(svc) {
-			t.Waypoint = netip.AddrPortFrom(workloadIP(w), port).String()
-			t.WaypointIdentity = identityOf(w)
-			return
+			if t.Waypoint == "" || w.ServiceAccount != "" {
+				t.Waypoint = netip.AddrPortFrom(workloadIP(w), port).String()
+				t.WaypointIdentity = identityOf(w)
+			}
+			if w.ServiceAccount != "" {
+				return
+			}
 		}
+		return
 	}
 }
 
