@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -69,7 +70,15 @@ func (p *Pod) RunAs(t testing.TB, uid int, addr string, args ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pr.stop(5 * time.Second) })
+	t.Cleanup(func() {
+		early := pr.exited() // a stand-in that died mid-test explains many failures
+		pr.stop(5 * time.Second)
+		if t.Failed() && early != nil {
+			t.Logf("testbed: in pod %s, before the test ended: %v", p.Name, early)
+		} else if t.Failed() {
+			t.Logf("testbed: podproc %s in pod %s:\n%s", strings.Join(args, " "), p.Name, pr.tail())
+		}
+	})
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if err := pr.exited(); err != nil {

@@ -104,6 +104,12 @@ func sidecar() error {
 					fmt.Fprintln(os.Stderr, "sidecar:", err)
 					return
 				}
+				// A connection made to the listener itself (a readiness probe, not redirected)
+				// has itself as original destination: forwarding it would dial this listener
+				// again, and again, until the process runs out of descriptors.
+				if int(orig.Port()) == l.Addr().(*net.TCPAddr).Port {
+					return
+				}
 				up, err := d.Dial("tcp", orig.String())
 				if err != nil {
 					fmt.Fprintln(os.Stderr, "sidecar:", err)
