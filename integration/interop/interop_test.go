@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -25,16 +26,28 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// Istio's pkg/log and x/net's transport keep background goroutines of their own.
-		goleak.IgnoreTopFunction("istio.io/istio/pkg/log.(*Scope).SetOutputLevel"),
-		goleak.IgnoreAnyFunction("go.opencensus.io/stats/view.(*worker).start"),
-		goleak.IgnoreAnyFunction("golang.org/x/net/http2.(*ClientConn).readLoop"),
-		goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
-		// Istio's double-HBONE server drains its inner server for up to 10 s after a stream.
-		goleak.IgnoreAnyFunction("istio.io/istio/pkg/hbone.handleDoubleConnect"),
-		goleak.IgnoreAnyFunction("github.com/cbeuw/connutil.(*PipeListener).Accept"),
-	)
+	code := m.Run()
+	if detour.remove != nil {
+		detour.remove()
+	}
+	if code == 0 {
+		if err := goleak.Find(leakOptions...); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: errors on successful test run: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+var leakOptions = []goleak.Option{
+	// Istio's pkg/log and x/net's transport keep background goroutines of their own.
+	goleak.IgnoreTopFunction("istio.io/istio/pkg/log.(*Scope).SetOutputLevel"),
+	goleak.IgnoreAnyFunction("go.opencensus.io/stats/view.(*worker).start"),
+	goleak.IgnoreAnyFunction("golang.org/x/net/http2.(*ClientConn).readLoop"),
+	goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
+	// Istio's double-HBONE server drains its inner server for up to 10 s after a stream.
+	goleak.IgnoreAnyFunction("istio.io/istio/pkg/hbone.handleDoubleConnect"),
+	goleak.IgnoreAnyFunction("github.com/cbeuw/connutil.(*PipeListener).Accept"),
 }
 
 var sizes = []int{1, 64 << 10, 256 << 20}

@@ -116,14 +116,42 @@ func (b *jwtBed) apply(t *testing.T, docs string) {
 	wp := authz.Waypoint{Namespace: "demo", Gateway: "detour"}
 	var ras []*authn.Policy
 	var aps []*authz.Policy
-	for _, doc := range strings.Split(strings.ReplaceAll(docs, "{{JWKS}}", b.jwksURL), "\n---\n") {
+	for _, o := range decodeObjects(t, docs, b.jwksURL) {
+		switch spec := o.decoded.(type) {
+		case *secv1beta1.RequestAuthentication:
+			ras = append(ras, &authn.Policy{Namespace: o.Namespace, Name: o.Name, Spec: spec})
+		case *secv1beta1.AuthorizationPolicy:
+			aps = append(aps, &authz.Policy{Namespace: o.Namespace, Name: o.Name, Spec: spec, DryRun: authz.DryRun(o.Annotations)})
+		}
+	}
+	b.engine.Store(authz.New(wp, aps))
+	b.authn.Store(authn.New(wp, ras, b.keys, nil))
+}
+
+// object is one RequestAuthentication or AuthorizationPolicy of a case's YAML stream.
+type object struct {
+	Kind, Name, Namespace string
+	Annotations           map[string]string
+	Spec                  json.RawMessage // as written
+	decoded               config.Spec     // decoded strictly, and accepted by istiod's validation
+}
+
+// decodeObjects reads a YAML stream of objects (namespace demo unless set); {{JWKS}} becomes
+// jwksURL. Every spec is decoded strictly and validated as istiod's webhook would.
+func decodeObjects(t *testing.T, docs, jwksURL string) []object {
+	t.Helper()
+	var out []object
+	for _, doc := range strings.Split(strings.ReplaceAll(docs, "{{JWKS}}", jwksURL), "\n---\n") {
 		if strings.TrimSpace(doc) == "" {
 			continue
 		}
 		var obj struct {
 			Kind     string
-			Metadata struct{ Name, Namespace string }
-			Spec     json.RawMessage
+			Metadata struct {
+				Name, Namespace string
+				Annotations     map[string]string
+			}
+			Spec json.RawMessage
 		}
 		j, err := yaml.YAMLToJSON([]byte(doc))
 		if err == nil {
@@ -132,31 +160,31 @@ func (b *jwtBed) apply(t *testing.T, docs string) {
 		if err != nil {
 			t.Fatalf("%v in\n%s", err, doc)
 		}
-		ns := obj.Metadata.Namespace
-		if ns == "" {
-			ns = "demo"
+		o := object{Kind: obj.Kind, Name: obj.Metadata.Name, Namespace: obj.Metadata.Namespace, Annotations: obj.Metadata.Annotations, Spec: obj.Spec}
+		if o.Namespace == "" {
+			o.Namespace = "demo"
 		}
 		switch obj.Kind {
 		case "RequestAuthentication":
 			spec := &secv1beta1.RequestAuthentication{}
 			if err := protojson.Unmarshal(obj.Spec, spec); err != nil {
-				t.Fatalf("%s: %v", obj.Metadata.Name, err)
+				t.Fatalf("%s: %v", o.Name, err)
 			}
-			istioValidates(t, validation.ValidateRequestAuthentication, gvk.RequestAuthentication, ns, obj.Metadata.Name, spec)
-			ras = append(ras, &authn.Policy{Namespace: ns, Name: obj.Metadata.Name, Spec: spec})
+			istioValidates(t, validation.ValidateRequestAuthentication, gvk.RequestAuthentication, o.Namespace, o.Name, spec)
+			o.decoded = spec
 		case "AuthorizationPolicy":
 			spec := &secv1beta1.AuthorizationPolicy{}
 			if err := protojson.Unmarshal(obj.Spec, spec); err != nil {
-				t.Fatalf("%s: %v", obj.Metadata.Name, err)
+				t.Fatalf("%s: %v", o.Name, err)
 			}
-			istioValidates(t, validation.ValidateAuthorizationPolicy, gvk.AuthorizationPolicy, ns, obj.Metadata.Name, spec)
-			aps = append(aps, &authz.Policy{Namespace: ns, Name: obj.Metadata.Name, Spec: spec})
+			istioValidates(t, validation.ValidateAuthorizationPolicy, gvk.AuthorizationPolicy, o.Namespace, o.Name, spec)
+			o.decoded = spec
 		default:
 			t.Fatalf("kind %q", obj.Kind)
 		}
+		out = append(out, o)
 	}
-	b.engine.Store(authz.New(wp, aps))
-	b.authn.Store(authn.New(wp, ras, b.keys, nil))
+	return out
 }
 
 // istioValidates runs istiod's own validation (pkg/config/validation, what its webhook runs) on
@@ -189,6 +217,10 @@ type jwtCase struct {
 	method string   // default GET
 	path   string   // default /
 	header []string // name, value pairs
+	from   string   // the source's SPIFFE ID; default it.ClientID
+	host   string   // the Host header; default the URL's, 10.96.0.40:port
+	port   int      // web's port: 80 declared HTTP (default), 81 undeclared (sniffed)
+	tcp    bool     // an opaque stream to port 82 instead of a request: code 200 or 403
 	code   int
 	body   string            // the local reply's body, for 401 and 403
 	seen   map[string]string // request headers the app must have got ("" = absent)
@@ -254,9 +286,16 @@ func checkJWTCase(t *testing.T, c *http.Client, tc jwtCase) {
 	if path == "" {
 		path = "/"
 	}
-	req, err := http.NewRequest(method, "http://10.96.0.40:80"+path, nil)
+	port := tc.port
+	if port == 0 {
+		port = 80
+	}
+	req, err := http.NewRequest(method, fmt.Sprintf("http://10.96.0.40:%d%s", port, path), nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tc.host != "" {
+		req.Host = tc.host
 	}
 	for i := 0; i+1 < len(tc.header); i += 2 {
 		req.Header.Set(tc.header[i], tc.header[i+1])

@@ -437,9 +437,11 @@ func operationFields(o *secv1beta1.Operation, req *Request) []tri {
 // condition evaluates a `when` condition for the keys a waypoint supports.
 func condition(c *secv1beta1.Condition, req *Request) tri {
 	key := c.GetKey()
-	ns, _, _ := principalParts(req.Principal)
+	ns, _, td := principalParts(req.Principal)
 	str := func(got string) func(string) tri { return func(v string) tri { return boolTri(wildcard(v, got)) } }
 	switch {
+	case key == "source.trustDomain": // istio pilot/pkg/security/authz/model/model.go attrSrcTrustDomain
+		return field(c.GetValues(), c.GetNotValues(), str(td))
 	case key == "source.ip":
 		return field(c.GetValues(), c.GetNotValues(), func(v string) tri { return boolTri(inBlock(v, req.SourceIP)) })
 	case key == "remote.ip":
@@ -491,21 +493,63 @@ func wildcardFold(pattern, v string) bool {
 	return wildcard(strings.ToLower(pattern), strings.ToLower(v))
 }
 
-// matchPath supports Istio's wildcards and path templates: {*} one segment, {**} the rest.
+// matchPath supports Istio's wildcards and its path templates, which istiod hands to Envoy's
+// uri_template matcher ({*} becomes *, {**} becomes **: pilot/pkg/security/authz/matcher/template.go):
+// {*} is one or more path characters without "/", {**} zero or more with "/", anywhere in the
+// template (Istio's TestAuthz_PathTemplating: /store/{**}/cart matches /store//cart and
+// /store/a/b/cart, not /store/cart; /allow/admin/{**} matches /allow/admin/, not /allow/admin).
 func matchPath(pattern, path string) bool {
 	if !strings.Contains(pattern, "{*") {
 		return wildcard(pattern, path)
 	}
-	ps, vs := strings.Split(pattern, "/"), strings.Split(path, "/")
-	for i, seg := range ps {
-		if seg == "{**}" {
-			return i == len(ps)-1 && len(vs) > i
+	return matchTemplate(pattern, path)
+}
+
+func matchTemplate(p, s string) bool {
+	for {
+		i := strings.Index(p, "{*")
+		if i < 0 {
+			return p == s
 		}
-		if i >= len(vs) || seg != "{*}" && seg != vs[i] || seg == "{*}" && vs[i] == "" {
+		if !strings.HasPrefix(s, p[:i]) {
 			return false
 		}
+		p, s = p[i:], s[i:]
+		var multi bool
+		switch {
+		case strings.HasPrefix(p, "{**}"):
+			p, multi = p[4:], true
+		case strings.HasPrefix(p, "{*}"):
+			p = p[3:]
+		default: // "{*" not an operator: literal text
+			if !strings.HasPrefix(s, "{*") {
+				return false
+			}
+			p, s = p[2:], s[2:]
+			continue
+		}
+		for n := 0; n <= len(s); n++ {
+			if n > 0 && !templateChar(s[n-1], multi) {
+				return false
+			}
+			if (multi || n > 0) && matchTemplate(p, s[n:]) {
+				return true
+			}
+		}
+		return false
 	}
-	return len(ps) == len(vs)
+}
+
+// templateChar is a character Envoy's uri_template operators match: RFC 3986 pchar (unreserved,
+// %-escapes, sub-delims but "*", ":" and "@"), and "/" for {**}.
+func templateChar(c byte, slash bool) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	case c == '/':
+		return slash
+	}
+	return strings.IndexByte("-._~%!$&'()+,;:@=", c) >= 0
 }
 
 // RemoteIP is the client address X-Forwarded-For gives (remote.ip, remoteIpBlocks), as Envoy

@@ -223,3 +223,55 @@ func TestRemoteIP(t *testing.T) {
 		}
 	}
 }
+
+// Istio's TestAuthz_PathTemplating (tests/integration/security/authz_test.go), every case, on the
+// templates of its testdata/authz/path-templating.yaml.tmpl; before, {**} matched only as the last
+// segment and required one.
+func TestPathTemplates(t *testing.T) {
+	for _, tc := range []struct {
+		template, path string
+		match          bool
+	}{
+		{"/allow/admin/{**}", "/allow/admin/", true},
+		{"/allow/admin/{**}", "/allow/admin", false},
+		{"/allow/admin/{**}", "/allow/user/", false},
+		{"/allow/admin/{**}", "/allow", false},
+		{"/allow/admin/{**}", "/allow/admin/temp", true},
+		{"/allow/admin/{**}", "/allow/admin/temp.txt", true},
+		{"/allow/admin/{**}", "/allow/admin/foo/temp.txt", true},
+		{"/foo/{*}/bar/{**}", "/foo/buzz/bar/bat.txt", true},
+		{"/foo/{*}/bar/{**}", "/foo/buzz/bar/bat.temp.txt", true},
+		{"/foo/{*}/bar/{**}", "/foo/buzz/bar/bat/fuzz.txt", true},
+		{"/foo/{*}/bar/{**}", "/foo/bar/bat.txt", false},
+		{"/foo/{*}/bar/{**}", "/foo//bar/bat.txt", false},
+		{"/foo/{*}/bar/{**}", "/foo/buzz/bar/bat", true},
+		{"/store/{**}/cart", "/store//cart", true},
+		{"/store/{**}/cart", "/store/cart", false},
+		{"/store/{**}/cart", "/store/foo/cart", true},
+		{"/store/{**}/cart", "/store/foo/bar/cart", true},
+		{"/users/{*}/profile", "/users/a b/profile", false}, // a space is no path character
+	} {
+		if got := matchPath(tc.template, tc.path); got != tc.match {
+			t.Errorf("%s on %s: %v, want %v", tc.template, tc.path, got, tc.match)
+		}
+	}
+}
+
+// source.trustDomain, a condition key of Istio's (pilot/pkg/security/authz/model/model.go), was
+// an unknown key: an ALLOW on it never matched.
+func TestSourceTrustDomain(t *testing.T) {
+	req := tcp()
+	for _, tc := range []struct {
+		cond  *secv1beta1.Condition
+		allow bool
+	}{
+		{&secv1beta1.Condition{Key: "source.trustDomain", Values: []string{"cluster.local"}}, true},
+		{&secv1beta1.Condition{Key: "source.trustDomain", Values: []string{"other.org"}}, false},
+		{&secv1beta1.Condition{Key: "source.trustDomain", NotValues: []string{"bad.example.com"}}, true},
+	} {
+		e := New(wp, []*Policy{pol("a", ALLOW, toEcho, &rule{When: []*secv1beta1.Condition{tc.cond}})})
+		if d := e.Decide(req); d.Allow != tc.allow {
+			t.Errorf("%v: %s, want allow=%v", tc.cond, d, tc.allow)
+		}
+	}
+}
