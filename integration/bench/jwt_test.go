@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -52,20 +53,25 @@ func jwtStatic(b *testing.B) (static, token string) {
 }
 
 // BenchmarkPinnedHTTPJWT: HTTP/1.1 requests (1 KiB echoed, 8 connections) through the waypoint
-// process with HTTP parsed by default (an undeclared port, sniffed), every request carrying a
-// bearer token; "http" has no RequestAuthentication, "jwt" validates the token (RS256) and
-// authorizes its request principal. Reports the waypoint's vCPU per 1000 req/s.
+// process with HTTP parsed by default, every request carrying a bearer token; "http" has no
+// RequestAuthentication, "jwt" validates the token (RS256) and authorizes its request principal;
+// on an undeclared port (sniffed) and, "declared-", on a port named http. Reports the waypoint's
+// vCPU per 1000 req/s.
 func BenchmarkPinnedHTTPJWT(b *testing.B) {
 	static, token := jwtStatic(b)
 	const conns = 8
-	for _, name := range []string{"http", "jwt"} {
+	for _, name := range []string{"http", "jwt", "declared-http", "declared-jwt"} {
 		b.Run(name, func(b *testing.B) {
 			app := backendHTTP(b)
 			doc := ""
-			if name == "jwt" {
+			if strings.HasSuffix(name, "jwt") {
 				doc = static
 			}
-			w := newPinnedBedWith(b, app, "auto", doc)
+			portName := "echo"
+			if strings.HasPrefix(name, "declared-") {
+				portName = "http"
+			}
+			w := newPinnedBedWith(b, app, "auto", portName, doc)
 			d := dialer(b)
 			tr := &http.Transport{MaxConnsPerHost: conns, MaxIdleConnsPerHost: conns, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return w.dial(b, d, "waypoint", app)

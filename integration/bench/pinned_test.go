@@ -41,12 +41,13 @@ const waypointCPU = "1"
 // 127.0.0.2:targetPort behind the terminator on terminatorPort) and returns its HBONE address and
 // a reading of its CPU time.
 func externalWaypoint(b *testing.B, caDir string, terminatorPort, targetPort int, inspect string) (string, func() time.Duration) {
-	return externalWaypointWith(b, caDir, terminatorPort, targetPort, inspect, "")
+	return externalWaypointWith(b, caDir, terminatorPort, targetPort, inspect, "echo", "")
 }
 
-// externalWaypointWith is externalWaypoint with more of discovery.static (policies,
+// externalWaypointWith is externalWaypoint with the port's name (e.g. "http" declares HTTP;
+// "echo" declares nothing, so it is sniffed) and more of discovery.static (policies,
 // requestAuthentications: YAML indented for that mapping).
-func externalWaypointWith(b *testing.B, caDir string, terminatorPort, targetPort int, inspect, static string) (string, func() time.Duration) {
+func externalWaypointWith(b *testing.B, caDir string, terminatorPort, targetPort int, inspect, portName, static string) (string, func() time.Duration) {
 	bin := os.Getenv("DETOUR_BENCH_BIN")
 	if bin == "" {
 		b.Skip("DETOUR_BENCH_BIN is not set: run `make bench-waypoint`")
@@ -61,9 +62,9 @@ discovery:
     - name: echo
       namespace: demo
       vips: [10.96.0.10]
-      ports: [{name: echo, port: 80, targetPort: %d}]
+      ports: [{name: %s, port: 80, targetPort: %d}]
       endpoints: [{ip: 127.0.0.2, serviceAccount: echo}]
-`, caDir, it.ServerID, hboneAddr, health, terminatorPort, inspect, targetPort) + static
+`, caDir, it.ServerID, hboneAddr, health, terminatorPort, inspect, portName, targetPort) + static
 	path := filepath.Join(b.TempDir(), "waypoint.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		b.Fatal(err)
@@ -133,11 +134,11 @@ type pinnedBed struct {
 }
 
 func newPinnedBed(b *testing.B, targetPort int, inspect string) *pinnedBed {
-	return newPinnedBedWith(b, targetPort, inspect, "")
+	return newPinnedBedWith(b, targetPort, inspect, "echo", "")
 }
 
 // newPinnedBedWith is newPinnedBed with more of discovery.static (see externalWaypointWith).
-func newPinnedBedWith(b *testing.B, targetPort int, inspect, static string) *pinnedBed {
+func newPinnedBedWith(b *testing.B, targetPort int, inspect, portName, static string) *pinnedBed {
 	caDir := filepath.Join(b.TempDir(), "ca")
 	ca, err := devca.Init(caDir, "cluster.local")
 	if err != nil {
@@ -157,7 +158,7 @@ func newPinnedBedWith(b *testing.B, targetPort int, inspect, static string) *pin
 	backend := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(issue("spiffe://cluster.local/ns/demo/sa/echo"), nil), Logger: quiet}
 	go backend.Serve(bl)
 	b.Cleanup(func() { backend.Close() })
-	wp, cpu := externalWaypointWith(b, caDir, bl.Addr().(*net.TCPAddr).Port, targetPort, inspect, static)
+	wp, cpu := externalWaypointWith(b, caDir, bl.Addr().(*net.TCPAddr).Port, targetPort, inspect, portName, static)
 	client := issue(it.ClientID)
 	directTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo"))
 	wpTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString(it.ServerID))

@@ -141,6 +141,28 @@ func TestDiscovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	note("policy created", within(t, "a new DENY policy", func() bool { return !d.Policies().Decide(evil).Allow }))
+	// istio.io/dry-run: the same DENY is evaluated and reported, never enforced; and back.
+	dryRun := func(on bool) {
+		t.Helper()
+		cur, err := ic.SecurityV1().AuthorizationPolicies(ns).Get(ctx, "no-evil", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur.Annotations = map[string]string{authz.DryRunAnnotation: "true"}
+		if !on {
+			cur.Annotations = nil
+		}
+		if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dryRun(true)
+	note("policy made dry-run", within(t, "a DENY made dry-run", func() bool {
+		dec := d.Policies().Decide(evil)
+		return dec.Allow && len(dec.DryRun) == 1 && dec.DryRun[0] == ns+"/no-evil: deny"
+	}))
+	dryRun(false)
+	note("dry-run removed", within(t, "a dry-run DENY enforced again", func() bool { return !d.Policies().Decide(evil).Allow }))
 	if err := ic.SecurityV1().AuthorizationPolicies(ns).Delete(ctx, "no-evil", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
