@@ -73,24 +73,8 @@ func newJWTBed(t *testing.T, samplesJWKS string) *jwtBed {
 		t.Skipf("port %d not free on 127.0.0.2: %v", hbonePort, err)
 	}
 	it.IstioServerOn(t, hl, identity.ServerTLS(issue("spiffe://cluster.local/ns/demo/sa/web"), nil))
-	app, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var protos http.Protocols
-	protos.SetHTTP1(true)
-	protos.SetUnencryptedHTTP2(true)
-	as := &http.Server{Protocols: &protos, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		json.NewEncoder(w).Encode(r.Header)
-	})}
-	go as.Serve(app)
-	t.Cleanup(func() { as.Close() })
-
-	jwks := http.NewServeMux()
-	jwks.HandleFunc("/jwks", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, jwt.JwksJSON) })
-	jwks.HandleFunc("/samples", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, samplesJWKS) })
-	js := httptest.NewServer(jwks)
-	t.Cleanup(js.Close)
+	app := headersApp(t)
+	jwksURL := jwksServer(t, samplesJWKS)
 
 	table, err := route.NewTable([]*route.Service{{Name: "web", Namespace: "demo", Hostname: "web.demo.svc.cluster.local",
 		VIPs:      []netip.Addr{netip.MustParseAddr("10.96.0.40")},
@@ -99,7 +83,7 @@ func newJWTBed(t *testing.T, samplesJWKS string) *jwtBed {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &jwtBed{keys: &authn.Keys{Logger: quiet}, jwksURL: js.URL}
+	b := &jwtBed{keys: &authn.Keys{Logger: quiet}, jwksURL: jwksURL}
 	onward := &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { onward.Close() })
 	wp := it.DetourServer(t, p, &waypoint.Handler{Routes: func() *route.Table { return table }, Identity: issue(it.ServerID),
@@ -107,6 +91,32 @@ func newJWTBed(t *testing.T, samplesJWKS string) *jwtBed {
 		Policies: func() *authz.Engine { return b.engine.Load() }, Authn: func() *authn.Authenticator { return b.authn.Load() }})
 	b.dialer = it.IstioDialer(p, wp.Addr().String())
 	return b
+}
+
+// headersApp serves HTTP/1.1 and cleartext HTTP/2 on 127.0.0.2, answering every request with
+// the headers it received, as JSON.
+func headersApp(t *testing.T) net.Listener {
+	app := it.ListenAt(t, "127.0.0.2:0")
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	as := &http.Server{Protocols: &protos, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(r.Header)
+	})}
+	go as.Serve(app)
+	t.Cleanup(func() { as.Close() })
+	return app
+}
+
+// jwksServer serves Istio's test key set (tests/common/jwt) at /jwks and the sample one at
+// /samples; it returns its URL.
+func jwksServer(t *testing.T, samplesJWKS string) string {
+	jwks := http.NewServeMux()
+	jwks.HandleFunc("/jwks", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, jwt.JwksJSON) })
+	jwks.HandleFunc("/samples", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, samplesJWKS) })
+	js := httptest.NewServer(jwks)
+	t.Cleanup(js.Close)
+	return js.URL
 }
 
 // apply installs the objects of a YAML stream (RequestAuthentication and AuthorizationPolicy

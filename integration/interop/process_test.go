@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +17,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	istiohbone "istio.io/istio/pkg/hbone"
-	"istio.io/istio/tests/common/jwt"
 
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
@@ -87,26 +85,12 @@ func newProcBed(t *testing.T, samplesJWKS string) *procBed {
 	}
 	it.IstioServerOn(t, hl, identity.ServerTLS(b.source(t, "spiffe://cluster.local/ns/demo/sa/web"), nil))
 
-	app := it.ListenAt(t, "127.0.0.2:0")
-	b.httpPort = app.Addr().(*net.TCPAddr).Port
-	var protos http.Protocols
-	protos.SetHTTP1(true)
-	protos.SetUnencryptedHTTP2(true)
-	as := &http.Server{Protocols: &protos, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		json.NewEncoder(w).Encode(r.Header)
-	})}
-	go as.Serve(app)
-	t.Cleanup(func() { as.Close() })
+	b.httpPort = headersApp(t).Addr().(*net.TCPAddr).Port
 	tcp := it.ListenAt(t, "127.0.0.2:0")
 	b.tcpPort = tcp.Addr().(*net.TCPAddr).Port
 	it.BackendOn(t, tcp, func(c *net.TCPConn) { io.WriteString(c, "web-tcp\n"); io.Copy(io.Discard, c) })
 
-	jwks := http.NewServeMux()
-	jwks.HandleFunc("/jwks", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, jwt.JwksJSON) })
-	jwks.HandleFunc("/samples", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, samplesJWKS) })
-	js := httptest.NewServer(jwks)
-	t.Cleanup(js.Close)
-	b.jwksURL = js.URL
+	b.jwksURL = jwksServer(t, samplesJWKS)
 	return b
 }
 
