@@ -60,7 +60,7 @@ func TestReconnectGivesUpAfterGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var dials []time.Duration
 		start := time.Now()
-		r := &Runner{Transport: "h2", Grace: 10 * time.Second, id: "0123456789ab", transport: "h2",
+		r := &Runner{Spec: webSteal, Transport: "h2", Grace: 10 * time.Second, id: "0123456789ab", transport: "h2",
 			Rand: func() float64 { return 0 },
 			Dial: func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
 				dials = append(dials, time.Since(start))
@@ -87,6 +87,9 @@ func TestReconnectGivesUpAfterGrace(t *testing.T) {
 	})
 }
 
+// webSteal is a session's spec.
+var webSteal = tunnel.Spec{Namespace: "demo", Service: "web", Port: 80, Mode: tunnel.ModeSteal}
+
 func scale(ds []time.Duration, unit time.Duration) []time.Duration {
 	out := make([]time.Duration, len(ds))
 	for i, d := range ds {
@@ -99,7 +102,7 @@ func scale(ds []time.Duration, unit time.Duration) []time.Duration {
 func TestReconnectStopsOnRefusal(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		n := 0
-		r := &Runner{Transport: "h2", transport: "h2", id: "0123456789ab", grace: time.Minute, Rand: func() float64 { return 0 }}
+		r := &Runner{Spec: webSteal, Transport: "h2", transport: "h2", id: "0123456789ab", grace: time.Minute, Rand: func() float64 { return 0 }}
 		r.Dial = func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
 			n++
 			return nil, &RefusedError{Reason: "STEAL refused"}
@@ -127,7 +130,7 @@ func TestSessionGrace(t *testing.T) {
 		{-1, resumable, 0},
 		{time.Minute, tunnel.Reply{OK: true}, 0},
 	} {
-		r := &Runner{Grace: tc.mine}
+		r := &Runner{Spec: webSteal, Grace: tc.mine}
 		if got := r.sessionGrace(tc.reply); got != tc.want {
 			t.Errorf("grace %v, reply %+v: %v, want %v", tc.mine, tc.reply, got, tc.want)
 		}
