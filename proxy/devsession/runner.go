@@ -4,7 +4,9 @@
 // backoff, to whatever the waypoint's address now reaches (the same replica after a blip,
 // another one after a restart) and re-registers the same session (its ID, filter and binding)
 // within the session's grace period. A QUIC tunnel that gets no answer falls back to HTTP/2 over
-// TCP on its own, and reconnections use the transport that worked.
+// TCP on its own, and reconnections use the transport that worked. A Runner may also carry the
+// developer's egress link (`detour run`): each tunnel, the first and every reconnected one, gets
+// its own, and a Runner with no session (a zero Spec) carries only that.
 package devsession
 
 import (
@@ -46,7 +48,12 @@ type Dialer func(ctx context.Context, transport string, timeout time.Duration) (
 // Runner runs one session until its ctx ends (nil error), the waypoint refuses or ends it, or its
 // tunnel stays lost past the grace period.
 type Runner struct {
-	Spec      tunnel.Spec
+	Spec tunnel.Spec // the session; zero (no Service): none, the tunnel carries the egress link only
+	// Egress, if set, asks for the egress link and serves each one the waypoint opens (one per
+	// tunnel) until its ctx ends with that tunnel. AsTarget: the link's connections carry that
+	// service's workload identity (an IMPERSONATE grant).
+	Egress    func(ctx context.Context, c net.Conn)
+	AsTarget  *tunnel.Target
 	To        string // the developer's app, host:port
 	Addr      string // the waypoint's address, for messages
 	Transport string // quic (falls back to h2 when UDP gets no answer) or h2
@@ -69,10 +76,20 @@ type Runner struct {
 	transport string
 	grace     time.Duration // the session's: Grace bounded by the waypoint's answer
 	legacy    bool          // the waypoint predates the version exchange
+	first     *conn         // the registered tunnel, from Register to Serve
 }
 
 // Run registers the session and serves it (see Runner).
 func (r *Runner) Run(ctx context.Context) error {
+	if err := r.Register(ctx); err != nil {
+		return err
+	}
+	return r.Serve(ctx)
+}
+
+// Register dials and registers the session: Run's first step, for a caller that goes on only
+// once the session is up (detour run starts CMD then). Serve must follow.
+func (r *Runner) Register(ctx context.Context) error {
 	if r.Dial == nil {
 		return errors.New("devsession: no Dialer")
 	}
@@ -81,8 +98,19 @@ func (r *Runner) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.id = reply.Session
+	r.id, r.first = reply.Session, c
 	r.notify(Notice{Kind: Registered, ID: r.id, Transport: r.transport})
+	return nil
+}
+
+// Serve serves the session Register registered, across tunnels, until ctx ends (nil), the
+// waypoint refuses or ends it, or its tunnel stays lost past the grace period.
+func (r *Runner) Serve(ctx context.Context) error {
+	c := r.first
+	if c == nil {
+		return errors.New("devsession: Serve before Register")
+	}
+	r.first = nil
 	for {
 		err := r.serve(ctx, c)
 		c.close()
@@ -94,7 +122,7 @@ func (r *Runner) Run(ctx context.Context) error {
 			return err
 		}
 		if r.grace <= 0 {
-			return fmt.Errorf("the tunnel to the waypoint was lost (%v); the session ended", err)
+			return fmt.Errorf("the tunnel to the waypoint was lost (%v); %s ended", err, r.what())
 		}
 		if c, err = r.reconnect(ctx, err); err != nil || c == nil {
 			return err
@@ -139,7 +167,7 @@ func (r *Runner) reconnect(ctx context.Context, cause error) (*conn, error) {
 	for attempt := 0; ; attempt++ {
 		left := time.Until(deadline)
 		if left <= 0 {
-			return nil, fmt.Errorf("giving up: no tunnel to the waypoint for %v, the session's grace period (last error: %v); session %s ended", r.grace, last, r.id)
+			return nil, fmt.Errorf("giving up: no tunnel to the waypoint for %v, the grace period (last error: %v); %s ended", r.grace, last, r.what())
 		}
 		timer := time.NewTimer(min(r.Backoff.Delay(attempt, r.rand()), left))
 		select {
@@ -157,7 +185,7 @@ func (r *Runner) reconnect(ctx context.Context, cause error) (*conn, error) {
 			return nil, nil
 		}
 		if refused := (*RefusedError)(nil); errors.As(err, &refused) && !strings.HasSuffix(refused.Reason, tunnel.Retry) {
-			return nil, fmt.Errorf("the waypoint refused to resume session %s: %s", r.id, refused.Reason)
+			return nil, fmt.Errorf("the waypoint refused to resume %s: %s", r.what(), refused.Reason)
 		}
 		last = err
 		r.log().Debug("devsession: reconnecting failed", "session", r.id, "attempt", attempt+1, "err", err)
@@ -193,21 +221,42 @@ func (r *Runner) register(ctx context.Context, id string, timeout time.Duration)
 	return c, reply, nil
 }
 
-// sessionGrace is how long to try to resume the session the waypoint answered for.
+// sessionGrace is how long to try to resume the session the waypoint answered for. With no
+// session the waypoint keeps nothing, and any waypoint takes a new egress link: the Runner's own.
 func (r *Runner) sessionGrace(reply tunnel.Reply) time.Duration {
-	if r.Grace < 0 || !reply.Has(tunnel.CapResume) || reply.GraceSeconds <= 0 {
+	if r.Grace < 0 {
 		return 0
 	}
 	g := r.Grace
 	if g == 0 {
 		g = DefaultGrace
 	}
+	if !r.session() {
+		return g
+	}
+	if !reply.Has(tunnel.CapResume) || reply.GraceSeconds <= 0 {
+		return 0
+	}
 	return min(g, time.Duration(reply.GraceSeconds)*time.Second)
 }
 
+// session reports whether the Runner registers a session (not only an egress link).
+func (r *Runner) session() bool { return r.Spec.Service != "" }
+
+// what names what a lost tunnel ends, for messages.
+func (r *Runner) what() string {
+	if r.session() {
+		return "session " + r.id
+	}
+	return "the egress link"
+}
+
 func (r *Runner) hello(id string) tunnel.Hello {
-	spec := r.Spec
-	h := tunnel.Hello{Register: &spec}
+	h := tunnel.Hello{Egress: r.Egress != nil, AsTarget: r.AsTarget}
+	if r.session() {
+		spec := r.Spec
+		h.Register = &spec
+	}
 	if r.legacy {
 		return h
 	}
@@ -275,7 +324,7 @@ func (r *Runner) serve(ctx context.Context, c *conn) error {
 	t := c.t
 	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	fwd := &tunnel.Forwarder{Addr: r.To, Seen: r.Seen}
+	fwd := &tunnel.Forwarder{Addr: r.To, Seen: r.Seen, Egress: r.Egress}
 	fwdDone := make(chan error, 1)
 	go func() { fwdDone <- fwd.Serve(fctx, t) }()
 	evDone := make(chan error, 1)

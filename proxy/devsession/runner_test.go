@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -60,7 +61,7 @@ func TestReconnectGivesUpAfterGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var dials []time.Duration
 		start := time.Now()
-		r := &Runner{Transport: "h2", Grace: 10 * time.Second, id: "0123456789ab", transport: "h2",
+		r := &Runner{Spec: webSteal, Transport: "h2", Grace: 10 * time.Second, id: "0123456789ab", transport: "h2",
 			Rand: func() float64 { return 0 },
 			Dial: func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
 				dials = append(dials, time.Since(start))
@@ -87,6 +88,9 @@ func TestReconnectGivesUpAfterGrace(t *testing.T) {
 	})
 }
 
+// webSteal is a session's spec.
+var webSteal = tunnel.Spec{Namespace: "demo", Service: "web", Port: 80, Mode: tunnel.ModeSteal}
+
 func scale(ds []time.Duration, unit time.Duration) []time.Duration {
 	out := make([]time.Duration, len(ds))
 	for i, d := range ds {
@@ -99,7 +103,7 @@ func scale(ds []time.Duration, unit time.Duration) []time.Duration {
 func TestReconnectStopsOnRefusal(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		n := 0
-		r := &Runner{Transport: "h2", transport: "h2", id: "0123456789ab", grace: time.Minute, Rand: func() float64 { return 0 }}
+		r := &Runner{Spec: webSteal, Transport: "h2", transport: "h2", id: "0123456789ab", grace: time.Minute, Rand: func() float64 { return 0 }}
 		r.Dial = func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
 			n++
 			return nil, &RefusedError{Reason: "STEAL refused"}
@@ -113,7 +117,8 @@ func TestReconnectStopsOnRefusal(t *testing.T) {
 }
 
 // The grace the Runner keeps trying for is its own, bounded by what the waypoint keeps the
-// session for; a waypoint that cannot resume (an older one) gives none.
+// session for; a waypoint that cannot resume (an older one) gives none. An egress link alone
+// gets the Runner's own.
 func TestSessionGrace(t *testing.T) {
 	resumable := tunnel.Reply{OK: true, Capabilities: []string{tunnel.CapResume}, GraceSeconds: 20}
 	for _, tc := range []struct {
@@ -127,9 +132,18 @@ func TestSessionGrace(t *testing.T) {
 		{-1, resumable, 0},
 		{time.Minute, tunnel.Reply{OK: true}, 0},
 	} {
-		r := &Runner{Grace: tc.mine}
+		r := &Runner{Spec: webSteal, Grace: tc.mine}
 		if got := r.sessionGrace(tc.reply); got != tc.want {
 			t.Errorf("grace %v, reply %+v: %v, want %v", tc.mine, tc.reply, got, tc.want)
+		}
+	}
+	// An egress link alone: the waypoint keeps nothing, and any waypoint takes a new link.
+	for _, tc := range []struct {
+		mine, want time.Duration
+	}{{0, DefaultGrace}, {10 * time.Second, 10 * time.Second}, {-1, 0}} {
+		r := &Runner{Egress: func(context.Context, net.Conn) {}, Grace: tc.mine}
+		if got := r.sessionGrace(tunnel.Reply{OK: true}); got != tc.want {
+			t.Errorf("egress only, grace %v: %v, want %v", tc.mine, got, tc.want)
 		}
 	}
 }
@@ -300,5 +314,142 @@ func TestOlderWaypoint(t *testing.T) {
 	}
 	if r.grace != 0 {
 		t.Fatalf("a grace of %v against a waypoint that cannot resume", r.grace)
+	}
+}
+
+// A Runner with an egress link (detour run) gets one per tunnel: after a lost tunnel the
+// reconnected one brings the next, and a session rides along resumed under its ID. With no
+// session (run without --steal or --mirror) the Runner reconnects for its own grace, since the
+// waypoint keeps nothing, and its notices name the egress link.
+func TestEgressLinkAcrossTunnels(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		spec  tunnel.Spec
+		id    string
+		lost  string
+		back  string
+		first string
+	}{
+		{"egress only", tunnel.Spec{}, "",
+			"reconnecting for up to 30s (new connections to the cluster wait for it meanwhile)", "back: the egress link over h2 after ", "the egress link over h2"},
+		{"steal", webSteal, "0123456789ab",
+			"reconnecting for up to 20s to resume session 0123456789ab", "back: session 0123456789ab resumed over h2 after ", "session 0123456789ab over h2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca, err := devca.New("cluster.local")
+			if err != nil {
+				t.Fatal(err)
+			}
+			source := func(id string) identity.Source {
+				svid, err := ca.Issue(id, time.Time{}, time.Time{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return identity.Static(&identity.Identity{SVID: svid, Bundle: ca.Bundle()})
+			}
+			hellos := make(chan tunnel.Hello, 4)
+			blip := make(chan struct{}) // the test drops the first tunnel
+			var tunnels atomic.Int32
+			srv := &tunnel.Server{Identity: source("spiffe://cluster.local/ns/demo/sa/detour"), Logger: slog.New(slog.DiscardHandler),
+				Handler: func(p *tunnel.Peer) {
+					h, err := tunnel.ReadHello(p.Control())
+					if err != nil {
+						return
+					}
+					n := tunnels.Add(1)
+					hellos <- h
+					reply := tunnel.Reply{OK: true} // what the waypoint answers an egress-only Hello
+					if h.Register != nil {
+						reply = tunnel.Reply{OK: true, Session: "0123456789ab", Protocol: tunnel.Protocol, Capabilities: []string{tunnel.CapResume}, GraceSeconds: 20}
+					}
+					if tunnel.WriteMsg(p.Control(), reply) != nil {
+						return
+					}
+					c, err := p.Open(context.Background(), tunnel.Meta{Kind: tunnel.KindHBONE})
+					if err != nil {
+						t.Errorf("tunnel %d: opening the egress link: %v", n, err)
+						return
+					}
+					defer c.Close()
+					fmt.Fprintf(c, "link %d", n)
+					if n == 1 {
+						<-blip
+						p.Close()
+						return
+					}
+					io.Copy(io.Discard, p.Control())
+				}}
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			served := make(chan struct{})
+			go func() { srv.ServeTCP(ctx, l); close(served) }()
+			defer func() { cancel(); <-served }()
+
+			dev := source("spiffe://cluster.local/ns/dev/sa/alice")
+			links := make(chan string, 4)
+			notices := make(chan Notice, 8)
+			target := &tunnel.Target{Namespace: "demo", Service: "web"}
+			r := &Runner{Spec: tc.spec, AsTarget: target, To: "127.0.0.1:1", Addr: l.Addr().String(), Transport: "h2", Version: "v-test",
+				Logger: slog.New(slog.DiscardHandler), Rand: func() float64 { return 0 },
+				Dial: func(ctx context.Context, transport string, timeout time.Duration) (*tunnel.Tunnel, error) {
+					dctx, cancel := context.WithTimeout(ctx, timeout)
+					defer cancel()
+					return tunnel.Dial(dctx, transport, l.Addr().String(), dev, nil, slog.New(slog.DiscardHandler))
+				},
+				Egress: func(ctx context.Context, c net.Conn) {
+					defer c.Close()
+					buf := make([]byte, len("link 1"))
+					if _, err := io.ReadFull(c, buf); err != nil {
+						t.Errorf("reading the egress link: %v", err)
+						return
+					}
+					links <- string(buf)
+					<-ctx.Done() // the link lives as long as its tunnel
+				},
+				Notify: func(n Notice) { notices <- n }}
+			if err := r.Register(ctx); err != nil {
+				t.Fatal(err)
+			}
+			rctx, stop := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- r.Serve(rctx) }()
+			next := func(what string) {
+				t.Helper()
+				select {
+				case got := <-links:
+					if got != what {
+						t.Fatalf("egress link %q, want %q", got, what)
+					}
+				case err := <-done:
+					t.Fatalf("Serve ended: %v", err)
+				case <-time.After(30 * time.Second): // a hang guard
+					t.Fatalf("no %s", what)
+				}
+			}
+			next("link 1")
+			close(blip)
+			next("link 2")
+			stop()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			close(notices)
+			var lines []string
+			for n := range notices {
+				lines = append(lines, n.String())
+			}
+			if len(lines) != 3 || lines[0] != tc.first || !strings.Contains(lines[1], tc.lost) || !strings.HasPrefix(lines[2], tc.back) {
+				t.Fatalf("notices %q, want %q, then lost (%q), then back (%q)", lines, tc.first, tc.lost, tc.back)
+			}
+			for i, want := range []string{"", tc.id} {
+				h := <-hellos
+				if h.Resume != want || !h.Egress || h.AsTarget == nil || *h.AsTarget != *target || (h.Register != nil) != (tc.id != "") {
+					t.Errorf("hello %d: %+v, want Resume %q, egress, as target, a registration with the session", i+1, h, want)
+				}
+			}
+		})
 	}
 }

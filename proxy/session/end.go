@@ -1,6 +1,8 @@
 package session
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -62,27 +64,77 @@ func (m *Manager) end(p *tunnel.Peer, id string) error {
 		return fmt.Errorf("session: ending session %s refused for %s: only its developer (%s) or a principal granted END or %s on %s port %d may. A policy that would grant it:\n%s",
 			id, principal, s.Holder, method, s.Host, s.Spec.Port, m.suggest(principal, "END", s.Host, fmt.Sprintf("/ports/%d", s.Spec.Port)))
 	}
-	if s.Remote {
-		return fmt.Errorf("session: session %s is held by another waypoint replica, which alone can end it; retry (a new connection may reach that replica), or port-forward to it", id)
-	}
-	l := m.lease(id)
-	if l == nil {
-		return unknown
-	}
 	who := "its developer"
 	if s.Holder != p.ID() {
 		who = string(principal)
+	}
+	if s.Remote {
+		return m.endRemote(s, who)
+	}
+	if err := m.endLocal(id, who); err != nil {
+		if errors.Is(err, errNotHere) {
+			return unknown
+		}
+		return err
+	}
+	m.log().Info("session: ended on request", "session", id, "by", p.ID().String())
+	return nil
+}
+
+// errNotHere: the session has no lease on this replica (gone, or held elsewhere).
+var errNotHere = errors.New("session: no such session held by this replica")
+
+// endLocal ends the session id this replica holds, its CLI told it was ended by who, and returns
+// once it is released (or 2·endWait has passed).
+func (m *Manager) endLocal(id, who string) error {
+	l := m.lease(id)
+	if l == nil {
+		return errNotHere
 	}
 	l.kill.do("ended by " + who + " (detour sessions end)")
 	timer := time.NewTimer(2 * endWait)
 	defer timer.Stop()
 	select {
 	case <-l.gone:
-		m.log().Info("session: ended on request", "session", id, "by", p.ID().String())
 		return nil
 	case <-timer.C:
 		return fmt.Errorf("session: session %s is ending but not yet released after %v; `detour sessions` shows when it is gone", id, 2*endWait)
 	}
+}
+
+// Ender is an Opener that can also end, at the replica holding it, the remote session whose
+// streams it relays there (the waypoint's relay to another replica).
+type Ender interface {
+	End(ctx context.Context, by string) error
+}
+
+// endRemote asks the replica holding remote session s to end it (this replica authorized the
+// request), and returns once that replica released it.
+func (m *Manager) endRemote(s *Session, who string) error {
+	var e Ender
+	if ref := s.peer.Load(); ref != nil {
+		e, _ = ref.Opener.(Ender)
+	}
+	if e == nil {
+		return fmt.Errorf("session: session %s is held by another waypoint replica, which alone can end it; retry (a new connection may reach that replica), or port-forward to it", s.ID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*endWait) // the holder waits 2·endWait at most
+	defer cancel()
+	if err := e.End(ctx, who); err != nil {
+		return fmt.Errorf("session: session %s is held by another waypoint replica, which did not end it: %v; retry, or port-forward to that replica", s.ID, err)
+	}
+	m.log().Info("session: ended on request by the replica holding it", "session", s.ID, "by", who)
+	return nil
+}
+
+// EndOnRequest ends this local session as `detour sessions end` does, for a request another
+// replica relayed here: that replica authorized it, and by is who asked, for the CLI's message.
+// It returns once the session is released.
+func (s *Session) EndOnRequest(by string) error {
+	if s.Remote || s.endOnRequest == nil {
+		return fmt.Errorf("session: session %s is not held by this replica", s.ID)
+	}
+	return s.endOnRequest(by)
 }
 
 // mayEnd: principal holds END, or the method of the session's own mode, on its service port.

@@ -341,6 +341,13 @@ func (m *Manager) register(p *tunnel.Peer, spec tunnel.Spec, id string) (*Sessio
 		s.ID = id
 	}
 	s.metrics = m.Metrics
+	s.endOnRequest = func(by string) error {
+		if err := m.endLocal(s.ID, by); err != nil {
+			return err
+		}
+		m.log().Info("session: ended on request, relayed by another replica", "session", s.ID, "by", by)
+		return nil
+	}
 	if err := m.Registry.Add(s); err != nil {
 		if !m.replaceWaiting(err, s) {
 			return nil, err

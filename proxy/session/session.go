@@ -89,6 +89,10 @@ type Session struct {
 
 	alive alive // does the developer's side answer (probes)
 
+	// endOnRequest ends a local session on another replica's relayed request (EndOnRequest);
+	// set by the Manager before the session is added.
+	endOnRequest func(by string) error
+
 	yield     chan struct{} // closed by Yield
 	yieldOnce sync.Once
 

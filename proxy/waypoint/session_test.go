@@ -63,6 +63,13 @@ func newSessionBed(t *testing.T) *sessionBed {
 // until the test ends; it returns the session's ID.
 func (sb *sessionBed) developer(t *testing.T, addr string, spec tunnel.Spec, app string) string {
 	t.Helper()
+	_, id := sb.connect(t, addr, spec, app)
+	return id
+}
+
+// connect is developer, also returning the tunnel (its control stream is the caller's to read).
+func (sb *sessionBed) connect(t *testing.T, addr string, spec tunnel.Spec, app string) (*tunnel.Tunnel, string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	tn, err := tunnel.Dial(ctx, "quic", addr, sb.id(t, "spiffe://cluster.local/ns/dev/sa/alice"), nil, quiet)
@@ -80,7 +87,7 @@ func (sb *sessionBed) developer(t *testing.T, addr string, spec tunnel.Spec, app
 	done := make(chan struct{})
 	go func() { tn.Forward(fctx, app, nil); close(done) }()
 	t.Cleanup(func() { sb.stopOnce.Do(func() { close(sb.stop) }); fcancel(); tn.Close(); <-done })
-	return r.Session
+	return tn, r.Session
 }
 
 // app serves the developer's side: each connection gets serve; done closes when the test ends.

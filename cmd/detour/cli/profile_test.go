@@ -152,12 +152,17 @@ profiles:
 			t.Errorf("%v: %d from %q (%v), want %s", tc.header, code, pod, err, tc.want)
 		}
 	}
-	// detour sessions, from the same profile, lists it; -o json parses.
+	// detour sessions, from the same profile, lists it; -o json and -o yaml parse.
 	code, listed, errList := run(t, "sessions", "-o", "json")
 	var sessions []tunnel.SessionInfo
 	if err := json.Unmarshal([]byte(listed), &sessions); err != nil || code != 0 || len(sessions) != 1 ||
 		sessions[0].Holder != demoDeveloper || sessions[0].Spec.Service != "echo" || len(sessions[0].Spec.Filter.HeaderMatches()) != 2 || sessions[0].Requests != 1 {
 		t.Errorf("sessions -o json: exit %d, %v, %+v\n%s%s", code, err, sessions, listed, errList)
+	}
+	code, listed, errList = run(t, "sessions", "-o", "yaml")
+	var fromYAML []map[string]any
+	if err := yaml.Unmarshal([]byte(listed), &fromYAML); err != nil || code != 0 || len(fromYAML) != 1 || fromYAML[0]["id"] != sessions[0].ID {
+		t.Errorf("sessions -o yaml: exit %d, %v, %+v\n%s%s", code, err, fromYAML, listed, errList)
 	}
 	// detour sessions end: an unknown ID gets one line; the session's own ID ends it, and the
 	// steal exits saying why.

@@ -23,11 +23,12 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/mesh"
+	"github.com/detour-mesh/detour/proxy/devsession"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
-// ExitTunnelLost is detour run's exit code when the tunnel to the waypoint is lost (CMD is
-// stopped), unless --keep-running.
+// ExitTunnelLost is detour run's exit code when the tunnel to the waypoint is lost past the grace
+// period, or the waypoint ends the session (CMD is stopped), unless --keep-running.
 const ExitTunnelLost = 75
 
 // exitCode makes Run exit with code, without a message (CMD already spoke).
@@ -69,7 +70,8 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	fl.StringVar(&r.session.path, "path", "", "with --steal or --mirror: the path filter")
 	fl.StringVar(&r.session.method, "method", "", "with --steal or --mirror: the method filter")
 	fl.StringVar(&r.envFile, "env-file", "", "write the target's environment to this file instead of giving it to CMD")
-	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost")
+	fl.BoolVar(&r.keepRunning, "keep-running", false, "keep CMD running if the tunnel to the waypoint is lost past --grace")
+	fl.DurationVar(&r.session.grace, "grace", devsession.DefaultGrace, "after a lost tunnel, how long to keep reconnecting (and to resume the --steal or --mirror session) before CMD is stopped; 0: at once")
 	fl.StringVar(&r.container, "container", "", "the container whose environment to take (default: the first one)")
 	fl.BoolVar(&r.asTarget, "as-target", false, "CMD's outgoing connections carry the target's workload identity, not yours (needs an AuthorizationPolicy granting you IMPERSONATE on it)")
 	cmd.RegisterFlagCompletionFunc("target", func(_ *cobra.Command, _ []string, toComplete string) ([]cobra.Completion, cobra.ShellCompDirective) {
@@ -116,19 +118,37 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	// it exits.
 	tctx, cancelTunnel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelTunnel()
-	t, src, err := r.session.tunnel.dialWith(tctx, log)
+	dial, src, addr, transport, err := r.session.tunnel.dialer(tctx, log)
 	if err != nil {
 		return err
 	}
-	defer t.Close()
-	if err := register(t, hello); err != nil {
+	eg := newEgressLink()
+	stderr := cmd.ErrOrStderr()
+	// The session (with --steal or --mirror) and the egress link, across tunnels: a lost one is
+	// reconnected, and the session resumed, within the grace period, as for detour steal.
+	session := &devsession.Runner{To: r.session.to, AsTarget: hello.AsTarget, Addr: addr, Transport: transport, Dial: dial,
+		Grace: runnerGrace(r.session.grace), Version: Version, Logger: log,
+		Egress: func(ctx context.Context, c net.Conn) { eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log) },
+		Notify: func(n devsession.Notice) { fmt.Fprintf(stderr, "detour: %s\n", n) }}
+	if hello.Register != nil {
+		session.Spec = *hello.Register
+	}
+	if err := session.Register(tctx); err != nil {
 		return err
 	}
 	// Everything that serves CMD runs in g, and is waited for once CMD is done and the tunnel closed.
 	g, gctx := errgroup.WithContext(tctx)
+	ended := make(chan error, 1) // the session's end while CMD runs
+	g.Go(func() error {
+		err := session.Serve(gctx)
+		if err == nil {
+			err = errors.New("the tunnel to the waypoint closed")
+		}
+		ended <- err
+		return nil
+	})
 	defer func() {
 		cancelTunnel()
-		t.Close()
 		served := make(chan struct{})
 		go func() { g.Wait(); close(served) }()
 		select {
@@ -137,7 +157,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 			log.Error("detour run: what served CMD did not stop; exiting anyway", "after", exitWait)
 		}
 	}()
-	cmdEnv, err := r.serve(gctx, g, t, src, kc, log)
+	cmdEnv, err := r.serve(gctx, g, eg, src, kc, log)
 	if err != nil {
 		return err
 	}
@@ -147,7 +167,7 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	if err := c.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", argv[0], err)
 	}
-	return r.supervise(ctx, cmd.ErrOrStderr(), c, t)
+	return r.supervise(ctx, stderr, c, ended)
 }
 
 // exitWait bounds the wait, once CMD is done, for what served it (proxies, resolver, tunnel).
@@ -186,26 +206,9 @@ func (r *runCmd) hello() (svcName string, hello tunnel.Hello, err error) {
 	return svcName, hello, nil
 }
 
-// register sends the Hello and reads the waypoint's answer.
-func register(t *tunnel.Tunnel, hello tunnel.Hello) error {
-	if err := tunnel.WriteMsg(t.Control(), hello); err != nil {
-		return fmt.Errorf("sending the session: %w", err)
-	}
-	var reply tunnel.Reply
-	if err := tunnel.ReadMsg(t.Control(), &reply); err != nil {
-		return fmt.Errorf("reading the waypoint's answer: %w", err)
-	}
-	if !reply.OK {
-		return fmt.Errorf("the waypoint refused: %s", reply.Error)
-	}
-	return nil
-}
-
-// serve starts, in g, what CMD reaches the cluster through (the HTTP and SOCKS5 proxies and the
-// DNS resolver over the egress link) and the tunnel's data streams; it returns CMD's environment
-// for them.
-func (r *runCmd) serve(ctx context.Context, g *errgroup.Group, t *tunnel.Tunnel, src identity.Source, kc *mesh.Clients, log *slog.Logger) ([]string, error) {
-	eg := &egressLink{ready: make(chan struct{})}
+// serve starts, in g, what CMD reaches the cluster through: the HTTP and SOCKS5 proxies and the
+// DNS resolver over the egress link; it returns CMD's environment for them.
+func (r *runCmd) serve(ctx context.Context, g *errgroup.Group, eg *egressLink, src identity.Source, kc *mesh.Clients, log *slog.Logger) ([]string, error) {
 	p := &egress.Proxies{Dial: eg.dial, Resolve: mesh.ServiceResolver(kc.Kube, r.session.namespace), Logger: log}
 	if id, _ := src.Identity(); id != nil {
 		p.Principal = id.SVID.ID.String()
@@ -225,14 +228,6 @@ func (r *runCmd) serve(ctx context.Context, g *errgroup.Group, t *tunnel.Tunnel,
 		sl.Close()
 		return nil, fmt.Errorf("the DNS resolver's port: %w", err)
 	}
-	g.Go(func() error {
-		_, err := io.Copy(io.Discard, t.Control()) // events: the CLI of detour run does not print them
-		return ignoreClosed(ctx, err)
-	})
-	fw := &tunnel.Forwarder{Addr: r.session.to, Egress: func(ctx context.Context, c net.Conn) {
-		eg.start(ctx, c, identity.ClientTLSAuthorized(src, nil), log)
-	}}
-	g.Go(func() error { return fw.Serve(ctx, t) })
 	g.Go(func() error { return p.Serve(ctx, hl, sl) })
 	g.Go(func() error { return (&egress.DNS{Resolve: p.Resolve}).Serve(ctx, dnsUDP, dnsTCP) })
 	env := egress.Env(hl.Addr().String(), sl.Addr().String())
@@ -240,11 +235,12 @@ func (r *runCmd) serve(ctx context.Context, g *errgroup.Group, t *tunnel.Tunnel,
 }
 
 // supervise waits for CMD and returns its exit code as detour's: a signal to detour goes on to
-// CMD; a lost tunnel stops CMD (exit ExitTunnelLost) unless --keep-running.
-func (r *runCmd) supervise(ctx context.Context, stderr io.Writer, c *exec.Cmd, t *tunnel.Tunnel) error {
+// CMD; the session's end (its tunnel lost past the grace period, or ended by the waypoint) stops
+// CMD (exit ExitTunnelLost) unless --keep-running.
+func (r *runCmd) supervise(ctx context.Context, stderr io.Writer, c *exec.Cmd, ended <-chan error) error {
 	waited := make(chan error, 1)
 	go func() { waited <- c.Wait() }() // returns when CMD does; every path below waits for it
-	lost := t.Done()
+	lost := ended
 	for {
 		select {
 		case err := <-waited:
@@ -259,13 +255,13 @@ func (r *runCmd) supervise(ctx context.Context, stderr io.Writer, c *exec.Cmd, t
 		case <-ctx.Done(): // SIGINT or SIGTERM to detour: CMD gets it too
 			c.Process.Signal(syscall.SIGINT)
 			ctx = context.Background()
-		case <-lost:
+		case err := <-lost:
 			lost = nil
 			if r.keepRunning {
-				fmt.Fprintln(stderr, "detour: the tunnel to the waypoint was lost; CMD keeps running (--keep-running)")
+				fmt.Fprintf(stderr, "detour: %v; CMD keeps running (--keep-running)\n", err)
 				continue
 			}
-			fmt.Fprintln(stderr, "detour: the tunnel to the waypoint was lost; stopping CMD")
+			fmt.Fprintf(stderr, "detour: %v; stopping CMD\n", err)
 			c.Process.Signal(syscall.SIGTERM)
 			select {
 			case <-waited:
@@ -278,37 +274,89 @@ func (r *runCmd) supervise(ctx context.Context, stderr io.Writer, c *exec.Cmd, t
 	}
 }
 
-// ignoreClosed is nil for the error of a read that ended because the tunnel did.
-func ignoreClosed(ctx context.Context, err error) error {
-	if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
-}
+// egressWait bounds how long a connection of CMD's waits for an egress link: the first, or the
+// next one while the tunnel is being reconnected.
+const egressWait = 15 * time.Second
 
-// egressLink is the HBONE connection the developer's outgoing connections share.
+// egressLink is the HBONE connection the developer's outgoing connections share: the current
+// tunnel's (each tunnel, the first and every reconnected one, brings its own).
 type egressLink struct {
-	once  sync.Once
-	ready chan struct{}
-	cc    *hbone.ClientConn
-	err   error
+	mu    sync.Mutex
+	cc    *hbone.ClientConn // the current link; nil before the first and once it went
+	err   error             // why the current link could not start
+	ready chan struct{}     // closed while there is a current link (or its error); renewed when it goes
 }
 
+func newEgressLink() *egressLink { return &egressLink{ready: make(chan struct{})} }
+
+// start makes c, a new tunnel's egress link, the current one; it lives until ctx (its tunnel's)
+// ends.
 func (e *egressLink) start(ctx context.Context, c net.Conn, tlsCfg *tls.Config, log *slog.Logger) {
 	cc, err := hbone.NewClientConn(ctx, c, tlsCfg, hbone.Config{}, log)
-	e.once.Do(func() { e.cc, e.err = cc, err; close(e.ready) })
-}
-
-func (e *egressLink) dial(ctx context.Context, addr string) (net.Conn, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.cc != nil && e.cc != cc {
+		e.cc.Close()
+	}
+	e.cc, e.err = cc, err
 	select {
 	case <-e.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-time.After(15 * time.Second):
-		return nil, errors.New("egress: the waypoint never opened the egress link")
+	default:
+		close(e.ready)
 	}
-	if e.err != nil {
-		return nil, fmt.Errorf("egress: %w", e.err)
+}
+
+// current is the live link (or why it failed), or else a channel closed when the next one comes.
+func (e *egressLink) current() (*hbone.ClientConn, error, <-chan struct{}) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	select {
+	case <-e.ready:
+	default:
+		return nil, nil, e.ready
 	}
-	return e.cc.Dial(ctx, addr, hbone.DialOptions{})
+	if e.cc != nil && gone(e.cc) { // its tunnel is lost: wait for the next
+		e.cc, e.err, e.ready = nil, nil, make(chan struct{})
+		return nil, nil, e.ready
+	}
+	return e.cc, e.err, nil
+}
+
+func gone(cc *hbone.ClientConn) bool {
+	select {
+	case <-cc.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// dial opens a connection to addr over the current link, waiting (at most egressWait) while there
+// is none: before the first, and while a lost tunnel is reconnected.
+func (e *egressLink) dial(ctx context.Context, addr string) (net.Conn, error) {
+	timer := time.NewTimer(egressWait)
+	defer timer.Stop()
+	for {
+		cc, err, next := e.current()
+		if next == nil {
+			if err != nil {
+				return nil, fmt.Errorf("egress: %w", err)
+			}
+			s, err := cc.Dial(ctx, addr, hbone.DialOptions{})
+			if err == nil {
+				return s, nil
+			}
+			if !gone(cc) || ctx.Err() != nil {
+				return nil, err
+			}
+			continue // the link went with its tunnel during the dial: try the next
+		}
+		select {
+		case <-next:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-timer.C:
+			return nil, fmt.Errorf("egress: no link to the waypoint for %v (the tunnel is down and detour is reconnecting, or the waypoint never opened one)", egressWait)
+		}
+	}
 }

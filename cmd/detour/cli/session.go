@@ -60,19 +60,18 @@ func (f *tunnelFlags) register(cmd *cobra.Command) {
 }
 
 // dialer resolves the identity and returns a Dialer for the waypoint (a new port-forward per dial
-// with --port-forward, so that a reconnection reaches whichever pod now serves), the address for
-// messages and the transport to start with.
-func (f *tunnelFlags) dialer(ctx context.Context, log *slog.Logger) (dial devsession.Dialer, addr, transport string, err error) {
+// with --port-forward, so that a reconnection reaches whichever pod now serves), the identity, the
+// address for messages and the transport to start with.
+func (f *tunnelFlags) dialer(ctx context.Context, log *slog.Logger) (dial devsession.Dialer, src identity.Source, addr, transport string, err error) {
 	if f.waypoint == "" && f.portForward == "" {
-		return nil, "", "", errors.New("--waypoint or --port-forward is required")
+		return nil, nil, "", "", errors.New("--waypoint or --port-forward is required")
 	}
-	src, err := f.identity(ctx, log)
-	if err != nil {
-		return nil, "", "", err
+	if src, err = f.identity(ctx, log); err != nil {
+		return nil, nil, "", "", err
 	}
 	authorize, err := f.authorizer()
 	if err != nil {
-		return nil, "", "", err
+		return nil, nil, "", "", err
 	}
 	addr, transport = f.waypoint, f.transport
 	if f.portForward != "" {
@@ -91,7 +90,7 @@ func (f *tunnelFlags) dialer(ctx context.Context, log *slog.Logger) (dial devses
 		defer cancel()
 		return tunnel.Dial(dctx, transport, to, src, authorize, log)
 	}
-	return dial, addr, transport, nil
+	return dial, src, addr, transport, nil
 }
 
 func (f *tunnelFlags) authorizer() (tlsconfig.Authorizer, error) {
@@ -285,17 +284,13 @@ func (c *sessionCmd) spec(target string) (tunnel.Spec, error) {
 
 func (c *sessionCmd) run(ctx context.Context, spec tunnel.Spec, out io.Writer) error {
 	log := c.log()
-	dial, addr, transport, err := c.tunnel.dialer(ctx, log)
+	dial, _, addr, transport, err := c.tunnel.dialer(ctx, log)
 	if err != nil {
 		return err
 	}
-	grace := c.grace
-	if grace <= 0 {
-		grace = -1 // no resume
-	}
 	verb := map[string]string{"steal": "stealing", "mirror": "mirroring"}[c.mode]
 	var failed atomic.Int64
-	r := &devsession.Runner{Spec: spec, To: c.to, Addr: addr, Transport: transport, Dial: dial, Grace: grace, Version: Version, Logger: log,
+	r := &devsession.Runner{Spec: spec, To: c.to, Addr: addr, Transport: transport, Dial: dial, Grace: runnerGrace(c.grace), Version: Version, Logger: log,
 		Event: func(ev tunnel.Event) { fmt.Fprintln(out, eventLine(ev)) },
 		Seen: func(_ tunnel.Meta, err error) {
 			if err != nil && failed.Add(1) == 1 {
@@ -315,6 +310,14 @@ func (c *sessionCmd) run(ctx context.Context, spec tunnel.Spec, out io.Writer) e
 	}
 	fmt.Fprintln(out, "session ended")
 	return nil
+}
+
+// runnerGrace is devsession.Runner.Grace for the --grace flag: 0 there means no resume.
+func runnerGrace(flag time.Duration) time.Duration {
+	if flag <= 0 {
+		return -1
+	}
+	return flag
 }
 
 func portName(p uint16) string {
