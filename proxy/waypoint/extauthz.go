@@ -49,6 +49,9 @@ func (h *Handler) custom(req *authz.Request, c *authz.Custom, check ask) (bool, 
 	res := check(chk)
 	if !res.Allow {
 		reason := fmt.Sprintf("denied by ext_authz provider %q (CUSTOM policy %s): status %d", c.Provider, c.Policy, res.Status)
+		if res.Local {
+			reason = fmt.Sprintf("refused before asking ext_authz provider %q (CUSTOM policy %s, includeRequestBodyInCheck): status %d", c.Provider, c.Policy, res.Status)
+		}
 		if res.Err != nil {
 			reason += ": " + res.Err.Error()
 		}
@@ -102,7 +105,8 @@ func peerAddr(r *hbone.Request) netip.AddrPort {
 // to r (upstream) and w (the response).
 func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 	return func(c *extauthz.Checker) extauthz.Result {
-		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r}
+		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r,
+			SetReadDeadline: http.NewResponseController(w).SetReadDeadline}
 		res := c.Check(r.Context(), xr)
 		if !res.Allow {
 			return res
@@ -128,14 +132,15 @@ func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 }
 
 // deny answers a denied request: the provider's answer for a CUSTOM denial (status, headers,
-// body; a gRPC client gets the status Envoy maps it to; response flag UAEX), else Envoy's 403.
+// body; a gRPC client gets the status Envoy maps it to; response flag UAEX, not for the
+// waypoint's own refusal of a body it could not buffer for the check), else Envoy's 403.
 func deny(w http.ResponseWriter, grpc bool, err error) {
 	var cd *customDenial
 	if !errors.As(err, &cd) {
 		localReply(w, grpc, http.StatusForbidden, 7, "RBAC: access denied")
 		return
 	}
-	if rec, ok := w.(*recorder); ok {
+	if rec, ok := w.(*recorder); ok && !cd.res.Local {
 		rec.flags = "UAEX" // Envoy's response flag for a denial by the external authorization service
 	}
 	for k, vs := range cd.res.Header {
