@@ -8,7 +8,8 @@ rootNamespace: istio-system
 aFieldOfANewerIstio: 1
 extensionProviders:
 - name: opa
-  envoyExtAuthzGrpc: {service: opa.demo.svc.cluster.local, port: 9191, timeout: 2s}
+  envoyExtAuthzGrpc: {service: opa.demo.svc.cluster.local, port: 9191, timeout: 2s,
+    includeRequestBodyInCheck: {maxRequestBytes: 8192, allowPartialMessage: true, packAsBytes: true}}
 `)
 	if err != nil {
 		t.Fatal(err)
@@ -16,6 +17,9 @@ extensionProviders:
 	p := mc.GetExtensionProviders()
 	if len(p) != 1 || p[0].GetEnvoyExtAuthzGrpc().GetPort() != 9191 || p[0].GetEnvoyExtAuthzGrpc().GetTimeout().GetSeconds() != 2 {
 		t.Fatalf("got %v", mc)
+	}
+	if b := p[0].GetEnvoyExtAuthzGrpc().GetIncludeRequestBodyInCheck(); b.GetMaxRequestBytes() != 8192 || !b.GetAllowPartialMessage() || !b.GetPackAsBytes() {
+		t.Fatalf("includeRequestBodyInCheck: %v", b)
 	}
 	if mc, err := ParseMeshConfig(""); err != nil || len(mc.GetExtensionProviders()) != 0 {
 		t.Fatalf("empty: %v %v", mc, err)

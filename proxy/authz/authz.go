@@ -2,8 +2,8 @@
 // target the waypoint's Gateway, the destination Service, or the istio-waypoint GatewayClass (from
 // the root namespace) apply (targetRefs; the legacy targetRef only when targetRefs is empty; a
 // ServiceEntry target applies to nothing, detour knowing no ServiceEntries); CUSTOM first (a
-// request its rules match goes to the ext_authz provider it names: see Decision.Custom), then
-// DENY, then ALLOW (if any ALLOW applies, one must match); AUDIT only marks the decision. A policy annotated
+// request its rules match goes to the ext_authz provider it names: see Decision.Custom; matched
+// before request authentication, see DecideCustom), then DENY, then ALLOW (if any ALLOW applies, one must match); AUDIT only marks the decision. A policy annotated
 // `istio.io/dry-run: "true"` is evaluated and its would-be outcome reported, never enforced.
 //
 // An attribute the stream cannot give (HTTP fields, request principals and JWT claims on an
@@ -87,9 +87,10 @@ type Decision struct {
 	DryRun []string
 	// Custom is set when an enforced CUSTOM policy matched and names a usable provider. Allow is
 	// then false, so a caller that calls no provider denies, as istiod does for an unknown one; a
-	// caller that calls it (Envoy's waypoint runs the ext_authz filter before every other
-	// authorization filter: pilot listener_waypoint.go buildWaypointHTTPFilters) applies
-	// Custom.Then once the provider allows.
+	// caller that calls it (Envoy's waypoint runs the ext_authz filter before jwt_authn and every
+	// other authorization filter: pilot listener_waypoint.go buildWaypointHTTPFilters) goes on
+	// once the provider allows: to Custom.Then (Decide), or to request authentication and
+	// DecideLocal (DecideCustom).
 	Custom *Custom
 }
 
@@ -97,7 +98,7 @@ type Decision struct {
 type Custom struct {
 	Provider string   // the mesh config's extension provider the policy names
 	Policy   string   // namespace/name of the CUSTOM policy that matched
-	Then     Decision // the DENY and ALLOW policies' decision, which applies if the provider allows
+	Then     Decision // Decide: the DENY and ALLOW policies' decision, which applies if the provider allows
 }
 
 // Engine holds the policies of one config. Immutable.
@@ -115,26 +116,70 @@ func New(wp Waypoint, policies []*Policy) *Engine {
 	return &Engine{wp: wp, policies: policies}
 }
 
-// Decide evaluates the policies that apply to req.
+// Decide evaluates the policies that apply to req: DecideCustom, then (when no CUSTOM policy
+// denied) DecideLocal, carried in Custom.Then when a provider is to be asked. A waypoint that
+// validates tokens between the two phases calls them on their own (see DecideCustom).
 func (e *Engine) Decide(req *Request) Decision {
-	d := Decision{DryRun: e.dryRun(req)}
+	d := e.DecideCustom(req)
+	if !d.Allow && d.Custom == nil {
+		d.DryRun = append(d.DryRun, e.dryRun(req, false)...)
+		return d
+	}
+	local := e.DecideLocal(req)
+	local.DryRun = append(d.DryRun, local.DryRun...)
+	if d.Custom != nil {
+		d.DryRun, d.Audit = local.DryRun, local.Audit
+		d.Custom.Then = local
+		return d
+	}
+	return local
+}
+
+// DecideCustom is the CUSTOM phase alone, as Istio's waypoint runs it: the CUSTOM policies'
+// shadow RBAC filter and ext_authz come first in its HTTP chain, before jwt_authn (pilot
+// listener_waypoint.go buildWaypointHTTPFilters: authzCustomBuilder, then authnBuilder, then
+// authzBuilder), so they see no token. The rules are matched as for a request without one, whatever
+// req.HTTP.JWT holds: requestPrincipals and request.auth.* never match, notRequestPrincipals always
+// does (istiod's validation refuses those fields in a CUSTOM policy; a static config can still
+// hold them). Allow is true when no enforced CUSTOM policy matches; Custom is set when one matches
+// and names a usable provider; else the decision denies. DryRun has the dry-run CUSTOM policies.
+func (e *Engine) DecideCustom(req *Request) Decision {
+	req = withoutToken(req)
+	d := Decision{Allow: true, DryRun: e.dryRun(req, true)}
+	if p := e.custom(req); p != nil {
+		d.Allow, d.Policy, d.Reason = false, p.id(), customReason(p)
+		if prov, why := e.provider(req.Service, p); why != "" {
+			d.Reason = "denied by CUSTOM policy " + p.id() + ": " + why
+		} else {
+			d.Custom = &Custom{Provider: prov, Policy: p.id()}
+		}
+	}
+	return d
+}
+
+// DecideLocal is the phase after request authentication (Istio's authzBuilder): AUDIT marks,
+// then DENY, then ALLOW, on req with its token; DryRun has the dry-run policies of those
+// actions. It ignores CUSTOM policies: DecideCustom decided them.
+func (e *Engine) DecideLocal(req *Request) Decision {
+	d := e.local(req)
+	d.DryRun = e.dryRun(req, false)
 	for _, p := range e.enforced(req.Service, secv1beta1.AuthorizationPolicy_AUDIT) {
 		if matchPolicy(p, req, secv1beta1.AuthorizationPolicy_AUDIT) {
 			d.Audit = append(d.Audit, p.id())
 		}
 	}
-	if p := e.custom(req); p != nil {
-		d.Policy, d.Reason = p.id(), customReason(p)
-		if prov, why := e.provider(req.Service, p); why != "" {
-			d.Reason = "denied by CUSTOM policy " + p.id() + ": " + why
-		} else {
-			d.Custom = &Custom{Provider: prov, Policy: p.id(), Then: e.local(req)}
-		}
-		return d
-	}
-	local := e.local(req)
-	d.Allow, d.Policy, d.Reason = local.Allow, local.Policy, local.Reason
 	return d
+}
+
+// withoutToken is req as a filter before jwt_authn sees it: no validated token.
+func withoutToken(req *Request) *Request {
+	if req.HTTP == nil || req.HTTP.JWT == nil {
+		return req
+	}
+	r, h := *req, *req.HTTP
+	h.JWT = nil
+	r.HTTP = &h
+	return &r
 }
 
 // local is the DENY and ALLOW policies' decision.
@@ -212,13 +257,13 @@ func (e *Engine) provider(dst Service, p *Policy) (string, string) {
 	return name, ""
 }
 
-// dryRun is the would-be outcome of each dry-run policy that applies: an ALLOW allows what it
-// matches and denies the rest; a DENY or CUSTOM (no provider) denies what it matches; an AUDIT
-// decides nothing and is not reported.
-func (e *Engine) dryRun(req *Request) []string {
+// dryRun is the would-be outcome of each dry-run policy that applies, the CUSTOM ones (custom)
+// or the others: an ALLOW allows what it matches and denies the rest; a DENY or CUSTOM (no
+// provider) denies what it matches; an AUDIT decides nothing and is not reported.
+func (e *Engine) dryRun(req *Request, custom bool) []string {
 	var out []string
 	for _, p := range e.policies {
-		if !p.DryRun || !e.applies(p, req.Service) {
+		if !p.DryRun || !e.applies(p, req.Service) || (p.Spec.GetAction() == secv1beta1.AuthorizationPolicy_CUSTOM) != custom {
 			continue
 		}
 		var allow bool

@@ -143,6 +143,45 @@ func TestCustomDecision(t *testing.T) {
 	}
 }
 
+// The CUSTOM phase is matched as Envoy's waypoint matches it, before jwt_authn: the request's
+// token takes no part (requestPrincipals and request.auth.* never match, notRequestPrincipals
+// always does), while the phase after it (DecideLocal) sees the token; Decide combines both.
+func TestCustomIgnoresToken(t *testing.T) {
+	anyToken := from(&src{RequestPrincipals: []string{"*"}})
+	noToken := from(&src{NotRequestPrincipals: []string{"*"}})
+	claim := when(&cond{Key: "request.auth.claims[groups]", Values: []string{"dev"}})
+	for _, tc := range []struct {
+		name     string
+		policies []*Policy
+		asked    bool // DecideCustom hands the request to the provider
+		local    string
+	}{
+		{"requestPrincipals never matches", []*Policy{custom("ext", "opa", anyToken)}, false, "allow: no policy applies"},
+		{"request.auth.claims never matches", []*Policy{custom("ext", "opa", claim)}, false, "allow: no policy applies"},
+		{"notRequestPrincipals always matches", []*Policy{custom("ext", "opa", noToken)}, true, "allow: no policy applies"},
+		{"the ALLOW after it sees the token", []*Policy{custom("ext", "opa", noToken), pol("a", ALLOW, toEcho, anyToken)}, true, "allow: allowed by ALLOW policy demo/a"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := New(wp, tc.policies)
+			r := withJWT(httpReq("GET", "/"))
+			c := e.DecideCustom(r)
+			if asked := c.Custom != nil; asked != tc.asked || c.Allow == tc.asked {
+				t.Fatalf("DecideCustom: %s, Custom %+v; want asked %v", c, c.Custom, tc.asked)
+			}
+			if r.HTTP.JWT == nil {
+				t.Fatal("DecideCustom dropped the caller's token")
+			}
+			if d := e.DecideLocal(r); d.String() != tc.local {
+				t.Fatalf("DecideLocal: %q, want %q", d, tc.local)
+			}
+			d := e.Decide(r)
+			if tc.asked && (d.Custom == nil || d.Custom.Then.String() != tc.local) || !tc.asked && d.String() != tc.local {
+				t.Fatalf("Decide: %s, Custom %+v", d, d.Custom)
+			}
+		})
+	}
+}
+
 // Where a match differs from a plain reading of the fields, Envoy's (as istiod configures it) wins.
 func TestEnvoyMatching(t *testing.T) {
 	withHost := func(host string) *Request { r := httpReq("GET", "/"); r.HTTP.Host = host; return r }

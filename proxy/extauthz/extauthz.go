@@ -56,6 +56,11 @@ type Request struct {
 	// HTTP is the request, nil for an opaque stream (gRPC providers only). Its Body may be
 	// replaced by Check (includeRequestBodyInCheck reads it ahead, then replays it).
 	HTTP *http.Request
+	// SetReadDeadline sets the read deadline of HTTP's body, as http.ResponseController does for
+	// the request being served: Check bounds the read of a body for includeRequestBodyInCheck by
+	// the provider's timeout with it, and clears it after. nil: the read is not bounded (only
+	// for a body that cannot block, such as one in memory).
+	SetReadDeadline func(time.Time) error
 }
 
 // Result is a provider's answer.
@@ -70,8 +75,14 @@ type Result struct {
 	UpstreamSet, UpstreamAppend http.Header
 	UpstreamRemove              []string
 	Downstream                  http.Header
-	// Err is why the check failed (wrapping ErrCheck); Allow is then the provider's failOpen.
+	// Err is why the check failed (wrapping ErrCheck; Allow is then the provider's failOpen), or
+	// with Local why the request was refused.
 	Err error
+	// Local: the waypoint answered without asking the provider, as Envoy's connection manager
+	// does, for a body includeRequestBodyInCheck could not buffer: over maxRequestBytes without
+	// allowPartialMessage (413), not all there within the provider's timeout (408), unreadable
+	// (400). Not the provider's denial, and failOpen does not apply.
+	Local bool
 }
 
 // Checker asks one provider.
@@ -82,7 +93,7 @@ type Checker struct {
 	onError  int
 	failOpen bool
 	body     *meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationRequestBody
-	check    func(ctx context.Context, r *Request, body []byte) (Result, error)
+	check    func(ctx context.Context, r *Request, b *body) (Result, error) // b nil: no body buffered
 	close    func() error
 }
 
@@ -93,20 +104,18 @@ func (c *Checker) Streams() bool { return c.spec.GetEnvoyExtAuthzGrpc() != nil }
 // Name is the provider's name.
 func (c *Checker) Name() string { return c.name }
 
-// Check asks the provider about r, within the provider's timeout. It never fails: a failed
-// check is a Result with Err set, allowed only with failOpen.
+// Check asks the provider about r, within the provider's timeout (once the body
+// includeRequestBodyInCheck asks for is buffered, itself bounded by that timeout: see readBody).
+// It never fails: a failed check is a Result with Err set, allowed only with failOpen.
 func (c *Checker) Check(ctx context.Context, r *Request) Result {
+	b, refused := c.readBody(r)
+	if refused != nil {
+		return *refused
+	}
+	// Envoy's timeout is the check call's (started in initiateCall, once the body is there).
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	body, tooLarge, err := c.readBody(r.HTTP)
-	if err != nil {
-		return c.failed(fmt.Errorf("%w: reading the request body: %w", ErrCheck, err))
-	}
-	if tooLarge {
-		// Envoy's buffer filter: a body over maxRequestBytes without allowPartialMessage.
-		return Result{Status: http.StatusRequestEntityTooLarge, Body: []byte("Payload Too Large")}
-	}
-	res, err := c.check(ctx, r, body)
+	res, err := c.check(ctx, r, b)
 	if err != nil {
 		f := c.failed(fmt.Errorf("%w: provider %s: %w", ErrCheck, c.name, err))
 		if res.Status != 0 { // a gRPC error_response's own answer

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 
@@ -118,5 +119,73 @@ func TestHTTPChecker(t *testing.T) {
 	res = check(&meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationHttpProvider{Service: "127.0.0.1", Port: port, StatusOnError: "503"}, "")
 	if res.Allow || res.Status != 503 || !errors.Is(res.Err, ErrCheck) {
 		t.Errorf("unreachable: %+v", res)
+	}
+}
+
+type failingReader struct{ err error }
+
+func (r failingReader) Read([]byte) (int, error) { return 0, r.err }
+
+// readBody buffers what Envoy's with_request_body buffers, and refuses what it refuses, without
+// the provider: upgrades and bodiless requests are not buffered; a Content-Length over the limit
+// is 413 before a byte is read; a body that cannot be read is 400, one past its deadline 408.
+func TestReadBody(t *testing.T) {
+	settings := func(max uint32, partial bool) *meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationRequestBody {
+		return &meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExternalAuthorizationRequestBody{MaxRequestBytes: max, AllowPartialMessage: partial}
+	}
+	req := func(method string, body io.Reader, length int64, hdr ...string) *http.Request {
+		r, _ := http.NewRequest(method, "http://web/x", body)
+		r.ContentLength = length
+		for i := 0; i+1 < len(hdr); i += 2 {
+			r.Header.Set(hdr[i], hdr[i+1])
+		}
+		return r
+	}
+	never := failingReader{errors.New("read, but must not be")}
+	for _, tc := range []struct {
+		name    string
+		c       *Checker
+		r       *http.Request
+		body    string // "-": none buffered
+		partial bool
+		status  int // a refusal
+	}{
+		{"no settings", &Checker{}, req("POST", never, 5), "-", false, 0},
+		{"no body", &Checker{body: settings(4, false)}, req("GET", nil, 0), "-", false, 0},
+		{"websocket upgrade", &Checker{body: settings(4, false)}, req("GET", never, 5, "Connection", "Upgrade", "Upgrade", "websocket"), "-", false, 0},
+		{"CONNECT", &Checker{body: settings(4, false)}, req("CONNECT", never, -1), "-", false, 0},
+		{"whole", &Checker{body: settings(4, false)}, req("POST", strings.NewReader("abcd"), -1), "abcd", false, 0},
+		{"partial", &Checker{body: settings(4, true)}, req("POST", strings.NewReader("abcdef"), 6), "abcd", true, 0},
+		{"Content-Length over: 413 unread", &Checker{body: settings(4, false)}, req("POST", never, 5), "-", false, 413},
+		{"chunked over: 413", &Checker{body: settings(4, false)}, req("POST", strings.NewReader("abcdef"), -1), "-", false, 413},
+		{"unreadable: 400", &Checker{body: settings(4, false)}, req("POST", failingReader{io.ErrUnexpectedEOF}, -1), "-", false, 400},
+		{"past the deadline: 408", &Checker{body: settings(4, false)}, req("POST", failingReader{os.ErrDeadlineExceeded}, -1), "-", false, 408},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, refused := tc.c.readBody(&Request{HTTP: tc.r})
+			switch {
+			case tc.status != 0:
+				if refused == nil || refused.Status != tc.status || !refused.Local || refused.Allow {
+					t.Fatalf("refusal %+v, want a local %d", refused, tc.status)
+				}
+			case refused != nil:
+				t.Fatalf("refused: %+v", refused)
+			case tc.body == "-":
+				if b != nil {
+					t.Fatalf("buffered %q", b.data)
+				}
+			case b == nil || string(b.data) != tc.body || b.partial != tc.partial:
+				t.Fatalf("buffered %+v, want %q partial %v", b, tc.body, tc.partial)
+			}
+		})
+	}
+}
+
+// Envoy's sanitizeUtf8String: each byte not part of valid UTF-8 becomes '!'.
+func TestValidUTF8(t *testing.T) {
+	for in, want := range map[string]string{"ok": "ok", "\xff\xfeok\xc3": "!!ok!", "é\xe2\x82": "é!!", "日本": "日本"} {
+		if got := validUTF8(in); got != want {
+			t.Errorf("validUTF8(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

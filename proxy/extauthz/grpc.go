@@ -43,8 +43,8 @@ func newGRPC(c *Checker, p *meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExter
 	return nil
 }
 
-func (g *grpcProvider) check(ctx context.Context, r *Request, body []byte) (Result, error) {
-	resp, err := g.client.Check(ctx, g.request(r, body))
+func (g *grpcProvider) check(ctx context.Context, r *Request, b *body) (Result, error) {
+	resp, err := g.client.Check(ctx, g.request(r, b))
 	if err != nil {
 		return Result{}, err
 	}
@@ -113,8 +113,10 @@ func add(h http.Header, k, v string) http.Header {
 	return h
 }
 
-// request builds the CheckRequest's attributes (Envoy's CheckRequestUtils).
-func (g *grpcProvider) request(r *Request, body []byte) *authv3.CheckRequest {
+// request builds the CheckRequest's attributes (Envoy's CheckRequestUtils): strings made
+// valid UTF-8 as Envoy makes them, the body (b non-nil) in body, or raw_body with packAsBytes,
+// and PartialBodyHeader in the headers.
+func (g *grpcProvider) request(r *Request, b *body) *authv3.CheckRequest {
 	attrs := &authv3.AttributeContext{
 		Source:      &authv3.AttributeContext_Peer{Address: socketAddress(r.Source.Addr().String(), r.Source.Port()), Principal: r.Principal},
 		Destination: &authv3.AttributeContext_Peer{Address: socketAddress(r.Destination.Addr().String(), r.Destination.Port())},
@@ -129,7 +131,9 @@ func (g *grpcProvider) request(r *Request, body []byte) *authv3.CheckRequest {
 	if hr := r.HTTP; hr != nil {
 		headers := map[string]string{":authority": hr.Host, ":method": hr.Method, ":path": hr.URL.RequestURI()}
 		for k, vs := range hr.Header {
-			headers[strings.ToLower(k)] = strings.Join(vs, ",")
+			if k != PartialBodyHeader {
+				headers[strings.ToLower(k)] = validUTF8(strings.Join(vs, ","))
+			}
 		}
 		h := &authv3.AttributeContext_HttpRequest{
 			Id:       hr.Header.Get("X-Request-Id"),
@@ -142,10 +146,13 @@ func (g *grpcProvider) request(r *Request, body []byte) *authv3.CheckRequest {
 			Size:     hr.ContentLength,
 			Protocol: hr.Proto,
 		}
-		if g.pack {
-			h.RawBody = body
-		} else {
-			h.Body = string(body)
+		if b != nil {
+			if g.pack {
+				h.RawBody = b.data
+			} else {
+				h.Body = validUTF8(string(b.data))
+			}
+			headers[strings.ToLower(PartialBodyHeader)] = b.partialValue()
 		}
 		attrs.Request.Http = h
 	}

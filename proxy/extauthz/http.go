@@ -75,9 +75,13 @@ func newHTTP(c *Checker, p *meshv1alpha1.MeshConfig_ExtensionProvider_EnvoyExter
 	return nil
 }
 
-func (h *httpProvider) check(ctx context.Context, r *Request, body []byte) (Result, error) {
+func (h *httpProvider) check(ctx context.Context, r *Request, b *body) (Result, error) {
 	if r.HTTP == nil {
 		return Result{}, errors.New("an HTTP provider cannot check an opaque stream")
+	}
+	var body []byte
+	if b != nil {
+		body = b.data
 	}
 	req, err := http.NewRequestWithContext(ctx, r.HTTP.Method, h.base, bytes.NewReader(body))
 	if err != nil {
@@ -89,7 +93,7 @@ func (h *httpProvider) check(ctx context.Context, r *Request, body []byte) (Resu
 	req.ContentLength = int64(len(body))
 	for k, vs := range r.HTTP.Header {
 		if k == "Authorization" || h.include.match(k) {
-			if !hopByHop[k] && k != "Content-Length" {
+			if !hopByHop[k] && k != "Content-Length" && k != PartialBodyHeader {
 				req.Header[k] = vs
 			}
 		}
@@ -99,6 +103,9 @@ func (h *httpProvider) check(ctx context.Context, r *Request, body []byte) (Resu
 	}
 	if len(body) > 0 {
 		req.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	}
+	if b != nil {
+		req.Header.Set(PartialBodyHeader, b.partialValue())
 	}
 	resp, err := h.client.Do(req)
 	if err != nil {
@@ -113,11 +120,11 @@ func (h *httpProvider) check(ctx context.Context, r *Request, body []byte) (Resu
 			Downstream:  pick(resp.Header, func(k string) bool { return !hopByHop[k] && h.downAllow.match(k) }),
 		}, nil
 	}
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody+1))
+	denial, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody+1))
 	if err != nil {
 		return Result{}, fmt.Errorf("reading the denial: %w", err)
 	}
-	if len(b) > maxResponseBody {
+	if len(denial) > maxResponseBody {
 		return Result{}, fmt.Errorf("the denial's body is over %d bytes", maxResponseBody)
 	}
 	keep := func(k string) bool {
@@ -129,5 +136,5 @@ func (h *httpProvider) check(ctx context.Context, r *Request, body []byte) (Resu
 		}
 		return h.downDeny.match(k)
 	}
-	return Result{Status: resp.StatusCode, Header: pick(resp.Header, keep), Body: b}, nil
+	return Result{Status: resp.StatusCode, Header: pick(resp.Header, keep), Body: denial}, nil
 }

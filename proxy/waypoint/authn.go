@@ -11,7 +11,7 @@ import (
 
 // authenticate validates r's tokens against the RequestAuthentications that apply to dest and
 // puts the request's JWT (nil: it carried none) in hr. A token that fails is answered here, as
-// Envoy's jwt_authn answers it before RBAC: 401 (403 for audiences not allowed) with its status
+// Envoy's jwt_authn answers it after the CUSTOM check and before RBAC (see authorizeHTTP): 401 (403 for audiences not allowed) with its status
 // as the body and a WWW-Authenticate challenge; gRPC: UNAUTHENTICATED (16) or
 // PERMISSION_DENIED (7). It reports whether the request goes on.
 func (hs *httpStream) authenticate(w http.ResponseWriter, r *http.Request, grpc bool, dest *route.Destination, hr *authz.HTTPRequest) bool {

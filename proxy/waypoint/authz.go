@@ -2,6 +2,7 @@ package waypoint
 
 import (
 	"fmt"
+	"net/http"
 	"net/netip"
 
 	"github.com/detour-mesh/detour/hbone"
@@ -49,22 +50,35 @@ func (h *Handler) authorize(engine *authz.Engine, req *authz.Request, r *hbone.R
 	return h.authorizeCustom(engine, req, r, nil)
 }
 
-// authorizeCustom is authorize, asking a CUSTOM policy's provider with check first (see
-// custom); a denial by the provider is a *customDenial.
+// authorizeCustom is authorize for a stream, asking a CUSTOM policy's provider with check first
+// (see custom); a denial by the provider is a *customDenial. An HTTP request is decided in
+// phases instead (httpStream.authorizeHTTP).
 func (h *Handler) authorizeCustom(engine *authz.Engine, req *authz.Request, r *hbone.Request, check ask) error {
 	if engine == nil {
 		return nil
 	}
-	return h.settle(engine, req, r, engine.Decide(req), check)
+	return h.settle(req, r, engine.Decide(req), check)
 }
 
-// settle asks the provider dec's CUSTOM policy names with check (see custom), records the
-// decision and returns the denial, if any.
-func (h *Handler) settle(engine *authz.Engine, req *authz.Request, r *hbone.Request, dec authz.Decision, check ask) error {
+// settle asks the provider dec's CUSTOM policy names with check (see custom); if it allows, the
+// DENY and ALLOW policies' decision (Custom.Then) applies. It records the decision and returns
+// the denial, if any.
+func (h *Handler) settle(req *authz.Request, r *hbone.Request, dec authz.Decision, check ask) error {
 	var denied *customDenial
-	if dec.Custom != nil {
-		dec, denied = h.custom(engine, req, dec, check)
+	if c := dec.Custom; c != nil {
+		allow, reason, d := h.custom(req, c, check)
+		if allow {
+			dec.Allow, dec.Policy, dec.Reason = c.Then.Allow, c.Then.Policy, c.Then.Reason+reason
+		} else if denied = d; reason != "" {
+			dec.Reason = reason
+		}
 	}
+	return h.conclude(req, r, dec, denied)
+}
+
+// conclude records dec (metrics, the dry-run and audit log) and returns its denial: denied when
+// the provider answered it, else Envoy's RBAC one.
+func (h *Handler) conclude(req *authz.Request, r *hbone.Request, dec authz.Decision, denied *customDenial) error {
 	h.Metrics.Decision(dec.Allow, dec.Policy)
 	for _, d := range dec.DryRun {
 		h.Metrics.ShadowDecision(d)
@@ -82,4 +96,54 @@ func (h *Handler) settle(engine *authz.Engine, req *authz.Request, r *hbone.Requ
 		return fmt.Errorf("%w: RBAC: access denied: %s", hbone.ErrForbidden, dec.Reason)
 	}
 	return nil
+}
+
+// authorizeHTTP runs the policy phases of one HTTP request in the order of istiod's waypoint
+// chain (pilot listener_waypoint.go buildWaypointHTTPFilters; the sidecar's inbound chain is the
+// same): the CUSTOM policies' ext_authz check (authzCustomBuilder), then request authentication
+// (authnBuilder: jwt_authn), then AUDIT, DENY and ALLOW (authzBuilder). The CUSTOM rules are
+// matched before any token is validated, as Envoy's shadow RBAC filter in front of ext_authz
+// sees no jwt_authn metadata: a token takes no part in whether the provider is asked, and a
+// request it denies gets the provider's answer whatever its token; one it allows then has its
+// token validated (401 when it fails) and the DENY and ALLOW policies decide on the request
+// as the provider changed it. It answers a refused request itself and reports whether r goes on.
+func (hs *httpStream) authorizeHTTP(w http.ResponseWriter, r *http.Request, grpc bool, dest *route.Destination, hr *authz.HTTPRequest) bool {
+	h := hs.h
+	var engine *authz.Engine
+	if h.Policies != nil {
+		engine = h.Policies()
+	}
+	req := h.authzRequest(hs.req, dest, "", hr) // req.HTTP is hr: it gets the token below
+	var custom authz.Decision
+	var note string
+	if engine != nil {
+		custom = engine.DecideCustom(req)
+		var denied *customDenial
+		if c := custom.Custom; c != nil {
+			var reason string
+			if custom.Allow, reason, denied = h.custom(req, c, hs.checkHTTP(w, r)); custom.Allow {
+				note = reason
+			} else if reason != "" {
+				custom.Reason = reason
+			}
+		}
+		if !custom.Allow {
+			deny(w, grpc, h.conclude(req, hs.req, custom, denied))
+			return false
+		}
+	}
+	if !hs.authenticate(w, r, grpc, dest, hr) {
+		return false // answered: a token failed (401), before DENY and ALLOW, as Envoy's jwt_authn
+	}
+	if engine == nil {
+		return true
+	}
+	dec := engine.DecideLocal(req)
+	dec.DryRun = append(custom.DryRun, dec.DryRun...)
+	dec.Reason += note
+	if err := h.conclude(req, hs.req, dec, nil); err != nil {
+		deny(w, grpc, err)
+		return false
+	}
+	return true
 }

@@ -27,50 +27,40 @@ type customDenial struct {
 func (e *customDenial) Error() string { return hbone.ErrForbidden.Error() + ": " + e.reason }
 func (e *customDenial) Unwrap() error { return hbone.ErrForbidden }
 
-// custom resolves a decision a CUSTOM policy handed to its provider: the provider is asked
-// (nil ask: the stream cannot be checked, so it stays denied); if it allows, the DENY and ALLOW
-// policies decide, re-evaluated on the request as the provider changed it (Envoy runs RBAC
-// after ext_authz, on the mutated headers). Without h.ExtAuthz, or a provider of that name,
-// the decision stays the denial the engine made.
-func (h *Handler) custom(engine *authz.Engine, req *authz.Request, dec authz.Decision, check ask) (authz.Decision, *customDenial) {
-	c := dec.Custom
+// custom asks the provider the CUSTOM policy c names (check nil: the stream cannot be checked,
+// so it stays denied). It reports whether the provider allowed, the decision's reason (on an
+// allow, a note to append, usually ""; "" on a denial: the engine's reason stands), and the
+// provider's denial to answer, if it gave one. Without h.ExtAuthz, or a provider of that name,
+// the request stays denied as the engine decided.
+func (h *Handler) custom(req *authz.Request, c *authz.Custom, check ask) (bool, string, *customDenial) {
 	chk, err := h.ExtAuthz.Checker(c.Provider)
 	if err != nil {
-		return dec, nil
+		return false, "", nil
 	}
 	if req.HTTP == nil && !chk.Streams() {
 		// istiod builds no network ext_authz filter for an HTTP provider (builder.go buildTCP:
 		// "ignored CUSTOM action with HTTP provider on TCP filter chain"): on an opaque stream
 		// the CUSTOM policy takes no part.
-		dec.Allow, dec.Policy, dec.Reason = c.Then.Allow, c.Then.Policy, c.Then.Reason+
-			fmt.Sprintf(" (CUSTOM policy %s: HTTP provider %q is not called for an opaque stream, as in istiod)", c.Policy, c.Provider)
-		return dec, nil
+		return true, fmt.Sprintf(" (CUSTOM policy %s: HTTP provider %q is not called for an opaque stream, as in istiod)", c.Policy, c.Provider), nil
 	}
 	if check == nil {
-		dec.Reason = fmt.Sprintf("denied by CUSTOM policy %s: provider %q cannot be asked here", c.Policy, c.Provider)
-		return dec, nil
+		return false, fmt.Sprintf("denied by CUSTOM policy %s: provider %q cannot be asked here", c.Policy, c.Provider), nil
 	}
 	res := check(chk)
 	if !res.Allow {
-		dec.Reason = fmt.Sprintf("denied by ext_authz provider %q (CUSTOM policy %s): status %d", c.Provider, c.Policy, res.Status)
+		reason := fmt.Sprintf("denied by ext_authz provider %q (CUSTOM policy %s): status %d", c.Provider, c.Policy, res.Status)
+		if res.Local {
+			reason = fmt.Sprintf("refused before asking ext_authz provider %q (CUSTOM policy %s, includeRequestBodyInCheck): status %d", c.Provider, c.Policy, res.Status)
+		}
 		if res.Err != nil {
-			dec.Reason += ": " + res.Err.Error()
+			reason += ": " + res.Err.Error()
 		}
-		return dec, &customDenial{res: res, reason: dec.Reason}
+		return false, reason, &customDenial{res: res, reason: reason}
 	}
-	then := c.Then
-	if len(res.UpstreamSet)+len(res.UpstreamAppend)+len(res.UpstreamRemove) > 0 && req.HTTP != nil {
-		again := engine.Decide(req)
-		then = again
-		if again.Custom != nil {
-			then = again.Custom.Then
-		}
-	}
-	dec.Allow, dec.Policy, dec.Reason = then.Allow, then.Policy, then.Reason
 	if res.Err != nil {
-		dec.Reason += fmt.Sprintf(" (ext_authz provider %q failed open: %v)", c.Provider, res.Err)
+		return true, fmt.Sprintf(" (ext_authz provider %q failed open: %v)", c.Provider, res.Err), nil
 	}
-	return dec, nil
+	return true, "", nil
 }
 
 // pendingCheck is the CUSTOM call of a stream decided at CONNECT time: the plan does no I/O, so
@@ -92,7 +82,7 @@ func (h *Handler) decideStream(engine *authz.Engine, req *authz.Request, r *hbon
 			return &pendingCheck{req: req, dec: dec}, nil
 		}
 	}
-	return nil, h.settle(engine, req, r, dec, nil)
+	return nil, h.settle(req, r, dec, nil)
 }
 
 // checkStream asks the provider about an opaque stream (a gRPC provider: Envoy's network
@@ -115,7 +105,8 @@ func peerAddr(r *hbone.Request) netip.AddrPort {
 // to r (upstream) and w (the response).
 func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 	return func(c *extauthz.Checker) extauthz.Result {
-		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r}
+		xr := &extauthz.Request{Source: peerAddr(hs.req), Destination: hs.req.Target.Addr, Principal: hs.req.PeerID.String(), HTTP: r,
+			SetReadDeadline: http.NewResponseController(w).SetReadDeadline}
 		res := c.Check(r.Context(), xr)
 		if !res.Allow {
 			return res
@@ -141,14 +132,15 @@ func (hs *httpStream) checkHTTP(w http.ResponseWriter, r *http.Request) ask {
 }
 
 // deny answers a denied request: the provider's answer for a CUSTOM denial (status, headers,
-// body; a gRPC client gets the status Envoy maps it to; response flag UAEX), else Envoy's 403.
+// body; a gRPC client gets the status Envoy maps it to; response flag UAEX, not for the
+// waypoint's own refusal of a body it could not buffer for the check), else Envoy's 403.
 func deny(w http.ResponseWriter, grpc bool, err error) {
 	var cd *customDenial
 	if !errors.As(err, &cd) {
 		localReply(w, grpc, http.StatusForbidden, 7, "RBAC: access denied")
 		return
 	}
-	if rec, ok := w.(*recorder); ok {
+	if rec, ok := w.(*recorder); ok && !cd.res.Local {
 		rec.flags = "UAEX" // Envoy's response flag for a denial by the external authorization service
 	}
 	for k, vs := range cd.res.Header {

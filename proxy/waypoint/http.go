@@ -117,20 +117,7 @@ func (hs *httpStream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if dest == nil {
 			dest = &route.Destination{}
 		}
-		var engine *authz.Engine
-		if hs.h.Policies != nil {
-			engine = hs.h.Policies()
-		}
-		// Filter order. istiod's waypoint chain (istio/istio pilot/pkg/networking/core/waypoint.go,
-		// buildWaypointHTTPFilters) is: CUSTOM ext_authz (authzCustomBuilder), then jwt_authn
-		// (authnBuilder), then DENY/ALLOW RBAC (authzBuilder); the sidecar's buildInboundHTTPFilters
-		// (listener.go) is the same. detour runs jwt_authn first, so with both a bad token and a CUSTOM
-		// policy it answers 401 where Istio would ask the provider first. Known gap (issue 16).
-		if !hs.authenticate(rec, r, grpc, dest, hr) {
-			// answered: a token failed (401), before any policy, as Envoy's jwt_authn
-		} else if err := hs.h.authorizeCustom(engine, hs.h.authzRequest(hs.req, dest, "", hr), hs.req, hs.checkHTTP(rec, r)); err != nil {
-			deny(rec, grpc, err)
-		} else {
+		if hs.authorizeHTTP(rec, r, grpc, dest, hr) {
 			steal, mirrors := requestSessions(hs.h.Sessions.For(hs.svcNS, hs.svc, hs.port), r, path)
 			if len(mirrors) > 0 {
 				hs.mirrorRequest(r, path, mirrors)

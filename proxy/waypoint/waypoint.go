@@ -146,7 +146,7 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		return h.serveRelay(s)
 	}
 	if c := p.check; c != nil {
-		if err := h.settle(p.engine, c.req, p.req, c.dec, h.checkStream(s.Context(), p.req)); err != nil {
+		if err := h.settle(c.req, p.req, c.dec, h.checkStream(s.Context(), p.req)); err != nil {
 			return err
 		}
 	}
