@@ -35,6 +35,7 @@ import (
 
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -54,7 +55,8 @@ const debounce = 20 * time.Millisecond
 type Discovery struct {
 	Kube  kubernetes.Interface
 	Istio istioclient.Interface
-	// Gateway reads HTTPRoutes and GRPCRoutes (gateway.networking.k8s.io/v1); nil watches none.
+	// Gateway reads HTTPRoutes, GRPCRoutes, TCPRoutes and TLSRoutes (gateway.networking.k8s.io/v1;
+	// TCPRoutes and TLSRoutes v1alpha2 where v1 is not served); nil watches none.
 	Gateway gwclient.Interface
 	// Namespace limits the watch to one namespace; "" watches all. The Namespace objects
 	// (cluster-scoped: get, list and watch on namespaces) are read either way, for their labels.
@@ -71,6 +73,7 @@ type Discovery struct {
 
 	routes  atomic.Pointer[route.Table]
 	http    atomic.Pointer[httproute.Table]
+	l4      atomic.Pointer[l4route.Table]
 	engine  atomic.Pointer[authz.Engine]
 	authn   atomic.Pointer[authn.Authenticator]
 	keys    authn.Keys // jwksUri key sets, kept across snapshots
@@ -94,6 +97,10 @@ func (d *Discovery) Routes() *route.Table {
 // HTTPRoutes is the current table of HTTPRoutes and GRPCRoutes attached to services (nil, no
 // route, before the first sync).
 func (d *Discovery) HTTPRoutes() *httproute.Table { return d.http.Load() }
+
+// L4Routes is the current table of TCPRoutes and TLSRoutes attached to services (nil, no route,
+// before the first sync).
+func (d *Discovery) L4Routes() *l4route.Table { return d.l4.Load() }
 
 // Policies is the current policy engine. Before the first sync it refuses everything: no
 // policy seen is not the same as no policy.
@@ -128,6 +135,8 @@ type listers struct {
 	mesh       func() (*corev1.ConfigMap, error) // nil: not watched
 	httpRoutes func() ([]*gwv1.HTTPRoute, error)
 	grpcRoutes func() ([]*gwv1.GRPCRoute, error)
+	tcpRoutes  func() ([]l4Object, error)
+	tlsRoutes  func() ([]l4Object, error)
 }
 
 // Run watches until ctx ends.
@@ -238,6 +247,8 @@ func (d *Discovery) Run(ctx context.Context) error {
 		mesh:       meshCM,
 		httpRoutes: ri.http,
 		grpcRoutes: ri.grpc,
+		tcpRoutes:  ri.tcp,
+		tlsRoutes:  ri.tls,
 	}
 	d.rebuild(l)
 	d.ready.Store(true)
@@ -296,6 +307,11 @@ func (d *Discovery) rebuild(l listers) {
 			d.log().Error("mesh: HTTP routes not updated", "err", err)
 		} else {
 			d.http.Store(hr)
+		}
+		if lr, err := d.compileL4Routes(l, table); err != nil {
+			d.log().Error("mesh: TCP and TLS routes not updated", "err", err)
+		} else {
+			d.l4.Store(lr)
 		}
 	}
 	ps, err := l.policies()

@@ -26,6 +26,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -149,6 +150,7 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		ExtAuthz:   disc.extAuthz,
 		Metrics:    m,
 		HTTPRoutes: disc.httpRoutes,
+		L4Routes:   disc.l4Routes,
 		HBONEPort:  cfg.Listeners.UpstreamHBONEPort,
 		Logger:     log,
 
@@ -252,10 +254,12 @@ type discovered struct {
 	authn    func() *authn.Authenticator
 	// httpRoutes are the HTTPRoutes and GRPCRoutes attached to services.
 	httpRoutes func() *httproute.Table
-	synced     func() bool
-	bind       func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
-	clients    *mesh.Clients                                                                 // nil: static
-	extAuthz   *extauthz.Registry                                                            // the mesh config's ext_authz providers
+	// l4Routes are the TCPRoutes and TLSRoutes attached to services.
+	l4Routes func() *l4route.Table
+	synced   func() bool
+	bind     func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
+	clients  *mesh.Clients                                                                 // nil: static
+	extAuthz *extauthz.Registry                                                            // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -277,9 +281,13 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		if err != nil {
 			return nil, err
 		}
+		lr, err := cfg.L4Routes()
+		if err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
 			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }, extAuthz: xa,
-			httpRoutes: func() *httproute.Table { return hr }}, nil
+			httpRoutes: func() *httproute.Table { return hr }, l4Routes: func() *l4route.Table { return lr }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -301,7 +309,7 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, l4Routes: d.L4Routes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
