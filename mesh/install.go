@@ -152,6 +152,9 @@ discovery:
 				map[string]any{"apiGroups": []any{"detour.dev"}, "resources": []any{"debugsessions"}, "verbs": []any{"get", "list", "watch", "create", "patch", "delete"}},
 				map[string]any{"apiGroups": []any{"discovery.k8s.io"}, "resources": []any{"endpointslices"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"security.istio.io"}, "resources": []any{"authorizationpolicies", "requestauthentications"}, "verbs": []any{"get", "list", "watch"}},
+				// the routes a waypoint applies (Discovery waits for their informers to sync: without
+				// these a cluster serving the Gateway API would never make the waypoint ready)
+				map[string]any{"apiGroups": []any{"gateway.networking.k8s.io"}, "resources": []any{"httproutes", "grpcroutes", "tcproutes", "tlsroutes"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),
