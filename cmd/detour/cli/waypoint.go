@@ -94,7 +94,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
 	}
-	disc, err := discovery(ctx, g, cfg, log)
+	m := metrics.New(reg)
+	disc, err := discovery(ctx, g, cfg, m, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -108,7 +109,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	l := ls.hbone
 	onward := &hbone.Dialer{Logger: log, NetDial: netDial}
 	defer onward.Close()
-	h, err := newHandler(cfg, src, disc, metrics.New(reg), onward, l, accessOut, log)
+	h, err := newHandler(cfg, src, disc, m, onward, l, accessOut, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -265,7 +266,7 @@ type discovered struct {
 // discovery returns the route table and policies of cfg's discovery source: the document's static
 // lists, or the Kubernetes API (informers, and the reconciler of per-session bindings, run in g
 // until ctx ends).
-func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *slog.Logger) (*discovered, error) {
+func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, m *metrics.Metrics, log *slog.Logger) (*discovered, error) {
 	wp := authz.Waypoint{Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, RootNamespace: cfg.Waypoint.RootNamespace}
 	if cfg.Discovery.Source != "kubernetes" {
 		table, err := cfg.Routes()
@@ -303,6 +304,14 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		if err := xa.Update(mc.GetExtensionProviders()); err != nil {
 			log.Warn("waypoint: extension providers left out; CUSTOM policies naming them deny what they match", "err", err)
 		}
+	}
+	// The Istio objects detour does not implement, as the waypoint's gauge.
+	d.UnsupportedConfig = func(list []mesh.Unsupported) {
+		objs := make([]metrics.Config, 0, len(list))
+		for _, u := range list {
+			objs = append(objs, metrics.Config{Kind: u.Kind, Namespace: u.Namespace, Name: u.Name})
+		}
+		m.SetUnsupported(objs)
 	}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
