@@ -56,31 +56,33 @@ func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinform
 	f := istioinformers.NewSharedInformerFactoryWithOptions(d.Istio, 0, opts...)
 	lo := metav1.ListOptions{Limit: 1}
 	watched := false
-	readable := func(kind string, err error, inf cache.SharedIndexInformer) bool {
+	// readable watches a kind its list could read; informer is called only then (calling it
+	// registers the informer with the factory, whose sync would then wait for it).
+	readable := func(kind string, err error, informer func() cache.SharedIndexInformer) bool {
 		if err != nil {
 			d.log().Warn("mesh: cannot read "+kind+"s; those that would apply to bound services are not reported", "err", err)
 			return false
 		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
+		if _, err := informer().AddEventHandler(handler); err != nil {
 			d.log().Warn("mesh: cannot watch "+kind+"s", "err", err)
 			return false
 		}
 		watched = true
 		return true
 	}
-	if _, err := d.Istio.NetworkingV1().VirtualServices(d.Namespace).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer()) {
+	if _, err := d.Istio.NetworkingV1().VirtualServices(d.Namespace).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer) {
 		l := f.Networking().V1().VirtualServices().Lister()
 		u.virtualServices = func() ([]*networkingv1.VirtualService, error) { return l.List(labels.Everything()) }
 	}
-	if _, err := d.Istio.NetworkingV1().DestinationRules(d.Namespace).List(ctx, lo); readable("DestinationRule", err, f.Networking().V1().DestinationRules().Informer()) {
+	if _, err := d.Istio.NetworkingV1().DestinationRules(d.Namespace).List(ctx, lo); readable("DestinationRule", err, f.Networking().V1().DestinationRules().Informer) {
 		l := f.Networking().V1().DestinationRules().Lister()
 		u.destinationRules = func() ([]*networkingv1.DestinationRule, error) { return l.List(labels.Everything()) }
 	}
-	if _, err := d.Istio.NetworkingV1alpha3().EnvoyFilters(d.Namespace).List(ctx, lo); readable("EnvoyFilter", err, f.Networking().V1alpha3().EnvoyFilters().Informer()) {
+	if _, err := d.Istio.NetworkingV1alpha3().EnvoyFilters(d.Namespace).List(ctx, lo); readable("EnvoyFilter", err, f.Networking().V1alpha3().EnvoyFilters().Informer) {
 		l := f.Networking().V1alpha3().EnvoyFilters().Lister()
 		u.envoyFilters = func() ([]*networkingv1alpha3.EnvoyFilter, error) { return l.List(labels.Everything()) }
 	}
-	if _, err := d.Istio.ExtensionsV1alpha1().WasmPlugins(d.Namespace).List(ctx, lo); readable("WasmPlugin", err, f.Extensions().V1alpha1().WasmPlugins().Informer()) {
+	if _, err := d.Istio.ExtensionsV1alpha1().WasmPlugins(d.Namespace).List(ctx, lo); readable("WasmPlugin", err, f.Extensions().V1alpha1().WasmPlugins().Informer) {
 		l := f.Extensions().V1alpha1().WasmPlugins().Lister()
 		u.wasmPlugins = func() ([]*extensionsv1alpha1.WasmPlugin, error) { return l.List(labels.Everything()) }
 	}
