@@ -140,7 +140,7 @@ func (h *Handler) hopHeader(own spiffeid.ID) http.Header {
 // refusal here dials nothing), then what can still fail before the 200 (the whole-stream steal's
 // developer, the onward dial, trying the next endpoint when one fails to connect), then the 200
 // and the stream's carriage. The 200 goes back only once an onward stream (or the developer)
-// is there.
+// is there, except for a stream whose TCPRoutes or TLSRoutes decide by its first bytes.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	p, err := h.plan(s.Request())
 	if err != nil {
