@@ -32,6 +32,10 @@ type portKey struct {
 
 type portRoutes struct {
 	tls, tcp set
+	// Built once compiled, so For allocates nothing: the routes every caller sees, and those of
+	// the namespaces with consumer routes.
+	all  *Routes
+	byNS map[string]*Routes
 }
 
 // set: the producer routes (every caller) and the consumer routes by the caller's namespace
@@ -97,7 +101,10 @@ func (t *Table) For(namespace, name string, port uint16, callerNS string) *Route
 	if p == nil {
 		return nil
 	}
-	r := &Routes{tls: p.tls.for_(callerNS), tcp: p.tcp.for_(callerNS)}
+	r := p.byNS[callerNS]
+	if r == nil {
+		r = p.all
+	}
 	if len(r.tls) == 0 && len(r.tcp) == 0 {
 		return nil
 	}
@@ -208,6 +215,13 @@ func Compile(svcs httproute.Services, tcps []*TCPRoute, tlss []*TLSRoute) (*Tabl
 		slices.SortStableFunc(p.tls.producer, cmpTLS)
 		for _, es := range p.tls.consumer {
 			slices.SortStableFunc(es, cmpTLS)
+		}
+		p.all = &Routes{tls: p.tls.producer, tcp: p.tcp.producer}
+		p.byNS = map[string]*Routes{}
+		for _, m := range []map[string][]*entry{p.tls.consumer, p.tcp.consumer} {
+			for ns := range m {
+				p.byNS[ns] = &Routes{tls: p.tls.for_(ns), tcp: p.tcp.for_(ns)}
+			}
 		}
 	}
 	return t, errors.Join(errs...)
