@@ -23,7 +23,8 @@ import (
 // no cluster either), and the waypoint's TCP filter chain into one Envoy tcp_proxy per service
 // port with those backends as weighted clusters (pilot/pkg/networking/core/listener_waypoint.go,
 // buildWaypointNetworkFilters and getWaypointTCPRoutes). So Envoy accepts the HBONE CONNECT on
-// its connect_terminate listener, then its tcp_proxy finds no cluster or no healthy host for
+// its connect_terminate listener (buildWaypointInboundConnectTerminate: the CONNECT goes to the
+// main_internal listener, there at once), then its tcp_proxy finds no cluster or no healthy host for
 // the connection drawn to such a backend and closes it: the client sees its stream open and
 // then end. detour refuses instead, respecting weights as the spec asks: where the route can be
 // decided at CONNECT (a TCPRoute on a stream it does not sniff) the CONNECT is answered 503
