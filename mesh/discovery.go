@@ -35,6 +35,7 @@ import (
 
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -54,7 +55,8 @@ const debounce = 20 * time.Millisecond
 type Discovery struct {
 	Kube  kubernetes.Interface
 	Istio istioclient.Interface
-	// Gateway reads HTTPRoutes and GRPCRoutes (gateway.networking.k8s.io/v1); nil watches none.
+	// Gateway reads HTTPRoutes, GRPCRoutes, TCPRoutes and TLSRoutes (gateway.networking.k8s.io/v1;
+	// TCPRoutes and TLSRoutes v1alpha2 where v1 is not served); nil watches none.
 	Gateway gwclient.Interface
 	// Namespace limits the watch to one namespace; "" watches all. The Namespace objects
 	// (cluster-scoped: get, list and watch on namespaces) are read either way, for their labels.
@@ -68,9 +70,14 @@ type Discovery struct {
 	// MeshConfig, when set, is called from Run with istiod's mesh config (MeshConfigMap in the
 	// root namespace; see meshconfig.go) once synced and whenever it changes.
 	MeshConfig func(*meshv1alpha1.MeshConfig)
+	// UnsupportedConfig, when set, is called from Run after each snapshot with the Istio objects
+	// that would apply to bound services and that detour does not implement (see Unsupported).
+	UnsupportedConfig func([]Unsupported)
 
 	routes  atomic.Pointer[route.Table]
 	http    atomic.Pointer[httproute.Table]
+	l4      atomic.Pointer[l4route.Table]
+	unsup   atomic.Pointer[[]Unsupported]
 	engine  atomic.Pointer[authz.Engine]
 	authn   atomic.Pointer[authn.Authenticator]
 	keys    authn.Keys // jwksUri key sets, kept across snapshots
@@ -78,8 +85,9 @@ type Discovery struct {
 	builds  atomic.Int64
 	changed chan struct{}
 
-	meshSeen bool   // owned by Run
-	meshData string // owned by Run
+	meshSeen bool              // owned by Run
+	meshData string            // owned by Run
+	reported map[string]string // owned by Run: the Unsupported objects warned of, and their services
 }
 
 // Routes is the current route table (an empty one before the first sync).
@@ -94,6 +102,19 @@ func (d *Discovery) Routes() *route.Table {
 // HTTPRoutes is the current table of HTTPRoutes and GRPCRoutes attached to services (nil, no
 // route, before the first sync).
 func (d *Discovery) HTTPRoutes() *httproute.Table { return d.http.Load() }
+
+// L4Routes is the current table of TCPRoutes and TLSRoutes attached to services (nil, no route,
+// before the first sync).
+func (d *Discovery) L4Routes() *l4route.Table { return d.l4.Load() }
+
+// UnsupportedObjects are the Istio objects of the last snapshot that would apply to bound
+// services and that detour does not implement (none before the first sync).
+func (d *Discovery) UnsupportedObjects() []Unsupported {
+	if u := d.unsup.Load(); u != nil {
+		return *u
+	}
+	return nil
+}
 
 // Policies is the current policy engine. Before the first sync it refuses everything: no
 // policy seen is not the same as no policy.
@@ -118,16 +139,19 @@ func (d *Discovery) Ready() bool { return d.ready.Load() }
 func (d *Discovery) Builds() int64 { return d.builds.Load() }
 
 type listers struct {
-	namespace  func(name string) (*corev1.Namespace, error)
-	services   func() ([]*corev1.Service, error)
-	slices     func() ([]*discoveryv1.EndpointSlice, error)
-	pod        func(ns, name string) (*corev1.Pod, error)
-	pods       func() ([]*corev1.Pod, error)
-	policies   func() ([]*authz.Policy, error)
-	authns     func() ([]*authn.Policy, error)
-	mesh       func() (*corev1.ConfigMap, error) // nil: not watched
-	httpRoutes func() ([]*gwv1.HTTPRoute, error)
-	grpcRoutes func() ([]*gwv1.GRPCRoute, error)
+	namespace   func(name string) (*corev1.Namespace, error)
+	services    func() ([]*corev1.Service, error)
+	slices      func() ([]*discoveryv1.EndpointSlice, error)
+	pod         func(ns, name string) (*corev1.Pod, error)
+	pods        func() ([]*corev1.Pod, error)
+	policies    func() ([]*authz.Policy, error)
+	authns      func() ([]*authn.Policy, error)
+	mesh        func() (*corev1.ConfigMap, error) // nil: not watched
+	httpRoutes  func() ([]*gwv1.HTTPRoute, error)
+	grpcRoutes  func() ([]*gwv1.GRPCRoute, error)
+	tcpRoutes   func() ([]l4Object, error)
+	tlsRoutes   func() ([]l4Object, error)
+	unsupported unsupportedListers
 }
 
 // Run watches until ctx ends.
@@ -186,6 +210,11 @@ func (d *Discovery) Run(ctx context.Context) error {
 		ri.factory.Start(ctx.Done())
 		defer ri.factory.Shutdown()
 	}
+	uf, ul := d.unsupportedInformers(ctx, iopts, poke)
+	if uf != nil {
+		uf.Start(ctx.Done())
+		defer uf.Shutdown()
+	}
 	kf.Start(ctx.Done())
 	nf.Start(ctx.Done())
 	inf.Start(ctx.Done())
@@ -206,6 +235,13 @@ func (d *Discovery) Run(ctx context.Context) error {
 	}
 	if err := ri.sync(ctx); err != nil {
 		return err
+	}
+	if uf != nil {
+		for typ, ok := range uf.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
+			}
+		}
 	}
 	l := listers{
 		namespace: func(name string) (*corev1.Namespace, error) { return nss.Lister().Get(name) },
@@ -235,9 +271,12 @@ func (d *Discovery) Run(ctx context.Context) error {
 			}
 			return out, nil
 		},
-		mesh:       meshCM,
-		httpRoutes: ri.http,
-		grpcRoutes: ri.grpc,
+		mesh:        meshCM,
+		httpRoutes:  ri.http,
+		grpcRoutes:  ri.grpc,
+		tcpRoutes:   ri.tcp,
+		tlsRoutes:   ri.tls,
+		unsupported: ul,
 	}
 	d.rebuild(l)
 	d.ready.Store(true)
@@ -296,6 +335,16 @@ func (d *Discovery) rebuild(l listers) {
 			d.log().Error("mesh: HTTP routes not updated", "err", err)
 		} else {
 			d.http.Store(hr)
+		}
+		if lr, err := d.compileL4Routes(l, table); err != nil {
+			d.log().Error("mesh: TCP and TLS routes not updated", "err", err)
+		} else {
+			d.l4.Store(lr)
+		}
+		if us, err := d.findUnsupported(l.unsupported, table); err != nil {
+			d.log().Error("mesh: unsupported Istio objects not updated", "err", err)
+		} else {
+			d.reportUnsupported(us)
 		}
 	}
 	ps, err := l.policies()

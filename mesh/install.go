@@ -152,6 +152,13 @@ discovery:
 				map[string]any{"apiGroups": []any{"detour.dev"}, "resources": []any{"debugsessions"}, "verbs": []any{"get", "list", "watch", "create", "patch", "delete"}},
 				map[string]any{"apiGroups": []any{"discovery.k8s.io"}, "resources": []any{"endpointslices"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"security.istio.io"}, "resources": []any{"authorizationpolicies", "requestauthentications"}, "verbs": []any{"get", "list", "watch"}},
+				// the routes a waypoint applies (Discovery waits for their informers to sync: without
+				// these a cluster serving the Gateway API would never make the waypoint ready)
+				map[string]any{"apiGroups": []any{"gateway.networking.k8s.io"}, "resources": []any{"httproutes", "grpcroutes", "tcproutes", "tlsroutes"}, "verbs": []any{"get", "list", "watch"}},
+				// the Istio objects detour does not implement, reported when they would apply (a
+				// waypoint that may not read them leaves them out, logged)
+				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"virtualservices", "destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),

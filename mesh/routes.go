@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gwv1alpha2 "sigs.k8s.io/gateway-api/apis/v1alpha2"
 	gwinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -24,28 +27,49 @@ func meta(ns, name string, created time.Time) httproute.Metadata {
 // gatewayGroupVersion serves the HTTPRoutes and GRPCRoutes istiod reads for waypoints.
 const gatewayGroupVersion = "gateway.networking.k8s.io/v1"
 
-// routeInformers watches HTTPRoutes and GRPCRoutes, the kinds the API server serves (a cluster
-// without the Gateway API CRDs, or without GRPCRoute, has none of that kind: nothing to wait for).
+// gatewayAlphaVersion serves TCPRoutes and TLSRoutes on clusters whose Gateway API CRDs predate
+// their v1 (experimental channel before v1.5); istiod reads v1.
+const gatewayAlphaVersion = "gateway.networking.k8s.io/v1alpha2"
+
+// routeInformers watches HTTPRoutes, GRPCRoutes, TCPRoutes and TLSRoutes, the kinds the API
+// server serves (a cluster without the Gateway API CRDs, or without one kind, has none of that
+// kind: nothing to wait for).
 type routeInformers struct {
 	factory gwinformers.SharedInformerFactory
 	http    func() ([]*gwv1.HTTPRoute, error)
 	grpc    func() ([]*gwv1.GRPCRoute, error)
+	tcp     func() ([]l4Object, error)
+	tls     func() ([]l4Object, error)
+}
+
+// l4Object is a TCPRoute or TLSRoute of either version, converted in compileL4Routes.
+type l4Object struct {
+	meta metav1.ObjectMeta
+	spec any // gwv1 or gwv1alpha2 TCPRouteSpec or TLSRouteSpec
+}
+
+// servedKinds are the kinds the API server serves in groupVersion (none when it serves none).
+func servedKinds(d *Discovery, groupVersion string) map[string]bool {
+	kinds := map[string]bool{}
+	if list, err := d.Kube.Discovery().ServerResourcesForGroupVersion(groupVersion); err == nil {
+		for _, r := range list.APIResources {
+			kinds[r.Kind] = true
+		}
+	}
+	return kinds
 }
 
 func (d *Discovery) routeInformers(handler cache.ResourceEventHandler) (*routeInformers, error) {
 	ri := &routeInformers{
 		http: func() ([]*gwv1.HTTPRoute, error) { return nil, nil },
 		grpc: func() ([]*gwv1.GRPCRoute, error) { return nil, nil },
+		tcp:  func() ([]l4Object, error) { return nil, nil },
+		tls:  func() ([]l4Object, error) { return nil, nil },
 	}
 	if d.Gateway == nil {
 		return ri, nil
 	}
-	served := map[string]bool{}
-	if list, err := d.Kube.Discovery().ServerResourcesForGroupVersion(gatewayGroupVersion); err == nil {
-		for _, r := range list.APIResources {
-			served[r.Kind] = true
-		}
-	}
+	served := servedKinds(d, gatewayGroupVersion)
 	var opts []gwinformers.SharedInformerOption
 	if d.Namespace != "" {
 		opts = append(opts, gwinformers.WithNamespace(d.Namespace))
@@ -68,7 +92,62 @@ func (d *Discovery) routeInformers(handler cache.ResourceEventHandler) (*routeIn
 		}
 		ri.grpc = func() ([]*gwv1.GRPCRoute, error) { return inf.Lister().List(labels.Everything()) }
 	}
-	return ri, nil
+	return ri, d.l4Informers(ri, served, handler)
+}
+
+// l4Informers watches TCPRoutes and TLSRoutes: v1 where served, else v1alpha2.
+func (d *Discovery) l4Informers(ri *routeInformers, served map[string]bool, handler cache.ResourceEventHandler) error {
+	alpha := served
+	if !served["TCPRoute"] || !served["TLSRoute"] {
+		alpha = servedKinds(d, gatewayAlphaVersion)
+	}
+	v1, v1a2 := ri.factory.Gateway().V1(), ri.factory.Gateway().V1alpha2()
+	watch := func(inf cache.SharedIndexInformer) error {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("mesh: %w", err)
+		}
+		return nil
+	}
+	switch {
+	case served["TCPRoute"]:
+		inf := v1.TCPRoutes()
+		ri.tcp = lister(inf.Lister().List, func(r *gwv1.TCPRoute) l4Object { return l4Object{r.ObjectMeta, r.Spec} })
+		if err := watch(inf.Informer()); err != nil {
+			return err
+		}
+	case alpha["TCPRoute"]:
+		inf := v1a2.TCPRoutes()
+		ri.tcp = lister(inf.Lister().List, func(r *gwv1alpha2.TCPRoute) l4Object { return l4Object{r.ObjectMeta, r.Spec} })
+		if err := watch(inf.Informer()); err != nil {
+			return err
+		}
+	}
+	switch {
+	case served["TLSRoute"]:
+		inf := v1.TLSRoutes()
+		ri.tls = lister(inf.Lister().List, func(r *gwv1.TLSRoute) l4Object { return l4Object{r.ObjectMeta, r.Spec} })
+		return watch(inf.Informer())
+	case alpha["TLSRoute"]:
+		inf := v1a2.TLSRoutes()
+		ri.tls = lister(inf.Lister().List, func(r *gwv1alpha2.TLSRoute) l4Object { return l4Object{r.ObjectMeta, r.Spec} })
+		return watch(inf.Informer())
+	}
+	return nil
+}
+
+// lister lists a kind's objects as l4Objects.
+func lister[T any](list func(labels.Selector) ([]T, error), of func(T) l4Object) func() ([]l4Object, error) {
+	return func() ([]l4Object, error) {
+		items, err := list(labels.Everything())
+		if err != nil {
+			return nil, err
+		}
+		out := make([]l4Object, 0, len(items))
+		for _, o := range items {
+			out = append(out, of(o))
+		}
+		return out, nil
+	}
 }
 
 func (ri *routeInformers) sync(ctx context.Context) error {
@@ -114,6 +193,43 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 		grs = append(grs, r)
 	}
 	t, err := httproute.Compile(table, hrs, grs)
+	if err != nil {
+		d.log().Warn("mesh: routes not applied", "err", err) // the others are
+	}
+	return t, nil
+}
+
+// compileL4Routes converts the watched TCPRoutes and TLSRoutes into proxy/l4route's types and
+// compiles them against table, refusing (logged, not applied) a route with a field detour does
+// not implement.
+func (d *Discovery) compileL4Routes(l listers, table *route.Table) (*l4route.Table, error) {
+	tcps, err := l.tcpRoutes()
+	if err != nil {
+		return nil, err
+	}
+	tlss, err := l.tlsRoutes()
+	if err != nil {
+		return nil, err
+	}
+	var trs []*l4route.TCPRoute
+	for _, o := range tcps {
+		r := &l4route.TCPRoute{Metadata: meta(o.meta.Namespace, o.meta.Name, o.meta.CreationTimestamp.Time)}
+		if err := convert(o.spec, &r.Spec); err != nil {
+			d.log().Warn("mesh: TCPRoute not applied", "namespace", o.meta.Namespace, "name", o.meta.Name, "err", err)
+			continue
+		}
+		trs = append(trs, r)
+	}
+	var lrs []*l4route.TLSRoute
+	for _, o := range tlss {
+		r := &l4route.TLSRoute{Metadata: meta(o.meta.Namespace, o.meta.Name, o.meta.CreationTimestamp.Time)}
+		if err := convert(o.spec, &r.Spec); err != nil {
+			d.log().Warn("mesh: TLSRoute not applied", "namespace", o.meta.Namespace, "name", o.meta.Name, "err", err)
+			continue
+		}
+		lrs = append(lrs, r)
+	}
+	t, err := l4route.Compile(table, trs, lrs)
 	if err != nil {
 		d.log().Warn("mesh: routes not applied", "err", err) // the others are
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
 	it "github.com/detour-mesh/detour/integration"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
@@ -27,7 +28,10 @@ import (
 // endpoint is 127.0.0.2.
 type waypointBed struct {
 	direct, viaWaypoint string // where the client connects
-	directTLS, wpTLS    hbone.DialOptions
+	// viaRouted is a second waypoint where a TCPRoute sends echo's streams to echo-v2 (the same
+	// endpoint): what a TCPRoute adds per connection.
+	viaRouted        string
+	directTLS, wpTLS hbone.DialOptions
 }
 
 func newWaypointBed(b *testing.B, sinkPort int) *waypointBed {
@@ -54,10 +58,21 @@ func newWaypointBedWith(b *testing.B, sinkPort int, backend hbone.Handler) *wayp
 	go bsrv.Serve(bl)
 	b.Cleanup(func() { bsrv.Close() })
 	port := uint16(bl.Addr().(*net.TCPAddr).Port)
-	table, err := route.NewTable([]*route.Service{{Name: "echo", Namespace: "demo", Hostname: "echo.demo.svc.cluster.local",
-		VIPs:      []netip.Addr{netip.MustParseAddr("10.96.0.10")},
-		Ports:     []route.Port{{Name: "tcp", Port: 80, TargetPort: uint16(sinkPort)}},
-		Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("127.0.0.2"), Ready: true, ServiceAccount: "echo"}}}})
+	svc := func(name, vip string) *route.Service {
+		return &route.Service{Name: name, Namespace: "demo", Hostname: name + ".demo.svc.cluster.local",
+			VIPs:      []netip.Addr{netip.MustParseAddr(vip)},
+			Ports:     []route.Port{{Name: "tcp", Port: 80, TargetPort: uint16(sinkPort)}},
+			Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("127.0.0.2"), Ready: true, ServiceAccount: "echo"}}}
+	}
+	table, err := route.NewTable([]*route.Service{svc("echo", "10.96.0.10"), svc("echo-v2", "10.96.0.11")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	tcp, err := l4route.DecodeTCPRoute([]byte(`{metadata: {name: to-v2, namespace: demo}, spec: {parentRefs: [{name: echo}], rules: [{backendRefs: [{name: echo-v2, port: 80}]}]}}`))
+	if err != nil {
+		b.Fatal(err)
+	}
+	l4, err := l4route.Compile(table, []*l4route.TCPRoute{tcp}, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -65,16 +80,21 @@ func newWaypointBedWith(b *testing.B, sinkPort int, backend hbone.Handler) *wayp
 	onward := &hbone.Dialer{Logger: quiet}
 	b.Cleanup(func() { onward.Close() })
 	wpAddr := detourServer(b, p, &waypoint.Handler{Routes: func() *route.Table { return table }, Identity: wpID, Dialer: onward, HBONEPort: port, Logger: quiet})
+	routedAddr := detourServer(b, p, &waypoint.Handler{Routes: func() *route.Table { return table }, Identity: wpID, Dialer: onward, HBONEPort: port, Logger: quiet,
+		L4Routes: func() *l4route.Table { return l4 }})
 	client := issue(it.ClientID)
 	directTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo"))
 	wpTLS, _ := identity.ClientTLS(client, spiffeid.RequireFromString(it.ServerID))
-	return &waypointBed{direct: bl.Addr().String(), viaWaypoint: wpAddr,
+	return &waypointBed{direct: bl.Addr().String(), viaWaypoint: wpAddr, viaRouted: routedAddr,
 		directTLS: hbone.DialOptions{TLSConfig: directTLS}, wpTLS: hbone.DialOptions{TLSConfig: wpTLS}}
 }
 
 func (w *waypointBed) dial(b *testing.B, d *hbone.Dialer, name string, sinkPort int) (*hbone.Stream, error) {
-	if name == "direct" {
+	switch name {
+	case "direct":
 		return d.Dial(context.Background(), w.direct, "127.0.0.2:"+strconv.Itoa(sinkPort), w.directTLS)
+	case "tcproute":
+		return d.Dial(context.Background(), w.viaRouted, "10.96.0.10:80", w.wpTLS)
 	}
 	return d.Dial(context.Background(), w.viaWaypoint, "10.96.0.10:80", w.wpTLS)
 }
@@ -118,9 +138,10 @@ func BenchmarkWaypointBulk(b *testing.B) {
 }
 
 // BenchmarkWaypointConnect: a new stream per 1 KiB echo on warm connections, sequential
-// (moderate load); p50/p99 through the waypoint against directly.
+// (moderate load); p50/p99 through the waypoint against directly, and through a waypoint where
+// a TCPRoute sends the stream to another service (tcproute).
 func BenchmarkWaypointConnect(b *testing.B) {
-	for _, name := range []string{"direct", "waypoint"} {
+	for _, name := range []string{"direct", "waypoint", "tcproute"} {
 		b.Run(name, func(b *testing.B) {
 			echo := backendOn(b, func(c *net.TCPConn) { io.Copy(c, c) })
 			w := newWaypointBed(b, echo)

@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 )
 
 // Config is the whole document.
@@ -148,6 +149,11 @@ type Static struct {
 	// other is refused). Default none.
 	HTTPRoutes []httproute.HTTPRoute `json:"httpRoutes,omitempty"`
 	GRPCRoutes []httproute.GRPCRoute `json:"grpcRoutes,omitempty"`
+	// TCPRoutes and TLSRoutes are Gateway API objects (gateway.networking.k8s.io/v1 or
+	// v1alpha2) whose parentRefs name services above; see proxy/l4route for the fields detour
+	// implements (any other is refused). Default none.
+	TCPRoutes []l4route.TCPRoute `json:"tcpRoutes,omitempty"`
+	TLSRoutes []l4route.TLSRoute `json:"tlsRoutes,omitempty"`
 }
 
 // Service is a mesh service and its endpoints.
@@ -380,6 +386,9 @@ func (c *Config) validate() error {
 		errs = append(errs, validateProviders(s)...)
 		if len(errs) == 0 {
 			if _, err := c.HTTPRoutes(); err != nil {
+				errs = append(errs, err)
+			}
+			if _, err := c.L4Routes(); err != nil {
 				errs = append(errs, err)
 			}
 		}

@@ -6,6 +6,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 )
 
 // HTTPRoutes compiles the static discovery's HTTPRoutes and GRPCRoutes against its services.
@@ -27,21 +28,48 @@ func (c *Config) HTTPRoutes() (*httproute.Table, error) {
 	return httproute.Compile(table, hrs, grs)
 }
 
-// checkRoutes names the YAML line of a field discovery.static.httpRoutes[] or grpcRoutes[] do
-// not have (the strict decoder refuses it too, without a line).
+// L4Routes compiles the static discovery's TCPRoutes and TLSRoutes against its services.
+func (c *Config) L4Routes() (*l4route.Table, error) {
+	table, err := c.Routes()
+	if err != nil {
+		return nil, err
+	}
+	var tcps []*l4route.TCPRoute
+	var tlss []*l4route.TLSRoute
+	if s := c.Discovery.Static; s != nil {
+		for i := range s.TCPRoutes {
+			tcps = append(tcps, &s.TCPRoutes[i])
+		}
+		for i := range s.TLSRoutes {
+			tlss = append(tlss, &s.TLSRoutes[i])
+		}
+	}
+	return l4route.Compile(table, tcps, tlss)
+}
+
+// checkRoutes names the YAML line of a field discovery.static.httpRoutes[], grpcRoutes[],
+// tcpRoutes[] or tlsRoutes[] do not have (the strict decoder refuses it too, without a line).
 func checkRoutes(doc []byte) error {
 	var root yaml.Node
 	if err := yaml.Unmarshal(doc, &root); err != nil || len(root.Content) == 0 {
 		return nil
 	}
 	static := lookup(lookup(root.Content[0], "discovery"), "static")
-	for _, kind := range []string{"httpRoutes", "grpcRoutes"} {
+	for _, kind := range []string{"httpRoutes", "grpcRoutes", "tcpRoutes", "tlsRoutes"} {
 		list := lookup(static, kind)
 		if list == nil || list.Kind != yaml.SequenceNode {
 			continue
 		}
 		for i, r := range list.Content {
-			if err := httproute.CheckYAML(r, kind == "grpcRoutes", fmt.Sprintf("discovery.static.%s[%d]", kind, i)); err != nil {
+			path := fmt.Sprintf("discovery.static.%s[%d]", kind, i)
+			var err error
+			switch kind {
+			case "httpRoutes", "grpcRoutes":
+				err = httproute.CheckYAML(r, kind == "grpcRoutes", path)
+			default:
+				err = l4route.CheckYAML(r, kind == "tlsRoutes", path)
+			}
+			if err != nil {
 				return err
 			}
 		}

@@ -2,6 +2,7 @@ package config
 
 import (
 	"net/http/httptest"
+	"strings"
 	"testing"
 )
 
@@ -41,6 +42,58 @@ func TestDecodeRoutesErrors(t *testing.T) {
 			`httproute: HTTPRoute demo/split: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect and URLRewrite)`},
 		{withRoutes + "    grpcRoutes:\n    - metadata: {name: g, namespace: demo}\n      spec: {rules: [{matches: [{method: {service: a, verb: b}}]}]}\n",
 			"line 34: discovery.static.grpcRoutes[0].spec.rules[0].matches[0].method.verb is not a field detour knows of MethodMatch"},
+	} {
+		_, err := Decode([]byte(tc.doc))
+		if err == nil || err.Error() != tc.want {
+			t.Errorf("Decode = %v\nwant %s", err, tc.want)
+		}
+	}
+}
+
+const withL4Routes = example + `    tcpRoutes:
+    - apiVersion: gateway.networking.k8s.io/v1
+      kind: TCPRoute
+      metadata: {name: db, namespace: demo}
+      spec:
+        parentRefs: [{name: echo, port: 80}]
+        rules:
+        - backendRefs: [{name: echo, port: 80, weight: 2}]
+    tlsRoutes:
+    - apiVersion: gateway.networking.k8s.io/v1alpha2
+      kind: TLSRoute
+      metadata: {name: sni, namespace: demo}
+      spec:
+        parentRefs: [{name: echo}]
+        hostnames: ["*.example.com"]
+        rules:
+        - backendRefs: [{name: echo, port: 80}]
+`
+
+func TestDecodeL4Routes(t *testing.T) {
+	c, err := Decode([]byte(withL4Routes))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, err := c.L4Routes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := rt.For("demo", "echo", 80, "demo")
+	if !rs.NeedsSNI() || rs.Match(true, "a.example.com").Route != "TLSRoute demo/sni" || rs.Match(false, "").Route != "TCPRoute demo/db" {
+		t.Errorf("static TCPRoute and TLSRoute not attached to echo:80 as written")
+	}
+}
+
+func TestDecodeL4RoutesErrors(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{withL4Routes + "          filters: []\n",
+			"line 40: discovery.static.tlsRoutes[0].spec.rules[0].filters is not a field detour knows of RouteRule"},
+		{strings.Replace(withL4Routes, "        parentRefs: [{name: echo, port: 80}]\n", "        hostnames: [a.b]\n", 1),
+			"line 28: discovery.static.tcpRoutes[0].spec.hostnames is not a field detour knows of TCPRouteSpec"},
+		{strings.Replace(withL4Routes, "weight: 2}]\n", "weight: 2}]\n        - backendRefs: [{name: echo, port: 80}]\n", 1),
+			"l4route: TCPRoute demo/db: has 2 rules; a TCPRoute has exactly one (gateway.networking.k8s.io/v1), merge them into one rule's backendRefs"},
+		{strings.Replace(withL4Routes, `"*.example.com"`, `"*"`, 1),
+			`l4route: TLSRoute demo/sni: hostnames[0]: "*" is not a hostname (lower-case RFC 1123 labels, optionally a first label *.; no IP)`},
 	} {
 		_, err := Decode([]byte(tc.doc))
 		if err == nil || err.Error() != tc.want {

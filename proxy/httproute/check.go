@@ -19,6 +19,10 @@ func CheckYAML(n *yaml.Node, grpc bool, path string) error {
 	return checkNode(n, t, path)
 }
 
+// CheckFields refuses a field of n that the struct type t (through its JSON names) does not
+// have, as CheckYAML does; proxy/l4route checks its routes with it.
+func CheckFields(n *yaml.Node, t reflect.Type, path string) error { return checkNode(n, t, path) }
+
 func checkNode(n *yaml.Node, t reflect.Type, path string) error {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()

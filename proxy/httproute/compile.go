@@ -145,6 +145,10 @@ func (c *compiler) attach(ns string, parents []ParentRef, ms []*match, grpc bool
 	return nil
 }
 
+// IsService reports whether p names a Service (group "" or "core", kind Service, the defaults):
+// a mesh route's parent. Other parents (Gateways) are not a waypoint's.
+func (p ParentRef) IsService() bool { return isService(p.Group, p.Kind) }
+
 func isService(group, kind *string) bool {
 	g, k := "", "Service"
 	if group != nil {
@@ -461,6 +465,13 @@ func compilePathModifier(p *PathModifier) (*pathRewrite, error) {
 
 // backendService checks a backend (or mirror) reference; invalid says why it cannot be used.
 func (c *compiler) backendService(ns string, ref BackendObjectRef) (bns string, port uint16, invalid string) {
+	return BackendService(c.svcs, ns, ref)
+}
+
+// BackendService checks a backendRef of a route in namespace ns against svcs: the backend's
+// namespace and port, and why it cannot be used (not a core Service, a hostname for a name, no
+// port, unknown, no such port), "" when it can. proxy/l4route checks its backends with it.
+func BackendService(svcs Services, ns string, ref BackendObjectRef) (bns string, port uint16, invalid string) {
 	bns = ns
 	if ref.Namespace != nil {
 		bns = *ref.Namespace
@@ -476,7 +487,7 @@ func (c *compiler) backendService(ns string, ref BackendObjectRef) (bns string, 
 		return bns, 0, "backendRef port out of range"
 	}
 	port = uint16(*ref.Port)
-	svc := c.svcs.Service(bns, ref.Name)
+	svc := svcs.Service(bns, ref.Name)
 	if svc == nil {
 		return bns, port, fmt.Sprintf("backend(%s.%s) not found", ref.Name, bns)
 	}

@@ -214,7 +214,7 @@ type MethodMatch struct {
 // field is an error, with the YAML line where the decoder can tell it.
 func DecodeHTTPRoute(doc []byte) (*HTTPRoute, error) {
 	var r HTTPRoute
-	if err := decodeStrict(doc, &r); err != nil {
+	if err := DecodeStrict(doc, &r); err != nil {
 		return nil, fmt.Errorf("httproute: HTTPRoute: %w", err)
 	}
 	return &r, nil
@@ -223,15 +223,16 @@ func DecodeHTTPRoute(doc []byte) (*HTTPRoute, error) {
 // DecodeGRPCRoute decodes one GRPCRoute as DecodeHTTPRoute does.
 func DecodeGRPCRoute(doc []byte) (*GRPCRoute, error) {
 	var r GRPCRoute
-	if err := decodeStrict(doc, &r); err != nil {
+	if err := DecodeStrict(doc, &r); err != nil {
 		return nil, fmt.Errorf("httproute: GRPCRoute: %w", err)
 	}
 	return &r, nil
 }
 
-func decodeStrict(doc []byte, v any) error {
-	// sigs.k8s.io/yaml's strict mode refuses unknown and duplicate fields and names the YAML
-	// line of a syntax error.
+// DecodeStrict decodes one Gateway API object (YAML or JSON) into v, refusing unknown and
+// duplicate fields; sigs.k8s.io/yaml's strict mode names the YAML line of a syntax error.
+// proxy/l4route decodes its routes with it too.
+func DecodeStrict(doc []byte, v any) error {
 	j, err := yaml.YAMLToJSONStrict(doc)
 	if err != nil {
 		return err

@@ -38,7 +38,13 @@ type Metrics struct {
 	Dropped   prometheus.Counter       // detour_mirror_dropped_total: mirror copies lost to slow developers
 	Requests  *prometheus.CounterVec   // istio_requests_total: HTTP requests parsed at the waypoint
 	Durations *prometheus.HistogramVec // istio_request_duration_milliseconds
+	// Unsupported is detour_unsupported_config{kind, namespace, name}: 1 for each Istio object
+	// that would apply to a bound service and that detour does not implement (not applied).
+	Unsupported *prometheus.GaugeVec
 }
+
+// Config names one configuration object.
+type Config struct{ Kind, Namespace, Name string }
 
 // Labels on Istio's request metrics.
 var requestLabels = append(append([]string{}, streamLabels...), "response_code", "grpc_response_status")
@@ -63,7 +69,10 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.Dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_mirror_dropped_total", Help: "Mirror copies (requests or streams) lost because the developer was slow, stalled or gone."})
 	m.DryRun = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_authz_dry_run_decisions_total",
 		Help: "What dry-run AuthorizationPolicies (istio.io/dry-run) would have decided; never enforced."}, []string{"decision", "policy"})
-	reg.MustRegister(m.DryRun)
+	m.Unsupported = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_unsupported_config",
+		Help: "Istio objects that would apply to services bound to this waypoint and that detour does not implement (1 each; not applied)."},
+		[]string{"kind", "namespace", "name"})
+	reg.MustRegister(m.DryRun, m.Unsupported)
 	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations, m.Sessions, m.Taken, m.Dropped)
 	return m
 }
@@ -108,6 +117,17 @@ func (s Stream) values(protocol, flags string, extra int) []string {
 		unknown(dst.Workload), unknown(dst.CanonicalService), unknown(dst.CanonicalRevision),
 		unknown(dst.Namespace), unknown(dst.Principal), unknown(dst.App), unknown(dst.Version),
 		unknown(dst.Cluster), protocol, flags, "mutual_tls")
+}
+
+// SetUnsupported replaces the objects detour_unsupported_config reports.
+func (m *Metrics) SetUnsupported(objs []Config) {
+	if m == nil {
+		return
+	}
+	m.Unsupported.Reset()
+	for _, o := range objs {
+		m.Unsupported.WithLabelValues(o.Kind, o.Namespace, o.Name).Set(1)
+	}
 }
 
 // StreamOpened records a stream accepted for forwarding.

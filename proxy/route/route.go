@@ -5,11 +5,13 @@
 package route
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -113,6 +115,18 @@ func NewTable(services []*Service, workloads ...*Workload) (*Table, error) {
 		}
 	}
 	return t, nil
+}
+
+// Services are the table's services, by namespace and name.
+func (t *Table) Services() []*Service {
+	out := make([]*Service, 0, len(t.byName))
+	for _, s := range t.byName {
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b *Service) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
+	return out
 }
 
 // IsSelf reports whether addr is the waypoint's own: a VIP of its Service or one of its

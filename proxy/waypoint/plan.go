@@ -7,6 +7,7 @@ import (
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
 	"github.com/detour-mesh/detour/proxy/sniff"
@@ -30,6 +31,13 @@ type plan struct {
 	steal   *session.Session   // the whole-stream steal, if any
 	mirrors []*session.Session // the whole-stream mirrors
 	check   *pendingCheck      // a CUSTOM policy's provider to ask before the stream is dialed
+	// l4 are the TCPRoutes and TLSRoutes of the addressed port (nil: none). Decided at CONNECT
+	// (a stream not inspected), routed is the backend they drew, or routeErr their refusal,
+	// returned once a whole-stream steal did not take the stream (sessions come before routes).
+	// An inspected stream is routed once sniffed.
+	l4       *l4route.Routes
+	routed   *route.Destination
+	routeErr error
 }
 
 // plan builds req's plan. Its errors map to the CONNECT's status (hbone.Status).
@@ -50,10 +58,11 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 		return nil, fmt.Errorf("waypoint: %w: %w", hbone.ErrForbidden, err)
 	}
 	sessions := h.sessionsFor(dest)
-	p := &plan{req: req, dest: dest}
+	p := &plan{req: req, dest: dest, l4: h.l4For(req, dest)}
 	p.steal, p.mirrors = whole(sessions)
-	// A service without endpoints can still be stolen whole (the developer is its endpoint).
-	if err != nil && (p.steal == nil || !errors.Is(err, route.ErrNoEndpoints)) {
+	// A service without endpoints can still be stolen whole (the developer is its endpoint), or
+	// routed to its TCPRoute's or TLSRoute's backends.
+	if err != nil && (!errors.Is(err, route.ErrNoEndpoints) || (p.steal == nil && p.l4 == nil)) {
 		return nil, fmt.Errorf("waypoint: %w: %w", hbone.ErrUnavailable, err)
 	}
 	if h.Policies != nil {
@@ -61,12 +70,15 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 	}
 	p.proto, p.declared = protocolOf(dest.Port)
 	p.inspect = h.inspects(p, sessions)
-	if p.declared && p.proto == sniff.TCP {
+	if p.declared && p.proto == sniff.TCP && !p.l4.NeedsSNI() {
 		p.inspect = false // declared opaque: attributes from the content are unknowable (fail closed)
 	}
 	if !p.inspect {
 		if p.check, err = h.decideStream(p.engine, h.authzRequest(req, dest, "", nil), req); err != nil {
 			return nil, err
+		}
+		if p.l4 != nil {
+			p.routed, p.routeErr = h.l4Destination(p, false, "")
 		}
 	}
 	return p, nil
@@ -75,6 +87,7 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 // serveAccepted carries a stream once the 200 is sent: sniffed first when the plan inspects it
 // (HTTP is then served request by request; TLS and TCP are decided with the SNI, and a denial
 // resets the stream), then spliced with the onward stream, whole-stream mirrors teeing it.
+// up is nil for a stream its TCPRoutes or TLSRoutes route once sniffed: it is dialed then.
 func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) error {
 	var in net.Conn = s
 	proto := p.proto
@@ -82,30 +95,44 @@ func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) erro
 		var sni string
 		var err error
 		if in, proto, sni, err = h.peek(s, p); err != nil {
-			up.Close()
+			closeStream(up)
 			return err
 		}
 		if proto == sniff.HTTP1 || proto == sniff.HTTP2 {
 			return h.serveHTTP(s.Context(), in, up, p.req, p.dest)
 		}
 		if err := h.authorizeCustom(p.engine, h.authzRequest(p.req, p.dest, sni, nil), p.req, h.checkStream(s.Context(), p.req)); err != nil {
-			up.Close()
+			closeStream(up)
 			return err
 		}
 		if p.steal != nil {
 			if handled, err := h.stealStream(s, in, p, proto); handled {
-				up.Close()
+				closeStream(up)
+				return err
+			}
+		}
+		if p.l4 != nil {
+			if p.routed, err = h.l4Destination(p, proto == sniff.TLS || sni != "", sni); err != nil {
+				return err // after the 200: the stream is reset
+			}
+			if up, err = h.connect(s.Context(), p.req, p.routed); err != nil {
 				return err
 			}
 		}
 	}
-	return h.splice(h.mirrorStream(s.Context(), in, p.req, p.mirrors), up, p.req, p.dest, proto)
+	return h.splice(h.mirrorStream(s.Context(), in, p.req, p.mirrors), up, p.req, p.onward(), proto)
+}
+
+func closeStream(s *hbone.Stream) {
+	if s != nil {
+		s.Close()
+	}
 }
 
 // peek sniffs an inspected stream's first bytes, unless its port declares HTTP (nothing to
 // learn): the stream to read from now on (the peeked bytes replayed), its protocol and SNI.
 func (h *Handler) peek(s *hbone.Stream, p *plan) (net.Conn, sniff.Protocol, string, error) {
-	if p.declared && p.proto != sniff.TLS {
+	if p.declared && p.proto != sniff.TLS && !p.l4.NeedsSNI() {
 		return s, p.proto, "", nil
 	}
 	sc, res, err := sniff.Sniff(s, h.SniffWait)
@@ -128,6 +155,8 @@ func (h *Handler) inspects(p *plan, sessions []*session.Session) bool {
 		return true
 	case h.Authn != nil && h.Authn().Applies(authzService(p.dest)):
 		return true // tokens are validated per request
+	case p.l4.NeedsSNI():
+		return true // a TLSRoute matches the ClientHello's SNI
 	case h.Inspect == InspectOpaque, p.steal != nil, len(p.mirrors) > 0:
 		return false
 	}

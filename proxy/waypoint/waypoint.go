@@ -29,6 +29,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -99,6 +100,9 @@ type Handler struct {
 	// HTTPRoutes returns the current HTTPRoutes and GRPCRoutes attached to services; nil
 	// means none (every request is forwarded to the service it addressed).
 	HTTPRoutes func() *httproute.Table
+	// L4Routes returns the current TCPRoutes and TLSRoutes attached to services; nil means
+	// none (every stream is forwarded to the service it addressed).
+	L4Routes func() *l4route.Table
 	// RouteRand draws route weights and mirror fractions; nil means math/rand/v2.IntN.
 	RouteRand func(n int) int
 	// Sessions are the developers' debug sessions (steal, mirror); nil means none.
@@ -136,7 +140,7 @@ func (h *Handler) hopHeader(own spiffeid.ID) http.Header {
 // refusal here dials nothing), then what can still fail before the 200 (the whole-stream steal's
 // developer, the onward dial, trying the next endpoint when one fails to connect), then the 200
 // and the stream's carriage. The 200 goes back only once an onward stream (or the developer)
-// is there.
+// is there, except for a stream whose TCPRoutes or TLSRoutes decide by its first bytes.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	p, err := h.plan(s.Request())
 	if err != nil {
@@ -155,12 +159,22 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 			return err
 		}
 	}
-	up, err := h.connect(s.Context(), p.req, p.dest)
-	if err != nil {
-		return err
+	if p.routeErr != nil {
+		return p.routeErr
+	}
+	// A stream whose TCPRoutes or TLSRoutes wait for its first bytes (its SNI, or whether it is
+	// HTTP) is accepted first: where it goes is not known before the 200 (as Envoy's waypoint,
+	// whose filter chain is picked after the CONNECT). Every other stream's 200 waits for its
+	// onward stream.
+	var up *hbone.Stream
+	if !p.inspect || p.l4 == nil {
+		var err error
+		if up, err = h.connect(s.Context(), p.req, p.onward()); err != nil {
+			return err
+		}
 	}
 	if err := s.Accept(); err != nil {
-		up.Close()
+		closeStream(up)
 		return err
 	}
 	return h.serveAccepted(s, up, p)

@@ -26,6 +26,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/config"
 	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/httproute"
+	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -93,7 +94,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if keep != nil {
 		g.Go(func() error { return keep(ctx) })
 	}
-	disc, err := discovery(ctx, g, cfg, log)
+	m := metrics.New(reg)
+	disc, err := discovery(ctx, g, cfg, m, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -107,7 +109,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	l := ls.hbone
 	onward := &hbone.Dialer{Logger: log, NetDial: netDial}
 	defer onward.Close()
-	h, err := newHandler(cfg, src, disc, metrics.New(reg), onward, l, accessOut, log)
+	h, err := newHandler(cfg, src, disc, m, onward, l, accessOut, log)
 	if err != nil {
 		return fail(err)
 	}
@@ -149,6 +151,7 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		ExtAuthz:   disc.extAuthz,
 		Metrics:    m,
 		HTTPRoutes: disc.httpRoutes,
+		L4Routes:   disc.l4Routes,
 		HBONEPort:  cfg.Listeners.UpstreamHBONEPort,
 		Logger:     log,
 
@@ -252,16 +255,18 @@ type discovered struct {
 	authn    func() *authn.Authenticator
 	// httpRoutes are the HTTPRoutes and GRPCRoutes attached to services.
 	httpRoutes func() *httproute.Table
-	synced     func() bool
-	bind       func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
-	clients    *mesh.Clients                                                                 // nil: static
-	extAuthz   *extauthz.Registry                                                            // the mesh config's ext_authz providers
+	// l4Routes are the TCPRoutes and TLSRoutes attached to services.
+	l4Routes func() *l4route.Table
+	synced   func() bool
+	bind     func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
+	clients  *mesh.Clients                                                                 // nil: static
+	extAuthz *extauthz.Registry                                                            // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
 // lists, or the Kubernetes API (informers, and the reconciler of per-session bindings, run in g
 // until ctx ends).
-func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *slog.Logger) (*discovered, error) {
+func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, m *metrics.Metrics, log *slog.Logger) (*discovered, error) {
 	wp := authz.Waypoint{Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, RootNamespace: cfg.Waypoint.RootNamespace}
 	if cfg.Discovery.Source != "kubernetes" {
 		table, err := cfg.Routes()
@@ -277,9 +282,13 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 		if err != nil {
 			return nil, err
 		}
+		lr, err := cfg.L4Routes()
+		if err != nil {
+			return nil, err
+		}
 		return &discovered{routes: func() *route.Table { return table }, policies: func() *authz.Engine { return engine },
 			authn: func() *authn.Authenticator { return authenticator }, synced: func() bool { return true }, extAuthz: xa,
-			httpRoutes: func() *httproute.Table { return hr }}, nil
+			httpRoutes: func() *httproute.Table { return hr }, l4Routes: func() *l4route.Table { return lr }}, nil
 	}
 	k := cfg.Discovery.Kubernetes
 	if k == nil {
@@ -296,12 +305,20 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, log *
 			log.Warn("waypoint: extension providers left out; CUSTOM policies naming them deny what they match", "err", err)
 		}
 	}
+	// The Istio objects detour does not implement, as the waypoint's gauge.
+	d.UnsupportedConfig = func(list []mesh.Unsupported) {
+		objs := make([]metrics.Config, 0, len(list))
+		for _, u := range list {
+			objs = append(objs, metrics.Config{Kind: u.Kind, Namespace: u.Namespace, Name: u.Name})
+		}
+		m.SetUnsupported(objs)
+	}
 	g.Go(func() error { return d.Run(ctx) })
 	holder, _ := os.Hostname()
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, l4Routes: d.L4Routes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.

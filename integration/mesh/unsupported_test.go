@@ -1,0 +1,84 @@
+package mesh
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	networkingapi "istio.io/api/networking/v1alpha3"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/detour-mesh/detour/integration/testbed"
+	"github.com/detour-mesh/detour/mesh"
+	"github.com/detour-mesh/detour/proxy/authz"
+)
+
+// A VirtualService and a DestinationRule for a bound service, created on the real API server,
+// are reported (UnsupportedObjects, the gauge's source); one for an unbound service is not, and
+// a deleted one leaves the report.
+func TestDiscoveryUnsupported(t *testing.T) {
+	c := testbed.Start(t, testbed.Options{Istiod: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const ns = "unsupported"
+	if err := c.Namespace(ctx, ns, nil); err != nil {
+		t.Fatal(err)
+	}
+	for name, waypoint := range map[string]string{"reviews": "detour", "other": "none"} {
+		if _, err := c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{mesh.UseWaypoint: waypoint}},
+			Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ic, err := istioclient.NewForConfig(c.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, host := range map[string]string{"reviews": "reviews", "other": "other"} {
+		vs := &networkingv1.VirtualService{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+			Spec: networkingapi.VirtualService{Hosts: []string{host}, Http: []*networkingapi.HTTPRoute{{
+				Route: []*networkingapi.HTTPRouteDestination{{Destination: &networkingapi.Destination{Host: host}}}}}}}
+		if _, err := ic.NetworkingV1().VirtualServices(ns).Create(ctx, vs, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ic.NetworkingV1().DestinationRules(ns).Create(ctx, &networkingv1.DestinationRule{ObjectMeta: metav1.ObjectMeta{Name: "reviews", Namespace: ns},
+		Spec: networkingapi.DestinationRule{Host: "reviews.unsupported.svc.cluster.local"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- d.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	deadline := time.Now().Add(30 * time.Second)
+	for !d.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("discovery never synced")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	report := func() string {
+		var lines []string
+		for _, u := range d.UnsupportedObjects() {
+			lines = append(lines, u.Kind+" "+u.Namespace+"/"+u.Name+": "+strings.Join(u.Services, ","))
+		}
+		return strings.Join(lines, "; ")
+	}
+	want := "DestinationRule unsupported/reviews: unsupported/reviews; VirtualService unsupported/reviews: unsupported/reviews"
+	if got := report(); got != want {
+		t.Fatalf("reported %q, want %q", got, want)
+	}
+	if err := ic.NetworkingV1().VirtualServices(ns).Delete(ctx, "reviews", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	within(t, "a deleted VirtualService", func() bool {
+		return report() == "DestinationRule unsupported/reviews: unsupported/reviews"
+	})
+}

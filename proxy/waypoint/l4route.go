@@ -1,0 +1,81 @@
+package waypoint
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/proxy/l4route"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/sniff"
+)
+
+// TCPRoutes and TLSRoutes at the waypoint (proxy/README.md, "Routes (TCPRoute and TLSRoute)").
+// They apply to the streams the waypoint carries as bytes, addressed to a service VIP (a pod IP
+// is never routed, as for HTTP routes); a port declared HTTP, HTTP2 or gRPC takes none of them
+// (its streams are HTTP, as Istio's waypoint builds an HTTP filter chain there and no TCP one).
+//
+// Refusals, and how they differ from Istio. istiod turns a TCPRoute or TLSRoute rule into a
+// VirtualService tcp/tls route (pilot/pkg/config/kube/gateway/conversion.go, convertTCPRoute and
+// convertTLSRoute: a rule whose weights sum to 0 gets one destination, the host
+// internal.cluster.local subset zero-weight, which has no cluster, "the spec requires us to
+// reject connections"; buildTCPDestination keeps an invalid backendRef as a destination that has
+// no cluster either), and the waypoint's TCP filter chain into one Envoy tcp_proxy per service
+// port with those backends as weighted clusters (pilot/pkg/networking/core/listener_waypoint.go,
+// buildWaypointNetworkFilters and getWaypointTCPRoutes). So Envoy accepts the HBONE CONNECT on
+// its connect_terminate listener (buildWaypointInboundConnectTerminate: the CONNECT goes to the
+// main_internal listener, there at once), then its tcp_proxy finds no cluster or no healthy host for
+// the connection drawn to such a backend and closes it: the client sees its stream open and
+// then end. detour refuses instead, respecting weights as the spec asks: where the route can be
+// decided at CONNECT (a TCPRoute on a stream it does not sniff) the CONNECT is answered 503
+// before anything is dialed; where it needs the ClientHello (a TLSRoute) or the sniffed protocol
+// (an undeclared port), which arrive after the 200, the stream is reset. Istio's waypoint also
+// never matches the SNI (getTLSRouteMatch: "Waypoint does not currently support SNI matches"; a
+// TLSRoute applies to the whole port only when its hostnames are the service's own hostname);
+// detour matches the ClientHello's SNI against the hostnames as the Gateway API defines them.
+
+// l4For is the TCPRoutes and TLSRoutes that apply to req's stream to dest: addressed by a VIP
+// of its service, on a port not declared HTTP. nil: none (forward as before).
+func (h *Handler) l4For(req *hbone.Request, dest *route.Destination) *l4route.Routes {
+	if h.L4Routes == nil || dest == nil || dest.Service == nil || !slices.Contains(dest.Service.VIPs, req.Target.Addr.Addr().Unmap()) {
+		return nil
+	}
+	if proto, declared := protocolOf(dest.Port); declared && (proto == sniff.HTTP1 || proto == sniff.HTTP2) {
+		return nil
+	}
+	return h.L4Routes().For(dest.Service.Namespace, dest.Service.Name, dest.Port.Port, callerNamespace(req.PeerID.Path()))
+}
+
+// l4Destination is where p's stream goes by its routes, tls and sni being what its first
+// bytes say: the drawn backend's destination (that Service's ready endpoints, whose identities
+// the onward dial checks). An error refuses the stream (see above): no route takes it, the
+// rule has no weighted backend, the drawn backendRef is invalid, or the drawn backend has no
+// ready endpoint.
+func (h *Handler) l4Destination(p *plan, tls bool, sni string) (*route.Destination, error) {
+	svc := p.dest.Service
+	rule := p.l4.Match(tls, sni)
+	if rule == nil {
+		return nil, fmt.Errorf("waypoint: %w: no TLSRoute or TCPRoute of %s/%s port %d takes the stream (SNI %q)",
+			hbone.ErrUnavailable, svc.Namespace, svc.Name, p.dest.Port.Port, sni)
+	}
+	b := rule.Pick(h.intn)
+	switch {
+	case b == nil:
+		return nil, fmt.Errorf("waypoint: %w: %s: no backend has a weight", hbone.ErrUnavailable, rule.Route)
+	case b.Invalid != "":
+		return nil, fmt.Errorf("waypoint: %w: %s: %s", hbone.ErrUnavailable, rule.Route, b.Invalid)
+	}
+	dest, err := h.Routes().ResolveService(b.Namespace, b.Name, b.Port, h.Balancer)
+	if err != nil {
+		return nil, fmt.Errorf("waypoint: %w: %s: %w", hbone.ErrUnavailable, rule.Route, err)
+	}
+	return dest, nil
+}
+
+// onward is where p's bytes go: its route's backend, else the addressed service.
+func (p *plan) onward() *route.Destination {
+	if p.routed != nil {
+		return p.routed
+	}
+	return p.dest
+}

@@ -1,0 +1,349 @@
+package waypoint_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/detour-mesh/detour/hbone"
+	"github.com/detour-mesh/detour/identity"
+	"github.com/detour-mesh/detour/proxy/l4route"
+	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/waypoint"
+)
+
+// l4Bed: services echo (10.96.0.30, both pods), echo-v1 (.31, pod 127.0.0.2), echo-v2 (.32,
+// pod 127.0.0.3) and empty (.33, no endpoint), each with port 5432 (declared tcp), 443
+// (declared tls) and 9000 (undeclared, sniffed); each pod's ztunnel presents its own service
+// account. The pods' apps write their name and a newline, then echo every byte until EOF; on
+// 443 they do so inside TLS. The waypoint draws weights with a counter: 0, 1, 2, ...
+type l4Bed struct {
+	waypoint string
+	client   *hbone.Dialer
+	opts     hbone.DialOptions
+	draws    atomic.Int64
+}
+
+func newL4Bed(t *testing.T, routes ...string) *l4Bed {
+	_, id := testCA(t)
+	b := &l4Bed{}
+	hbonePort, tcpPort, tlsPort := freePort(t), freePort(t), freePort(t)
+	cert := selfSigned(t)
+	for i, sa := range []string{"echo-v1", "echo-v2"} {
+		ip := fmt.Sprintf("127.0.0.%d", i+2)
+		for _, port := range []int{tcpPort, tlsPort} {
+			l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+			if err != nil {
+				t.Skipf("port %d not free on %s: %v", port, ip, err)
+			}
+			if port == tlsPort {
+				l = tls.NewListener(l, &tls.Config{Certificates: []tls.Certificate{cert}})
+			}
+			go serveBannerEcho(l, sa)
+			t.Cleanup(func() { l.Close() })
+		}
+		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(hbonePort)))
+		if err != nil {
+			t.Skipf("port %d not free on %s: %v", hbonePort, ip, err)
+		}
+		hs := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(id("spiffe://cluster.local/ns/demo/sa/"+sa), nil), Logger: quiet}
+		go hs.Serve(hl)
+		t.Cleanup(func() { hs.Close() })
+	}
+	ep := func(i int, sa string) route.Endpoint {
+		return route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: sa}
+	}
+	svc := func(name string, vip byte, eps ...route.Endpoint) *route.Service {
+		return &route.Service{Name: name, Namespace: "demo", Hostname: name + ".demo.svc.cluster.local",
+			VIPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, vip})},
+			Ports: []route.Port{{Name: "tcp", Port: 5432, TargetPort: uint16(tcpPort)}, {Name: "tls", Port: 443, TargetPort: uint16(tlsPort)},
+				{Name: "data", Port: 9000, TargetPort: uint16(tcpPort)}}, Endpoints: eps}
+	}
+	table, err := route.NewTable([]*route.Service{
+		svc("echo", 30, ep(2, "echo-v1"), ep(3, "echo-v2")), svc("echo-v1", 31, ep(2, "echo-v1")),
+		svc("echo-v2", 32, ep(3, "echo-v2")), svc("empty", 33),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tcps []*l4route.TCPRoute
+	var tlss []*l4route.TLSRoute
+	for _, doc := range routes {
+		if strings.Contains(doc, "kind: TLSRoute") {
+			r, err := l4route.DecodeTLSRoute([]byte(doc))
+			if err != nil {
+				t.Fatal(err)
+			}
+			tlss = append(tlss, r)
+			continue
+		}
+		r, err := l4route.DecodeTCPRoute([]byte(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tcps = append(tcps, r)
+	}
+	rt, err := l4route.Compile(table, tcps, tlss)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
+	onward := &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { onward.Close() })
+	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
+		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, SniffWait: 50 * time.Millisecond,
+		L4Routes:  func() *l4route.Table { return rt },
+		RouteRand: func(n int) int { return int(b.draws.Add(1)-1) % n }}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	b.waypoint = l.Addr().String()
+	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/demo/sa/client"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
+	b.opts = hbone.DialOptions{TLSConfig: cliTLS}
+	b.client = &hbone.Dialer{Logger: quiet}
+	t.Cleanup(func() { b.client.Close() })
+	return b
+}
+
+// serveBannerEcho answers each connection with its pod's name and a newline, then echoes.
+func serveBannerEcho(l net.Listener, pod string) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.WriteString(c, pod+"\n"); err != nil {
+				return
+			}
+			io.Copy(c, c)
+			if cw, ok := c.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+		}()
+	}
+}
+
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "echo"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"*.example.com", "example.com"}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// exchange opens target through the waypoint (inside TLS with that SNI when sni is not ""),
+// sends payload, half-closes, and returns the pod that answered; the echo must be payload,
+// byte for byte.
+func (b *l4Bed) exchange(t *testing.T, target, sni string, payload []byte) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := b.client.Dial(ctx, b.waypoint, target, b.opts)
+	if err != nil {
+		return "", err
+	}
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(10 * time.Second))
+	var c interface {
+		net.Conn
+		CloseWrite() error
+	} = s
+	if sni != "" {
+		tc := tls.Client(s, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return "", fmt.Errorf("handshake: %w", err)
+		}
+		c = tc
+	}
+	// The client writes first: a sniffed port sees its bytes, not the app's banner.
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Write(payload)
+		done <- errors.Join(err, c.CloseWrite())
+	}()
+	r := bufio.NewReader(c)
+	pod, err := r.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("reading the banner: %w", err)
+	}
+	echo, err := io.ReadAll(r)
+	if werr := <-done; werr != nil {
+		return "", fmt.Errorf("writing: %w", werr)
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the echo: %w", err)
+	}
+	if !bytes.Equal(echo, payload) {
+		return "", fmt.Errorf("echo of %d bytes differs from the %d sent", len(echo), len(payload))
+	}
+	return strings.TrimSuffix(pod, "\n"), nil
+}
+
+func payload(t *testing.T, n int) []byte {
+	p := make([]byte, n)
+	if _, err := rand.Read(p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+const tcpSplit = `
+kind: TCPRoute
+metadata: {name: split, namespace: demo}
+spec:
+  parentRefs: [{name: echo}]
+  rules: [{backendRefs: [{name: echo-v1, port: 5432, weight: 3}, {name: echo-v2, port: 5432, weight: 1}]}]
+`
+
+// A TCPRoute splits connections by weight, each one drawn once and carried byte for byte, on a
+// declared tcp port (decided at CONNECT) and on an undeclared one (decided once sniffed).
+func TestTCPRouteWeights(t *testing.T) {
+	b := newL4Bed(t, tcpSplit)
+	for _, target := range []string{"10.96.0.30:5432", "10.96.0.30:9000"} {
+		counts := map[string]int{}
+		for i := range 20 {
+			pod, err := b.exchange(t, target, "", payload(t, 64<<10+i))
+			if err != nil {
+				t.Fatalf("%s: connection %d: %v", target, i, err)
+			}
+			counts[pod]++
+		}
+		if counts["echo-v1"] != 15 || counts["echo-v2"] != 5 {
+			t.Errorf("%s: 20 connections over weights 3:1 went %v, want echo-v1 15, echo-v2 5", target, counts)
+		}
+	}
+	// A large stream stays whole.
+	if _, err := b.exchange(t, "10.96.0.30:5432", "", payload(t, 4<<20)); err != nil {
+		t.Errorf("4 MiB: %v", err)
+	}
+}
+
+const tlsRoutes = `
+kind: TLSRoute
+metadata: {name: exact, namespace: demo}
+spec:
+  parentRefs: [{name: echo, port: 443}]
+  hostnames: [api.example.com]
+  rules: [{backendRefs: [{name: echo-v1, port: 443}]}]
+---
+kind: TLSRoute
+metadata: {name: wild, namespace: demo}
+spec:
+  parentRefs: [{name: echo, port: 443}]
+  hostnames: ["*.example.com"]
+  rules: [{backendRefs: [{name: echo-v1, port: 443, weight: 1}, {name: echo-v2, port: 443, weight: 1}]}]
+---
+kind: TLSRoute
+metadata: {name: broken, namespace: demo}
+spec:
+  parentRefs: [{name: echo, port: 443}]
+  hostnames: [broken.example.com]
+  rules: [{backendRefs: [{name: empty, port: 443}]}]
+`
+
+// TLSRoutes route by the ClientHello's SNI (exact before wildcard), weights drawn per
+// connection; the TLS bytes pass untouched to the backend, which terminates them.
+func TestTLSRouteSNI(t *testing.T) {
+	b := newL4Bed(t, strings.Split(tlsRoutes, "---")...)
+	for range 3 {
+		if pod, err := b.exchange(t, "10.96.0.30:443", "api.example.com", payload(t, 100<<10)); err != nil || pod != "echo-v1" {
+			t.Fatalf("api.example.com: %s, %v; want echo-v1 (the exact hostname)", pod, err)
+		}
+	}
+	counts := map[string]int{}
+	for i := range 10 {
+		pod, err := b.exchange(t, "10.96.0.30:443", "web.example.com", payload(t, 1000+i))
+		if err != nil {
+			t.Fatalf("web.example.com: connection %d: %v", i, err)
+		}
+		counts[pod]++
+	}
+	if counts["echo-v1"] != 5 || counts["echo-v2"] != 5 {
+		t.Errorf("10 connections over weights 1:1 went %v, want 5 and 5", counts)
+	}
+	// No route takes example.com, and broken's backend has no endpoint: the stream, accepted
+	// to read its ClientHello, is reset; the handshake fails.
+	for _, sni := range []string{"example.com", "broken.example.com"} {
+		if pod, err := b.exchange(t, "10.96.0.30:443", sni, []byte("x")); err == nil {
+			t.Errorf("%s went to %s, want the stream reset", sni, pod)
+		}
+	}
+}
+
+// Refusals: a TCPRoute backend without endpoints, an unknown backend, and a rule without a
+// weighted backend refuse the CONNECT (503) before anything is dialed; a service without
+// endpoints of its own is still routed to its TCPRoute's backends.
+func TestTCPRouteRefusals(t *testing.T) {
+	b := newL4Bed(t, `
+kind: TCPRoute
+metadata: {name: to-empty, namespace: demo}
+spec:
+  parentRefs: [{name: echo-v1, port: 5432}]
+  rules: [{backendRefs: [{name: empty, port: 5432}]}]
+`, `
+kind: TCPRoute
+metadata: {name: unknown, namespace: demo}
+spec:
+  parentRefs: [{name: echo-v2, port: 5432}]
+  rules: [{backendRefs: [{name: nosuch, port: 5432}]}]
+`, `
+kind: TCPRoute
+metadata: {name: weightless, namespace: demo}
+spec:
+  parentRefs: [{name: echo, port: 5432}]
+  rules: [{backendRefs: [{name: echo-v1, port: 5432, weight: 0}]}]
+`, `
+kind: TCPRoute
+metadata: {name: from-empty, namespace: demo}
+spec:
+  parentRefs: [{name: empty, port: 5432}]
+  rules: [{backendRefs: [{name: echo-v2, port: 5432}]}]
+`)
+	for _, target := range []string{"10.96.0.31:5432", "10.96.0.32:5432", "10.96.0.30:5432"} {
+		_, err := b.exchange(t, target, "", []byte("x"))
+		var se *hbone.StatusError
+		if !errors.As(err, &se) || se.Code != 503 {
+			t.Errorf("%s: %v, want the CONNECT refused with 503", target, err)
+		}
+	}
+	if pod, err := b.exchange(t, "10.96.0.33:5432", "", []byte("hello")); err != nil || pod != "echo-v2" {
+		t.Errorf("empty's TCPRoute: %s, %v; want echo-v2", pod, err)
+	}
+	// The ports without routes are forwarded to the addressed service as before.
+	if pod, err := b.exchange(t, "10.96.0.31:9000", "", []byte("hello")); err != nil || pod != "echo-v1" {
+		t.Errorf("echo-v1:9000 (no route): %s, %v; want echo-v1", pod, err)
+	}
+}
