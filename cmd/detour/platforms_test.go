@@ -29,3 +29,22 @@ func TestNonLinuxLinksNoNetfilter(t *testing.T) {
 		}
 	}
 }
+
+// TestVersionStamped: `make release` stamps the version with -ldflags -X (as its recipe does, with
+// -trimpath), and `detour --version` and `detour version -o json` print it.
+func TestVersionStamped(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds detour")
+	}
+	bin := t.TempDir() + "/detour"
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-X github.com/detour-mesh/detour/cmd/detour/cli.Version=v9.8.7-test", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{{"--version"}, {"version", "-o", "json"}} {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "v9.8.7-test") {
+			t.Errorf("detour %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+}
