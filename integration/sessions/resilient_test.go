@@ -433,3 +433,28 @@ func TestReplicaGone(t *testing.T) {
 		t.Fatalf("%d requests through replica B: %d failed, %d stolen (want none failed, some stolen once the session moved there)", total, failed, stolen)
 	}
 }
+
+// A tunnel that stays lost past --grace (the waypoint is gone) ends detour run: it says it gives
+// up, stops CMD and exits ExitTunnelLost (75).
+func TestRunGivesUpAfterGrace(t *testing.T) {
+	b := newBed(t)
+	kubeconfig := apiStandIn(t, nil, b.dir)
+	cli := start(t, "run", detourBin, "run", "--target", "svc/web:80", "--kubeconfig", kubeconfig, "--waypoint", b.tunnel, "--transport", "h2",
+		"--ca", filepath.Join(b.dir, "ca"), "--id", "spiffe://cluster.local/ns/dev/sa/alice", "--grace", "2s",
+		"--steal", "--header", "x-dev=alice", "--to", b.devHTTP, "--", "sh", "-c", "echo ready; exec sleep 60")
+	id := cli.Find(t, `detour: session ([0-9a-f]{12}) over h2`)
+	cli.WaitFor(t, "ready")
+	b.waypoint.Process.Kill()
+	<-b.waypoint.Done
+	cli.WaitFor(t, "reconnecting for up to 2s to resume session "+id)
+	cli.WaitFor(t, "detour: giving up: no tunnel to the waypoint for 2s, the grace period (last error: ")
+	cli.WaitFor(t, "; session "+id+" ended; stopping CMD")
+	select {
+	case <-cli.Done:
+	case <-time.After(30 * time.Second): // a hang guard
+		t.Fatalf("detour run still running after giving up:\n%s", cli.Output())
+	}
+	if code := cli.ProcessState.ExitCode(); code != 75 {
+		t.Fatalf("exit %d, want 75 (ExitTunnelLost):\n%s", code, cli.Output())
+	}
+}
