@@ -158,7 +158,7 @@ discovery:
 				// the Istio objects detour does not implement, reported when they would apply (a
 				// waypoint that may not read them leaves them out, logged)
 				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"virtualservices", "destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},
-				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins", "trafficextensions"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
 		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),

@@ -32,10 +32,11 @@ type Unsupported struct {
 
 // What each kind does that detour leaves out.
 var differs = map[string]string{
-	"VirtualService":  "its routes (weights, matches, rewrites, retries, timeouts, fault injection, mirrors) are not applied; traffic goes to the addressed service or as its Gateway API routes say",
-	"DestinationRule": "its traffic policy (load balancing, connection pool, outlier detection, TLS) and subsets are not applied",
-	"EnvoyFilter":     "its Envoy configuration patches are not applied (detour is not Envoy)",
-	"WasmPlugin":      "its Wasm plugin does not run",
+	"VirtualService":   "its routes (weights, matches, rewrites, retries, timeouts, fault injection, mirrors) are not applied; traffic goes to the addressed service or as its Gateway API routes say",
+	"DestinationRule":  "its traffic policy (load balancing, connection pool, outlier detection, TLS) and subsets are not applied",
+	"EnvoyFilter":      "its Envoy configuration patches are not applied (detour is not Envoy)",
+	"WasmPlugin":       "its Wasm plugin does not run",
+	"TrafficExtension": "its extension (Wasm or Lua) does not run",
 }
 
 // unsupportedListers list the watched objects of the kinds detour reports; a nil lister is a
@@ -45,6 +46,7 @@ type unsupportedListers struct {
 	destinationRules func() ([]*networkingv1.DestinationRule, error)
 	envoyFilters     func() ([]*networkingv1alpha3.EnvoyFilter, error)
 	wasmPlugins      func() ([]*extensionsv1alpha1.WasmPlugin, error)
+	extensions       func() ([]*extensionsv1alpha1.TrafficExtension, error)
 }
 
 // unsupportedInformers watches the kinds of Unsupported that the API server serves and this
@@ -85,6 +87,10 @@ func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinform
 	if _, err := d.Istio.ExtensionsV1alpha1().WasmPlugins(d.Namespace).List(ctx, lo); readable("WasmPlugin", err, f.Extensions().V1alpha1().WasmPlugins().Informer) {
 		l := f.Extensions().V1alpha1().WasmPlugins().Lister()
 		u.wasmPlugins = func() ([]*extensionsv1alpha1.WasmPlugin, error) { return l.List(labels.Everything()) }
+	}
+	if _, err := d.Istio.ExtensionsV1alpha1().TrafficExtensions(d.Namespace).List(ctx, lo); readable("TrafficExtension", err, f.Extensions().V1alpha1().TrafficExtensions().Informer) {
+		l := f.Extensions().V1alpha1().TrafficExtensions().Lister()
+		u.extensions = func() ([]*extensionsv1alpha1.TrafficExtension, error) { return l.List(labels.Everything()) }
 	}
 	if !watched {
 		return nil, u
@@ -153,6 +159,15 @@ func (d *Discovery) findUnsupported(u unsupportedListers, table *route.Table) ([
 			add("WasmPlugin", o.ObjectMeta, a.proxyWide(o.Namespace, o.Spec.GetSelector().GetMatchLabels(), refs))
 		}
 	}
+	if u.extensions != nil {
+		list, err := u.extensions()
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range list {
+			add("TrafficExtension", o.ObjectMeta, a.proxyWide(o.Namespace, o.Spec.GetSelector().GetMatchLabels(), o.Spec.GetTargetRefs()))
+		}
+	}
 	slices.SortFunc(out, func(x, y Unsupported) int {
 		return cmp.Or(strings.Compare(x.Kind, y.Kind), strings.Compare(x.Namespace, y.Namespace), strings.Compare(x.Name, y.Name))
 	})
@@ -208,7 +223,7 @@ func (a applies) destinationRule(dr *networkingv1.DestinationRule) []*route.Serv
 	return out
 }
 
-// proxyWide: an EnvoyFilter or WasmPlugin in namespace ns applies to the waypoint (every bound
+// proxyWide: an EnvoyFilter, WasmPlugin or TrafficExtension in namespace ns applies to the waypoint (every bound
 // service) when it selects nothing (then in the root namespace: every proxy; in the waypoint's:
 // every proxy there), when its selector's labels are the waypoint's (Istio's waypoint pods carry
 // gateway.networking.k8s.io/gateway-name; detour's app.kubernetes.io/name), or when a targetRef

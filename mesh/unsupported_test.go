@@ -83,6 +83,12 @@ func TestFindUnsupported(t *testing.T) {
 				wp("istio-system", "class", ref("gateway.networking.k8s.io", "GatewayClass", "istio-waypoint")),
 			}, nil
 		},
+		extensions: func() ([]*extensionsv1alpha1.TrafficExtension, error) {
+			return []*extensionsv1alpha1.TrafficExtension{
+				{ObjectMeta: om("mesh", "lua"), Spec: extensionsapi.TrafficExtension{TargetRefs: ref("", "Service", "ratings")}},
+				{ObjectMeta: om("mesh", "elsewhere"), Spec: extensionsapi.TrafficExtension{Selector: &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": "x"}}}},
+			}, nil
+		},
 	}
 	d := &Discovery{Waypoint: authz.Waypoint{Namespace: "mesh", Gateway: "detour", RootNamespace: "istio-system"}}
 	got, err := d.findUnsupported(u, table)
@@ -100,6 +106,7 @@ func TestFindUnsupported(t *testing.T) {
 		"EnvoyFilter istio-system/mesh-wide: mesh/ratings,shop/reviews",
 		"EnvoyFilter mesh/selects-waypoint: mesh/ratings,shop/reviews",
 		"EnvoyFilter mesh/targets-gateway: mesh/ratings,shop/reviews",
+		"TrafficExtension mesh/lua: mesh/ratings",
 		"VirtualService mesh/wild: mesh/ratings,shop/reviews",
 		"VirtualService shop/short: shop/reviews",
 		"WasmPlugin istio-system/class: mesh/ratings,shop/reviews",

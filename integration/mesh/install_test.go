@@ -200,6 +200,16 @@ func mayDiscover(t *testing.T, c *testbed.Cluster, ns, sa string, want bool) {
 		{authzv1.ResourceAttributes{Verb: "watch", Resource: "pods", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "watch", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "create", Group: "detour.dev", Resource: "debugsessions", Namespace: ns}, want},
+		// the routes the waypoint applies, and the Istio objects it reports (Discovery waits for the
+		// informers of the kinds the API server serves: without these it would never be ready)
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "httproutes", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "grpcroutes", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "tcproutes", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "tlsroutes", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "networking.istio.io", Resource: "virtualservices", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "destinationrules", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "envoyfilters", Namespace: ns}, want},
+		{authzv1.ResourceAttributes{Verb: "list", Group: "extensions.istio.io", Resource: "wasmplugins", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "list", Resource: "services", Namespace: "kube-system"}, false},
 		{authzv1.ResourceAttributes{Verb: "update", Resource: "namespaces", Name: ns}, false},
 	} {
