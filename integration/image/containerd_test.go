@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
@@ -61,13 +63,15 @@ func TestContainerd(t *testing.T) {
 	// A first container that only prints the version proves the import and the runtime.
 	var snapshotter string
 	for _, s := range []string{"overlayfs", "native"} {
+		imported := time.Now()
 		if _, err := ctd.ctr(t, "images", "import", "--snapshotter", s, tarPath); err != nil {
 			t.Logf("image: snapshotter %s: %v", s, err)
 			continue
 		}
+		t.Logf("image: imported %s (%d bytes) with the %s snapshotter in %v", ref, len(archive), s, time.Since(imported).Round(time.Millisecond))
 		t.Cleanup(func() { ctd.remove(t, "version-"+s) }) // --rm already did, unless it failed
-		out, err := ctd.ctr(t, append([]string{"run", "--rm", "--snapshotter", s, "--fifo-dir", ctd.fifos, "--runc-root", ctd.runc,
-			"--with-ns", "network:" + wp.NetnsPath(), ref, "version-" + s, Entrypoint}, "version")...)
+		args := append(append([]string{"run", "--rm"}, ctd.runArgs(s, "version-"+s, wp)...), ref, "version-"+s, Entrypoint, "version")
+		out, err := ctd.ctr(t, args...)
 		if err != nil {
 			t.Logf("image: snapshotter %s: %v", s, err)
 			continue
@@ -120,10 +124,11 @@ discovery:
 	logPath := filepath.Join(dir, "waypoint.log")
 	id := "waypoint"
 	t.Cleanup(func() { ctd.remove(t, id) })
-	if _, err := ctd.ctr(t, "run", "--detach", "--snapshotter", snapshotter, "--runc-root", ctd.runc, "--log-uri", "file://"+logPath,
-		"--with-ns", "network:"+wp.NetnsPath(), "--mount", "type=bind,src="+conf+",dst=/etc/detour,options=rbind:ro",
-		ref, id, Entrypoint, "waypoint", "--config", "/etc/detour/waypoint.yaml"); err != nil {
-		t.Fatal(err)
+	start := time.Now()
+	args := append(append([]string{"run", "--detach", "--log-uri", "file://" + logPath}, ctd.runArgs(snapshotter, id, wp)...),
+		"--mount", "type=bind,src="+conf+",dst=/etc/detour,options=rbind:ro", ref, id, Entrypoint, "waypoint", "--config", "/etc/detour/waypoint.yaml")
+	if _, err := ctd.ctr(t, args...); err != nil {
+		t.Fatalf("image: %v; containerd's log:\n%s", err, ctd.tail())
 	}
 	containerLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
 	t.Cleanup(func() {
@@ -135,7 +140,6 @@ discovery:
 	// Ready, as a kubelet's probe sees it: from outside the container, on the pod's address.
 	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: client.DialContext}}
 	defer hc.CloseIdleConnections()
-	start := time.Now()
 	var last string
 	for deadline := time.Now().Add(60 * time.Second); ; {
 		code, body, err := get(hc, "http://"+wp.IP+":15021/readyz")
@@ -149,7 +153,7 @@ discovery:
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Logf("image: /readyz answered 200 %v after the container started", time.Since(start).Round(10*time.Millisecond))
+	t.Logf("image: /readyz answered 200 %v after `ctr run` started", time.Since(start).Round(time.Millisecond))
 	if code, body, err := get(hc, "http://"+wp.IP+":15021/healthz"); err != nil || code != http.StatusOK {
 		t.Errorf("image: /healthz: %d %q %v", code, body, err)
 	}
@@ -217,6 +221,7 @@ func chownAll(dir string, uid int) error {
 // the FIFOs all under dir, never the machine's service.
 type containerd struct {
 	dir, sock, fifos, runc, log string
+	cgroup                      string // the parent of the containers' cgroups, e.g. /detour-test-1a2b3c
 	cmd                         *exec.Cmd
 	done                        chan struct{}
 }
@@ -228,6 +233,9 @@ func startContainerd(t *testing.T, dir string) *containerd {
 	t.Helper()
 	c := &containerd{dir: dir, sock: filepath.Join(dir, "containerd.sock"), fifos: filepath.Join(dir, "fifo"),
 		runc: filepath.Join(dir, "runc"), log: filepath.Join(dir, "containerd.log"), done: make(chan struct{})}
+	rnd := make([]byte, 3)
+	rand.Read(rnd)
+	c.cgroup = "/" + ctrNamespace + "-" + hex.EncodeToString(rnd)
 	for _, d := range []string{c.fifos, c.runc} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			t.Fatal(err)
@@ -278,6 +286,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 			t.Logf("containerd's log:\n%s", c.tail())
 		}
 		unmountUnder(t, dir)
+		removeCgroups(t, c.cgroup)
 	})
 	for deadline := time.Now().Add(30 * time.Second); ; {
 		select {
@@ -362,6 +371,29 @@ func (c *containerd) remove(t *testing.T, id string) {
 	}
 	if _, err := c.ctr(t, "containers", "delete", id); err != nil && !strings.Contains(err.Error(), "not found") {
 		t.Errorf("image: deleting container %s: %v; containerd's log:\n%s", id, err, c.tail())
+	}
+}
+
+// runArgs are the `ctr run` flags every container of the test gets: its snapshotter, the FIFOs,
+// runc's root and the cgroup under the test's own directories, the pod's network namespace.
+func (c *containerd) runArgs(snapshotter, id string, pod *testbed.Pod) []string {
+	return []string{"--snapshotter", snapshotter, "--fifo-dir", c.fifos, "--runc-root", c.runc,
+		"--cgroup", c.cgroup + "/" + id, "--with-ns", "network:" + pod.NetnsPath()}
+}
+
+// removeCgroups removes the containers' parent cgroup in every hierarchy (cgroup v1 has one per
+// controller; v2 one), after runc removed the containers' own: `ctr run` creates the parent and
+// nothing removes it.
+func removeCgroups(t *testing.T, parent string) {
+	t.Helper()
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/*" + parent)
+	if _, err := os.Stat("/sys/fs/cgroup" + parent); err == nil {
+		dirs = append(dirs, "/sys/fs/cgroup"+parent)
+	}
+	for _, d := range dirs {
+		if err := os.Remove(d); err != nil {
+			t.Errorf("image: removing cgroup %s: %v", d, err)
+		}
 	}
 }
 
