@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +21,40 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
+
+// testOptions are what both tests build: TestImageArchive checks the archive, TestContainerd runs it.
+var testOptions = Options{Source: "../..", Version: "v0.0.0-test", Revision: "0123abc", Created: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC),
+	GoBuild: cachedGoBuild}
+
+// built holds each platform's binary once built: cross-building cmd/detour takes minutes on a
+// busy machine, so the package's tests (and TestImageArchive's second Build) share one build. Go's
+// own build is reproducible with -trimpath and no VCS stamp; the tests are about what Build adds
+// (and the checkout may change under a long cross-build).
+var built struct {
+	sync.Mutex
+	bins map[string][]byte // by the build's environment
+}
+
+func cachedGoBuild(ctx context.Context, dir string, env []string, args ...string) error {
+	built.Lock()
+	defer built.Unlock()
+	key, out := strings.Join(env, " "), args[slices.Index(args, "-o")+1]
+	if b, ok := built.bins[key]; ok {
+		return os.WriteFile(out, b, 0o755)
+	}
+	if err := goBuild(ctx, dir, env, args...); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		return err
+	}
+	if built.bins == nil {
+		built.bins = map[string][]byte{}
+	}
+	built.bins[key] = b
+	return nil
+}
 
 // archive builds the image from this checkout and writes its archive.
 func archive(t *testing.T, o Options) ([]byte, v1.Hash) {
@@ -45,6 +80,24 @@ func archive(t *testing.T, o Options) ([]byte, v1.Hash) {
 		t.Fatal(err)
 	}
 	return buf.Bytes(), d
+}
+
+// shared is testOptions' archive, built by the first test that needs it.
+var shared struct {
+	sync.Mutex
+	b []byte
+	d v1.Hash
+}
+
+// sharedArchive is testOptions' archive, built once per test process.
+func sharedArchive(t *testing.T) ([]byte, v1.Hash) {
+	t.Helper()
+	shared.Lock()
+	defer shared.Unlock()
+	if shared.b == nil {
+		shared.b, shared.d = archive(t, testOptions)
+	}
+	return shared.b, shared.d
 }
 
 // untar extracts an archive (regular files and directories only) into a new directory.
@@ -116,24 +169,8 @@ func files(t *testing.T, l v1.Layer) map[string]*tar.Header {
 // version, two platforms, each with the entrypoint, the nonroot user, the labels and a static
 // binary for its architecture; built twice, it is the same bytes.
 func TestImageArchive(t *testing.T) {
-	o := Options{Source: "../..", Version: "v0.0.0-test", Revision: "0123abc", Created: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}
-	// Each platform's binary is built once: the second Build gets the same bytes. Go's own build
-	// is reproducible with -trimpath and no VCS stamp; this test is about what Build adds (and
-	// the checkout may change under a long cross-build).
-	built := map[string][]byte{}
-	o.GoBuild = func(ctx context.Context, dir string, env []string, args ...string) error {
-		key, out := strings.Join(env, " "), args[slices.Index(args, "-o")+1]
-		if b, ok := built[key]; ok {
-			return os.WriteFile(out, b, 0o755)
-		}
-		if err := goBuild(ctx, dir, env, args...); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(out)
-		built[key] = b
-		return err
-	}
-	b, digest := archive(t, o)
+	o := testOptions
+	b, digest := sharedArchive(t)
 	dir := untar(t, b)
 	p, err := layout.FromPath(dir)
 	if err != nil {

@@ -209,6 +209,10 @@ func (p *Pod) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 	return c, err
 }
 
+// NetnsPath is the pod's network namespace as a file, for a runtime that joins it (e.g. `ctr run
+// --with-ns network:PATH`).
+func (p *Pod) NetnsPath() string { return "/var/run/netns/" + p.netns }
+
 // Command is name with args run inside the pod's network namespace (ip netns exec).
 func (p *Pod) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", p.netns, name}, args...)...)
