@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/detour-mesh/detour/proxy/authz"
+	"github.com/detour-mesh/detour/proxy/route"
 )
 
 // Finding is one check of Doctor: what was looked at, whether it is fine, and the fix.
@@ -106,6 +107,7 @@ func (d *Doctor) Check(ctx context.Context) ([]Finding, error) {
 
 	if d.Service != "" {
 		d.checkBinding(ctx, ns.Labels, add)
+		d.checkUnsupported(ctx, add)
 		if d.Developer != "" {
 			d.checkGrant(ctx, add)
 		}
@@ -136,6 +138,24 @@ func (d *Doctor) checkBinding(ctx context.Context, nsLabels map[string]string, a
 	default:
 		add(Finding{Check: "binding", Say: fmt.Sprintf("service %s is bound to another waypoint, %s (%s)", d.Service, use, where),
 			Fix: fmt.Sprintf("detour install -n %s --bind svc/%s --take-over (detour uninstall gives it back)", d.Namespace, d.Service)})
+	}
+}
+
+// checkUnsupported: no Istio config that detour does not implement applies to the service at
+// its waypoint (what the waypoint's detour_unsupported_config gauge would show).
+func (d *Doctor) checkUnsupported(ctx context.Context, add func(Finding)) {
+	svc := &route.Service{Namespace: d.Namespace, Name: d.Service, Hostname: d.Service + "." + d.Namespace + ".svc.cluster.local"}
+	found, err := FindUnsupported(ctx, d.Dynamic, d.Namespace, d.name(), "", []*route.Service{svc})
+	switch {
+	case err != nil:
+		add(Finding{Check: "unsupported", Say: "cannot look for Istio config detour does not implement: " + err.Error(),
+			Fix: "grant list on virtualservices, destinationrules, envoyfilters, wasmplugins and trafficextensions in " + d.Namespace + " and istio-system"})
+	case len(found) == 0:
+		add(Finding{Check: "unsupported", OK: true, Say: "no VirtualService, DestinationRule, EnvoyFilter or WasmPlugin applies to " + d.Service + " at the waypoint"})
+	default:
+		add(Finding{Check: "unsupported", Say: fmt.Sprintf("%d Istio object(s) that detour does not implement apply to %s, so traffic through detour differs from Istio's waypoint:%s",
+			len(found), d.Service, describeUnsupported(found)),
+			Fix: "move their intent to Gateway API routes and AuthorizationPolicies (which detour applies), or accept the difference (detour install --bind ... --force)"})
 	}
 }
 

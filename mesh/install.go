@@ -17,6 +17,8 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
+
+	"github.com/detour-mesh/detour/proxy/route"
 )
 
 // Labels and annotations detour reads and writes on the objects it binds.
@@ -69,6 +71,10 @@ type Installer struct {
 	Image     string // default Image
 	// TakeOver lets a bind replace another waypoint's binding (restored on uninstall).
 	TakeOver bool
+	// Force binds targets that Istio config detour does not implement would apply to
+	// (FindUnsupported: VirtualServices, DestinationRules, EnvoyFilters, WasmPlugins,
+	// TrafficExtensions); without it Install refuses them, naming each object.
+	Force bool
 	// DryRun validates everything on the API server and changes nothing.
 	DryRun bool
 
@@ -282,6 +288,9 @@ func (in *Installer) Install(ctx context.Context, targets []Target) error {
 			return err
 		}
 	}
+	if err := in.checkUnsupported(ctx, targets); err != nil {
+		return err
+	}
 	var w written
 	err := in.write(ctx, targets, &w)
 	if err == nil && in.Wait && !in.DryRun {
@@ -346,6 +355,43 @@ func (in *Installer) checkBind(ctx context.Context, t Target) error {
 		where = other + "/" + cur
 	}
 	return fmt.Errorf("mesh: %s %s is bound to waypoint %s; pass --take-over to replace it (uninstall restores it)", t, in.Namespace, where)
+}
+
+// checkUnsupported refuses targets (unless Force) that Istio config detour does not implement
+// would apply to once bound: Istio's waypoint would honour it, detour would not, for every caller.
+func (in *Installer) checkUnsupported(ctx context.Context, targets []Target) error {
+	if in.Force || len(targets) == 0 {
+		return nil
+	}
+	seen := map[string]bool{}
+	var svcs []*route.Service
+	add := func(name string) {
+		if !seen[name] && name != in.name() {
+			seen[name] = true
+			svcs = append(svcs, &route.Service{Namespace: in.Namespace, Name: name, Hostname: name + "." + in.Namespace + ".svc.cluster.local"})
+		}
+	}
+	for _, t := range targets {
+		if t.Service != "" {
+			add(t.Service)
+			continue
+		}
+		list, err := in.Client.Resource(gvrService).Namespace(in.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return fmt.Errorf("mesh: listing the services of %s: %w", in.Namespace, err)
+		}
+		for _, item := range list.Items {
+			add(item.GetName())
+		}
+	}
+	found, err := FindUnsupported(ctx, in.Client, in.Namespace, in.name(), "", svcs)
+	if err != nil {
+		return fmt.Errorf("%w (pass --force to bind without this check)", err)
+	}
+	if len(found) > 0 {
+		return fmt.Errorf("mesh: not binding: Istio config that detour does not implement applies to what would be bound, so its callers' traffic would change; remove it or pass --force:%s", describeUnsupported(found))
+	}
+	return nil
 }
 
 // bind sets the waypoint labels, keeping what they were in PreviousAnnotation.

@@ -107,7 +107,11 @@ func (d *Discovery) findUnsupported(u unsupportedListers, table *route.Table) ([
 			bound = append(bound, s)
 		}
 	}
-	a := applies{ns: d.Waypoint.Namespace, gateway: d.Waypoint.Gateway, root: d.rootNamespace(), bound: bound}
+	return applies{ns: d.Waypoint.Namespace, gateway: d.Waypoint.Gateway, root: d.rootNamespace(), bound: bound}.find(u)
+}
+
+// find lists, by kind, namespace and name, the objects of u that apply to a.bound.
+func (a applies) find(u unsupportedListers) ([]Unsupported, error) {
 	var out []Unsupported
 	add := func(kind string, m metav1.ObjectMeta, svcs []*route.Service) {
 		if len(svcs) == 0 {

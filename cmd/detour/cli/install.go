@@ -39,7 +39,7 @@ func (k *kubeFlags) installer() (*mesh.Installer, error) {
 func newInstallCmd() *cobra.Command {
 	var k kubeFlags
 	var binds []string
-	var takeOver, dryRun, print bool
+	var takeOver, dryRun, print, force bool
 	var o installOptions
 	cmd := &cobra.Command{
 		Use:   "install -n NAMESPACE [--bind namespace|svc/NAME]...",
@@ -75,7 +75,7 @@ func newInstallCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			in.TakeOver, in.DryRun = takeOver, dryRun
+			in.TakeOver, in.DryRun, in.Force = takeOver, dryRun, force
 			o.apply(in)
 			in.Progress = func(line string) { fmt.Fprintln(cmd.OutOrStdout(), line) }
 			ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
@@ -98,6 +98,7 @@ func newInstallCmd() *cobra.Command {
 	k.register(cmd)
 	cmd.Flags().StringArrayVar(&binds, "bind", nil, "bind namespace, or svc/NAME, to this waypoint (repeatable)")
 	cmd.Flags().BoolVar(&takeOver, "take-over", false, "replace another waypoint's binding (uninstall restores it)")
+	cmd.Flags().BoolVar(&force, "force", false, "bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin) applies")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "validate every object on the API server (server-side dry run), change nothing")
 	cmd.Flags().BoolVar(&print, "print", false, "print the manifests instead of applying them (no cluster needed)")
 	o.register(cmd)
