@@ -109,7 +109,7 @@ func TestInstalledWaypointReadsMeshConfig(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var providers []string
-	d := &mesh.Discovery{Kube: kc, Istio: ic, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"},
+	d := &mesh.Discovery{Kube: kc, Istio: ic, Namespace: ns, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"},
 		MeshConfig: func(mc *meshv1alpha1.MeshConfig) {
 			mu.Lock()
 			defer mu.Unlock()
