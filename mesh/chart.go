@@ -10,6 +10,7 @@ import (
 // The chart's values, each standing in Objects for a sentinel that ChartFiles replaces by the
 // template expression: the chart renders what Install applies for the same values.
 var chartValues = []struct{ sentinel, expr string }{
+	{"x-detour-root-namespace-x", "{{ .Values.rootNamespace }}"},
 	{"x-detour-namespace-x", "{{ .Release.Namespace }}"},
 	{"x-detour-name-x", "{{ .Values.name }}"},
 	{"x-detour-image-x", `{{ .Values.image | default (printf "%s:%s" "` + ImageRepository + `" .Chart.AppVersion) | quote }}`},
@@ -29,11 +30,13 @@ const chartHeader = "# Generated from mesh.Installer by `make chart`; do not edi
 // ChartFiles is the Helm chart of Objects (path under ChartDir -> content): one template per
 // object, the DebugSession CRD under crds/ (Helm installs it first and never deletes it; detour
 // uninstall removes it with the last installation), and the values: name, image (default the
-// chart's appVersion's release image), replicas, resources, podMonitor. The release process sets
-// the chart's version and appVersion (helm package --version --app-version).
+// chart's appVersion's release image), replicas, resources, podMonitor, rootNamespace (the
+// mesh config's Role and RoleBinding go there). The release process sets the chart's version
+// and appVersion (helm package --version --app-version).
 func ChartFiles() (map[string][]byte, error) {
 	in := &Installer{Namespace: "x-detour-namespace-x", Name: "x-detour-name-x", Image: "x-detour-image-x", Version: "x-detour-version-x",
-		Replicas: 987654321, Pod: PodOptions{PodMonitor: true, Resources: Resources{
+		RootNamespace: "x-detour-root-namespace-x",
+		Replicas:      987654321, Pod: PodOptions{PodMonitor: true, Resources: Resources{
 			RequestsCPU: "x-requests-cpu-x", RequestsMemory: "x-requests-memory-x", LimitsCPU: "x-limits-cpu-x", LimitsMemory: "x-limits-memory-x"}}}
 	files := map[string][]byte{
 		"Chart.yaml":         []byte(chartYAML),
@@ -58,7 +61,11 @@ func ChartFiles() (map[string][]byte, error) {
 		if o.Resource == gvrPodMonitor {
 			text = "{{- if .Values.podMonitor }}\n" + text + "{{- end }}\n"
 		}
-		files["templates/"+strings.ToLower(kind)+".yaml"] = []byte(text)
+		file := strings.ToLower(kind)
+		if ns, _ := objectNamespace(o); ns == in.RootNamespace {
+			file = "meshconfig-" + file // the mesh config's Role and RoleBinding, in the root namespace
+		}
+		files["templates/"+file+".yaml"] = []byte(text)
 	}
 	return files, nil
 }
@@ -96,6 +103,9 @@ resources:
 # A Prometheus Operator PodMonitor for /metrics on port 15021 (the pods carry prometheus.io
 # scrape annotations either way).
 podMonitor: false
+# istiod's root namespace: the waypoint reads its mesh config there (the istio ConfigMap's
+# extensionProviders, which CUSTOM AuthorizationPolicies name), with a Role for that alone.
+rootNamespace: istio-system
 `, ImageRepository, d.RequestsCPU, d.RequestsMemory, d.LimitsCPU, d.LimitsMemory)
 }
 
@@ -104,9 +114,10 @@ const valuesSchema = `{
   "$schema": "https://json-schema.org/draft-07/schema#",
   "type": "object",
   "additionalProperties": false,
-  "required": ["name", "image", "replicas", "resources", "podMonitor"],
+  "required": ["name", "image", "replicas", "resources", "podMonitor", "rootNamespace"],
   "properties": {
     "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+    "rootNamespace": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
     "image": {"type": "string"},
     "replicas": {"type": "integer", "minimum": 1},
     "podMonitor": {"type": "boolean"},

@@ -91,6 +91,10 @@ type Installer struct {
 	Wait bool
 	// Progress, if set, receives one line per step (the wait's progress among them).
 	Progress func(string)
+	// RootNamespace is istiod's root namespace, where its mesh config ConfigMap (MeshConfigMap:
+	// the extensionProviders CUSTOM policies name) lives and the waypoint is let read it; default
+	// istio-system. The waypoint's config carries it (waypoint.rootNamespace).
+	RootNamespace string
 
 	rootCertWait time.Duration // 0 is rootCertWait (preflight.go); tests shorten it
 }
@@ -111,6 +115,13 @@ func (in *Installer) name() string {
 		return "detour"
 	}
 	return in.Name
+}
+
+func (in *Installer) rootNamespace() string {
+	if in.RootNamespace == "" {
+		return "istio-system"
+	}
+	return in.RootNamespace
 }
 
 // Hostname is the waypoint Service's DNS name, the Gateway's address.
@@ -138,16 +149,20 @@ func (in *Installer) Objects() []Object {
   source: istio-ca
   istioCA: {tokenFile: /var/run/secrets/tokens/istio-token, rootCertFile: /var/run/secrets/istio/root-cert.pem}
 listeners: {hbone: "0.0.0.0:15008", tunnel: "0.0.0.0:15009", health: "0.0.0.0:15021"}
-waypoint: {namespace: %s, gateway: %s}
+waypoint: {namespace: %s, gateway: %s, rootNamespace: %s}
 discovery:
   source: kubernetes
   kubernetes: {namespace: %s}
-`, ns, name, ns)
+`, ns, name, in.rootNamespace(), ns)
+	// The mesh config's Role and RoleBinding live in the root namespace, named per installation
+	// as the cluster-scoped objects are (several detour installations share that namespace).
+	rootMeta := map[string]any{"name": in.clusterName(), "namespace": in.rootNamespace(),
+		"labels": map[string]any{ManagedBy: "detour", "app.kubernetes.io/name": name}}
 	return append([]Object{
 		{gvrCRD, debugSessionCRD()},
 		{schema.GroupVersionResource{Version: "v1", Resource: "serviceaccounts"}, map[string]any{
 			"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(nil)}},
-		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}, map[string]any{
+		{gvrRole, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(nil),
 			"rules": []any{
 				map[string]any{"apiGroups": []any{""}, "resources": []any{"pods"}, "verbs": []any{"get", "list", "watch"}},
@@ -166,7 +181,7 @@ discovery:
 				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"virtualservices", "destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins", "trafficextensions"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
-		{schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}, map[string]any{
+		{gvrRoleBinding, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),
 			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
 			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
@@ -181,6 +196,18 @@ discovery:
 		{gvrClusterRoleBinding, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": clusterMeta,
 			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": in.clusterName()},
+			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
+		// Discovery reads istiod's mesh config (extensionProviders, for CUSTOM policies) from the
+		// root namespace: that one ConfigMap, nothing else there (get, and list/watch with its
+		// metadata.name field selector, which RBAC's resourceNames admit).
+		{gvrRole, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": rootMeta,
+			"rules": []any{
+				map[string]any{"apiGroups": []any{""}, "resources": []any{"configmaps"}, "resourceNames": []any{MeshConfigMap}, "verbs": []any{"get", "list", "watch"}},
+			}}},
+		{gvrRoleBinding, map[string]any{
+			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": rootMeta,
+			"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": in.clusterName()},
 			"subjects": []any{map[string]any{"kind": "ServiceAccount", "name": name, "namespace": ns}}}},
 		{schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, map[string]any{
 			"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(nil), "data": map[string]any{"config.yaml": config}}},
@@ -315,7 +342,7 @@ func (in *Installer) apply(ctx context.Context, o Object, dry bool) error {
 		opts.DryRun = []string{metav1.DryRunAll}
 	}
 	if _, err = in.resource(o).Patch(ctx, name, types.ApplyPatchType, b, opts); err != nil {
-		return fmt.Errorf("mesh: applying %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
+		return fmt.Errorf("mesh: applying %s %s: %w", o.Body["kind"], objectName(o), err)
 	}
 	return nil
 }
@@ -463,7 +490,7 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 		}
 		err := in.resource(o).Delete(ctx, name, metav1.DeleteOptions{DryRun: in.dry()})
 		if err != nil && !apierrors.IsNotFound(err) {
-			errs = append(errs, fmt.Errorf("mesh: deleting %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err))
+			errs = append(errs, fmt.Errorf("mesh: deleting %s %s: %w", o.Body["kind"], objectName(o), err))
 		}
 	}
 	return errors.Join(errs...)
@@ -493,6 +520,8 @@ func (in *Installer) unbind(ctx context.Context, t Target) error {
 var (
 	gvrDeployment         = schema.GroupVersionResource{Group: "apps", Version: "v1", Resource: "deployments"}
 	gvrCRD                = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	gvrRole               = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}
+	gvrRoleBinding        = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}
 	gvrClusterRole        = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}
 	gvrClusterRoleBinding = schema.GroupVersionResource{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}
 )
@@ -500,12 +529,29 @@ var (
 // clusterName names this installation's cluster-scoped objects: one per namespace and name.
 func (in *Installer) clusterName() string { return "detour:" + in.Namespace + ":" + in.name() }
 
-// resource is o's client: cluster-scoped objects have no namespace in their metadata.
+// resource is o's client: cluster-scoped objects have no namespace in their metadata; the others
+// are in theirs (the installation's namespace, or the root namespace for the mesh config's Role).
 func (in *Installer) resource(o Object) dynamic.ResourceInterface {
-	if _, ok := o.Body["metadata"].(map[string]any)["namespace"]; !ok {
+	ns, ok := objectNamespace(o)
+	if !ok {
 		return in.Client.Resource(o.Resource)
 	}
-	return in.Client.Resource(o.Resource).Namespace(in.Namespace)
+	return in.Client.Resource(o.Resource).Namespace(ns)
+}
+
+// objectNamespace is o's namespace; false for a cluster-scoped object.
+func objectNamespace(o Object) (string, bool) {
+	ns, ok := o.Body["metadata"].(map[string]any)["namespace"].(string)
+	return ns, ok
+}
+
+// objectName is o's namespace/name (name alone for a cluster-scoped object), for errors.
+func objectName(o Object) string {
+	name := o.Body["metadata"].(map[string]any)["name"].(string)
+	if ns, ok := objectNamespace(o); ok {
+		return ns + "/" + name
+	}
+	return name
 }
 
 // othersInstalled reports whether detour runs in another namespace (its Gateway there).

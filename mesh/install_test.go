@@ -48,7 +48,8 @@ func newCluster(t *testing.T) *cluster {
 	c.kube.PrependReactor("create", "selfsubjectaccessreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		r := a.(k8stesting.CreateAction).GetObject().(*authorizationv1.SelfSubjectAccessReview).DeepCopy()
 		at := r.Spec.ResourceAttributes
-		r.Status.Allowed = !c.denied[at.Verb+" "+at.Resource]
+		r.Status.Allowed = !c.denied[at.Verb+" "+at.Resource] && !c.denied[at.Verb+" "+at.Resource+" "+at.Namespace] &&
+			!c.denied[at.Verb+" "+at.Resource+"/"+at.Name+" "+at.Namespace]
 		return true, r, nil
 	})
 	c.kube.PrependReactor("get", "resource", func(k8stesting.Action) (bool, runtime.Object, error) {
@@ -164,6 +165,12 @@ func TestPreflightProblems(t *testing.T) {
 			[]string{"3 problem(s)", "access      you may not create,delete deployments.apps in namespace shop",
 				"fix:      ask a cluster admin for a Role in shop granting create,delete on deployments.apps (check: kubectl auth can-i create deployments.apps -n shop)",
 				"access      you may not patch services in namespace shop", "access      you may not patch services/web in namespace shop"}},
+		{"no access in the root namespace", func(c *cluster) {
+			c.denied["create roles istio-system"], c.denied["get configmaps/istio istio-system"] = true, true
+		},
+			[]string{"2 problem(s)", "access      you may not get configmaps/istio in namespace istio-system",
+				"fix:      ask a cluster admin for a Role in istio-system granting get on configmaps/istio (check: kubectl auth can-i get configmaps/istio -n istio-system)",
+				"access      you may not create roles.rbac.authorization.k8s.io in namespace istio-system"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newCluster(t)
@@ -209,8 +216,8 @@ func TestInstallRollsBack(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "kept what this install wrote (--keep-partial)") {
 		t.Fatalf("install: %v", err)
 	}
-	if left := c.left(in); len(left) != 10 {
-		t.Errorf("kept %v, want the 10 objects before the Gateway", left)
+	if left := c.left(in); len(left) != 12 {
+		t.Errorf("kept %v, want the 12 objects before the Gateway", left)
 	}
 }
 
@@ -254,5 +261,50 @@ func TestReleaseImage(t *testing.T) {
 		if got := ReleaseImage(v); got != want {
 			t.Errorf("ReleaseImage(%q) = %q, want %q", v, got, want)
 		}
+	}
+}
+
+// The waypoint may read istiod's mesh config ConfigMap in the root namespace (extensionProviders
+// for CUSTOM policies) and nothing else there: a Role and RoleBinding there, named per
+// installation; the config names the root namespace; uninstall removes both.
+func TestInstallMeshConfigAccess(t *testing.T) {
+	c := newCluster(t)
+	in := c.installer()
+	in.RootNamespace = "istio-root"
+	shop := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "v1", "kind": "Namespace", "metadata": map[string]any{"name": "shop"}}}
+	if err := c.dyn.Tracker().Create(gvrNamespace, shop, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Install(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	role, err := c.dyn.Resource(gvrRole).Namespace("istio-root").Get(context.Background(), "detour:shop:detour", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, _ := json.Marshal(role.Object["rules"])
+	if want := `[{"apiGroups":[""],"resourceNames":["istio"],"resources":["configmaps"],"verbs":["get","list","watch"]}]`; string(rules) != want {
+		t.Errorf("rules %s, want %s", rules, want)
+	}
+	rb, err := c.dyn.Resource(gvrRoleBinding).Namespace("istio-root").Get(context.Background(), "detour:shop:detour", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	binding, _ := json.Marshal(map[string]any{"roleRef": rb.Object["roleRef"], "subjects": rb.Object["subjects"]})
+	if want := `{"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"Role","name":"detour:shop:detour"},"subjects":[{"kind":"ServiceAccount","name":"detour","namespace":"shop"}]}`; string(binding) != want {
+		t.Errorf("binding %s, want %s", binding, want)
+	}
+	cm, err := c.dyn.Resource(schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}).Namespace("shop").Get(context.Background(), "detour", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg, _, _ := unstructured.NestedString(cm.Object, "data", "config.yaml"); !strings.Contains(cfg, "waypoint: {namespace: shop, gateway: detour, rootNamespace: istio-root}") {
+		t.Errorf("config:\n%s", cfg)
+	}
+	if err := in.Uninstall(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if left := c.left(in); len(left) != 0 {
+		t.Errorf("left behind: %v", left)
 	}
 }

@@ -172,10 +172,11 @@ func (in *Installer) rootCert(ctx context.Context) error {
 
 var gvrGatewayClass = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gatewayclasses"}
 
-// access is one SelfSubjectAccessReview: a verb on a resource (in the namespace, or cluster-wide
+// access is one SelfSubjectAccessReview: a verb on a resource (in namespace ns, or cluster-wide
 // for a cluster-scoped one; name optional).
 type access struct {
 	verb, group, resource, name string
+	ns                          string // "" when cluster
 	cluster                     bool
 }
 
@@ -184,17 +185,23 @@ type access struct {
 func (in *Installer) accesses(targets []Target) []access {
 	var out []access
 	for _, o := range in.Objects() {
-		_, namespaced := o.Body["metadata"].(map[string]any)["namespace"]
+		ns, namespaced := objectNamespace(o)
 		for _, verb := range []string{"get", "create", "patch", "delete"} {
-			out = append(out, access{verb: verb, group: o.Resource.Group, resource: o.Resource.Resource, cluster: !namespaced})
+			out = append(out, access{verb: verb, group: o.Resource.Group, resource: o.Resource.Resource, ns: ns, cluster: !namespaced})
 		}
 		rules, _ := o.Body["rules"].([]any)
 		for _, r := range rules {
 			r := r.(map[string]any)
+			names, _ := r["resourceNames"].([]any)
+			if len(names) == 0 {
+				names = []any{""}
+			}
 			for _, g := range r["apiGroups"].([]any) {
 				for _, res := range r["resources"].([]any) {
 					for _, v := range r["verbs"].([]any) {
-						out = append(out, access{verb: v.(string), group: g.(string), resource: res.(string), cluster: !namespaced})
+						for _, n := range names {
+							out = append(out, access{verb: v.(string), group: g.(string), resource: res.(string), name: n.(string), ns: ns, cluster: !namespaced})
+						}
 					}
 				}
 			}
@@ -204,10 +211,12 @@ func (in *Installer) accesses(targets []Target) []access {
 		if t.Service == "" {
 			out = append(out, access{verb: "patch", resource: "namespaces", name: in.Namespace, cluster: true})
 		} else {
-			out = append(out, access{verb: "patch", resource: "services", name: t.Service})
+			out = append(out, access{verb: "patch", resource: "services", name: t.Service, ns: in.Namespace})
 		}
 	}
-	slices.SortFunc(out, func(a, b access) int { return strings.Compare(a.key()+a.verb, b.key()+b.verb) })
+	slices.SortFunc(out, func(a, b access) int {
+		return strings.Compare(a.ns+" "+a.key()+" "+a.verb, b.ns+" "+b.key()+" "+b.verb)
+	})
 	return slices.Compact(out)
 }
 
@@ -226,16 +235,12 @@ func (a access) key() string {
 // access, and adds one problem per resource with its missing verbs.
 func (in *Installer) checkAccess(ctx context.Context, targets []Target, add func(Problem)) error {
 	var mu sync.Mutex
-	denied := map[string][]string{} // resource -> verbs
-	scope := map[string]bool{}      // resource -> cluster-scoped
+	denied := map[access][]string{} // resource (verb ""), by namespace -> verbs
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(preflightLimit)
 	for _, a := range in.accesses(targets) {
 		g.Go(func() error {
-			attr := &authorizationv1.ResourceAttributes{Verb: a.verb, Group: a.group, Resource: a.resource, Name: a.name}
-			if !a.cluster {
-				attr.Namespace = in.Namespace
-			}
+			attr := &authorizationv1.ResourceAttributes{Verb: a.verb, Group: a.group, Resource: a.resource, Name: a.name, Namespace: a.ns}
 			r, err := in.Kube.AuthorizationV1().SelfSubjectAccessReviews().Create(gctx,
 				&authorizationv1.SelfSubjectAccessReview{Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: attr}}, metav1.CreateOptions{})
 			if err != nil {
@@ -243,8 +248,9 @@ func (in *Installer) checkAccess(ctx context.Context, targets []Target, add func
 			}
 			if !r.Status.Allowed {
 				mu.Lock()
-				denied[a.key()] = append(denied[a.key()], a.verb)
-				scope[a.key()] = a.cluster
+				r := a
+				r.verb = ""
+				denied[r] = append(denied[r], a.verb)
 				mu.Unlock()
 			}
 			return nil
@@ -253,21 +259,21 @@ func (in *Installer) checkAccess(ctx context.Context, targets []Target, add func
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	keys := make([]string, 0, len(denied))
+	keys := make([]access, 0, len(denied))
 	for k := range denied {
 		keys = append(keys, k)
 	}
-	slices.Sort(keys)
+	slices.SortFunc(keys, func(a, b access) int { return strings.Compare(a.key()+" "+a.ns, b.key()+" "+b.ns) })
 	for _, k := range keys {
 		verbs := denied[k]
 		slices.Sort(verbs)
-		where, role := "in namespace "+in.Namespace, "a Role in "+in.Namespace
-		if scope[k] {
-			where, role = "cluster-wide", "a ClusterRole"
+		where, role, check := "in namespace "+k.ns, "a Role in "+k.ns, " -n "+k.ns
+		if k.cluster {
+			where, role, check = "cluster-wide", "a ClusterRole", ""
 		}
-		add(Problem{"access", fmt.Sprintf("you may not %s %s %s", strings.Join(verbs, ","), k, where),
-			fmt.Sprintf("ask a cluster admin for %s granting %s on %s (check: kubectl auth can-i %s %s -n %s)",
-				role, strings.Join(verbs, ","), k, verbs[0], k, in.Namespace)})
+		add(Problem{"access", fmt.Sprintf("you may not %s %s %s", strings.Join(verbs, ","), k.key(), where),
+			fmt.Sprintf("ask a cluster admin for %s granting %s on %s (check: kubectl auth can-i %s %s%s)",
+				role, strings.Join(verbs, ","), k.key(), verbs[0], k.key(), check)})
 	}
 	return nil
 }

@@ -43,7 +43,7 @@ func (in *Installer) write(ctx context.Context, targets []Target, w *written) er
 		_, err := in.resource(o).Get(ctx, name, metav1.GetOptions{})
 		existed := err == nil
 		if err != nil && !apierrors.IsNotFound(err) {
-			return fmt.Errorf("mesh: reading %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err)
+			return fmt.Errorf("mesh: reading %s %s: %w", o.Body["kind"], objectName(o), err)
 		}
 		if err := in.apply(ctx, o, false); err != nil {
 			return err
@@ -91,7 +91,7 @@ func (in *Installer) undo(ctx context.Context, w *written, cause error) error {
 		name := o.Body["metadata"].(map[string]any)["name"].(string)
 		err := in.resource(o).Delete(ctx, name, metav1.DeleteOptions{})
 		if err != nil && !apierrors.IsNotFound(err) {
-			errs = append(errs, fmt.Errorf("mesh: deleting %s %s/%s: %w", o.Body["kind"], in.Namespace, name, err))
+			errs = append(errs, fmt.Errorf("mesh: deleting %s %s: %w", o.Body["kind"], objectName(o), err))
 		}
 	}
 	if len(errs) > 0 {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/detour-mesh/detour/cmd/detour/cli"
 	"github.com/detour-mesh/detour/integration/testbed"
+	"github.com/detour-mesh/detour/mesh"
 )
 
 func detour(t *testing.T, args ...string) (int, string) {
@@ -141,6 +142,8 @@ func TestInstallBindUninstall(t *testing.T) {
 		get(c.Client.PolicyV1().PodDisruptionBudgets(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.RbacV1().ClusterRoles().Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
 		get(c.Client.RbacV1().ClusterRoleBindings().Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().Roles("istio-system").Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().RoleBindings("istio-system").Get(ctx, "detour:shop:detour", metav1.GetOptions{})),
 	} {
 		if !apierrors.IsNotFound(err) {
 			t.Errorf("an object left behind: %v", err)
@@ -210,6 +213,13 @@ func mayDiscover(t *testing.T, c *testbed.Cluster, ns, sa string, want bool) {
 		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "destinationrules", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "envoyfilters", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "list", Group: "extensions.istio.io", Resource: "wasmplugins", Namespace: ns}, want},
+		// istiod's mesh config in the root namespace (extensionProviders), that ConfigMap alone:
+		// get, and list/watch with its name (the informer's metadata.name field selector).
+		{authzv1.ResourceAttributes{Verb: "get", Resource: "configmaps", Namespace: "istio-system", Name: mesh.MeshConfigMap}, want},
+		{authzv1.ResourceAttributes{Verb: "watch", Resource: "configmaps", Namespace: "istio-system", Name: mesh.MeshConfigMap}, want},
+		{authzv1.ResourceAttributes{Verb: "list", Resource: "configmaps", Namespace: "istio-system"}, false},
+		{authzv1.ResourceAttributes{Verb: "get", Resource: "configmaps", Namespace: "istio-system", Name: "istio-ca-root-cert"}, false},
+		{authzv1.ResourceAttributes{Verb: "update", Resource: "configmaps", Namespace: "istio-system", Name: mesh.MeshConfigMap}, false},
 		{authzv1.ResourceAttributes{Verb: "list", Resource: "services", Namespace: "kube-system"}, false},
 		{authzv1.ResourceAttributes{Verb: "update", Resource: "namespaces", Name: ns}, false},
 	} {

@@ -51,6 +51,8 @@ func nothingLeft(t *testing.T, c *testbed.Cluster, ns string) {
 		get(c.Client.RbacV1().RoleBindings(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.RbacV1().ClusterRoles().Get(ctx, "detour:"+ns+":detour", metav1.GetOptions{})),
 		get(c.Client.RbacV1().ClusterRoleBindings().Get(ctx, "detour:"+ns+":detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().Roles("istio-system").Get(ctx, "detour:"+ns+":detour", metav1.GetOptions{})),
+		get(c.Client.RbacV1().RoleBindings("istio-system").Get(ctx, "detour:"+ns+":detour", metav1.GetOptions{})),
 		get(c.Client.CoreV1().ConfigMaps(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.AppsV1().Deployments(ns).Get(ctx, "detour", metav1.GetOptions{})),
 		get(c.Client.CoreV1().Services(ns).Get(ctx, "detour", metav1.GetOptions{})),
@@ -127,7 +129,7 @@ func TestInstallFailingAfterWritesLeavesNothing(t *testing.T) {
 	in := &mesh.Installer{Client: failApply{clients.Dynamic, "services"}, Kube: clients.Kube, Namespace: "shop", Image: "example.test/detour:dev"}
 	err = in.Install(ctx, nil)
 	if err == nil || !strings.Contains(err.Error(), "forced by the test") ||
-		!strings.Contains(err.Error(), "mesh: removed what this install wrote: CustomResourceDefinition debugsessions.detour.dev, ServiceAccount detour, Role detour, RoleBinding detour, ClusterRole detour:shop:detour, ClusterRoleBinding detour:shop:detour, ConfigMap detour, Deployment detour") {
+		!strings.Contains(err.Error(), "mesh: removed what this install wrote: CustomResourceDefinition debugsessions.detour.dev, ServiceAccount detour, Role detour, RoleBinding detour, ClusterRole detour:shop:detour, ClusterRoleBinding detour:shop:detour, Role detour:shop:detour, RoleBinding detour:shop:detour, ConfigMap detour, Deployment detour") {
 		t.Fatalf("install: %v", err)
 	}
 	nothingLeft(t, c, "shop")

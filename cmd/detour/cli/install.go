@@ -17,12 +17,20 @@ type kubeFlags struct {
 	kubeContext string // --context, where a command offers it
 	namespace   string
 	name        string
+	// rootNamespace is istiod's root namespace (install and uninstall: the mesh config's Role).
+	rootNamespace string
 }
 
 func (k *kubeFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
 	cmd.Flags().StringVarP(&k.namespace, "namespace", "n", "", "the namespace of the waypoint (required)")
 	cmd.Flags().StringVar(&k.name, "name", "detour", "the waypoint's name (Gateway, Service, Deployment)")
+}
+
+// registerRoot adds --root-namespace, for the commands that write or remove the mesh config's Role.
+func (k *kubeFlags) registerRoot(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&k.rootNamespace, "root-namespace", "istio-system",
+		"istiod's root namespace: the waypoint is let read its mesh config ConfigMap there (extensionProviders for CUSTOM policies)")
 }
 
 func (k *kubeFlags) installer() (*mesh.Installer, error) {
@@ -33,7 +41,7 @@ func (k *kubeFlags) installer() (*mesh.Installer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &mesh.Installer{Client: c.Dynamic, Kube: c.Kube, Namespace: k.namespace, Name: k.name}, nil
+	return &mesh.Installer{Client: c.Dynamic, Kube: c.Kube, Namespace: k.namespace, Name: k.name, RootNamespace: k.rootNamespace}, nil
 }
 
 func newInstallCmd() *cobra.Command {
@@ -47,7 +55,7 @@ func newInstallCmd() *cobra.Command {
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if print {
-				in := &mesh.Installer{Namespace: k.namespace, Name: k.name}
+				in := &mesh.Installer{Namespace: k.namespace, Name: k.name, RootNamespace: k.rootNamespace}
 				o.apply(in)
 				if in.Namespace == "" {
 					return errors.New("--namespace is required")
@@ -96,6 +104,7 @@ func newInstallCmd() *cobra.Command {
 		},
 	}
 	k.register(cmd)
+	k.registerRoot(cmd)
 	cmd.Flags().StringArrayVar(&binds, "bind", nil, "bind namespace, or svc/NAME, to this waypoint (repeatable)")
 	cmd.Flags().BoolVar(&takeOver, "take-over", false, "replace another waypoint's binding (uninstall restores it)")
 	cmd.Flags().BoolVar(&force, "force", false, "bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin) applies")
@@ -152,5 +161,6 @@ func newUninstallCmd() *cobra.Command {
 		},
 	}
 	k.register(cmd)
+	k.registerRoot(cmd)
 	return cmd
 }
