@@ -81,4 +81,24 @@ func TestDiscoveryUnsupported(t *testing.T) {
 	within(t, "a deleted VirtualService", func() bool {
 		return report() == "DestinationRule unsupported/reviews: unsupported/reviews"
 	})
+
+	// Before anything is bound: doctor lists what would differ, and install --bind refuses the
+	// service a VirtualService applies to unless --force (a dry run: the check comes first).
+	kc := []string{"--kubeconfig", c.Kubeconfig, "-n", ns}
+	if code, out := detour(t, append([]string{"doctor", "svc/other"}, kc...)...); code == 0 ||
+		!strings.Contains(out, "FAIL unsupported") || !strings.Contains(out, "VirtualService unsupported/other (on unsupported/other)") {
+		t.Fatalf("doctor (exit %d):\n%s", code, out)
+	}
+	code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other"}, kc...)...)
+	if code == 0 || !strings.Contains(out, "VirtualService unsupported/other") || !strings.Contains(out, "--force") {
+		t.Fatalf("install --bind svc/other with a VirtualService on it (exit %d):\n%s", code, out)
+	}
+	if code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other", "--force"}, kc...)...); code != 0 {
+		t.Fatalf("install --bind svc/other --force (exit %d):\n%s", code, out)
+	}
+	// The namespace binds every service of it: the DestinationRule on reviews refuses it too.
+	if code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "namespace"}, kc...)...); code == 0 ||
+		!strings.Contains(out, "DestinationRule unsupported/reviews") {
+		t.Fatalf("install --bind namespace (exit %d):\n%s", code, out)
+	}
 }
