@@ -65,7 +65,9 @@ func newCluster(t *testing.T) *cluster {
 	web := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "v1", "kind": "Service",
 		"metadata": map[string]any{"name": "web", "namespace": "shop", "labels": map[string]any{"app": "web"}}}}
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		gvrGateway: "GatewayList", gvrService: "ServiceList"}, class, web)
+		gvrGateway: "GatewayList", gvrService: "ServiceList",
+		gvrVirtualService: "VirtualServiceList", gvrDestinationRule: "DestinationRuleList", gvrEnvoyFilter: "EnvoyFilterList",
+		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList"}, class, web)
 	c.dyn.PrependReactor("*", "*", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		switch a := a.(type) {
 		case k8stesting.PatchAction:
@@ -306,5 +308,34 @@ func TestInstallMeshConfigAccess(t *testing.T) {
 	}
 	if left := c.left(in); len(left) != 0 {
 		t.Errorf("left behind: %v", left)
+	}
+}
+
+// A VirtualService on the service to bind refuses the bind, naming it, before anything is
+// written; --force binds anyway. One in another namespace, or for another host, does not count.
+func TestInstallRefusesUnsupportedConfig(t *testing.T) {
+	vs := func(ns, name, host string) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+			"metadata": map[string]any{"name": name, "namespace": ns}, "spec": map[string]any{"hosts": []any{host}}}}
+	}
+	c := newCluster(t)
+	tr := c.dyn.Tracker()
+	for _, o := range []*unstructured.Unstructured{vs("shop", "web-canary", "web"), vs("other", "elsewhere", "web"), vs("shop", "api", "api.shop.svc.cluster.local")} {
+		if err := tr.Create(gvrVirtualService, o, o.GetNamespace()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	in := c.installer()
+	err := in.Install(context.Background(), []Target{{Service: "web"}})
+	if err == nil || !strings.Contains(err.Error(), "VirtualService shop/web-canary (on shop/web)") || !strings.Contains(err.Error(), "--force") ||
+		strings.Contains(err.Error(), "elsewhere") || strings.Contains(err.Error(), "shop/api") {
+		t.Fatalf("install --bind svc/web: %v", err)
+	}
+	if len(c.applied) != 0 {
+		t.Fatalf("refused, yet applied %v", c.applied)
+	}
+	in.Force = true
+	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
+		t.Fatalf("install --bind svc/web --force: %v", err)
 	}
 }
