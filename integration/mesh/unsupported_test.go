@@ -89,11 +89,12 @@ func TestDiscoveryUnsupported(t *testing.T) {
 		!strings.Contains(out, "FAIL unsupported") || !strings.Contains(out, "VirtualService unsupported/other (on unsupported/other)") {
 		t.Fatalf("doctor (exit %d):\n%s", code, out)
 	}
-	code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other"}, kc...)...)
+	// (other says istio.io/use-waypoint: none, so binding it is a take-over.)
+	code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other", "--take-over"}, kc...)...)
 	if code == 0 || !strings.Contains(out, "VirtualService unsupported/other") || !strings.Contains(out, "--force") {
 		t.Fatalf("install --bind svc/other with a VirtualService on it (exit %d):\n%s", code, out)
 	}
-	if code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other", "--force"}, kc...)...); code != 0 {
+	if code, out := detour(t, append([]string{"install", "--dry-run", "--bind", "svc/other", "--take-over", "--force"}, kc...)...); code != 0 {
 		t.Fatalf("install --bind svc/other --force (exit %d):\n%s", code, out)
 	}
 	// The namespace binds every service of it: the DestinationRule on reviews refuses it too.
