@@ -74,16 +74,18 @@ type Discovery struct {
 	// that would apply to bound services and that detour does not implement (see Unsupported).
 	UnsupportedConfig func([]Unsupported)
 
-	routes  atomic.Pointer[route.Table]
-	http    atomic.Pointer[httproute.Table]
-	l4      atomic.Pointer[l4route.Table]
-	unsup   atomic.Pointer[[]Unsupported]
-	engine  atomic.Pointer[authz.Engine]
-	authn   atomic.Pointer[authn.Authenticator]
-	keys    authn.Keys // jwksUri key sets, kept across snapshots
-	ready   atomic.Bool
-	builds  atomic.Int64
-	changed chan struct{}
+	routes atomic.Pointer[route.Table]
+	http   atomic.Pointer[httproute.Table]
+	l4     atomic.Pointer[l4route.Table]
+	unsup  atomic.Pointer[[]Unsupported]
+	// unsupListers are Run's listers of the kinds reported as Unsupported, for UnsupportedFor.
+	unsupListers atomic.Pointer[unsupportedListers]
+	engine       atomic.Pointer[authz.Engine]
+	authn        atomic.Pointer[authn.Authenticator]
+	keys         authn.Keys // jwksUri key sets, kept across snapshots
+	ready        atomic.Bool
+	builds       atomic.Int64
+	changed      chan struct{}
 
 	meshSeen bool              // owned by Run
 	meshData string            // owned by Run
@@ -278,6 +280,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 		tlsRoutes:   ri.tls,
 		unsupported: ul,
 	}
+	d.unsupListers.Store(&ul)
 	d.rebuild(l)
 	d.ready.Store(true)
 	d.log().Info("mesh: discovery synced", "namespace", d.Namespace)

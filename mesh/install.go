@@ -416,7 +416,11 @@ func (in *Installer) checkUnsupported(ctx context.Context, targets []Target) err
 		return fmt.Errorf("%w (pass --force to bind without this check)", err)
 	}
 	if len(found) > 0 {
-		return fmt.Errorf("mesh: not binding: Istio config that detour does not implement applies to what would be bound, so its callers' traffic would change; remove it or pass --force:%s", describeUnsupported(found))
+		names := make([]string, 0, len(targets))
+		for _, t := range targets {
+			names = append(names, t.String())
+		}
+		return RefuseUnsupported(strings.Join(names, ", "), found, "--force")
 	}
 	return nil
 }

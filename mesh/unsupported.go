@@ -312,3 +312,21 @@ func (d *Discovery) reportUnsupported(list []Unsupported) {
 		d.UnsupportedConfig(list)
 	}
 }
+
+// UnsupportedFor is what would be reported for service namespace/name were it bound to this
+// waypoint (a debug session's --bind asks before binding); nothing before discovery synced.
+func (d *Discovery) UnsupportedFor(namespace, name string) ([]Unsupported, error) {
+	u := d.unsupListers.Load()
+	if u == nil {
+		return nil, nil
+	}
+	svc := &route.Service{Namespace: namespace, Name: name, Hostname: name + "." + namespace + ".svc.cluster.local"}
+	return applies{ns: d.Waypoint.Namespace, gateway: d.Waypoint.Gateway, root: d.rootNamespace(), bound: []*route.Service{svc}}.find(*u)
+}
+
+// RefuseUnsupported is the error a bind refused for list gets: each object, what differs, and
+// how to bind anyway (force names the flag that does).
+func RefuseUnsupported(target string, list []Unsupported, force string) error {
+	return fmt.Errorf("mesh: not binding %s: Istio config that detour does not implement applies to it, so its callers' traffic would change; remove it or pass %s:%s",
+		target, force, describeUnsupported(list))
+}

@@ -82,6 +82,14 @@ func TestDiscoveryUnsupported(t *testing.T) {
 		return report() == "DestinationRule unsupported/reviews: unsupported/reviews"
 	})
 
+	// A session's --bind of the unbound service asks the waypoint first (UnsupportedFor).
+	if us, err := d.UnsupportedFor(ns, "other"); err != nil || len(us) != 1 || us[0].Kind != "VirtualService" || us[0].Name != "other" {
+		t.Fatalf("UnsupportedFor other: %+v %v", us, err)
+	}
+	if us, err := d.UnsupportedFor(ns, "nothing-on-it"); err != nil || len(us) != 0 {
+		t.Fatalf("UnsupportedFor a service nothing applies to: %+v %v", us, err)
+	}
+
 	// Before anything is bound: doctor lists what would differ, and install --bind refuses the
 	// service a VirtualService applies to unless --force (a dry run: the check comes first).
 	kc := []string{"--kubeconfig", c.Kubeconfig, "-n", ns}

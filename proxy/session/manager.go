@@ -51,6 +51,10 @@ type Manager struct {
 	// (Spec.Bind); release reverts it. session is the session's ID: a session resumed here from
 	// another replica takes over its binding. Nil: such sessions are refused.
 	Bind func(ctx context.Context, namespace, service, session string) (release func(), err error)
+	// CheckBind, if set, is asked before Bind for a session without Spec.Force: an error (the
+	// Istio config detour does not implement that would apply to the service once bound)
+	// refuses the session, nothing bound.
+	CheckBind func(namespace, service string) error
 	// Grace is the longest a session outlives its lost tunnel, detached (its traffic goes to the
 	// real service), waiting for its CLI to re-register it (tunnel.Hello.Resume); a CLI may ask
 	// for less. 0 means DefaultGrace; negative: sessions end with their tunnel. Only CLIs that
@@ -155,6 +159,13 @@ func (m *Manager) ServeTunnel(p *tunnel.Peer) {
 		if m.Bind == nil {
 			lastWord(ctl, tunnel.Reply{Error: "this waypoint cannot bind services (no Kubernetes discovery)"})
 			return
+		}
+		if m.CheckBind != nil && !s.Spec.Force {
+			if err := m.CheckBind(s.Spec.Namespace, s.Spec.Service); err != nil {
+				m.log().Info("session: refused", "developer", p.ID().String(), "err", err)
+				lastWord(ctl, tunnel.Reply{Error: err.Error()})
+				return
+			}
 		}
 		release, err := m.Bind(context.Background(), s.Spec.Namespace, s.Spec.Service, s.ID)
 		if err != nil {

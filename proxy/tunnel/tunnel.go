@@ -128,6 +128,10 @@ type Spec struct {
 	Filter    Filter `json:"filter,omitzero"`
 	// Bind asks the waypoint to bind the (unbound) service to itself for the session's life.
 	Bind bool `json:"bind,omitempty"`
+	// Force binds even where Istio config detour does not implement (a VirtualService, ...)
+	// would apply to the service once bound; without it such a Bind is refused, naming each
+	// object. Only with Bind.
+	Force bool `json:"force,omitempty"`
 }
 
 // Filter selects HTTP requests; the zero Filter takes whole streams (any protocol). A request

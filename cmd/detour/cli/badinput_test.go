@@ -58,6 +58,7 @@ func TestSessionBadInput(t *testing.T) {
 		{[]string{"steal", "svc/web", "--transport", "quic", "--ca", "/x", "--id", "spiffe://td/a", "--to", "1"},
 			"--transport quic needs --waypoint: without it the waypoint is reached by a port-forward, which carries TCP only (h2)"},
 		{with("--transport", "udp"), `--transport "udp": want quic or h2`},
+		{with("--force"), "--force only applies with --bind: add --bind, or drop --force"},
 		{[]string{"steal", "svc/web", "--port-forward", "ns", "--transport", "quic", "--ca", "/x", "--id", "spiffe://td/a", "--to", "1"},
 			"--transport quic and --port-forward exclude each other: a port-forward carries TCP only (h2)"},
 		{[]string{"steal", "svc/web", "--port-forward", "/x", "--ca", "/x", "--id", "spiffe://td/a", "--to", "1"}, `--port-forward "/x": want NAMESPACE or NAMESPACE/WAYPOINT`},

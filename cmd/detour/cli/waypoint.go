@@ -122,7 +122,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 				Registry: h.Sessions, Relay: h.RelayOpener, TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 			g.Go(func() error { return store.Run(ctx) })
 		}
-		serveTunnels(ctx, g, cfg, ls.tunnel, ls.tunnelUDP, src, h, disc.bind, store, log)
+		serveTunnels(ctx, g, cfg, ls.tunnel, ls.tunnelUDP, src, h, disc, store, log)
 		addrs.Tunnel = ls.tunnel.Addr().String()
 	}
 	if hl := ls.health; hl != nil {
@@ -231,9 +231,9 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 
 // serveTunnels serves developer tunnels in g: QUIC on pc, HTTP/2 on tl (one port number).
 func serveTunnels(ctx context.Context, g *errgroup.Group, cfg *config.Config, tl net.Listener, pc net.PacketConn, src identity.Source,
-	h *waypoint.Handler, bind func(context.Context, string, string, string) (func(), error), store *mesh.SessionStore, log *slog.Logger) {
+	h *waypoint.Handler, disc *discovered, store *mesh.SessionStore, log *slog.Logger) {
 	m := &session.Manager{Registry: h.Sessions, Routes: h.Routes, Policies: h.Policies,
-		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: bind,
+		Namespace: cfg.Waypoint.Namespace, Gateway: cfg.Waypoint.Gateway, Logger: log, Metrics: h.Metrics, Bind: disc.bind, CheckBind: disc.checkBind,
 		Grace: cfg.Waypoint.SessionGrace.Duration, Version: Version}
 	m.Egress.Handler, m.Egress.TLS = h, identity.ServerTLS(src, nil)
 	if store != nil {
@@ -259,8 +259,11 @@ type discovered struct {
 	l4Routes func() *l4route.Table
 	synced   func() bool
 	bind     func(ctx context.Context, namespace, service, session string) (func(), error) // nil: static
-	clients  *mesh.Clients                                                                 // nil: static
-	extAuthz *extauthz.Registry                                                            // the mesh config's ext_authz providers
+	// checkBind refuses a session's bind where Istio config detour does not implement would
+	// apply (nil: static)
+	checkBind func(namespace, service string) error
+	clients   *mesh.Clients      // nil: static
+	extAuthz  *extauthz.Registry // the mesh config's ext_authz providers
 }
 
 // discovery returns the route table and policies of cfg's discovery source: the document's static
@@ -318,7 +321,18 @@ func discovery(ctx context.Context, g *errgroup.Group, cfg *config.Config, m *me
 	b := &mesh.Binder{Kube: c.Kube, Waypoint: cfg.Waypoint.Gateway, Namespace: cfg.Waypoint.Namespace, Holder: holder,
 		TTL: cfg.Waypoint.BindTTL.Duration, Logger: log}
 	g.Go(func() error { return b.Run(ctx) })
-	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, l4Routes: d.L4Routes, synced: d.Ready, bind: b.Bind, clients: c, extAuthz: xa}, nil
+	checkBind := func(namespace, service string) error {
+		list, err := d.UnsupportedFor(namespace, service)
+		if err != nil {
+			return fmt.Errorf("mesh: cannot check svc/%s for Istio config detour does not implement (pass --force to bind anyway): %w", service, err)
+		}
+		if len(list) > 0 {
+			return mesh.RefuseUnsupported("svc/"+service, list, "--force")
+		}
+		return nil
+	}
+	return &discovered{routes: d.Routes, policies: d.Policies, authn: d.Authn, httpRoutes: d.HTTPRoutes, l4Routes: d.L4Routes, synced: d.Ready,
+		bind: b.Bind, checkBind: checkBind, clients: c, extAuthz: xa}, nil
 }
 
 // advertise is this replica's HBONE address for the others.
