@@ -26,17 +26,32 @@ import (
 // match (each an Exact path with a header and a method, which outrank the last) and a last
 // PathPrefix / that it does, so every request is matched against all of them.
 func hundredRules() *httproute.HTTPRoute {
+	r, err := httproute.DecodeHTTPRoute([]byte(hundredRulesYAML()))
+	if err != nil {
+		panic(err)
+	}
+	return r
+}
+
+// hundredRulesYAML is hundredRules as YAML.
+func hundredRulesYAML() string {
 	var b strings.Builder
 	b.WriteString("metadata: {name: many, namespace: demo}\nspec:\n  parentRefs: [{kind: Service, name: echo, port: 80}]\n  rules:\n")
 	for i := range 99 {
 		fmt.Fprintf(&b, "  - matches: [{path: {type: Exact, value: /r%d}, method: GET, headers: [{name: x-tenant, value: t%d}]}]\n    backendRefs: [{name: echo, port: 80}]\n", i, i)
 	}
 	b.WriteString("  - matches: [{path: {type: PathPrefix, value: /}}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-routed, value: \"1\"}]}}]\n    backendRefs: [{name: echo, port: 80}]\n")
-	r, err := httproute.DecodeHTTPRoute([]byte(b.String()))
-	if err != nil {
-		panic(err)
+	return b.String()
+}
+
+// hundredRulesStatic is hundredRules as discovery.static.httpRoutes (indented for that mapping).
+func hundredRulesStatic() string {
+	lines := strings.Split(strings.TrimSuffix(hundredRulesYAML(), "\n"), "\n")
+	for i, l := range lines {
+		lines[i] = "      " + l
 	}
-	return r
+	lines[0] = "    - " + strings.TrimPrefix(lines[0], "      ")
+	return "    httpRoutes:\n" + strings.Join(lines, "\n") + "\n"
 }
 
 // BenchmarkHTTPRoutes: sequential HTTP/1.1 keep-alive requests (1 KiB echoed) through the

@@ -55,17 +55,21 @@ func jwtStatic(b *testing.B) (static, token string) {
 // BenchmarkPinnedHTTPJWT: HTTP/1.1 requests (1 KiB echoed, 8 connections) through the waypoint
 // process with HTTP parsed by default, every request carrying a bearer token; "http" has no
 // RequestAuthentication, "jwt" validates the token (RS256) and authorizes its request principal;
-// on an undeclared port (sniffed) and, "declared-", on a port named http. Reports the waypoint's
-// vCPU per 1000 req/s.
+// on an undeclared port (sniffed) and, "declared-", on a port named http; "declared-100routes"
+// has no JWT but an HTTPRoute of 100 rules (hundredRules) on the port. Reports the waypoint's vCPU
+// per 1000 req/s.
 func BenchmarkPinnedHTTPJWT(b *testing.B) {
 	static, token := jwtStatic(b)
 	const conns = 8
-	for _, name := range []string{"http", "jwt", "declared-http", "declared-jwt"} {
+	for _, name := range []string{"http", "jwt", "declared-http", "declared-jwt", "declared-100routes"} {
 		b.Run(name, func(b *testing.B) {
 			app := backendHTTP(b)
 			doc := ""
-			if strings.HasSuffix(name, "jwt") {
+			switch {
+			case strings.HasSuffix(name, "jwt"):
 				doc = static
+			case strings.HasSuffix(name, "100routes"):
+				doc = hundredRulesStatic() // every request matched against all 100 rules
 			}
 			portName := "echo"
 			if strings.HasPrefix(name, "declared-") {
