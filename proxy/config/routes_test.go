@@ -39,7 +39,7 @@ func TestDecodeRoutesErrors(t *testing.T) {
 		{withRoutes + "          sessionPersistence: {sessionName: x}\n",
 			"line 32: discovery.static.httpRoutes[0].spec.rules[0].sessionPersistence is not a field detour knows of HTTPRule"},
 		{withRoutes + "          filters: [{type: ExtensionRef, requestHeaderModifier: {}}]\n",
-			`httproute: HTTPRoute demo/split: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect and URLRewrite)`},
+			`httproute: HTTPRoute demo/split: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect, URLRewrite and CORS)`},
 		{withRoutes + "    grpcRoutes:\n    - metadata: {name: g, namespace: demo}\n      spec: {rules: [{matches: [{method: {service: a, verb: b}}]}]}\n",
 			"line 34: discovery.static.grpcRoutes[0].spec.rules[0].matches[0].method.verb is not a field detour knows of MethodMatch"},
 	} {

@@ -374,7 +374,7 @@ func (c *compiler) filters(rule *Rule, ns string, fs []Filter, grpc bool) error 
 
 func (c *compiler) filter(rule *Rule, ns string, f Filter, grpc bool) error {
 	set := 0
-	for _, p := range []bool{f.RequestHeaderModifier != nil, f.ResponseHeaderModifier != nil, f.RequestMirror != nil, f.RequestRedirect != nil, f.URLRewrite != nil} {
+	for _, p := range []bool{f.RequestHeaderModifier != nil, f.ResponseHeaderModifier != nil, f.RequestMirror != nil, f.RequestRedirect != nil, f.URLRewrite != nil, f.CORS != nil} {
 		if p {
 			set++
 		}
@@ -410,8 +410,17 @@ func (c *compiler) filter(rule *Rule, ns string, f Filter, grpc bool) error {
 		}
 		rw.path = p
 		rule.Rewrite = rw
+	case !grpc && f.Type == "CORS" && f.CORS != nil:
+		if rule.CORS != nil {
+			return errors.New("CORS filter cannot be repeated")
+		}
+		a, err := compileCORS(f.CORS)
+		if err != nil {
+			return err
+		}
+		rule.CORS = a
 	default:
-		return fmt.Errorf("filter type %q is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect and URLRewrite)", f.Type)
+		return fmt.Errorf("filter type %q is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect, URLRewrite and CORS)", f.Type)
 	}
 	return nil
 }

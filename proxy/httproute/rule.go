@@ -16,6 +16,7 @@ type Rule struct {
 	ResponseHeaders *HeaderMod
 	Redirect        *RedirectAction // set: answer with it, forward nothing
 	Rewrite         *RewriteAction
+	CORS            *CORSAction // preflights answered, CORS response headers set
 	Mirrors         []MirrorAction
 	Backends        []Backend
 	// Timeout bounds the whole request (timeouts.request); BackendTimeout each try

@@ -94,6 +94,17 @@ type Filter struct {
 	RequestMirror          *Mirror         `json:"requestMirror,omitempty"`
 	RequestRedirect        *Redirect       `json:"requestRedirect,omitempty"`
 	URLRewrite             *URLRewrite     `json:"urlRewrite,omitempty"`
+	CORS                   *CORS           `json:"cors,omitempty"`
+}
+
+// CORS is the Gateway API's HTTPCORSFilter (HTTPRoute only).
+type CORS struct {
+	AllowOrigins     []string `json:"allowOrigins,omitempty"` // scheme://host[:port]; "*" any; a host "*.x" any subdomain
+	AllowCredentials *bool    `json:"allowCredentials,omitempty"`
+	AllowMethods     []string `json:"allowMethods,omitempty"` // "*": any
+	AllowHeaders     []string `json:"allowHeaders,omitempty"` // "*": any
+	ExposeHeaders    []string `json:"exposeHeaders,omitempty"`
+	MaxAge           *int32   `json:"maxAge,omitempty"` // seconds; default 5 (the spec's)
 }
 
 // HeaderModifier sets, adds and removes headers (in that order, as Envoy applies them).

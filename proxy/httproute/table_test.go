@@ -183,7 +183,7 @@ func TestCompileErrors(t *testing.T) {
 		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{matches: [{path: {type: RegularExpression, value: "("}}]}]}}`,
 			"httproute: HTTPRoute shop/a: rules[0]: matches[0]: path: regular expression \"(\": error parsing regexp: missing closing ): `^(?:()$`"},
 		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{filters: [{type: ExtensionRef, requestHeaderModifier: {}}]}]}}`,
-			`httproute: HTTPRoute shop/a: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect and URLRewrite)`},
+			`httproute: HTTPRoute shop/a: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect, URLRewrite and CORS)`},
 		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{matches: [{path: {type: Exact, value: /x}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]}]}}`,
 			`httproute: HTTPRoute shop/a: rules[0]: matches[0]: ReplacePrefixMatch needs a PathPrefix match`},
 		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{timeouts: {request: 1s, backendRequest: 2s}}]}}`,

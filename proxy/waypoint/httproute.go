@@ -55,8 +55,12 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 		w.flags = "NR"
 		localReply(w, grpc, http.StatusNotFound, 12, "route not found")
 		return true
+	case rule.CORS.Preflight(r): // answered here, as Envoy's CORS filter does
+		rule.CORS.Answer(w, r)
+		return true
 	case rule.Redirect != nil:
 		rule.ResponseHeaders.Apply(w.Header())
+		rule.CORS.Apply(w.Header(), r.Header.Get("Origin"))
 		w.Header().Set("Location", rule.Redirect.Location(r, path, m.Prefix, hs.port))
 		w.WriteHeader(rule.Redirect.Status)
 		return true
@@ -176,6 +180,7 @@ func (hs *httpStream) roundTripRouted(rt *routed, t http.RoundTripper, out *http
 		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
 		rt.rule.ResponseHeaders.Apply(resp.Header)
 		rt.backend.ResponseHeaders.Apply(resp.Header)
+		rt.rule.CORS.Apply(resp.Header, out.Header.Get("Origin"))
 		return resp, nil
 	}
 }

@@ -227,6 +227,11 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /mirror}}]
     filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}}}]
     backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /cors}}]
+    filters:
+    - type: CORS
+      cors: {allowOrigins: ["https://app.example.com"], allowMethods: [GET, PUT], allowHeaders: [x-token], exposeHeaders: [x-trace], maxAge: 60}
+    backendRefs: [{name: echo-v1, port: 80}]
 `
 
 // Requests to a routed service go where its HTTPRoute says, over HBONE to that backend's pods,
@@ -272,6 +277,21 @@ func TestHTTPRouteThroughWaypoint(t *testing.T) {
 		if m.Pod != "echo-v2" || m.Path != "/mirror" {
 			t.Errorf("mirror copy %+v, want echo-v2 /mirror", m)
 		}
+	}
+	// CORS: the preflight is the waypoint's answer (no pod sees it), the request's response
+	// carries the headers.
+	a = b.do(t, c, "OPTIONS", "http://10.96.0.30/cors", "Origin", "https://app.example.com", "Access-Control-Request-Method", "PUT",
+		"Access-Control-Request-Headers", "x-token")
+	if h := a.hdr; a.code != 200 || a.echo.Pod != "" || h.Get("Access-Control-Allow-Origin") != "https://app.example.com" ||
+		h.Get("Access-Control-Allow-Methods") != "GET,PUT" || h.Get("Access-Control-Allow-Headers") != "x-token" || h.Get("Access-Control-Max-Age") != "60" {
+		t.Errorf("CORS preflight: %d from %q, %v", a.code, a.echo.Pod, h)
+	}
+	a = b.do(t, c, "GET", "http://10.96.0.30/cors", "Origin", "https://app.example.com")
+	if a.code != 200 || a.echo.Pod != "echo-v1" || a.hdr.Get("Access-Control-Allow-Origin") != "https://app.example.com" || a.hdr.Get("Access-Control-Expose-Headers") != "x-trace" {
+		t.Errorf("CORS request: %d from %q, %v", a.code, a.echo.Pod, a.hdr)
+	}
+	if a = b.do(t, c, "GET", "http://10.96.0.30/cors", "Origin", "https://evil.test"); a.code != 200 || a.hdr.Get("Access-Control-Allow-Origin") != "" {
+		t.Errorf("CORS request from another origin: %d, %v", a.code, a.hdr)
 	}
 	// A service without routes keeps the default forwarding.
 	if a := b.do(t, c, "GET", "http://10.96.0.31/x"); a.code != 200 || a.echo.Pod != "echo-v1" {
