@@ -550,39 +550,52 @@ func matchPath(pattern, path string) bool {
 	return matchTemplate(pattern, path)
 }
 
+// matchTemplate matches in O(len(s) x operators), whatever the path: the set of positions of s
+// reachable after each piece of the template is swept once (a backtracking matcher is
+// exponential in the operators on a client's path).
 func matchTemplate(p, s string) bool {
-	for {
+	reach := make([]bool, len(s)+1)
+	reach[0] = true
+	next := make([]bool, len(s)+1)
+	lit := func(l string) {
+		clear(next)
+		for q, ok := range reach {
+			if ok && strings.HasPrefix(s[q:], l) {
+				next[q+len(l)] = true
+			}
+		}
+		reach, next = next, reach
+	}
+	op := func(multi bool) { // {*}: one or more characters without "/"; {**}: zero or more with
+		run := false // some reachable p < q with s[p:q] all operator characters
+		for q := range next {
+			if q > 0 {
+				run = (run || reach[q-1]) && templateChar(s[q-1], multi)
+			}
+			next[q] = run || multi && reach[q]
+		}
+		reach, next = next, reach
+	}
+	for p != "" {
 		i := strings.Index(p, "{*")
 		if i < 0 {
-			return p == s
+			lit(p)
+			break
 		}
-		if !strings.HasPrefix(s, p[:i]) {
-			return false
-		}
-		p, s = p[i:], s[i:]
-		var multi bool
-		switch {
+		lit(p[:i])
+		switch p = p[i:]; {
 		case strings.HasPrefix(p, "{**}"):
-			p, multi = p[4:], true
+			op(true)
+			p = p[4:]
 		case strings.HasPrefix(p, "{*}"):
+			op(false)
 			p = p[3:]
 		default: // "{*" not an operator: literal text
-			if !strings.HasPrefix(s, "{*") {
-				return false
-			}
-			p, s = p[2:], s[2:]
-			continue
+			lit("{*")
+			p = p[2:]
 		}
-		for n := 0; n <= len(s); n++ {
-			if n > 0 && !templateChar(s[n-1], multi) {
-				return false
-			}
-			if (multi || n > 0) && matchTemplate(p, s[n:]) {
-				return true
-			}
-		}
-		return false
 	}
+	return reach[len(s)]
 }
 
 // templateChar is a character Envoy's uri_template operators match: RFC 3986 pchar (unreserved,

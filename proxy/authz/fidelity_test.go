@@ -2,6 +2,7 @@ package authz
 
 import (
 	"slices"
+	"strings"
 	"testing"
 
 	secv1beta1 "istio.io/api/security/v1beta1"
@@ -289,6 +290,10 @@ func TestPathTemplates(t *testing.T) {
 		{"/store/{**}/cart", "/store/foo/cart", true},
 		{"/store/{**}/cart", "/store/foo/bar/cart", true},
 		{"/users/{*}/profile", "/users/a b/profile", false}, // a space is no path character
+		// A client's path against several operators: a backtracking matcher takes about n^4 steps
+		// here (it never finished); the sweep takes n per operator.
+		{"/{**}/{**}/{**}/{**}/x", strings.Repeat("/", 8192), false},
+		{"/{**}/{**}/{**}/{**}/x", strings.Repeat("/", 8192) + "x", true},
 	} {
 		if got := matchPath(tc.template, tc.path); got != tc.match {
 			t.Errorf("%s on %s: %v, want %v", tc.template, tc.path, got, tc.match)
