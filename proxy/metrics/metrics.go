@@ -95,6 +95,10 @@ type Stream struct {
 	Service             string // the service's hostname (destination_service)
 	ServiceName         string
 	ServiceNamespace    string
+	// Flags are Envoy's response flags of a stream the waypoint refused itself (NR: no route
+	// takes it, NC: its route's backend does not exist, UH: no ready endpoint); "" is "-". A
+	// request's flags are its own (Request.Flags).
+	Flags string
 }
 
 func unknown(v string) string {
@@ -130,12 +134,13 @@ func (m *Metrics) SetUnsupported(objs []Config) {
 	}
 }
 
-// StreamOpened records a stream accepted for forwarding.
+// StreamOpened records a stream accepted for forwarding (or, with s.Flags, one the waypoint
+// refused: opened and closed at once, as Envoy counts a connection its tcp_proxy closes).
 func (m *Metrics) StreamOpened(s Stream) {
 	if m == nil {
 		return
 	}
-	m.Opened.WithLabelValues(s.values("tcp", "", 0)...).Inc()
+	m.Opened.WithLabelValues(s.values("tcp", s.Flags, 0)...).Inc()
 	m.Active.Inc()
 }
 
@@ -144,7 +149,7 @@ func (m *Metrics) StreamClosed(s Stream, received, sent int64) {
 	if m == nil {
 		return
 	}
-	v := s.values("tcp", "", 0)
+	v := s.values("tcp", s.Flags, 0)
 	m.Closed.WithLabelValues(v...).Inc()
 	m.Received.WithLabelValues(v...).Add(float64(received))
 	m.Sent.WithLabelValues(v...).Add(float64(sent))

@@ -62,7 +62,7 @@ func TestPlanL4Routes(t *testing.T) {
 		{name: "a pod IP is never routed", target: "10.244.0.5:5432"},
 		{name: "a service without endpoints routed to one with", target: "10.96.0.13:5432", routes: true, routed: "db"},
 		{name: "a backend without endpoints: refused after the sessions", target: "10.96.0.12:5432", routes: true,
-			refused: "waypoint: hbone: upstream unavailable: TCPRoute demo/dead: route: no ready endpoint for demo/empty"},
+			refused: "UH waypoint: hbone: upstream unavailable: TCPRoute demo/dead: route: no ready endpoint for demo/empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			target, err := hbone.ParseTarget(tc.target)
@@ -76,14 +76,14 @@ func TestPlanL4Routes(t *testing.T) {
 				t.Fatalf("plan: %v", err)
 			}
 			routed := ""
-			if p.routed != nil {
-				routed = p.routed.Service.Name
+			if p.route.dest != nil && p.route.err == nil {
+				routed = p.route.dest.Service.Name
 			}
 			refused := ""
-			if p.routeErr != nil {
-				refused = p.routeErr.Error()
-				if !errors.Is(p.routeErr, hbone.ErrUnavailable) {
-					t.Errorf("refusal %v is not a 503", p.routeErr)
+			if err := p.route.err; err != nil {
+				refused = p.route.flags + " " + err.Error()
+				if !errors.Is(err, hbone.ErrUnavailable) {
+					t.Errorf("refusal %v is not a 503", err)
 				}
 			}
 			if (p.l4 != nil) != tc.routes || p.inspect != tc.inspected || routed != tc.routed || refused != tc.refused {

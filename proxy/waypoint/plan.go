@@ -32,12 +32,11 @@ type plan struct {
 	mirrors []*session.Session // the whole-stream mirrors
 	check   *pendingCheck      // a CUSTOM policy's provider to ask before the stream is dialed
 	// l4 are the TCPRoutes and TLSRoutes of the addressed port (nil: none). Decided at CONNECT
-	// (a stream not inspected), routed is the backend they drew, or routeErr their refusal,
-	// returned once a whole-stream steal did not take the stream (sessions come before routes).
-	// An inspected stream is routed once sniffed.
-	l4       *l4route.Routes
-	routed   *route.Destination
-	routeErr error
+	// (a stream not inspected), route is the backend they drew and its sessions, or their
+	// refusal, carried out once the addressed service's whole-stream steal did not take the
+	// stream (its sessions come before its routes). An inspected stream is routed once sniffed.
+	l4    *l4route.Routes
+	route l4Choice
 }
 
 // plan builds req's plan. Its errors map to the CONNECT's status (hbone.Status).
@@ -78,7 +77,7 @@ func (h *Handler) plan(req *hbone.Request) (*plan, error) {
 			return nil, err
 		}
 		if p.l4 != nil {
-			p.routed, p.routeErr = h.l4Destination(p, false, "")
+			p.route = h.l4Choose(p, false, "")
 		}
 	}
 	return p, nil
@@ -106,21 +105,22 @@ func (h *Handler) serveAccepted(s *hbone.Stream, up *hbone.Stream, p *plan) erro
 			return err
 		}
 		if p.steal != nil {
-			if handled, err := h.stealStream(s, in, p, proto); handled {
+			if handled, err := h.stealStream(s, in, p, p.steal, proto); handled {
 				closeStream(up)
 				return err
 			}
 		}
-		if p.l4 != nil {
-			if p.routed, err = h.l4Destination(p, proto == sniff.TLS || sni != "", sni); err != nil {
-				return err // after the 200: the stream is reset
+		if p.l4 != nil { // up is nil: where the stream goes was not known before the 200
+			p.route = h.l4Choose(p, proto == sniff.TLS || sni != "", sni)
+			if handled, err := h.takeRouted(s, in, p, proto); handled {
+				return err // a refusal after the 200: the stream is reset
 			}
-			if up, err = h.connect(s.Context(), p.req, p.routed); err != nil {
+			if up, err = h.connect(s.Context(), p.req, p.route.dest); err != nil {
 				return err
 			}
 		}
 	}
-	return h.splice(h.mirrorStream(s.Context(), in, p.req, p.mirrors), up, p.req, p.onward(), proto)
+	return h.splice(h.mirrorStream(s.Context(), in, p.req, p.mirrorsOf()), up, p.req, p.onward(), proto)
 }
 
 func closeStream(s *hbone.Stream) {

@@ -14,7 +14,8 @@ import (
 // streamRecord is one opaque stream's result tracker (ztunnel's result_tracker): opened once the
 // stream is answered, closed with its byte counts and error, and the one source of its metrics
 // and access-log line, whether the service's endpoint or a developer (upstream "developer") took
-// it. A session's event comes from the same counts (session.Take).
+// it, or the waypoint refused it (response flags set). A session's event comes from the same
+// counts (session.Take).
 type streamRecord struct {
 	h        *Handler
 	labels   metrics.Stream
@@ -29,16 +30,34 @@ func (h *Handler) openRecord(req *hbone.Request, dest *route.Destination, proto 
 	if ep, err := netip.ParseAddrPort(upstream); err == nil && dest.Service != nil {
 		labels = h.withEndpoint(labels, dest, ep)
 	}
+	return h.open(req, labels, proto, upstream)
+}
+
+func (h *Handler) open(req *hbone.Request, labels metrics.Stream, proto sniff.Protocol, upstream string) *streamRecord {
 	r := &streamRecord{h: h, labels: labels, proto: proto, target: req.Target.String(), upstream: upstream, start: time.Now()}
 	h.Metrics.StreamOpened(r.labels)
 	return r
 }
 
+// refused records a stream to dest the waypoint refuses itself, with Envoy's response flags
+// (as Envoy's waypoint counts a connection its tcp_proxy closes without an upstream: opened and
+// closed, nothing carried, the flag on both), and its access-log line; it returns err.
+func (h *Handler) refused(req *hbone.Request, dest *route.Destination, proto sniff.Protocol, flags string, err error) error {
+	labels := h.streamLabels(req, dest)
+	labels.Flags = flags
+	h.open(req, labels, proto, "").close(hbone.Counts{}, err)
+	return err
+}
+
 func (r *streamRecord) close(c hbone.Counts, err error) {
 	r.h.Metrics.StreamClosed(r.labels, c.AToB, c.BToA)
 	if al := r.h.AccessLog; al != nil {
+		flags := r.labels.Flags
+		if flags == "" {
+			flags = "-"
+		}
 		al.Info("stream", "protocol", r.proto.String(), "source", authz.Principal(r.labels.Source.Principal), "target", r.target,
 			"service", r.labels.Service, "upstream", r.upstream, "received", c.AToB, "sent", c.BToA,
-			"duration_ms", time.Since(r.start).Milliseconds(), "err", errString(err))
+			"duration_ms", time.Since(r.start).Milliseconds(), "flags", flags, "err", errString(err))
 	}
 }

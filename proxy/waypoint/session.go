@@ -62,10 +62,11 @@ func whole(ss []*session.Session) (steal *session.Session, mirrors []*session.Se
 	return steal, mirrors
 }
 
-// stealStream sends a whole stream to the developer (session.Take). handled is false when the
-// developer could not be reached: the caller forwards the stream as usual.
-func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, p *plan, proto sniff.Protocol) (handled bool, err error) {
-	req, st := p.req, p.steal
+// stealStream sends a whole stream to st's developer (session.Take): the addressed service's
+// steal, or its route's backend's. handled is false when the developer could not be reached:
+// the caller forwards the stream as usual.
+func (h *Handler) stealStream(s *hbone.Stream, in net.Conn, p *plan, st *session.Session, proto sniff.Protocol) (handled bool, err error) {
+	req := p.req
 	m := tunnel.Meta{Kind: tunnel.KindTCP, Target: req.Target.String(), Source: authz.Principal(req.PeerID.String())}
 	var rec *streamRecord
 	accept := func() error {

@@ -138,8 +138,9 @@ func (h *Handler) hopHeader(own spiffeid.ID) http.Header {
 
 // ServeHBONE serves one CONNECT in phases: the plan (where to, which policy and sessions; a
 // refusal here dials nothing), then what can still fail before the 200 (the whole-stream steal's
-// developer, the onward dial, trying the next endpoint when one fails to connect), then the 200
-// and the stream's carriage. The 200 goes back only once an onward stream (or the developer)
+// developer, the addressed service's, then its route's backend's; the route's refusal; the
+// onward dial, trying the next endpoint when one fails to connect), then the 200 and the
+// stream's carriage. The 200 goes back only once an onward stream (or the developer)
 // is there, except for a stream whose TCPRoutes or TLSRoutes decide by its first bytes.
 func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 	p, err := h.plan(s.Request())
@@ -155,12 +156,14 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		}
 	}
 	if !p.inspect && p.steal != nil {
-		if handled, err := h.stealStream(s, s, p, p.proto); handled {
+		if handled, err := h.stealStream(s, s, p, p.steal, p.proto); handled {
 			return err
 		}
 	}
-	if p.routeErr != nil {
-		return p.routeErr
+	if !p.inspect && p.l4 != nil {
+		if handled, err := h.takeRouted(s, s, p, p.proto); handled {
+			return err
+		}
 	}
 	// A stream whose TCPRoutes or TLSRoutes wait for its first bytes (its SNI, or whether it is
 	// HTTP) is accepted first: where it goes is not known before the 200 (as Envoy's waypoint,
