@@ -119,14 +119,7 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 	if tweak != nil {
 		tweak(h)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	b.waypoint = l.Addr().String()
+	b.waypoint = serveWaypoint(t, h, wpID)
 	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/default/sa/sleep"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
 	b.opts = hbone.DialOptions{TLSConfig: cliTLS, Forwarded: `for="10.1.1.1:1234"`}
 	b.client = &hbone.Dialer{Logger: quiet}
@@ -163,7 +156,14 @@ func (b *httpBed) httpClient(t *testing.T, h2 bool) (*http.Client, *int) {
 
 func get(t *testing.T, c *http.Client, url string, hdr ...string) (int, string, http.Header) {
 	t.Helper()
-	req, err := http.NewRequest("POST", url, strings.NewReader(pingBody))
+	return send(t, c, "POST", url, strings.NewReader(pingBody), hdr...)
+}
+
+// send sends one request with body and the header pairs hdr (name, value, ...), and returns its
+// answer, read whole.
+func send(t *testing.T, c *http.Client, method, url string, body io.Reader, hdr ...string) (int, string, http.Header) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,11 +175,11 @@ func get(t *testing.T, c *http.Client, url string, hdr ...string) (int, string, 
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
+	got, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return resp.StatusCode, string(body), resp.Header
+	return resp.StatusCode, string(got), resp.Header
 }
 
 // One client connection (one HBONE stream), many requests: each request is balanced on its own

@@ -1,28 +1,22 @@
 package waypoint_test
 
 import (
-	"context"
 	"encoding/json"
 	"net"
 	"net/http"
 	"testing"
-	"time"
 
-	secv1beta1 "istio.io/api/security/v1beta1"
-	typev1beta1 "istio.io/api/type/v1beta1"
-
-	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/session"
 	"github.com/detour-mesh/detour/proxy/tunnel"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
-// routeSessions is the route bed with debug sessions: developer alice may steal and mirror, and
-// her app answers as pod "developer" with what it got.
+// routeSessions is the route bed with debug sessions (developers): alice's app answers as pod
+// "developer" with what it got.
 type routeSessions struct {
 	*routeBed
+	*developers
 	reg    *session.Registry
-	tunnel string
 	app    string
 	copies chan echoed // what the developer's app received
 }
@@ -30,24 +24,7 @@ type routeSessions struct {
 func newRouteSessions(t *testing.T, routes ...string) *routeSessions {
 	rs := &routeSessions{reg: &session.Registry{}, copies: make(chan echoed, 16)}
 	rs.routeBed = newRouteBed(t, func(h *waypoint.Handler) { h.Sessions = rs.reg }, routes...)
-	h := rs.handler
-	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, []*authz.Policy{{Namespace: "demo", Name: "alice",
-		Spec: &secv1beta1.AuthorizationPolicy{Action: secv1beta1.AuthorizationPolicy_ALLOW,
-			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
-			Rules: []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Principals: []string{"cluster.local/ns/dev/sa/alice"}}}},
-				To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL", "MIRROR"}}}}}}}}})
-	m := &session.Manager{Registry: rs.reg, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
-		Namespace: "demo", Gateway: "detour", Logger: quiet}
-	srv := &tunnel.Server{Identity: h.Identity, Handler: m.ServeTunnel, Logger: quiet}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { srv.ServeQUIC(ctx, pc); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; pc.Close() })
-	rs.tunnel = pc.LocalAddr().String()
+	rs.developers = serveDevelopers(t, rs.handler, rs.reg, nil, rs.id("spiffe://cluster.local/ns/dev/sa/alice"))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -66,26 +43,10 @@ func newRouteSessions(t *testing.T, routes ...string) *routeSessions {
 	return rs
 }
 
-// developer registers spec as alice and forwards her streams to the app until the test ends.
-func (rs *routeSessions) developer(t *testing.T, spec tunnel.Spec) {
+// register registers spec as alice, her streams going to the app until the test ends.
+func (rs *routeSessions) register(t *testing.T, spec tunnel.Spec) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	tn, err := tunnel.Dial(ctx, "quic", rs.tunnel, rs.id("spiffe://cluster.local/ns/dev/sa/alice"), nil, quiet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tunnel.WriteMsg(tn.Control(), tunnel.Hello{Register: &spec}); err != nil {
-		t.Fatal(err)
-	}
-	var r tunnel.Reply
-	if err := tunnel.ReadMsg(tn.Control(), &r); err != nil || !r.OK {
-		t.Fatalf("registering: %+v %v", r, err)
-	}
-	fctx, fcancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { tn.Forward(fctx, rs.app, nil); close(done) }()
-	t.Cleanup(func() { fcancel(); tn.Close(); <-done })
+	rs.developer(t, rs.tunnel, spec, rs.app)
 }
 
 var aliceOnly = tunnel.Filter{Header: "x-dev", HeaderValue: "alice"}
@@ -95,7 +56,7 @@ var aliceOnly = tunnel.Filter{Header: "x-dev", HeaderValue: "alice"}
 // route says (proxy/README.md, "Routes and sessions").
 func TestStealOnRoutedService(t *testing.T) {
 	rs := newRouteSessions(t, routeMatching)
-	rs.developer(t, tunnel.Spec{Namespace: "demo", Service: "echo", Port: 80, Mode: session.Steal, Filter: aliceOnly})
+	rs.register(t, tunnel.Spec{Namespace: "demo", Service: "echo", Port: 80, Mode: session.Steal, Filter: aliceOnly})
 	c := rs.httpClient(t)
 	a := rs.do(t, c, "GET", "http://10.96.0.30/prefix/one/two", "X-Dev", "alice")
 	if a.code != 200 || a.echo.Pod != "developer" || a.echo.Path != "/prefix/one/two" || a.echo.Host != "10.96.0.30" || a.echo.Headers.Get("X-Set") != "" {
@@ -113,7 +74,7 @@ func TestStealOnRoutedService(t *testing.T) {
 // the route sends elsewhere, and everyone else's, are routed untouched.
 func TestStealOnRouteBackend(t *testing.T) {
 	rs := newRouteSessions(t, routeMatching)
-	rs.developer(t, tunnel.Spec{Namespace: "demo", Service: "echo-v2", Port: 80, Mode: session.Steal, Filter: aliceOnly})
+	rs.register(t, tunnel.Spec{Namespace: "demo", Service: "echo-v2", Port: 80, Mode: session.Steal, Filter: aliceOnly})
 	c := rs.httpClient(t)
 	a := rs.do(t, c, "GET", "http://10.96.0.30/prefix/one/two", "X-Dev", "alice")
 	if e := a.echo; a.code != 200 || e.Pod != "developer" || e.Path != "/one/two" || e.Host != "rewritten" || e.Headers.Get("X-Set") != "set" || e.Headers.Get("X-Backend") != "v2" {
@@ -131,7 +92,7 @@ func TestStealOnRouteBackend(t *testing.T) {
 // still goes where the route says.
 func TestMirrorOnRoutedService(t *testing.T) {
 	rs := newRouteSessions(t, routeMatching)
-	rs.developer(t, tunnel.Spec{Namespace: "demo", Service: "echo", Port: 80, Mode: session.Mirror})
+	rs.register(t, tunnel.Spec{Namespace: "demo", Service: "echo", Port: 80, Mode: session.Mirror})
 	c := rs.httpClient(t)
 	if a := rs.do(t, c, "GET", "http://10.96.0.30/v2/x"); a.code != 200 || a.echo.Pod != "echo-v2" {
 		t.Errorf("mirrored request: %d from %q, want echo-v2 as the route says", a.code, a.echo.Pod)

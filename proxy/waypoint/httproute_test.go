@@ -3,40 +3,27 @@ package waypoint_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"net/netip"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/detour-mesh/detour/hbone"
-	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
-// routeBed: services echo (10.96.0.30, both pods), echo-v1 (10.96.0.31, pod 127.0.0.2, service
-// account echo-v1), echo-v2 (10.96.0.32, pod 127.0.0.3, service account echo-v2) and empty
-// (10.96.0.33, no endpoint), each pod's ztunnel presenting its own identity, and the waypoint
-// with the given routes. The apps answer with what they got, as the conformance suite's echo.
+// routeBed is the pod bed (podBed) with HTTP apps on port 80 (declared http) and 7070 (gRPC),
+// and the waypoint with the given HTTPRoutes and GRPCRoutes. The apps answer with what they
+// got, as the conformance suite's echo.
 type routeBed struct {
-	waypoint string
-	client   *hbone.Dialer
-	opts     hbone.DialOptions
-	mirrored chan echoed // requests the app saw with X-Mirror-Probe set
-	handler  *waypoint.Handler
+	*podBed
+	mirrored chan echoed  // requests the app saw with X-Mirror-Probe set
 	flaky    atomic.Int64 // requests to /flaky: all but every third answer 503
-	id       func(string) identity.Source
 }
 
 type echoed struct {
@@ -48,108 +35,52 @@ type echoed struct {
 }
 
 func newRouteBed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *routeBed {
-	_, id := testCA(t)
-	b := &routeBed{mirrored: make(chan echoed, 16), id: id}
-	hbonePort, appPort := freePort(t), freePort(t)
-	for i, sa := range []string{"echo-v1", "echo-v2"} {
-		ip := fmt.Sprintf("127.0.0.%d", i+2)
-		app, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(appPort)))
-		if err != nil {
-			t.Skipf("port %d not free on %s: %v", appPort, ip, err)
-		}
-		var p http.Protocols
-		p.SetHTTP1(true)
-		p.SetUnencryptedHTTP2(true)
-		as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			e := echoed{Pod: sa, Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Headers: r.Header}
-			if r.Header.Get("X-Mirror-Probe") != "" {
-				select {
-				case b.mirrored <- e:
-				default:
-				}
-			}
-			if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil {
-				select {
-				case <-time.After(d):
-				case <-r.Context().Done():
-				}
-			}
-			w.Header().Set("X-Pod", sa)
-			if strings.HasPrefix(r.URL.Path, "/flaky") && b.flaky.Add(1)%3 != 0 {
-				w.WriteHeader(http.StatusServiceUnavailable)
-			}
-			json.NewEncoder(w).Encode(e)
-		})}
-		go as.Serve(app)
-		t.Cleanup(func() { as.Close() })
-		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(hbonePort)))
-		if err != nil {
-			t.Skipf("port %d not free on %s: %v", hbonePort, ip, err)
-		}
-		hs := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(id("spiffe://cluster.local/ns/demo/sa/"+sa), nil), Logger: quiet}
-		go hs.Serve(hl)
-		t.Cleanup(func() { hs.Close() })
-	}
-	ep := func(i int, sa string) route.Endpoint {
-		return route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: sa}
-	}
-	svc := func(name string, vip byte, eps ...route.Endpoint) *route.Service {
-		return &route.Service{Name: name, Namespace: "demo", Hostname: name + ".demo.svc.cluster.local",
-			VIPs:  []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, vip})},
-			Ports: []route.Port{{Name: "http", Port: 80, TargetPort: uint16(appPort)}, {Name: "grpc", Port: 7070, TargetPort: uint16(appPort), AppProtocol: "grpc"}}, Endpoints: eps}
-	}
-	table, err := route.NewTable([]*route.Service{
-		svc("echo", 30, ep(2, "echo-v1"), ep(3, "echo-v2")), svc("echo-v1", 31, ep(2, "echo-v1")),
-		svc("echo-v2", 32, ep(3, "echo-v2")), svc("empty", 33),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var hrs []*httproute.HTTPRoute
-	var grs []*httproute.GRPCRoute
-	for _, doc := range routes {
-		if strings.Contains(doc, "kind: GRPCRoute") {
-			r, err := httproute.DecodeGRPCRoute([]byte(doc))
-			if err != nil {
-				t.Fatal(err)
-			}
-			grs = append(grs, r)
-			continue
-		}
-		r, err := httproute.DecodeHTTPRoute([]byte(doc))
+	b := &routeBed{mirrored: make(chan echoed, 16)}
+	appPort := freePort(t)
+	ports := []route.Port{{Name: "http", Port: 80, TargetPort: uint16(appPort)}, {Name: "grpc", Port: 7070, TargetPort: uint16(appPort), AppProtocol: "grpc"}}
+	b.podBed = newPodBed(t, ports, func(ip, sa string) { b.serveApp(t, listen(t, ip, appPort), sa) }, func(h *waypoint.Handler, table *route.Table) {
+		grpcs, https := kinds(routes, "GRPCRoute")
+		rt, err := httproute.Compile(table, decodeAll(t, https, httproute.DecodeHTTPRoute), decodeAll(t, grpcs, httproute.DecodeGRPCRoute))
 		if err != nil {
 			t.Fatal(err)
 		}
-		hrs = append(hrs, r)
-	}
-	rt, err := httproute.Compile(table, hrs, grs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, nil)
-	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
-	onward := &hbone.Dialer{Logger: quiet}
-	t.Cleanup(func() { onward.Close() })
-	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
-		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Policies: func() *authz.Engine { return engine },
-		HTTPRoutes: func() *httproute.Table { return rt }}
-	if tweak != nil {
-		tweak(h)
-	}
-	b.handler = h
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	b.waypoint = l.Addr().String()
-	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/demo/sa/client"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
-	b.opts = hbone.DialOptions{TLSConfig: cliTLS}
-	b.client = &hbone.Dialer{Logger: quiet}
-	t.Cleanup(func() { b.client.Close() })
+		engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, nil)
+		h.Policies = func() *authz.Engine { return engine }
+		h.HTTPRoutes = func() *httproute.Table { return rt }
+		if tweak != nil {
+			tweak(h)
+		}
+	})
 	return b
+}
+
+// serveApp serves pod's HTTP app (HTTP/1.1 and HTTP/2 prior knowledge) on l until the test ends.
+func (b *routeBed) serveApp(t *testing.T, l net.Listener, pod string) {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e := echoed{Pod: pod, Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Headers: r.Header}
+		if r.Header.Get("X-Mirror-Probe") != "" {
+			select {
+			case b.mirrored <- e:
+			default:
+			}
+		}
+		if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil {
+			select {
+			case <-time.After(d):
+			case <-r.Context().Done():
+			}
+		}
+		w.Header().Set("X-Pod", pod)
+		if strings.HasPrefix(r.URL.Path, "/flaky") && b.flaky.Add(1)%3 != 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		json.NewEncoder(w).Encode(e)
+	})}
+	go as.Serve(l)
+	t.Cleanup(func() { as.Close() })
 }
 
 func (b *routeBed) httpClient(t *testing.T) *http.Client {
@@ -172,21 +103,9 @@ type answer struct {
 
 func (b *routeBed) do(t *testing.T, c *http.Client, method, url string, hdr ...string) answer {
 	t.Helper()
-	req, err := http.NewRequest(method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	a := answer{code: resp.StatusCode, hdr: resp.Header, body: string(body)}
-	json.Unmarshal(body, &a.echo)
+	code, body, header := send(t, c, method, url, nil, hdr...)
+	a := answer{code: code, hdr: header, body: body}
+	json.Unmarshal([]byte(body), &a.echo)
 	return a
 }
 

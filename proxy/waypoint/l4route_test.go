@@ -15,116 +15,55 @@ import (
 	"io"
 	"math/big"
 	"net"
-	"net/netip"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
 	"github.com/detour-mesh/detour/hbone"
-	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
-// l4Bed: services echo (10.96.0.30, both pods), echo-v1 (.31, pod 127.0.0.2), echo-v2 (.32,
-// pod 127.0.0.3) and empty (.33, no endpoint), each with port 5432 (declared tcp), 443
-// (declared tls) and 9000 (undeclared, sniffed); each pod's ztunnel presents its own service
-// account. The pods' apps write their name and a newline, then echo every byte until EOF; on
-// 443 they do so inside TLS. The waypoint draws weights with a counter: 0, 1, 2, ...
+// l4Bed is the pod bed (podBed) with ports 5432 (declared tcp), 443 (declared tls) and 9000
+// (undeclared, sniffed), and the waypoint with the given TCPRoutes and TLSRoutes. The pods'
+// apps write their name and a newline, then echo every byte until EOF; on 443 they do so inside
+// TLS. The waypoint draws weights with a counter: 0, 1, 2, ...
 type l4Bed struct {
-	waypoint string
-	client   *hbone.Dialer
-	opts     hbone.DialOptions
-	draws    atomic.Int64
+	*podBed
+	draws atomic.Int64
 }
 
-func newL4Bed(t *testing.T, routes ...string) *l4Bed {
-	_, id := testCA(t)
+func newL4Bed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *l4Bed {
 	b := &l4Bed{}
-	hbonePort, tcpPort, tlsPort := freePort(t), freePort(t), freePort(t)
+	tcpPort, tlsPort := freePort(t), freePort(t)
 	cert := selfSigned(t)
-	for i, sa := range []string{"echo-v1", "echo-v2"} {
-		ip := fmt.Sprintf("127.0.0.%d", i+2)
+	apps := func(ip, sa string) {
 		for _, port := range []int{tcpPort, tlsPort} {
-			l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
-			if err != nil {
-				t.Skipf("port %d not free on %s: %v", port, ip, err)
-			}
+			l := listen(t, ip, port)
 			if port == tlsPort {
 				l = tls.NewListener(l, &tls.Config{Certificates: []tls.Certificate{cert}})
 			}
 			go serveBannerEcho(l, sa)
 			t.Cleanup(func() { l.Close() })
 		}
-		hl, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(hbonePort)))
-		if err != nil {
-			t.Skipf("port %d not free on %s: %v", hbonePort, ip, err)
-		}
-		hs := &hbone.Server{Handler: &hbone.Forwarder{}, TLSConfig: identity.ServerTLS(id("spiffe://cluster.local/ns/demo/sa/"+sa), nil), Logger: quiet}
-		go hs.Serve(hl)
-		t.Cleanup(func() { hs.Close() })
 	}
-	ep := func(i int, sa string) route.Endpoint {
-		return route.Endpoint{IP: netip.MustParseAddr(fmt.Sprintf("127.0.0.%d", i)), Ready: true, ServiceAccount: sa}
-	}
-	svc := func(name string, vip byte, eps ...route.Endpoint) *route.Service {
-		return &route.Service{Name: name, Namespace: "demo", Hostname: name + ".demo.svc.cluster.local",
-			VIPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, vip})},
-			Ports: []route.Port{{Name: "tcp", Port: 5432, TargetPort: uint16(tcpPort)}, {Name: "tls", Port: 443, TargetPort: uint16(tlsPort)},
-				{Name: "data", Port: 9000, TargetPort: uint16(tcpPort)}}, Endpoints: eps}
-	}
-	table, err := route.NewTable([]*route.Service{
-		svc("echo", 30, ep(2, "echo-v1"), ep(3, "echo-v2")), svc("echo-v1", 31, ep(2, "echo-v1")),
-		svc("echo-v2", 32, ep(3, "echo-v2")), svc("empty", 33),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var tcps []*l4route.TCPRoute
-	var tlss []*l4route.TLSRoute
-	for _, doc := range routes {
-		if strings.Contains(doc, "kind: TLSRoute") {
-			r, err := l4route.DecodeTLSRoute([]byte(doc))
-			if err != nil {
-				t.Fatal(err)
-			}
-			tlss = append(tlss, r)
-			continue
-		}
-		r, err := l4route.DecodeTCPRoute([]byte(doc))
+	ports := []route.Port{{Name: "tcp", Port: 5432, TargetPort: uint16(tcpPort)}, {Name: "tls", Port: 443, TargetPort: uint16(tlsPort)},
+		{Name: "data", Port: 9000, TargetPort: uint16(tcpPort)}}
+	b.podBed = newPodBed(t, ports, apps, func(h *waypoint.Handler, table *route.Table) {
+		tlss, tcps := kinds(routes, "TLSRoute")
+		rt, err := l4route.Compile(table, decodeAll(t, tcps, l4route.DecodeTCPRoute), decodeAll(t, tlss, l4route.DecodeTLSRoute))
 		if err != nil {
 			t.Fatal(err)
 		}
-		tcps = append(tcps, r)
-	}
-	rt, err := l4route.Compile(table, tcps, tlss)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wpID := id("spiffe://cluster.local/ns/demo/sa/waypoint")
-	onward := &hbone.Dialer{Logger: quiet}
-	t.Cleanup(func() { onward.Close() })
-	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{}, Identity: wpID,
-		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, SniffWait: 50 * time.Millisecond,
-		L4Routes:  func() *l4route.Table { return rt },
-		RouteRand: func(n int) int { return int(b.draws.Add(1)-1) % n }}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	b.waypoint = l.Addr().String()
-	cliTLS, _ := identity.ClientTLS(id("spiffe://cluster.local/ns/demo/sa/client"), spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint"))
-	b.opts = hbone.DialOptions{TLSConfig: cliTLS}
-	b.client = &hbone.Dialer{Logger: quiet}
-	t.Cleanup(func() { b.client.Close() })
+		h.L4Routes = func() *l4route.Table { return rt }
+		h.SniffWait = 50 * time.Millisecond
+		h.RouteRand = func(n int) int { return int(b.draws.Add(1)-1) % n }
+		if tweak != nil {
+			tweak(h)
+		}
+	})
 	return b
 }
 
@@ -231,7 +170,7 @@ spec:
 // A TCPRoute splits connections by weight, each one drawn once and carried byte for byte, on a
 // declared tcp port (decided at CONNECT) and on an undeclared one (decided once sniffed).
 func TestTCPRouteWeights(t *testing.T) {
-	b := newL4Bed(t, tcpSplit)
+	b := newL4Bed(t, nil, tcpSplit)
 	for _, target := range []string{"10.96.0.30:5432", "10.96.0.30:9000"} {
 		counts := map[string]int{}
 		for i := range 20 {
@@ -277,7 +216,7 @@ spec:
 // TLSRoutes route by the ClientHello's SNI (exact before wildcard), weights drawn per
 // connection; the TLS bytes pass untouched to the backend, which terminates them.
 func TestTLSRouteSNI(t *testing.T) {
-	b := newL4Bed(t, strings.Split(tlsRoutes, "---")...)
+	b := newL4Bed(t, nil, strings.Split(tlsRoutes, "---")...)
 	for range 3 {
 		if pod, err := b.exchange(t, "10.96.0.30:443", "api.example.com", payload(t, 100<<10)); err != nil || pod != "echo-v1" {
 			t.Fatalf("api.example.com: %s, %v; want echo-v1 (the exact hostname)", pod, err)
@@ -307,7 +246,7 @@ func TestTLSRouteSNI(t *testing.T) {
 // weighted backend refuse the CONNECT (503) before anything is dialed; a service without
 // endpoints of its own is still routed to its TCPRoute's backends.
 func TestTCPRouteRefusals(t *testing.T) {
-	b := newL4Bed(t, `
+	b := newL4Bed(t, nil, `
 kind: TCPRoute
 metadata: {name: to-empty, namespace: demo}
 spec:

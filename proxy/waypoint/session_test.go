@@ -17,6 +17,7 @@ import (
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 
+	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/session"
@@ -24,29 +25,44 @@ import (
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
 
-// sessionBed is the echo bed's waypoint with debug sessions: a tunnel server (QUIC) whose Manager
-// grants developer alice STEAL and MIRROR on echo.
+// sessionBed is the echo bed's waypoint with debug sessions, and alice's side of them
+// (developers).
 type sessionBed struct {
 	*bed
-	stop     chan struct{} // closed when the test ends, before the developers' tunnels wait for their streams
-	stopOnce sync.Once
-	reg      *session.Registry
-	metrics  *metrics.Metrics
-	tunnel   string // the QUIC tunnel listener
+	*developers
+	reg     *session.Registry
+	metrics *metrics.Metrics
 }
 
 func newSessionBed(t *testing.T) *sessionBed {
-	sb := &sessionBed{stop: make(chan struct{}), reg: &session.Registry{}, metrics: metrics.New(prometheus.NewRegistry())}
+	sb := &sessionBed{reg: &session.Registry{}, metrics: metrics.New(prometheus.NewRegistry())}
 	var h *waypoint.Handler
 	sb.bed = newBedWith(t, "echo", func(w *waypoint.Handler) { w.Sessions, w.Metrics, h = sb.reg, sb.metrics, w })
+	sb.developers = serveDevelopers(t, h, sb.reg, sb.metrics, sb.id(t, "spiffe://cluster.local/ns/dev/sa/alice"))
+	return sb
+}
+
+// developers is the developers' side of a waypoint's debug sessions: the waypoint's tunnel
+// server (QUIC), whose Manager grants alice (cluster.local/ns/dev/sa/alice) STEAL and MIRROR on
+// every service behind the Gateway demo/detour, and alice's tunnels and apps.
+type developers struct {
+	tunnel   string // the QUIC tunnel listener
+	alice    identity.Source
+	stop     chan struct{} // closed when the test ends, before the developers' tunnels wait for their streams
+	stopOnce sync.Once
+}
+
+// serveDevelopers serves h's tunnels, registering sessions in reg, until the test ends.
+func serveDevelopers(t *testing.T, h *waypoint.Handler, reg *session.Registry, m *metrics.Metrics, alice identity.Source) *developers {
+	d := &developers{alice: alice, stop: make(chan struct{})}
 	engine := authz.New(authz.Waypoint{Namespace: "demo", Gateway: "detour"}, []*authz.Policy{{Namespace: "demo", Name: "alice",
 		Spec: &secv1beta1.AuthorizationPolicy{Action: secv1beta1.AuthorizationPolicy_ALLOW,
 			TargetRefs: []*typev1beta1.PolicyTargetReference{{Group: "gateway.networking.k8s.io", Kind: "Gateway", Name: "detour"}},
 			Rules: []*secv1beta1.Rule{{From: []*secv1beta1.Rule_From{{Source: &secv1beta1.Source{Principals: []string{"cluster.local/ns/dev/sa/alice"}}}},
 				To: []*secv1beta1.Rule_To{{Operation: &secv1beta1.Operation{Methods: []string{"STEAL", "MIRROR"}}}}}}}}})
-	m := &session.Manager{Registry: sb.reg, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
-		Namespace: "demo", Gateway: "detour", Logger: quiet, Metrics: sb.metrics}
-	srv := &tunnel.Server{Identity: h.Identity, Handler: m.ServeTunnel, Logger: quiet}
+	mgr := &session.Manager{Registry: reg, Routes: h.Routes, Policies: func() *authz.Engine { return engine },
+		Namespace: "demo", Gateway: "detour", Logger: quiet, Metrics: m}
+	srv := &tunnel.Server{Identity: h.Identity, Handler: mgr.ServeTunnel, Logger: quiet}
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -55,24 +71,24 @@ func newSessionBed(t *testing.T) *sessionBed {
 	done := make(chan struct{})
 	go func() { srv.ServeQUIC(ctx, pc); close(done) }()
 	t.Cleanup(func() { cancel(); <-done; pc.Close() })
-	sb.tunnel = pc.LocalAddr().String()
-	return sb
+	d.tunnel = pc.LocalAddr().String()
+	return d
 }
 
 // developer registers spec as alice through a tunnel to addr and forwards its streams to app
 // until the test ends; it returns the session's ID.
-func (sb *sessionBed) developer(t *testing.T, addr string, spec tunnel.Spec, app string) string {
+func (d *developers) developer(t *testing.T, addr string, spec tunnel.Spec, app string) string {
 	t.Helper()
-	_, id := sb.connect(t, addr, spec, app)
+	_, id := d.connect(t, addr, spec, app)
 	return id
 }
 
 // connect is developer, also returning the tunnel (its control stream is the caller's to read).
-func (sb *sessionBed) connect(t *testing.T, addr string, spec tunnel.Spec, app string) (*tunnel.Tunnel, string) {
+func (d *developers) connect(t *testing.T, addr string, spec tunnel.Spec, app string) (*tunnel.Tunnel, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tn, err := tunnel.Dial(ctx, "quic", addr, sb.id(t, "spiffe://cluster.local/ns/dev/sa/alice"), nil, quiet)
+	tn, err := tunnel.Dial(ctx, "quic", addr, d.alice, nil, quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,18 +102,18 @@ func (sb *sessionBed) connect(t *testing.T, addr string, spec tunnel.Spec, app s
 	fctx, fcancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { tn.Forward(fctx, app, nil); close(done) }()
-	t.Cleanup(func() { sb.stopOnce.Do(func() { close(sb.stop) }); fcancel(); tn.Close(); <-done })
+	t.Cleanup(func() { d.stopOnce.Do(func() { close(d.stop) }); fcancel(); tn.Close(); <-done })
 	return tn, r.Session
 }
 
 // app serves the developer's side: each connection gets serve; done closes when the test ends.
-func (sb *sessionBed) app(t *testing.T, serve func(c net.Conn, done <-chan struct{})) string {
+func (d *developers) app(t *testing.T, serve func(c net.Conn, done <-chan struct{})) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
-	done := sb.stop
+	done := d.stop
 	wg.Go(func() {
 		for {
 			c, err := l.Accept()
@@ -110,7 +126,7 @@ func (sb *sessionBed) app(t *testing.T, serve func(c net.Conn, done <-chan struc
 			})
 		}
 	})
-	t.Cleanup(func() { sb.stopOnce.Do(func() { close(sb.stop) }); l.Close(); wg.Wait() })
+	t.Cleanup(func() { d.stopOnce.Do(func() { close(d.stop) }); l.Close(); wg.Wait() })
 	return l.Addr().String()
 }
 

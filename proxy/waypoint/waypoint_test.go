@@ -115,14 +115,7 @@ func newBedWith(t *testing.T, endpointSA string, tweak func(*waypoint.Handler)) 
 	if tweak != nil {
 		tweak(h)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(wpID, nil), Logger: quiet}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	b.waypoint = l.Addr().String()
+	b.waypoint = serveWaypoint(t, h, wpID)
 	b.opts = b.clientOpts(t, "spiffe://cluster.local/ns/default/sa/sleep")
 	b.client = &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { b.client.Close() })
