@@ -10,18 +10,24 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/l4route"
+	"github.com/detour-mesh/detour/proxy/metrics"
 	"github.com/detour-mesh/detour/proxy/route"
 	"github.com/detour-mesh/detour/proxy/waypoint"
 )
@@ -67,7 +73,7 @@ func newL4Bed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *l4
 	return b
 }
 
-// serveBannerEcho answers each connection with its pod's name and a newline, then echoes.
+// serveBannerEcho answers each connection with bannerEcho.
 func serveBannerEcho(l net.Listener, pod string) {
 	for {
 		c, err := l.Accept()
@@ -76,15 +82,20 @@ func serveBannerEcho(l net.Listener, pod string) {
 		}
 		go func() {
 			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			if _, err := io.WriteString(c, pod+"\n"); err != nil {
-				return
-			}
-			io.Copy(c, c)
-			if cw, ok := c.(interface{ CloseWrite() error }); ok {
-				cw.CloseWrite()
-			}
+			bannerEcho(c, pod)
 		}()
+	}
+}
+
+// bannerEcho writes pod's name and a newline to c, then echoes it until EOF.
+func bannerEcho(c net.Conn, pod string) {
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, pod+"\n"); err != nil {
+		return
+	}
+	io.Copy(c, c)
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
 	}
 }
 
@@ -243,10 +254,19 @@ func TestTLSRouteSNI(t *testing.T) {
 }
 
 // Refusals: a TCPRoute backend without endpoints, an unknown backend, and a rule without a
-// weighted backend refuse the CONNECT (503) before anything is dialed; a service without
-// endpoints of its own is still routed to its TCPRoute's backends.
+// weighted backend refuse the CONNECT (503) before anything is dialed; a stream no route takes
+// (an SNI no TLSRoute names, on a port without a TCPRoute) is reset once its ClientHello said
+// so. Each is counted as Envoy's waypoint counts a connection it closes without an upstream
+// (istio_tcp_connections_opened/closed_total with the response flag: UH, NC, NR) and logged in
+// the access log with its reason. A service without endpoints of its own is still routed to its
+// TCPRoute's backends.
 func TestTCPRouteRefusals(t *testing.T) {
-	b := newL4Bed(t, nil, `
+	m := metrics.New(prometheus.NewRegistry())
+	var mu sync.Mutex
+	var log bytes.Buffer
+	b := newL4Bed(t, func(h *waypoint.Handler) {
+		h.Metrics, h.AccessLog = m, slog.New(slog.NewJSONHandler(lockedWriter{&mu, &log}, nil))
+	}, `
 kind: TCPRoute
 metadata: {name: to-empty, namespace: demo}
 spec:
@@ -270,6 +290,13 @@ metadata: {name: from-empty, namespace: demo}
 spec:
   parentRefs: [{name: empty, port: 5432}]
   rules: [{backendRefs: [{name: echo-v2, port: 5432}]}]
+`, `
+kind: TLSRoute
+metadata: {name: api, namespace: demo}
+spec:
+  parentRefs: [{name: echo, port: 443}]
+  hostnames: [api.example.com]
+  rules: [{backendRefs: [{name: echo-v1, port: 443}]}]
 `)
 	for _, target := range []string{"10.96.0.31:5432", "10.96.0.32:5432", "10.96.0.30:5432"} {
 		_, err := b.exchange(t, target, "", []byte("x"))
@@ -278,11 +305,52 @@ spec:
 			t.Errorf("%s: %v, want the CONNECT refused with 503", target, err)
 		}
 	}
+	if pod, err := b.exchange(t, "10.96.0.30:443", "other.example.com", []byte("x")); err == nil {
+		t.Errorf("other.example.com went to %s, want the stream reset", pod)
+	}
 	if pod, err := b.exchange(t, "10.96.0.33:5432", "", []byte("hello")); err != nil || pod != "echo-v2" {
 		t.Errorf("empty's TCPRoute: %s, %v; want echo-v2", pod, err)
 	}
 	// The ports without routes are forwarded to the addressed service as before.
 	if pod, err := b.exchange(t, "10.96.0.31:9000", "", []byte("hello")); err != nil || pod != "echo-v1" {
 		t.Errorf("echo-v1:9000 (no route): %s, %v; want echo-v1", pod, err)
+	}
+
+	refusals := []struct{ service, flags, err string }{
+		{"echo-v1", "UH", "waypoint: hbone: upstream unavailable: TCPRoute demo/to-empty: route: no ready endpoint for demo/empty"},
+		{"echo-v2", "NC", "waypoint: hbone: upstream unavailable: TCPRoute demo/unknown: "},
+		{"echo", "NC", "waypoint: hbone: upstream unavailable: TCPRoute demo/weightless: no backend has a weight"},
+		{"echo", "NR", `waypoint: hbone: upstream unavailable: no TLSRoute or TCPRoute of demo/echo port 443 takes the stream (SNI "other.example.com")`},
+	}
+	for _, c := range []*prometheus.CounterVec{m.Opened, m.Closed} {
+		for flags, want := range map[string]float64{"UH": 1, "NC": 2, "NR": 1} {
+			if got := metrics.Sum(c, map[string]string{"response_flags": flags, "reporter": "waypoint"}); got != want {
+				t.Errorf("streams with response_flags %s: %v, want %v", flags, got, want)
+			}
+		}
+		if got := metrics.Sum(c, map[string]string{"response_flags": "NR", "destination_service": "echo.demo.svc.cluster.local",
+			"source_principal": "spiffe://cluster.local/ns/demo/sa/client", "destination_workload": "unknown"}); got != 1 {
+			t.Errorf("the NR stream's labels: %v matched, want 1", got)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var logged []struct{ service, flags, err string }
+	for line := range strings.Lines(log.String()) {
+		var rec struct{ Msg, Service, Flags, Err string }
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("%v: %q", err, line)
+		}
+		if rec.Msg == "stream" && rec.Flags != "-" {
+			logged = append(logged, struct{ service, flags, err string }{strings.TrimSuffix(rec.Service, ".demo.svc.cluster.local"), rec.Flags, rec.Err})
+		}
+	}
+	if len(logged) != len(refusals) {
+		t.Fatalf("access log: %d refused streams %v, want %d", len(logged), logged, len(refusals))
+	}
+	for i, want := range refusals {
+		if got := logged[i]; got.service != want.service || got.flags != want.flags || !strings.HasPrefix(got.err, want.err) {
+			t.Errorf("access log refusal %d: %+v, want %+v", i, got, want)
+		}
 	}
 }
