@@ -75,27 +75,11 @@ func TestStealOnL4Route(t *testing.T) {
 		ls.steal(t, "echo-v2", 443)
 		ls.steal(t, "empty", 5432)
 		for _, target := range []string{"10.96.0.30:5432", "10.96.0.30:9000"} {
-			counts := map[string]int{}
-			for i := range 20 {
-				pod, err := ls.exchange(t, target, "", payload(t, 1000+i))
-				if err != nil {
-					t.Fatalf("%s: connection %d: %v", target, i, err)
-				}
-				counts[pod]++
-			}
-			if counts["echo-v1"] != 15 || counts["developer"] != 5 {
+			if counts := ls.spread(t, target, "", 20, 1000); !maps.Equal(counts, map[string]int{"echo-v1": 15, "developer": 5}) {
 				t.Errorf("%s: 20 connections over weights 3:1 went %v, want echo-v1 15, the developer (stealing echo-v2) 5", target, counts)
 			}
 		}
-		counts := map[string]int{}
-		for i := range 10 {
-			pod, err := ls.exchange(t, "10.96.0.30:443", "web.example.com", payload(t, 1000+i))
-			if err != nil {
-				t.Fatalf("web.example.com: connection %d: %v", i, err)
-			}
-			counts[pod]++
-		}
-		if counts["echo-v1"] != 5 || counts["developer"] != 5 {
+		if counts := ls.spread(t, "10.96.0.30:443", "web.example.com", 10, 1000); !maps.Equal(counts, map[string]int{"echo-v1": 5, "developer": 5}) {
 			t.Errorf("TLS: 10 connections over weights 1:1 went %v, want echo-v1 5, the developer (stealing echo-v2:443) 5", counts)
 		}
 		if pod, err := ls.exchange(t, "10.96.0.30:443", "api.example.com", []byte("x")); err != nil || pod != "echo-v1" {
@@ -109,14 +93,7 @@ func TestStealOnL4Route(t *testing.T) {
 		ls := newL4Sessions(t, tcpSplit)
 		ls.steal(t, "echo", 5432)
 		for _, target := range []string{"10.96.0.30:5432", "10.96.0.30:9000"} {
-			counts := map[string]int{}
-			for i := range 8 {
-				pod, err := ls.exchange(t, target, "", payload(t, 1000+i))
-				if err != nil {
-					t.Fatalf("%s: connection %d: %v", target, i, err)
-				}
-				counts[pod]++
-			}
+			counts := ls.spread(t, target, "", 8, 1000)
 			want := map[string]int{"developer": 8} // the steal takes echo:5432 whole
 			if target == "10.96.0.30:9000" {
 				want = map[string]int{"echo-v1": 6, "echo-v2": 2} // another port: routed

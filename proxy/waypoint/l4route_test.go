@@ -162,6 +162,21 @@ func (b *l4Bed) exchange(t *testing.T, target, sni string, payload []byte) (stri
 	return strings.TrimSuffix(pod, "\n"), nil
 }
 
+// spread opens n connections to target (inside TLS with SNI sni when not ""), the i-th sending
+// size+i bytes, and counts the pods that answered.
+func (b *l4Bed) spread(t *testing.T, target, sni string, n, size int) map[string]int {
+	t.Helper()
+	counts := map[string]int{}
+	for i := range n {
+		pod, err := b.exchange(t, target, sni, payload(t, size+i))
+		if err != nil {
+			t.Fatalf("%s (SNI %q): connection %d: %v", target, sni, i, err)
+		}
+		counts[pod]++
+	}
+	return counts
+}
+
 func payload(t *testing.T, n int) []byte {
 	p := make([]byte, n)
 	if _, err := rand.Read(p); err != nil {
@@ -183,15 +198,7 @@ spec:
 func TestTCPRouteWeights(t *testing.T) {
 	b := newL4Bed(t, nil, tcpSplit)
 	for _, target := range []string{"10.96.0.30:5432", "10.96.0.30:9000"} {
-		counts := map[string]int{}
-		for i := range 20 {
-			pod, err := b.exchange(t, target, "", payload(t, 64<<10+i))
-			if err != nil {
-				t.Fatalf("%s: connection %d: %v", target, i, err)
-			}
-			counts[pod]++
-		}
-		if counts["echo-v1"] != 15 || counts["echo-v2"] != 5 {
+		if counts := b.spread(t, target, "", 20, 64<<10); counts["echo-v1"] != 15 || counts["echo-v2"] != 5 {
 			t.Errorf("%s: 20 connections over weights 3:1 went %v, want echo-v1 15, echo-v2 5", target, counts)
 		}
 	}
@@ -201,14 +208,16 @@ func TestTCPRouteWeights(t *testing.T) {
 	}
 }
 
-const tlsRoutes = `
+const tlsExact = `
 kind: TLSRoute
 metadata: {name: exact, namespace: demo}
 spec:
   parentRefs: [{name: echo, port: 443}]
   hostnames: [api.example.com]
   rules: [{backendRefs: [{name: echo-v1, port: 443}]}]
----
+`
+
+const tlsRoutes = tlsExact + `---
 kind: TLSRoute
 metadata: {name: wild, namespace: demo}
 spec:
@@ -233,15 +242,7 @@ func TestTLSRouteSNI(t *testing.T) {
 			t.Fatalf("api.example.com: %s, %v; want echo-v1 (the exact hostname)", pod, err)
 		}
 	}
-	counts := map[string]int{}
-	for i := range 10 {
-		pod, err := b.exchange(t, "10.96.0.30:443", "web.example.com", payload(t, 1000+i))
-		if err != nil {
-			t.Fatalf("web.example.com: connection %d: %v", i, err)
-		}
-		counts[pod]++
-	}
-	if counts["echo-v1"] != 5 || counts["echo-v2"] != 5 {
+	if counts := b.spread(t, "10.96.0.30:443", "web.example.com", 10, 1000); counts["echo-v1"] != 5 || counts["echo-v2"] != 5 {
 		t.Errorf("10 connections over weights 1:1 went %v, want 5 and 5", counts)
 	}
 	// No route takes example.com, and broken's backend has no endpoint: the stream, accepted
@@ -290,14 +291,7 @@ metadata: {name: from-empty, namespace: demo}
 spec:
   parentRefs: [{name: empty, port: 5432}]
   rules: [{backendRefs: [{name: echo-v2, port: 5432}]}]
-`, `
-kind: TLSRoute
-metadata: {name: api, namespace: demo}
-spec:
-  parentRefs: [{name: echo, port: 443}]
-  hostnames: [api.example.com]
-  rules: [{backendRefs: [{name: echo-v1, port: 443}]}]
-`)
+`, tlsExact)
 	for _, target := range []string{"10.96.0.31:5432", "10.96.0.32:5432", "10.96.0.30:5432"} {
 		_, err := b.exchange(t, target, "", []byte("x"))
 		var se *hbone.StatusError
