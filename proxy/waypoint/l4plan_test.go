@@ -11,11 +11,14 @@ import (
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/proxy/l4route"
 	"github.com/detour-mesh/detour/proxy/route"
+	"github.com/detour-mesh/detour/proxy/session"
+	"github.com/detour-mesh/detour/proxy/tunnel"
 )
 
 // Where TCPRoutes and TLSRoutes decide, planned without a socket: at CONNECT for a stream not
-// sniffed (the backend drawn, or the refusal kept for after the sessions), after the 200 for one
-// whose SNI or protocol decides; never on a port declared HTTP or for a pod IP.
+// sniffed (the backend drawn with its whole-stream sessions, or the refusal kept for after the
+// sessions), after the 200 for one whose SNI or protocol decides; never on a port declared HTTP
+// or for a pod IP.
 func TestPlanL4Routes(t *testing.T) {
 	ep := []route.Endpoint{{IP: netip.MustParseAddr("10.244.0.5"), Ready: true, ServiceAccount: "db"}}
 	ports := []route.Port{{Name: "tcp", Port: 5432, TargetPort: 5432}, {Name: "data", Port: 9000, TargetPort: 9000},
@@ -44,7 +47,18 @@ func TestPlanL4Routes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &Handler{Routes: func() *route.Table { return table }, L4Routes: func() *l4route.Table { return rt }}
+	// A whole-stream steal on db-v2:5432, a backend: planned with the streams drawn for it.
+	reg := &session.Registry{}
+	st, err := session.New(tunnel.Spec{Namespace: "demo", Service: "db-v2", Port: 5432, Mode: session.Steal}, "db-v2.demo.svc.cluster.local",
+		spiffeid.RequireFromString("spiffe://cluster.local/ns/dev/sa/alice"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Add(st); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Remove(st) })
+	h := &Handler{Routes: func() *route.Table { return table }, L4Routes: func() *l4route.Table { return rt }, Sessions: reg}
 	for _, tc := range []struct {
 		name, target string
 		inspect      Inspect
@@ -85,6 +99,9 @@ func TestPlanL4Routes(t *testing.T) {
 				if !errors.Is(err, hbone.ErrUnavailable) {
 					t.Errorf("refusal %v is not a 503", err)
 				}
+			}
+			if stolen := p.route.steal == st; stolen != (routed == "db-v2") {
+				t.Errorf("plan: routed %q, the backend's steal planned %v", routed, stolen)
 			}
 			if (p.l4 != nil) != tc.routes || p.inspect != tc.inspected || routed != tc.routed || refused != tc.refused {
 				t.Errorf("plan: routes %v, inspected %v, routed %q, refused %q; want %v, %v, %q, %q",
