@@ -49,15 +49,7 @@ func TestPlanL4Routes(t *testing.T) {
 	}
 	// A whole-stream steal on db-v2:5432, a backend: planned with the streams drawn for it.
 	reg := &session.Registry{}
-	st, err := session.New(tunnel.Spec{Namespace: "demo", Service: "db-v2", Port: 5432, Mode: session.Steal}, "db-v2.demo.svc.cluster.local",
-		spiffeid.RequireFromString("spiffe://cluster.local/ns/dev/sa/alice"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := reg.Add(st); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { reg.Remove(st) })
+	st := addSession(t, reg, tunnel.Spec{Namespace: "demo", Service: "db-v2", Port: 5432, Mode: session.Steal})
 	h := &Handler{Routes: func() *route.Table { return table }, L4Routes: func() *l4route.Table { return rt }, Sessions: reg}
 	for _, tc := range []struct {
 		name, target string

@@ -53,19 +53,8 @@ func TestPlan(t *testing.T) {
 		t.Fatal(err)
 	}
 	reg := &session.Registry{}
-	holder := spiffeid.RequireFromString("spiffe://cluster.local/ns/dev/sa/alice")
-	add := func(service string, mode tunnel.Mode, f tunnel.Filter) *session.Session {
-		s, err := session.New(tunnel.Spec{Namespace: "demo", Service: service, Port: 80, Mode: mode, Filter: f}, service+".demo.svc.cluster.local", holder, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := reg.Add(s); err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
-	taken := add("taken", session.Steal, tunnel.Filter{})
-	add("filtered", session.Steal, tunnel.Filter{Header: "x-dev", HeaderValue: "alice"})
+	taken := addSession(t, reg, tunnel.Spec{Namespace: "demo", Service: "taken", Port: 80, Mode: session.Steal})
+	addSession(t, reg, tunnel.Spec{Namespace: "demo", Service: "filtered", Port: 80, Mode: session.Steal, Filter: tunnel.Filter{Header: "x-dev", HeaderValue: "alice"}})
 	policy := func(name, service string, rule *secv1beta1.Rule, action secv1beta1.AuthorizationPolicy_Action) *authz.Policy {
 		return &authz.Policy{Namespace: "demo", Name: name, Spec: &secv1beta1.AuthorizationPolicy{Action: action,
 			TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: service}}, Rules: []*secv1beta1.Rule{rule}}}
@@ -159,4 +148,18 @@ func TestPlan(t *testing.T) {
 			}
 		})
 	}
+}
+
+// addSession registers alice's session spec in reg until the test ends.
+func addSession(t *testing.T, reg *session.Registry, spec tunnel.Spec) *session.Session {
+	t.Helper()
+	s, err := session.New(spec, spec.Service+"."+spec.Namespace+".svc.cluster.local", spiffeid.RequireFromString("spiffe://cluster.local/ns/dev/sa/alice"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Add(s); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Remove(s) })
+	return s
 }
