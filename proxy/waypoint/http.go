@@ -39,7 +39,8 @@ type httpStream struct {
 	svcNS  string // the destination service and port, for sessions; immutable
 	svc    string
 	port   uint16
-	proxy  *httputil.ReverseProxy
+	proxy  *httputil.ReverseProxy // Upgrade requests (forwarder.upgrade)
+	fwd    *forwarder
 
 	mu    sync.Mutex
 	pre   *hbone.Stream // dialed before the 200; the first dial to its endpoint takes it
@@ -54,6 +55,28 @@ type httpStream struct {
 	mirrorStop  context.CancelFunc
 }
 
+// copyBuffers are ReverseProxy's body copy buffers: without a pool it allocates 32 KiB per
+// request (59% of the bytes the waypoint allocated per request, BENCHMARKS.md).
+var copyBuffers = &bufferPool{}
+
+type bufferPool struct{ p sync.Pool }
+
+const copyBufferSize = 32 << 10 // ReverseProxy's own size
+
+func (b *bufferPool) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (b *bufferPool) Put(buf []byte) {
+	if cap(buf) == copyBufferSize {
+		buf = buf[:copyBufferSize]
+		b.p.Put(&buf)
+	}
+}
+
 // serveHTTP serves in until the client closes it, the stream ends or the idle timeout passes.
 // up is the onward stream dialed before the 200; it is reused for the first request to its
 // endpoint.
@@ -65,12 +88,14 @@ func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, 
 		hs.svcNS, hs.svc = dest.Service.Namespace, dest.Service.Name
 	}
 	hs.proxy = &httputil.ReverseProxy{
-		Rewrite:       hs.rewrite,
-		Transport:     hs,
-		FlushInterval: -1, // streaming (gRPC, SSE): every write goes on at once
+		Rewrite:   hs.rewrite,
+		Transport: hs,
+		FlushInterval: -1, // streaming (WebSocket): every write goes on at once
+		BufferPool:    copyBuffers,
 		ErrorHandler:  hs.proxyError,
 		ErrorLog:      slog.NewLogLogger(h.log().Handler(), slog.LevelDebug),
 	}
+	hs.fwd = &forwarder{rt: hs, target: req.Target.String(), onError: hs.proxyError, upgrade: hs.proxy}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
@@ -473,5 +498,5 @@ func (hs *httpStream) forward(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor == 1 {
 		http.NewResponseController(w).EnableFullDuplex() // through the recorder's Unwrap
 	}
-	hs.proxy.ServeHTTP(w, r)
+	hs.fwd.ServeHTTP(w, r)
 }

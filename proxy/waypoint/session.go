@@ -299,6 +299,7 @@ func (hs *httpStream) stealRequest(w *recorder, r *http.Request, path string, st
 		Rewrite:       hs.rewrite,
 		Transport:     &stealTransport{hs: hs, st: st},
 		FlushInterval: -1,
+		BufferPool:    copyBuffers,
 		ErrorHandler:  hs.proxyError,
 		ErrorLog:      hs.proxy.ErrorLog,
 	}
