@@ -88,8 +88,8 @@ func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, 
 		hs.svcNS, hs.svc = dest.Service.Namespace, dest.Service.Name
 	}
 	hs.proxy = &httputil.ReverseProxy{
-		Rewrite:   hs.rewrite,
-		Transport: hs,
+		Rewrite:       hs.rewrite,
+		Transport:     hs,
 		FlushInterval: -1, // streaming (WebSocket): every write goes on at once
 		BufferPool:    copyBuffers,
 		ErrorHandler:  hs.proxyError,
