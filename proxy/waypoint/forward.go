@@ -132,7 +132,11 @@ func (f *forwarder) respond(w http.ResponseWriter, resp *http.Response) {
 	removeHopHeaders(resp.Header)
 	h := w.Header()
 	for k, vv := range resp.Header {
-		h[k] = append(h[k], vv...)
+		if h[k] == nil {
+			h[k] = vv // resp is this request's alone: its slices need no copy
+		} else {
+			h[k] = append(h[k], vv...)
+		}
 	}
 	announced := len(resp.Trailer)
 	if announced > 0 {

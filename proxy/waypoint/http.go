@@ -196,13 +196,13 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, &noUpstream{err}
 	}
-	rt, _ := r.Context().Value(routedKey{}).(*routed)
+	rt := routedOf(r.Context())
 	body := &retryBody{rc: r.Body}
 	var errs []error
 	for _, ep := range dest.Candidates {
 		out := *r
 		u := *r.URL
-		u.Host = ep.String()
+		u.Host = ep.String() // once: the record and the noted destination take this string
 		out.URL = &u
 		if r.Body != nil && r.Body != http.NoBody {
 			out.Body = body
@@ -213,14 +213,14 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		var resp *http.Response
 		if rt != nil {
-			hs.noteDest(ep, dest)
+			hs.noteDest(u.Host, dest)
 			resp, err = hs.roundTripRouted(rt, t, &out, body)
 		} else {
 			resp, err = t.RoundTrip(&out)
 		}
 		if err == nil {
 			if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
-				rec.upstream, rec.ep, rec.dest = ep.String(), ep, dest
+				rec.upstream, rec.ep, rec.dest = u.Host, ep, dest
 			}
 			hs.h.Balancer.Started(ep)
 			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { hs.h.Balancer.Done(ep) }}
@@ -389,6 +389,7 @@ type recorder struct {
 	upstream string
 	ep       netip.AddrPort     // the endpoint that answered, with dest
 	dest     *route.Destination // nil when no endpoint answered
+	routed   *routed            // where a route sent the request; nil when none did
 }
 
 func (r *recorder) WriteHeader(code int) {
