@@ -223,7 +223,7 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 				rec.upstream, rec.ep, rec.dest = u.Host, ep, dest
 			}
 			hs.h.Balancer.Started(ep)
-			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { hs.h.Balancer.Done(ep) }}
+			resp.Body = withDone(resp.Body, func() { hs.h.Balancer.Done(ep) })
 			return resp, nil
 		}
 		var de *dialError
@@ -433,6 +433,24 @@ func (b *doneBody) Close() error {
 	err := b.ReadCloser.Close()
 	b.once.Do(b.done)
 	return err
+}
+
+// doneRWBody is a doneBody that stays writable: the body of a 101 Switching Protocols
+// response is the upgraded connection, which ReverseProxy writes the client's bytes to.
+type doneRWBody struct {
+	*doneBody
+	w io.Writer
+}
+
+func (b doneRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
+
+// withDone wraps a response body so done runs once when it is closed.
+func withDone(body io.ReadCloser, done func()) io.ReadCloser {
+	d := &doneBody{ReadCloser: body, done: done}
+	if w, ok := body.(io.Writer); ok {
+		return doneRWBody{d, w}
+	}
+	return d
 }
 
 // servedConn tells when the HTTP server is done with the stream.

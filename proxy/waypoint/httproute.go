@@ -187,7 +187,7 @@ func (hs *httpStream) roundTripRouted(rt *routed, t http.RoundTripper, out *http
 			}
 			continue
 		}
-		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
+		resp.Body = withDone(resp.Body, cancel)
 		rt.rule.ResponseHeaders.Apply(resp.Header)
 		rt.backend.ResponseHeaders.Apply(resp.Header)
 		rt.rule.CORS.Apply(resp.Header, out.Header.Get("Origin"))

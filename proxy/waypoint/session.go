@@ -342,7 +342,7 @@ func (t *stealTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
 			rec.upstream = "developer"
 		}
-		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
+		resp.Body = withDone(resp.Body, cancel)
 		return resp, nil
 	}
 	cancel()
