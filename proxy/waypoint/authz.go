@@ -38,16 +38,15 @@ func (h *Handler) authzRequest(r *hbone.Request, d *route.Destination, sni strin
 	return req
 }
 
-// addrPort is a's address and port; without formatting and parsing it when a is a TCP
+// addrPort is a's address and port, as a.String() parsed; without formatting and parsing it when a is a TCP
 // address (net.TCPAddr.String was 5% of the waypoint's CPU per gRPC call, BENCHMARKS.md).
 func addrPort(a net.Addr) (netip.AddrPort, bool) {
 	switch a := a.(type) {
 	case nil:
 		return netip.AddrPort{}, false
-	case *net.TCPAddr:
-		return a.AddrPort(), true
-	case interface{ AddrPort() netip.AddrPort }:
-		return a.AddrPort(), true
+	case *net.TCPAddr: // a 16-byte IPv4 address prints (and so parsed) as IPv4: unmapped
+		ap := a.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
 	}
 	ap, err := netip.ParseAddrPort(a.String())
 	return ap, err == nil

@@ -273,6 +273,9 @@ func routeStatus(r *http.Request, err error) (code int, flags string, ok bool) {
 func (hs *httpStream) noteDest(ep string, dest *route.Destination) {
 	hs.mu.Lock()
 	defer hs.mu.Unlock()
+	if old := hs.dests[ep]; old != nil && old.Service == dest.Service && old.Port == dest.Port {
+		return // the usual case: the same service and port, request after request (what a dial checks)
+	}
 	if hs.dests == nil || len(hs.dests) >= maxNotedDests {
 		hs.dests = map[string]*route.Destination{}
 	}
