@@ -92,7 +92,8 @@ func headerToken(v, prefix string) string {
 		return ""
 	}
 	rest := v[i+len(prefix):]
-	start := 0 // bytewise: every character of the token is ASCII, and no byte of a UTF-8 rune past ASCII is one
+	// Bytewise: a token's characters are ASCII, and no byte of a non-ASCII UTF-8 rune is one.
+	start := 0
 	for start < len(rest) && !jwtChar(rest[start]) {
 		start++
 	}

@@ -38,8 +38,9 @@ func (h *Handler) authzRequest(r *hbone.Request, d *route.Destination, sni strin
 	return req
 }
 
-// addrPort is a's address and port, as a.String() parsed; without formatting and parsing it when a is a TCP
-// address (net.TCPAddr.String was 5% of the waypoint's CPU per gRPC call, BENCHMARKS.md).
+// addrPort is a's address and port, as a.String() parsed; without formatting and parsing it
+// when a is a TCP address (net.TCPAddr.String was 5% of the waypoint's CPU per gRPC call,
+// BENCHMARKS.md).
 func addrPort(a net.Addr) (netip.AddrPort, bool) {
 	switch a := a.(type) {
 	case nil:
