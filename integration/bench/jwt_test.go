@@ -56,16 +56,19 @@ func jwtStatic(b *testing.B) (static, token string) {
 // process with HTTP parsed by default, every request carrying a bearer token; "http" has no
 // RequestAuthentication, "jwt" validates the token (RS256) and authorizes its request principal;
 // on an undeclared port (sniffed) and, "declared-", on a port named http; "declared-100routes"
-// has no JWT but an HTTPRoute of 100 rules (hundredRules) on the port. Reports the waypoint's vCPU
-// per 1000 req/s.
+// has no JWT but an HTTPRoute of 100 rules (hundredRules) on the port; "jwt-100routes" (sniffed)
+// has both, issue 21's goal 5 (BenchmarkPinnedGRPC is its gRPC twin). Reports the waypoint's
+// vCPU per 1000 req/s.
 func BenchmarkPinnedHTTPJWT(b *testing.B) {
 	static, token := jwtStatic(b)
 	const conns = 8
-	for _, name := range []string{"http", "jwt", "declared-http", "declared-jwt", "declared-100routes"} {
+	for _, name := range []string{"http", "jwt", "declared-http", "declared-jwt", "declared-100routes", "jwt-100routes"} {
 		b.Run(name, func(b *testing.B) {
 			app := backendHTTP(b)
 			doc := ""
 			switch {
+			case name == "jwt-100routes": // issue 21 goal 5: sniffed, a JWT rule and 100 routes
+				doc = static + hundredRulesStatic()
 			case strings.HasSuffix(name, "jwt"):
 				doc = static
 			case strings.HasSuffix(name, "100routes"):

@@ -92,18 +92,23 @@ func headerToken(v, prefix string) string {
 		return ""
 	}
 	rest := v[i+len(prefix):]
-	start := strings.IndexFunc(rest, jwtChar)
-	if start < 0 {
+	// Bytewise: a token's characters are ASCII, and no byte of a non-ASCII UTF-8 rune is one.
+	start := 0
+	for start < len(rest) && !jwtChar(rest[start]) {
+		start++
+	}
+	if start == len(rest) {
 		return v
 	}
 	rest = rest[start:]
-	if end := strings.IndexFunc(rest, func(r rune) bool { return !jwtChar(r) }); end >= 0 {
-		rest = rest[:end]
+	end := 0
+	for end < len(rest) && jwtChar(rest[end]) {
+		end++
 	}
-	return rest
+	return rest[:end]
 }
 
 // jwtChar: base64url's alphabet (RFC 4648 §5) and the dot.
-func jwtChar(r rune) bool {
+func jwtChar(r byte) bool {
 	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9' || r == '-' || r == '_' || r == '.'
 }

@@ -39,7 +39,8 @@ type httpStream struct {
 	svcNS  string // the destination service and port, for sessions; immutable
 	svc    string
 	port   uint16
-	proxy  *httputil.ReverseProxy
+	proxy  *httputil.ReverseProxy // Upgrade requests (forwarder.upgrade)
+	fwd    *forwarder
 
 	mu    sync.Mutex
 	pre   *hbone.Stream // dialed before the 200; the first dial to its endpoint takes it
@@ -52,6 +53,28 @@ type httpStream struct {
 	mirrorWG    sync.WaitGroup
 	mirrorCtx   context.Context // ends with the stream
 	mirrorStop  context.CancelFunc
+}
+
+// copyBuffers are ReverseProxy's body copy buffers: without a pool it allocates 32 KiB per
+// request (59% of the bytes the waypoint allocated per request, BENCHMARKS.md).
+var copyBuffers = &bufferPool{}
+
+type bufferPool struct{ p sync.Pool }
+
+const copyBufferSize = 32 << 10 // ReverseProxy's own size
+
+func (b *bufferPool) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (b *bufferPool) Put(buf []byte) {
+	if cap(buf) == copyBufferSize {
+		buf = buf[:copyBufferSize]
+		b.p.Put(&buf)
+	}
 }
 
 // serveHTTP serves in until the client closes it, the stream ends or the idle timeout passes.
@@ -67,10 +90,12 @@ func (h *Handler) serveHTTP(ctx context.Context, in net.Conn, up *hbone.Stream, 
 	hs.proxy = &httputil.ReverseProxy{
 		Rewrite:       hs.rewrite,
 		Transport:     hs,
-		FlushInterval: -1, // streaming (gRPC, SSE): every write goes on at once
+		FlushInterval: -1, // streaming (WebSocket): every write goes on at once
+		BufferPool:    copyBuffers,
 		ErrorHandler:  hs.proxyError,
 		ErrorLog:      slog.NewLogLogger(h.log().Handler(), slog.LevelDebug),
 	}
+	hs.fwd = &forwarder{rt: hs, target: req.Target.String(), onError: hs.proxyError, upgrade: hs.proxy}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
@@ -171,13 +196,13 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, &noUpstream{err}
 	}
-	rt, _ := r.Context().Value(routedKey{}).(*routed)
+	rt := routedOf(r.Context())
 	body := &retryBody{rc: r.Body}
 	var errs []error
 	for _, ep := range dest.Candidates {
 		out := *r
 		u := *r.URL
-		u.Host = ep.String()
+		u.Host = ep.String() // once: the record and the noted destination take this string
 		out.URL = &u
 		if r.Body != nil && r.Body != http.NoBody {
 			out.Body = body
@@ -188,17 +213,17 @@ func (hs *httpStream) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		var resp *http.Response
 		if rt != nil {
-			hs.noteDest(ep, dest)
+			hs.noteDest(u.Host, dest)
 			resp, err = hs.roundTripRouted(rt, t, &out, body)
 		} else {
 			resp, err = t.RoundTrip(&out)
 		}
 		if err == nil {
 			if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
-				rec.upstream, rec.ep, rec.dest = ep.String(), ep, dest
+				rec.upstream, rec.ep, rec.dest = u.Host, ep, dest
 			}
 			hs.h.Balancer.Started(ep)
-			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { hs.h.Balancer.Done(ep) }}
+			resp.Body = withDone(resp.Body, func() { hs.h.Balancer.Done(ep) })
 			return resp, nil
 		}
 		var de *dialError
@@ -364,6 +389,7 @@ type recorder struct {
 	upstream string
 	ep       netip.AddrPort     // the endpoint that answered, with dest
 	dest     *route.Destination // nil when no endpoint answered
+	routed   *routed            // where a route sent the request; nil when none did
 }
 
 func (r *recorder) WriteHeader(code int) {
@@ -407,6 +433,24 @@ func (b *doneBody) Close() error {
 	err := b.ReadCloser.Close()
 	b.once.Do(b.done)
 	return err
+}
+
+// doneRWBody is a doneBody that stays writable: the body of a 101 Switching Protocols
+// response is the upgraded connection, which ReverseProxy writes the client's bytes to.
+type doneRWBody struct {
+	*doneBody
+	w io.Writer
+}
+
+func (b doneRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
+
+// withDone wraps a response body so done runs once when it is closed.
+func withDone(body io.ReadCloser, done func()) io.ReadCloser {
+	d := &doneBody{ReadCloser: body, done: done}
+	if w, ok := body.(io.Writer); ok {
+		return doneRWBody{d, w}
+	}
+	return d
 }
 
 // servedConn tells when the HTTP server is done with the stream.
@@ -473,5 +517,5 @@ func (hs *httpStream) forward(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor == 1 {
 		http.NewResponseController(w).EnableFullDuplex() // through the recorder's Unwrap
 	}
-	hs.proxy.ServeHTTP(w, r)
+	hs.fwd.ServeHTTP(w, r)
 }

@@ -61,6 +61,9 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 		p.SetUnencryptedHTTP2(true)
 		as := &http.Server{Protocols: &p, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			b.conns.Store(r.RemoteAddr, true)
+			if forwardApp(w, r) {
+				return
+			}
 			if r.URL.Path == "/duplex" { // answers first, then echoes the body as it arrives
 				rc := http.NewResponseController(w)
 				rc.EnableFullDuplex()

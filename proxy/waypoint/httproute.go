@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -25,7 +24,19 @@ const maxRouteMirrors = 16
 // errRouteTimeout is the cause of a request ended by its rule's timeouts.request (Envoy's 504, UT).
 var errRouteTimeout = errors.New("waypoint: route timeout")
 
+// routedKey carries a mirror's *routed; a client's request has it in its recorder (routedOf).
 type routedKey struct{}
+
+// routedOf is where a route sent the request of ctx; nil when no route did.
+func routedOf(ctx context.Context) *routed {
+	if rt, ok := ctx.Value(routedKey{}).(*routed); ok {
+		return rt
+	}
+	if rec, ok := ctx.Value(recorderKey{}).(*recorder); ok {
+		return rec.routed
+	}
+	return nil
+}
 
 // routed is where a route sent a request: its backend Service and what applies on the way.
 type routed struct {
@@ -83,13 +94,12 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 			hs.routeMirror(r, mi)
 		}
 	}
-	ctx := context.WithValue(r.Context(), routedKey{}, &routed{ns: b.Namespace, name: b.Name, port: b.Port, rule: rule, backend: b})
+	w.routed = &routed{ns: b.Namespace, name: b.Name, port: b.Port, rule: rule, backend: b} // routedOf finds it
 	if rule.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, rule.Timeout, errRouteTimeout)
+		ctx, cancel := context.WithTimeoutCause(r.Context(), rule.Timeout, errRouteTimeout)
 		defer cancel()
+		r = r.WithContext(ctx)
 	}
-	r = r.WithContext(ctx)
 	steal, mirrors := requestSessions(hs.h.Sessions.For(b.Namespace, b.Name, b.Port), r, path)
 	if len(mirrors) > 0 {
 		hs.mirrorRequest(r, path, mirrors)
@@ -138,7 +148,7 @@ func (h *Handler) intn(n int) int {
 
 // destination is where r goes: its route's backend, else the stream's target.
 func (hs *httpStream) destination(r *http.Request) (*route.Destination, error) {
-	if rt, ok := r.Context().Value(routedKey{}).(*routed); ok {
+	if rt := routedOf(r.Context()); rt != nil {
 		return hs.h.Routes().ResolveService(rt.ns, rt.name, rt.port, hs.h.Balancer)
 	}
 	return hs.h.Routes().Resolve(hs.req.Target.Addr, hs.h.Balancer)
@@ -177,7 +187,7 @@ func (hs *httpStream) roundTripRouted(rt *routed, t http.RoundTripper, out *http
 			}
 			continue
 		}
-		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
+		resp.Body = withDone(resp.Body, cancel)
 		rt.rule.ResponseHeaders.Apply(resp.Header)
 		rt.backend.ResponseHeaders.Apply(resp.Header)
 		rt.rule.CORS.Apply(resp.Header, out.Header.Get("Origin"))
@@ -251,7 +261,7 @@ func (hs *httpStream) goMirror(f func(ctx context.Context)) bool {
 // routeStatus maps an error of a routed request to Envoy's answer, when it is a route's own.
 func routeStatus(r *http.Request, err error) (code int, flags string, ok bool) {
 	if errors.Is(context.Cause(r.Context()), errRouteTimeout) || errors.Is(err, context.DeadlineExceeded) {
-		if _, routed := r.Context().Value(routedKey{}).(*routed); routed {
+		if routedOf(r.Context()) != nil {
 			return http.StatusGatewayTimeout, "UT", true
 		}
 	}
@@ -259,14 +269,17 @@ func routeStatus(r *http.Request, err error) (code int, flags string, ok bool) {
 }
 
 // noteDest remembers which backend an endpoint was picked for, so its dial checks that
-// backend's identity (a bounded map: it is reset past maxNotedDests).
-func (hs *httpStream) noteDest(ep netip.AddrPort, dest *route.Destination) {
+// noteDest remembers which backend an endpoint (ip:port) was picked for, so its dial checks that
+func (hs *httpStream) noteDest(ep string, dest *route.Destination) {
 	hs.mu.Lock()
 	defer hs.mu.Unlock()
+	if old := hs.dests[ep]; old != nil && old.Service == dest.Service && old.Port == dest.Port {
+		return // the usual case: the same service and port, request after request (what a dial checks)
+	}
 	if hs.dests == nil || len(hs.dests) >= maxNotedDests {
 		hs.dests = map[string]*route.Destination{}
 	}
-	hs.dests[ep.String()] = dest
+	hs.dests[ep] = dest
 }
 
 const maxNotedDests = 1024

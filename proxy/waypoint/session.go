@@ -300,6 +300,7 @@ func (hs *httpStream) stealRequest(w *recorder, r *http.Request, path string, st
 		Rewrite:       hs.rewrite,
 		Transport:     &stealTransport{hs: hs, st: st},
 		FlushInterval: -1,
+		BufferPool:    copyBuffers,
 		ErrorHandler:  hs.proxyError,
 		ErrorLog:      hs.proxy.ErrorLog,
 	}
@@ -342,7 +343,7 @@ func (t *stealTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		if rec, ok := r.Context().Value(recorderKey{}).(*recorder); ok {
 			rec.upstream = "developer"
 		}
-		resp.Body = &doneBody{ReadCloser: resp.Body, done: cancel}
+		resp.Body = withDone(resp.Body, cancel)
 		return resp, nil
 	}
 	cancel()

@@ -287,7 +287,7 @@ func (h *Handler) dialEndpoint(ctx context.Context, req *hbone.Request, dest *ro
 	}
 	forwarded := req.Forwarded
 	if forwarded == "" {
-		if ap, err := netip.ParseAddrPort(req.RemoteAddr.String()); err == nil {
+		if ap, ok := addrPort(req.RemoteAddr); ok {
 			forwarded = hbone.FormatForwarded(hbone.ForwardedElement{For: ap.String()})
 		}
 	}
