@@ -1,70 +1,362 @@
 package mesh
 
 import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 
 	it "github.com/detour-mesh/detour/integration"
+	"github.com/detour-mesh/detour/integration/testbed"
 	"github.com/detour-mesh/detour/mesh"
 )
 
-// Acceptance 3 of issue 19: two waypoint replicas, the developer's tunnel on A (reached through a
-// front that later reaches B). A is killed: the CLI reconnects through the front to B and resumes
-// the same session ID; B, which relayed the session to A as a remote one, takes it over (its
-// DebugSession too), and streams through B reach the developer again. Streams through B fail only
-// between the kill and the resume (the session's relay target is gone and this bed's endpoint
-// answers nothing).
+// The failover load: a fixed count of requests at a fixed rate, every other one matched by the
+// session's header; killAt is the request whose start triggers the kill.
+const (
+	failoverRequests = 2400
+	failoverEvery    = 5 * time.Millisecond // 200 requests/s: 12 s
+	failoverKillAt   = 800                  // 4 s in
+)
+
+// Acceptance 3 of issue 19: two `detour waypoint` replicas sharing the test bed (DebugSessions),
+// service web bound to them whose endpoint is a network-namespace pod (Istio's Go HBONE server in
+// front of an HTTP server answering "real ..."), a developer's `detour steal --header x-dev=alice`
+// (the CLI's binary) whose tunnel is on replica A through a front that later reaches B (what the
+// detour Service is to the CLI), and a bounded load through the replicas as ztunnel sends it
+// (testbed.Ztunnel; each request's replica picked by the client side from the waypoint's ready
+// endpoints). Mid-load A is killed (SIGKILL): the CLI resumes the session with the same ID
+// through B within the grace period and B takes it over (its DebugSession names B). Every request
+// is counted with the replica that carried it, whether it was in flight through A at the kill
+// (through A, or through B and relayed to A as the session's holder: started before A died, not
+// finished before it was killed), and its outcome. Not one request outside those in flight fails;
+// matched requests after the kill and before the resume are answered by the real service; after
+// the resume, by the developer through B.
+//
+// The client side stops choosing A when it is killed: the test plays the endpoint controller at
+// once. In a cluster ztunnel keeps choosing a dead pod until its endpoint is removed (connections
+// refused meanwhile): Kubernetes' delay, not measured here.
 func TestReplicaFailover(t *testing.T) {
 	bed := newReplicaBed(t)
-	c, ctx, ns := bed.c, bed.ctx, bed.ns
+	ctx, ns := bed.ctx, bed.ns
+	vip := bed.webService(t)
 	aAddr, bAddr := freeAddr(t), freeAddr(t)
 	a, b := bed.replica(t, aAddr), bed.replica(t, bAddr)
 	front := it.NewFront(t, a.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
 
-	cli := start(t, "steal", "svc/db:5432", "-n", ns, "--to", devApp(t), "--waypoint", front.Addr(),
+	cli := start(t, "steal", "svc/web:80", "-n", ns, "--header", "x-dev=alice", "--to", devHTTP(t), "--waypoint", front.Addr(),
 		"--transport", "h2", "--grace", "30s", "--ca", bed.caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice")
 	id := cli.Find(t, `session ([0-9a-f]{12}) over h2`)
 	b.WaitFor(t, "relaying a session held by another replica")
+	holder := bed.sessionHolder(t, id)
+	before := holder()
 
-	greet := bed.greet
-	if got, err := greet(bAddr); got != "dev" {
-		t.Fatalf("through B (relayed to A): %q %v", got, err)
+	l := bed.newFailoverLoad(t, vip, aAddr, bAddr)
+	for _, via := range []string{aAddr, bAddr} { // the bed works before the load: both answers through both
+		for _, matched := range []bool{false, true} {
+			want := map[bool]string{false: "real GET /", true: "dev GET /"}[matched]
+			if body, err := l.get(ctx, via, matched); err != nil || !strings.HasPrefix(body, want) {
+				t.Fatalf("through %s (matched %v): %q %v, want %q...", via, matched, body, err, want)
+			}
+		}
 	}
-	dyn, err := dynamic.NewForConfig(c.REST)
+
+	l.run(ctx)
+	<-l.reached // request failoverKillAt started
+	front.Point(b.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
+	l.drop(aAddr)
+	l.mark(&l.killSeq)
+	a.Process.Kill()
+	<-a.Done
+	l.mark(&l.deadSeq)
+	killed := time.Now()
+	back := cli.Find(t, `back: session ([0-9a-f]{12}) resumed over h2`)
+	l.mark(&l.backSeq)
+	resumed := time.Since(killed)
+	b.WaitFor(t, "mesh: taking over a session another replica held")
+	l.wait()
+	if back != id {
+		t.Fatalf("the session came back as %s, want %s", back, id)
+	}
+	t.Logf("session %s: CLI back through B %v after A was killed (grace 30s)", id, resumed.Round(100*time.Millisecond))
+	l.check(t, aAddr, bAddr)
+
+	// The session carries on through B.
+	for i := range 20 {
+		if body, err := l.get(ctx, bAddr, true); err != nil || !strings.HasPrefix(body, "dev ") {
+			t.Fatalf("matched request %d through B after the load: %q %v", i, body, err)
+		}
+	}
+	if after := holder(); after == before || after == "" {
+		t.Fatalf("the DebugSession names replica %q after the take-over, %q before", after, before)
+	}
+}
+
+// webService creates service web (HTTP 80 -> 8080) bound to detour, its pod web-0 (service
+// account web) in a network namespace the replicas reach (Network.Node) serving "real METHOD
+// PATH" behind Istio's Go HBONE server with web's identity from the bed's CA, and its ready
+// EndpointSlice naming the pod (there is no endpoint controller). It returns VIP:80.
+func (b *replicaBed) webService(t *testing.T) string {
+	t.Helper()
+	b.net.Node(t)
+	pod := b.net.Pod(t, b.c, b.ns, "web-0", "web")
+	svid, err := b.ca.Issue("spiffe://cluster.local/ns/shop/sa/web", time.Time{}, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	holder := func() string {
-		obj, err := dyn.Resource(mesh.GVRDebugSession).Namespace(ns).Get(ctx, id, metav1.GetOptions{})
+	pod.RunIstioHBONE(t, &testbed.Workload{Namespace: b.ns, ServiceAccount: "web", SVID: svid, Bundle: b.ca.Bundle()})
+	pod.Run(t, pod.IP+":8080", "http", pod.IP+":8080", "real")
+	svc, err := b.c.Client.CoreV1().Services(b.ns).Create(b.ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: b.ns, Labels: map[string]string{mesh.UseWaypoint: "detour"}},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web-0"},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready, name, port, tcp := true, "http", int32(8080), corev1.ProtocolTCP
+	if _, err := b.c.Client.DiscoveryV1().EndpointSlices(b.ns).Create(b.ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "web-testbed", Namespace: b.ns, Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{pod.IP}, Conditions: discoveryv1.EndpointConditions{Ready: &ready},
+			TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: b.ns, Name: pod.Name}}},
+		Ports: []discoveryv1.EndpointPort{{Name: &name, Port: &port, Protocol: &tcp}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return net.JoinHostPort(svc.Spec.ClusterIP, "80")
+}
+
+// sessionHolder returns a function reading the replica the session's DebugSession names.
+func (b *replicaBed) sessionHolder(t *testing.T, id string) func() string {
+	dyn, err := dynamic.NewForConfig(b.c.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() string {
+		t.Helper()
+		obj, err := dyn.Resource(mesh.GVRDebugSession).Namespace(b.ns).Get(b.ctx, id, metav1.GetOptions{})
 		if err != nil {
 			t.Fatalf("DebugSession %s: %v", id, err)
 		}
 		r, _, _ := unstructured.NestedString(obj.Object, "spec", "replica")
 		return r
 	}
-	before := holder()
+}
 
-	front.Point(b.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
-	a.Process.Kill()
-	<-a.Done
-	killed := time.Now()
-	back := cli.Find(t, `back: session ([0-9a-f]{12}) resumed over h2`)
-	resumed := time.Now()
-	if back != id {
-		t.Fatalf("the session came back as %s, want %s", back, id)
+// devHTTP is the developer's app: it answers "dev METHOD PATH".
+func devHTTP(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	b.WaitFor(t, "mesh: taking over a session another replica held")
-	t.Logf("session %s resumed on B %v after A was killed", id, resumed.Sub(killed).Round(100*time.Millisecond))
-	for i := range 20 {
-		if got, err := greet(bAddr); got != "dev" {
-			t.Fatalf("stream %d through B after the resume: %q %v", i, got, err)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "dev %s %s", r.Method, r.URL.Path)
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return l.Addr().String()
+}
+
+// failoverLoad sends the failover load through the replicas with a ztunnel stand-in and records,
+// on one sequence of events (no clocks), when each request started and ended, and the kill.
+type failoverLoad struct {
+	vip     string
+	z       *testbed.Ztunnel
+	reached chan struct{} // closed when request failoverKillAt starts
+	wg      sync.WaitGroup
+
+	mu                        sync.Mutex
+	seq                       int
+	pool                      []string // the waypoint's ready endpoints the client side picks from
+	killSeq, deadSeq, backSeq int
+	results                   []failoverResult
+}
+
+type failoverResult struct {
+	via        string
+	matched    bool
+	start, end int // sequence numbers
+	body       string
+	err        error
+}
+
+func (b *replicaBed) newFailoverLoad(t *testing.T, vip string, replicas ...string) *failoverLoad {
+	svid, err := b.ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z := testbed.NewZtunnel(&testbed.Workload{Namespace: "default", ServiceAccount: "client", SVID: svid, Bundle: b.ca.Bundle()}, nil)
+	t.Cleanup(func() { z.Close() })
+	return &failoverLoad{vip: vip, z: z, reached: make(chan struct{}), pool: replicas}
+}
+
+// get sends one GET to web through the replica at via on a stream of its own and returns the
+// body of a 200.
+func (l *failoverLoad) get(ctx context.Context, via string, matched bool) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return l.z.Dial(ctx, via, "spiffe://cluster.local/ns/shop/sa/detour", l.vip, netip.MustParseAddrPort("127.0.0.1:41234"))
+	}}
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+l.vip+"/", nil)
+	if matched {
+		req.Header.Set("X-Dev", "alice")
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		return "", fmt.Errorf("status %d: %s", resp.StatusCode, body)
+	}
+	return string(body), err
+}
+
+// run sends the load in the background: request i is matched when i is even, and goes to the
+// replica the client side picks then (round robin over pairs, so each replica gets both kinds).
+func (l *failoverLoad) run(ctx context.Context) {
+	l.wg.Go(func() {
+		tick := time.NewTicker(failoverEvery)
+		defer tick.Stop()
+		for i := range failoverRequests {
+			<-tick.C
+			matched := i%2 == 0
+			l.mu.Lock()
+			via := l.pool[(i/2)%len(l.pool)]
+			l.seq++
+			start := l.seq
+			l.mu.Unlock()
+			if i == failoverKillAt {
+				close(l.reached)
+			}
+			l.wg.Go(func() {
+				body, err := l.get(ctx, via, matched)
+				l.mu.Lock()
+				l.seq++
+				l.results = append(l.results, failoverResult{via: via, matched: matched, start: start, end: l.seq, body: body, err: err})
+				l.mu.Unlock()
+			})
+		}
+	})
+}
+
+// drop removes a replica from the ones the client side picks.
+func (l *failoverLoad) drop(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var keep []string
+	for _, p := range l.pool {
+		if p != addr {
+			keep = append(keep, p)
 		}
 	}
-	if after := holder(); after == before || after == "" {
-		t.Fatalf("the DebugSession names replica %q after the take-over, %q before", after, before)
+	l.pool = keep
+}
+
+// mark records the current point of the sequence in *at.
+func (l *failoverLoad) mark(at *int) {
+	l.mu.Lock()
+	l.seq++
+	*at = l.seq
+	l.mu.Unlock()
+}
+
+func (l *failoverLoad) wait() { l.wg.Wait() }
+
+// check counts the results and asserts on them; killed is the killed replica's address, other
+// the one that took over.
+func (l *failoverLoad) check(t *testing.T, killed, other string) {
+	t.Helper()
+	name := map[string]string{killed: "A", other: "B"}
+	counts := map[string]int{}
+	var inflight, inflightRelayed, inflightFailed int
+	var failures []string
+	for _, r := range l.results {
+		// In flight through the killed replica: started before it died and not finished when it
+		// was killed, carried by it (sent to it, or a matched request relayed to it by B while it
+		// held the session).
+		inFlight := r.start < l.deadSeq && r.end > l.killSeq && (r.via == killed || r.matched)
+		phase := "before" // the kill
+		switch {
+		case r.start > l.backSeq:
+			phase = "after" // the CLI said it was back
+		case r.start > l.deadSeq:
+			phase = "outage"
+		case r.start > l.killSeq:
+			phase = "kill"
+		}
+		kind := map[bool]string{true: "matched", false: "unmatched"}[r.matched]
+		outcome := "failed"
+		switch {
+		case r.err != nil:
+		case strings.HasPrefix(r.body, "dev "):
+			outcome = "dev"
+		case strings.HasPrefix(r.body, "real "):
+			outcome = "real"
+		default:
+			outcome = "odd"
+		}
+		counts[fmt.Sprintf("%s %s %s via %s", phase, kind, outcome, name[r.via])]++
+		if inFlight {
+			inflight++
+			if r.via != killed {
+				inflightRelayed++
+			}
+			if outcome == "failed" {
+				inflightFailed++
+				t.Logf("in flight through A at the kill, failed: %s via %s: %v", kind, name[r.via], r.err)
+			}
+			continue
+		}
+		want := map[string]map[bool]string{"before": {true: "dev", false: "real"}, "after": {true: "dev", false: "real"}}[phase][r.matched]
+		switch {
+		case outcome == "failed" || outcome == "odd":
+			failures = append(failures, fmt.Sprintf("%s %s via %s: %q %v", phase, kind, name[r.via], r.body, r.err))
+		case want != "" && outcome != want:
+			failures = append(failures, fmt.Sprintf("%s %s via %s answered by %s, want %s", phase, kind, name[r.via], outcome, want))
+		case !r.matched && outcome != "real":
+			failures = append(failures, fmt.Sprintf("%s %s via %s answered by %s", phase, kind, name[r.via], outcome))
+		}
+	}
+	var lines []string
+	for k, n := range counts {
+		lines = append(lines, fmt.Sprintf("  %-32s %d", k, n))
+	}
+	sort.Strings(lines)
+	t.Logf("%d requests; in flight through A at the kill: %d (%d of them through B, relayed to A), %d of those failed; outside them %d failed or misrouted:\n%s",
+		len(l.results), inflight, inflightRelayed, inflightFailed, len(failures), strings.Join(lines, "\n"))
+	if len(l.results) != failoverRequests {
+		t.Errorf("%d results, want %d", len(l.results), failoverRequests)
+	}
+	for i, f := range failures {
+		if i == 20 {
+			t.Errorf("... and %d more", len(failures)-i)
+			break
+		}
+		t.Errorf("not in flight through A: %s", f)
+	}
+	for _, k := range []string{"before matched dev via A", "before matched dev via B", "outage matched real via B", "after matched dev via B", "after unmatched real via B"} {
+		if counts[k] == 0 {
+			t.Errorf("no %q requests: the load did not cover the failover", k)
+		}
 	}
 }

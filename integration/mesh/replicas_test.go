@@ -36,6 +36,8 @@ type replicaBed struct {
 	svc   *corev1.Service
 	ic    istioclient.Interface
 	caDir string
+	ca    *devca.CA
+	net   *testbed.Network
 	tls   *tls.Config
 	d     *hbone.Dialer
 }
@@ -49,7 +51,8 @@ func newReplicaBed(t *testing.T) *replicaBed {
 	if err := c.Namespace(ctx, b.ns, nil); err != nil {
 		t.Fatal(err)
 	}
-	pod := testbed.NewNetwork(t).Pod(t, nil, b.ns, "db-0", "db")
+	b.net = testbed.NewNetwork(t)
+	pod := b.net.Pod(t, nil, b.ns, "db-0", "db")
 	svc, err := c.Service(ctx, b.ns, "db", map[string]string{mesh.UseWaypoint: "detour"}, []testbed.ServicePort{{Name: "tcp", Port: 5432, TargetPort: 5432}}, pod.IP)
 	if err != nil {
 		t.Fatal(err)
@@ -64,6 +67,7 @@ func newReplicaBed(t *testing.T) *replicaBed {
 	if err != nil {
 		t.Fatal(err)
 	}
+	b.ca = ca
 	svid, err := ca.Issue("spiffe://cluster.local/ns/default/sa/client", time.Time{}, time.Time{})
 	if err != nil {
 		t.Fatal(err)

@@ -71,6 +71,30 @@ func NewNetwork(t testing.TB) *Network {
 	return n
 }
 
+// Node gives the root network namespace an address on the bridge (SUBNET.1), as a node reaches
+// the pods it runs: processes outside any pod (waypoint replicas on loopback, say) can then dial
+// pods, and pods answer them. The subnet's blackhole route makes way for the bridge's own route
+// (packets to pods still never leave the machine) and is back when the test ends.
+func (n *Network) Node(t testing.TB) {
+	t.Helper()
+	if err := ipCmd("route", "del", "blackhole", n.subnet+".0/24"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := ipCmd("route", "add", "blackhole", n.subnet+".0/24"); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := ipCmd("addr", "add", n.subnet+".1/24", "dev", n.bridge); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := ipCmd("addr", "del", n.subnet+".1/24", "dev", n.bridge); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
 func ipCmd(args ...string) error {
 	out, err := exec.Command("ip", args...).CombinedOutput()
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"net/http"
 	"net/netip"
 	"testing"
 	"time"
@@ -49,5 +50,22 @@ func TestHBONEBetweenPods(t *testing.T) {
 	got := make([]byte, len(msg))
 	if _, err := io.ReadFull(s, got); err != nil || !bytes.Equal(got, msg) {
 		t.Fatalf("got %q, %v", got, err)
+	}
+}
+
+// A Network's Node lets the root namespace reach a pod's HTTP server (podproc http), and its
+// cleanup puts the blackhole route back.
+func TestNodeReachesPod(t *testing.T) {
+	network := testbed.NewNetwork(t)
+	network.Node(t)
+	pod := network.Pod(t, nil, "demo", "web", "web")
+	pod.Run(t, pod.IP+":8080", "http", pod.IP+":8080", "real")
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + pod.IP + ":8080/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if body, err := io.ReadAll(resp.Body); err != nil || string(body) != "real GET /x" {
+		t.Fatalf("from the root namespace: %q %v", body, err)
 	}
 }

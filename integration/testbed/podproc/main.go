@@ -2,6 +2,7 @@
 // socket it opens, accepted or dialled, belongs to that pod:
 //
 //	podproc echo ADDR [GREETING]                 TCP echo server (writes GREETING and a newline first)
+//	podproc http ADDR NAME                       HTTP server answering each request "NAME METHOD PATH"
 //	podproc istio-hbone ADDR CERT KEY BUNDLE     Istio's own Go HBONE server (pkg/hbone), mutual TLS
 //	podproc sidecar                              a stand-in Istio sidecar (run it as uid 1337): 15006
 //	                                             forwards inbound connections to the app from 127.0.0.6,
@@ -14,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 
 	istiohbone "istio.io/istio/pkg/hbone"
@@ -33,7 +35,7 @@ func run(args []string) error {
 		return sidecar()
 	}
 	if len(args) < 2 {
-		return fmt.Errorf("usage: podproc echo ADDR | podproc istio-hbone ADDR CERT KEY BUNDLE")
+		return fmt.Errorf("usage: podproc echo ADDR | podproc http ADDR NAME | podproc istio-hbone ADDR CERT KEY BUNDLE")
 	}
 	l, err := net.Listen("tcp", args[1])
 	if err != nil {
@@ -54,6 +56,13 @@ func run(args []string) error {
 				io.Copy(c, c)
 			}()
 		}
+	case "http":
+		if len(args) != 3 {
+			return fmt.Errorf("usage: podproc http ADDR NAME")
+		}
+		return http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "%s %s %s", args[2], r.Method, r.URL.Path)
+		}))
 	case "istio-hbone":
 		if len(args) != 5 {
 			return fmt.Errorf("usage: podproc istio-hbone ADDR CERT KEY BUNDLE")
