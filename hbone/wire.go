@@ -141,7 +141,7 @@ func (w *wireConn) takeAny(b []byte, limit int) int {
 func recordLen(hdr []byte) int { return int(hdr[3])<<8 | int(hdr[4]) }
 
 const (
-	recordTypeApplicationData = 23         // RFC 8446 section 5.1
+	recordTypeApplicationData = 23          // RFC 8446 section 5.1
 	maxCiphertext             = 1<<14 + 256 // TLS 1.3 ciphertext per record (RFC 8446 section 5.2)
 )
 
