@@ -28,7 +28,8 @@ var (
 type wireConn struct {
 	net.Conn
 
-	rbuf *[]byte // owned by the reader: pending input, nil when drained
+	pr   *pooledReader // owned by the reader, made at the first read
+	rbuf *[]byte       // owned by the reader: pending input, nil when drained
 	r, n int
 	left int  // owned by the reader: bytes of a record crypto/tls has the start of, still to come
 	lost bool // owned by the reader: record boundaries are no longer known (see take)
@@ -43,7 +44,10 @@ func newWireConn(nc net.Conn) *wireConn { return &wireConn{Conn: nc} }
 
 func (w *wireConn) Read(p []byte) (int, error) {
 	if w.rbuf == nil {
-		bp, n, err := readPooled(w.Conn, &wirePool)
+		if w.pr == nil {
+			w.pr = newPooledReader(w.Conn, &wirePool)
+		}
+		bp, n, err := w.pr.read()
 		if n == 0 {
 			if bp != nil {
 				wirePool.Put(bp)
@@ -56,9 +60,9 @@ func (w *wireConn) Read(p []byte) (int, error) {
 	k := w.take((*w.rbuf)[w.r:w.n], len(p))
 	for k == 0 {
 		// Only the start of a record is here: read the rest in behind it, rather than hand
-		// crypto/tls a piece it would have to slide down later. In a full buffer the piece
+		// crypto/tls a piece it would have to slide down later. Near the buffer's end the piece
 		// (at most a record) moves to the front first, once per buffer at most.
-		if w.n == len(*w.rbuf) {
+		if len(*w.rbuf)-w.n < recordHeaderLen+maxCiphertext {
 			w.n = copy(*w.rbuf, (*w.rbuf)[w.r:w.n])
 			w.r = 0
 		}
