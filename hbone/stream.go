@@ -41,6 +41,7 @@ type Stream struct {
 	werr        error // writes fail with this once set
 	born        int64 // immutable once opened: unix nanos of the frame that opened it
 
+	pokeLater  bool // owned by the reader: in c.pokes
 	endWritten bool // owned by the writer: END_STREAM is on the wire
 	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
 
@@ -435,7 +436,7 @@ func (s *Stream) push(p []byte, end bool) {
 		s.rerr = io.EOF
 	}
 	s.mu.Unlock()
-	s.pokeRead()
+	s.c.pokeSoon(s)
 }
 
 // pushChunk appends a filled chunk to the buffer.
@@ -449,7 +450,7 @@ func (s *Stream) pushChunk(ch *chunk) {
 	}
 	s.chunks = append(s.chunks, ch)
 	s.mu.Unlock()
-	s.pokeRead()
+	s.c.pokeSoon(s)
 }
 
 // fail ends the stream with err: reads see it after the buffered bytes (io.EOF for a reset with

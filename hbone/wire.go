@@ -28,11 +28,12 @@ var (
 type wireConn struct {
 	net.Conn
 
-	pr   *pooledReader // owned by the reader, made at the first read
-	rbuf *[]byte       // owned by the reader: pending input, nil when drained
-	r, n int
-	left int  // owned by the reader: bytes of a record crypto/tls has the start of, still to come
-	lost bool // owned by the reader: record boundaries are no longer known (see take)
+	pr         *pooledReader // owned by the reader, made at the first read
+	beforeWait func()        // set before the first frame is read: called before each socket read
+	rbuf       *[]byte       // owned by the reader: pending input, nil when drained
+	r, n       int
+	left       int  // owned by the reader: bytes of a record crypto/tls has the start of, still to come
+	lost       bool // owned by the reader: record boundaries are no longer known (see take)
 
 	mu   sync.Mutex // guards wbuf and hold: TLS alerts may be written from other goroutines
 	wbuf *[]byte
@@ -44,6 +45,9 @@ func newWireConn(nc net.Conn) *wireConn { return &wireConn{Conn: nc} }
 
 func (w *wireConn) Read(p []byte) (int, error) {
 	if w.rbuf == nil {
+		if w.beforeWait != nil {
+			w.beforeWait()
+		}
 		if w.pr == nil {
 			w.pr = newPooledReader(w.Conn, &wirePool)
 		}
@@ -65,6 +69,9 @@ func (w *wireConn) Read(p []byte) (int, error) {
 		if len(*w.rbuf)-w.n < recordHeaderLen+maxCiphertext {
 			w.n = copy(*w.rbuf, (*w.rbuf)[w.r:w.n])
 			w.r = 0
+		}
+		if w.beforeWait != nil {
+			w.beforeWait()
 		}
 		n, err := w.Conn.Read((*w.rbuf)[w.n:])
 		w.n += n
