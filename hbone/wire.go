@@ -64,9 +64,10 @@ func (w *wireConn) Read(p []byte) (int, error) {
 	k := w.take((*w.rbuf)[w.r:w.n], len(p))
 	for k == 0 {
 		// Only the start of a record is here: read the rest in behind it, rather than hand
-		// crypto/tls a piece it would have to slide down later. Near the buffer's end the piece
-		// (at most a record) moves to the front first, once per buffer at most.
-		if len(*w.rbuf)-w.n < recordHeaderLen+maxCiphertext {
+		// crypto/tls a piece it would have to slide down later. In the buffer's last quarter
+		// the piece (at most a record) moves to the front first, so the read has room for a
+		// batch, not only for the rest of the record.
+		if len(*w.rbuf)-w.n < wireBufSize/4 {
 			w.n = copy(*w.rbuf, (*w.rbuf)[w.r:w.n])
 			w.r = 0
 		}
