@@ -32,8 +32,9 @@ type wireConn struct {
 	beforeWait func()        // set before the first frame is read: called before each socket read
 	rbuf       *[]byte       // owned by the reader: pending input, nil when drained
 	r, n       int
-	left       int  // owned by the reader: bytes of a record crypto/tls has the start of, still to come
-	lost       bool // owned by the reader: record boundaries are no longer known (see take)
+	left       int     // owned by the reader: bytes of a record crypto/tls has the start of, still to come
+	hdr        [5]byte // owned by the reader: the start of a record header split between two reads
+	hdrN       int     // owned by the reader: bytes in hdr
 
 	mu   sync.Mutex // guards wbuf and hold: TLS alerts may be written from other goroutines
 	wbuf *[]byte
@@ -62,28 +63,6 @@ func (w *wireConn) Read(p []byte) (int, error) {
 		w.r, w.n = 0, n
 	}
 	k := w.take((*w.rbuf)[w.r:w.n], len(p))
-	for k == 0 {
-		// Only the start of a record is here: read the rest in behind it, rather than hand
-		// crypto/tls a piece it would have to slide down later. In the buffer's last quarter
-		// the piece (at most a record) moves to the front first, so the read has room for a
-		// batch, not only for the rest of the record.
-		if len(*w.rbuf)-w.n < wireBufSize/4 {
-			w.n = copy(*w.rbuf, (*w.rbuf)[w.r:w.n])
-			w.r = 0
-		}
-		if w.beforeWait != nil {
-			w.beforeWait()
-		}
-		n, err := w.Conn.Read((*w.rbuf)[w.n:])
-		w.n += n
-		if err != nil {
-			break // serve what is here; the error comes back on the next read
-		}
-		k = w.take((*w.rbuf)[w.r:w.n], len(p))
-	}
-	if k == 0 {
-		k = w.takeAny((*w.rbuf)[w.r:w.n], len(p))
-	}
 	copy(p, (*w.rbuf)[w.r:w.r+k])
 	w.r += k
 	if w.r == w.n {
@@ -94,19 +73,26 @@ func (w *wireConn) Read(p []byte) (int, error) {
 }
 
 // take is how much of b, the pending input, to hand crypto/tls for a read of limit bytes: the rest
-// of a record it has the start of and the whole TLS records after it that fit, or 0 when b holds
-// only the start of a record (read more first). crypto/tls keeps unread input in a bytes.Buffer
-// that it slides down (a memmove) whenever a partial record is left in it; served whole records,
-// the buffer runs empty and is reset instead. take follows the record boundaries from the first
-// byte of the connection (w.left); a record header split by a read of under 5 bytes would lose them,
-// and then it serves bytes as they come (w.lost).
+// of a record it has the start of and the whole TLS records after it that fit; or, when b starts
+// with a record that is not all here, that piece alone. crypto/tls keeps its input in a
+// bytes.Buffer and reads more only once it used up every whole record in it, so a piece handed
+// alone lands at the start of its emptied buffer, where the rest of the record has room; handed
+// after whole records it would sit at the end, and crypto/tls would slide it to the front (a
+// memmove of up to a record) before reading the rest. take follows the record boundaries from
+// the connection's first byte (w.left, and w.hdr for a header split between two reads).
 func (w *wireConn) take(b []byte, limit int) int {
-	if w.lost {
-		return min(len(b), limit)
+	if w.hdrN > 0 {
+		k := copy(w.hdr[w.hdrN:], b[:min(len(b), limit)])
+		w.hdrN += k
+		if w.hdrN == recordHeaderLen {
+			w.left, w.hdrN = recordLen(w.hdr[:]), 0
+		}
+		return k
 	}
 	tail := min(w.left, len(b), limit)
 	off := tail
-	if tail == w.left {
+	w.left -= tail
+	if w.left == 0 {
 		for off+recordHeaderLen <= len(b) {
 			next := off + recordHeaderLen + recordLen(b[off:])
 			if next > len(b) || next > limit {
@@ -115,47 +101,20 @@ func (w *wireConn) take(b []byte, limit int) int {
 			off = next
 		}
 	}
-	w.left -= tail
-	if off > 0 || partialRecord(b) {
+	if off > 0 {
 		return off
 	}
-	// A whole record larger than limit, a record crypto/tls will refuse, or a handshake
-	// record: it gets what there is at once, as it would without this buffer.
-	return w.takeAny(b, limit)
-}
-
-// partialRecord reports whether b, which starts at a record boundary, holds only part of a
-// record header or of an application-data record of a size TLS allows: crypto/tls can do
-// nothing before the rest is here.
-func partialRecord(b []byte) bool {
-	if len(b) < recordHeaderLen {
-		return true
-	}
-	n := recordLen(b)
-	return b[0] == recordTypeApplicationData && n <= maxCiphertext && len(b) < recordHeaderLen+n
-}
-
-// takeAny hands crypto/tls the start of a record, whole or not, and remembers how much of it is
-// still to come.
-func (w *wireConn) takeAny(b []byte, limit int) int {
+	// The start of a record, alone: all of it that is here, or all that fits.
 	k := min(len(b), limit)
-	switch {
-	case w.lost || w.left > 0:
-		w.left -= min(w.left, k)
-	case k < recordHeaderLen:
-		w.lost = true
-	default:
-		w.left = max(0, recordHeaderLen+recordLen(b)-k)
+	if k < recordHeaderLen {
+		w.hdrN = copy(w.hdr[:], b[:k])
+	} else {
+		w.left = recordHeaderLen + recordLen(b) - k
 	}
 	return k
 }
 
 func recordLen(hdr []byte) int { return int(hdr[3])<<8 | int(hdr[4]) }
-
-const (
-	recordTypeApplicationData = 23          // RFC 8446 section 5.1
-	maxCiphertext             = 1<<14 + 256 // TLS 1.3 ciphertext per record (RFC 8446 section 5.2)
-)
 
 // recordHeaderLen is a TLS record's header: type, version, length (RFC 8446 section 5.1).
 const recordHeaderLen = 5
