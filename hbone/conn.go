@@ -25,19 +25,20 @@ import (
 // framer, whose read buffer would otherwise keep the largest frame ever seen (1 MiB) per
 // connection. The framer reads every other frame, bounded by the header list size.
 type conn struct {
-	nc   net.Conn // immutable
-	srv  bool     // immutable: server side
-	cfg  Config   // immutable, defaults applied
-	log  *slog.Logger
-	fr   *http2.Framer  // read side owned by the reader, write side by the writer
-	rd   io.Reader      // the TLS connection, read by the reader
-	frd  *replayReader  // feeds the framer a frame header the reader already took
-	hdr  [9]byte        // owned by the reader
-	tiny [16 << 10]byte // owned by the reader: payloads under 16 KiB land here, then share a chunk
-	wr   *frameWriter   // owned by the writer
-	wire *wireConn      // batches TLS records under TLS; nil when the transport is not a socket
-	henc *hpack.Encoder
-	hbuf []byte // owned by the writer: HPACK scratch
+	nc    net.Conn // immutable
+	srv   bool     // immutable: server side
+	cfg   Config   // immutable, defaults applied
+	log   *slog.Logger
+	fr    *http2.Framer  // read side owned by the reader, write side by the writer
+	rd    io.Reader      // the TLS connection, read by the reader
+	frd   *replayReader  // feeds the framer a frame header the reader already took
+	hdr   [9]byte        // owned by the reader
+	tiny  [16 << 10]byte // owned by the reader: payloads under 16 KiB land here, then share a chunk
+	wr    *frameWriter   // owned by the writer
+	wire  *wireConn      // batches TLS records under TLS; nil when the transport is not a socket
+	pokes []*Stream      // owned by the reader: streams to wake before it next waits on the socket
+	henc  *hpack.Encoder
+	hbuf  []byte // owned by the writer: HPACK scratch
 
 	peerID   spiffeid.ID   // immutable: the peer's verified SPIFFE ID, zero if none
 	onStream func(*Stream) // server: called by the reader for each accepted CONNECT; starts its handler
@@ -119,6 +120,9 @@ func newConn(nc net.Conn, wire *wireConn, srv bool, cfg Config, log *slog.Logger
 		wake:        make(chan struct{}, 1),
 		done:        make(chan struct{}),
 		writerDone:  make(chan struct{}),
+	}
+	if wire != nil {
+		wire.beforeWait = c.flushPokes
 	}
 	c.frd = &replayReader{r: nc}
 	c.fr = http2.NewFramer(c.wr, c.frd)
@@ -226,6 +230,32 @@ func (c *conn) closeErr() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err
+}
+
+// pokeSoon wakes s's reader (and its readable hook) before the connection's reader next waits
+// on the socket: the frames of one socket read (up to 256 KiB) then wake each stream once, not
+// once per 32 KiB chunk, and a splice forwards them in one batch. Called by the reader; over a
+// transport that is not a socket the poke is immediate.
+func (c *conn) pokeSoon(s *Stream) {
+	if c.wire == nil {
+		s.pokeRead()
+		return
+	}
+	if !s.pokeLater {
+		s.pokeLater = true
+		c.pokes = append(c.pokes, s)
+	}
+}
+
+// flushPokes wakes the streams pokeSoon deferred. The reader calls it (through the wire) before
+// each socket read and when it stops.
+func (c *conn) flushPokes() {
+	for i, s := range c.pokes {
+		s.pokeLater = false
+		c.pokes[i] = nil
+		s.pokeRead()
+	}
+	c.pokes = c.pokes[:0]
 }
 
 // resetStream fails the stream id if it is still open and sends RST_STREAM for it; for a stream

@@ -37,6 +37,7 @@ func (c *conn) readLoop() error {
 		if err == nil {
 			continue
 		}
+		c.flushPokes()
 		var se http2.StreamError
 		var ce connError
 		var h2ce http2.ConnectionError

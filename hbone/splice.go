@@ -202,8 +202,9 @@ func copyPooled(dst io.Writer, src io.Reader) (int64, error) {
 // no copy buffer.
 func copyProgress(dst io.Writer, src io.Reader, progress *atomic.Int64) (int64, error) {
 	var total int64
+	pr := newPooledReader(src, &copyBufPool)
 	for {
-		bp, n, rerr := readPooled(src, &copyBufPool)
+		bp, n, rerr := pr.read()
 		var werr error
 		if n > 0 {
 			var w int

@@ -41,6 +41,7 @@ type Stream struct {
 	werr        error // writes fail with this once set
 	born        int64 // immutable once opened: unix nanos of the frame that opened it
 
+	pokeLater  bool // owned by the reader: in c.pokes
 	endWritten bool // owned by the writer: END_STREAM is on the wire
 	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
 
@@ -370,38 +371,60 @@ func writeBuffers(w io.Writer, bufs net.Buffers) (int64, error) {
 }
 
 // WriteBuffers sends bufs as DATA frames with a single wait for the writer, where Write would
-// wait once per buffer.
+// wait once per buffer. Consecutive buffers share a frame as far as the windows and the peer's
+// frame size allow, so a splice's batch of receive chunks costs one frame header (and one short
+// TLS record) instead of one per chunk.
 func (s *Stream) WriteBuffers(bufs net.Buffers) (int64, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	if s.c.srv && !s.accepted.Load() {
 		return 0, errors.New("hbone: Write before Accept")
 	}
-	var total int64
-	last := len(bufs) - 1
-	for last >= 0 && len(bufs[last]) == 0 {
-		last--
+	var size int64
+	for _, p := range bufs {
+		size += int64(len(p))
 	}
-	for i := 0; i <= last; i++ {
-		p := bufs[i]
-		n := 0
-		for n < len(p) {
-			k, err := s.c.sendWindow(context.Background(), s, len(p)-n)
-			if err != nil {
-				if total+int64(n) > 0 {
-					s.barrier()
-				}
-				return total + int64(n), err
+	var total int64
+	var cur bufCursor
+	for total < size {
+		k, err := s.c.sendWindow(context.Background(), s, int(min(size-total, 1<<31-1)))
+		if err != nil {
+			if total > 0 {
+				s.barrier()
 			}
-			s.c.queueOrdered(writeItem{kind: wData, s: s, data: p[n : n+k], notify: i == last && n+k == len(p)})
-			n += k
+			return total, err
 		}
-		total += int64(n)
+		total += int64(k)
+		it := writeItem{kind: wData, s: s, notify: total == size}
+		cur.take(&it, bufs, k)
+		s.c.queueOrdered(it)
 	}
 	if total > 0 && !s.waitWritten() {
 		return total, fmt.Errorf("%w: %w", ErrConnClosed, s.c.closeErr())
 	}
 	return total, nil
+}
+
+// bufCursor is a position in a net.Buffers, which it never modifies.
+type bufCursor struct{ i, off int }
+
+// take puts the next k bytes of bufs into it's payload.
+func (c *bufCursor) take(it *writeItem, bufs net.Buffers, k int) {
+	for k > 0 {
+		rest := bufs[c.i][c.off:]
+		if len(rest) == 0 {
+			c.i, c.off = c.i+1, 0
+			continue
+		}
+		p := rest[:min(k, len(rest))]
+		c.off += len(p)
+		k -= len(p)
+		if it.data == nil {
+			it.data = p
+		} else {
+			it.more = append(it.more, p)
+		}
+	}
 }
 
 // ReadFrom copies r into the stream until r's EOF; it does not send END_STREAM.
@@ -435,7 +458,7 @@ func (s *Stream) push(p []byte, end bool) {
 		s.rerr = io.EOF
 	}
 	s.mu.Unlock()
-	s.pokeRead()
+	s.c.pokeSoon(s)
 }
 
 // pushChunk appends a filled chunk to the buffer.
@@ -449,7 +472,7 @@ func (s *Stream) pushChunk(ch *chunk) {
 	}
 	s.chunks = append(s.chunks, ch)
 	s.mu.Unlock()
-	s.pokeRead()
+	s.c.pokeSoon(s)
 }
 
 // fail ends the stream with err: reads see it after the buffered bytes (io.EOF for a reset with

@@ -12,6 +12,8 @@ import (
 const (
 	wireBufSize  = 256 << 10 // records batched under TLS, per read and per write syscall
 	frameBufSize = 64 << 10  // frames batched above TLS into one tls.Conn.Write
+
+	maxRecordPayload = 16 << 10 // TLS 1.3 plaintext per record (RFC 8446 section 5.1)
 )
 
 var (
@@ -26,8 +28,13 @@ var (
 type wireConn struct {
 	net.Conn
 
-	rbuf *[]byte // owned by the reader: pending input, nil when drained
-	r, n int
+	pr         *pooledReader // owned by the reader, made at the first read
+	beforeWait func()        // set before the first frame is read: called before each socket read
+	rbuf       *[]byte       // owned by the reader: pending input, nil when drained
+	r, n       int
+	left       int     // owned by the reader: bytes of a record crypto/tls has the start of, still to come
+	hdr        [5]byte // owned by the reader: the start of a record header split between two reads
+	hdrN       int     // owned by the reader: bytes in hdr
 
 	mu   sync.Mutex // guards wbuf and hold: TLS alerts may be written from other goroutines
 	wbuf *[]byte
@@ -39,10 +46,13 @@ func newWireConn(nc net.Conn) *wireConn { return &wireConn{Conn: nc} }
 
 func (w *wireConn) Read(p []byte) (int, error) {
 	if w.rbuf == nil {
-		if len(p) >= wireBufSize {
-			return w.Conn.Read(p)
+		if w.beforeWait != nil {
+			w.beforeWait()
 		}
-		bp, n, err := readPooled(w.Conn, &wirePool)
+		if w.pr == nil {
+			w.pr = newPooledReader(w.Conn, &wirePool)
+		}
+		bp, n, err := w.pr.read()
 		if n == 0 {
 			if bp != nil {
 				wirePool.Put(bp)
@@ -52,7 +62,8 @@ func (w *wireConn) Read(p []byte) (int, error) {
 		w.rbuf = bp
 		w.r, w.n = 0, n
 	}
-	k := copy(p, (*w.rbuf)[w.r:w.n])
+	k := w.take((*w.rbuf)[w.r:w.n], len(p))
+	copy(p, (*w.rbuf)[w.r:w.r+k])
 	w.r += k
 	if w.r == w.n {
 		wirePool.Put(w.rbuf)
@@ -60,6 +71,53 @@ func (w *wireConn) Read(p []byte) (int, error) {
 	}
 	return k, nil
 }
+
+// take is how much of b, the pending input, to hand crypto/tls for a read of limit bytes: the rest
+// of a record it has the start of and the whole TLS records after it that fit; or, when b starts
+// with a record that is not all here, that piece alone. crypto/tls keeps its input in a
+// bytes.Buffer and reads more only once it used up every whole record in it, so a piece handed
+// alone lands at the start of its emptied buffer, where the rest of the record has room; handed
+// after whole records it would sit at the end, and crypto/tls would slide it to the front (a
+// memmove of up to a record) before reading the rest. take follows the record boundaries from
+// the connection's first byte (w.left, and w.hdr for a header split between two reads).
+func (w *wireConn) take(b []byte, limit int) int {
+	if w.hdrN > 0 {
+		k := copy(w.hdr[w.hdrN:], b[:min(len(b), limit)])
+		w.hdrN += k
+		if w.hdrN == recordHeaderLen {
+			w.left, w.hdrN = recordLen(w.hdr[:]), 0
+		}
+		return k
+	}
+	tail := min(w.left, len(b), limit)
+	off := tail
+	w.left -= tail
+	if w.left == 0 {
+		for off+recordHeaderLen <= len(b) {
+			next := off + recordHeaderLen + recordLen(b[off:])
+			if next > len(b) || next > limit {
+				break
+			}
+			off = next
+		}
+	}
+	if off > 0 {
+		return off
+	}
+	// The start of a record, alone: all of it that is here, or all that fits.
+	k := min(len(b), limit)
+	if k < recordHeaderLen {
+		w.hdrN = copy(w.hdr[:], b[:k])
+	} else {
+		w.left = recordHeaderLen + recordLen(b) - k
+	}
+	return k
+}
+
+func recordLen(hdr []byte) int { return int(hdr[3])<<8 | int(hdr[4]) }
+
+// recordHeaderLen is a TLS record's header: type, version, length (RFC 8446 section 5.1).
+const recordHeaderLen = 5
 
 func (w *wireConn) Write(p []byte) (int, error) {
 	w.mu.Lock()
@@ -130,9 +188,11 @@ type frameWriter struct {
 }
 
 func (f *frameWriter) Write(p []byte) (int, error) {
-	if len(p) >= frameBufSize {
-		// A large payload goes to TLS as is (after what is buffered): copying it through
-		// the buffer first would cost a memmove of every byte of a bulk stream.
+	if len(p) >= maxRecordPayload {
+		// A payload of a full TLS record or more goes to TLS as is (after what is buffered,
+		// as one short record): copying it through the buffer would cost a memmove of every
+		// byte of a bulk stream, while a short record costs one AEAD call on a few bytes.
+		// (The waypoint forwards 32 KiB receive chunks: each is two whole records this way.)
 		if f.n > 0 {
 			if err := f.write(); err != nil {
 				return 0, err

@@ -19,6 +19,7 @@ type writeItem struct {
 	s        *Stream
 	id       uint32
 	data     []byte
+	more     [][]byte // DATA only: more payload after data, in the same frame
 	end      bool
 	notify   bool
 	fields   []hpack.HeaderField
@@ -61,7 +62,7 @@ const minUncountedData = 1 << 10
 // appendOrderedLocked queues it in order; the caller holds wmu.
 func (c *conn) appendOrderedLocked(it writeItem) {
 	c.ordQ = append(c.ordQ, it)
-	if it.kind != wData || len(it.data) < minUncountedData {
+	if it.kind != wData || it.size() < minUncountedData {
 		c.ordCtl++
 	}
 }
@@ -182,7 +183,7 @@ func (c *conn) writeData(it *writeItem) error {
 	if s.endWritten || s.rstWritten {
 		// The stream ended under the writer: drop what is left, and give the connection back
 		// the window those bytes had taken.
-		if n := int64(len(it.data)); n > 0 {
+		if n := int64(it.size()); n > 0 {
 			c.mu.Lock()
 			c.growSendWinLocked(n)
 			c.mu.Unlock()
@@ -190,7 +191,7 @@ func (c *conn) writeData(it *writeItem) error {
 		return nil
 	}
 	var hdr [9]byte
-	n := len(it.data)
+	n := it.size()
 	hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
 	hdr[3] = byte(http2.FrameData)
 	if it.end {
@@ -203,7 +204,22 @@ func (c *conn) writeData(it *writeItem) error {
 		return err
 	}
 	_, err := c.wr.Write(it.data)
+	for _, p := range it.more {
+		if err != nil {
+			break
+		}
+		_, err = c.wr.Write(p)
+	}
 	return err
+}
+
+// size is the payload of a DATA item.
+func (it *writeItem) size() int {
+	n := len(it.data)
+	for _, p := range it.more {
+		n += len(p)
+	}
+	return n
 }
 
 func (c *conn) writeHeaders(it *writeItem) error {

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,11 +34,17 @@ func sinkCounter(b *testing.B) (string, chan int64) {
 	}), got
 }
 
-// bulk writes b.N chunks on c, half-closes, and waits for the far end to count them all.
+// bulk writes b.N chunks on c, half-closes, and waits for the far end to count them all. Besides
+// MB/s it reports the CPU time of the whole process (sender, hops and sink) per MB moved: on a
+// loaded machine wall-clock throughput follows other processes' load, CPU per MB much less.
 func bulk(b *testing.B, c io.Writer, closeWrite func() error, got <-chan int64) {
 	buf := make([]byte, chunk)
 	b.SetBytes(chunk)
 	b.ResetTimer()
+	cpu0 := processCPU()
+	defer func() {
+		b.ReportMetric(float64((processCPU()-cpu0).Microseconds())/(float64(b.N)*chunk/1e6), "cpu-µs/MB")
+	}()
 	for range b.N {
 		if _, err := c.Write(buf); err != nil {
 			b.Fatal(err)
@@ -269,4 +276,13 @@ func memInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse + m.StackInuse
+}
+
+// processCPU is the user and system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -54,7 +54,7 @@ func externalWaypointWith(b *testing.B, caDir string, terminatorPort, targetPort
 	}
 	hboneAddr, health := freeAddr(b), freeAddr(b)
 	cfg := fmt.Sprintf(`identity: {source: devca, devca: {dir: %q, id: %q}}
-listeners: {hbone: %q, health: %q, upstreamHBONEPort: %d}
+listeners: {hbone: %q, health: %q, tunnel: "off", upstreamHBONEPort: %d}
 waypoint: {namespace: demo, inspect: %s}
 discovery:
   static:
