@@ -306,6 +306,14 @@ func TestCapturedTrafficCrossesDetour(t *testing.T) {
 	if _, err := b.view.WaitRoute(ctx, b.vip(), time.Minute, bound); err != nil {
 		t.Fatalf("%v\nview:\n%s", err, b.view.Describe())
 	}
+	enrolled := func(r testbed.Target, ok bool) bool { return ok && len(r.Endpoints) == 1 && r.Endpoints[0].HBONE }
+	if _, err := b.view.WaitRoute(ctx, netip.MustParseAddrPort(client.IP+":1"), time.Minute, enrolled); err != nil {
+		t.Fatalf("sleep-0 never enrolled in istiod's view: %v", err)
+	}
+	// The baggage sleep-0's stand-in sends, from istiod's view of sleep-0 (src/baggage.rs).
+	if bg := b.view.Baggage(netip.MustParseAddr(client.IP)); !strings.Contains(bg, "k8s.namespace.name=shop") {
+		t.Fatalf("sleep-0's baggage %q names no namespace", bg)
+	}
 	if got := from(app(b.vip().String()), "db"); got != b.wp.IP {
 		t.Fatalf("bound: db's app saw the connection from %s, want detour's pod %s", got, b.wp.IP)
 	}
