@@ -24,12 +24,12 @@ const (
 	ztunnelHBONE     = 15008
 )
 
-// InPodZtunnel stands in for ztunnel serving one ambient pod in in-pod mode: its listeners and
+// inPodZtunnel stands in for ztunnel serving one ambient pod in in-pod mode: its listeners and
 // every socket it dials live in the pod's network namespace with the packet mark InpodMark
 // (ztunnel src/inpod/config.rs InPodSocketFactory, src/inpod/statemanager.rs one proxy per pod
 // netns). Routes come only from the WorkloadView (istiod's workload xDS). Its goroutines are
 // owned: the test's cleanup closes the listeners and every connection and waits for them.
-type InPodZtunnel struct {
+type inPodZtunnel struct {
 	pod  *Pod
 	view *WorkloadView
 	out  *Ztunnel
@@ -40,15 +40,25 @@ type InPodZtunnel struct {
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{} // open plain TCP connections, closed by close
+	errs  []string              // the first connection failures, for a failing test's log
+}
+
+// fail records why a connection was dropped (ztunnel's log_early_deny and access log).
+func (z *inPodZtunnel) fail(what string, err error) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if len(z.errs) < 20 {
+		z.errs = append(z.errs, what+": "+err.Error())
+	}
 }
 
 // ServeZtunnel starts the stand-in for pod p with identity id (the pod's service account's
 // certificate from istiod's CA, as ztunnel fetches one per pod) until the test ends. Run
 // EnrollAmbient first: the stand-in serves what the rules redirect.
-func (p *Pod) ServeZtunnel(t testing.TB, id *Workload, view *WorkloadView) *InPodZtunnel {
+func (p *Pod) ServeZtunnel(t testing.TB, id *Workload, view *WorkloadView) {
 	t.Helper()
 	ctx, stop := context.WithCancel(context.Background())
-	z := &InPodZtunnel{pod: p, view: view, ctx: ctx, stop: stop, conns: map[net.Conn]struct{}{}}
+	z := &inPodZtunnel{pod: p, view: view, ctx: ctx, stop: stop, conns: map[net.Conn]struct{}{}}
 	z.out = NewZtunnel(id, z.dialMarked)
 	z.srv = &hbone.Server{Handler: hbone.HandlerFunc(z.inboundHBONE), TLSConfig: id.ServerTLS(),
 		Logger: slog.New(slog.DiscardHandler)}
@@ -68,11 +78,19 @@ func (p *Pod) ServeZtunnel(t testing.TB, id *Workload, view *WorkloadView) *InPo
 	go func() { defer z.wg.Done(); z.accept(ls[0], z.outbound) }()
 	go func() { defer z.wg.Done(); z.accept(ls[1], z.inboundPlaintext) }()
 	go func() { defer z.wg.Done(); z.srv.Serve(ls[2]) }()
-	t.Cleanup(func() { z.close(ls) })
-	return z
+	t.Cleanup(func() {
+		z.close(ls)
+		if t.Failed() {
+			z.mu.Lock()
+			defer z.mu.Unlock()
+			for _, e := range z.errs {
+				t.Logf("testbed: ztunnel stand-in in pod %s: %s", p.Name, e)
+			}
+		}
+	})
 }
 
-func (z *InPodZtunnel) close(ls []net.Listener) {
+func (z *inPodZtunnel) close(ls []net.Listener) {
 	z.stop()
 	for _, l := range ls {
 		l.Close()
@@ -115,7 +133,7 @@ func sockopts(transparent bool) func(_, _ string, rc syscall.RawConn) error {
 }
 
 // dialMarked dials from inside the pod with the mark, so the rules let it out unredirected.
-func (z *InPodZtunnel) dialMarked(ctx context.Context, network, addr string) (net.Conn, error) {
+func (z *inPodZtunnel) dialMarked(ctx context.Context, network, addr string) (net.Conn, error) {
 	var c net.Conn
 	err := z.pod.Do(func() (err error) {
 		d := &net.Dialer{Timeout: 10 * time.Second, Control: sockopts(false)}
@@ -129,7 +147,7 @@ func (z *InPodZtunnel) dialMarked(ctx context.Context, network, addr string) (ne
 // inbound (src/proxy.rs): bound to the original source with IP_TRANSPARENT and the mark, so that
 // the app sees the client's address and its replies come back to this socket (the rules'
 // connmark 0x111 and the fwmark route to lo). From the pod's own address it dials plainly.
-func (z *InPodZtunnel) deliver(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+func (z *inPodZtunnel) deliver(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
 	if src == dst.Addr() {
 		return z.dialMarked(ctx, "tcp", dst.String())
 	}
@@ -142,7 +160,7 @@ func (z *InPodZtunnel) deliver(ctx context.Context, src netip.Addr, dst netip.Ad
 	return c, err
 }
 
-func (z *InPodZtunnel) accept(l net.Listener, serve func(*net.TCPConn)) {
+func (z *inPodZtunnel) accept(l net.Listener, serve func(*net.TCPConn)) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -162,7 +180,7 @@ func (z *InPodZtunnel) accept(l net.Listener, serve func(*net.TCPConn)) {
 }
 
 // track registers c to be closed by close; false once closing.
-func (z *InPodZtunnel) track(c net.Conn) bool {
+func (z *inPodZtunnel) track(c net.Conn) bool {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	if z.ctx.Err() != nil {
@@ -172,7 +190,7 @@ func (z *InPodZtunnel) track(c net.Conn) bool {
 	return true
 }
 
-func (z *InPodZtunnel) untrack(c net.Conn) {
+func (z *inPodZtunnel) untrack(c net.Conn) {
 	z.mu.Lock()
 	delete(z.conns, c)
 	z.mu.Unlock()
@@ -181,14 +199,16 @@ func (z *InPodZtunnel) untrack(c net.Conn) {
 
 // outbound serves a connection the rules redirected to 15001 (src/proxy/outbound.rs proxy:
 // the original destination from SO_ORIGINAL_DST, since the in-pod rules REDIRECT outbound).
-func (z *InPodZtunnel) outbound(c *net.TCPConn) {
+func (z *inPodZtunnel) outbound(c *net.TCPConn) {
 	dst, err := agent.OriginalDst(c)
 	if err != nil || selfCall(dst) {
+		z.fail("outbound", fmt.Errorf("no original destination or a self call (%v): %v", dst, err))
 		return
 	}
 	src := netip.MustParseAddrPort(c.RemoteAddr().String())
 	up, err := z.openOutbound(src, dst)
 	if err != nil {
+		z.fail("outbound to "+dst.String(), err)
 		return
 	}
 	if !z.track(up) {
@@ -203,7 +223,7 @@ func (z *InPodZtunnel) outbound(c *net.TCPConn) {
 // through as plain TCP; a service with a waypoint goes to the waypoint over HBONE with
 // authority VIP:port; otherwise to the first endpoint (ztunnel picks one at random), over HBONE
 // to its 15008 when its tunnel protocol is HBONE, else plain TCP.
-func (z *InPodZtunnel) openOutbound(src, dst netip.AddrPort) (net.Conn, error) {
+func (z *inPodZtunnel) openOutbound(src, dst netip.AddrPort) (net.Conn, error) {
 	baggage := z.view.Baggage(netip.MustParseAddr(z.pod.IP))
 	t, ok := z.view.Route(dst)
 	switch {
@@ -226,7 +246,7 @@ func (z *InPodZtunnel) openOutbound(src, dst netip.AddrPort) (net.Conn, error) {
 // serve_connect): the authority's address must be the pod's own (validate_destination), its port
 // is the target (find_inbound_upstream), never one of ztunnel's own; the upstream dial from the
 // HBONE peer's address must succeed before the 200.
-func (z *InPodZtunnel) inboundHBONE(s *hbone.Stream) error {
+func (z *inPodZtunnel) inboundHBONE(s *hbone.Stream) error {
 	target := s.Request().Target
 	local := netip.MustParseAddrPort(s.LocalAddr().String())
 	if !target.IsAddr() || target.Addr.Addr() != local.Addr() {
@@ -238,6 +258,7 @@ func (z *InPodZtunnel) inboundHBONE(s *hbone.Stream) error {
 	peer := netip.MustParseAddrPort(s.RemoteAddr().String())
 	up, err := z.deliver(s.Context(), peer.Addr(), target.Addr)
 	if err != nil {
+		z.fail("inbound HBONE to "+target.String(), err)
 		return fmt.Errorf("%w: %v", hbone.ErrUnavailable, err)
 	}
 	if !z.track(up) {
@@ -253,14 +274,16 @@ func (z *InPodZtunnel) inboundHBONE(s *hbone.Stream) error {
 
 // inboundPlaintext serves a connection the rules redirected to 15006 (src/proxy/
 // inbound_passthrough.rs proxy_inbound_plaintext): to its original destination, from its source.
-func (z *InPodZtunnel) inboundPlaintext(c *net.TCPConn) {
+func (z *inPodZtunnel) inboundPlaintext(c *net.TCPConn) {
 	dst, err := agent.OriginalDst(c)
 	if err != nil || selfCall(dst) {
+		z.fail("inbound plaintext", fmt.Errorf("no original destination or a self call (%v): %v", dst, err))
 		return
 	}
 	src := netip.MustParseAddrPort(c.RemoteAddr().String())
 	up, err := z.deliver(z.ctx, src.Addr(), dst)
 	if err != nil {
+		z.fail("inbound plaintext to "+dst.String(), err)
 		return
 	}
 	if !z.track(up) {
