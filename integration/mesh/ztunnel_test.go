@@ -119,26 +119,12 @@ func equalTarget(a, b testbed.Target) bool {
 	return true
 }
 
-// Issue 18, acceptance 1 (the data path, short of captured traffic): a client pod's ztunnel
-// stand-in takes its route to db from istiod's xDS alone and sends the stream there with its
-// istiod-issued identity; bound, it crosses detour's waypoint (running in detour-0's network
-// namespace with an istiod-issued identity, forwarding to db's pod over HBONE), which logs it;
-// unbound, it goes to db's pod directly and detour sees nothing more.
-func TestZtunnelStandInCrossesDetour(t *testing.T) {
-	b := newAmbientBed(t)
-	ctx, c := b.ctx, b.c
-	const ns = "shop"
-	dbID, err := c.Workload(ctx, ns, "db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.db.RunIstioHBONE(t, dbID)
-	b.db.Run(t, b.db.IP+":15432", "echo", b.db.IP+":15432", "db")
-
-	// detour's waypoint in its pod: istiod's certificate for shop/detour, db from static
-	// discovery (the pod cannot reach the loopback API server; the route under test is the
-	// stand-in's, not detour's discovery).
-	wpID, err := c.Workload(ctx, ns, "detour")
+// startWaypoint runs detour's waypoint in detour-0's network namespace with istiod's
+// certificate for shop/detour and db from static discovery (the pod cannot reach the loopback
+// API server; the route under test is the ztunnel stand-in's, not detour's discovery).
+func (b *ambientBed) startWaypoint(t *testing.T) {
+	t.Helper()
+	wpID, err := b.c.Workload(b.ctx, "shop", "detour")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,6 +155,43 @@ discovery:
 	}
 	wp := it.Start(t, b.wp.Command(bin, "waypoint", "--config", cfg))
 	wp.WaitFor(t, "waypoint serving")
+}
+
+// opened is detour's istio_tcp_connections_opened_total for db, read from inside detour's pod.
+func (b *ambientBed) opened(t *testing.T) string {
+	t.Helper()
+	hc := &http.Client{Transport: &http.Transport{DialContext: b.wp.DialContext}, Timeout: 10 * time.Second}
+	resp, err := hc.Get("http://" + b.wp.IP + ":15021/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, "istio_tcp_connections_opened_total{") && strings.Contains(l, `destination_service_name="db"`) {
+			return l[strings.LastIndexByte(l, ' ')+1:]
+		}
+	}
+	return "0"
+}
+
+// Issue 18, acceptance 1 (the data path, short of captured traffic): a client pod's ztunnel
+// stand-in takes its route to db from istiod's xDS alone and sends the stream there with its
+// istiod-issued identity; bound, it crosses detour's waypoint (running in detour-0's network
+// namespace with an istiod-issued identity, forwarding to db's pod over HBONE), which logs it;
+// unbound, it goes to db's pod directly and detour sees nothing more.
+func TestZtunnelStandInCrossesDetour(t *testing.T) {
+	b := newAmbientBed(t)
+	ctx, c := b.ctx, b.c
+	const ns = "shop"
+	dbID, err := c.Workload(ctx, ns, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.db.RunIstioHBONE(t, dbID)
+	b.db.Run(t, b.db.IP+":15432", "echo", b.db.IP+":15432", "db")
+
+	b.startWaypoint(t)
 
 	client := b.net.Pod(t, c, ns, "sleep-0", "sleep")
 	clientID, err := c.Workload(ctx, ns, "sleep")
@@ -205,23 +228,7 @@ discovery:
 	if got := greet(bound); got != "db" {
 		t.Fatalf("through the waypoint: %q", got)
 	}
-	opened := func() string {
-		t.Helper()
-		hc := &http.Client{Transport: &http.Transport{DialContext: client.DialContext}, Timeout: 10 * time.Second}
-		resp, err := hc.Get("http://" + b.wp.IP + ":15021/metrics")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-		for _, l := range strings.Split(string(body), "\n") {
-			if strings.HasPrefix(l, "istio_tcp_connections_opened_total{") && strings.Contains(l, `destination_service_name="db"`) {
-				return l[strings.LastIndexByte(l, ' ')+1:]
-			}
-		}
-		return "0"
-	}
-	if n := opened(); n != "1" {
+	if n := b.opened(t); n != "1" {
 		t.Fatalf("detour counted %s streams to db, want 1", n)
 	}
 	b.unbind(t)
@@ -232,7 +239,122 @@ discovery:
 	if got := greet(direct); got != "db" {
 		t.Fatalf("direct: %q", got)
 	}
-	if n := opened(); n != "1" {
+	if n := b.opened(t); n != "1" {
 		t.Fatalf("unbound, detour counted %s streams to db, want still 1", n)
 	}
+}
+
+// Issue 18, acceptance 1 with captured traffic: sleep-0 and db-0 are ambient pods (Istio CNI's
+// in-pod rules written by Istio's own rule builder, the enrolled annotation) each served by the
+// in-pod ztunnel stand-in, whose only routing input is istiod's workload xDS. sleep-0's app makes
+// a plain TCP connect to db's ClusterIP; nothing tells anyone where the waypoint is. Bound, the
+// connection crosses detour (its counter moves) and db's app sees it coming from detour's pod
+// (ztunnel's inbound spoofs the HBONE peer's address); unbound, the next connection goes
+// straight to db's pod and db's app sees sleep-0's own address, detour's counter unchanged.
+// A destination istiod does not know (a bare netns) is passed through.
+func TestCapturedTrafficCrossesDetour(t *testing.T) {
+	b := newAmbientBed(t)
+	ctx, c := b.ctx, b.c
+	const ns = "shop"
+	dbID, err := c.Workload(ctx, ns, "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.db.EnrollAmbient(t, c)
+	b.db.ServeZtunnel(t, dbID, b.view)
+	serveApp(t, b.db, "0.0.0.0:15432", "db")
+	b.startWaypoint(t)
+
+	client := b.net.Pod(t, c, ns, "sleep-0", "sleep")
+	clientID, err := c.Workload(ctx, ns, "sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	client.EnrollAmbient(t, c)
+	client.ServeZtunnel(t, clientID, b.view)
+	outside := b.net.Pod(t, nil, "none", "outside", "none")
+	serveApp(t, outside, "0.0.0.0:9000", "outside")
+
+	// The app: a plain TCP connect from inside sleep-0, reading the server's one line.
+	app := func(addr string) string {
+		t.Helper()
+		conn, err := client.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			t.Fatalf("connecting to %s: %v", addr, err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading from %s: %v", addr, err)
+		}
+		return strings.TrimSpace(line)
+	}
+	from := func(line, app string) string { // "db 10.244.1.2:41234" -> "10.244.1.2"
+		t.Helper()
+		name, peer, _ := strings.Cut(line, " ")
+		ap, err := netip.ParseAddrPort(peer)
+		if name != app || err != nil {
+			t.Fatalf("want %q and its peer, got %q", app, line)
+		}
+		return ap.Addr().String()
+	}
+	// Bounded waits for istiod's push: the stand-ins read the same view; the test only watches it.
+	bound := func(r testbed.Target, ok bool) bool {
+		return ok && r.Waypoint != "" && len(r.Endpoints) == 1 && r.Endpoints[0].HBONE
+	}
+	if _, err := b.view.WaitRoute(ctx, b.vip(), time.Minute, bound); err != nil {
+		t.Fatalf("%v\nview:\n%s", err, b.view.Describe())
+	}
+	enrolled := func(r testbed.Target, ok bool) bool { return ok && len(r.Endpoints) == 1 && r.Endpoints[0].HBONE }
+	if _, err := b.view.WaitRoute(ctx, netip.MustParseAddrPort(client.IP+":1"), time.Minute, enrolled); err != nil {
+		t.Fatalf("sleep-0 never enrolled in istiod's view: %v", err)
+	}
+	// The baggage sleep-0's stand-in sends, from istiod's view of sleep-0 (src/baggage.rs).
+	if bg := b.view.Baggage(netip.MustParseAddr(client.IP)); !strings.Contains(bg, "k8s.namespace.name=shop") {
+		t.Fatalf("sleep-0's baggage %q names no namespace", bg)
+	}
+	if got := from(app(b.vip().String()), "db"); got != b.wp.IP {
+		t.Fatalf("bound: db's app saw the connection from %s, want detour's pod %s", got, b.wp.IP)
+	}
+	if n := b.opened(t); n != "1" {
+		t.Fatalf("bound: detour counted %s connections to db, want 1", n)
+	}
+	if got := from(app(outside.IP+":9000"), "outside"); got != client.IP {
+		t.Fatalf("passthrough: the outside app saw %s, want sleep-0's %s", got, client.IP)
+	}
+
+	b.unbind(t)
+	if _, err := b.view.WaitRoute(ctx, b.vip(), time.Minute, func(r testbed.Target, ok bool) bool { return ok && r.Waypoint == "" }); err != nil {
+		t.Fatal(err)
+	}
+	if got := from(app(b.vip().String()), "db"); got != client.IP {
+		t.Fatalf("unbound: db's app saw the connection from %s, want sleep-0's %s", got, client.IP)
+	}
+	if n := b.opened(t); n != "1" {
+		t.Fatalf("unbound: detour counted %s connections to db, want still 1", n)
+	}
+}
+
+// serveApp is the pod's app: on each connection it writes name and the peer address it sees, then
+// closes. It stops, and is waited for, when the test ends.
+func serveApp(t *testing.T, p *testbed.Pod, addr, name string) {
+	t.Helper()
+	l, err := p.Listen(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s %s\n", name, c.RemoteAddr())
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { l.Close(); <-done })
 }

@@ -103,6 +103,22 @@ type Target struct {
 	// Workloads are the destination's workload addresses (IP:targetPort), the candidates when
 	// there is no waypoint.
 	Workloads []string
+	// Endpoints are Workloads with what ztunnel needs to reach each: its tunnel protocol and
+	// identity.
+	Endpoints []Endpoint
+	// Service is the hostname of the service dst addresses, "" for a pod address: ztunnel's
+	// intended_destination_service, sent as Forwarded's host.
+	Service string
+}
+
+// Endpoint is one destination workload.
+type Endpoint struct {
+	Addr string // IP:targetPort
+	// HBONE is true when the workload's tunnel protocol is HBONE (istiod sets it for a pod that
+	// Istio CNI enrolled): ztunnel then sends HBONE to IP:15008 with authority Addr, else plain
+	// TCP to Addr (src/proxy/outbound.rs, InboundProtocol).
+	HBONE    bool
+	Identity string // the SPIFFE ID to check on an HBONE peer
 }
 
 // Route answers as ztunnel's outbound (src/proxy/outbound.rs build_request): a service VIP with a
@@ -113,10 +129,12 @@ func (v *WorkloadView) Route(dst netip.AddrPort) (t Target, ok bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if svc := v.serviceByVIP(dst.Addr()); svc != nil {
-		t.Authority = dst.String()
+		t.Authority, t.Service = dst.String(), svc.Hostname
 		for _, w := range v.workloadsOf(svc) {
 			if tp := targetPort(w, svc, dst.Port()); tp != 0 {
-				t.Workloads = append(t.Workloads, netip.AddrPortFrom(workloadIP(w), tp).String())
+				addr := netip.AddrPortFrom(workloadIP(w), tp).String()
+				t.Workloads = append(t.Workloads, addr)
+				t.Endpoints = append(t.Endpoints, endpointOf(w, addr))
 			}
 		}
 		v.waypoint(svc.GetWaypoint(), &t)
@@ -125,6 +143,7 @@ func (v *WorkloadView) Route(dst netip.AddrPort) (t Target, ok bool) {
 	if w := v.workloadByIP(dst.Addr()); w != nil {
 		t.Authority = dst.String()
 		t.Workloads = []string{dst.String()}
+		t.Endpoints = []Endpoint{endpointOf(w, dst.String())}
 		v.waypoint(w.GetWaypoint(), &t)
 		return t, true
 	}
@@ -232,6 +251,34 @@ func targetPort(w *workloadapi.Workload, svc *workloadapi.Service, port uint16) 
 		}
 	}
 	return 0
+}
+
+func endpointOf(w *workloadapi.Workload, addr string) Endpoint {
+	return Endpoint{Addr: addr, HBONE: w.TunnelProtocol == workloadapi.TunnelProtocol_HBONE, Identity: identityOf(w)}
+}
+
+// Baggage is the baggage header ztunnel sends for the workload at ip (src/baggage.rs
+// baggage_header_val over src/state/workload.rs Workload::baggage), "" when the view does not
+// know it.
+func (v *WorkloadView) Baggage(ip netip.Addr) string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	w := v.workloadByIP(ip)
+	if w == nil {
+		return ""
+	}
+	kind := strings.ToLower(w.WorkloadType.String())
+	var parts []string
+	for _, kv := range [][2]string{
+		{"k8s.cluster.name", w.ClusterId}, {"k8s.namespace.name", w.Namespace}, {"k8s." + kind + ".name", w.WorkloadName},
+		{"service.name", w.CanonicalName}, {"service.version", w.CanonicalRevision},
+		{"cloud.region", w.GetLocality().GetRegion()}, {"cloud.availability_zone", w.GetLocality().GetZone()},
+	} {
+		if kv[1] != "" {
+			parts = append(parts, kv[0]+"="+kv[1])
+		}
+	}
+	return strings.Join(parts, ",")
 }
 
 func identityOf(w *workloadapi.Workload) string {

@@ -67,11 +67,15 @@ func (w *Workload) ClientTLS(serverID string) *tls.Config {
 }
 
 // Ztunnel stands in for ztunnel's outbound side for one source workload: it sends HBONE with the
-// source's certificate and the headers ztunnel's create_hbone_request sends (Forwarded with the
-// original source, baggage, traceparent).
+// source's certificate and the headers ztunnel's create_hbone_request sends (src/proxy/outbound.rs:
+// Forwarded with the original source and the intended service's hostname, baggage, a new
+// traceparent per connection).
 type Ztunnel struct {
 	Source *Workload
 	Dialer *hbone.Dialer
+	// Baggage is the source's baggage header (WorkloadView.Baggage); "" means one made from
+	// Source's namespace and service account.
+	Baggage string
 }
 
 // NewZtunnel returns a ztunnel stand-in whose connections are dialed with netDial (nil: the
@@ -80,17 +84,42 @@ func NewZtunnel(src *Workload, netDial func(ctx context.Context, network, addr s
 	return &Ztunnel{Source: src, Dialer: &hbone.Dialer{NetDial: netDial}}
 }
 
+// Request is one HBONE stream as ztunnel's build_request computes it.
+type Request struct {
+	Proxy     string // the next hop, IP:15008 (a waypoint or the destination's ztunnel)
+	ServerID  string // the identity the next hop must present
+	Authority string // the CONNECT authority
+	Source    netip.AddrPort
+	Host      string // the intended service's hostname, "" for pod-addressed traffic
+	Baggage   string // "" means the Ztunnel's
+}
+
 // Dial opens an HBONE stream to target through proxyAddr, whose identity must be serverID, as
 // coming from the client address src.
 func (z *Ztunnel) Dial(ctx context.Context, proxyAddr, serverID, target string, src netip.AddrPort) (*hbone.Stream, error) {
+	return z.Send(ctx, Request{Proxy: proxyAddr, ServerID: serverID, Authority: target, Source: src})
+}
+
+// Send opens the HBONE stream r describes, with ztunnel's headers: Forwarded as build_forwarded
+// writes it (for="IP:port", plus ;host=HOSTNAME when service-addressed), baggage, and a
+// traceparent as TraceParent::new in src/proxy.rs (version 00, random 128-bit trace and 64-bit
+// parent ids, flags 00).
+func (z *Ztunnel) Send(ctx context.Context, r Request) (*hbone.Stream, error) {
 	trace := make([]byte, 24)
 	rand.Read(trace)
-	return z.Dialer.Dial(ctx, proxyAddr, target, hbone.DialOptions{
-		TLSConfig:   z.Source.ClientTLS(serverID),
-		ServerID:    serverID,
+	baggage := r.Baggage
+	if baggage == "" {
+		baggage = z.Baggage
+	}
+	if baggage == "" {
+		baggage = "k8s.cluster.name=Kubernetes,k8s.namespace.name=" + z.Source.Namespace + ",k8s.deployment.name=" + z.Source.ServiceAccount
+	}
+	return z.Dialer.Dial(ctx, r.Proxy, r.Authority, hbone.DialOptions{
+		TLSConfig:   z.Source.ClientTLS(r.ServerID),
+		ServerID:    r.ServerID,
 		LocalID:     z.Source.SVID.ID.String(),
-		Forwarded:   hbone.FormatForwarded(hbone.ForwardedElement{For: src.String()}),
-		Baggage:     "k8s.cluster.name=Kubernetes,k8s.namespace.name=" + z.Source.Namespace + ",k8s.deployment.name=" + z.Source.ServiceAccount,
+		Forwarded:   hbone.FormatForwarded(hbone.ForwardedElement{For: r.Source.String(), Host: r.Host}),
+		Baggage:     baggage,
 		Traceparent: "00-" + hex.EncodeToString(trace[:16]) + "-" + hex.EncodeToString(trace[16:]) + "-00",
 	})
 }
