@@ -45,8 +45,12 @@ type Node struct {
 	bridge string // the CNI bridge, ours
 	cgroup string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
 	procs  []*proc
-	once   sync.Once
-	err    error
+	// sysctls are the kernel settings the kubelet changes (setupKernelTunables in
+	// pkg/kubelet/cm/container_manager_linux.go) as they were before it started; Close puts them
+	// back.
+	sysctls map[string]string
+	once    sync.Once
+	err     error
 }
 
 // nodeBridgePrefix names the node's CNI bridge (with the node's random id).
@@ -66,7 +70,7 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 			err = errors.Join(err, n.Close())
 		}
 	}()
-	for _, d := range []string{"cni/net.d", "cni/ipam", "runc", "kubelet"} {
+	for _, d := range []string{"cni/net.d", "cni/ipam", "runc", "kubelet", "pod-logs"} {
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return n, fmt.Errorf("testbed: %w", err)
 		}
@@ -343,6 +347,7 @@ authorization: {mode: Webhook}
 resolvConf: %q
 clusterDomain: cluster.local
 staticPodPath: ""
+podLogsDir: %q
 registerNode: true
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
@@ -352,9 +357,17 @@ evictionPressureTransitionPeriod: 10s
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 fileCheckFrequency: 10s
-`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"))
+`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"), d("pod-logs"))
 	if err := writeFile(d("kubelet.yaml"), cfg); err != nil {
 		return err
+	}
+	n.sysctls = map[string]string{}
+	for _, k := range kubeletSysctls {
+		b, err := os.ReadFile("/proc/sys/" + k)
+		if err != nil {
+			return fmt.Errorf("testbed: %w", err)
+		}
+		n.sysctls[k] = string(b)
 	}
 	p, err := startProcIn(n.Dir, n.Dir, "kubelet", nil, bins.Kubelet,
 		"--config", d("kubelet.yaml"),
@@ -390,6 +403,10 @@ fileCheckFrequency: 10s
 	}
 	return nil
 }
+
+// kubeletSysctls are what the kubelet sets when protectKernelDefaults is off (its default).
+var kubeletSysctls = []string{"vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
+	"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes"}
 
 // waitFor polls ok every 250 ms until it returns nil, p exits, or timeout passes.
 func waitFor(ctx context.Context, timeout time.Duration, p *proc, ok func() error) error {

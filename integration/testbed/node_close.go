@@ -37,6 +37,11 @@ func (n *Node) close() error {
 		}
 	}
 	stop("kubelet")
+	for k, v := range n.sysctls {
+		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("testbed: restoring %s: %w", k, err))
+		}
+	}
 	if n.running("containerd") {
 		errs = append(errs, n.removeSandboxes())
 	}
