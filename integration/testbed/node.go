@@ -201,7 +201,6 @@ func (c *Cluster) controlPlane(ctx context.Context, n *Node, bins NodeBinaries) 
 		"--use-service-account-credentials",
 		"--service-account-private-key-file", f("sa.key"),
 		"--root-ca-file", f("ca.crt"),
-		"--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume,-bootstrapsigner,-tokencleaner",
 		"--leader-elect=false",
 		"--secure-port=0")
 	if err != nil {
