@@ -23,11 +23,11 @@ import (
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
-// TestNode runs a Deployment of the locally built test app on the test bed's node: the node is
-// Ready, the pod Running and Ready (an HTTP readiness probe, run by the kubelet), its
-// ServiceAccount token mounted (the app serves the file; the API server's TokenReview says whose
-// it is), the pod reachable on its pod IP from the host, and the controller-manager's
-// EndpointSlice for a Service over it lists that address, ready.
+// TestNode runs Deployments of the locally built images on the test bed's node: the node is
+// Ready; the test app's pod is Running and Ready (an HTTP readiness probe, run by the kubelet),
+// its ServiceAccount token mounted (the app serves the file; the API server's TokenReview says
+// whose it is), reachable on its pod IP from the host, and the controller-manager's EndpointSlice
+// for a Service over it lists that address, ready; Istio's echo app answers on its pod IP.
 func TestNode(t *testing.T) {
 	skipUnlessNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
@@ -40,13 +40,25 @@ func TestNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("node: pause (%d bytes) and podapp (%d bytes) images built in %v", len(pause), len(app), time.Since(built).Round(time.Millisecond))
-	pausePath, appPath := filepath.Join(dir, "pause.tar"), filepath.Join(dir, "podapp.tar")
-	for p, b := range map[string][]byte{pausePath: pause, appPath: app} {
+	built = time.Now()
+	istioDir, err := testbed.ModuleDir(ctx, "istio.io/istio@"+testbed.IstioVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	echo, err := image.EchoImage(ctx, istioDir, time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("node: Istio's echo image (%d bytes) built in %v", len(echo), time.Since(built).Round(time.Millisecond))
+	var archives []string
+	for name, b := range map[string][]byte{"pause.tar": pause, "podapp.tar": app, "echo.tar": echo} {
+		p := filepath.Join(dir, name)
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
+		archives = append(archives, p)
 	}
-	c := testbed.Start(t, testbed.Options{Node: &testbed.NodeOptions{Images: []string{pausePath, appPath}, SandboxImage: image.PauseRef}})
+	c := testbed.Start(t, testbed.Options{Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
 	n := c.Node
 	t.Logf("node: %s Ready, node IP %s, pods in %s", n.Name, n.IP, n.Subnet)
 
@@ -54,59 +66,17 @@ func TestNode(t *testing.T) {
 	if err := c.Namespace(ctx, ns, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "app"}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	labels := map[string]string{"app": "app"}
-	dep := &appsv1.Deployment{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: ns},
-		Spec: appsv1.DeploymentSpec{
-			Replicas: ptr(int32(1)),
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec: corev1.PodSpec{
-					ServiceAccountName:            "app",
-					TerminationGracePeriodSeconds: ptr(int64(2)),
-					Containers: []corev1.Container{{
-						Name: "app", Image: image.PodAppRef, ImagePullPolicy: corev1.PullNever,
-						Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}},
-						ReadinessProbe: &corev1.Probe{
-							ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/", Port: intstr.FromString("http")}},
-							PeriodSeconds: 1,
-						},
-					}},
-				},
-			},
-		},
-	}
-	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	svc := &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: ns},
-		Spec: corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
-	}
-	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-
 	started := time.Now()
-	var pod corev1.Pod
-	wait(t, ctx, 3*time.Minute, "the Deployment's pod Running and Ready", func() (bool, string) {
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=app"})
-		if err != nil {
-			return false, err.Error()
-		}
-		if len(pods.Items) != 1 {
-			return false, fmt.Sprintf("%d pods", len(pods.Items))
-		}
-		pod = pods.Items[0]
-		return pod.Status.Phase == corev1.PodRunning && ready(&pod), describe(&pod)
-	})
+	deploy(t, ctx, c, ns, "app", image.PodAppRef, nil)
+	deploy(t, ctx, c, ns, "echo", image.EchoRef, []string{"--port", "8080", "--grpc", "7070", "--version", "v1"})
+	pod := runningPod(t, ctx, c, ns, "app")
 	t.Logf("node: pod %s Running and Ready on %s at %s, %v after the Deployment", pod.Name, pod.Spec.NodeName, pod.Status.PodIP, time.Since(started).Round(time.Millisecond))
 	if pod.Spec.NodeName != n.Name {
 		t.Errorf("node: pod scheduled to %q, want %q", pod.Spec.NodeName, n.Name)
+	}
+	echoPod := runningPod(t, ctx, c, ns, "echo")
+	if code, body := get(t, "http://"+echoPod.Status.PodIP+":8080/"); code != http.StatusOK || !strings.Contains(body, "Hostname="+echoPod.Name) {
+		t.Errorf("node: Istio's echo at %s:8080 answered %d %q, want 200 and Hostname=%s", echoPod.Status.PodIP, code, body, echoPod.Name)
 	}
 
 	// Reachable on its pod IP from the host (through the node's CNI bridge).
@@ -149,6 +119,67 @@ func TestNode(t *testing.T) {
 		}
 		return false, fmt.Sprintf("%d slices, endpoints %v", len(slices.Items), seen)
 	})
+}
+
+// deploy creates ns/name's ServiceAccount, a Deployment of one pod running img with args (its
+// port 8080 named http, an HTTP readiness probe on it, never pulled) and a Service over it.
+func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img string, args []string) {
+	t.Helper()
+	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	labels := map[string]string{"app": name}
+	dep := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: ptr(int32(1)),
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					ServiceAccountName:            name,
+					TerminationGracePeriodSeconds: ptr(int64(2)),
+					Containers: []corev1.Container{{
+						Name: name, Image: img, Args: args, ImagePullPolicy: corev1.PullNever,
+						Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}},
+						ReadinessProbe: &corev1.Probe{
+							ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/", Port: intstr.FromString("http")}},
+							PeriodSeconds: 1,
+						},
+					}},
+				},
+			},
+		},
+	}
+	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec:       corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
+	}
+	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runningPod waits (3 minutes at most) for the one pod of Deployment ns/name to be Running and
+// Ready.
+func runningPod(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name string) corev1.Pod {
+	t.Helper()
+	var pod corev1.Pod
+	wait(t, ctx, 3*time.Minute, "the pod of Deployment "+ns+"/"+name+" Running and Ready", func() (bool, string) {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+		if err != nil {
+			return false, err.Error()
+		}
+		if len(pods.Items) != 1 {
+			return false, fmt.Sprintf("%d pods", len(pods.Items))
+		}
+		pod = pods.Items[0]
+		return pod.Status.Phase == corev1.PodRunning && ready(&pod), describe(&pod)
+	})
+	return pod
 }
 
 // skipUnlessNode skips, saying why, where a node cannot run: not root, or no containerd, runc,
