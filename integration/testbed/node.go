@@ -291,11 +291,18 @@ state = %q
 		return fmt.Errorf("testbed: containerd not answering on %s: %w", n.ContainerdSocket, err)
 	}
 	for _, img := range opts.Images {
-		if _, err := n.Ctr(ctx, "images", "import", "--snapshotter", "overlayfs", img); err != nil {
+		if err := n.Import(ctx, img); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// Import imports an OCI image-layout archive into containerd's k8s.io namespace, unpacked for
+// the CRI's snapshotter, where the kubelet finds it.
+func (n *Node) Import(ctx context.Context, archive string) error {
+	_, err := n.Ctr(ctx, "images", "import", "--snapshotter", "overlayfs", archive)
+	return err
 }
 
 // Ctr runs `ctr -a SOCKET -n k8s.io ARGS...` (60 s at most) against the node's containerd.
