@@ -48,6 +48,11 @@ func CacheDir() (string, error) {
 // (instant). Concurrent callers, in this process or another, wait for one build. logf reports
 // each phase and how long it took.
 func EnsureBinaries(ctx context.Context, logf func(format string, args ...any)) (Binaries, error) {
+	return ensureBinaries(ctx, logf, true)
+}
+
+// ensureBinaries is EnsureBinaries, istiod only when asked for.
+func ensureBinaries(ctx context.Context, logf func(format string, args ...any), istiod bool) (Binaries, error) {
 	var b Binaries
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
@@ -62,7 +67,7 @@ func EnsureBinaries(ctx context.Context, logf func(format string, args ...any)) 
 		return b, fmt.Errorf("testbed: creating %s: %w", dir, err)
 	}
 	b.KubeAPIServer, err = ensure(ctx, logf, dir, "kube-apiserver-"+KubernetesVersion, kubeAPIServerModule, "k8s.io/kubernetes/cmd/kube-apiserver")
-	if err != nil {
+	if err != nil || !istiod {
 		return b, err
 	}
 	b.Istiod, err = ensure(ctx, logf, dir, "pilot-discovery-"+IstioVersion, istiodModule, "istio.io/istio/pilot/cmd/pilot-discovery")

@@ -51,7 +51,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	phase := time.Now()
-	bins, err := EnsureBinaries(ctx, t.Logf)
+	bins, err := ensureBinaries(ctx, t.Logf, opts.Istiod)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -263,6 +263,10 @@ state = %q
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   disable_apparmor = true
+  # Containers' oom_score_adj no lower than containerd's own: the test may lack
+  # CAP_SYS_RESOURCE (then runc's "failed to update /proc/self/oom_score_adj: Permission
+  # denied" fails every sandbox).
+  restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
