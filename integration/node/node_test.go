@@ -27,7 +27,8 @@ import (
 // Ready; the test app's pod is Running and Ready (an HTTP readiness probe, run by the kubelet),
 // its ServiceAccount token mounted (the app serves the file; the API server's TokenReview says
 // whose it is), reachable on its pod IP from the host, and the controller-manager's EndpointSlice
-// for a Service over it lists that address, ready; Istio's echo app answers on its pod IP.
+// for a Service over it lists that address, ready, and the Service's ClusterIP reaches it
+// (kube-proxy); Istio's echo app answers on its pod IP.
 func TestNode(t *testing.T) {
 	skipUnlessNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
@@ -104,6 +105,16 @@ func TestNode(t *testing.T) {
 		}
 		return false, fmt.Sprintf("%d slices, endpoints %v", len(slices.Items), seen)
 	})
+
+	// The Service's ClusterIP, through kube-proxy's nftables rules, from the host.
+	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, "app", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := "http://" + svc.Spec.ClusterIP + ":80/"
+	if code, body := get(t, vip); code != http.StatusOK || body != pod.Name {
+		t.Errorf("node: GET %s = %d %q, want 200 and the pod's hostname %q", vip, code, body, pod.Name)
+	}
 
 	// Istio's echo app, built (minutes the first time: a static build of Istio's packages) and
 	// imported while the node runs.

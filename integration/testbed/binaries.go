@@ -233,10 +233,10 @@ func PilotAgent(ctx context.Context, logf func(format string, args ...any)) (str
 }
 
 // NodeBinaries are the programs a Node runs besides containerd, runc and the CNI plugins
-// (Debian's): the kubelet, and the controller-manager and scheduler the node needs to run
-// Deployments, ServiceAccounts and EndpointSlices.
+// (Debian's): the kubelet and kube-proxy, and the controller-manager and scheduler the node needs
+// to run Deployments, ServiceAccounts and EndpointSlices.
 type NodeBinaries struct {
-	Kubelet, ControllerManager, Scheduler string
+	Kubelet, ControllerManager, Scheduler, Proxy string
 }
 
 // EnsureNodeBinaries returns the node's Kubernetes binaries, built like kube-apiserver from
@@ -254,7 +254,7 @@ func EnsureNodeBinaries(ctx context.Context, logf func(format string, args ...an
 	for _, x := range []struct {
 		path *string
 		cmd  string
-	}{{&b.Kubelet, "kubelet"}, {&b.ControllerManager, "kube-controller-manager"}, {&b.Scheduler, "kube-scheduler"}} {
+	}{{&b.Kubelet, "kubelet"}, {&b.ControllerManager, "kube-controller-manager"}, {&b.Scheduler, "kube-scheduler"}, {&b.Proxy, "kube-proxy"}} {
 		*x.path, err = ensure(ctx, logf, dir, x.cmd+"-"+KubernetesVersion, kubeAPIServerModule, "k8s.io/kubernetes/cmd/"+x.cmd)
 		if err != nil {
 			return b, err

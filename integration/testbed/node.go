@@ -90,7 +90,53 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	if err := c.startKubelet(ctx, n, bins); err != nil {
 		return n, err
 	}
+	if err := c.startKubeProxy(ctx, n, bins); err != nil {
+		return n, err
+	}
 	return n, nil
+}
+
+// startKubeProxy runs kube-proxy in nftables mode (its own tables, ip and ip6 "kube-proxy",
+// which Close deletes), so that ClusterIP Services work from the host and from pods; no
+// conntrack or other sysctl changes, NodePorts only on the node's bridge address. It waits until
+// kube-proxy's healthz answers 200 (it has synced its rules once).
+func (c *Cluster) startKubeProxy(ctx context.Context, n *Node, bins NodeBinaries) error {
+	if err := writeClientCert(c.Dir, "kube-proxy", "system:kube-proxy"); err != nil {
+		return err
+	}
+	if err := c.writeKubeconfig(filepath.Join(n.Dir, "kube-proxy.kubeconfig"), "kube-proxy"); err != nil {
+		return err
+	}
+	ports, err := freePorts(2)
+	if err != nil {
+		return err
+	}
+	healthz := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	cfg := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: %q}
+mode: nftables
+hostnameOverride: %q
+clusterCIDR: %q
+detectLocalMode: ClusterCIDR
+nodePortAddresses: [%q]
+healthzBindAddress: %q
+metricsBindAddress: "127.0.0.1:%d"
+oomScoreAdj: 0
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+`, filepath.Join(n.Dir, "kube-proxy.kubeconfig"), n.Name, n.Subnet, n.IP+"/32", healthz, ports[1])
+	if err := writeFile(filepath.Join(n.Dir, "kube-proxy.yaml"), cfg); err != nil {
+		return err
+	}
+	p, err := startProcIn(n.Dir, n.Dir, "kube-proxy", nil, bins.Proxy, "--config", filepath.Join(n.Dir, "kube-proxy.yaml"), "--v=2")
+	if err != nil {
+		return err
+	}
+	n.procs = append(n.procs, p)
+	if err := c.waitHTTP(ctx, "http://"+healthz+"/healthz", "", p); err != nil {
+		return fmt.Errorf("testbed: kube-proxy: %w", err)
+	}
+	return nil
 }
 
 // network creates the CNI bridge with the gateway address before the plugin does: it is the

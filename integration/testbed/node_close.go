@@ -18,10 +18,11 @@ import (
 )
 
 // Close stops the node and removes what it made outside n.Dir, also after a failed start: the
-// kubelet first (so it recreates nothing), then every pod sandbox through the CRI (containerd
-// runs CNI DEL, frees the address and deletes the pod's network namespace), containerd, the
-// controller-manager and scheduler; then any mount left under n.Dir, the cgroup root, the CNI
-// bridge and the iptables chains the kubelet adds. Idempotent; the errors of every step joined.
+// kubelet first (so it recreates nothing) and kube-proxy, then every pod sandbox through the CRI
+// (containerd runs CNI DEL, frees the address and deletes the pod's network namespace),
+// containerd, the controller-manager and scheduler; then any mount left under n.Dir, the cgroup root, the CNI
+// bridge, the iptables chains the kubelet adds and kube-proxy's nftables tables. Idempotent;
+// the errors of every step joined.
 func (n *Node) Close() error {
 	n.once.Do(func() { n.err = n.close() })
 	return n.err
@@ -37,6 +38,7 @@ func (n *Node) close() error {
 		}
 	}
 	stop("kubelet")
+	stop("kube-proxy")
 	for k, v := range n.sysctls {
 		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("testbed: restoring %s: %w", k, err))
@@ -56,6 +58,9 @@ func (n *Node) close() error {
 	}
 	if n.started("kubelet") {
 		errs = append(errs, removeKubeletChains())
+	}
+	if n.started("kube-proxy") {
+		errs = append(errs, removeKubeProxyTables())
 	}
 	return errors.Join(errs...)
 }
@@ -168,6 +173,21 @@ func removeKubeletChains() error {
 				continue
 			}
 			errs = append(errs, ipt("-t", tc[0], "-F", tc[1]), ipt("-t", tc[0], "-X", tc[1]))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeKubeProxyTables deletes kube-proxy's nftables tables (pkg/proxy/nftables: table
+// "kube-proxy" in the ip and ip6 families); kube-proxy leaves them when it stops.
+func removeKubeProxyTables() error {
+	var errs []error
+	for _, family := range []string{"ip", "ip6"} {
+		if exec.Command("nft", "list", "table", family, "kube-proxy").Run() != nil {
+			continue
+		}
+		if out, err := exec.Command("nft", "delete", "table", family, "kube-proxy").CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("testbed: nft delete table %s kube-proxy: %v: %s", family, err, strings.TrimSpace(string(out))))
 		}
 	}
 	return errors.Join(errs...)

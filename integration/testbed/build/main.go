@@ -1,5 +1,5 @@
 // Command build builds and caches the test bed's binaries (kube-apiserver, istiod, pilot-agent, and the node's kubelet,
-// kube-controller-manager and kube-scheduler),
+// kube-controller-manager, kube-scheduler and kube-proxy),
 // printing each phase's time. `make testbed` runs it; tests would otherwise do it on first use.
 package main
 
@@ -36,6 +36,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s, pilot-agent %s, kubelet %s, kube-controller-manager %s, kube-scheduler %s\n",
-		time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod, agent, node.Kubelet, node.ControllerManager, node.Scheduler)
+	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s, pilot-agent %s, kubelet %s, kube-controller-manager %s, kube-scheduler %s, kube-proxy %s\n",
+		time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod, agent, node.Kubelet, node.ControllerManager, node.Scheduler, node.Proxy)
 }
