@@ -106,15 +106,17 @@ func TestNode(t *testing.T) {
 		return false, fmt.Sprintf("%d slices, endpoints %v", len(slices.Items), seen)
 	})
 
-	// The Service's ClusterIP, through kube-proxy's nftables rules, from the host.
+	// The Service's ClusterIP, through kube-proxy's nftables rules, from the host, once
+	// kube-proxy has the EndpointSlice (until then it rejects: connection refused).
 	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, "app", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	vip := "http://" + svc.Spec.ClusterIP + ":80/"
-	if code, body := get(t, vip); code != http.StatusOK || body != pod.Name {
-		t.Errorf("node: GET %s = %d %q, want 200 and the pod's hostname %q", vip, code, body, pod.Name)
-	}
+	wait(t, ctx, 30*time.Second, "GET "+vip+" answering the pod's hostname", func() (bool, string) {
+		code, body, err := tryGet(vip)
+		return err == nil && code == http.StatusOK && body == pod.Name, fmt.Sprintf("%d %q %v", code, body, err)
+	})
 
 	// Istio's echo app, built (minutes the first time: a static build of Istio's packages) and
 	// imported while the node runs.
@@ -270,14 +272,22 @@ func describe(p *corev1.Pod) string {
 
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get(url)
+	code, body, err := tryGet(url)
 	if err != nil {
 		t.Fatalf("node: GET %s: %v", url, err)
 	}
+	return code, body
+}
+
+func tryGet(url string) (int, string, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<10))
-	return resp.StatusCode, strings.TrimSpace(string(b))
+	return resp.StatusCode, strings.TrimSpace(string(b)), nil
 }
 
 func ptr[T any](v T) *T { return &v }
