@@ -65,6 +65,13 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	sub := fmt.Sprintf("10.246.%d", 1+int(rnd[0])%250)
 	n.IP, n.Subnet = sub+".1", sub+".0/24"
 	n.ContainerdSocket = filepath.Join(n.Dir, "containerd.sock")
+	swept, err := sweepNodes()
+	for _, s := range swept {
+		c.logf("testbed: removed what a killed run left: %s", s)
+	}
+	if err != nil {
+		return n, err
+	}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())
@@ -74,6 +81,9 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return n, fmt.Errorf("testbed: %w", err)
 		}
+	}
+	if err := n.record(); err != nil {
+		return n, err
 	}
 	if err := n.network(); err != nil {
 		return n, err
@@ -424,6 +434,9 @@ fileCheckFrequency: 10s
 			return fmt.Errorf("testbed: %w", err)
 		}
 		n.sysctls[k] = string(b)
+	}
+	if err := n.record(); err != nil {
+		return err
 	}
 	p, err := startProcIn(n.Dir, n.Dir, "kubelet", nil, bins.Kubelet,
 		"--config", d("kubelet.yaml"),

@@ -39,30 +39,48 @@ func (n *Node) close() error {
 	}
 	stop("kubelet")
 	stop("kube-proxy")
-	for k, v := range n.sysctls {
-		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
-			errs = append(errs, fmt.Errorf("testbed: restoring %s: %w", k, err))
-		}
-	}
+	errs = append(errs, n.restoreSysctls())
 	if n.running("containerd") {
 		errs = append(errs, n.removeSandboxes())
 	}
 	stop("containerd")
 	stop("kube-controller-manager")
 	stop("kube-scheduler")
-	errs = append(errs, unmountUnder(n.Dir), n.removeCgroups())
-	if n.bridge != "" {
-		if _, err := os.Stat("/sys/class/net/" + n.bridge); err == nil {
-			errs = append(errs, ipCmd("link", "del", n.bridge))
+	errs = append(errs, unmountUnder(n.Dir), n.removeCgroups(), n.removeBridge())
+	if !othersAlive(n.recordPath()) {
+		if n.started("kubelet") {
+			errs = append(errs, removeKubeletChains())
+		}
+		if n.started("kube-proxy") {
+			errs = append(errs, removeKubeProxyTables())
 		}
 	}
-	if n.started("kubelet") {
-		errs = append(errs, removeKubeletChains())
-	}
-	if n.started("kube-proxy") {
-		errs = append(errs, removeKubeProxyTables())
+	if err := os.Remove(n.recordPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("testbed: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// restoreSysctls puts back the kernel settings the kubelet changed.
+func (n *Node) restoreSysctls() error {
+	var errs []error
+	for k, v := range n.sysctls {
+		if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("testbed: restoring %s: %w", k, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeBridge deletes the node's CNI bridge if it is there.
+func (n *Node) removeBridge() error {
+	if n.bridge == "" {
+		return nil
+	}
+	if _, err := os.Stat("/sys/class/net/" + n.bridge); err != nil {
+		return nil
+	}
+	return ipCmd("link", "del", n.bridge)
 }
 
 // running reports whether a process of that name was started and is still running.
