@@ -30,10 +30,10 @@ type NodeOptions struct {
 
 // Node is one Kubernetes node of the test bed: Debian's containerd (1.6, its CRI plugin on,
 // everything under Dir), runc, the bridge/host-local/loopback CNI plugins (Debian's
-// containernetworking-plugins) with a CNI configuration of its own, and a kubelet registered
-// to the Cluster's API server with a client certificate; beside it the cluster's
-// kube-controller-manager and kube-scheduler, so that Deployments, ServiceAccounts, their tokens
-// and EndpointSlices work as in any cluster. Fields are immutable after startNode.
+// containernetworking-plugins) with a CNI configuration of its own, a kubelet registered to the
+// Cluster's API server with a client certificate, and kube-proxy; beside them the cluster's
+// kube-controller-manager and kube-scheduler, so that Deployments, ServiceAccounts, their
+// tokens, EndpointSlices and ClusterIP Services work as in any cluster. Fields are immutable after startNode.
 type Node struct {
 	Name   string // the Node object's name
 	Dir    string // configs, logs, containerd's root and state, the kubelet's root
@@ -107,7 +107,7 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 }
 
 // startKubeProxy runs kube-proxy in nftables mode (its own tables, ip and ip6 "kube-proxy",
-// which Close deletes), so that ClusterIP Services work from the host and from pods; no
+// which Close deletes), so that ClusterIP Services work (TestNode checks it from the host); no
 // conntrack or other sysctl changes, NodePorts only on the node's bridge address. It waits until
 // kube-proxy's healthz answers 200 (it has synced its rules once).
 func (c *Cluster) startKubeProxy(ctx context.Context, n *Node, bins NodeBinaries) error {
