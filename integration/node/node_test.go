@@ -142,6 +142,12 @@ func TestNode(t *testing.T) {
 	if code, body := get(t, "http://"+echoPod.Status.PodIP+":8080/"); code != http.StatusOK || !strings.Contains(body, "Hostname="+echoPod.Name) {
 		t.Errorf("node: Istio's echo at %s:8080 answered %d %q, want 200 and Hostname=%s", echoPod.Status.PodIP, code, body, echoPod.Name)
 	}
+
+	// Its log, through the API server from the kubelet (containerLogs on the kubelet's port).
+	logs, err := c.Client.CoreV1().Pods(ns).GetLogs(echoPod.Name, &corev1.PodLogOptions{}).DoRaw(ctx)
+	if err != nil || !strings.Contains(string(logs), "8080") {
+		t.Errorf("node: the echo pod's log through the kubelet: %v %q, want a line naming port 8080", err, logs)
+	}
 }
 
 // deploy creates ns/name's ServiceAccount, a Deployment of one pod running img with args (its

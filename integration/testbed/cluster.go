@@ -188,6 +188,8 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error
 		// The only address is loopback, which the endpoint reconciler refuses for the
 		// kubernetes Service; nothing here needs that Service's endpoints.
 		"--endpoint-reconciler-type", "none",
+		// The node's name resolves nowhere: the API server dials kubelets at their address.
+		"--kubelet-preferred-address-types", "InternalIP",
 		"--kubelet-client-certificate", f("apiserver-kubelet-client.crt"),
 		"--kubelet-client-key", f("apiserver-kubelet-client.key"),
 		"--enable-priority-and-fairness=false",
