@@ -42,7 +42,7 @@ test-unit: ## unit tests of the main module, with -race
 test-integration: testbed ## interop tests against Istio's own code and the real control plane (integration/ module), with -race
 	cd integration && $(GO) test -race -count=1 -timeout 30m ./...
 
-testbed: ## build and cache kube-apiserver and istiod for the test bed (minutes the first time, then instant)
+testbed: ## build and cache kube-apiserver, istiod and the node's kubelet, controller-manager, scheduler and kube-proxy for the test bed (minutes the first time, then instant)
 	cd integration && $(GO) run ./testbed/build
 
 verify: ## fail on gofmt, go vet or go mod tidy drift, a main module that does not vet on darwin and windows, or a cmd/detour that does not build for linux, darwin and windows

@@ -8,6 +8,9 @@
 // No CA bundle is included: every TLS peer of the waypoint (istiod's CA, ztunnel, other
 // replicas, the developer's tunnel) is verified against the mesh's root from the
 // istio-ca-root-cert ConfigMap, never against public roots.
+//
+// It also builds the test bed node's images (node.go): a pause image, a test app image and
+// Istio's echo app, each one platform, for `ctr images import`.
 package image
 
 import (

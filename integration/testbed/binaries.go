@@ -48,6 +48,11 @@ func CacheDir() (string, error) {
 // (instant). Concurrent callers, in this process or another, wait for one build. logf reports
 // each phase and how long it took.
 func EnsureBinaries(ctx context.Context, logf func(format string, args ...any)) (Binaries, error) {
+	return ensureBinaries(ctx, logf, true)
+}
+
+// ensureBinaries is EnsureBinaries, istiod only when asked for.
+func ensureBinaries(ctx context.Context, logf func(format string, args ...any), istiod bool) (Binaries, error) {
 	var b Binaries
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
@@ -61,13 +66,8 @@ func EnsureBinaries(ctx context.Context, logf func(format string, args ...any)) 
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return b, fmt.Errorf("testbed: creating %s: %w", dir, err)
 	}
-	unlock, err := lockFile(filepath.Join(dir, "build.lock"))
-	if err != nil {
-		return b, err
-	}
-	defer unlock()
 	b.KubeAPIServer, err = ensure(ctx, logf, dir, "kube-apiserver-"+KubernetesVersion, kubeAPIServerModule, "k8s.io/kubernetes/cmd/kube-apiserver")
-	if err != nil {
+	if err != nil || !istiod {
 		return b, err
 	}
 	b.Istiod, err = ensure(ctx, logf, dir, "pilot-discovery-"+IstioVersion, istiodModule, "istio.io/istio/pilot/cmd/pilot-discovery")
@@ -75,10 +75,20 @@ func EnsureBinaries(ctx context.Context, logf func(format string, args ...any)) 
 }
 
 // ensure builds pkg into dir/name unless it is there, in a scratch module whose go.mod is made by
-// gomod.
+// gomod. A lock per name makes concurrent callers (in this process or another) wait for one
+// build, while builds of other binaries go on.
 func ensure(ctx context.Context, logf func(string, ...any), dir, name string, gomod func(context.Context, string) (string, error), pkg string) (string, error) {
 	out := filepath.Join(dir, name)
 	if _, err := os.Stat(out); err == nil {
+		logf("testbed: using cached %s", out)
+		return out, nil
+	}
+	unlock, err := lockFile(filepath.Join(dir, name+".lock"))
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if _, err := os.Stat(out); err == nil { // built while this caller waited
 		logf("testbed: using cached %s", out)
 		return out, nil
 	}
@@ -219,10 +229,36 @@ func PilotAgent(ctx context.Context, logf func(format string, args ...any)) (str
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("testbed: creating %s: %w", dir, err)
 	}
-	unlock, err := lockFile(filepath.Join(dir, "build.lock"))
-	if err != nil {
-		return "", err
-	}
-	defer unlock()
 	return ensure(ctx, logf, dir, "pilot-agent-"+IstioVersion, istiodModule, "istio.io/istio/pilot/cmd/pilot-agent")
+}
+
+// NodeBinaries are the programs a Node runs besides containerd, runc and the CNI plugins
+// (Debian's): the kubelet and kube-proxy, and the controller-manager and scheduler the node needs
+// to run Deployments, ServiceAccounts and EndpointSlices.
+type NodeBinaries struct {
+	Kubelet, ControllerManager, Scheduler, Proxy string
+}
+
+// EnsureNodeBinaries returns the node's Kubernetes binaries, built like kube-apiserver from
+// k8s.io/kubernetes at KubernetesVersion (each in a scratch module, sharing the Go build cache
+// with kube-apiserver's build, so each takes minutes the first time and is instant after).
+func EnsureNodeBinaries(ctx context.Context, logf func(format string, args ...any)) (NodeBinaries, error) {
+	var b NodeBinaries
+	dir, err := CacheDir()
+	if err != nil {
+		return b, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return b, fmt.Errorf("testbed: creating %s: %w", dir, err)
+	}
+	for _, x := range []struct {
+		path *string
+		cmd  string
+	}{{&b.Kubelet, "kubelet"}, {&b.ControllerManager, "kube-controller-manager"}, {&b.Scheduler, "kube-scheduler"}, {&b.Proxy, "kube-proxy"}} {
+		*x.path, err = ensure(ctx, logf, dir, x.cmd+"-"+KubernetesVersion, kubeAPIServerModule, "k8s.io/kubernetes/cmd/"+x.cmd)
+		if err != nil {
+			return b, err
+		}
+	}
+	return b, nil
 }

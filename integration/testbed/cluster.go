@@ -28,6 +28,7 @@ type Cluster struct {
 	Client     kubernetes.Interface
 	APIServer  string // https://127.0.0.1:port
 	Istiod     *Istiod
+	Node       *Node // with Options.Node
 
 	procs []*proc
 	logf  func(string, ...any)
@@ -36,6 +37,11 @@ type Cluster struct {
 // Options choose what Start runs. The zero value runs etcd and kube-apiserver only.
 type Options struct {
 	Istiod bool // also apply the Gateway API and Istio CRDs and start istiod
+	// Node also runs a real node (kubelet, containerd's CRI, CNI) with kube-controller-manager
+	// and kube-scheduler, and turns the API server's ServiceAccount admission on. Pods then need
+	// their ServiceAccount to exist (the controller-manager creates "default" in every namespace)
+	// and hand-made Pod objects (Network.Pod) bound to no real node are garbage-collected.
+	Node *NodeOptions
 }
 
 // Start runs a control plane for the test and stops it (every process, the directory) when the
@@ -45,7 +51,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	phase := time.Now()
-	bins, err := EnsureBinaries(ctx, t.Logf)
+	bins, err := ensureBinaries(ctx, t.Logf, opts.Istiod)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +68,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		}
 	})
 	phase = time.Now()
-	if err := c.startKube(ctx, bins); err != nil {
+	if err := c.startKube(ctx, bins, opts.Node != nil); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("testbed: etcd and kube-apiserver ready in %v", time.Since(phase).Round(time.Millisecond))
@@ -78,7 +84,43 @@ func Start(t testing.TB, opts Options) *Cluster {
 		}
 		t.Logf("testbed: istiod ready in %v", time.Since(phase).Round(time.Millisecond))
 	}
+	if opts.Node != nil {
+		c.Node = startNode(t, ctx, c, *opts.Node)
+	}
 	return c
+}
+
+// startNode builds (first run only) and starts the node, closing it when the test ends, after
+// printing its processes' logs if the test failed.
+func startNode(t testing.TB, ctx context.Context, c *Cluster, opts NodeOptions) *Node {
+	t.Helper()
+	phase := time.Now()
+	bins, err := EnsureNodeBinaries(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("testbed: node binaries ready in %v", time.Since(phase).Round(time.Millisecond))
+	phase = time.Now()
+	n, err := c.startNode(ctx, opts, bins)
+	logs := func() {
+		for _, p := range n.procs {
+			t.Logf("--- %s log (tail) ---\n%s", p.name, p.tail())
+		}
+	}
+	if err != nil {
+		logs()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs()
+		}
+		if err := n.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	t.Logf("testbed: node %s Ready in %v", n.Name, time.Since(phase).Round(time.Millisecond))
+	return n
 }
 
 func (c *Cluster) stop() error {
@@ -89,8 +131,12 @@ func (c *Cluster) stop() error {
 	return errors.Join(errs...)
 }
 
-func (c *Cluster) startKube(ctx context.Context, bins Binaries) error {
+func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error {
 	if err := writeServingPKI(c.Dir); err != nil {
+		return err
+	}
+	// The API server's client of the kubelets (logs, exec, port-forward).
+	if err := writeClientCert(c.Dir, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"); err != nil {
 		return err
 	}
 	ports, err := freePorts(3)
@@ -116,7 +162,14 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries) error {
 		return fmt.Errorf("testbed: %w", err)
 	}
 	f := func(n string) string { return filepath.Join(c.Dir, n) }
-	api, err := startProc(c.Dir, "kube-apiserver", nil, bins.KubeAPIServer,
+	// Without a node no controller-manager creates default service accounts: the admission
+	// plugin that needs them is off and tests create the accounts they use. With one, it is on,
+	// and it adds each pod's projected ServiceAccount token volume.
+	admission := []string{"--disable-admission-plugins", "ServiceAccount"}
+	if node {
+		admission = []string{"--enable-admission-plugins", "ServiceAccount"}
+	}
+	api, err := startProc(c.Dir, "kube-apiserver", nil, bins.KubeAPIServer, append(admission,
 		"--etcd-servers", "http://127.0.0.1:"+strconv.Itoa(etcdClient),
 		"--bind-address", "127.0.0.1",
 		"--advertise-address", "127.0.0.1",
@@ -135,11 +188,12 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries) error {
 		// The only address is loopback, which the endpoint reconciler refuses for the
 		// kubernetes Service; nothing here needs that Service's endpoints.
 		"--endpoint-reconciler-type", "none",
-		// No controller-manager creates default service accounts: the admission plugin that
-		// needs them is off; tests create the accounts they use.
-		"--disable-admission-plugins", "ServiceAccount",
+		// The node's name resolves nowhere: the API server dials kubelets at their address.
+		"--kubelet-preferred-address-types", "InternalIP",
+		"--kubelet-client-certificate", f("apiserver-kubelet-client.crt"),
+		"--kubelet-client-key", f("apiserver-kubelet-client.key"),
 		"--enable-priority-and-fairness=false",
-		"--profiling=false")
+		"--profiling=false")...)
 	if err != nil {
 		return err
 	}

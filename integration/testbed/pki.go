@@ -15,8 +15,9 @@ import (
 	"time"
 )
 
-// writeServingPKI writes a CA and a serving certificate for 127.0.0.1/localhost (ca.crt,
-// serving.crt, serving.key) and the service-account signing key pair (sa.key, sa.pub) to dir.
+// writeServingPKI writes a CA (ca.crt, and ca.key for the node's client certificates), a serving
+// certificate for 127.0.0.1/localhost (serving.crt, serving.key) and the service-account signing
+// key pair (sa.key, sa.pub) to dir.
 func writeServingPKI(dir string) error {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -54,6 +55,7 @@ func writeServingPKI(dir string) error {
 	}
 	files := map[string][]byte{
 		"ca.crt":      pemBlock("CERTIFICATE", caDER),
+		"ca.key":      ecKeyPEM(caKey),
 		"serving.crt": pemBlock("CERTIFICATE", der),
 		"serving.key": ecKeyPEM(key),
 		"sa.key":      ecKeyPEM(saKey),
@@ -101,4 +103,58 @@ func parsePEMCerts(b []byte) ([]*x509.Certificate, error) {
 		return nil, fmt.Errorf("testbed: no PEM certificate")
 	}
 	return out, nil
+}
+
+// writeClientCert writes dir/name.crt and dir/name.key: a client certificate from the CA in dir
+// (ca.crt, ca.key) for user cn in groups orgs, as the API server's x509 authenticator reads it.
+func writeClientCert(dir, name, cn string, orgs ...string) error {
+	caCerts, err := readPEMFile(filepath.Join(dir, "ca.crt"))
+	if err != nil {
+		return err
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(dir, "ca.key"))
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	block, _ := pem.Decode(keyPEM)
+	if block == nil {
+		return fmt.Errorf("testbed: no PEM key in %s", filepath.Join(dir, "ca.key"))
+	}
+	caKey, err := x509.ParseECPrivateKey(block.Bytes)
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: cn, Organization: orgs},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCerts[0], key.Public(), caKey)
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".crt"), pemBlock("CERTIFICATE", der), 0o600); err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name+".key"), ecKeyPEM(key), 0o600); err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	return nil
+}
+
+func readPEMFile(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("testbed: %w", err)
+	}
+	return parsePEMCerts(b)
 }

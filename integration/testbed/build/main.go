@@ -1,4 +1,5 @@
-// Command build builds and caches the test bed's binaries (kube-apiserver, istiod, pilot-agent),
+// Command build builds and caches the test bed's binaries (kube-apiserver, istiod, pilot-agent, and the node's kubelet,
+// kube-controller-manager, kube-scheduler and kube-proxy),
 // printing each phase's time. `make testbed` runs it; tests would otherwise do it on first use.
 package main
 
@@ -12,7 +13,7 @@ import (
 )
 
 func main() {
-	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Minute)
 	defer cancel()
 	start := time.Now()
 	b, err := testbed.EnsureBinaries(ctx, func(format string, args ...any) {
@@ -30,5 +31,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s, pilot-agent %s\n", time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod, agent)
+	node, err := testbed.EnsureNodeBinaries(ctx, logf)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Printf("[%6.1fs] testbed binaries: etcd %s, kube-apiserver %s, istiod %s, pilot-agent %s, kubelet %s, kube-controller-manager %s, kube-scheduler %s, kube-proxy %s\n",
+		time.Since(start).Seconds(), b.Etcd, b.KubeAPIServer, b.Istiod, agent, node.Kubelet, node.ControllerManager, node.Scheduler, node.Proxy)
 }

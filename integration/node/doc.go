@@ -1,0 +1,3 @@
+// Package node holds the tests of the test bed's real node (testbed.Options.Node, issue 18): a
+// kubelet, containerd's CRI and the CNI plugins running pods from images built here.
+package node
