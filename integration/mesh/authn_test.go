@@ -44,17 +44,7 @@ func TestDiscoveryRequestAuthentication(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !d.Ready() {
-		if time.Now().After(deadline) {
-			t.Fatal("discovery never synced")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	runDiscovery(ctx, t, d)
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

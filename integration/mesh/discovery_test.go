@@ -41,6 +41,29 @@ func within(t *testing.T, what string, cond func() bool) time.Duration {
 	return time.Since(start)
 }
 
+// startDiscovery runs d on a goroutine of the test's: its cleanup stops Run and waits for it
+// to return.
+func startDiscovery(ctx context.Context, t *testing.T, d *mesh.Discovery) {
+	t.Helper()
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- d.Run(runCtx) }()
+	t.Cleanup(func() { stop(); <-done })
+}
+
+// runDiscovery starts d and waits for its first sync (a hang guard of 30 s).
+func runDiscovery(ctx context.Context, t *testing.T, d *mesh.Discovery) {
+	t.Helper()
+	startDiscovery(ctx, t, d)
+	deadline := time.Now().Add(30 * time.Second)
+	for !d.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("discovery never synced")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // Services, EndpointSlices, Pods, Namespaces and AuthorizationPolicies created, updated and
 // deleted on the API server show in the route table and policy engine within 1 s; only services
 // bound to this waypoint (istio.io/use-waypoint, Istio's rules) are routable, and the waypoint's
@@ -91,17 +114,7 @@ func TestDiscovery(t *testing.T) {
 	if d.Policies().Decide(&authz.Request{}).Allow {
 		t.Fatal("before the first sync the policy engine must refuse everything")
 	}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !d.Ready() {
-		if time.Now().After(deadline) {
-			t.Fatal("discovery never synced")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	runDiscovery(ctx, t, d)
 	target := netip.AddrPortFrom(vip, 80)
 	resolve := func() *route.Destination {
 		dest, _ := d.Routes().Resolve(target, nil)

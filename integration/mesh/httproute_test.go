@@ -60,17 +60,7 @@ func TestDiscoveryHTTPRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Gateway: gc, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !d.Ready() {
-		if time.Now().After(deadline) {
-			t.Fatal("discovery never synced")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	runDiscovery(ctx, t, d)
 	backend := func() string {
 		r := httptest.NewRequest("GET", "/", nil)
 		m, attached := d.HTTPRoutes().Match(ns, "reviews", 80, "default", r, "/", false)

@@ -64,17 +64,7 @@ func TestDiscoveryL4Routes(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Gateway: gc, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !d.Ready() {
-		if time.Now().After(deadline) {
-			t.Fatal("discovery never synced")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	runDiscovery(ctx, t, d)
 	backend := func(port uint16, tls bool, sni string) string {
 		rule := d.L4Routes().For(ns, "db", port, "default").Match(tls, sni)
 		if rule == nil {

@@ -42,10 +42,7 @@ func TestDiscoveryMeshConfig(t *testing.T) {
 				providers = append(providers, p.GetName())
 			}
 		}}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
+	startDiscovery(ctx, t, d)
 	names := func(want ...string) func() bool {
 		return func() bool {
 			mu.Lock()
@@ -126,10 +123,7 @@ extensionProviders:
 	if _, err := c.Client.CoreV1().ConfigMaps("istio-system").Create(ctx, cm, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
+	startDiscovery(ctx, t, d)
 	t.Logf("read as the waypoint: %v", within(t, "provider opa", func() bool {
 		mu.Lock()
 		defer mu.Unlock()

@@ -53,17 +53,7 @@ func TestDiscoveryUnsupported(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- d.Run(runCtx) }()
-	defer func() { stop(); <-done }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !d.Ready() {
-		if time.Now().After(deadline) {
-			t.Fatal("discovery never synced")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	runDiscovery(ctx, t, d)
 	report := func() string {
 		var lines []string
 		for _, u := range d.UnsupportedObjects() {

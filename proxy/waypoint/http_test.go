@@ -118,7 +118,7 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 	b.balancer = &route.Balancer{} // round robin: the spread is checked
 	h := &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: b.balancer, Identity: wpID,
 		Dialer: onward, HBONEPort: uint16(hbonePort), Logger: quiet, Metrics: b.m, Inspect: waypoint.InspectAlways,
-		Policies: func() *authz.Engine { return engine }}
+		SniffWait: clientFirstWait, Policies: func() *authz.Engine { return engine }}
 	if tweak != nil {
 		tweak(h)
 	}
@@ -129,6 +129,13 @@ func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), po
 	t.Cleanup(func() { b.client.Close() })
 	return b
 }
+
+// clientFirstWait is the SniffWait of the beds whose clients always speak first and then
+// half-close: their sniff is decided by the bytes or by their end, never by the wait, so it is a
+// hang guard. A short wait is a timing: a loaded machine may pause a client past it (50 ms once
+// sent a TLSRoute port's ClientHello to the TCPRoute, unsniffed: "first record does not look
+// like a TLS handshake"). Tests of the wait itself (a server speaking first) set their own.
+const clientFirstWait = 10 * time.Second
 
 func freePort(t *testing.T) int {
 	l, err := net.Listen("tcp", "127.0.0.2:0")

@@ -64,7 +64,7 @@ func newL4Bed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *l4
 			t.Fatal(err)
 		}
 		h.L4Routes = func() *l4route.Table { return rt }
-		h.SniffWait = 50 * time.Millisecond
+		h.SniffWait = clientFirstWait // every exchange writes first, then half-closes
 		h.RouteRand = func(n int) int { return int(b.draws.Add(1)-1) % n }
 		if tweak != nil {
 			tweak(h)
