@@ -56,8 +56,10 @@ type Node struct {
 // nodeBridgePrefix names the node's CNI bridge (with the node's random id).
 const nodeBridgePrefix = "dtn"
 
-// startNode runs a node for c. Whatever it started is stopped by Close, also after an error.
-func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBinaries) (n *Node, err error) {
+// newNode picks the node's name, subnet and bridge, sweeps what killed runs left and creates the
+// bridge with the node's IP, before the API server starts: with a node, the API server serves on
+// that address (pods reach it there, through the kubernetes Service). Close undoes it.
+func newNode(c *Cluster) (n *Node, err error) {
 	rnd := make([]byte, 3)
 	rand.Read(rnd)
 	id := hex.EncodeToString(rnd)
@@ -72,11 +74,6 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	if err != nil {
 		return n, err
 	}
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, n.Close())
-		}
-	}()
 	for _, d := range []string{"cni/net.d", "cni/ipam", "runc", "kubelet", "pod-logs"} {
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return n, fmt.Errorf("testbed: %w", err)
@@ -85,25 +82,33 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	if err := n.record(); err != nil {
 		return n, err
 	}
-	if err := n.network(); err != nil {
-		return n, err
-	}
+	return n, n.network()
+}
+
+// startNode runs the node newNode prepared. Whatever it started is stopped by Close, also after
+// an error.
+func (c *Cluster) startNode(ctx context.Context, n *Node, opts NodeOptions, bins NodeBinaries) (err error) {
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, n.Close())
+		}
+	}()
 	if err := n.cgroupRoot(); err != nil {
-		return n, err
+		return err
 	}
 	if err := c.controlPlane(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
 	if err := n.startContainerd(ctx, opts); err != nil {
-		return n, err
+		return err
 	}
 	if err := c.startKubelet(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
 	if err := c.startKubeProxy(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
-	return n, nil
+	return nil
 }
 
 // startKubeProxy runs kube-proxy in nftables mode (its own tables, ip and ip6 "kube-proxy",
