@@ -73,6 +73,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 	var node *Node
 	if opts.Node != nil {
 		node = newTestNode(t, c)
+		c.Node = node // istiod serves its CA on the node's IP
 	}
 	phase = time.Now()
 	if err := c.startKube(ctx, bins, node); err != nil {
@@ -93,7 +94,6 @@ func Start(t testing.TB, opts Options) *Cluster {
 	}
 	if node != nil {
 		startNode(t, ctx, c, node, *opts.Node)
-		c.Node = node
 	}
 	return c
 }

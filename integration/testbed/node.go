@@ -43,6 +43,7 @@ type Node struct {
 	ContainerdSocket string
 
 	bridge string // the CNI bridge, ours
+	dns    *clusterDNS
 	cgroup string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
 	procs  []*proc
 	// sysctls are the kernel settings the kubelet changes (setupKernelTunables in
@@ -100,6 +101,9 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, opts NodeOptions, bins
 		return err
 	}
 	if err := n.startContainerd(ctx, opts); err != nil {
+		return err
+	}
+	if n.dns, err = startClusterDNS(c.Client, n.IP); err != nil {
 		return err
 	}
 	if err := c.startKubelet(ctx, n, bins); err != nil {
@@ -417,6 +421,7 @@ authentication:
 authorization: {mode: Webhook}
 resolvConf: %q
 clusterDomain: cluster.local
+clusterDNS: [%q]
 staticPodPath: ""
 podLogsDir: %q
 registerNode: true
@@ -428,7 +433,7 @@ evictionPressureTransitionPeriod: 10s
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 fileCheckFrequency: 10s
-`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"), d("pod-logs"))
+`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"), n.IP, d("pod-logs"))
 	if err := writeFile(d("kubelet.yaml"), cfg); err != nil {
 		return err
 	}
