@@ -3,7 +3,10 @@ package node
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -84,7 +87,7 @@ func TestInstall(t *testing.T) {
 	})
 
 	started := time.Now()
-	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--wait=false")
+	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--timeout", "3m")
 	if code != 0 {
 		t.Fatalf("node: detour install = %d:\n%s", code, out)
 	}
@@ -105,6 +108,27 @@ func TestInstall(t *testing.T) {
 		return readyPods == 2, strings.Join(seen, "\n")
 	})
 	t.Logf("node: detour's 2 pods Ready %v after install", time.Since(started).Round(time.Millisecond))
+
+	// Each pod's HBONE listener presents the identity istiod's CA issued to detour's service
+	// account (the pod got it through istiod.istio-system.svc:15012).
+	pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods.Items {
+		addr := net.JoinHostPort(p.Status.PodIP, "15008")
+		cert, err := peerCert(ctx, addr)
+		if err != nil {
+			t.Fatalf("node: TLS to %s (%s): %v", addr, p.Name, err)
+		}
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: c.Istiod.Roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			t.Errorf("node: %s's certificate is not from istiod's CA: %v", p.Name, err)
+		}
+		want := "spiffe://cluster.local/ns/" + ns + "/sa/detour"
+		if len(cert.URIs) != 1 || cert.URIs[0].String() != want {
+			t.Errorf("node: %s's certificate names %v, want %s", p.Name, cert.URIs, want)
+		}
+	}
 
 	code, out = detour(ctx, "uninstall", "--kubeconfig", c.Kubeconfig, "-n", ns)
 	if code != 0 {
@@ -169,6 +193,26 @@ func TestInstall(t *testing.T) {
 		}
 		return len(left) == 0, strings.Join(left, ", ")
 	})
+}
+
+// peerCert is the certificate the server at addr presents (the handshake may then fail for want
+// of a client certificate: only the server's is wanted).
+func peerCert(ctx context.Context, addr string) (*x509.Certificate, error) {
+	var got *x509.Certificate
+	d := &tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			c, err := x509.ParseCertificate(raw[0])
+			got = c
+			return err
+		}}}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if conn != nil {
+		conn.Close()
+	}
+	if got != nil {
+		return got, nil
+	}
+	return nil, err
 }
 
 func lenOr[T any](_ T, err error, n func() int) (int, error) {
