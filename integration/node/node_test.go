@@ -118,6 +118,14 @@ func TestNode(t *testing.T) {
 		return err == nil && code == http.StatusOK && body == pod.Name, fmt.Sprintf("%d %q %v", code, body, err)
 	})
 
+	// The API server from inside the pod, the way in-cluster clients reach it: the kubernetes
+	// Service's ClusterIP (kube-proxy, to the endpoint the API server's reconciler writes: the
+	// node's IP it serves on), TLS checked against the mounted CA, the mounted token.
+	wait(t, ctx, 30*time.Second, "the pod reaching the API server at the kubernetes Service", func() (bool, string) {
+		code, body, err := tryGet(base + "/kube")
+		return err == nil && code == http.StatusOK && strings.Contains(body, `"gitVersion"`), fmt.Sprintf("%d %q %v", code, body, err)
+	})
+
 	// Istio's echo app, built (minutes the first time: a static build of Istio's packages) and
 	// imported while the node runs.
 	built = time.Now()

@@ -17,6 +17,9 @@ import (
 	"k8s.io/client-go/rest"
 )
 
+// kubernetesServiceIP is the kubernetes Service's ClusterIP: the first of the service range.
+const kubernetesServiceIP = "10.96.0.1"
+
 // AdminToken is the bearer token of the test bed's cluster admin (system:masters).
 const AdminToken = "detour-testbed-admin"
 
@@ -26,7 +29,7 @@ type Cluster struct {
 	Kubeconfig string       // path of an admin kubeconfig
 	REST       *rest.Config // admin client config
 	Client     kubernetes.Interface
-	APIServer  string // https://127.0.0.1:port
+	APIServer  string // https://127.0.0.1:port, or https://NODE-IP:port with a node
 	Istiod     *Istiod
 	Node       *Node // with Options.Node
 
@@ -67,8 +70,13 @@ func Start(t testing.TB, opts Options) *Cluster {
 			}
 		}
 	})
+	var node *Node
+	if opts.Node != nil {
+		node = newTestNode(t, c)
+		c.Node = node // istiod serves its CA on the node's IP
+	}
 	phase = time.Now()
-	if err := c.startKube(ctx, bins, opts.Node != nil); err != nil {
+	if err := c.startKube(ctx, bins, node); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("testbed: etcd and kube-apiserver ready in %v", time.Since(phase).Round(time.Millisecond))
@@ -84,15 +92,35 @@ func Start(t testing.TB, opts Options) *Cluster {
 		}
 		t.Logf("testbed: istiod ready in %v", time.Since(phase).Round(time.Millisecond))
 	}
-	if opts.Node != nil {
-		c.Node = startNode(t, ctx, c, *opts.Node)
+	if node != nil {
+		startNode(t, ctx, c, node, *opts.Node)
 	}
 	return c
 }
 
-// startNode builds (first run only) and starts the node, closing it when the test ends, after
-// printing its processes' logs if the test failed.
-func startNode(t testing.TB, ctx context.Context, c *Cluster, opts NodeOptions) *Node {
+// newTestNode prepares the node (its bridge and address, which the API server serves on) and
+// closes it when the test ends, after printing its processes' logs if the test failed.
+func newTestNode(t testing.TB, c *Cluster) *Node {
+	t.Helper()
+	n, err := newNode(c)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range n.procs {
+				t.Logf("--- %s log (tail) ---\n%s", p.name, p.tail())
+			}
+		}
+		if err := n.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// startNode builds (first run only) and starts the node's processes.
+func startNode(t testing.TB, ctx context.Context, c *Cluster, n *Node, opts NodeOptions) {
 	t.Helper()
 	phase := time.Now()
 	bins, err := EnsureNodeBinaries(ctx, t.Logf)
@@ -101,26 +129,10 @@ func startNode(t testing.TB, ctx context.Context, c *Cluster, opts NodeOptions) 
 	}
 	t.Logf("testbed: node binaries ready in %v", time.Since(phase).Round(time.Millisecond))
 	phase = time.Now()
-	n, err := c.startNode(ctx, opts, bins)
-	logs := func() {
-		for _, p := range n.procs {
-			t.Logf("--- %s log (tail) ---\n%s", p.name, p.tail())
-		}
-	}
-	if err != nil {
-		logs()
+	if err := c.startNode(ctx, n, opts, bins); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			logs()
-		}
-		if err := n.Close(); err != nil {
-			t.Error(err)
-		}
-	})
 	t.Logf("testbed: node %s Ready in %v", n.Name, time.Since(phase).Round(time.Millisecond))
-	return n
 }
 
 func (c *Cluster) stop() error {
@@ -131,8 +143,18 @@ func (c *Cluster) stop() error {
 	return errors.Join(errs...)
 }
 
-func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error {
-	if err := writeServingPKI(c.Dir); err != nil {
+// startKube runs etcd and kube-apiserver. Without a node the API server serves on loopback
+// only. With one it serves on the node's IP instead (the CNI bridge's gateway, an address of this
+// machine on a bridge that leaves nowhere), advertises it, and its endpoint reconciler gives the
+// kubernetes Service (10.96.0.1:443) that endpoint, which kube-proxy serves to the pods; its
+// certificate also names that address and the Service's ClusterIP.
+func (c *Cluster) startKube(ctx context.Context, bins Binaries, n *Node) error {
+	node := n != nil
+	host, reconciler := "127.0.0.1", "none"
+	if node {
+		host, reconciler = n.IP, "lease"
+	}
+	if err := writeServingPKI(c.Dir, host, kubernetesServiceIP); err != nil {
 		return err
 	}
 	// The API server's client of the kubelets (logs, exec, port-forward).
@@ -171,8 +193,8 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error
 	}
 	api, err := startProc(c.Dir, "kube-apiserver", nil, bins.KubeAPIServer, append(admission,
 		"--etcd-servers", "http://127.0.0.1:"+strconv.Itoa(etcdClient),
-		"--bind-address", "127.0.0.1",
-		"--advertise-address", "127.0.0.1",
+		"--bind-address", host,
+		"--advertise-address", host,
 		"--secure-port", strconv.Itoa(apiPort),
 		"--cert-dir", f("apiserver-certs"),
 		"--tls-cert-file", f("serving.crt"),
@@ -185,9 +207,9 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error
 		"--service-account-signing-key-file", f("sa.key"),
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--allow-privileged",
-		// The only address is loopback, which the endpoint reconciler refuses for the
-		// kubernetes Service; nothing here needs that Service's endpoints.
-		"--endpoint-reconciler-type", "none",
+		// Without a node the only address is loopback, which the endpoint reconciler refuses
+		// for the kubernetes Service, and nothing needs that Service's endpoints.
+		"--endpoint-reconciler-type", reconciler,
 		// The node's name resolves nowhere: the API server dials kubelets at their address.
 		"--kubelet-preferred-address-types", "InternalIP",
 		"--kubelet-client-certificate", f("apiserver-kubelet-client.crt"),
@@ -198,7 +220,7 @@ func (c *Cluster) startKube(ctx context.Context, bins Binaries, node bool) error
 		return err
 	}
 	c.procs = append(c.procs, api)
-	c.APIServer = "https://127.0.0.1:" + strconv.Itoa(apiPort)
+	c.APIServer = "https://" + net.JoinHostPort(host, strconv.Itoa(apiPort))
 	ca, err := os.ReadFile(f("ca.crt"))
 	if err != nil {
 		return fmt.Errorf("testbed: %w", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -59,6 +60,11 @@ func (c *Cluster) startIstiod(ctx context.Context, bins Binaries) error {
 	}
 	addr := func(i int) string { return "127.0.0.1:" + strconv.Itoa(ports[i]) }
 	c.Istiod = &Istiod{HTTPAddr: addr(0), XDSAddr: addr(1), CAAddr: addr(2), ServerName: "istiod.istio-system.svc"}
+	if c.Node != nil {
+		// The node's pods reach the CA as a mesh's do: istiod.istio-system.svc:15012 (the
+		// node's cluster DNS, the Service below, kube-proxy) to istiod on the node's IP.
+		c.Istiod.CAAddr = net.JoinHostPort(c.Node.IP, strconv.Itoa(ports[2]))
+	}
 	env := []string{
 		"POD_NAMESPACE=istio-system", "POD_NAME=istiod-testbed", "CLUSTER_ID=Kubernetes",
 		"PILOT_ENABLE_AMBIENT=true", "ISTIOD_CUSTOM_HOST=localhost,127.0.0.1",
@@ -72,7 +78,7 @@ func (c *Cluster) startIstiod(ctx context.Context, bins Binaries) error {
 		"--domain", "cluster.local",
 		"--httpAddr", addr(0),
 		"--grpcAddr", addr(1),
-		"--secureGRPCAddr", addr(2),
+		"--secureGRPCAddr", c.Istiod.CAAddr,
 		"--monitoringAddr", addr(3),
 		"--httpsAddr", addr(4),
 		"--ctrlz_address", "127.0.0.1", "--ctrlz_port", "0",
@@ -83,6 +89,14 @@ func (c *Cluster) startIstiod(ctx context.Context, bins Binaries) error {
 	c.procs = append(c.procs, p)
 	if err := c.waitHTTP(ctx, "http://"+c.Istiod.HTTPAddr+"/ready", "", p); err != nil {
 		return err
+	}
+	if c.Node != nil {
+		if err := c.Namespace(ctx, "istio-system", nil); err != nil {
+			return err
+		}
+		if _, err := c.Service(ctx, "istio-system", "istiod", nil, []ServicePort{{Name: "https-dns", Port: 15012, TargetPort: int32(ports[2])}}, c.Node.IP); err != nil {
+			return err
+		}
 	}
 	return c.readMeshRoot(ctx)
 }

@@ -43,6 +43,7 @@ type Node struct {
 	ContainerdSocket string
 
 	bridge string // the CNI bridge, ours
+	dns    *clusterDNS
 	cgroup string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
 	procs  []*proc
 	// sysctls are the kernel settings the kubelet changes (setupKernelTunables in
@@ -56,8 +57,10 @@ type Node struct {
 // nodeBridgePrefix names the node's CNI bridge (with the node's random id).
 const nodeBridgePrefix = "dtn"
 
-// startNode runs a node for c. Whatever it started is stopped by Close, also after an error.
-func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBinaries) (n *Node, err error) {
+// newNode picks the node's name, subnet and bridge, sweeps what killed runs left and creates the
+// bridge with the node's IP, before the API server starts: with a node, the API server serves on
+// that address (pods reach it there, through the kubernetes Service). Close undoes it.
+func newNode(c *Cluster) (n *Node, err error) {
 	rnd := make([]byte, 3)
 	rand.Read(rnd)
 	id := hex.EncodeToString(rnd)
@@ -72,11 +75,6 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	if err != nil {
 		return n, err
 	}
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, n.Close())
-		}
-	}()
 	for _, d := range []string{"cni/net.d", "cni/ipam", "runc", "kubelet", "pod-logs"} {
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return n, fmt.Errorf("testbed: %w", err)
@@ -85,25 +83,36 @@ func (c *Cluster) startNode(ctx context.Context, opts NodeOptions, bins NodeBina
 	if err := n.record(); err != nil {
 		return n, err
 	}
-	if err := n.network(); err != nil {
-		return n, err
-	}
+	return n, n.network()
+}
+
+// startNode runs the node newNode prepared. Whatever it started is stopped by Close, also after
+// an error.
+func (c *Cluster) startNode(ctx context.Context, n *Node, opts NodeOptions, bins NodeBinaries) (err error) {
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, n.Close())
+		}
+	}()
 	if err := n.cgroupRoot(); err != nil {
-		return n, err
+		return err
 	}
 	if err := c.controlPlane(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
 	if err := n.startContainerd(ctx, opts); err != nil {
-		return n, err
+		return err
+	}
+	if n.dns, err = startClusterDNS(c.Client, n.IP); err != nil {
+		return err
 	}
 	if err := c.startKubelet(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
 	if err := c.startKubeProxy(ctx, n, bins); err != nil {
-		return n, err
+		return err
 	}
-	return n, nil
+	return nil
 }
 
 // startKubeProxy runs kube-proxy in nftables mode (its own tables, ip and ip6 "kube-proxy",
@@ -412,6 +421,7 @@ authentication:
 authorization: {mode: Webhook}
 resolvConf: %q
 clusterDomain: cluster.local
+clusterDNS: [%q]
 staticPodPath: ""
 podLogsDir: %q
 registerNode: true
@@ -423,7 +433,7 @@ evictionPressureTransitionPeriod: 10s
 syncFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 fileCheckFrequency: 10s
-`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"), d("pod-logs"))
+`, n.cgroup, "unix://"+n.ContainerdSocket, n.IP, ports[0], ports[1], filepath.Join(c.Dir, "ca.crt"), d("resolv.conf"), n.IP, d("pod-logs"))
 	if err := writeFile(d("kubelet.yaml"), cfg); err != nil {
 		return err
 	}

@@ -46,6 +46,7 @@ func (n *Node) close() error {
 	stop("containerd")
 	stop("kube-controller-manager")
 	stop("kube-scheduler")
+	errs = append(errs, n.dns.Close())
 	errs = append(errs, unmountUnder(n.Dir), n.removeCgroups(), n.removeBridge())
 	if !othersAlive(n.recordPath()) {
 		if n.started("kubelet") {

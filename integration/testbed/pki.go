@@ -16,9 +16,9 @@ import (
 )
 
 // writeServingPKI writes a CA (ca.crt, and ca.key for the node's client certificates), a serving
-// certificate for 127.0.0.1/localhost (serving.crt, serving.key) and the service-account signing
-// key pair (sa.key, sa.pub) to dir.
-func writeServingPKI(dir string) error {
+// certificate for localhost, the kubernetes Service's names and the given addresses (serving.crt,
+// serving.key) and the service-account signing key pair (sa.key, sa.pub) to dir.
+func writeServingPKI(dir string, ips ...string) error {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -42,8 +42,11 @@ func writeServingPKI(dir string) error {
 		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kube-apiserver"},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:    []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
+		DNSNames:    []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+	}
+	for _, ip := range ips {
+		tmpl.IPAddresses = append(tmpl.IPAddresses, net.ParseIP(ip))
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
 	if err != nil {

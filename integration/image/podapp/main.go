@@ -3,23 +3,33 @@
 //
 //	podapp pause          the pod sandbox's process: waits for SIGTERM or SIGINT, reaps orphans
 //	podapp serve ADDR     a test app: GET / answers the pod's hostname, GET /token the pod's
-//	                      ServiceAccount token as mounted by the kubelet
+//	                      ServiceAccount token as mounted by the kubelet, GET /kube the API
+//	                      server's /version as the pod reaches it in-cluster (the kubernetes
+//	                      Service's ClusterIP, the mounted CA and token; 502 with the error)
 //
 // It uses the standard library only, so that it builds static and small.
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 )
 
 // tokenPath is where the kubelet mounts a pod's ServiceAccount token (the projected
 // kube-api-access volume the ServiceAccount admission plugin adds).
-const tokenPath = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+const (
+	tokenPath = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+	caPath    = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+)
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
@@ -76,5 +86,48 @@ func serve(addr string) error {
 		}
 		w.Write(b)
 	})
+	mux.HandleFunc("GET /kube", func(w http.ResponseWriter, _ *http.Request) {
+		status, body, err := kubeVersion()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		w.WriteHeader(status)
+		w.Write(body)
+	})
 	return http.ListenAndServe(addr, mux)
+}
+
+// kubeVersion asks the API server for /version the way client-go's in-cluster config reaches it:
+// https://KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT, the mounted CA and bearer token.
+func kubeVersion() (int, []byte, error) {
+	host, port := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")
+	if host == "" || port == "" {
+		return 0, nil, errors.New("KUBERNETES_SERVICE_HOST or KUBERNETES_SERVICE_PORT not set")
+	}
+	ca, err := os.ReadFile(caPath)
+	if err != nil {
+		return 0, nil, err
+	}
+	token, err := os.ReadFile(tokenPath)
+	if err != nil {
+		return 0, nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca) {
+		return 0, nil, errors.New(caPath + ": no certificate")
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	req, err := http.NewRequest(http.MethodGet, "https://"+net.JoinHostPort(host, port)+"/version", nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+string(token))
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	return resp.StatusCode, b, err
 }
