@@ -14,13 +14,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/detour-mesh/detour/identity/devca"
 	"github.com/detour-mesh/detour/integration/testbed"
@@ -409,44 +406,15 @@ func (c *containerd) tail() string {
 // cannot be removed. A mount left behind is reported.
 func unmountUnder(t *testing.T, dir string) {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	points, err := testbed.MountsUnder(dir)
 	if err != nil {
 		t.Error(err)
 		return
 	}
-	var points []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMount(f[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			points = append(points, mp)
-		}
-	}
-	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
 	for _, mp := range points {
 		t.Logf("image: unmounting %s, left mounted after containerd stopped", mp)
-		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
-			t.Errorf("image: unmounting %s: %v", mp, err)
-		}
 	}
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	var out strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var n int
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%o", &n); err == nil {
-				out.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		out.WriteByte(s[i])
+	if err := testbed.UnmountUnder(dir); err != nil {
+		t.Errorf("image: %v", err)
 	}
-	return out.String()
 }

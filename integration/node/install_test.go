@@ -7,8 +7,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -55,14 +53,7 @@ func TestInstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("node: pause and detour (%s, %d bytes) images built in %v", ref, detourTar.Len(), time.Since(built).Round(time.Millisecond))
-	var archives []string
-	for name, b := range map[string][]byte{"pause.tar": pause, "detour.tar": detourTar.Bytes()} {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		archives = append(archives, p)
-	}
+	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "detour.tar": detourTar.Bytes()})
 	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
 
 	const ns = "shop"

@@ -41,14 +41,7 @@ func TestNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("node: pause (%d bytes) and podapp (%d bytes) images built in %v", len(pause), len(app), time.Since(built).Round(time.Millisecond))
-	var archives []string
-	for name, b := range map[string][]byte{"pause.tar": pause, "podapp.tar": app} {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		archives = append(archives, p)
-	}
+	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "podapp.tar": app})
 	c := testbed.Start(t, testbed.Options{Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
 	n := c.Node
 	t.Logf("node: %s Ready, node IP %s, pods in %s", n.Name, n.IP, n.Subnet)
@@ -305,3 +298,18 @@ func tryGet(url string) (int, string, error) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// writeArchives writes each named image archive into dir for the node to import, returning
+// their paths.
+func writeArchives(t *testing.T, dir string, images map[string][]byte) []string {
+	t.Helper()
+	var archives []string
+	for name, b := range images {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		archives = append(archives, p)
+	}
+	return archives
+}

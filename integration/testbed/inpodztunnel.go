@@ -179,6 +179,16 @@ func (z *inPodZtunnel) accept(l net.Listener, serve func(*net.TCPConn)) {
 	}
 }
 
+// splice carries c both ways over up, its onward connection, which close ends with the others.
+func (z *inPodZtunnel) splice(c, up net.Conn) {
+	if !z.track(up) {
+		up.Close()
+		return
+	}
+	defer z.untrack(up)
+	hbone.Splice(c, up, 0)
+}
+
 // track registers c to be closed by close; false once closing.
 func (z *inPodZtunnel) track(c net.Conn) bool {
 	z.mu.Lock()
@@ -211,12 +221,7 @@ func (z *inPodZtunnel) outbound(c *net.TCPConn) {
 		z.fail("outbound to "+dst.String(), err)
 		return
 	}
-	if !z.track(up) {
-		up.Close()
-		return
-	}
-	defer z.untrack(up)
-	hbone.Splice(c, up, 0)
+	z.splice(c, up)
 }
 
 // openOutbound is build_request and its dial: a destination istiod does not know is passed
@@ -286,12 +291,7 @@ func (z *inPodZtunnel) inboundPlaintext(c *net.TCPConn) {
 		z.fail("inbound plaintext to "+dst.String(), err)
 		return
 	}
-	if !z.track(up) {
-		up.Close()
-		return
-	}
-	defer z.untrack(up)
-	hbone.Splice(c, up, 0)
+	z.splice(c, up)
 }
 
 // selfCall is ztunnel's illegal_ports check: never proxy to its own listeners. ztunnel applies it

@@ -47,7 +47,7 @@ func (n *Node) close() error {
 	stop("kube-controller-manager")
 	stop("kube-scheduler")
 	errs = append(errs, n.dns.Close())
-	errs = append(errs, unmountUnder(n.Dir), n.removeCgroups(), n.removeBridge())
+	errs = append(errs, UnmountUnder(n.Dir), n.removeCgroups(), n.removeBridge())
 	if !othersAlive(n.recordPath()) {
 		if n.started("kubelet") {
 			errs = append(errs, removeKubeletChains())
@@ -212,12 +212,11 @@ func removeKubeProxyTables() error {
 	return errors.Join(errs...)
 }
 
-// unmountUnder unmounts (lazily, deepest first) every mount point under dir: the kubelet's
-// projected volumes, containerd's snapshots and network namespaces left after a failure.
-func unmountUnder(dir string) error {
+// MountsUnder lists the mount points at or under dir, deepest first (/proc/self/mountinfo).
+func MountsUnder(dir string) ([]string, error) {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return fmt.Errorf("testbed: %w", err)
+		return nil, fmt.Errorf("testbed: %w", err)
 	}
 	var points []string
 	for _, line := range strings.Split(string(b), "\n") {
@@ -231,6 +230,17 @@ func unmountUnder(dir string) error {
 		}
 	}
 	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
+	return points, nil
+}
+
+// UnmountUnder unmounts (lazily, deepest first) every mount point under dir: the kubelet's
+// projected volumes, containerd's snapshots and network namespaces left after a failure, a
+// container's rootfs a killed shim left mounted.
+func UnmountUnder(dir string) error {
+	points, err := MountsUnder(dir)
+	if err != nil {
+		return err
+	}
 	var errs []error
 	for _, mp := range points {
 		if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {

@@ -70,7 +70,7 @@ func sweepNodes() ([]string, error) {
 		}
 		killUnder(r.Dir, r.Cgroup)
 		n := &Node{Dir: r.Dir, bridge: r.Bridge, cgroup: r.Cgroup, sysctls: r.Sysctls}
-		errs = append(errs, n.restoreSysctls(), unmountUnder(r.Dir), n.removeCgroups(), n.removeBridge())
+		errs = append(errs, n.restoreSysctls(), UnmountUnder(r.Dir), n.removeCgroups(), n.removeBridge())
 		if !othersAlive(path) {
 			errs = append(errs, removeKubeProxyTables(), removeKubeletChains())
 		}
