@@ -5,10 +5,7 @@ import (
 	"context"
 	"net"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -78,28 +75,7 @@ func BenchmarkPinnedGRPC(b *testing.B) {
 					b.Fatalf("%d bytes echoed", len(resp.GetPayload().GetBody()))
 				}
 			}
-			var wg sync.WaitGroup
-			for _, c := range clients {
-				wg.Go(func() { do(c) }) // warm every connection
-			}
-			wg.Wait()
-			var left atomic.Int64
-			left.Store(int64(b.N))
-			cpu0 := w.cpu()
-			b.ResetTimer()
-			start := time.Now()
-			for _, c := range clients {
-				wg.Go(func() {
-					for left.Add(-1) >= 0 {
-						do(c)
-					}
-				})
-			}
-			wg.Wait()
-			el := time.Since(start)
-			b.StopTimer()
-			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
-			b.ReportMetric((w.cpu()-cpu0).Seconds()/float64(b.N)*1000, "wp-vCPU/1000rps")
+			runParallel(b, len(clients), func(i int) { do(clients[i]) }, w.cpu)
 		})
 	}
 }

@@ -10,8 +10,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -99,28 +97,7 @@ func BenchmarkPinnedHTTPJWT(b *testing.B) {
 					b.Fatalf("%d, %d bytes", resp.StatusCode, n)
 				}
 			}
-			var wg sync.WaitGroup
-			for range conns {
-				wg.Go(do) // warm every connection
-			}
-			wg.Wait()
-			var left atomic.Int64
-			left.Store(int64(b.N))
-			cpu0 := w.cpu()
-			b.ResetTimer()
-			start := time.Now()
-			for range conns {
-				wg.Go(func() {
-					for left.Add(-1) >= 0 {
-						do()
-					}
-				})
-			}
-			wg.Wait()
-			el := time.Since(start)
-			b.StopTimer()
-			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
-			b.ReportMetric((w.cpu()-cpu0).Seconds()/float64(b.N)*1000, "wp-vCPU/1000rps")
+			runParallel(b, conns, func(int) { do() }, w.cpu)
 		})
 	}
 }

@@ -247,32 +247,45 @@ func BenchmarkPinnedHTTP(b *testing.B) {
 					b.Fatalf("%d, %d bytes", resp.StatusCode, n)
 				}
 			}
-			var wg sync.WaitGroup
-			for range conns {
-				wg.Go(do) // warm every connection
-			}
-			wg.Wait()
-			var left atomic.Int64
-			left.Store(int64(b.N))
-			cpu0 := w.cpu()
-			b.ResetTimer()
-			start := time.Now()
-			for range conns {
-				wg.Go(func() {
-					for left.Add(-1) >= 0 {
-						do()
-					}
-				})
-			}
-			wg.Wait()
-			el := time.Since(start)
-			b.StopTimer()
-			b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
+			var cpu func() time.Duration
 			if name == "waypoint" {
-				cpu := (w.cpu() - cpu0).Seconds()
-				b.ReportMetric(cpu/float64(b.N)*1000, "wp-vCPU/1000rps")
+				cpu = w.cpu
+			}
+			runParallel(b, conns, func(int) { do() }, cpu)
+		})
+	}
+}
+
+// runParallel warms each of n connections with one do(i), then shares b.N calls of do among
+// them, one goroutine per connection, and reports req/s and, when cpu is not nil, the waypoint
+// process's CPU per 1000 req/s.
+func runParallel(b *testing.B, n int, do func(i int), cpu func() time.Duration) {
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { do(i) }) // warm every connection
+	}
+	wg.Wait()
+	var left atomic.Int64
+	left.Store(int64(b.N))
+	var cpu0 time.Duration
+	if cpu != nil {
+		cpu0 = cpu()
+	}
+	b.ResetTimer()
+	start := time.Now()
+	for i := range n {
+		wg.Go(func() {
+			for left.Add(-1) >= 0 {
+				do(i)
 			}
 		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/el.Seconds(), "req/s")
+	if cpu != nil {
+		b.ReportMetric((cpu()-cpu0).Seconds()/float64(b.N)*1000, "wp-vCPU/1000rps")
 	}
 }
 
