@@ -1,7 +1,8 @@
 // Package sniff tells what protocol a stream speaks by peeking at its first bytes (as few as
 // decide it), then hands back a connection that replays them: HTTP/1.x, HTTP/2 with prior
-// knowledge (gRPC), TLS (with the SNI from the ClientHello), or opaque TCP. A client that sends
-// nothing first (server-speaks-first protocols) is opaque TCP after a short wait.
+// knowledge (gRPC), TLS (with the SNI from the ClientHello), or opaque TCP. The wait for bytes
+// that decide is bounded once for the whole sniff, as Envoy bounds its listener filters; when it
+// runs out the caller learns so (ErrTimeout) and chooses: Istio's waypoint closes the connection.
 package sniff
 
 import (
@@ -29,9 +30,11 @@ func (p Protocol) String() string {
 
 // Defaults.
 const (
-	// DefaultWait is how long to wait for the client's first bytes before calling the stream
-	// opaque TCP (a server-speaks-first protocol sends nothing).
-	DefaultWait = 200 * time.Millisecond
+	// DefaultWait bounds the whole sniff, from its start until the bytes decide: Envoy's
+	// default listener_filters_timeout (15 s), which Istio's waypoint leaves in place on the
+	// listener that detects the protocol (pilot listener_waypoint.go, main_internal). A client
+	// that sends nothing (a server-speaks-first protocol) runs it out.
+	DefaultWait = 15 * time.Second
 	// MaxPeek bounds the bytes held to decide (a ClientHello with post-quantum key shares is
 	// about 1.5 KiB; 16 KiB is one full TLS record).
 	MaxPeek = 16 << 10
@@ -82,16 +85,25 @@ func (c *Conn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
-// Sniff peeks at c's first bytes, at most MaxPeek of them and for at most wait (0 means
-// DefaultWait) before the first byte, and says what c speaks. The returned Conn must be used in
-// place of c. A read error other than the wait running out is returned.
+// ErrTimeout: the wait ran out before the client's bytes decided its protocol.
+var ErrTimeout = errors.New("sniff: the client's bytes did not decide its protocol in time")
+
+// Sniff peeks at c's first bytes, at most MaxPeek of them and for at most wait in all (0 means
+// DefaultWait), and says what c speaks. The returned Conn must be used in place of c; it replays
+// every byte peeked. A client that ends (EOF) has decided with what it sent. When the wait runs
+// out first, Sniff returns ErrTimeout with the Conn and its guess from the bytes so far (TLS for
+// a ClientHello cut short, else TCP); the caller decides whether to carry the stream on. Any
+// other read error is returned as is.
 func Sniff(c net.Conn, wait time.Duration) (*Conn, Result, error) {
 	if wait <= 0 {
 		wait = DefaultWait
 	}
 	sc := &Conn{Conn: c}
 	buf := make([]byte, 0, 512)
-	deadline := time.Now().Add(wait)
+	// One deadline for the whole decision, as Envoy's listener filter timer: a client trickling
+	// its first bytes holds the stream no longer than a silent one.
+	c.SetReadDeadline(time.Now().Add(wait))
+	defer c.SetReadDeadline(time.Time{})
 	for {
 		res, done := classify(buf)
 		if done || len(buf) >= MaxPeek {
@@ -101,26 +113,24 @@ func Sniff(c net.Conn, wait time.Duration) (*Conn, Result, error) {
 		if len(buf) == cap(buf) {
 			buf = append(buf, make([]byte, min(cap(buf), MaxPeek-len(buf)))...)[:len(buf)]
 		}
-		if len(buf) == 0 {
-			c.SetReadDeadline(deadline)
-		} else {
-			// Once the client spoke, the rest of its first message follows: allow a longer bound.
-			c.SetReadDeadline(time.Now().Add(5 * wait))
-		}
 		n, err := c.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
-		c.SetReadDeadline(time.Time{})
 		if err != nil {
 			sc.buf = buf
-			if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, io.EOF) {
-				// Undecided when the client paused or ended: a TLS record cut short is still
-				// TLS; anything else is opaque.
-				if res, _ := classify(buf); res.Protocol == TLS {
-					return sc, res, nil
-				}
-				return sc, Result{Protocol: TCP}, nil
+			timeout := errors.Is(err, os.ErrDeadlineExceeded)
+			if !timeout && !errors.Is(err, io.EOF) {
+				return sc, Result{}, err
 			}
-			return sc, Result{}, err
+			// Undecided when the client paused or ended: a TLS record cut short is still
+			// TLS; anything else is opaque.
+			guess := Result{Protocol: TCP}
+			if res, _ := classify(buf); res.Protocol == TLS {
+				guess = res
+			}
+			if timeout {
+				return sc, guess, ErrTimeout
+			}
+			return sc, guess, nil
 		}
 	}
 }

@@ -3,9 +3,11 @@ package sniff
 import (
 	"bytes"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -44,7 +46,7 @@ func sniffBytes(t *testing.T, chunks ...[]byte) (*Conn, Result, []byte) {
 	for _, c := range chunks {
 		all = append(all, c...)
 	}
-	sc, res, err := Sniff(b, 100*time.Millisecond)
+	sc, res, err := Sniff(b, 10*time.Second) // decided by the bytes; the wait is a hang guard
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,22 +87,85 @@ func TestSniff(t *testing.T) {
 	}
 }
 
-// A client that says nothing first is opaque TCP after the wait, with nothing consumed.
+// A client that says nothing first runs the wait out: ErrTimeout, a TCP guess, nothing consumed,
+// and the stream still usable (the caller decides whether to carry it on).
 func TestServerSpeaksFirst(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
-	start := time.Now()
 	sc, res, err := Sniff(b, 50*time.Millisecond)
-	if err != nil || res.Protocol != TCP || len(sc.buf) != 0 {
-		t.Fatalf("got %+v %v", res, err)
-	}
-	if el := time.Since(start); el > time.Second {
-		t.Fatalf("waited %v", el)
+	if !errors.Is(err, ErrTimeout) || res.Protocol != TCP || len(sc.buf) != 0 {
+		t.Fatalf("got %+v %v, want TCP and %v", res, err, ErrTimeout)
 	}
 	go a.Write([]byte("late"))
 	got := make([]byte, 4)
+	sc.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.ReadFull(sc, got); err != nil || string(got) != "late" {
 		t.Fatalf("got %q %v", got, err)
+	}
+}
+
+// The default wait is Envoy's listener filter timeout, which Istio's waypoint keeps: a silent
+// client is bounded by it, on a fake clock (testing/synctest), and no sooner.
+func TestDefaultWaitBoundsSilentClient(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		a, b := net.Pipe()
+		defer a.Close()
+		start := time.Now()
+		_, res, err := Sniff(b, 0)
+		if !errors.Is(err, ErrTimeout) || res.Protocol != TCP {
+			t.Fatalf("got %+v %v, want TCP and %v", res, err, ErrTimeout)
+		}
+		if waited := time.Since(start); waited != DefaultWait {
+			t.Fatalf("waited %v on the fake clock, want DefaultWait (%v)", waited, DefaultWait)
+		}
+	})
+}
+
+// Regression (issue 17): a ClientHello that comes 300 ms after the stream opened (later than the
+// old 200 ms wait, well within Envoy's listener filter timeout) is TLS with its SNI under the
+// default wait, not opaque TCP.
+func TestLateClientHello(t *testing.T) {
+	hello := clientHello(t, "late.example.com")
+	a, b := net.Pipe()
+	defer a.Close()
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		a.Write(hello)
+	}()
+	sc, res, err := Sniff(b, 0)
+	if err != nil || res != (Result{Protocol: TLS, SNI: "late.example.com"}) {
+		t.Fatalf("got %+v %v, want TLS with SNI late.example.com", res, err)
+	}
+	got := make([]byte, len(hello))
+	sc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(sc, got); err != nil || !bytes.Equal(got, hello) {
+		t.Fatalf("replay: %v", err)
+	}
+}
+
+// The wait bounds the whole decision, not each read: a client trickling its ClientHello a byte at
+// a time (each byte well within the wait) still runs it out (the old per-read bound let it hold
+// the stream for as long as it trickled).
+func TestTrickleBounded(t *testing.T) {
+	hello := clientHello(t, "slow.example.com")
+	a, b := net.Pipe()
+	done := make(chan struct{})
+	go func() {
+		for _, c := range hello {
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if _, err := a.Write([]byte{c}); err != nil {
+				return
+			}
+		}
+	}()
+	defer func() { close(done); a.Close() }()
+	_, res, err := Sniff(b, 150*time.Millisecond)
+	if !errors.Is(err, ErrTimeout) || res.Protocol != TLS {
+		t.Fatalf("got %+v %v, want a TLS guess and %v", res, err, ErrTimeout)
 	}
 }
 
