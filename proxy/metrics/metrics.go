@@ -41,6 +41,13 @@ type Metrics struct {
 	// Unsupported is detour_unsupported_config{kind, namespace, name}: 1 for each Istio object
 	// that would apply to a bound service and that detour does not implement (not applied).
 	Unsupported *prometheus.GaugeVec
+	// Sniffing is detour_sniffing_streams: streams waiting now for the client bytes that decide
+	// their protocol (Envoy's listener stat downstream_pre_cx_active).
+	Sniffing prometheus.Gauge
+	// SniffRefused is detour_sniff_refused_total{reason}: streams refused while deciding their
+	// protocol; reason "timeout" (the wait ran out: Envoy's downstream_pre_cx_timeout) or
+	// "limit" (their client already had as many streams waiting as allowed).
+	SniffRefused *prometheus.CounterVec
 }
 
 // Config names one configuration object.
@@ -72,7 +79,12 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.Unsupported = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_unsupported_config",
 		Help: "Istio objects that would apply to services bound to this waypoint and that detour does not implement (1 each; not applied)."},
 		[]string{"kind", "namespace", "name"})
-	reg.MustRegister(m.DryRun, m.Unsupported)
+	m.Sniffing = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_sniffing_streams",
+		Help: "Streams waiting now for the client bytes that decide their protocol."})
+	m.SniffRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_sniff_refused_total",
+		Help: "Streams refused while deciding their protocol: timeout (the wait ran out) or limit (their client had as many waiting as allowed)."},
+		[]string{"reason"})
+	reg.MustRegister(m.DryRun, m.Unsupported, m.Sniffing, m.SniffRefused)
 	reg.MustRegister(m.Opened, m.Closed, m.Received, m.Sent, m.Active, m.Decisions, m.Requests, m.Durations, m.Sessions, m.Taken, m.Dropped)
 	return m
 }
@@ -216,6 +228,26 @@ func (m *Metrics) SessionEnded(mode string) {
 func (m *Metrics) SessionTook(mode, kind string) {
 	if m != nil {
 		m.Taken.WithLabelValues(mode, kind).Inc()
+	}
+}
+
+// SniffStarted and SniffEnded track the streams waiting for their first bytes.
+func (m *Metrics) SniffStarted() {
+	if m != nil {
+		m.Sniffing.Inc()
+	}
+}
+
+func (m *Metrics) SniffEnded() {
+	if m != nil {
+		m.Sniffing.Dec()
+	}
+}
+
+// SniffRefusal counts a stream refused while deciding its protocol (reason: timeout, limit).
+func (m *Metrics) SniffRefusal(reason string) {
+	if m != nil {
+		m.SniffRefused.WithLabelValues(reason).Inc()
 	}
 }
 

@@ -43,11 +43,12 @@ type httpBed struct {
 	conns    sync.Map // app-side connections seen, by remote address
 	balancer *route.Balancer
 	appPort  int
+	id       func(spiffeID string) identity.Source // the bed's CA issuing
 }
 
 func newHTTPBed(t *testing.T, port route.Port, tweak func(*waypoint.Handler), policies ...*authz.Policy) *httpBed {
 	_, id := testCA(t)
-	b := &httpBed{reg: prometheus.NewRegistry()}
+	b := &httpBed{reg: prometheus.NewRegistry(), id: id}
 	b.m = metrics.New(b.reg)
 	hbonePort, appPort := freePort(t), freePort(t)
 	for i := 2; i <= 4; i++ {

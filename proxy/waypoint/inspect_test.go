@@ -1,17 +1,13 @@
 package waypoint_test
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	secv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
@@ -99,61 +95,3 @@ func TestDefaultInspectRefusesDeclaredTCPAtConnect(t *testing.T) {
 	}
 }
 
-// A server-first protocol on an undeclared port (the client says nothing until the server
-// greets) is sniffed for at most SniffWait, then carried as opaque TCP.
-func TestDefaultInspectServerFirst(t *testing.T) {
-	greeter, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { greeter.Close() })
-	go func() {
-		for {
-			c, err := greeter.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.WriteString(c, "220 greeter ready\r\n")
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err != nil {
-					return
-				}
-				io.WriteString(c, "250 got "+line)
-			}()
-		}
-	}()
-	gport := uint16(greeter.Addr().(*net.TCPAddr).Port)
-	b := newHTTPBed(t, route.Port{Name: "smtp", Port: 25}, func(h *waypoint.Handler) {
-		h.Inspect = waypoint.InspectAuto
-		h.SniffWait = 50 * time.Millisecond
-		table, err := route.NewTable([]*route.Service{{Name: "mail", Namespace: "demo", Hostname: "mail.demo.svc.cluster.local",
-			VIPs:      []netip.Addr{netip.MustParseAddr("10.96.0.25")},
-			Ports:     []route.Port{{Name: "smtp", Port: 25, TargetPort: gport}},
-			Endpoints: []route.Endpoint{{IP: netip.MustParseAddr("127.0.0.2"), Ready: true, ServiceAccount: "web"}}}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		h.Routes = func() *route.Table { return table }
-	})
-	s, err := b.client.Dial(context.Background(), b.waypoint, "10.96.0.25:25", b.opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	s.SetReadDeadline(time.Now().Add(5 * time.Second))
-	r := bufio.NewReader(s)
-	greeting, err := r.ReadString('\n')
-	if err != nil || greeting != "220 greeter ready\r\n" {
-		t.Fatalf("greeting %q, %v", greeting, err)
-	}
-	io.WriteString(s, "HELO detour\r\n")
-	reply, err := r.ReadString('\n')
-	if err != nil || reply != "250 got HELO detour\r\n" {
-		t.Fatalf("reply %q, %v", reply, err)
-	}
-	if got := sum(t, b.reg, "istio_tcp_connections_opened_total"); got != 1 {
-		t.Errorf("istio_tcp_connections_opened_total = %v, want 1 (carried as TCP)", got)
-	}
-}

@@ -39,6 +39,7 @@ import (
 type l4Bed struct {
 	*podBed
 	draws atomic.Int64
+	late  time.Duration // how long exchange's client pauses after the 200 before it speaks
 }
 
 func newL4Bed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *l4Bed {
@@ -127,6 +128,7 @@ func (b *l4Bed) exchange(t *testing.T, target, sni string, payload []byte) (stri
 	}
 	defer s.Close()
 	s.SetDeadline(time.Now().Add(10 * time.Second))
+	time.Sleep(b.late)
 	var c interface {
 		net.Conn
 		CloseWrite() error

@@ -1,6 +1,7 @@
 package waypoint
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -37,6 +38,27 @@ type plan struct {
 	// stream (its sessions come before its routes). An inspected stream is routed once sniffed.
 	l4    *l4route.Routes
 	route l4Choice
+	// endSniff gives back the stream's share of its client's sniffing streams (nil: none held).
+	endSniff func()
+}
+
+// sniffs says whether the stream waits for its client's bytes after the 200 (peek reads them).
+func (p *plan) sniffs() bool {
+	return p.inspect && !(p.declared && p.proto != sniff.TLS && !p.l4.NeedsSNI())
+}
+
+// waitsAsIstio says whether Istio's waypoint would hold the stream for its bytes as well (an
+// undeclared port: the HTTP inspector; a declared TLS port: the TLS inspector), so running out
+// of wait resets it as Envoy closes it. A port declared opaque is sniffed for detour's own ends.
+func (p *plan) waitsAsIstio() bool {
+	return !p.declared || p.proto == sniff.TLS
+}
+
+func (p *plan) sniffDone() {
+	if p.endSniff != nil {
+		p.endSniff()
+		p.endSniff = nil
+	}
 }
 
 // plan builds req's plan. Its errors map to the CONNECT's status (hbone.Status).
@@ -132,11 +154,22 @@ func closeStream(s *hbone.Stream) {
 // peek sniffs an inspected stream's first bytes, unless its port declares HTTP (nothing to
 // learn): the stream to read from now on (the peeked bytes replayed), its protocol and SNI.
 func (h *Handler) peek(s *hbone.Stream, p *plan) (net.Conn, sniff.Protocol, string, error) {
-	if p.declared && p.proto != sniff.TLS && !p.l4.NeedsSNI() {
+	if !p.sniffs() {
 		return s, p.proto, "", nil
 	}
-	sc, res, err := sniff.Sniff(s, h.SniffWait)
-	if err != nil {
+	wait := h.SniffWait
+	if !p.waitsAsIstio() {
+		wait = cmp.Or(h.OpaqueSniffWait, DefaultOpaqueSniffWait)
+	}
+	sc, res, err := sniff.Sniff(s, wait)
+	p.sniffDone()
+	switch {
+	case errors.Is(err, sniff.ErrTimeout) && p.waitsAsIstio():
+		h.Metrics.SniffRefusal("timeout")
+		return nil, 0, "", fmt.Errorf("waypoint: sniffing %s: %w", p.req.Target, err)
+	case errors.Is(err, sniff.ErrTimeout): // declared opaque: carried as declared, unsniffed
+		return sc, p.proto, "", nil
+	case err != nil:
 		return nil, 0, "", fmt.Errorf("waypoint: sniffing: %w", err)
 	}
 	if !p.declared {

@@ -42,6 +42,13 @@ const DefaultHBONEPort = 15008
 // DefaultConnectTimeout bounds the onward dial to one endpoint.
 const DefaultConnectTimeout = 5 * time.Second
 
+// DefaultOpaqueSniffWait is Handler.OpaqueSniffWait's default.
+const DefaultOpaqueSniffWait = 200 * time.Millisecond
+
+// DefaultMaxSniffing is Handler.MaxSniffing's default: streams of one client waiting for their
+// first bytes at once.
+const DefaultMaxSniffing = 64
+
 // Inspect says when the waypoint looks inside a stream.
 type Inspect int
 
@@ -84,8 +91,24 @@ type Handler struct {
 	ExtAuthz *extauthz.Registry
 	// Inspect says when streams are sniffed and HTTP parsed; the zero value is InspectAuto.
 	Inspect Inspect
-	// SniffWait bounds the wait for a client's first bytes; 0 means sniff.DefaultWait.
+	// SniffWait bounds, from the 200 on, the wait for the client bytes that decide a stream's
+	// protocol (or its SNI) where Istio's waypoint waits for its listener filters: undeclared
+	// ports and ports declared TLS. 0 means sniff.DefaultWait, Envoy's listener_filters_timeout
+	// default (15 s), which Istio leaves in place there. When it runs out the stream is reset
+	// and counted (detour_sniff_refused_total{reason="timeout"}), as Envoy closes the socket
+	// (continue_on_listener_filters_timeout unset): a server-speaks-first protocol works on a
+	// declared port only, as with Istio's waypoint.
 	SniffWait time.Duration
+	// OpaqueSniffWait bounds the sniff of a port declared opaque (tcp, mysql, ...) that detour
+	// looks into for its own ends (a TLSRoute's SNI, a session's filter, inspect: always), where
+	// Istio's waypoint does not wait at all; when it runs out the stream is carried as declared,
+	// so server-first protocols keep working there. 0 means DefaultOpaqueSniffWait.
+	OpaqueSniffWait time.Duration
+	// MaxSniffing bounds the streams of one client (its peer identity, else its address)
+	// waiting for their first bytes at once, so that silent streams cannot pin the waypoint's
+	// streams and onward dials: one more is refused with a 503 before anything is dialed, and
+	// counted (detour_sniff_refused_total{reason="limit"}). 0 means DefaultMaxSniffing.
+	MaxSniffing int
 	// HBONEPort is the destination ztunnel's port; 0 means DefaultHBONEPort.
 	HBONEPort uint16
 	// ConnectTimeout bounds each onward attempt; 0 means DefaultConnectTimeout.
@@ -117,6 +140,7 @@ type Handler struct {
 
 	tlsMu  sync.Mutex
 	tlsFor map[spiffeid.ID]*tls.Config
+	sniffs sniffing
 	hop    atomic.Pointer[hopMarker] // the onward CONNECTs' marker, for the identity it names
 }
 
@@ -164,6 +188,14 @@ func (h *Handler) ServeHBONE(s *hbone.Stream) error {
 		if handled, err := h.takeRouted(s, s, p, p.proto); handled {
 			return err
 		}
+	}
+	if p.sniffs() {
+		// A stream that waits for its client's bytes holds a share of its client's, taken
+		// before anything is dialed and given back once the bytes decided (peek).
+		if p.endSniff = h.sniffs.hold(h, p.req); p.endSniff == nil {
+			return fmt.Errorf("waypoint: %w: %s has %d streams waiting for their first bytes", hbone.ErrUnavailable, clientKey(p.req), h.maxSniffing())
+		}
+		defer p.sniffDone()
 	}
 	// A stream whose TCPRoutes or TLSRoutes wait for its first bytes (its SNI, or whether it is
 	// HTTP) is accepted first: where it goes is not known before the 200 (as Envoy's waypoint,
