@@ -112,6 +112,15 @@ type Waypoint struct {
 	// (Istio's numTrustedProxies): remote.ip and remoteIpBlocks use the (n+1)th address from
 	// the right (see authz.RemoteIP). Default 0, the rightmost.
 	NumTrustedProxies int `json:"numTrustedProxies"`
+	// SniffWait bounds, per stream, the wait for the client bytes that decide its protocol (or
+	// SNI) where Istio's waypoint waits for its listener filters: undeclared ports and ports
+	// declared TLS. When it runs out the stream is reset, as Envoy closes it. Default 15s
+	// (Envoy's listener_filters_timeout default, which Istio's waypoint keeps; the mesh config's
+	// protocolDetectionTimeout is for sidecars and does not apply to waypoints), 1ms..5m.
+	SniffWait Duration `json:"sniffWait"`
+	// MaxSniffingPerClient bounds the streams of one client (its identity) waiting for those
+	// bytes at once; one more is refused with a 503 before anything is dialed. Default 64.
+	MaxSniffingPerClient int `json:"maxSniffingPerClient"`
 }
 
 // Discovery chooses where services, endpoints and policies come from.
@@ -339,6 +348,12 @@ func (c *Config) validate() error {
 	}
 	if t := c.Waypoint.SessionGrace.Duration; t > 10*time.Minute {
 		bad("waypoint.sessionGrace %s is over 10m", t)
+	}
+	if t := c.Waypoint.SniffWait.Duration; t != 0 && (t < time.Millisecond || t > 5*time.Minute) {
+		bad("waypoint.sniffWait %s is outside 1ms..5m (the default, 15s, is Envoy's listener filter timeout)", t)
+	}
+	if n := c.Waypoint.MaxSniffingPerClient; n < 0 {
+		bad("waypoint.maxSniffingPerClient %d is negative; leave it out for the default (64)", n)
 	}
 	switch c.Discovery.Source {
 	case "static":

@@ -64,6 +64,10 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always, opaque`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, numTrustedProxies: -1}\ndiscovery: {static: {}}\n", "waypoint.numTrustedProxies -1 is negative; use 0 (the rightmost X-Forwarded-For address) or more"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, bindTTL: 2h}\ndiscovery: {static: {}}\n", "waypoint.bindTTL 2h0m0s is outside 0s..1h (the other replicas ignore a longer one)"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, sniffWait: 10m}\ndiscovery: {static: {}}\n", "waypoint.sniffWait 10m0s is outside 1ms..5m (the default, 15s, is Envoy's listener filter timeout)"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, sniffWait: -1s}\ndiscovery: {static: {}}\n", "waypoint.sniffWait -1s is outside 1ms..5m (the default, 15s, is Envoy's listener filter timeout)"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, maxSniffingPerClient: -1}\ndiscovery: {static: {}}\n", "waypoint.maxSniffingPerClient -1 is negative; leave it out for the default (64)"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, sniffWait: 15}\ndiscovery: {static: {}}\n", "duration: json: cannot unmarshal number into Go value of type string"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
 	} {

@@ -94,4 +94,3 @@ func TestDefaultInspectRefusesDeclaredTCPAtConnect(t *testing.T) {
 		}
 	}
 }
-

@@ -156,6 +156,8 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 		Logger:     log,
 
 		NumTrustedProxies: cfg.Waypoint.NumTrustedProxies,
+		SniffWait:         cfg.Waypoint.SniffWait.Duration,
+		MaxSniffing:       cfg.Waypoint.MaxSniffingPerClient,
 	}
 	var err error
 	if h.Own, err = waypoint.OwnAddresses([]net.Addr{l.Addr()}, os.Getenv("POD_IP")); err != nil {
