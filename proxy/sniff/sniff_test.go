@@ -195,3 +195,47 @@ func FuzzClassify(f *testing.F) {
 		}
 	})
 }
+
+// FuzzSniff: whatever the first flight, in whatever chunks, Sniff replays every byte it peeked,
+// in order, and its answer is classify's on the bytes it held.
+func FuzzSniff(f *testing.F) {
+	f.Add([]byte("GET / HTTP/1.1\r\n"), uint8(3))
+	f.Add(clientHello(f, "x.example"), uint8(5))
+	f.Add([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), uint8(1))
+	f.Fuzz(func(t *testing.T, b []byte, chunk uint8) {
+		c := &chunkConn{b: b, n: int(chunk%16) + 1}
+		sc, res, err := Sniff(c, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held := append([]byte(nil), sc.buf...)
+		if !bytes.HasPrefix(b, held) {
+			t.Fatalf("held %q is not a prefix of %q", held, b)
+		}
+		if want, done := classify(held); done && want != res {
+			t.Fatalf("%q: %+v, classify says %+v", held, res, want)
+		}
+		got, err := io.ReadAll(sc)
+		if err != nil || !bytes.Equal(got, b) {
+			t.Fatalf("replay %q, %v; want %q", got, err, b)
+		}
+	})
+}
+
+// chunkConn reads b n bytes at a time, then EOF.
+type chunkConn struct {
+	net.Conn
+	b []byte
+	n int
+}
+
+func (c *chunkConn) Read(p []byte) (int, error) {
+	if len(c.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), c.n)], c.b)
+	c.b = c.b[n:]
+	return n, nil
+}
+
+func (c *chunkConn) SetReadDeadline(time.Time) error { return nil }
