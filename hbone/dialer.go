@@ -130,7 +130,7 @@ func roundTrip(ctx context.Context, c *conn, req *Request) (*Stream, error) {
 	}
 	if s.status != http.StatusOK {
 		s.Close()
-		return nil, &StatusError{Code: s.status}
+		return nil, &StatusError{Code: int(s.status)}
 	}
 	return s, nil
 }
@@ -329,10 +329,7 @@ func (d *Dialer) DialDouble(ctx context.Context, gatewayAddr, outerTarget string
 		c.close(nil)
 		return nil, fmt.Errorf("hbone: inner CONNECT to %s: %w", target, err)
 	}
-	s.onClose = func() error {
-		c.closeAfterFlush(nil)
-		return nil
-	}
+	s.onClose = func() { c.closeAfterFlush(nil) }
 	return s, nil
 }
 

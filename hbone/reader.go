@@ -155,7 +155,7 @@ func (c *conn) applySettingLocked(s http2.Setting) error {
 			if st.sendWin > 1<<31-1 {
 				return connError{http2.ErrCodeFlowControl, "stream window overflow"}
 			}
-			st.pokeWindow()
+			st.pokeWindowLocked()
 		}
 	}
 	return nil
@@ -375,7 +375,7 @@ func (c *conn) onResponse(s *Stream, f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	s.responded = true
-	s.status = code
+	s.status = int32(code)
 	if f.StreamEnded() {
 		s.recvEnded = true
 	}
