@@ -117,11 +117,14 @@ func roundTrip(ctx context.Context, c *conn, req *Request) (*Stream, error) {
 		return nil, err
 	}
 	select {
-	case <-s.respCh:
+	case <-s.respCh: // set by openStream, on this goroutine
 	case <-ctx.Done():
 		s.Reset(http2.ErrCodeCancel)
 		return nil, ctx.Err()
 	}
+	c.mu.Lock()
+	s.respCh = nil // responded is set: nothing closes it again, and an open stream need not keep it
+	c.mu.Unlock()
 	if s.status == 0 {
 		c.mu.Lock()
 		err := s.werr

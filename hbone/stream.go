@@ -64,7 +64,7 @@ type Stream struct {
 
 	rdl, wdl deadline
 
-	respCh   chan struct{} // client: closed on the final response
+	respCh   chan struct{} // client, guarded by c.mu: closed on the final response; nil once roundTrip saw it
 	srv      *Server       // server: the server running its handler (immutable once set)
 	accepted atomic.Bool   // server: the 200 was queued
 	detached atomic.Bool   // server: the handler handed the stream's end to Detach's release
@@ -564,14 +564,15 @@ func (s *Stream) finish() {
 	for a := afters; a != nil; a = a.next {
 		go a.f()
 	}
-	if s.respCh != nil {
-		s.c.mu.Lock()
-		responded := s.responded
-		s.responded = true
-		s.c.mu.Unlock()
-		if !responded {
-			close(s.respCh)
-		}
+	if s.c.srv {
+		return
+	}
+	s.c.mu.Lock()
+	respCh, responded := s.respCh, s.responded
+	s.responded = true
+	s.c.mu.Unlock()
+	if respCh != nil && !responded {
+		close(respCh)
 	}
 }
 
