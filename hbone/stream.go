@@ -411,7 +411,14 @@ func writeBuffers(w io.Writer, bufs net.Buffers) (int64, error) {
 	if bw, ok := w.(buffersWriter); ok {
 		return bw.WriteBuffers(bufs)
 	}
-	return bufs.WriteTo(w) // writev on a socket
+	return writev(w, bufs)
+}
+
+// writev is net.Buffers.WriteTo (writev on a socket), apart so that only this path moves bufs to
+// the heap (WriteTo's pointer receiver), not every writeBuffers call.
+//go:noinline
+func writev(w io.Writer, bufs net.Buffers) (int64, error) {
+	return bufs.WriteTo(w)
 }
 
 // WriteBuffers sends bufs as DATA frames with a single wait for the writer, where Write would

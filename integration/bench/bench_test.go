@@ -263,11 +263,12 @@ func BenchmarkIdleStreams(b *testing.B) {
 	}
 }
 
-// memParts is the stack and heap in use (after memInUse's GCs).
-func memParts() (stack, heap int64) {
+// memParts is the stack and heap in use and the live heap objects (call it right after
+// memInUse, whose GCs leave only live objects).
+func memParts() (stack, heap, live int64) {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
-	return int64(m.StackInuse), int64(m.HeapInuse)
+	return int64(m.StackInuse), int64(m.HeapInuse), int64(m.HeapAlloc)
 }
 
 func memInUse() uint64 {
