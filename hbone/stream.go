@@ -416,6 +416,7 @@ func writeBuffers(w io.Writer, bufs net.Buffers) (int64, error) {
 
 // writev is net.Buffers.WriteTo (writev on a socket), apart so that only this path moves bufs to
 // the heap (WriteTo's pointer receiver), not every writeBuffers call.
+//
 //go:noinline
 func writev(w io.Writer, bufs net.Buffers) (int64, error) {
 	return bufs.WriteTo(w)
