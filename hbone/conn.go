@@ -29,14 +29,13 @@ type conn struct {
 	srv   bool     // immutable: server side
 	cfg   Config   // immutable, defaults applied
 	log   *slog.Logger
-	fr    *http2.Framer  // read side owned by the reader, write side by the writer
-	rd    io.Reader      // the TLS connection, read by the reader
-	frd   *replayReader  // feeds the framer a frame header the reader already took
-	hdr   [9]byte        // owned by the reader
-	tiny  [16 << 10]byte // owned by the reader: payloads under 16 KiB land here, then share a chunk
-	wr    *frameWriter   // owned by the writer
-	wire  *wireConn      // batches TLS records under TLS; nil when the transport is not a socket
-	pokes []*Stream      // owned by the reader: streams to wake before it next waits on the socket
+	fr    *http2.Framer // read side owned by the reader, write side by the writer
+	rd    io.Reader     // the TLS connection, read by the reader
+	frd   *replayReader // feeds the framer a frame header the reader already took
+	hdr   [9]byte       // owned by the reader
+	wr    *frameWriter  // owned by the writer
+	wire  *wireConn     // batches TLS records under TLS; nil when the transport is not a socket
+	pokes []*Stream     // owned by the reader: streams to wake before it next waits on the socket
 	henc  *hpack.Encoder
 	hbuf  []byte // owned by the writer: HPACK scratch
 

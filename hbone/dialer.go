@@ -117,11 +117,14 @@ func roundTrip(ctx context.Context, c *conn, req *Request) (*Stream, error) {
 		return nil, err
 	}
 	select {
-	case <-s.respCh:
+	case <-s.respCh: // set by openStream, on this goroutine
 	case <-ctx.Done():
 		s.Reset(http2.ErrCodeCancel)
 		return nil, ctx.Err()
 	}
+	c.mu.Lock()
+	s.respCh = nil // responded is set: nothing closes it again, and an open stream need not keep it
+	c.mu.Unlock()
 	if s.status == 0 {
 		c.mu.Lock()
 		err := s.werr
@@ -130,7 +133,7 @@ func roundTrip(ctx context.Context, c *conn, req *Request) (*Stream, error) {
 	}
 	if s.status != http.StatusOK {
 		s.Close()
-		return nil, &StatusError{Code: s.status}
+		return nil, &StatusError{Code: int(s.status)}
 	}
 	return s, nil
 }
@@ -329,10 +332,7 @@ func (d *Dialer) DialDouble(ctx context.Context, gatewayAddr, outerTarget string
 		c.close(nil)
 		return nil, fmt.Errorf("hbone: inner CONNECT to %s: %w", target, err)
 	}
-	s.onClose = func() error {
-		c.closeAfterFlush(nil)
-		return nil
-	}
+	s.onClose = func() { c.closeAfterFlush(nil) }
 	return s, nil
 }
 

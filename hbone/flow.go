@@ -18,7 +18,7 @@ func (c *conn) growSendWinLocked(n int64) {
 	c.sendWin += n
 	if old <= 0 {
 		for _, s := range c.streams {
-			s.pokeWindow()
+			s.pokeWindowLocked()
 		}
 	}
 }
@@ -41,7 +41,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if s.sendWin > 1<<31-1 {
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
 	}
-	s.pokeWindow()
+	s.pokeWindowLocked()
 	return nil
 }
 
@@ -165,9 +165,10 @@ func (c *conn) sendWindow(ctx context.Context, s *Stream, want int) (int, error)
 			c.mu.Unlock()
 			return int(n), nil
 		}
+		winCh := s.winChLocked()
 		c.mu.Unlock()
 		select {
-		case <-s.winCh:
+		case <-winCh:
 		case <-s.wdl.wait():
 			return 0, errDeadline
 		case <-c.done:

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -155,7 +156,7 @@ func (c *conn) applySettingLocked(s http2.Setting) error {
 			if st.sendWin > 1<<31-1 {
 				return connError{http2.ErrCodeFlowControl, "stream window overflow"}
 			}
-			st.pokeWindow()
+			st.pokeWindowLocked()
 		}
 	}
 	return nil
@@ -254,15 +255,18 @@ func (c *conn) readData() error {
 }
 
 // fill reads n payload bytes into s's receive buffer. Large payloads are read straight into
-// pooled chunks; small ones go through c.tiny and share the stream's last chunk.
+// pooled chunks; small ones go through a pooled tiny buffer and share the stream's last chunk
+// (not read into that chunk directly: its reader may hand it back to the pool meanwhile).
 func (c *conn) fill(s *Stream, n int) error {
 	for n > 0 {
-		if n < len(c.tiny) {
-			if _, err := io.ReadFull(c.rd, c.tiny[:n]); err != nil {
-				return err
+		if n < tinySize {
+			tiny := tinyPool.Get().(*[tinySize]byte)
+			_, err := io.ReadFull(c.rd, tiny[:n])
+			if err == nil {
+				s.push(tiny[:n], false)
 			}
-			s.push(c.tiny[:n], false)
-			return nil
+			tinyPool.Put(tiny)
+			return err
 		}
 		ch := getChunk()
 		k := min(n, len(ch.buf))
@@ -276,6 +280,13 @@ func (c *conn) fill(s *Stream, n int) error {
 	}
 	return nil
 }
+
+// tinySize: payloads under it are copied into the stream's last chunk through a tiny buffer.
+// The buffer is pooled, not a field of the connection: a connection holds it only while it reads
+// such a payload, so an idle connection costs 16 KiB less (BENCHMARKS.md, issue 21 goal 4).
+const tinySize = 16 << 10
+
+var tinyPool = sync.Pool{New: func() any { return new([tinySize]byte) }}
 
 // replayReader hands the framer a frame header the reader already consumed, then the rest.
 type replayReader struct {
@@ -375,12 +386,13 @@ func (c *conn) onResponse(s *Stream, f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	s.responded = true
-	s.status = code
+	s.status = int32(code)
 	if f.StreamEnded() {
 		s.recvEnded = true
 	}
+	respCh := s.respCh
 	c.mu.Unlock()
-	close(s.respCh)
+	close(respCh)
 	if f.StreamEnded() {
 		s.push(nil, true)
 		c.maybeRemove(s)

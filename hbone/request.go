@@ -27,7 +27,7 @@ type Request struct {
 	Forwarded   string      // raw Forwarded header (RFC 7239); see ParseForwarded
 	Baggage     string      // raw W3C baggage
 	Traceparent string      // raw W3C traceparent
-	Header      http.Header // every other regular header, canonical keys
+	Header      http.Header // every other regular header, canonical keys; nil when there is none
 
 	// Set by the server only.
 	PeerID     spiffeid.ID // from the verified client certificate's URI SAN; zero if none
@@ -82,7 +82,7 @@ func isConnectionSpecific(k string) bool {
 func parseRequest(fields []hpack.HeaderField) (*Request, int, error) {
 	var method, authority string
 	var extraPseudo bool
-	r := &Request{Header: http.Header{}}
+	r := &Request{}
 	for _, f := range fields {
 		switch f.Name {
 		case ":method":
@@ -99,6 +99,9 @@ func parseRequest(fields []hpack.HeaderField) (*Request, int, error) {
 			r.Traceparent = f.Value
 		default:
 			if !strings.HasPrefix(f.Name, ":") {
+				if r.Header == nil {
+					r.Header = http.Header{}
+				}
 				r.Header.Add(f.Name, f.Value)
 			}
 		}

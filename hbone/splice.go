@@ -33,23 +33,36 @@ type Counts struct {
 
 // SpliceCount is Splice that also reports the bytes moved each way (for metrics).
 func SpliceCount(a, b net.Conn, halfCloseTimeout time.Duration) (Counts, error) {
-	sp := newSplice(a, b, halfCloseTimeout)
-	done := make(chan struct{})
 	if sa, ok := a.(*Stream); ok {
 		// a -> b runs only while a has bytes: an idle spliced stream parks one goroutine, not two.
-		drainOnDemand(sa, b, &sp.aToB, func(err error) {
-			sp.end(err)
-			close(done)
-		})
-	} else {
-		go func() {
-			defer close(done)
-			sp.end(pipe(b, a, &sp.aToB))
-		}()
+		sp := &halfAsync{done: make(chan struct{})}
+		sp.init(a, b, halfCloseTimeout)
+		sp.ab.start(sa, b, &sp.aToB, sp)
+		sp.end(pipe(a, b, &sp.bToA))
+		<-sp.done
+		return sp.result()
 	}
+	sp := newSplice(a, b, halfCloseTimeout)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sp.end(pipe(b, a, &sp.aToB))
+	}()
 	sp.end(pipe(a, b, &sp.bToA))
 	<-done
 	return sp.result()
+}
+
+// halfAsync is a SpliceCount whose a -> b direction is a drainer.
+type halfAsync struct {
+	splice
+	ab   drainer
+	done chan struct{}
+}
+
+func (sp *halfAsync) drained(err error) {
+	sp.end(err)
+	close(sp.done)
 }
 
 // SpliceAsync is SpliceCount between two Streams that returns at once: both directions run
@@ -57,17 +70,26 @@ func SpliceCount(a, b net.Conn, halfCloseTimeout time.Duration) (Counts, error) 
 // directions ended and both streams are closed, from the goroutine that ended the last one.
 // done must not block for long (it runs on a stream's drain).
 func SpliceAsync(a, b *Stream, halfCloseTimeout time.Duration, done func(Counts, error)) {
-	sp := newSplice(a, b, halfCloseTimeout)
-	var left atomic.Int32
-	left.Store(2)
-	finish := func(err error) {
-		sp.end(err)
-		if left.Add(-1) == 0 {
-			done(sp.result())
-		}
+	sp := &asyncSplice{done: done} // the pair's one allocation: an idle pair holds only this
+	sp.init(a, b, halfCloseTimeout)
+	sp.left.Store(2)
+	sp.ab.start(a, b, &sp.aToB, sp)
+	sp.ba.start(b, a, &sp.bToA, sp)
+}
+
+// asyncSplice is one SpliceAsync: the shared state and both directions' drainers.
+type asyncSplice struct {
+	splice
+	left   atomic.Int32 // directions still running
+	ab, ba drainer
+	done   func(Counts, error)
+}
+
+func (sp *asyncSplice) drained(err error) {
+	sp.end(err)
+	if sp.left.Add(-1) == 0 {
+		sp.done(sp.result())
 	}
-	drainOnDemand(a, b, &sp.aToB, finish)
-	drainOnDemand(b, a, &sp.bToA, finish)
 }
 
 // splice is one Splice's shared state: its counts, first error and half-close watchdog.
@@ -81,10 +103,16 @@ type splice struct {
 }
 
 func newSplice(a, b net.Conn, halfCloseTimeout time.Duration) *splice {
+	sp := &splice{}
+	sp.init(a, b, halfCloseTimeout)
+	return sp
+}
+
+func (sp *splice) init(a, b net.Conn, halfCloseTimeout time.Duration) {
 	if halfCloseTimeout <= 0 {
 		halfCloseTimeout = DefaultHalfCloseTimeout
 	}
-	return &splice{a: a, b: b, timeout: halfCloseTimeout}
+	sp.a, sp.b, sp.timeout = a, b, halfCloseTimeout
 }
 
 // end records one direction's end: an error aborts both sides; the first clean end starts the
@@ -109,37 +137,48 @@ func (sp *splice) result() (Counts, error) {
 	return Counts{AToB: sp.aToB.Load(), BToA: sp.bToA.Load()}, errors.Join(sp.firstErr, closeBoth(sp.a, sp.b))
 }
 
-// drainOnDemand copies src to dst (then half-closes dst) in a goroutine started whenever src
-// has bytes or ends, and gone while src is idle; finish is called once, with the copy's error.
-func drainOnDemand(src *Stream, dst net.Conn, progress *atomic.Int64, finish func(error)) {
-	var running atomic.Bool
-	var run func()
-	run = func() {
-		for {
-			_, err, idle := src.drainTo(progressWriter{dst, progress})
-			if !idle {
-				src.onReadable.Store(nil)
-				if err == nil {
-					err = closeWrite(dst)
-				}
-				finish(err)
-				return
+// drainer copies src to dst (then half-closes dst) in a goroutine started whenever src has
+// bytes or ends (src's readable hook pokes it), and gone while src is idle; its owner's drained
+// is called once, with the copy's error. It is a field of its splice, not an allocation of its
+// own, and holds no buffer: drainTo writes src's receive chunks as they are.
+type drainer struct {
+	src     *Stream
+	w       progressWriter // dst, counting into the splice's progress
+	running atomic.Bool
+	owner   interface{ drained(error) }
+}
+
+func (d *drainer) start(src *Stream, dst net.Conn, progress *atomic.Int64, owner interface{ drained(error) }) {
+	d.src, d.w, d.owner = src, progressWriter{dst, progress}, owner
+	src.onReadable.Store(d)
+	d.poke()
+}
+
+// poke starts the drain unless one runs.
+func (d *drainer) poke() {
+	if d.running.CompareAndSwap(false, true) {
+		go d.run()
+	}
+}
+
+func (d *drainer) run() {
+	for {
+		_, err, idle := d.src.drainTo(&d.w)
+		if !idle {
+			d.src.onReadable.Store(nil)
+			if err == nil {
+				err = closeWrite(d.w.w.(net.Conn))
 			}
-			running.Store(false)
-			// Bytes that arrived after the drain and before the flag dropped poked a running
-			// drainer and were not seen: look again.
-			if !src.pending() || !running.CompareAndSwap(false, true) {
-				return
-			}
+			d.owner.drained(err)
+			return
+		}
+		d.running.Store(false)
+		// Bytes that arrived after the drain and before the flag dropped poked a running
+		// drainer and were not seen: look again.
+		if !d.src.pending() || !d.running.CompareAndSwap(false, true) {
+			return
 		}
 	}
-	notify := func() {
-		if running.CompareAndSwap(false, true) {
-			go run()
-		}
-	}
-	src.onReadable.Store(&notify)
-	notify()
 }
 
 // watch calls stall when progress has not moved for d.

@@ -26,66 +26,59 @@ var errDeadline = os.ErrDeadlineExceeded
 // Read and Write may be called concurrently with each other; like a net.Conn, each should be
 // called from one goroutine at a time.
 type Stream struct {
-	c   *conn  // immutable
-	id  uint32 // immutable
-	req *Request
+	c      *conn // immutable
+	req    *Request
+	id     uint32 // immutable
+	status int32  // client: the response status, valid once respCh is closed
+
+	sentEnd    bool // guarded by c.mu: END_STREAM queued (or a final status sent)
+	recvEnded  bool // guarded by c.mu: END_STREAM received
+	responded  bool // guarded by c.mu: client: final response headers received
+	pokeLater  bool // owned by the reader: in c.pokes
+	endWritten bool // owned by the writer: END_STREAM is on the wire
+	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
+	closed     bool // guarded by mu: Close was called
+	ended      bool // guarded by mu: the stream is gone from its connection; Context is done
 
 	// Guarded by c.mu.
 	sendWin     int64
 	recvWin     int64
 	recvUnacked int64
 	early, late int64 // unread bytes whose connection window was returned on arrival / is still held
-	sentEnd     bool  // END_STREAM queued (or a final status sent)
-	recvEnded   bool  // END_STREAM received
-	responded   bool  // client: final response headers received
 	werr        error // writes fail with this once set
 	born        int64 // immutable once opened: unix nanos of the frame that opened it
+	// winCh is poked when the send window grows or the stream fails; made by the first writer
+	// that waits for window (most streams never do).
+	winCh chan struct{}
 
-	pokeLater  bool // owned by the reader: in c.pokes
-	endWritten bool // owned by the writer: END_STREAM is on the wire
-	rstWritten bool // owned by the writer: RST_STREAM is on the wire, later frames are dropped
+	// Receive buffer, guarded by mu. The channels are made only when someone waits on them: an
+	// idle spliced stream has no reader waiting and no Context asked for (README, "Idle streams").
+	mu       sync.Mutex
+	chunks   []*chunk
+	rerr     error         // io.EOF after END_STREAM, or why the stream failed
+	readable chan struct{} // poked when chunks or rerr change; made by the first Read that waits
+	done     chan struct{} // Context().Done(), made when asked; closed when the stream ends
+	afters   *afterFunc    // context.AfterFunc callbacks to start when the stream ends
 
-	// Receive buffer, guarded by mu.
-	mu     sync.Mutex
-	chunks []*chunk
-	rerr   error // io.EOF after END_STREAM, or why the stream failed
-	closed bool  // Close was called
-
-	readable chan struct{} // poked when chunks or rerr change
-	winCh    chan struct{} // poked when the send window grows or the stream fails
-	wrote    chan struct{} // the writer finished an item with notify set
-	wmu      sync.Mutex    // serializes Write and CloseWrite
+	wmu sync.Mutex // serializes Write and CloseWrite
 
 	rdl, wdl deadline
 
-	status   int           // client: the response status, valid once respCh is closed
-	respCh   chan struct{} // client: closed on the final response
-	accepted atomic.Bool   // server: the 200 was queued
+	respCh   chan struct{} // client, guarded by c.mu: closed on the final response; nil once roundTrip saw it
 	srv      *Server       // server: the server running its handler (immutable once set)
+	accepted atomic.Bool   // server: the 200 was queued
 	detached atomic.Bool   // server: the handler handed the stream's end to Detach's release
-
-	ctx      context.Context
-	cancel   context.CancelFunc
-	finOnce  sync.Once
+	released atomic.Bool   // server: Detach's release ran
 	closeMu  sync.Once
-	onClose  func() error // optional: releases what the stream runs over (double HBONE)
-	closeErr error
+	onClose  func() // optional: releases what the stream runs over (double HBONE)
 
-	// onReadable, when set, is called (from the connection's reader, so it must not block) each
+	// onReadable, when set, is poked (from the connection's reader, so it must not block) each
 	// time bytes or an end arrive: Splice drains an idle direction without parking a goroutine.
-	onReadable atomic.Pointer[func()]
+	onReadable atomic.Pointer[drainer]
 }
 
 func newStream(c *conn, id uint32) *Stream {
-	s := &Stream{
-		c:        c,
-		id:       id,
-		readable: make(chan struct{}, 1),
-		winCh:    make(chan struct{}, 1),
-		wrote:    make(chan struct{}, 1),
-	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
-	return s
+	return &Stream{c: c, id: id}
 }
 
 // Detach lets a server Handler return before the stream ends without the server answering or
@@ -100,9 +93,13 @@ func (s *Stream) Detach() (release func(error)) {
 	if s.srv == nil || !s.detached.CompareAndSwap(false, true) {
 		return nil
 	}
-	srv := s.srv
-	var once sync.Once
-	return func(err error) { once.Do(func() { srv.finishStream(s, err) }) }
+	return s.release
+}
+
+func (s *Stream) release(err error) {
+	if s.released.CompareAndSwap(false, true) {
+		s.srv.finishStream(s, err)
+	}
 }
 
 // Request is the CONNECT this stream answers (server) or made (client).
@@ -112,7 +109,9 @@ func (s *Stream) Request() *Request { return s.req }
 func (s *Stream) ID() uint32 { return s.id }
 
 // Context is cancelled when the stream ends: both sides done, reset, or the connection lost.
-func (s *Stream) Context() context.Context { return s.ctx }
+// It is the stream itself (streamContext), so asking for it costs nothing; its Done channel is
+// made on the first call.
+func (s *Stream) Context() context.Context { return (*streamContext)(s) }
 
 // LocalAddr and RemoteAddr are the addresses of the connection the stream runs on.
 func (s *Stream) LocalAddr() net.Addr  { return s.c.nc.LocalAddr() }
@@ -181,20 +180,47 @@ func (s *Stream) writeErrLocked() error {
 	return nil
 }
 
-func (s *Stream) pokeWindow() {
-	select {
-	case s.winCh <- struct{}{}:
-	default:
+// pokeWindowLocked wakes a writer waiting for window; the caller holds c.mu.
+func (s *Stream) pokeWindowLocked() {
+	poke(s.winCh)
+}
+
+// winChLocked is the channel a writer waits on for window; the caller holds c.mu, under which
+// it checked the window, so a later change (also under c.mu) finds the channel and pokes it.
+func (s *Stream) winChLocked() chan struct{} {
+	if s.winCh == nil {
+		s.winCh = make(chan struct{}, 1)
 	}
+	return s.winCh
 }
 
 func (s *Stream) pokeRead() {
-	select {
-	case s.readable <- struct{}{}:
-	default:
+	s.mu.Lock()
+	ch := s.readable
+	s.mu.Unlock()
+	poke(ch)
+	if d := s.onReadable.Load(); d != nil {
+		d.poke()
 	}
-	if f := s.onReadable.Load(); f != nil {
-		(*f)()
+}
+
+// readableLocked is the channel a reader waits on; the caller holds mu, under which it found
+// nothing to read, so whatever arrives later (under mu too) finds the channel and pokes it.
+func (s *Stream) readableLocked() chan struct{} {
+	if s.readable == nil {
+		s.readable = make(chan struct{}, 1)
+	}
+	return s.readable
+}
+
+// poke is a non-blocking send on a buffered channel; nil means nobody ever waited.
+func poke(ch chan struct{}) {
+	if ch == nil {
+		return
+	}
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
@@ -207,18 +233,28 @@ func (s *Stream) Write(p []byte) (int, error) {
 
 // barrier waits until the writer is past every item queued for s.
 func (s *Stream) barrier() {
-	s.c.queueOrdered(writeItem{kind: wBarrier, s: s, notify: true})
-	s.waitWritten()
+	ch := getNotify()
+	s.c.queueOrdered(writeItem{kind: wBarrier, s: s, notify: ch})
+	s.waitWritten(ch)
 }
 
-func (s *Stream) waitWritten() bool {
+// waitWritten waits for the writer to finish the item that carries ch; false if the writer
+// exited first.
+func (s *Stream) waitWritten(ch chan struct{}) bool {
 	select {
-	case <-s.wrote:
+	case <-ch:
+		notifyPool.Put(ch) // empty again: the writer sends once per item
 		return true
 	case <-s.c.writerDone:
-		return false
+		return false // ch may still get its token: it does not go back to the pool
 	}
 }
+
+// notifyPool holds the channels a writer of the stream waits on (writeItem.notify), one per
+// Write in flight rather than one per stream: a stream that is not writing holds none.
+var notifyPool = sync.Pool{New: func() any { return make(chan struct{}, 1) }}
+
+func getNotify() chan struct{} { return notifyPool.Get().(chan struct{}) }
 
 // CloseWrite sends END_STREAM: the peer reads EOF, and this side can still read.
 func (s *Stream) CloseWrite() error {
@@ -273,12 +309,14 @@ func (s *Stream) Read(p []byte) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
-		s.mu.Unlock()
 		if len(p) == 0 {
+			s.mu.Unlock()
 			return 0, nil
 		}
+		readable := s.readableLocked()
+		s.mu.Unlock()
 		select {
-		case <-s.readable:
+		case <-readable:
 		case <-s.rdl.wait():
 			return 0, errDeadline
 		}
@@ -303,8 +341,14 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 		if !idle {
 			return total, err
 		}
+		s.mu.Lock()
+		readable, ready := s.readableLocked(), len(s.chunks) > 0 || s.readErrLocked() != nil
+		s.mu.Unlock()
+		if ready {
+			continue // arrived after drainTo looked and before the channel existed
+		}
 		select {
-		case <-s.readable:
+		case <-readable:
 		case <-s.rdl.wait():
 			return total, errDeadline
 		}
@@ -367,7 +411,15 @@ func writeBuffers(w io.Writer, bufs net.Buffers) (int64, error) {
 	if bw, ok := w.(buffersWriter); ok {
 		return bw.WriteBuffers(bufs)
 	}
-	return bufs.WriteTo(w) // writev on a socket
+	return writev(w, bufs)
+}
+
+// writev is net.Buffers.WriteTo (writev on a socket), apart so that only this path moves bufs to
+// the heap (WriteTo's pointer receiver), not every writeBuffers call.
+//
+//go:noinline
+func writev(w io.Writer, bufs net.Buffers) (int64, error) {
+	return bufs.WriteTo(w)
 }
 
 // WriteBuffers sends bufs as DATA frames with a single wait for the writer, where Write would
@@ -386,6 +438,7 @@ func (s *Stream) WriteBuffers(bufs net.Buffers) (int64, error) {
 	}
 	var total int64
 	var cur bufCursor
+	var done chan struct{} // the last item's: the writer took all of bufs
 	for total < size {
 		k, err := s.c.sendWindow(context.Background(), s, int(min(size-total, 1<<31-1)))
 		if err != nil {
@@ -395,11 +448,15 @@ func (s *Stream) WriteBuffers(bufs net.Buffers) (int64, error) {
 			return total, err
 		}
 		total += int64(k)
-		it := writeItem{kind: wData, s: s, notify: total == size}
+		it := writeItem{kind: wData, s: s}
+		if total == size {
+			done = getNotify()
+			it.notify = done
+		}
 		cur.take(&it, bufs, k)
 		s.c.queueOrdered(it)
 	}
-	if total > 0 && !s.waitWritten() {
+	if total > 0 && !s.waitWritten(done) {
 		return total, fmt.Errorf("%w: %w", ErrConnClosed, s.c.closeErr())
 	}
 	return total, nil
@@ -492,26 +549,39 @@ func (s *Stream) fail(err error) {
 	if s.werr == nil {
 		s.werr = err
 	}
+	s.pokeWindowLocked()
 	s.c.mu.Unlock()
 	s.pokeRead()
-	s.pokeWindow()
 	s.finish()
 }
 
-// finish runs once, when the stream is gone from its connection.
+// finish runs once, when the stream is gone from its connection: it ends the Context.
 func (s *Stream) finish() {
-	s.finOnce.Do(func() {
-		s.cancel()
-		if s.respCh != nil {
-			s.c.mu.Lock()
-			responded := s.responded
-			s.responded = true
-			s.c.mu.Unlock()
-			if !responded {
-				close(s.respCh)
-			}
-		}
-	})
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
+		return
+	}
+	s.ended = true
+	done, afters := s.done, s.afters
+	s.afters = nil
+	s.mu.Unlock()
+	if done != nil {
+		close(done)
+	}
+	for a := afters; a != nil; a = a.next {
+		go a.f()
+	}
+	if s.c.srv {
+		return
+	}
+	s.c.mu.Lock()
+	respCh, responded := s.respCh, s.responded
+	s.responded = true
+	s.c.mu.Unlock()
+	if respCh != nil && !responded {
+		close(respCh)
+	}
 }
 
 // Reset aborts the stream with RST_STREAM(code); both directions fail.
@@ -523,13 +593,11 @@ func (s *Stream) Reset(code http2.ErrCode) {
 // finished sending, RST_STREAM otherwise (NO_ERROR if we had sent END_STREAM, CANCEL if not).
 // A server stream closed before Accept is answered 502. Close is idempotent.
 func (s *Stream) Close() error {
-	s.closeMu.Do(func() {
-		s.closeErr = s.close()
-	})
-	return s.closeErr
+	s.closeMu.Do(s.close)
+	return nil
 }
 
-func (s *Stream) close() error {
+func (s *Stream) close() {
 	c := s.c
 	if c.srv && !s.accepted.Load() {
 		s.respond(http.StatusBadGateway)
@@ -571,9 +639,8 @@ func (s *Stream) close() error {
 	}
 	s.finish()
 	if s.onClose != nil {
-		return s.onClose()
+		s.onClose()
 	}
-	return nil
 }
 
 // chunk is a piece of the receive buffer; buffers come from a pool and go back once read.

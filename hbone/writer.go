@@ -16,12 +16,12 @@ type writeKind uint8
 // waits for the notification before it reuses the buffer.
 type writeItem struct {
 	kind     writeKind
-	s        *Stream
+	end      bool
 	id       uint32
+	s        *Stream
+	notify   chan struct{} // when set, the writer sends on it once the item is written (or dropped)
 	data     []byte
 	more     [][]byte // DATA only: more payload after data, in the same frame
-	end      bool
-	notify   bool
 	fields   []hpack.HeaderField
 	settings []http2.Setting
 	code     http2.ErrCode
@@ -81,8 +81,8 @@ func (c *conn) writeLoop() {
 	var ctrl, ord []writeItem
 	for {
 		c.wmu.Lock()
-		ctrl, c.ctrlQ = c.ctrlQ, ctrl[:0]
-		ord, c.ordQ = c.ordQ, ord[:0]
+		ctrl, c.ctrlQ = c.ctrlQ, keepQueue(ctrl)
+		ord, c.ordQ = c.ordQ, keepQueue(ord)
 		c.ordCtl = 0 // the writer holds them now: at most what the bound let in
 		closing := c.closing
 		c.wmu.Unlock()
@@ -112,8 +112,8 @@ func (c *conn) writeLoop() {
 			for i := range q {
 				err := c.writeFrame(&q[i])
 				c.written.Add(1)
-				if q[i].notify {
-					q[i].s.wrote <- struct{}{}
+				if q[i].notify != nil {
+					q[i].notify <- struct{}{}
 				}
 				if err != nil {
 					c.close(fmt.Errorf("hbone: writing: %w", err))
@@ -124,6 +124,19 @@ func (c *conn) writeLoop() {
 			}
 		}
 	}
+}
+
+// maxKeptQueue is the capacity (in items) a write queue keeps between batches: a burst (a
+// connection's streams all opening at once) grows a queue past it, and the connection would
+// otherwise keep that much for its whole life (BENCHMARKS.md, issue 21 goal 4).
+const maxKeptQueue = 64
+
+// keepQueue empties a written queue for reuse, or drops it if a burst made it large.
+func keepQueue(q []writeItem) []writeItem {
+	if cap(q) > maxKeptQueue {
+		return nil
+	}
+	return q[:0]
 }
 
 // flush writes the gathered frames through TLS and the gathered records to the socket.
@@ -140,8 +153,8 @@ func (c *conn) flush() error {
 // notifyAll releases writers waiting on items that will never be written.
 func (c *conn) notifyAll(items []writeItem) {
 	for _, it := range items {
-		if it.notify {
-			it.s.wrote <- struct{}{}
+		if it.notify != nil {
+			it.notify <- struct{}{}
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -216,14 +217,21 @@ func BenchmarkIdleStreams(b *testing.B) {
 	echo := it.Echo(b)
 	// measure opens n connections with open and returns the memory they hold, per connection;
 	// then closes them and waits for their goroutines to wind down.
+	var stack float64 // the last measure's stack bytes per connection
 	measure := func(open func() io.Closer) float64 {
 		before := memInUse()
+		st0, _, _ := memParts()
 		conns := make([]io.Closer, 0, n)
 		for range n {
 			conns = append(conns, open())
 		}
 		time.Sleep(200 * time.Millisecond)
 		after := memInUse()
+		st1, _, _ := memParts()
+		stack = float64(st1-st0) / n
+		if f := os.Getenv("DETOUR_BENCH_IDLEPROFILE"); f != "" {
+			writeProfiles(b, f)
+		}
 		for _, c := range conns {
 			c.Close()
 		}
@@ -256,18 +264,21 @@ func BenchmarkIdleStreams(b *testing.B) {
 			stream().Close() // warm
 			// One measurement per run, whatever b.N: run with -benchtime 1x, or read each run.
 			perTCP := measure(tcp)
+			tcpStack := stack
 			perStream := measure(stream)
+			b.ReportMetric(stack-tcpStack, "B-stack/idle-stream")
 			b.ReportMetric(perStream-perTCP, "B/idle-stream")
 			b.ReportMetric(perTCP, "B/tcp-conn")
 		})
 	}
 }
 
-// memParts is the stack and heap in use (after memInUse's GCs).
-func memParts() (stack, heap int64) {
+// memParts is the stack and heap in use and the live heap objects (call it right after
+// memInUse, whose GCs leave only live objects).
+func memParts() (stack, heap, live int64) {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
-	return int64(m.StackInuse), int64(m.HeapInuse)
+	return int64(m.StackInuse), int64(m.HeapInuse), int64(m.HeapAlloc)
 }
 
 func memInUse() uint64 {

@@ -196,11 +196,11 @@ func BenchmarkWaypointIdle10k(b *testing.B) {
 func waypointIdle(b *testing.B, w *waypointBed, sink, n int) {
 	d := &hbone.Dialer{Logger: quiet, Config: hbone.Config{MaxConcurrentStreams: 250}}
 	defer d.Close()
-	var stackDelta, heapDelta float64
+	var stackDelta, heapDelta, liveDelta float64
 	var rss int64
 	measure := func(name string) float64 {
-		st0, hp0 := memParts()
 		before := memInUse()
+		st0, hp0, lv0 := memParts()
 		streams := make([]*hbone.Stream, 0, n)
 		for range n {
 			s, err := w.dial(b, d, name, sink)
@@ -213,14 +213,14 @@ func waypointIdle(b *testing.B, w *waypointBed, sink, n int) {
 		}
 		time.Sleep(200 * time.Millisecond)
 		after := memInUse()
-		st1, hp1 := memParts()
+		st1, hp1, lv1 := memParts()
 		if f := os.Getenv("DETOUR_BENCH_HEAPPROFILE"); f != "" && name == "waypoint" {
 			writeProfiles(b, f)
 		}
 		if name == "waypoint" {
 			rss = residentBytes(b)
 		}
-		stackDelta, heapDelta = float64(st1-st0)/float64(n), float64(hp1-hp0)/float64(n)
+		stackDelta, heapDelta, liveDelta = float64(st1-st0)/float64(n), float64(hp1-hp0)/float64(n), float64(lv1-lv0)/float64(n)
 		for _, s := range streams {
 			s.Close()
 		}
@@ -229,11 +229,13 @@ func waypointIdle(b *testing.B, w *waypointBed, sink, n int) {
 	}
 	measure("direct") // warm pools and connections
 	direct := measure("direct")
-	directStack, directHeap := stackDelta, heapDelta
+	directStack, directHeap, directLive := stackDelta, heapDelta, liveDelta
 	via := measure("waypoint")
 	b.ReportMetric(via-direct, "B/waypoint-stream")
 	b.ReportMetric(stackDelta-directStack, "B-stack/waypoint-stream")
 	b.ReportMetric(heapDelta-directHeap, "B-heap/waypoint-stream")
+	// Live objects only; B-heap adds the free space in the spans they occupy.
+	b.ReportMetric(liveDelta-directLive, "B-live/waypoint-stream")
 	b.ReportMetric(float64(rss)/(1<<20), "MiB-rss")
 }
 

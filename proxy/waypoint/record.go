@@ -17,12 +17,14 @@ import (
 // it, or the waypoint refused it (response flags set). A session's event comes from the same
 // counts (session.Take).
 type streamRecord struct {
-	h        *Handler
-	labels   metrics.Stream
-	proto    sniff.Protocol
-	target   string
-	upstream string
-	start    time.Time
+	h   *Handler
+	end metrics.StreamEnd
+	req *hbone.Request // its target, for the access log
+	// For the access log: an open stream keeps only these of its labels.
+	principal, service, flags string
+	proto                     sniff.Protocol
+	upstream                  string
+	start                     time.Time
 }
 
 func (h *Handler) openRecord(req *hbone.Request, dest *route.Destination, proto sniff.Protocol, upstream string) *streamRecord {
@@ -34,9 +36,9 @@ func (h *Handler) openRecord(req *hbone.Request, dest *route.Destination, proto 
 }
 
 func (h *Handler) open(req *hbone.Request, labels metrics.Stream, proto sniff.Protocol, upstream string) *streamRecord {
-	r := &streamRecord{h: h, labels: labels, proto: proto, target: req.Target.String(), upstream: upstream, start: time.Now()}
-	h.Metrics.StreamOpened(r.labels)
-	return r
+	return &streamRecord{h: h, end: h.Metrics.StreamOpened(labels), req: req,
+		principal: labels.Source.Principal, service: labels.Service, flags: labels.Flags,
+		proto: proto, upstream: upstream, start: time.Now()}
 }
 
 // refused records a stream to dest the waypoint refuses itself, with Envoy's response flags
@@ -50,14 +52,14 @@ func (h *Handler) refused(req *hbone.Request, dest *route.Destination, proto sni
 }
 
 func (r *streamRecord) close(c hbone.Counts, err error) {
-	r.h.Metrics.StreamClosed(r.labels, c.AToB, c.BToA)
+	r.end.Closed(c.AToB, c.BToA)
 	if al := r.h.AccessLog; al != nil {
-		flags := r.labels.Flags
+		flags := r.flags
 		if flags == "" {
 			flags = "-"
 		}
-		al.Info("stream", "protocol", r.proto.String(), "source", authz.Principal(r.labels.Source.Principal), "target", r.target,
-			"service", r.labels.Service, "upstream", r.upstream, "received", c.AToB, "sent", c.BToA,
+		al.Info("stream", "protocol", r.proto.String(), "source", authz.Principal(r.principal), "target", r.req.Target.String(),
+			"service", r.service, "upstream", r.upstream, "received", c.AToB, "sent", c.BToA,
 			"duration_ms", time.Since(r.start).Milliseconds(), "flags", flags, "err", errString(err))
 	}
 }

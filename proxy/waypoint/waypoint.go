@@ -226,7 +226,7 @@ func (h *Handler) splice(in net.Conn, up *hbone.Stream, req *hbone.Request, dest
 		if release := s.Detach(); release != nil {
 			hbone.SpliceAsync(s, up, h.HalfCloseTimeout, func(counts hbone.Counts, err error) {
 				rec.close(counts, err)
-				h.Balancer.Done(ep)
+				h.Balancer.Done(up.Request().Target.Addr) // ep, which this closure need not hold
 				release(err)
 			})
 			return nil
