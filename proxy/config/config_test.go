@@ -4,6 +4,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"strings"
 	"testing"
+	"time"
 )
 
 const example = `
@@ -52,6 +53,13 @@ func TestDecode(t *testing.T) {
 	if _, err := c.Routes(); err != nil {
 		t.Fatal(err)
 	}
+	if d := c.Waypoint.Drain; d.Period.Duration != DefaultDrainPeriod || d.Timeout.Duration != DefaultDrainTimeout {
+		t.Fatalf("drain defaults: %v %v", d.Period, d.Timeout)
+	}
+	c, err = Decode([]byte(strings.Replace(example, "  namespace: demo\ndiscovery", "  namespace: demo\n  drain: {period: 0s, timeout: 1m}\ndiscovery", 1)))
+	if err != nil || c.Waypoint.Drain.Period.Duration != 0 || c.Waypoint.Drain.Timeout.Duration != time.Minute {
+		t.Fatalf("drain: %+v, %v", c, err)
+	}
 }
 
 func TestDecodeErrors(t *testing.T) {
@@ -64,6 +72,9 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, inspect: sometimes}\ndiscovery: {static: {}}\n", `waypoint.inspect "sometimes" is not one of auto, always, opaque`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, numTrustedProxies: -1}\ndiscovery: {static: {}}\n", "waypoint.numTrustedProxies -1 is negative; use 0 (the rightmost X-Forwarded-For address) or more"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, bindTTL: 2h}\ndiscovery: {static: {}}\n", "waypoint.bindTTL 2h0m0s is outside 0s..1h (the other replicas ignore a longer one)"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, drain: {period: 6m, timeout: -1s}}\ndiscovery: {static: {}}\n",
+			"waypoint.drain.period 6m0s is outside 0s..5m\nwaypoint.drain.timeout -1s is outside 0s..1h"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, drain: {periods: 1s}}\ndiscovery: {static: {}}\n", `json: unknown field "periods"`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
 	} {
