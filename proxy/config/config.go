@@ -123,14 +123,14 @@ type Waypoint struct {
 // rest. The pod's terminationGracePeriodSeconds must cover Period + Timeout (detour install
 // writes 30 for the defaults' 25s).
 type Drain struct {
-	// Period: default 5s (Istio's terminationDrainDuration); "0s" stops accepting at once; at
-	// most 5m.
+	// Period: default 5s with Kubernetes discovery (Istio's terminationDrainDuration), 0s with
+	// static discovery (no endpoints to propagate); "0s" stops accepting at once; at most 5m.
 	Period *Duration `json:"period,omitempty"`
 	// Timeout: default 20s; "0s" closes what is open when the period ends; at most 1h.
 	Timeout *Duration `json:"timeout,omitempty"`
 }
 
-// Default drain durations (Drain).
+// Default drain durations (Drain; the period with Kubernetes discovery).
 const (
 	DefaultDrainPeriod  = 5 * time.Second
 	DefaultDrainTimeout = 20 * time.Second
@@ -299,7 +299,10 @@ func (c *Config) defaults() {
 	set(&c.Waypoint.Balancer, "round-robin")
 	set(&c.Discovery.Source, "static")
 	if c.Waypoint.Drain.Period == nil {
-		c.Waypoint.Drain.Period = &Duration{DefaultDrainPeriod}
+		c.Waypoint.Drain.Period = &Duration{}
+		if c.Discovery.Source == "kubernetes" {
+			c.Waypoint.Drain.Period.Duration = DefaultDrainPeriod
+		}
 	}
 	if c.Waypoint.Drain.Timeout == nil {
 		c.Waypoint.Drain.Timeout = &Duration{DefaultDrainTimeout}

@@ -53,8 +53,12 @@ func TestDecode(t *testing.T) {
 	if _, err := c.Routes(); err != nil {
 		t.Fatal(err)
 	}
-	if d := c.Waypoint.Drain; d.Period.Duration != DefaultDrainPeriod || d.Timeout.Duration != DefaultDrainTimeout {
-		t.Fatalf("drain defaults: %v %v", d.Period, d.Timeout)
+	if d := c.Waypoint.Drain; d.Period.Duration != 0 || d.Timeout.Duration != DefaultDrainTimeout {
+		t.Fatalf("drain defaults, static discovery: %v %v", d.Period, d.Timeout)
+	}
+	k, err := Decode([]byte("identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes}\n"))
+	if err != nil || k.Waypoint.Drain.Period.Duration != DefaultDrainPeriod {
+		t.Fatalf("drain period default, Kubernetes discovery: %+v, %v", k, err)
 	}
 	c, err = Decode([]byte(strings.Replace(example, "  namespace: demo\ndiscovery", "  namespace: demo\n  drain: {period: 0s, timeout: 1m}\ndiscovery", 1)))
 	if err != nil || c.Waypoint.Drain.Period.Duration != 0 || c.Waypoint.Drain.Timeout.Duration != time.Minute {

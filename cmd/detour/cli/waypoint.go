@@ -61,10 +61,10 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&path, "config", "", "the configuration document (YAML; see proxy/config)")
-	cmd.Flags().DurationVar(&drainPeriod, "drain-period", config.DefaultDrainPeriod,
-		"on SIGTERM, how long to keep accepting (not ready, clients told to move) before stopping; overrides waypoint.drain.period")
-	cmd.Flags().DurationVar(&drainTimeout, "drain-timeout", config.DefaultDrainTimeout,
-		"after the drain period, how long open streams may take to finish before they are closed; overrides waypoint.drain.timeout")
+	cmd.Flags().DurationVar(&drainPeriod, "drain-period", 0,
+		"on SIGTERM, how long to keep accepting (not ready, clients told to move) before stopping (default: waypoint.drain.period, 5s with Kubernetes discovery)")
+	cmd.Flags().DurationVar(&drainTimeout, "drain-timeout", 0,
+		"after the drain period, how long open streams may take to finish before they are closed (default: waypoint.drain.timeout, 20s)")
 	return cmd
 }
 
