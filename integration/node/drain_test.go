@@ -49,17 +49,20 @@ const (
 // are counted and reported (and their failures).
 func TestWaypointPodDeleted(t *testing.T) {
 	skipUnlessNode(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-
+	build, cancelBuild := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancelBuild()
 	dir := t.TempDir()
-	pause, app, err := image.NodeImages(ctx, time.Unix(0, 0))
+	pause, app, err := image.NodeImages(build, time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref, detourTar := detourImage(t, ctx)
+	ref, detourTar := detourImage(t, build)
 	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "podapp.tar": app, "detour.tar": detourTar})
+	// Start may wait for the test bed's binaries to be built (their own lock); the test's bound
+	// starts once the bed runs.
 	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
 
 	const ns = "shop"
 	if err := c.Namespace(ctx, ns, nil); err != nil {
