@@ -57,6 +57,7 @@ type conn struct {
 	early       int64  // unread bytes whose connection window was returned on arrival, <= cfg.ConnBuffer
 	goAwaySent  bool
 	goAwayRecv  bool
+	noticeSent  bool      // server: the drain notice (GOAWAY 2^31-1) went out; streams are still served
 	idleSince   time.Time // when the last stream ended; zero while streams are open
 	err         error     // why the connection closed; set once
 
@@ -175,6 +176,33 @@ func (c *conn) goAway(code http2.ErrCode, cause error) {
 	}
 	if cause != nil || open == 0 {
 		c.closeAfterFlush(cause)
+	}
+}
+
+// notice sends the graceful-shutdown GOAWAY of RFC 9113 section 6.8: last stream ID 2^31-1 and
+// NO_ERROR, so the peer opens no new streams here while every stream it already sent, even one
+// crossing the notice, is still served (h2's graceful_shutdown, which ztunnel's HBONE server
+// calls on drain, sends the same). Unlike goAway it refuses nothing and closes nothing; once, and
+// not after goAway.
+func (c *conn) notice() {
+	c.mu.Lock()
+	send := !c.noticeSent && !c.goAwaySent
+	c.noticeSent = true
+	c.mu.Unlock()
+	if send {
+		c.queueCtrl(writeItem{kind: wGoAway, id: 1<<31 - 1, code: http2.ErrCodeNo})
+	}
+}
+
+// noticeIfUsed sends the notice if the peer has opened a stream here; a connection not used yet
+// gets it with its first stream (Server.handleStream), so that stream is not refused by the
+// peer's own pool.
+func (c *conn) noticeIfUsed() {
+	c.mu.Lock()
+	used := c.lastPeerID > 0
+	c.mu.Unlock()
+	if used {
+		c.notice()
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,6 +41,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closed    bool
+	draining  atomic.Bool    // Drain was called: every connection that carries a stream is told to go
 	wg        sync.WaitGroup // connections and handlers
 }
 
@@ -232,6 +234,9 @@ func handshakeServer(ctx context.Context, nc net.Conn, cfg *tls.Config, timeout 
 // handleStream admits one CONNECT (counted before its goroutine starts, so Shutdown waits for
 // it) and runs its handler.
 func (srv *Server) handleStream(s *Stream) {
+	if srv.draining.Load() {
+		s.c.notice()
+	}
 	if !srv.track(1) {
 		s.respond(503)
 		s.c.handlerDone()
@@ -270,6 +275,26 @@ func (srv *Server) finishStream(s *Stream, err error) {
 		s.Reset(http2.ErrCodeConnect)
 	}
 	s.Close()
+}
+
+// Drain starts a graceful drain while the server keeps serving: the listeners stay open and every
+// stream is served, but each connection that carries a stream is sent the notice GOAWAY (last
+// stream ID 2^31-1, NO_ERROR), at once or with its first stream, so clients open their next
+// streams on new connections, to other replicas once their endpoints are gone. Envoy does the
+// same while draining (drain_listeners?graceful: listeners open until the drain ends, requests
+// discouraged; Istio runs it with --drain-strategy immediate). Shutdown ends the drain. Drain is
+// idempotent.
+func (srv *Server) Drain() {
+	srv.draining.Store(true)
+	srv.mu.Lock()
+	conns := make([]*conn, 0, len(srv.conns))
+	for c := range srv.conns {
+		conns = append(conns, c)
+	}
+	srv.mu.Unlock()
+	for _, c := range conns {
+		c.noticeIfUsed()
+	}
 }
 
 // Shutdown stops accepting, sends GOAWAY on every connection and waits for their streams to end;

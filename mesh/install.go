@@ -129,6 +129,11 @@ func (in *Installer) Hostname() string {
 	return in.name() + "." + in.Namespace + ".svc.cluster.local"
 }
 
+// TerminationGracePeriodSeconds is the waypoint pods' grace period: the default drain
+// (config.DefaultDrainPeriod + config.DefaultDrainTimeout) and 5s before the kubelet's SIGKILL, as
+// ztunnel keeps its own deadline 5s under the pod's (src/config.rs self_termination_deadline).
+const TerminationGracePeriodSeconds = 30
+
 // Objects are what Install applies, in order.
 func (in *Installer) Objects() []Object {
 	name, ns := in.name(), in.Namespace
@@ -220,6 +225,9 @@ discovery:
 					"metadata": map[string]any{"labels": podLabels, "annotations": in.Pod.annotations()},
 					"spec": map[string]any{
 						"serviceAccountName": name,
+						// SIGTERM starts the waypoint's drain (proxy/drain): its period and timeout
+						// (waypoint.drain, 5s + 20s by default) fit, with 5s to spare before SIGKILL.
+						"terminationGracePeriodSeconds": TerminationGracePeriodSeconds,
 						"containers": []any{map[string]any{
 							"name": "detour", "image": image,
 							"args": []any{"waypoint", "--config", "/etc/detour/config.yaml"},

@@ -21,6 +21,8 @@ import (
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/detour-mesh/detour/proxy/config"
 )
 
 // cluster is a fake cluster for the installer: the typed clientset answers discovery, access
@@ -337,5 +339,33 @@ func TestInstallRefusesUnsupportedConfig(t *testing.T) {
 	in.Force = true
 	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
 		t.Fatalf("install --bind svc/web --force: %v", err)
+	}
+}
+
+// The Deployment's grace period covers the drain its own config document asks for (the
+// document decoded as the waypoint decodes it, defaults included), with the 5s to spare.
+func TestInstallGracePeriodCoversTheDrain(t *testing.T) {
+	in := &Installer{Namespace: "shop"}
+	var grace int64
+	var doc string
+	for _, o := range in.Objects() {
+		switch o.Body["kind"] {
+		case "Deployment":
+			g, ok, err := unstructured.NestedFieldNoCopy(o.Body, "spec", "template", "spec", "terminationGracePeriodSeconds")
+			if !ok || err != nil {
+				t.Fatalf("no terminationGracePeriodSeconds: %v", err)
+			}
+			grace = int64(g.(int))
+		case "ConfigMap":
+			doc, _, _ = unstructured.NestedString(o.Body, "data", "config.yaml")
+		}
+	}
+	cfg, err := config.Decode([]byte(doc))
+	if err != nil {
+		t.Fatalf("the installed config: %v\n%s", err, doc)
+	}
+	d := cfg.Waypoint.Drain
+	if need := d.Period.Duration + d.Timeout.Duration + 5*time.Second; time.Duration(grace)*time.Second < need {
+		t.Fatalf("terminationGracePeriodSeconds %d < drain period %s + timeout %s + 5s", grace, d.Period, d.Timeout)
 	}
 }

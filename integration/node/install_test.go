@@ -41,19 +41,9 @@ func TestInstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const version = "v0.0.0-node"
-	idx, err := image.Build(ctx, image.Options{Source: "../..", Version: version, Created: time.Unix(0, 0),
-		Platforms: []v1.Platform{{OS: "linux", Architecture: runtime.GOARCH}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref := image.Ref(version)
-	var detourTar bytes.Buffer
-	if err := image.WriteArchive(&detourTar, idx, ref, time.Unix(0, 0)); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("node: pause and detour (%s, %d bytes) images built in %v", ref, detourTar.Len(), time.Since(built).Round(time.Millisecond))
-	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "detour.tar": detourTar.Bytes()})
+	ref, detourTar := detourImage(t, ctx)
+	t.Logf("node: pause and detour (%s, %d bytes) images built in %v", ref, len(detourTar), time.Since(built).Round(time.Millisecond))
+	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "detour.tar": detourTar})
 	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
 
 	const ns = "shop"
@@ -83,21 +73,7 @@ func TestInstall(t *testing.T) {
 		t.Fatalf("node: detour install = %d:\n%s", code, out)
 	}
 	t.Logf("node: detour install: %s", strings.TrimSpace(out))
-	wait(t, ctx, 3*time.Minute, "detour's pods Ready through their readiness probe", func() (bool, string) {
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
-		if err != nil {
-			return false, err.Error()
-		}
-		var seen []string
-		readyPods := 0
-		for _, p := range pods.Items {
-			seen = append(seen, describe(&p))
-			if ready(&p) && p.Spec.NodeName == c.Node.Name {
-				readyPods++
-			}
-		}
-		return readyPods == 2, strings.Join(seen, "\n")
-	})
+	waitReadyPods(t, ctx, c, ns, selector, 2)
 	t.Logf("node: detour's 2 pods Ready %v after install", time.Since(started).Round(time.Millisecond))
 
 	// Each pod's HBONE listener presents the identity istiod's CA issued to detour's service
@@ -184,6 +160,47 @@ func TestInstall(t *testing.T) {
 		}
 		return len(left) == 0, strings.Join(left, ", ")
 	})
+}
+
+// detourImage builds detour's image from this checkout (version v0.0.0-node, linux on this
+// machine's architecture) and returns its reference and OCI archive.
+func detourImage(t *testing.T, ctx context.Context) (string, []byte) {
+	t.Helper()
+	const version = "v0.0.0-node"
+	idx, err := image.Build(ctx, image.Options{Source: "../..", Version: version, Created: time.Unix(0, 0),
+		Platforms: []v1.Platform{{OS: "linux", Architecture: runtime.GOARCH}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := image.Ref(version)
+	var tar bytes.Buffer
+	if err := image.WriteArchive(&tar, idx, ref, time.Unix(0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	return ref, tar.Bytes()
+}
+
+// waitReadyPods waits (3 minutes at most) for n pods matching selector in ns to be Ready
+// through their readiness probes on the node, and returns them.
+func waitReadyPods(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, selector string, n int) []corev1.Pod {
+	t.Helper()
+	var readyOnes []corev1.Pod
+	wait(t, ctx, 3*time.Minute, fmt.Sprintf("%d pods %s Ready through their readiness probe", n, selector), func() (bool, string) {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+		if err != nil {
+			return false, err.Error()
+		}
+		var seen []string
+		readyOnes = readyOnes[:0]
+		for _, p := range pods.Items {
+			seen = append(seen, describe(&p))
+			if ready(&p) && p.Spec.NodeName == c.Node.Name && p.DeletionTimestamp == nil {
+				readyOnes = append(readyOnes, p)
+			}
+		}
+		return len(readyOnes) == n, strings.Join(seen, "\n")
+	})
+	return readyOnes
 }
 
 // peerCert is the certificate the server at addr presents (the handshake may then fail for want

@@ -16,6 +16,7 @@ import (
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -151,11 +152,12 @@ func TestNode(t *testing.T) {
 	}
 }
 
-// deploy creates ns/name's ServiceAccount, a Deployment of one pod running img with args (its
-// port 8080 named http, an HTTP readiness probe on it, never pulled) and a Service over it.
-func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img string, args []string) {
+// deploy creates ns/name's ServiceAccount (unless it exists), a Deployment of one pod running img
+// with args (its port 8080 named http, an HTTP readiness probe on it, never pulled), changed by
+// each of more, and a Service over it.
+func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img string, args []string, more ...func(*corev1.PodSpec)) {
 	t.Helper()
-	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
 	labels := map[string]string{"app": name}
@@ -180,6 +182,9 @@ func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img
 				},
 			},
 		},
+	}
+	for _, f := range more {
+		f(&dep.Spec.Template.Spec)
 	}
 	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

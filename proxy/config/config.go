@@ -121,7 +121,29 @@ type Waypoint struct {
 	// MaxSniffingPerClient bounds the streams of one client (its identity) waiting for those
 	// bytes at once; one more is refused with a 503 before anything is dialed. Default 64.
 	MaxSniffingPerClient int `json:"maxSniffingPerClient"`
+	// Drain is how the replica ends on SIGTERM (a pod deletion): see Drain.
+	Drain Drain `json:"drain"`
 }
+
+// Drain is the replica's graceful termination (proxy/drain): on SIGTERM /readyz fails at once;
+// the replica keeps accepting and serving for Period while its endpoint's removal reaches the
+// clients (EndpointSlice, istiod, every ztunnel), each HBONE connection told to move (GOAWAY);
+// then it stops accepting and gives the streams still open Timeout to finish, and closes the
+// rest. The pod's terminationGracePeriodSeconds must cover Period + Timeout (detour install
+// writes 30 for the defaults' 25s).
+type Drain struct {
+	// Period: default 5s with Kubernetes discovery (Istio's terminationDrainDuration), 0s with
+	// static discovery (no endpoints to propagate); "0s" stops accepting at once; at most 5m.
+	Period *Duration `json:"period,omitempty"`
+	// Timeout: default 20s; "0s" closes what is open when the period ends; at most 1h.
+	Timeout *Duration `json:"timeout,omitempty"`
+}
+
+// Default drain durations (Drain; the period with Kubernetes discovery).
+const (
+	DefaultDrainPeriod  = 5 * time.Second
+	DefaultDrainTimeout = 20 * time.Second
+)
 
 // Discovery chooses where services, endpoints and policies come from.
 type Discovery struct {
@@ -285,6 +307,15 @@ func (c *Config) defaults() {
 	set(&c.Waypoint.Inspect, "auto")
 	set(&c.Waypoint.Balancer, "round-robin")
 	set(&c.Discovery.Source, "static")
+	if c.Waypoint.Drain.Period == nil {
+		c.Waypoint.Drain.Period = &Duration{}
+		if c.Discovery.Source == "kubernetes" {
+			c.Waypoint.Drain.Period.Duration = DefaultDrainPeriod
+		}
+	}
+	if c.Waypoint.Drain.Timeout == nil {
+		c.Waypoint.Drain.Timeout = &Duration{DefaultDrainTimeout}
+	}
 	if ca := c.Identity.IstioCA; ca != nil {
 		set(&ca.Addr, "istiod.istio-system.svc:15012")
 		set(&ca.RootCertFile, "/var/run/secrets/istio/root-cert.pem")
@@ -354,6 +385,12 @@ func (c *Config) validate() error {
 	}
 	if n := c.Waypoint.MaxSniffingPerClient; n < 0 {
 		bad("waypoint.maxSniffingPerClient %d is negative; leave it out for the default (64)", n)
+	}
+	if t := c.Waypoint.Drain.Period.Duration; t < 0 || t > 5*time.Minute {
+		bad("waypoint.drain.period %s is outside 0s..5m", t)
+	}
+	if t := c.Waypoint.Drain.Timeout.Duration; t < 0 || t > time.Hour {
+		bad("waypoint.drain.timeout %s is outside 0s..1h", t)
 	}
 	switch c.Discovery.Source {
 	case "static":

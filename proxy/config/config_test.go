@@ -4,6 +4,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authz"
 	"strings"
 	"testing"
+	"time"
 )
 
 const example = `
@@ -52,6 +53,17 @@ func TestDecode(t *testing.T) {
 	if _, err := c.Routes(); err != nil {
 		t.Fatal(err)
 	}
+	if d := c.Waypoint.Drain; d.Period.Duration != 0 || d.Timeout.Duration != DefaultDrainTimeout {
+		t.Fatalf("drain defaults, static discovery: %v %v", d.Period, d.Timeout)
+	}
+	k, err := Decode([]byte("identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {source: kubernetes}\n"))
+	if err != nil || k.Waypoint.Drain.Period.Duration != DefaultDrainPeriod {
+		t.Fatalf("drain period default, Kubernetes discovery: %+v, %v", k, err)
+	}
+	c, err = Decode([]byte(strings.Replace(example, "  namespace: demo\ndiscovery", "  namespace: demo\n  drain: {period: 0s, timeout: 1m}\ndiscovery", 1)))
+	if err != nil || c.Waypoint.Drain.Period.Duration != 0 || c.Waypoint.Drain.Timeout.Duration != time.Minute {
+		t.Fatalf("drain: %+v, %v", c, err)
+	}
 }
 
 func TestDecodeErrors(t *testing.T) {
@@ -68,6 +80,9 @@ func TestDecodeErrors(t *testing.T) {
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, sniffWait: -1s}\ndiscovery: {static: {}}\n", "waypoint.sniffWait -1s is outside 1ms..5m (the default, 15s, is Envoy's listener filter timeout)"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, maxSniffingPerClient: -1}\ndiscovery: {static: {}}\n", "waypoint.maxSniffingPerClient -1 is negative; leave it out for the default (64)"},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, sniffWait: 15}\ndiscovery: {static: {}}\n", "duration: json: cannot unmarshal number into Go value of type string"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, drain: {period: 6m, timeout: -1s}}\ndiscovery: {static: {}}\n",
+			"waypoint.drain.period 6m0s is outside 0s..5m\nwaypoint.drain.timeout -1s is outside 0s..1h"},
+		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x, drain: {periods: 1s}}\ndiscovery: {static: {}}\n", `json: unknown field "periods"`},
 		{"identity: {source: files, files: {cert: a, key: b, bundle: c}}\nwaypoint: {namespace: x}\ndiscovery: {static: {services: [{name: s, namespace: ns1, vips: [nope], endpoints: [{ip: 10.0.0.1}]}]}}\n",
 			"service ns1/s: vip \"nope\": ParseAddr(\"nope\"): unable to parse IP\nservice ns1/s: endpoint 10.0.0.1 needs serviceAccount (the identity its ztunnel presents)"},
 	} {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -141,7 +142,9 @@ func TestCA(t *testing.T) {
 	}
 }
 
-// `detour waypoint --config FILE` serves HBONE and /readyz, and exits 0 when cancelled.
+// `detour waypoint --config FILE` serves HBONE and /readyz, and exits 0 when cancelled, after
+// draining: once cancelled (SIGTERM) /readyz is 503 "draining" while the HBONE listener still
+// accepts, for the drain period (--drain-period over the document's).
 func TestWaypointCommand(t *testing.T) {
 	dir := t.TempDir()
 	if code, _, errOut := run(t, "ca", "init", "--dir", dir+"/ca"); code != 0 {
@@ -168,7 +171,9 @@ discovery: {static: {services: []}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	var out, errOut bytes.Buffer
-	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+	go func() {
+		done <- Run(ctx, []string{"waypoint", "--config", path, "--drain-period", "10s", "--drain-timeout", "1s"}, &out, &errOut)
+	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		resp, err := http.Get("http://" + health + "/readyz")
@@ -190,13 +195,33 @@ discovery: {static: {services: []}}
 		c.Close()
 	}
 	cancel()
+	for {
+		resp, err := http.Get("http://" + health + "/readyz")
+		if err != nil {
+			t.Fatalf("/readyz while draining: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == 503 && strings.TrimSpace(string(body)) == "draining" {
+			break
+		}
+		if resp.StatusCode != 200 {
+			t.Fatalf("/readyz while draining: %d %q", resp.StatusCode, body)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if c, err := net.Dial("tcp", hboneAddr); err != nil {
+		t.Fatalf("HBONE listener while draining: %v", err)
+	} else {
+		c.Close()
+	}
 	select {
 	case code := <-done:
 		if code != 0 {
 			t.Fatalf("exit %d: %s", code, errOut.String())
 		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("did not exit after cancellation")
+	case <-time.After(30 * time.Second):
+		t.Fatal("did not exit after the drain")
 	}
 }
 
@@ -303,7 +328,9 @@ func runWaypointUntil(t *testing.T, cfg string, limit time.Duration) (code int, 
 	defer cancel()
 	var out, errOut syncBuffer
 	done := make(chan int, 1)
-	go func() { done <- Run(ctx, []string{"waypoint", "--config", path}, &out, &errOut) }()
+	go func() {
+		done <- Run(ctx, []string{"waypoint", "--config", path, "--drain-period", "10s", "--drain-timeout", "1s"}, &out, &errOut)
+	}()
 	select {
 	case code = <-done:
 		return code, errOut.String(), true

@@ -98,6 +98,7 @@ listeners:
 waypoint:
   namespace: demo
   gateway: detour
+  drain: {period: 0s, timeout: 1s}
 discovery:
   static:
     services:

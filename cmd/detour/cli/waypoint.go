@@ -24,6 +24,7 @@ import (
 	"github.com/detour-mesh/detour/proxy/authn"
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/config"
+	"github.com/detour-mesh/detour/proxy/drain"
 	"github.com/detour-mesh/detour/proxy/extauthz"
 	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/l4route"
@@ -40,6 +41,7 @@ var identityTimeout = 30 * time.Second
 
 func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 	var path string
+	var drainPeriod, drainTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "waypoint",
 		Short: "Run detour as a waypoint: terminate HBONE, enforce AuthorizationPolicy, forward to endpoints",
@@ -52,11 +54,37 @@ func newWaypointCmd(log func() *slog.Logger) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if err := overrideDrain(cmd, cfg, drainPeriod, drainTimeout); err != nil {
+				return err
+			}
 			return runWaypoint(cmd.Context(), cfg, log(), cmd.ErrOrStderr(), nil, nil)
 		},
 	}
 	cmd.Flags().StringVar(&path, "config", "", "the configuration document (YAML; see proxy/config)")
+	cmd.Flags().DurationVar(&drainPeriod, "drain-period", 0,
+		"on SIGTERM, how long to keep accepting (not ready, clients told to move) before stopping (default: waypoint.drain.period, 5s with Kubernetes discovery)")
+	cmd.Flags().DurationVar(&drainTimeout, "drain-timeout", 0,
+		"after the drain period, how long open streams may take to finish before they are closed (default: waypoint.drain.timeout, 20s)")
 	return cmd
+}
+
+// overrideDrain puts the drain flags that were set over the document's fields, within the
+// document's bounds.
+func overrideDrain(cmd *cobra.Command, cfg *config.Config, period, timeout time.Duration) error {
+	d := &cfg.Waypoint.Drain
+	if cmd.Flags().Changed("drain-period") {
+		if period < 0 || period > 5*time.Minute {
+			return fmt.Errorf("--drain-period %s is outside 0s..5m", period)
+		}
+		d.Period = &config.Duration{Duration: period}
+	}
+	if cmd.Flags().Changed("drain-timeout") {
+		if timeout < 0 || timeout > time.Hour {
+			return fmt.Errorf("--drain-timeout %s is outside 0s..1h", timeout)
+		}
+		d.Timeout = &config.Duration{Duration: timeout}
+	}
+	return nil
 }
 
 // listening says where a running waypoint listens.
@@ -66,7 +94,9 @@ type listening struct {
 	Tunnel string // "" when off; QUIC (UDP) and HTTP/2 (TCP) developer tunnels
 }
 
-// runWaypoint serves the waypoint described by cfg until ctx ends, then drains. ready, if set,
+// runWaypoint serves the waypoint described by cfg until ctx ends (SIGTERM), then drains
+// (proxy/drain, cfg.Waypoint.Drain): every component keeps running until the drain is over; a
+// component that fails ends them all at once. ready, if set,
 // receives the listeners' addresses once serving. The access log, when on, goes to accessOut.
 // netDial, if set, opens the onward TCP connections (the demo's pods live at made-up addresses).
 func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, accessOut io.Writer, ready chan<- listening,
@@ -82,7 +112,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 		return err
 	}
 	reg := prometheus.NewRegistry()
-	ctx, stop := context.WithCancel(ctx)
+	sig := ctx
+	ctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	defer stop()
 	g, ctx := errgroup.WithContext(ctx)
 	// fail stops what already runs (identity renewal, discovery) and waits for it: a start-up
@@ -101,6 +132,8 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	}
 	defer disc.extAuthz.Close()
 	wctx, cancel := context.WithTimeout(ctx, identityTimeout)
+	stopWait := context.AfterFunc(sig, cancel) // a SIGTERM during start-up ends it
+	defer stopWait()
 	_, err = identity.Wait(wctx, src)
 	cancel()
 	if err != nil {
@@ -113,7 +146,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	if err != nil {
 		return fail(err)
 	}
-	serveHBONE(ctx, g, h, src, l, log)
+	dr := serveHBONE(sig, ctx, g, stop, h, src, l, cfg.Waypoint.Drain, log)
 	addrs := listening{HBONE: l.Addr().String()}
 	if h.Sessions != nil {
 		var store *mesh.SessionStore
@@ -127,7 +160,7 @@ func runWaypoint(ctx context.Context, cfg *config.Config, log *slog.Logger, acce
 	}
 	if hl := ls.health; hl != nil {
 		addrs.Health = hl.Addr().String()
-		serveHealth(ctx, g, hl, healthMux(src, disc.synced, reg))
+		serveHealth(ctx, g, hl, healthMux(src, disc.synced, dr.Draining, reg))
 	}
 	log.Info("waypoint serving", "hbone", addrs.HBONE, "health", addrs.Health, "tunnel", addrs.Tunnel, "namespace", cfg.Waypoint.Namespace, "gateway", cfg.Waypoint.Gateway)
 	if ready != nil {
@@ -178,10 +211,14 @@ func newHandler(cfg *config.Config, src identity.Source, disc *discovered, m *me
 	return h, nil
 }
 
-// serveHBONE serves h on l in g until ctx ends, then drains: GOAWAY, open streams finish within
-// drainTimeout.
-func serveHBONE(ctx context.Context, g *errgroup.Group, h *waypoint.Handler, src identity.Source, l net.Listener, log *slog.Logger) {
+// serveHBONE serves h on l in g. When sig ends (SIGTERM) it drains (proxy/drain: not ready,
+// still accepting for the period, clients told to move, then open streams waited for up to the
+// timeout) and then ends every other component (stop); when ctx ends first (a component
+// failed) it closes at once.
+func serveHBONE(sig, ctx context.Context, g *errgroup.Group, stop func(), h *waypoint.Handler, src identity.Source, l net.Listener,
+	d config.Drain, log *slog.Logger) *drain.Drainer {
 	srv := &hbone.Server{Handler: h, TLSConfig: identity.ServerTLS(src, nil), Logger: log}
+	dr := &drain.Drainer{Server: srv, Period: d.Period.Duration, Timeout: d.Timeout.Duration, Logger: log}
 	g.Go(func() error {
 		if err := srv.Serve(l); !errors.Is(err, hbone.ErrServerClosed) {
 			return err
@@ -189,14 +226,18 @@ func serveHBONE(ctx context.Context, g *errgroup.Group, h *waypoint.Handler, src
 		return nil
 	})
 	g.Go(func() error {
-		<-ctx.Done()
-		drain, cancel := context.WithTimeout(context.Background(), drainTimeout)
-		defer cancel()
-		if err := srv.Shutdown(drain); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		select {
+		case <-ctx.Done():
+			return srv.Close()
+		case <-sig.Done():
+		}
+		defer stop()
+		if err := dr.Drain(ctx); err != nil && !errors.Is(err, drain.ErrTimeout) {
 			return err
 		}
 		return nil
 	})
+	return dr
 }
 
 // serveHealth serves mux on hl in g until ctx ends.
@@ -211,9 +252,9 @@ func serveHealth(ctx context.Context, g *errgroup.Group, hl net.Listener, mux ht
 	g.Go(func() error { <-ctx.Done(); return hs.Close() })
 }
 
-// healthMux serves /healthz (the process is up), /readyz (it has an identity and discovery has
-// synced) and /metrics.
-func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry) *http.ServeMux {
+// healthMux serves /healthz (the process is up), /readyz (it has an identity, discovery has
+// synced and it is not draining) and /metrics.
+func healthMux(src identity.Source, synced, draining func() bool, reg *prometheus.Registry) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
@@ -224,6 +265,10 @@ func healthMux(src identity.Source, synced func() bool, reg *prometheus.Registry
 		}
 		if !synced() {
 			http.Error(w, "discovery not synced yet", http.StatusServiceUnavailable)
+			return
+		}
+		if draining() {
+			http.Error(w, "draining", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")
