@@ -54,8 +54,8 @@ type Node struct {
 	ambientDir string
 	ambient    *ambientAgent
 	dns        *clusterDNS
-	cgroup string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
-	procs  []*proc
+	cgroup     string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
+	procs      []*proc
 	// sysctls are the kernel settings the kubelet changes (setupKernelTunables in
 	// pkg/kubelet/cm/container_manager_linux.go) as they were before it started; Close puts them
 	// back.
