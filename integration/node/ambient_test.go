@@ -27,7 +27,7 @@ import (
 // agent, which writes the rules with Istio's rule builder) and an in-pod ztunnel stand-in
 // whose only routing input is istiod's workload xDS. detour is installed as users install it
 // (`--bind namespace`). The client pod's app GETs the server's ClusterIP; nothing tells any
-// stand-in where the waypoint is. Bound, the request crosses detour (its counter for the
+// stand-in where the waypoint is. Bound, the request crosses detour (its count for the
 // server moves by one) and the server's app sees it coming from a detour pod; unbound (the
 // namespace's use-waypoint label removed), after istiod's push the next request reaches the
 // server from the client's own address and detour's counter stays. The kubelet's probes of the
@@ -149,8 +149,9 @@ func podIPs(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, selector 
 	return ips
 }
 
-// opened is detour's istio_tcp_connections_opened_total for the server, summed over its pods'
-// metrics (15021, reached from the host).
+// opened is what detour counted to the server, summed over its pods' metrics (15021, reached
+// from the host): istio_requests_total (a stream detour parsed as HTTP) plus
+// istio_tcp_connections_opened_total (an opaque one). Each crossing adds one to exactly one.
 func opened(t *testing.T, ips []string) int {
 	t.Helper()
 	total := 0
@@ -160,7 +161,8 @@ func opened(t *testing.T, ips []string) int {
 			t.Fatalf("node: detour's metrics at %s: %d %v", ip, code, err)
 		}
 		for _, l := range strings.Split(body, "\n") {
-			if strings.HasPrefix(l, "istio_tcp_connections_opened_total{") && strings.Contains(l, `destination_service_name="server"`) {
+			counted := strings.HasPrefix(l, "istio_tcp_connections_opened_total{") || strings.HasPrefix(l, "istio_requests_total{")
+			if counted && strings.Contains(l, `destination_service_name="server"`) {
 				v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
 				if err != nil {
 					t.Fatalf("node: detour's metric line %q: %v", l, err)
