@@ -97,15 +97,19 @@ func cniScope() *istiolog.Scope {
 
 // ruleBuilders are Istio CNI's host and in-pod iptables configurators as server_linux.go
 // initMeshDataplane makes them: the host probe SNAT address 169.254.7.127 (nodeagent
-// DefaultHostProbeSNATIP), no DNS capture, IPv4 only. The node agent scopes the in-pod xtables lock to
-// the pod's netns file; the test bed runs the binaries on the host's lock.
+// DefaultHostProbeSNATIP), no DNS capture, IPv4 only. The node agent scopes the in-pod xtables
+// lock to the pod's netns file; the test bed runs the binaries on the host's lock. The host's is
+// forced to nft (the node agent's ForceIptablesBinary, FORCE_IPTABLES_BINARY), this machine's
+// iptables: Istio's detection otherwise picks legacy once anything left legacy tables loaded,
+// and a later run would then miss the rules it has to delete.
 func ruleBuilders() (host, inpod *iptables.IptablesConfigurator, err error) {
 	cfg := &config.AmbientConfig{
 		HostProbeSNATAddress:   netip.MustParseAddr(hostProbeSNATIP),
 		HostProbeV6SNATAddress: netip.MustParseAddr(hostProbeSNATIPv6),
 	}
-	deps := &dep.RealDependencies{}
-	host, inpod, err = iptables.NewIptablesConfigurator(cfg, cfg, deps, deps, iptables.RealNlDeps())
+	hostDeps := &dep.RealDependencies{ForceIptablesBinary: "nft"}
+	podDeps := &dep.RealDependencies{}
+	host, inpod, err = iptables.NewIptablesConfigurator(cfg, cfg, hostDeps, podDeps, iptables.RealNlDeps())
 	if err != nil {
 		return nil, nil, fmt.Errorf("testbed: detecting iptables: %w", err)
 	}

@@ -163,6 +163,7 @@ func startAmbient(ctx context.Context, c *Cluster, n *Node) (a *ambientAgent, er
 // hostRules writes Istio CNI's host-side rules and creates its probe ipset, unless another
 // ambient node on this machine already has (they are the machine's, like kube-proxy's tables).
 func (a *ambientAgent) hostRules() error {
+	cniScope()
 	host, _, err := ruleBuilders()
 	if err != nil {
 		return err
@@ -408,10 +409,16 @@ func (a *ambientAgent) close() error {
 func removeAmbientHost(set ipset.IPSet, host *iptables.IptablesConfigurator, subnet string, last bool) error {
 	if last {
 		host.DeleteHostRules()
-		if err := set.DestroySet(); err != nil {
-			return fmt.Errorf("testbed: destroying Istio CNI's probe ipset: %w", err)
+		// The kernel lets go of the set a moment after the rule that matched it is deleted
+		// (nf_tables' compat matches are released asynchronously): busy until then.
+		var err error
+		for range 40 {
+			if err = set.DestroySet(); err == nil {
+				return nil
+			}
+			time.Sleep(250 * time.Millisecond)
 		}
-		return nil
+		return fmt.Errorf("testbed: destroying Istio CNI's probe ipset: %w", err)
 	}
 	pfx, err := netip.ParsePrefix(subnet)
 	if err != nil {
@@ -432,6 +439,7 @@ func removeAmbientHost(set ipset.IPSet, host *iptables.IptablesConfigurator, sub
 
 // sweepAmbientHost is removeAmbientHost for a killed run's node.
 func sweepAmbientHost(subnet string, last bool) error {
+	cniScope()
 	host, _, err := ruleBuilders()
 	if err != nil {
 		return err
