@@ -52,6 +52,11 @@ func TestAmbientNodeCrossesDetour(t *testing.T) {
 	server := runningPod(t, ctx, c, ns, "server")
 	client := runningPod(t, ctx, c, ns, "client")
 	checkEnrolled(t, ctx, c, ns, "server", "client")
+	// The host's requests to an ambient pod, the kubelet's probes among them, arrive SNATed to
+	// Istio CNI's probe address (its host rules), which the in-pod rules let through uncaptured.
+	if code, body := get(t, "http://"+server.Status.PodIP+":8080/peer"); code != http.StatusOK || !strings.HasPrefix(body, "169.254.7.127:") {
+		t.Errorf("node: the host's GET of the server's /peer = %d %q, want 200 and 169.254.7.127:PORT", code, body)
+	}
 
 	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, "server", metav1.GetOptions{})
 	if err != nil {
