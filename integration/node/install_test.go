@@ -36,13 +36,7 @@ func TestInstall(t *testing.T) {
 	defer cancel()
 
 	dir := t.TempDir()
-	built := time.Now()
-	pause, _, err := image.NodeImages(ctx, time.Unix(0, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, detourTar := detourImage(t, ctx)
-	t.Logf("node: pause and detour (%s, %d bytes) images built in %v", ref, len(detourTar), time.Since(built).Round(time.Millisecond))
+	pause, _, ref, detourTar := nodeImages(t, ctx)
 	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "detour.tar": detourTar})
 	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
 
@@ -50,35 +44,14 @@ func TestInstall(t *testing.T) {
 	if err := c.Namespace(ctx, ns, nil); err != nil {
 		t.Fatal(err)
 	}
-	selector := "app.kubernetes.io/name=detour"
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		pods, err := c.Client.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: selector})
-		if err != nil {
-			t.Logf("node: listing detour's pods: %v", err)
-			return
-		}
-		for _, p := range pods.Items {
-			t.Logf("node: %s", describe(&p))
-			logs, err := c.Client.CoreV1().Pods(ns).GetLogs(p.Name, &corev1.PodLogOptions{Container: "detour"}).DoRaw(context.Background())
-			t.Logf("--- %s log (err %v) ---\n%s", p.Name, err, logs)
-		}
-	})
-
+	logDetourOnFailure(t, c, ns)
 	started := time.Now()
-	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--timeout", "3m")
-	if code != 0 {
-		t.Fatalf("node: detour install = %d:\n%s", code, out)
-	}
-	t.Logf("node: detour install: %s", strings.TrimSpace(out))
-	waitReadyPods(t, ctx, c, ns, selector, 2)
+	installDetour(t, ctx, c, ns, ref)
 	t.Logf("node: detour's 2 pods Ready %v after install", time.Since(started).Round(time.Millisecond))
 
 	// Each pod's HBONE listener presents the identity istiod's CA issued to detour's service
 	// account (the pod got it through istiod.istio-system.svc:15012).
-	pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: detourSelector})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +70,7 @@ func TestInstall(t *testing.T) {
 		}
 	}
 
-	code, out = detour(ctx, "uninstall", "--kubeconfig", c.Kubeconfig, "-n", ns)
+	code, out := detour(ctx, "uninstall", "--kubeconfig", c.Kubeconfig, "-n", ns)
 	if code != 0 {
 		t.Fatalf("node: detour uninstall = %d:\n%s", code, out)
 	}
@@ -106,7 +79,7 @@ func TestInstall(t *testing.T) {
 	wait(t, ctx, 2*time.Minute, "nothing of detour's left after uninstall", func() (bool, string) {
 		var left []string
 		managed := metav1.ListOptions{LabelSelector: mesh.ManagedBy + "=detour"}
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: detourSelector})
 		if err != nil {
 			return false, err.Error()
 		}
@@ -235,4 +208,53 @@ func detour(ctx context.Context, args ...string) (int, string) {
 	var out bytes.Buffer
 	code := cli.Run(ctx, args, &out, &out)
 	return code, out.String()
+}
+
+// detourSelector selects detour's pods.
+const detourSelector = "app.kubernetes.io/name=detour"
+
+// nodeImages builds the pause and podapp images and detour's image from this checkout (its
+// reference is ref: a tag that is not "latest", so the default pull policy never pulls), each an
+// archive for the node to import.
+func nodeImages(t *testing.T, ctx context.Context) (pause, podapp []byte, ref string, detourTar []byte) {
+	t.Helper()
+	built := time.Now()
+	pause, podapp, err := image.NodeImages(ctx, time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, detourTar = detourImage(t, ctx)
+	t.Logf("node: pause, podapp and detour (%s, %d bytes) images built in %v", ref, len(detourTar), time.Since(built).Round(time.Millisecond))
+	return pause, podapp, ref, detourTar
+}
+
+// installDetour runs `detour install -n NS --bind namespace` with image ref and waits (3 minutes
+// at most) for its two pods to be Ready on the node through their readiness probe.
+func installDetour(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, ref string) {
+	t.Helper()
+	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--timeout", "3m")
+	if code != 0 {
+		t.Fatalf("node: detour install = %d:\n%s", code, out)
+	}
+	t.Logf("node: detour install: %s", strings.TrimSpace(out))
+	waitReadyPods(t, ctx, c, ns, detourSelector, 2)
+}
+
+// logDetourOnFailure logs detour's pods and their logs when the test fails.
+func logDetourOnFailure(t *testing.T, c *testbed.Cluster, ns string) {
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		pods, err := c.Client.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: detourSelector})
+		if err != nil {
+			t.Logf("node: listing detour's pods: %v", err)
+			return
+		}
+		for _, p := range pods.Items {
+			t.Logf("node: %s", describe(&p))
+			logs, err := c.Client.CoreV1().Pods(ns).GetLogs(p.Name, &corev1.PodLogOptions{Container: "detour"}).DoRaw(context.Background())
+			t.Logf("--- %s log (err %v) ---\n%s", p.Name, err, logs)
+		}
+	})
 }

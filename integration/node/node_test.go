@@ -291,14 +291,17 @@ func get(t *testing.T, url string) (int, string) {
 	return code, body
 }
 
-func tryGet(url string) (int, string, error) {
-	c := &http.Client{Timeout: 5 * time.Second}
+func tryGet(url string) (int, string, error) { return tryGetN(url, 16<<10) }
+
+// tryGetN GETs url (15 s at most: a /fetch waits up to 10 s for the pod's own GET), reading at most limit bytes of the body.
+func tryGetN(url string, limit int64) (int, string, error) {
+	c := &http.Client{Timeout: 15 * time.Second}
 	resp, err := c.Get(url)
 	if err != nil {
 		return 0, "", err
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<10))
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, limit))
 	return resp.StatusCode, strings.TrimSpace(string(b)), nil
 }
 

@@ -237,6 +237,8 @@ func PilotAgent(ctx context.Context, logf func(format string, args ...any)) (str
 // to run Deployments, ServiceAccounts and EndpointSlices.
 type NodeBinaries struct {
 	Kubelet, ControllerManager, Scheduler, Proxy string
+	// IstioCNI is Istio CNI's plugin (IstioCNI), "" unless the node is ambient.
+	IstioCNI string
 }
 
 // EnsureNodeBinaries returns the node's Kubernetes binaries, built like kube-apiserver from
@@ -261,4 +263,17 @@ func EnsureNodeBinaries(ctx context.Context, logf func(format string, args ...an
 		}
 	}
 	return b, nil
+}
+
+// IstioCNI returns Istio CNI's plugin (cni/cmd/istio-cni), built like istiod (cached per
+// version): the node's chained CNI plugin with NodeOptions.Ambient.
+func IstioCNI(ctx context.Context, logf func(format string, args ...any)) (string, error) {
+	dir, err := CacheDir()
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("testbed: creating %s: %w", dir, err)
+	}
+	return ensure(ctx, logf, dir, "istio-cni-"+IstioVersion, istiodModule, "istio.io/istio/cni/cmd/istio-cni")
 }

@@ -108,6 +108,7 @@ func newTestNode(t testing.TB, c *Cluster) *Node {
 			for _, p := range n.procs {
 				t.Logf("--- %s log (tail) ---\n%s", p.name, p.tail())
 			}
+			n.logAmbient(t.Logf)
 		}
 		if err := n.Close(); err != nil {
 			t.Error(err)
@@ -126,6 +127,11 @@ func startNode(t testing.TB, ctx context.Context, c *Cluster, n *Node, opts Node
 	bins, err := EnsureNodeBinaries(ctx, t.Logf)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if opts.Ambient {
+		if bins.IstioCNI, err = IstioCNI(ctx, t.Logf); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Logf("testbed: node binaries ready in %v", time.Since(phase).Round(time.Millisecond))
 	phase = time.Now()

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -34,9 +35,12 @@ type inPodZtunnel struct {
 	view *WorkloadView
 	out  *Ztunnel
 	srv  *hbone.Server
+	ls   []net.Listener  // 15001, 15006, 15008
 	ctx  context.Context // cancelled by close
 	stop context.CancelFunc
 	wg   sync.WaitGroup
+
+	closeOnce sync.Once
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{} // open plain TCP connections, closed by close
@@ -57,42 +61,61 @@ func (z *inPodZtunnel) fail(what string, err error) {
 // EnrollAmbient first: the stand-in serves what the rules redirect.
 func (p *Pod) ServeZtunnel(t testing.TB, id *Workload, view *WorkloadView) {
 	t.Helper()
-	ctx, stop := context.WithCancel(context.Background())
-	z := &inPodZtunnel{pod: p, view: view, ctx: ctx, stop: stop, conns: map[net.Conn]struct{}{}}
-	z.out = NewZtunnel(id, z.dialMarked)
-	z.srv = &hbone.Server{Handler: hbone.HandlerFunc(z.inboundHBONE), TLSConfig: id.ServerTLS(),
-		Logger: slog.New(slog.DiscardHandler)}
-	var ls []net.Listener
-	for _, port := range []int{ztunnelOutbound, ztunnelPlaintext, ztunnelHBONE} {
-		l, err := p.listenMarked(port)
-		if err != nil {
-			for _, l := range ls {
-				l.Close()
-			}
-			stop()
-			t.Fatalf("testbed: ztunnel stand-in in pod %s: %v", p.Name, err)
-		}
-		ls = append(ls, l)
+	z, err := startZtunnel(p, id, view)
+	if err != nil {
+		t.Fatal(err)
 	}
-	z.wg.Add(3)
-	go func() { defer z.wg.Done(); z.accept(ls[0], z.outbound) }()
-	go func() { defer z.wg.Done(); z.accept(ls[1], z.inboundPlaintext) }()
-	go func() { defer z.wg.Done(); z.srv.Serve(ls[2]) }()
 	t.Cleanup(func() {
-		z.close(ls)
+		z.Close()
 		if t.Failed() {
-			z.mu.Lock()
-			defer z.mu.Unlock()
-			for _, e := range z.errs {
+			for _, e := range z.failures() {
 				t.Logf("testbed: ztunnel stand-in in pod %s: %s", p.Name, e)
 			}
 		}
 	})
 }
 
-func (z *inPodZtunnel) close(ls []net.Listener) {
+// startZtunnel listens on ztunnel's three in-pod ports inside p and serves them until Close.
+func startZtunnel(p *Pod, id *Workload, view *WorkloadView) (*inPodZtunnel, error) {
+	ctx, stop := context.WithCancel(context.Background())
+	z := &inPodZtunnel{pod: p, view: view, ctx: ctx, stop: stop, conns: map[net.Conn]struct{}{}}
+	z.out = NewZtunnel(id, z.dialMarked)
+	z.srv = &hbone.Server{Handler: hbone.HandlerFunc(z.inboundHBONE), TLSConfig: id.ServerTLS(),
+		Logger: slog.New(slog.DiscardHandler)}
+	for _, port := range []int{ztunnelOutbound, ztunnelPlaintext, ztunnelHBONE} {
+		l, err := p.listenMarked(port)
+		if err != nil {
+			for _, l := range z.ls {
+				l.Close()
+			}
+			stop()
+			return nil, fmt.Errorf("testbed: ztunnel stand-in in pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+		z.ls = append(z.ls, l)
+	}
+	z.wg.Add(3)
+	go func() { defer z.wg.Done(); z.accept(z.ls[0], z.outbound) }()
+	go func() { defer z.wg.Done(); z.accept(z.ls[1], z.inboundPlaintext) }()
+	go func() { defer z.wg.Done(); z.srv.Serve(z.ls[2]) }()
+	return z, nil
+}
+
+// failures are the first connection failures recorded, for a failing test's log.
+func (z *inPodZtunnel) failures() []string {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return slices.Clone(z.errs)
+}
+
+// Close stops the listeners, closes every connection and waits for the stand-in's goroutines.
+// Idempotent.
+func (z *inPodZtunnel) Close() {
+	z.closeOnce.Do(z.close)
+}
+
+func (z *inPodZtunnel) close() {
 	z.stop()
-	for _, l := range ls {
+	for _, l := range z.ls {
 		l.Close()
 	}
 	z.mu.Lock()

@@ -103,11 +103,21 @@ func ipCmd(args ...string) error {
 	return nil
 }
 
-// Pod is a network namespace with one interface on the Network, standing in for a pod.
+// Pod is a pod's network namespace: one the test bed made (Network.Pod, a namespace named under
+// /var/run/netns with one interface on the Network) or one a runtime made (PodAt: the node's
+// containerd, as its CNI ADD names it).
 type Pod struct {
 	Name, Namespace, ServiceAccount string
 	IP                              string
-	netns                           string
+	netns                           string // the name under /var/run/netns, "" for PodAt's
+	nsPath                          string // the namespace's file
+}
+
+// PodAt is the pod ns/name (service account sa, address ip) whose network namespace is the file
+// nsPath, e.g. a network namespace containerd made and named in a CNI ADD. The test bed neither
+// made it nor removes it.
+func PodAt(nsPath, ns, name, sa, ip string) *Pod {
+	return &Pod{Name: name, Namespace: ns, ServiceAccount: sa, IP: ip, nsPath: nsPath}
 }
 
 // Pod creates a network namespace for ns/name with the next address, and, when c is not nil, the
@@ -119,6 +129,7 @@ func (n *Network) Pod(t testing.TB, c *Cluster, ns, name, sa string) *Pod {
 	n.next++
 	n.mu.Unlock()
 	p := &Pod{Name: name, Namespace: ns, ServiceAccount: sa, IP: fmt.Sprintf("%s.%d", n.subnet, idx), netns: fmt.Sprintf("dt%s-%d", n.id, idx)}
+	p.nsPath = "/var/run/netns/" + p.netns
 	veth := fmt.Sprintf("dtv%s%d", n.id, idx)
 	if err := ipCmd("netns", "add", p.netns); err != nil {
 		t.Fatal(err)
@@ -190,21 +201,21 @@ func (p *Pod) Do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		target, err := os.Open("/var/run/netns/" + p.netns)
+		target, err := os.Open(p.nsPath)
 		if err != nil {
 			errc <- fmt.Errorf("testbed: %w", err)
 			return
 		}
 		defer target.Close()
 		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("testbed: entering %s: %w", p.netns, err)
+			errc <- fmt.Errorf("testbed: entering %s: %w", p.nsPath, err)
 			return
 		}
 		ferr := fn()
 		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
 			// The thread stays locked and dies with this goroutine: never reused in the wrong
 			// namespace.
-			errc <- errors.Join(ferr, fmt.Errorf("testbed: leaving %s: %w", p.netns, err))
+			errc <- errors.Join(ferr, fmt.Errorf("testbed: leaving %s: %w", p.nsPath, err))
 			return
 		}
 		runtime.UnlockOSThread()
@@ -235,9 +246,13 @@ func (p *Pod) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 
 // NetnsPath is the pod's network namespace as a file, for a runtime that joins it (e.g. `ctr run
 // --with-ns network:PATH`).
-func (p *Pod) NetnsPath() string { return "/var/run/netns/" + p.netns }
+func (p *Pod) NetnsPath() string { return p.nsPath }
 
-// Command is name with args run inside the pod's network namespace (ip netns exec).
+// Command is name with args run inside the pod's network namespace (ip netns exec for the test
+// bed's own namespaces, nsenter --net for PodAt's).
 func (p *Pod) Command(name string, args ...string) *exec.Cmd {
+	if p.netns == "" {
+		return exec.Command("nsenter", append([]string{"--net=" + p.nsPath, "--", name}, args...)...)
+	}
 	return exec.Command("ip", append([]string{"netns", "exec", p.netns, name}, args...)...)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -26,6 +27,11 @@ type NodeOptions struct {
 	Images []string
 	// SandboxImage is the pause image's reference (one of Images): containerd's sandbox_image.
 	SandboxImage string
+	// Ambient puts Istio CNI's plugin (built from istio.io/istio, last in the conflist) on the
+	// node and stands in for its node agent in the test process: ambient pods (Istio's
+	// enablement selectors) get the in-pod rules and an in-pod ztunnel stand-in that routes from
+	// istiod's workload xDS (see ambientAgent). Needs Options.Istiod. Default false: no Istio CNI.
+	Ambient bool
 }
 
 // Node is one Kubernetes node of the test bed: Debian's containerd (1.6, its CRI plugin on,
@@ -43,15 +49,21 @@ type Node struct {
 	ContainerdSocket string
 
 	bridge string // the CNI bridge, ours
-	dns    *clusterDNS
-	cgroup string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
-	procs  []*proc
+	// ambientDir is Istio CNI's run directory with NodeOptions.Ambient (the agent's event
+	// socket, the plugin's kubeconfig and log), "" without; ambient the agent.
+	ambientDir string
+	ambient    *ambientAgent
+	dns        *clusterDNS
+	cgroup     string // the kubelet's cgroupRoot, e.g. /detour-node-1a2b3c (every v1 hierarchy)
+	procs      []*proc
 	// sysctls are the kernel settings the kubelet changes (setupKernelTunables in
 	// pkg/kubelet/cm/container_manager_linux.go) as they were before it started; Close puts them
 	// back.
 	sysctls map[string]string
-	once    sync.Once
-	err     error
+	// unlock releases the machine's node lock (see lockNode).
+	unlock func()
+	once   sync.Once
+	err    error
 }
 
 // nodeBridgePrefix names the node's CNI bridge (with the node's random id).
@@ -68,6 +80,9 @@ func newNode(c *Cluster) (n *Node, err error) {
 	sub := fmt.Sprintf("10.246.%d", 1+int(rnd[0])%250)
 	n.IP, n.Subnet = sub+".1", sub+".0/24"
 	n.ContainerdSocket = filepath.Join(n.Dir, "containerd.sock")
+	if n.unlock, err = lockNode(c.logf); err != nil {
+		return n, err
+	}
 	swept, err := sweepNodes()
 	for _, s := range swept {
 		c.logf("testbed: removed what a killed run left: %s", s)
@@ -96,6 +111,24 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, opts NodeOptions, bins
 	}()
 	if err := n.cgroupRoot(); err != nil {
 		return err
+	}
+	istioCNI := ""
+	if opts.Ambient {
+		if istioCNI = bins.IstioCNI; istioCNI == "" {
+			return errors.New("testbed: NodeOptions.Ambient without Istio CNI's plugin")
+		}
+		n.ambientDir = ambientRunDirTmpl + strings.TrimPrefix(n.bridge, nodeBridgePrefix)
+		if err := n.record(); err != nil { // before anything of the agent's exists
+			return err
+		}
+	}
+	if err := n.cniConfig(istioCNI); err != nil {
+		return err
+	}
+	if opts.Ambient {
+		if n.ambient, err = startAmbient(ctx, c, n); err != nil {
+			return err
+		}
 	}
 	if err := c.controlPlane(ctx, n, bins); err != nil {
 		return err
@@ -168,21 +201,48 @@ func (n *Node) network() error {
 	if err := ipCmd("addr", "add", n.IP+"/24", "dev", n.bridge); err != nil {
 		return err
 	}
-	if err := ipCmd("link", "set", n.bridge, "up"); err != nil {
-		return err
-	}
-	conf := fmt.Sprintf(`{
-  "cniVersion": "1.0.0",
-  "name": "testbed",
-  "plugins": [
-    {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": %q, "gateway": %q}]],
-              "routes": [{"dst": "0.0.0.0/0"}]}},
-    {"type": "loopback"}
-  ]
+	return ipCmd("link", "set", n.bridge, "up")
 }
-`, n.bridge, filepath.Join(n.Dir, "cni/ipam"), n.Subnet, n.IP)
-	return writeFile(filepath.Join(n.Dir, "cni/net.d/10-testbed.conflist"), conf)
+
+// cniPlugins are the CNI plugins of Debian's containernetworking-plugins the node uses.
+var cniPlugins = []string{"bridge", "host-local", "loopback"}
+
+// cniConfig writes the node's conflist (bridge with host-local addresses, loopback, and Istio
+// CNI's plugin last when istioCNI is its binary) and its CNI bin directory: links to
+// /usr/lib/cni's plugins and to istioCNI.
+func (n *Node) cniConfig(istioCNI string) error {
+	bin := filepath.Join(n.Dir, "cni/bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	links := map[string]string{}
+	for _, p := range cniPlugins {
+		links[p] = filepath.Join("/usr/lib/cni", p)
+	}
+	plugins := []any{
+		map[string]any{"type": "bridge", "bridge": n.bridge, "isGateway": true, "ipMasq": false, "hairpinMode": true,
+			"ipam": map[string]any{"type": "host-local", "dataDir": filepath.Join(n.Dir, "cni/ipam"),
+				"ranges": [][]map[string]string{{{"subnet": n.Subnet, "gateway": n.IP}}}, "routes": []map[string]string{{"dst": "0.0.0.0/0"}}}},
+		map[string]any{"type": "loopback"},
+	}
+	if istioCNI != "" {
+		links["istio-cni"] = istioCNI
+		cfg, err := istioCNIConfig(n.ambientDir)
+		if err != nil {
+			return err
+		}
+		plugins = append(plugins, cfg)
+	}
+	for name, target := range links {
+		if err := os.Symlink(target, filepath.Join(bin, name)); err != nil {
+			return fmt.Errorf("testbed: %w", err)
+		}
+	}
+	conf, err := json.MarshalIndent(map[string]any{"cniVersion": "1.0.0", "name": "testbed", "plugins": plugins}, "", "  ")
+	if err != nil {
+		return fmt.Errorf("testbed: %w", err)
+	}
+	return writeFile(filepath.Join(n.Dir, "cni/net.d/10-testbed.conflist"), string(conf)+"\n")
 }
 
 // cgroupRoot creates the kubelet's cgroup root in every cgroup v1 hierarchy (the kubelet checks
@@ -343,11 +403,11 @@ state = %q
         Root = %q
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = %q
     conf_dir = %q
     max_conf_num = 1
 `, d("root"), d("state"), n.ContainerdSocket, n.ContainerdSocket+".ttrpc", d("opt"), opts.SandboxImage,
-		runc, d("runc"), d("cni/net.d"))
+		runc, d("runc"), d("cni/bin"), d("cni/net.d"))
 	if err := writeFile(d("containerd.toml"), cfg); err != nil {
 		return err
 	}

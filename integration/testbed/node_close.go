@@ -44,11 +44,16 @@ func (n *Node) close() error {
 		errs = append(errs, n.removeSandboxes())
 	}
 	stop("containerd")
+	if n.ambient != nil { // no ADD can come any more
+		errs = append(errs, n.ambient.Close())
+	} else if n.ambientDir != "" {
+		errs = append(errs, os.RemoveAll(n.ambientDir))
+	}
 	stop("kube-controller-manager")
 	stop("kube-scheduler")
 	errs = append(errs, n.dns.Close())
 	errs = append(errs, UnmountUnder(n.Dir), n.removeCgroups(), n.removeBridge())
-	if !othersAlive(n.recordPath()) {
+	if !othersAlive(n.recordPath(), anyRecord) {
 		if n.started("kubelet") {
 			errs = append(errs, removeKubeletChains())
 		}
@@ -58,6 +63,9 @@ func (n *Node) close() error {
 	}
 	if err := os.Remove(n.recordPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("testbed: %w", err))
+	}
+	if n.unlock != nil {
+		n.unlock()
 	}
 	return errors.Join(errs...)
 }

@@ -23,6 +23,41 @@ type nodeRecord struct {
 	Bridge  string            `json:"bridge"`
 	Cgroup  string            `json:"cgroup"`
 	Sysctls map[string]string `json:"sysctls,omitempty"`
+	// Ambient is Istio CNI's run directory of an ambient node (NodeOptions.Ambient), "" else;
+	// Subnet the node's pods' (their entries in Istio CNI's host probe ipset).
+	Ambient string `json:"ambient,omitempty"`
+	Subnet  string `json:"subnet,omitempty"`
+}
+
+// ambientRecord selects the records of ambient nodes: Istio CNI's host rules and probe ipset are
+// the machine's, shared by every ambient node on it.
+func ambientRecord(r nodeRecord) bool { return r.Ambient != "" }
+
+// anyRecord selects every record: the kubelet's chains and kube-proxy's tables are shared by
+// every node.
+func anyRecord(nodeRecord) bool { return true }
+
+// lockNode takes the machine's node lock, waiting while another test process (another test
+// package of the same `go test ./...`) runs a node: two nodes on one machine share the kubelet's
+// iptables chains and kube-proxy's nftables table, and one kube-proxy's sync erases the other's
+// ClusterIPs. The lock goes with the process, so a SIGKILLed run never holds it.
+func lockNode(logf func(string, ...any)) (func(), error) {
+	if err := os.MkdirAll(recordDir, 0o755); err != nil {
+		return nil, fmt.Errorf("testbed: %w", err)
+	}
+	path := filepath.Join(recordDir, "node.lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("testbed: %w", err)
+	}
+	if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		logf("testbed: another node runs on this machine; waiting for it to stop (%s)", path)
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("testbed: locking %s: %w", path, err)
+		}
+	}
+	return func() { f.Close() }, nil
 }
 
 func (n *Node) recordPath() string { return filepath.Join(recordDir, filepath.Base(n.cgroup)+".json") }
@@ -32,7 +67,7 @@ func (n *Node) record() error {
 	if err := os.MkdirAll(recordDir, 0o755); err != nil {
 		return fmt.Errorf("testbed: %w", err)
 	}
-	b, err := json.Marshal(nodeRecord{PID: os.Getpid(), Dir: n.Dir, Bridge: n.bridge, Cgroup: n.cgroup, Sysctls: n.sysctls})
+	b, err := json.Marshal(nodeRecord{PID: os.Getpid(), Dir: n.Dir, Bridge: n.bridge, Cgroup: n.cgroup, Sysctls: n.sysctls, Ambient: n.ambientDir, Subnet: n.Subnet})
 	if err != nil {
 		return fmt.Errorf("testbed: %w", err)
 	}
@@ -71,8 +106,11 @@ func sweepNodes() ([]string, error) {
 		killUnder(r.Dir, r.Cgroup)
 		n := &Node{Dir: r.Dir, bridge: r.Bridge, cgroup: r.Cgroup, sysctls: r.Sysctls}
 		errs = append(errs, n.restoreSysctls(), UnmountUnder(r.Dir), n.removeCgroups(), n.removeBridge())
-		if !othersAlive(path) {
+		if !othersAlive(path, anyRecord) {
 			errs = append(errs, removeKubeProxyTables(), removeKubeletChains())
+		}
+		if r.Ambient != "" {
+			errs = append(errs, sweepAmbientHost(r.Subnet, !othersAlive(path, ambientRecord)), os.RemoveAll(r.Ambient))
 		}
 		errs = append(errs, os.RemoveAll(r.Dir), os.Remove(path))
 		swept = append(swept, fmt.Sprintf("node %s of process %d", filepath.Base(r.Cgroup), r.PID))
@@ -97,9 +135,9 @@ func killUnder(dir, cgroup string) {
 	}
 }
 
-// othersAlive reports whether a node record other than except belongs to a running process: the
-// kubelet's chains and kube-proxy's tables are the machine's, shared by every node on it.
-func othersAlive(except string) bool {
+// othersAlive reports whether a node record other than except that which selects belongs to a
+// running process.
+func othersAlive(except string, which func(nodeRecord) bool) bool {
 	entries, _ := os.ReadDir(recordDir)
 	for _, e := range entries {
 		path := filepath.Join(recordDir, e.Name())
@@ -107,7 +145,7 @@ func othersAlive(except string) bool {
 			continue
 		}
 		var r nodeRecord
-		if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &r) == nil && syscall.Kill(r.PID, 0) == nil {
+		if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &r) == nil && which(r) && syscall.Kill(r.PID, 0) == nil {
 			return true
 		}
 	}

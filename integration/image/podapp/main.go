@@ -5,7 +5,10 @@
 //	podapp serve ADDR     a test app: GET / answers the pod's hostname, GET /token the pod's
 //	                      ServiceAccount token as mounted by the kubelet, GET /kube the API
 //	                      server's /version as the pod reaches it in-cluster (the kubernetes
-//	                      Service's ClusterIP, the mounted CA and token; 502 with the error)
+//	                      Service's ClusterIP, the mounted CA and token; 502 with the error),
+//	                      GET /peer the remote address the app saw (IP:port), GET /fetch?url=U
+//	                      the pod's own GET of U answered as "STATUS BODY" (502 with the error),
+//	                      so that a test drives traffic from inside a pod over plain HTTP
 //
 // It uses the standard library only, so that it builds static and small.
 package main
@@ -86,6 +89,17 @@ func serve(addr string) error {
 		}
 		w.Write(b)
 	})
+	mux.HandleFunc("GET /peer", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, r.RemoteAddr)
+	})
+	mux.HandleFunc("GET /fetch", func(w http.ResponseWriter, r *http.Request) {
+		status, body, err := fetch(r.URL.Query().Get("url"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		fmt.Fprintf(w, "%d %s", status, body)
+	})
 	mux.HandleFunc("GET /kube", func(w http.ResponseWriter, _ *http.Request) {
 		status, body, err := kubeVersion()
 		if err != nil {
@@ -96,6 +110,22 @@ func serve(addr string) error {
 		w.Write(body)
 	})
 	return http.ListenAndServe(addr, mux)
+}
+
+// fetch GETs url from inside the pod on a new connection (no keep-alive: each fetch is one
+// connection the mesh sees), 10 s at most, reading at most 64 KiB of the answer.
+func fetch(url string) (int, []byte, error) {
+	if url == "" {
+		return 0, nil, errors.New("no url")
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	return resp.StatusCode, b, err
 }
 
 // kubeVersion asks the API server for /version the way client-go's in-cluster config reaches it:
