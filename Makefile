@@ -5,7 +5,7 @@ FUZZTIME  ?= 10s
 BENCHTIME ?= 2s
 VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: help build release test test-unit test-integration testbed verify fuzz bench bench-waypoint demo clean
+.PHONY: help build release test test-unit test-integration testbed conformance verify fuzz bench bench-waypoint demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ test-unit: ## unit tests of the main module, with -race
 
 test-integration: testbed ## interop tests against Istio's own code and the real control plane (integration/ module), with -race
 	cd integration && $(GO) test -race -count=1 -timeout 30m ./...
+
+conformance: ## the Gateway API mesh conformance suite on the test bed's node, detour the waypoint (root, minutes; TEST=Name runs one); results in bin/conformance
+	cd integration && DETOUR_CONFORMANCE=1 $(GO) test -p 1 -count=1 -v -timeout 40m -run '^TestMeshConformance$$$(if $(TEST),/^$(TEST)$$)' ./conformance/
 
 testbed: ## build and cache kube-apiserver, istiod and the node's kubelet, controller-manager, scheduler and kube-proxy for the test bed (minutes the first time, then instant)
 	cd integration && $(GO) run ./testbed/build
