@@ -146,7 +146,7 @@ func startCluster(t *testing.T, ctx context.Context) (c *testbed.Cluster, detour
 		}
 		archives = append(archives, p)
 	}
-	c = testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
+	c = testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef, Ambient: true}})
 	return c, detourRef, image.EchoRef
 }
 
