@@ -45,7 +45,7 @@ func lockNode(logf func(string, ...any)) (func(), error) {
 	if err := os.MkdirAll(recordDir, 0o755); err != nil {
 		return nil, fmt.Errorf("testbed: %w", err)
 	}
-	path := filepath.Join(recordDir, "node.lock")
+	path := filepath.Join(filepath.Dir(recordDir), "node.lock") // beside the records, not among them
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("testbed: %w", err)
