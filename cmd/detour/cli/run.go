@@ -104,10 +104,14 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	if err != nil {
 		return err
 	}
-	env, err := mesh.TargetEnv(ctx, kc.Kube, r.session.namespace, svcName, r.container)
+	target, err := mesh.TargetEnv(ctx, kc.Kube, r.session.namespace, svcName, r.container)
 	if err != nil {
 		return err
 	}
+	for _, u := range target.Unset {
+		fmt.Fprintf(cmd.ErrOrStderr(), "detour: not in the environment of pod %s: %s\n", target.Pod, u)
+	}
+	env := target.Vars
 	if r.envFile != "" {
 		if err := os.WriteFile(r.envFile, []byte(strings.Join(env, "\n")+"\n"), 0o600); err != nil {
 			return err
