@@ -35,70 +35,9 @@ func TestInstall(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 
-	dir := t.TempDir()
-	built := time.Now()
-	pause, _, err := image.NodeImages(ctx, time.Unix(0, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	const version = "v0.0.0-node"
-	idx, err := image.Build(ctx, image.Options{Source: "../..", Version: version, Created: time.Unix(0, 0),
-		Platforms: []v1.Platform{{OS: "linux", Architecture: runtime.GOARCH}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref := image.Ref(version)
-	var detourTar bytes.Buffer
-	if err := image.WriteArchive(&detourTar, idx, ref, time.Unix(0, 0)); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("node: pause and detour (%s, %d bytes) images built in %v", ref, detourTar.Len(), time.Since(built).Round(time.Millisecond))
-	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "detour.tar": detourTar.Bytes()})
-	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
-
 	const ns = "shop"
-	if err := c.Namespace(ctx, ns, nil); err != nil {
-		t.Fatal(err)
-	}
+	c := installDetour(t, ctx, ns, nil)
 	selector := "app.kubernetes.io/name=detour"
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		pods, err := c.Client.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: selector})
-		if err != nil {
-			t.Logf("node: listing detour's pods: %v", err)
-			return
-		}
-		for _, p := range pods.Items {
-			t.Logf("node: %s", describe(&p))
-			logs, err := c.Client.CoreV1().Pods(ns).GetLogs(p.Name, &corev1.PodLogOptions{Container: "detour"}).DoRaw(context.Background())
-			t.Logf("--- %s log (err %v) ---\n%s", p.Name, err, logs)
-		}
-	})
-
-	started := time.Now()
-	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--timeout", "3m")
-	if code != 0 {
-		t.Fatalf("node: detour install = %d:\n%s", code, out)
-	}
-	t.Logf("node: detour install: %s", strings.TrimSpace(out))
-	wait(t, ctx, 3*time.Minute, "detour's pods Ready through their readiness probe", func() (bool, string) {
-		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
-		if err != nil {
-			return false, err.Error()
-		}
-		var seen []string
-		readyPods := 0
-		for _, p := range pods.Items {
-			seen = append(seen, describe(&p))
-			if ready(&p) && p.Spec.NodeName == c.Node.Name {
-				readyPods++
-			}
-		}
-		return readyPods == 2, strings.Join(seen, "\n")
-	})
-	t.Logf("node: detour's 2 pods Ready %v after install", time.Since(started).Round(time.Millisecond))
 
 	// Each pod's HBONE listener presents the identity istiod's CA issued to detour's service
 	// account (the pod got it through istiod.istio-system.svc:15012).
@@ -121,7 +60,7 @@ func TestInstall(t *testing.T) {
 		}
 	}
 
-	code, out = detour(ctx, "uninstall", "--kubeconfig", c.Kubeconfig, "-n", ns)
+	code, out := detour(ctx, "uninstall", "--kubeconfig", c.Kubeconfig, "-n", ns)
 	if code != 0 {
 		t.Fatalf("node: detour uninstall = %d:\n%s", code, out)
 	}
@@ -184,6 +123,80 @@ func TestInstall(t *testing.T) {
 		}
 		return len(left) == 0, strings.Join(left, ", ")
 	})
+}
+
+// installDetour is what the node tests that need detour share: the node with istiod, the pause,
+// test app and detour images (this checkout's) imported, namespace ns (with labels), and
+// `detour install -n ns --bind namespace` with that image, its two pods Ready through their
+// readiness probe (an identity from istiod's CA, reached at istiod.istio-system.svc:15012
+// through the node's cluster DNS and kube-proxy, and Kubernetes discovery synced). On failure
+// the test logs each detour pod and its log.
+func installDetour(t *testing.T, ctx context.Context, ns string, labels map[string]string) *testbed.Cluster {
+	t.Helper()
+	dir := t.TempDir()
+	built := time.Now()
+	pause, app, err := image.NodeImages(ctx, time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const version = "v0.0.0-node"
+	idx, err := image.Build(ctx, image.Options{Source: "../..", Version: version, Created: time.Unix(0, 0),
+		Platforms: []v1.Platform{{OS: "linux", Architecture: runtime.GOARCH}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := image.Ref(version)
+	var detourTar bytes.Buffer
+	if err := image.WriteArchive(&detourTar, idx, ref, time.Unix(0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("node: pause, podapp and detour (%s, %d bytes) images built in %v", ref, detourTar.Len(), time.Since(built).Round(time.Millisecond))
+	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "podapp.tar": app, "detour.tar": detourTar.Bytes()})
+	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
+
+	if err := c.Namespace(ctx, ns, labels); err != nil {
+		t.Fatal(err)
+	}
+	selector := "app.kubernetes.io/name=detour"
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		pods, err := c.Client.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: selector})
+		if err != nil {
+			t.Logf("node: listing detour's pods: %v", err)
+			return
+		}
+		for _, p := range pods.Items {
+			t.Logf("node: %s", describe(&p))
+			logs, err := c.Client.CoreV1().Pods(ns).GetLogs(p.Name, &corev1.PodLogOptions{Container: "detour"}).DoRaw(context.Background())
+			t.Logf("--- %s log (err %v) ---\n%s", p.Name, err, logs)
+		}
+	})
+
+	started := time.Now()
+	code, out := detour(ctx, "install", "--kubeconfig", c.Kubeconfig, "-n", ns, "--bind", "namespace", "--image", ref, "--timeout", "3m")
+	if code != 0 {
+		t.Fatalf("node: detour install = %d:\n%s", code, out)
+	}
+	t.Logf("node: detour install: %s", strings.TrimSpace(out))
+	wait(t, ctx, 3*time.Minute, "detour's pods Ready through their readiness probe", func() (bool, string) {
+		pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+		if err != nil {
+			return false, err.Error()
+		}
+		var seen []string
+		readyPods := 0
+		for _, p := range pods.Items {
+			seen = append(seen, describe(&p))
+			if ready(&p) && p.Spec.NodeName == c.Node.Name {
+				readyPods++
+			}
+		}
+		return readyPods == 2, strings.Join(seen, "\n")
+	})
+	t.Logf("node: detour's 2 pods Ready %v after install", time.Since(started).Round(time.Millisecond))
+	return c
 }
 
 // peerCert is the certificate the server at addr presents (the handshake may then fail for want

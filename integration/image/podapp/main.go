@@ -6,6 +6,8 @@
 //	                      ServiceAccount token as mounted by the kubelet, GET /kube the API
 //	                      server's /version as the pod reaches it in-cluster (the kubernetes
 //	                      Service's ClusterIP, the mounted CA and token; 502 with the error)
+//	podapp env            prints its environment, NAME=VALUE lines sorted (what the kubelet and
+//	                      the runtime gave the container, read by exec)
 //
 // It uses the standard library only, so that it builds static and small.
 package main
@@ -20,6 +22,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sort"
 	"syscall"
 	"time"
 )
@@ -44,8 +47,15 @@ func run(args []string) error {
 		return pause()
 	case len(args) == 2 && args[0] == "serve":
 		return serve(args[1])
+	case len(args) == 1 && args[0] == "env":
+		env := os.Environ()
+		sort.Strings(env)
+		for _, kv := range env {
+			fmt.Println(kv)
+		}
+		return nil
 	}
-	return errors.New("usage: podapp pause | podapp serve ADDR")
+	return errors.New("usage: podapp pause | podapp serve ADDR | podapp env")
 }
 
 // pause does what a sandbox's process must: nothing, until told to stop; as PID 1 of the pod's
