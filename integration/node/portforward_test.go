@@ -295,7 +295,11 @@ func startCLI(ctx context.Context, args ...string) *cliRun {
 	return r
 }
 
-func (r *cliRun) Write(p []byte) (int, error) { r.mu.Lock(); defer r.mu.Unlock(); return r.out.Write(p) }
+func (r *cliRun) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.out.Write(p)
+}
 
 func (r *cliRun) output() string { r.mu.Lock(); defer r.mu.Unlock(); return r.out.String() }
 
