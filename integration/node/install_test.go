@@ -32,11 +32,10 @@ import (
 // then `detour uninstall` leaves none of detour's objects.
 func TestInstall(t *testing.T) {
 	skipUnlessNode(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-
 	const ns = "shop"
-	c := installDetour(t, ctx, ns, nil)
+	c := installDetour(t, ns, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
 	selector := "app.kubernetes.io/name=detour"
 
 	// Each pod's HBONE listener presents the identity istiod's CA issued to detour's service
@@ -130,9 +129,12 @@ func TestInstall(t *testing.T) {
 // `detour install -n ns --bind namespace` with that image, its two pods Ready through their
 // readiness probe (an identity from istiod's CA, reached at istiod.istio-system.svc:15012
 // through the node's cluster DNS and kube-proxy, and Kubernetes discovery synced). On failure
-// the test logs each detour pod and its log.
-func installDetour(t *testing.T, ctx context.Context, ns string, labels map[string]string) *testbed.Cluster {
+// the test logs each detour pod and its log. Its waits are bounded from when the cluster is up
+// (the test bed's first run waits minutes for its binaries' builds).
+func installDetour(t *testing.T, ns string, labels map[string]string) *testbed.Cluster {
 	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
 	dir := t.TempDir()
 	built := time.Now()
 	pause, app, err := image.NodeImages(ctx, time.Unix(0, 0))
@@ -153,7 +155,8 @@ func installDetour(t *testing.T, ctx context.Context, ns string, labels map[stri
 	t.Logf("node: pause, podapp and detour (%s, %d bytes) images built in %v", ref, detourTar.Len(), time.Since(built).Round(time.Millisecond))
 	archives := writeArchives(t, dir, map[string][]byte{"pause.tar": pause, "podapp.tar": app, "detour.tar": detourTar.Bytes()})
 	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
-
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
 	if err := c.Namespace(ctx, ns, labels); err != nil {
 		t.Fatal(err)
 	}

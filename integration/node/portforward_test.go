@@ -45,10 +45,10 @@ import (
 // $(VAR) expansion) all of it; only the runtime's own (PATH, HOSTNAME, HOME) are not there.
 func TestPortForward(t *testing.T) {
 	skipUnlessNode(t)
+	const ns = "shop"
+	c := installDetour(t, ns, map[string]string{"istio.io/dataplane-mode": "ambient"})
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	const ns = "shop"
-	c := installDetour(t, ctx, ns, map[string]string{"istio.io/dataplane-mode": "ambient"})
 	grantSteal(t, ctx, c, ns)
 	deploy(t, ctx, c, ns, "shop", image.PodAppRef, nil)
 	shop := runningPod(t, ctx, c, ns, "shop")
