@@ -161,7 +161,10 @@ func (in envInput) value(e corev1.EnvVar, lookup func(string) (string, bool)) (v
 		}
 		return "", false, in.missingKey("Secret", ref.Name, ref.Key, e.Name)
 	}
-	return "", false, nil // fileKeyRef: the pod's own volume
+	if src.FileKeyRef != nil {
+		return "", false, nil // the pod's own volume
+	}
+	return "", true, nil // a source the kubelet does not know: "", as it sets it
 }
 
 func (in envInput) missing(kind, name, what string) error {
