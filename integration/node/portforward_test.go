@@ -60,6 +60,9 @@ func TestPortForward(t *testing.T) {
 
 	// The developer: an identity from istiod's CA for dev/alice (a TokenRequest through the
 	// kubeconfig), a local handler, the steal through the port-forward.
+	if err := c.Namespace(ctx, "dev", nil); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := c.ServiceAccountToken(ctx, "dev", "alice", "istio-ca"); err != nil {
 		t.Fatal(err)
 	}
