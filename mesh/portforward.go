@@ -16,21 +16,50 @@ import (
 	"k8s.io/client-go/transport/spdy"
 )
 
-// WaypointPod picks a ready pod of the waypoint name (label app.kubernetes.io/name=name) in ns.
+// WaypointPod picks a Ready pod of the waypoint name (label app.kubernetes.io/name=name) in ns,
+// not being deleted.
 func WaypointPod(ctx context.Context, kube kubernetes.Interface, ns, name string) (*corev1.Pod, error) {
-	pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=" + name})
+	sel := "app.kubernetes.io/name=" + name
+	pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
 	if err != nil {
 		return nil, fmt.Errorf("mesh: finding the waypoint's pods in %s: %w", ns, err)
 	}
+	if len(pods.Items) == 0 {
+		return nil, fmt.Errorf("mesh: no pod of waypoint %s in %s (label %s): install it with detour install -n %s, or name the waypoint as --port-forward NAMESPACE/NAME", name, ns, sel, ns)
+	}
+	var seen []string
 	for i := range pods.Items {
 		p := &pods.Items[i]
-		for _, c := range p.Status.Conditions {
-			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue && p.DeletionTimestamp == nil {
-				return p, nil
-			}
+		if podReady(p) && p.DeletionTimestamp == nil {
+			return p, nil
+		}
+		seen = append(seen, p.Name+" "+podState(p))
+	}
+	return nil, fmt.Errorf("mesh: no Ready pod of waypoint %s in %s (%s): detour doctor -n %s explains why", name, ns, strings.Join(seen, ", "), ns)
+}
+
+// podState is a pod's phase and why it is not Ready, for one line: "Pending
+// (ContainerCreating)", "Running, terminating".
+func podState(p *corev1.Pod) string {
+	s := string(p.Status.Phase)
+	if s == "" {
+		s = "Pending"
+	}
+	for _, cs := range p.Status.ContainerStatuses {
+		switch {
+		case cs.State.Waiting != nil && cs.State.Waiting.Reason != "":
+			return s + " (" + cs.State.Waiting.Reason + ")"
+		case cs.State.Terminated != nil && cs.State.Terminated.Reason != "":
+			return s + " (" + cs.State.Terminated.Reason + ")"
 		}
 	}
-	return nil, fmt.Errorf("mesh: no ready pod of waypoint %s in %s (label app.kubernetes.io/name=%s); detour doctor -n %s explains why", name, ns, name, ns)
+	if p.DeletionTimestamp != nil {
+		return s + ", terminating"
+	}
+	if p.Status.Phase == corev1.PodRunning {
+		return s + ", not Ready"
+	}
+	return s
 }
 
 // PortForward is a local loopback port forwarded to a pod's port through the API server, as

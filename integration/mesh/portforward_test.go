@@ -30,13 +30,16 @@ func TestPortForwardFindsTheWaypointPod(t *testing.T) {
 	}
 	args := []string{"steal", "svc/web:80", "-n", ns, "--to", "127.0.0.1:1", "--port-forward", ns, "--kubeconfig", c.Kubeconfig,
 		"--ca", caDir, "--id", "spiffe://cluster.local/ns/dev/sa/alice"}
-	if code, out := detour(t, args...); code == 0 || !strings.Contains(out, "no ready pod of waypoint detour in shop (label app.kubernetes.io/name=detour)") {
+	if code, out := detour(t, args...); code == 0 || !strings.Contains(out, "mesh: no pod of waypoint detour in shop (label app.kubernetes.io/name=detour): install it with detour install -n shop, or name the waypoint as --port-forward NAMESPACE/NAME") {
 		t.Fatalf("no waypoint pod: %d %s", code, out)
 	}
 	pod, err := c.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "detour-0", Labels: map[string]string{"app.kubernetes.io/name": "detour"}},
 		Spec: corev1.PodSpec{NodeName: "nowhere", Containers: []corev1.Container{{Name: "detour", Image: "none.invalid/detour"}}}}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if code, out := detour(t, args...); code == 0 || !strings.Contains(out, "mesh: no Ready pod of waypoint detour in shop (detour-0 Pending): detour doctor -n shop explains why") {
+		t.Fatalf("a pod, not Ready: %d %s", code, out)
 	}
 	pod.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
 	if _, err := c.Client.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {

@@ -50,13 +50,18 @@ func TestRun(t *testing.T) {
 	}
 	must(k.ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "web-config"}, Data: map[string]string{"GREETING": "hello"}}, metav1.CreateOptions{}))
 	must(k.Secrets(ns).Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "web-secret"}, Data: map[string][]byte{"TOKEN": []byte("s3cret")}}, metav1.CreateOptions{}))
-	must(k.Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web-0", Labels: map[string]string{"app": "web"}},
+	web0, err := k.Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web-0", Labels: map[string]string{"app": "web"}},
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "web", Image: "none.invalid/web",
 			Env: []corev1.EnvVar{{Name: "MODE", Value: "prod"},
 				{Name: "TOKEN", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "web-secret"}, Key: "TOKEN"}}},
 				{Name: "POD", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}},
 			EnvFrom: []corev1.EnvFromSource{{ConfigMapRef: &corev1.ConfigMapEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "web-config"}}}},
-		}}}}, metav1.CreateOptions{}))
+		}}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web0.Status.Phase = corev1.PodRunning // no kubelet: the test says so; detour run takes a Running pod's environment
+	must(k.Pods(ns).UpdateStatus(ctx, web0, metav1.UpdateOptions{}))
 	service := func(name string, selector map[string]string) *corev1.Service {
 		s, err := k.Services(ns).Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name},
 			Spec: corev1.ServiceSpec{Selector: selector, Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}}}, metav1.CreateOptions{})

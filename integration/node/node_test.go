@@ -152,10 +152,11 @@ func TestNode(t *testing.T) {
 	}
 }
 
-// deploy creates ns/name's ServiceAccount (unless it exists), a Deployment of one pod running img
-// with args (its port 8080 named http, an HTTP readiness probe on it, never pulled), changed by
-// each of more, and a Service over it.
-func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img string, args []string, more ...func(*corev1.PodSpec)) {
+// deploy creates ns/name's ServiceAccount, a Service and a Deployment of one pod running img
+// with args (its port 8080 named http, an HTTP readiness probe on it, never pulled) under it;
+// each edit changes the pod's spec. The Service comes first, so that the pod's service links
+// (the kubelet's, when the container starts) always have it.
+func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img string, args []string, edits ...func(*corev1.PodSpec)) {
 	t.Helper()
 	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
@@ -183,17 +184,17 @@ func deploy(t *testing.T, ctx context.Context, c *testbed.Cluster, ns, name, img
 			},
 		},
 	}
-	for _, f := range more {
-		f(&dep.Spec.Template.Spec)
-	}
-	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
 		Spec:       corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("http")}}},
 	}
 	if _, err := c.Client.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, edit := range edits {
+		edit(&dep.Spec.Template.Spec)
+	}
+	if _, err := c.Client.AppsV1().Deployments(ns).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -208,17 +208,21 @@ func TestTunnelBlip(t *testing.T) {
 }
 
 // apiStandIn serves, on loopback in ns, what detour run reads of the cluster with the developer's
-// kubeconfig: the target service web.demo, its pod's environment, and the service's cluster IP
+// kubeconfig: the target service web.demo, its Running pod's environment (and the namespace's
+// services for its links; default/kubernetes is not found), and the service's cluster IP
 // for CMD's connections by name. It returns that kubeconfig.
 func apiStandIn(t *testing.T, ns *testbed.Pod, dir string) (kubeconfig string) {
 	l := listen(t, ns, "127.0.0.1:0")
+	web := fmt.Sprintf(`"metadata":{"name":"web","namespace":"demo"},"spec":{"selector":{"app":"web"},"clusterIP":%q,"ports":[{"name":"http","port":80}]}`, vip)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		switch r.URL.Path {
 		case "/api/v1/namespaces/demo/services/web":
-			fmt.Fprintf(w, `{"kind":"Service","apiVersion":"v1","metadata":{"name":"web","namespace":"demo"},"spec":{"selector":{"app":"web"},"clusterIP":%q,"ports":[{"name":"http","port":80}]}}`, vip)
+			fmt.Fprintf(w, `{"kind":"Service","apiVersion":"v1",%s}`, web)
+		case "/api/v1/namespaces/demo/services": // the service links of web-0's environment
+			fmt.Fprintf(w, `{"kind":"ServiceList","apiVersion":"v1","items":[{%s}]}`, web)
 		case "/api/v1/namespaces/demo/pods":
-			fmt.Fprint(w, `{"kind":"PodList","apiVersion":"v1","items":[{"metadata":{"name":"web-0","namespace":"demo","labels":{"app":"web"}},"spec":{"containers":[{"name":"web","image":"none.invalid/web","env":[{"name":"MODE","value":"prod"}]}]}}]}`)
+			fmt.Fprint(w, `{"kind":"PodList","apiVersion":"v1","items":[{"metadata":{"name":"web-0","namespace":"demo","labels":{"app":"web"}},"spec":{"containers":[{"name":"web","image":"none.invalid/web","env":[{"name":"MODE","value":"prod"}]}]},"status":{"phase":"Running"}}]}`)
 		default:
 			http.NotFound(w, r)
 		}

@@ -53,6 +53,17 @@ func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:         "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
 		Short:       "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
+		Long: `Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you).
+
+The environment is the one the kubelet gave a container (--container, default the first) of a
+Running pod the service selects (a Ready one first): envFrom and env with their ConfigMap and
+Secret references (optional ones that are missing left out, as the kubelet does), $(VAR)
+expansion, fieldRefs, resourceFieldRefs (a limit the container does not set is the node's
+allocatable) and the service links of the pod's namespace (enableServiceLinks) and of
+default/kubernetes, for the Services that existed when the container started. Not reproduced:
+what the runtime and the image add (PATH, HOSTNAME, HOME, the image's Env) and fileKeyRef
+variables (read inside the pod); detour names those it could not read on stderr. Values are read
+now, with your kubeconfig: a ConfigMap changed since the pod started gives its new value.`,
 		Args:        minArgs(1),
 		Annotations: map[string]string{profileAnnotation: profileAll},
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -104,10 +115,14 @@ func (r *runCmd) run(cmd *cobra.Command, argv []string) error {
 	if err != nil {
 		return err
 	}
-	env, err := mesh.TargetEnv(ctx, kc.Kube, r.session.namespace, svcName, r.container)
+	target, err := mesh.TargetEnv(ctx, kc.Kube, r.session.namespace, svcName, r.container)
 	if err != nil {
 		return err
 	}
+	for _, u := range target.Unset {
+		fmt.Fprintf(cmd.ErrOrStderr(), "detour: not in the environment of pod %s: %s\n", target.Pod, u)
+	}
+	env := target.Vars
 	if r.envFile != "" {
 		if err := os.WriteFile(r.envFile, []byte(strings.Join(env, "\n")+"\n"), 0o600); err != nil {
 			return err

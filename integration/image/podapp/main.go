@@ -9,6 +9,8 @@
 //	                      GET /peer the remote address the app saw (IP:port), GET /fetch?url=U
 //	                      the pod's own GET of U answered as "STATUS BODY" (502 with the error),
 //	                      so that a test drives traffic from inside a pod over plain HTTP
+//	podapp env            prints its environment, NAME=VALUE lines sorted (what the kubelet and
+//	                      the runtime gave the container, read by exec)
 //
 // It uses the standard library only, so that it builds static and small.
 package main
@@ -23,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sort"
 	"syscall"
 	"time"
 )
@@ -47,8 +50,15 @@ func run(args []string) error {
 		return pause()
 	case len(args) == 2 && args[0] == "serve":
 		return serve(args[1])
+	case len(args) == 1 && args[0] == "env":
+		env := os.Environ()
+		sort.Strings(env)
+		for _, kv := range env {
+			fmt.Println(kv)
+		}
+		return nil
 	}
-	return errors.New("usage: podapp pause | podapp serve ADDR")
+	return errors.New("usage: podapp pause | podapp serve ADDR | podapp env")
 }
 
 // pause does what a sandbox's process must: nothing, until told to stop; as PID 1 of the pod's
