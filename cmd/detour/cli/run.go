@@ -51,8 +51,8 @@ type runCmd struct {
 func newRunCmd(log func() *slog.Logger) *cobra.Command {
 	r := &runCmd{session: sessionCmd{log: log}}
 	cmd := &cobra.Command{
-		Use:         "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
-		Short:       "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
+		Use:   "run --target svc/NAME [--steal|--mirror --to HOST:PORT] -- CMD ARGS...",
+		Short: "Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you)",
 		Long: `Run CMD with the target's environment and the cluster's services within reach (through the waypoint, as you).
 
 The environment is the one the kubelet gave a container (--container, default the first) of a
