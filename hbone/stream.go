@@ -238,23 +238,31 @@ func (s *Stream) barrier() {
 	s.waitWritten(ch)
 }
 
-// waitWritten waits for the writer to finish the item that carries ch; false if the writer
-// exited first.
-func (s *Stream) waitWritten(ch chan struct{}) bool {
+// waitWritten waits for the writer to finish the item that carries ch: true if the writer wrote
+// it, false if it dropped it or exited first. A writer that wrote the item and then exited (the
+// peer closed the connection right after reading it) readies both cases at once, so the item's own
+// answer is looked for before writerDone is believed.
+func (s *Stream) waitWritten(ch chan bool) bool {
 	select {
-	case <-ch:
+	case ok := <-ch:
 		notifyPool.Put(ch) // empty again: the writer sends once per item
-		return true
+		return ok
 	case <-s.c.writerDone:
-		return false // ch may still get its token: it does not go back to the pool
+		select {
+		case ok := <-ch:
+			notifyPool.Put(ch)
+			return ok
+		default:
+			return false // the item was never taken: ch does not go back to the pool
+		}
 	}
 }
 
 // notifyPool holds the channels a writer of the stream waits on (writeItem.notify), one per
 // Write in flight rather than one per stream: a stream that is not writing holds none.
-var notifyPool = sync.Pool{New: func() any { return make(chan struct{}, 1) }}
+var notifyPool = sync.Pool{New: func() any { return make(chan bool, 1) }}
 
-func getNotify() chan struct{} { return notifyPool.Get().(chan struct{}) }
+func getNotify() chan bool { return notifyPool.Get().(chan bool) }
 
 // CloseWrite sends END_STREAM: the peer reads EOF, and this side can still read.
 func (s *Stream) CloseWrite() error {
@@ -438,7 +446,7 @@ func (s *Stream) WriteBuffers(bufs net.Buffers) (int64, error) {
 	}
 	var total int64
 	var cur bufCursor
-	var done chan struct{} // the last item's: the writer took all of bufs
+	var done chan bool // the last item's: the writer took all of bufs
 	for total < size {
 		k, err := s.c.sendWindow(context.Background(), s, int(min(size-total, 1<<31-1)))
 		if err != nil {

@@ -19,7 +19,7 @@ type writeItem struct {
 	end      bool
 	id       uint32
 	s        *Stream
-	notify   chan struct{} // when set, the writer sends on it once the item is written (or dropped)
+	notify   chan bool // when set, the writer sends on it once the item is written (true) or dropped (false)
 	data     []byte
 	more     [][]byte // DATA only: more payload after data, in the same frame
 	fields   []hpack.HeaderField
@@ -113,7 +113,7 @@ func (c *conn) writeLoop() {
 				err := c.writeFrame(&q[i])
 				c.written.Add(1)
 				if q[i].notify != nil {
-					q[i].notify <- struct{}{}
+					q[i].notify <- err == nil
 				}
 				if err != nil {
 					c.close(fmt.Errorf("hbone: writing: %w", err))
@@ -154,7 +154,7 @@ func (c *conn) flush() error {
 func (c *conn) notifyAll(items []writeItem) {
 	for _, it := range items {
 		if it.notify != nil {
-			it.notify <- struct{}{}
+			it.notify <- false
 		}
 	}
 }
