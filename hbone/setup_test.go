@@ -10,11 +10,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/identity/devca/devcatest"
 )
 
 func TestMain(m *testing.M) {
@@ -35,23 +35,8 @@ type pki struct {
 
 func newPKI(t testing.TB) *pki {
 	t.Helper()
-	ca, err := devca.New("cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := ca.Issue(serverID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := ca.Issue(clientID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &pki{
-		ca:        ca,
-		serverTLS: ca.ServerTLS(srv),
-		clientTLS: ca.ClientTLS(cli, spiffeid.RequireFromString(serverID)),
-	}
+	pr := devcatest.NewPair(t, serverID, clientID)
+	return &pki{ca: pr.CA, serverTLS: pr.ServerTLS, clientTLS: pr.ClientTLS}
 }
 
 // echoServer echoes every connection and half-closes after the client's FIN. It returns the

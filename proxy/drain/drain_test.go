@@ -10,11 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.uber.org/goleak"
 
 	"github.com/detour-mesh/detour/hbone"
-	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/identity/devca/devcatest"
 	"github.com/detour-mesh/detour/proxy/drain"
 )
 
@@ -38,25 +37,14 @@ type bed struct {
 
 func newBed(t *testing.T, h hbone.Handler) *bed {
 	t.Helper()
-	ca, err := devca.New("cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvID, err := ca.Issue(serverID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cliID, err := ca.Issue(clientID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pr := devcatest.NewPair(t, serverID, clientID)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	b := &bed{addr: l.Addr().String(), served: make(chan error, 1), dialer: &hbone.Dialer{Logger: slog.New(slog.DiscardHandler)},
-		opts: hbone.DialOptions{TLSConfig: ca.ClientTLS(cliID, spiffeid.RequireFromString(serverID)), ServerID: serverID, LocalID: clientID}}
-	b.srv = &hbone.Server{Handler: h, TLSConfig: ca.ServerTLS(srvID), Logger: slog.New(slog.DiscardHandler)}
+		opts: hbone.DialOptions{TLSConfig: pr.ClientTLS, ServerID: serverID, LocalID: clientID}}
+	b.srv = &hbone.Server{Handler: h, TLSConfig: pr.ServerTLS, Logger: slog.New(slog.DiscardHandler)}
 	go func() { b.served <- b.srv.Serve(&countingListener{Listener: l, n: &b.accepts}) }()
 	t.Cleanup(func() {
 		b.dialer.Close()
