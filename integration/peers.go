@@ -8,14 +8,12 @@ import (
 	"net/http"
 	"sync"
 	"testing"
-	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	istiohbone "istio.io/istio/pkg/hbone"
 	istiolog "istio.io/istio/pkg/log"
 
 	"github.com/detour-mesh/detour/hbone"
-	"github.com/detour-mesh/detour/identity/devca"
+	"github.com/detour-mesh/detour/identity/devca/devcatest"
 )
 
 // QuietIstio turns off Istio's hbone logging (a line per stream), so benchmark output stays
@@ -32,29 +30,13 @@ const (
 	ClientID = "spiffe://cluster.local/ns/default/sa/client"
 )
 
-// PKI is a dev CA with a server and a client SVID and their TLS configs.
-type PKI struct {
-	CA        *devca.CA
-	ServerTLS *tls.Config
-	ClientTLS *tls.Config
-}
+// PKI is a dev CA with a server (ServerID) and a client (ClientID) SVID and their TLS configs.
+type PKI = devcatest.Pair
 
 // NewPKI mints the test identities.
 func NewPKI(t testing.TB) *PKI {
 	t.Helper()
-	ca, err := devca.New("cluster.local")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := ca.Issue(ServerID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := ca.Issue(ClientID, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &PKI{CA: ca, ServerTLS: ca.ServerTLS(srv), ClientTLS: ca.ClientTLS(cli, spiffeid.RequireFromString(ServerID))}
+	return devcatest.NewPair(t, ServerID, ClientID)
 }
 
 // Listen opens a loopback listener closed at the end of the test.
