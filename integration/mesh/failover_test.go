@@ -7,9 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sort"
+	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -76,24 +75,24 @@ func TestReplicaFailover(t *testing.T) {
 	}
 
 	l.run(ctx)
-	<-l.reached // request failoverKillAt started
+	<-l.Reached() // request failoverKillAt started
 	front.Point(b.Find(t, `tunnel=(127\.0\.0\.1:\d+)`))
 	l.drop(aAddr)
-	l.mark(&l.killSeq)
+	l.Mark(&l.killSeq)
 	a.Process.Kill()
 	<-a.Done
-	l.mark(&l.deadSeq)
+	l.Mark(&l.deadSeq)
 	killed := time.Now()
 	back := cli.Find(t, `back: session ([0-9a-f]{12}) resumed over h2`)
-	l.mark(&l.backSeq)
+	l.Mark(&l.backSeq)
 	resumed := time.Since(killed)
 	b.WaitFor(t, "mesh: taking over a session another replica held")
-	l.wait()
+	samples := l.Wait()
 	if back != id {
 		t.Fatalf("the session came back as %s, want %s", back, id)
 	}
 	t.Logf("session %s: CLI back through B %v after A was killed (grace 30s)", id, resumed.Round(100*time.Millisecond))
-	l.check(t, aAddr, bAddr)
+	l.check(t, samples, aAddr, bAddr)
 
 	// The session carries on through B.
 	for i := range 20 {
@@ -173,27 +172,23 @@ func devHTTP(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// failoverLoad sends the failover load through the replicas with a ztunnel stand-in and records,
-// on one sequence of events (no clocks), when each request started and ended, and the kill.
+// failoverLoad sends the failover load through the replicas with a ztunnel stand-in, on one
+// sequence of events (it.Load) with the kill.
 type failoverLoad struct {
-	vip     string
-	z       *testbed.Ztunnel
-	reached chan struct{} // closed when request failoverKillAt starts
-	wg      sync.WaitGroup
+	*it.Load[failoverResult]
+	vip string
+	z   *testbed.Ztunnel
 
-	mu                        sync.Mutex
-	seq                       int
+	// Under the Load's lock:
 	pool                      []string // the waypoint's ready endpoints the client side picks from
 	killSeq, deadSeq, backSeq int
-	results                   []failoverResult
 }
 
 type failoverResult struct {
-	via        string
-	matched    bool
-	start, end int // sequence numbers
-	body       string
-	err        error
+	via     string
+	matched bool
+	body    string
+	err     error
 }
 
 func (b *replicaBed) newFailoverLoad(t *testing.T, vip string, replicas ...string) *failoverLoad {
@@ -203,7 +198,7 @@ func (b *replicaBed) newFailoverLoad(t *testing.T, vip string, replicas ...strin
 	}
 	z := testbed.NewZtunnel(&testbed.Workload{Namespace: "default", ServiceAccount: "client", SVID: svid, Bundle: b.ca.Bundle()}, nil)
 	t.Cleanup(func() { z.Close() })
-	return &failoverLoad{vip: vip, z: z, reached: make(chan struct{}), pool: replicas}
+	return &failoverLoad{Load: it.NewLoad[failoverResult](failoverRequests, failoverEvery, failoverKillAt), vip: vip, z: z, pool: replicas}
 }
 
 // get sends one GET to web through the replica at via on a stream of its own and returns the
@@ -234,74 +229,44 @@ func (l *failoverLoad) get(ctx context.Context, via string, matched bool) (strin
 // run sends the load in the background: request i is matched when i is even, and goes to the
 // replica the client side picks then (round robin over pairs, so each replica gets both kinds).
 func (l *failoverLoad) run(ctx context.Context) {
-	l.wg.Go(func() {
-		tick := time.NewTicker(failoverEvery)
-		defer tick.Stop()
-		for i := range failoverRequests {
-			<-tick.C
-			matched := i%2 == 0
-			l.mu.Lock()
-			via := l.pool[(i/2)%len(l.pool)]
-			l.seq++
-			start := l.seq
-			l.mu.Unlock()
-			if i == failoverKillAt {
-				close(l.reached)
-			}
-			l.wg.Go(func() {
-				body, err := l.get(ctx, via, matched)
-				l.mu.Lock()
-				l.seq++
-				l.results = append(l.results, failoverResult{via: via, matched: matched, start: start, end: l.seq, body: body, err: err})
-				l.mu.Unlock()
-			})
+	l.Run(ctx, func(i, _ int) func(context.Context) failoverResult {
+		matched := i%2 == 0
+		var via string
+		l.Locked(func() { via = l.pool[(i/2)%len(l.pool)] })
+		return func(ctx context.Context) failoverResult {
+			body, err := l.get(ctx, via, matched)
+			return failoverResult{via: via, matched: matched, body: body, err: err}
 		}
 	})
 }
 
 // drop removes a replica from the ones the client side picks.
 func (l *failoverLoad) drop(addr string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var keep []string
-	for _, p := range l.pool {
-		if p != addr {
-			keep = append(keep, p)
-		}
-	}
-	l.pool = keep
+	l.Locked(func() {
+		l.pool = slices.DeleteFunc(l.pool, func(p string) bool { return p == addr })
+	})
 }
-
-// mark records the current point of the sequence in *at.
-func (l *failoverLoad) mark(at *int) {
-	l.mu.Lock()
-	l.seq++
-	*at = l.seq
-	l.mu.Unlock()
-}
-
-func (l *failoverLoad) wait() { l.wg.Wait() }
 
 // check counts the results and asserts on them; killed is the killed replica's address, other
 // the one that took over.
-func (l *failoverLoad) check(t *testing.T, killed, other string) {
+func (l *failoverLoad) check(t *testing.T, samples []it.Sample[failoverResult], killed, other string) {
 	t.Helper()
 	name := map[string]string{killed: "A", other: "B"}
-	counts := map[string]int{}
+	ta := it.Tally{Counts: map[string]int{}}
 	var inflight, inflightRelayed, inflightFailed int
-	var failures []string
-	for _, r := range l.results {
+	for _, sm := range samples {
+		r := sm.Result
 		// In flight through the killed replica: started before it died and not finished when it
 		// was killed, carried by it (sent to it, or a matched request relayed to it by B while it
 		// held the session).
-		inFlight := r.start < l.deadSeq && r.end > l.killSeq && (r.via == killed || r.matched)
+		inFlight := sm.Start < l.deadSeq && sm.End > l.killSeq && (r.via == killed || r.matched)
 		phase := "before" // the kill
 		switch {
-		case r.start > l.backSeq:
+		case sm.Start > l.backSeq:
 			phase = "after" // the CLI said it was back
-		case r.start > l.deadSeq:
+		case sm.Start > l.deadSeq:
 			phase = "outage"
-		case r.start > l.killSeq:
+		case sm.Start > l.killSeq:
 			phase = "kill"
 		}
 		kind := map[bool]string{true: "matched", false: "unmatched"}[r.matched]
@@ -315,7 +280,7 @@ func (l *failoverLoad) check(t *testing.T, killed, other string) {
 		default:
 			outcome = "odd"
 		}
-		counts[fmt.Sprintf("%s %s %s via %s", phase, kind, outcome, name[r.via])]++
+		ta.Counts[fmt.Sprintf("%s %s %s via %s", phase, kind, outcome, name[r.via])]++
 		if inFlight {
 			inflight++
 			if r.via != killed {
@@ -330,32 +295,21 @@ func (l *failoverLoad) check(t *testing.T, killed, other string) {
 		want := map[string]map[bool]string{"before": {true: "dev", false: "real"}, "after": {true: "dev", false: "real"}}[phase][r.matched]
 		switch {
 		case outcome == "failed" || outcome == "odd":
-			failures = append(failures, fmt.Sprintf("%s %s via %s: %q %v", phase, kind, name[r.via], r.body, r.err))
+			ta.Failures = append(ta.Failures, fmt.Sprintf("%s %s via %s: %q %v", phase, kind, name[r.via], r.body, r.err))
 		case want != "" && outcome != want:
-			failures = append(failures, fmt.Sprintf("%s %s via %s answered by %s, want %s", phase, kind, name[r.via], outcome, want))
+			ta.Failures = append(ta.Failures, fmt.Sprintf("%s %s via %s answered by %s, want %s", phase, kind, name[r.via], outcome, want))
 		case !r.matched && outcome != "real":
-			failures = append(failures, fmt.Sprintf("%s %s via %s answered by %s", phase, kind, name[r.via], outcome))
+			ta.Failures = append(ta.Failures, fmt.Sprintf("%s %s via %s answered by %s", phase, kind, name[r.via], outcome))
 		}
 	}
-	var lines []string
-	for k, n := range counts {
-		lines = append(lines, fmt.Sprintf("  %-32s %d", k, n))
-	}
-	sort.Strings(lines)
 	t.Logf("%d requests; in flight through A at the kill: %d (%d of them through B, relayed to A), %d of those failed; outside them %d failed or misrouted:\n%s",
-		len(l.results), inflight, inflightRelayed, inflightFailed, len(failures), strings.Join(lines, "\n"))
-	if len(l.results) != failoverRequests {
-		t.Errorf("%d results, want %d", len(l.results), failoverRequests)
+		len(samples), inflight, inflightRelayed, inflightFailed, len(ta.Failures), ta.Lines(32))
+	if len(samples) != failoverRequests {
+		t.Errorf("%d results, want %d", len(samples), failoverRequests)
 	}
-	for i, f := range failures {
-		if i == 20 {
-			t.Errorf("... and %d more", len(failures)-i)
-			break
-		}
-		t.Errorf("not in flight through A: %s", f)
-	}
+	ta.Report(t, "not in flight through A")
 	for _, k := range []string{"before matched dev via A", "before matched dev via B", "outage matched real via B", "after matched dev via B", "after unmatched real via B"} {
-		if counts[k] == 0 {
+		if ta.Counts[k] == 0 {
 			t.Errorf("no %q requests: the load did not cover the failover", k)
 		}
 	}

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +19,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	it "github.com/detour-mesh/detour/integration"
 	"github.com/detour-mesh/detour/integration/image"
 	"github.com/detour-mesh/detour/integration/testbed"
 )
@@ -95,7 +95,8 @@ func TestWaypointPodDeleted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &drainLoad{vip: vip, host: route.Service, view: view, want: backend.Name, dials: map[string]int{}}
+	l := &drainLoad{Load: it.NewLoad[drainResult](drainRequests, drainEvery, drainDeleteAt), vip: vip, host: route.Service, view: view, want: backend.Name,
+		dials: map[string]int{}, dialsAfterDelete: map[string]int{}}
 	l.z = testbed.NewZtunnel(client, l.countDial)
 	t.Cleanup(func() { l.z.Close() })
 
@@ -111,8 +112,8 @@ func TestWaypointPodDeleted(t *testing.T) {
 	victimAddr := net.JoinHostPort(victim.Status.PodIP, "15008")
 	logs := followLog(t, ctx, c, ns, victim.Name)
 	l.run(ctx, victimAddr)
-	<-l.reached
-	l.mark(&l.deleteSeq)
+	<-l.Reached()
+	l.Mark(&l.deleteSeq)
 	deleted := time.Now()
 	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, victim.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -121,12 +122,12 @@ func TestWaypointPodDeleted(t *testing.T) {
 		_, err := c.Client.CoreV1().Pods(ns).Get(ctx, victim.Name, metav1.GetOptions{})
 		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
-	l.mark(&l.goneSeq)
+	l.Mark(&l.goneSeq)
 	gone := time.Since(deleted)
-	l.wg.Wait()
+	samples := l.Wait()
 	t.Logf("node: pod %s (%s) deleted (grace %ds), gone from the API %v later; its log:\n%s", victim.Name, victimAddr,
 		*victim.Spec.TerminationGracePeriodSeconds, gone.Round(100*time.Millisecond), logs.String())
-	l.check(t, victimAddr)
+	l.check(t, samples, victimAddr)
 }
 
 // hboneBackend deploys name in ns: podapp on 8080 and, in the same pod, `detour hbone-serve` on
@@ -198,40 +199,36 @@ func (b *syncBuffer) String() string {
 	return b.b.String()
 }
 
-// drainLoad sends the load through the stand-in and records, on one sequence of events, when each
-// request started and ended, the deletion and the pod's disappearance.
+// drainLoad sends the load through the stand-in on one sequence of events (it.Load) with the
+// deletion and the pod's disappearance.
 type drainLoad struct {
-	vip     netip.AddrPort
-	host    string // the service's hostname (Forwarded host)
-	view    *testbed.WorkloadView
-	want    string // the backend's answer: its pod name
-	z       *testbed.Ztunnel
-	reached chan struct{} // closed when request drainDeleteAt starts
-	wg      sync.WaitGroup
+	*it.Load[drainResult]
+	vip  netip.AddrPort
+	host string // the service's hostname (Forwarded host)
+	view *testbed.WorkloadView
+	want string // the backend's answer: its pod name
+	z    *testbed.Ztunnel
 
-	mu                 sync.Mutex
-	seq                int
+	// Under the Load's lock:
 	deleteSeq, goneSeq int
 	viewSeq            int            // the first request start, after the deletion, whose pick did not offer the deleted pod
 	dials              map[string]int // HBONE connections dialed, per waypoint address
 	dialsAfterDelete   map[string]int
-	results            []drainResult
 }
 
 type drainResult struct {
-	via        string // the waypoint endpoint, IP:15008
-	start, end int
-	err        error
+	via string // the waypoint endpoint, IP:15008
+	err error
 }
 
 // countDial opens the stand-in's HBONE connections, counting them per address.
 func (l *drainLoad) countDial(ctx context.Context, network, addr string) (net.Conn, error) {
-	l.mu.Lock()
-	l.dials[addr]++
-	if l.deleteSeq > 0 {
-		l.dialsAfterDelete[addr]++
-	}
-	l.mu.Unlock()
+	l.Locked(func() {
+		l.dials[addr]++
+		if l.deleteSeq > 0 {
+			l.dialsAfterDelete[addr]++
+		}
+	})
 	return (&net.Dialer{}).DialContext(ctx, network, addr)
 }
 
@@ -264,33 +261,22 @@ func (l *drainLoad) get(ctx context.Context, ep testbed.Endpoint) (string, error
 // run sends the load in the background, each request through a waypoint endpoint picked at
 // random from the view's healthy ones at its start, as ztunnel picks one per connection.
 func (l *drainLoad) run(ctx context.Context, victim string) {
-	l.reached = make(chan struct{})
-	l.dialsAfterDelete = map[string]int{}
-	l.wg.Go(func() {
-		tick := time.NewTicker(drainEvery)
-		defer tick.Stop()
-		for i := range drainRequests {
-			<-tick.C
-			eps := l.view.WaypointEndpoints(l.vip)
-			l.mu.Lock()
-			l.seq++
-			start := l.seq
+	l.Run(ctx, func(_, start int) func(context.Context) drainResult {
+		eps := l.view.WaypointEndpoints(l.vip)
+		l.Locked(func() {
 			if l.deleteSeq > 0 && l.viewSeq == 0 && !offers(eps, victim) {
 				l.viewSeq = start
 			}
-			l.mu.Unlock()
-			if i == drainDeleteAt {
-				close(l.reached)
+		})
+		if len(eps) == 0 {
+			return func(context.Context) drainResult {
+				return drainResult{err: fmt.Errorf("no healthy waypoint endpoint in the view")}
 			}
-			if len(eps) == 0 {
-				l.record(drainResult{start: start, err: fmt.Errorf("no healthy waypoint endpoint in the view")})
-				continue
-			}
-			ep := eps[rand.IntN(len(eps))]
-			l.wg.Go(func() {
-				_, err := l.get(ctx, ep)
-				l.record(drainResult{via: ep.Addr, start: start, err: err})
-			})
+		}
+		ep := eps[rand.IntN(len(eps))]
+		return func(ctx context.Context) drainResult {
+			_, err := l.get(ctx, ep)
+			return drainResult{via: ep.Addr, err: err}
 		}
 	})
 }
@@ -304,36 +290,18 @@ func offers(eps []testbed.Endpoint, addr string) bool {
 	return false
 }
 
-func (l *drainLoad) record(r drainResult) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.seq++
-	r.end = l.seq
-	l.results = append(l.results, r)
-}
-
-// mark records the current point of the sequence in *at.
-func (l *drainLoad) mark(at *int) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.seq++
-	*at = l.seq
-}
-
 // check counts the results and asserts on them; victim is the deleted pod's HBONE address.
-func (l *drainLoad) check(t *testing.T, victim string) {
+func (l *drainLoad) check(t *testing.T, samples []it.Sample[drainResult], victim string) {
 	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	counts := map[string]int{}
+	ta := it.Tally{Counts: map[string]int{}}
 	var inflight, inflightFailed, sentAfter, sentAfterFailed int
-	var failures []string
-	for _, r := range l.results {
+	for _, sm := range samples {
+		r := sm.Result
 		phase := "before" // the deletion
 		switch {
-		case r.start > l.goneSeq:
+		case sm.Start > l.goneSeq:
 			phase = "after" // the pod was gone
-		case r.start > l.deleteSeq:
+		case sm.Start > l.deleteSeq:
 			phase = "drain"
 		}
 		via := "other"
@@ -344,11 +312,11 @@ func (l *drainLoad) check(t *testing.T, victim string) {
 		if r.err != nil {
 			outcome = "failed"
 		}
-		counts[fmt.Sprintf("%s via %s %s", phase, via, outcome)]++
+		ta.Counts[fmt.Sprintf("%s via %s %s", phase, via, outcome)]++
 		// In flight on the deleted pod: carried by it, started before it was gone, not finished
 		// when it was deleted.
-		if r.via == victim && r.start < l.goneSeq && r.end > l.deleteSeq {
-			if r.start < l.deleteSeq {
+		if r.via == victim && sm.Start < l.goneSeq && sm.End > l.deleteSeq {
+			if sm.Start < l.deleteSeq {
 				inflight++
 				if r.err != nil {
 					inflightFailed++
@@ -365,31 +333,20 @@ func (l *drainLoad) check(t *testing.T, victim string) {
 			continue
 		}
 		if r.err != nil {
-			failures = append(failures, fmt.Sprintf("%s via %s (%s): %v", phase, via, r.via, r.err))
+			ta.Failures = append(ta.Failures, fmt.Sprintf("%s via %s (%s): %v", phase, via, r.via, r.err))
 		}
 	}
-	var lines []string
-	for k, n := range counts {
-		lines = append(lines, fmt.Sprintf("  %-28s %d", k, n))
-	}
-	sort.Strings(lines)
 	picked := "never"
 	if l.viewSeq > 0 {
 		picked = fmt.Sprintf("from sequence %d (deleted at %d, gone at %d)", l.viewSeq, l.deleteSeq, l.goneSeq)
 	}
 	t.Logf("%d requests; in flight on the deleted pod at its deletion: %d (%d failed); sent to it after the deletion, before the stand-in's view dropped it: %d (%d failed); outside those %d failed; the view stopped offering it %s; HBONE connections dialed after the deletion: %v (all: %v)\n%s",
-		len(l.results), inflight, inflightFailed, sentAfter, sentAfterFailed, len(failures), picked, l.dialsAfterDelete, l.dials, strings.Join(lines, "\n"))
-	if len(l.results) != drainRequests {
-		t.Errorf("%d results, want %d", len(l.results), drainRequests)
+		len(samples), inflight, inflightFailed, sentAfter, sentAfterFailed, len(ta.Failures), picked, l.dialsAfterDelete, l.dials, ta.Lines(28))
+	if len(samples) != drainRequests {
+		t.Errorf("%d results, want %d", len(samples), drainRequests)
 	}
-	for i, f := range failures {
-		if i == 20 {
-			t.Errorf("... and %d more", len(failures)-i)
-			break
-		}
-		t.Errorf("not in flight on the deleted pod, failed: %s", f)
-	}
-	if counts["before via deleted ok"] == 0 || counts["after via other ok"] == 0 {
-		t.Errorf("the load did not cover the deletion: %v", counts)
+	ta.Report(t, "not in flight on the deleted pod, failed")
+	if ta.Counts["before via deleted ok"] == 0 || ta.Counts["after via other ok"] == 0 {
+		t.Errorf("the load did not cover the deletion: %v", ta.Counts)
 	}
 }
