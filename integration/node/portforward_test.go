@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -32,28 +33,25 @@ import (
 	"github.com/detour-mesh/detour/integration/testbed"
 )
 
-// TestPortForward is issue 18, acceptance 2. detour installed in shop (bound to the namespace),
-// the shop app's pod with Istio's own HBONE server as its inbound (in the pod's network
-// namespace, with istiod's certificate for shop/shop); the developer's `detour steal svc/shop
-// --port-forward shop`, the CLI's own code run from this process, reaches detour's pod only
-// through the API server's port-forward to the kubelet, with an identity from istiod's CA. A
-// ztunnel stand-in in this process, routed by istiod's workload xDS alone, sends requests to the
-// shop service: the one matching the steal's filter reaches the developer's handler, the other
-// the real pod (its hostname). Then `detour run --target svc/envapp` writes the environment it
-// gives CMD, and it is the envapp pod's real one (read by exec of `podapp env`), the kubelet's
-// variables (service links, ConfigMap, Secret, envFrom with a prefix, fieldRefs, resources,
-// $(VAR) expansion) all of it; only the runtime's own (PATH, HOSTNAME, HOME) are not there.
+// TestPortForward is issue 18, acceptance 2. An ambient namespace (the node runs Istio's CNI
+// plugin; each app pod's inbound and outbound are the test bed's in-pod ztunnel stand-in, routed
+// by istiod's workload xDS alone) with detour installed and bound to it. The developer's `detour
+// steal svc/shop --port-forward shop`, the CLI's own code run from this process, reaches detour's
+// pod only through the API server's port-forward to the kubelet, with an identity from istiod's
+// CA. The client pod's app GETs the shop service's ClusterIP: the request matching the steal's
+// filter reaches the developer's handler, the others the real pod (its hostname). Then `detour
+// run --target svc/envapp` writes the environment it gives CMD, and it is the envapp pod's real
+// one (read by exec of `podapp env`), the kubelet's variables (service links, ConfigMap, Secret,
+// envFrom with a prefix, fieldRefs, resources, $(VAR) expansion) all of it; only the runtime's own
+// (PATH, HOSTNAME, HOME) are not there.
 func TestPortForward(t *testing.T) {
 	skipUnlessNode(t)
-	if os.Getenv("DETOUR_PORTFORWARD_TEST") == "" {
-		t.Skip("not yet passing: the shop pod's in-test HBONE inbound (podproc-istio-hbone) is killed right after it starts on the node; set DETOUR_PORTFORWARD_TEST=1 to run it (issue 18, acceptance 2)")
-	}
 	const ns = "shop"
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	pause, app, ref, detourTar := nodeImages(t, ctx)
 	archives := writeArchives(t, t.TempDir(), map[string][]byte{"pause.tar": pause, "podapp.tar": app, "detour.tar": detourTar})
-	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef}})
+	c := testbed.Start(t, testbed.Options{Istiod: true, Node: &testbed.NodeOptions{Images: archives, SandboxImage: image.PauseRef, Ambient: true}})
 	if err := c.Namespace(ctx, ns, map[string]string{"istio.io/dataplane-mode": "ambient"}); err != nil {
 		t.Fatal(err)
 	}
@@ -61,12 +59,10 @@ func TestPortForward(t *testing.T) {
 	installDetour(t, ctx, c, ns, ref)
 	grantSteal(t, ctx, c, ns)
 	deploy(t, ctx, c, ns, "shop", image.PodAppRef, nil)
+	deploy(t, ctx, c, ns, "client", image.PodAppRef, nil)
 	shop := runningPod(t, ctx, c, ns, "shop")
-	shopID, err := c.Workload(ctx, ns, "shop")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Node.Pod(t, &shop).RunIstioHBONE(t, shopID) // the shop pod's ztunnel inbound: detour sends it HBONE
+	client := runningPod(t, ctx, c, ns, "client")
+	checkEnrolled(t, ctx, c, ns, "shop", "client")
 
 	// The developer: an identity from istiod's CA for dev/alice (a TokenRequest through the
 	// kubeconfig), a local handler, the steal through the port-forward.
@@ -87,56 +83,44 @@ func TestPortForward(t *testing.T) {
 	defer steal.stop(t)
 	steal.waitFor(t, 2*time.Minute, "stealing shop/shop")
 
-	// The client: ztunnel's outbound, routed by istiod's view only.
 	svc, err := c.Client.CoreV1().Services(ns).Get(ctx, "shop", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
+	// The test watches istiod's view only to know when to look; the stand-ins have their own.
 	view, err := c.WatchWorkloads(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIP), 80)
-	route, err := view.WaitRoute(ctx, vip, 2*time.Minute, func(r testbed.Target, ok bool) bool { return ok && r.Waypoint != "" })
-	if err != nil {
+	if _, err := view.WaitRoute(ctx, vip, 2*time.Minute, func(r testbed.Target, ok bool) bool { return ok && r.Waypoint != "" }); err != nil {
 		t.Fatalf("node: no route to %s through a waypoint in istiod's view: %v\n%s", vip, err, view.Describe())
 	}
-	t.Logf("node: istiod's route to svc/shop: %+v", route)
-	clientID, err := c.Workload(ctx, ns, "sleep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	z := testbed.NewZtunnel(clientID, nil)
-	defer z.Close()
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return z.Send(ctx, testbed.Request{Proxy: route.Waypoint, ServerID: route.WaypointIdentity, Authority: route.Authority,
-			Source: netip.MustParseAddrPort(c.Node.IP + ":41234"), Host: route.Service})
-	}}
-	defer tr.CloseIdleConnections()
-	get := func(dev string) (string, error) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+vip.String()+"/", nil)
+	// The client pod's app GETs the ClusterIP (with X-Dev: dev unless ""): "STATUS BODY".
+	get := func(dev string) string {
+		q := url.Values{"url": {"http://" + vip.String() + "/"}}
 		if dev != "" {
-			req.Header.Set("X-Dev", dev)
+			q.Set("header", "X-Dev:"+dev)
 		}
-		resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
-		if err != nil {
-			return "", err
+		u := "http://" + client.Status.PodIP + ":8080/fetch?" + q.Encode()
+		code, body, err := tryGet(u)
+		if err != nil || code != http.StatusOK {
+			return fmt.Sprintf("GET %s: %d %q %v", u, code, body, err)
 		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
-		return fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(b))), err
+		return strings.TrimSpace(body)
 	}
 	// The session is held by the replica the port-forward reached; the other learns it from the
 	// shared session records: bounded retries until the matching request is stolen.
-	wait(t, ctx, time.Minute, "the matching request at the developer's handler", func() (bool, string) {
-		got, err := get("alice")
-		return err == nil && got == "200 local", fmt.Sprintf("%q %v\nCLI:\n%s", got, err, steal.output())
+	wait(t, ctx, time.Minute, "the client pod's matching request at the developer's handler", func() (bool, string) {
+		got := get("alice")
+		return got == "200 local", fmt.Sprintf("%q\nCLI:\n%s", got, steal.output())
 	})
 	for _, dev := range []string{"", "bob"} {
-		if got, err := get(dev); err != nil || got != "200 "+shop.Name {
-			t.Errorf("node: a request with x-dev %q: %q %v, want the real pod's 200 %s", dev, got, err, shop.Name)
+		if got := get(dev); got != "200 "+shop.Name {
+			t.Errorf("node: the client pod's request with x-dev %q: %q, want the real pod's 200 %s", dev, got, shop.Name)
 		}
 	}
+	t.Logf("node: client %s -> %s: x-dev alice at the developer's handler, the others at pod %s", client.Status.PodIP, vip, shop.Name)
 	steal.stop(t)
 
 	// detour run reads a real pod's environment.

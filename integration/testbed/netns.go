@@ -194,20 +194,27 @@ func (c *Cluster) podObject(ctx context.Context, p *Pod) error {
 func (p *Pod) Do(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
+		// Until Setns succeeds the thread is still in the test's namespace: unlock it on those
+		// errors rather than let it die with the goroutine. A thread that dies sends the
+		// Pdeathsig (SIGKILL) of every process started from it (startProc), whatever goroutine
+		// started them: that killed pods' in-test processes one failed Do after they started.
 		runtime.LockOSThread()
 		orig, err := os.Open("/proc/thread-self/ns/net")
 		if err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("testbed: %w", err)
 			return
 		}
 		defer orig.Close()
 		target, err := os.Open(p.nsPath)
 		if err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("testbed: %w", err)
 			return
 		}
 		defer target.Close()
 		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread() // a failed setns leaves the thread where it was
 			errc <- fmt.Errorf("testbed: entering %s: %w", p.nsPath, err)
 			return
 		}

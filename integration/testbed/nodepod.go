@@ -26,6 +26,7 @@ func (n *Node) Pod(t testing.TB, pod *corev1.Pod) *Pod {
 	}
 	p := &Pod{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.Spec.ServiceAccountName, IP: pod.Status.PodIP,
 		netns: "dtnode-" + string(pod.UID)[:8]}
+	p.nsPath = "/var/run/netns/" + p.netns // Do, Listen and DialContext enter it by path
 	if err := ipCmd("netns", "attach", p.netns, strconv.Itoa(pid)); err != nil {
 		t.Fatal(err)
 	}

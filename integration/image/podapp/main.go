@@ -8,6 +8,7 @@
 //	                      Service's ClusterIP, the mounted CA and token; 502 with the error),
 //	                      GET /peer the remote address the app saw (IP:port), GET /fetch?url=U
 //	                      the pod's own GET of U answered as "STATUS BODY" (502 with the error),
+//	                      with a request header for each header=NAME:VALUE,
 //	                      so that a test drives traffic from inside a pod over plain HTTP
 //	podapp env            prints its environment, NAME=VALUE lines sorted (what the kubelet and
 //	                      the runtime gave the container, read by exec)
@@ -26,6 +27,7 @@ import (
 	"os"
 	"os/signal"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -103,7 +105,8 @@ func serve(addr string) error {
 		fmt.Fprintln(w, r.RemoteAddr)
 	})
 	mux.HandleFunc("GET /fetch", func(w http.ResponseWriter, r *http.Request) {
-		status, body, err := fetch(r.URL.Query().Get("url"))
+		q := r.URL.Query()
+		status, body, err := fetch(q.Get("url"), q["header"])
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusBadGateway)
 			return
@@ -123,13 +126,25 @@ func serve(addr string) error {
 }
 
 // fetch GETs url from inside the pod on a new connection (no keep-alive: each fetch is one
-// connection the mesh sees), 10 s at most, reading at most 64 KiB of the answer.
-func fetch(url string) (int, []byte, error) {
+// connection the mesh sees) with headers (each NAME:VALUE), 10 s at most, reading at most 64 KiB
+// of the answer.
+func fetch(url string, headers []string) (int, []byte, error) {
 	if url == "" {
 		return 0, nil, errors.New("no url")
 	}
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	for _, h := range headers {
+		name, value, ok := strings.Cut(h, ":")
+		if !ok {
+			return 0, nil, fmt.Errorf("header %q: want NAME:VALUE", h)
+		}
+		req.Header.Add(name, value)
+	}
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(url)
+	resp, err := c.Do(req)
 	if err != nil {
 		return 0, nil, err
 	}
