@@ -110,6 +110,16 @@ func TestMeshConformance(t *testing.T) {
 	if err := cs.Run(t, meshtests.MeshConformanceTests); err != nil {
 		t.Error(err)
 	}
+	// Before the suite's cleanup deletes the namespace: the traffic crossed detour.
+	total, err := crossed(ctx, c.Client, suite.MeshNamespace)
+	switch {
+	case err != nil:
+		t.Error(err)
+	case len(total) == 0:
+		t.Errorf("conformance: detour's pods counted no HTTP request to a service of %s: the suite's traffic did not cross detour", suite.MeshNamespace)
+	default:
+		t.Logf("conformance: HTTP requests detour counted, by destination service: %s", summary(total))
+	}
 }
 
 // startCluster builds the images (pause, Istio's echo app, detour from this checkout), starts the

@@ -33,3 +33,27 @@ func TestResultsTable(t *testing.T) {
 		t.Errorf("table:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// TestRequestsByService: only istio_requests_total of the namespace counts, summed over its
+// series per destination service; bad text is an error.
+func TestRequestsByService(t *testing.T) {
+	text := `# TYPE istio_requests_total counter
+istio_requests_total{destination_service_name="echo-v1",destination_service_namespace="gateway-conformance-mesh",response_code="200"} 7
+istio_requests_total{destination_service_name="echo-v1",destination_service_namespace="gateway-conformance-mesh",response_code="404"} 2
+istio_requests_total{destination_service_name="echo-v2",destination_service_namespace="gateway-conformance-mesh",response_code="200"} 3
+istio_requests_total{destination_service_name="infra-backend-v1",destination_service_namespace="gateway-conformance-infra",response_code="200"} 5
+# TYPE istio_tcp_connections_opened_total counter
+istio_tcp_connections_opened_total{destination_service_name="echo-v1",destination_service_namespace="gateway-conformance-mesh"} 11
+`
+	total := map[string]int{"echo-v2": 1} // from another pod
+	if err := requestsByService(strings.NewReader(text), "gateway-conformance-mesh", total); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := summary(total), "echo-v1=9 echo-v2=4 (13 in all)"; got != want {
+		t.Errorf("requestsByService = %s, want %s", got, want)
+	}
+	err := requestsByService(strings.NewReader("istio_requests_total{ 1\n"), "x", map[string]int{})
+	if err == nil || !strings.HasPrefix(err.Error(), "conformance: parsing detour's metrics: ") {
+		t.Errorf("requestsByService(bad text) error = %v", err)
+	}
+}
