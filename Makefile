@@ -43,7 +43,7 @@ test-integration: testbed ## interop tests against Istio's own code and the real
 	cd integration && $(GO) test -race -count=1 -timeout 30m ./...
 
 conformance: ## the Gateway API mesh conformance suite on the test bed's node, detour the waypoint (root, minutes; TEST=Name runs one); results in bin/conformance
-	cd integration && DETOUR_CONFORMANCE=1 $(GO) test -p 1 -count=1 -v -timeout 40m -run '^TestMeshConformance$$$(if $(TEST),/^$(TEST)$$)' ./conformance/
+	cd integration && $(GO) test -p 1 -count=1 -v -timeout 40m -run '^TestMeshConformance$$$(if $(TEST),/^$(TEST)$$)' ./conformance/
 
 testbed: ## build and cache kube-apiserver, istiod and the node's kubelet, controller-manager, scheduler and kube-proxy for the test bed (minutes the first time, then instant)
 	cd integration && $(GO) run ./testbed/build

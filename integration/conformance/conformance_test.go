@@ -51,8 +51,8 @@ import (
 //
 // Run one test: make conformance TEST=MeshBasic.
 func TestMeshConformance(t *testing.T) {
-	if os.Getenv("DETOUR_CONFORMANCE") != "1" {
-		t.Skip("conformance: skipping: set DETOUR_CONFORMANCE=1 (make conformance) to run the Gateway API mesh conformance suite (minutes)")
+	if os.Getenv("DETOUR_CONFORMANCE") == "0" {
+		t.Skip("conformance: skipping: DETOUR_CONFORMANCE=0")
 	}
 	skipUnlessNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 35*time.Minute)
