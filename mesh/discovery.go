@@ -212,8 +212,8 @@ func (d *Discovery) Run(ctx context.Context) error {
 		ri.factory.Start(ctx.Done())
 		defer ri.factory.Shutdown()
 	}
-	uf, ul := d.unsupportedInformers(ctx, iopts, poke)
-	if uf != nil {
+	ufs, ul := d.unsupportedInformers(ctx, iopts, poke)
+	for _, uf := range ufs {
 		uf.Start(ctx.Done())
 		defer uf.Shutdown()
 	}
@@ -238,7 +238,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if err := ri.sync(ctx); err != nil {
 		return err
 	}
-	if uf != nil {
+	for _, uf := range ufs {
 		for typ, ok := range uf.WaitForCacheSync(ctx.Done()) {
 			if !ok {
 				return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))

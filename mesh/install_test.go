@@ -69,7 +69,7 @@ func newCluster(t *testing.T) *cluster {
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		gvrGateway: "GatewayList", gvrService: "ServiceList",
 		gvrVirtualService: "VirtualServiceList", gvrDestinationRule: "DestinationRuleList", gvrEnvoyFilter: "EnvoyFilterList",
-		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList"}, class, web)
+		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList", gvrTelemetry: "TelemetryList"}, class, web)
 	c.dyn.PrependReactor("*", "*", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		switch a := a.(type) {
 		case k8stesting.PatchAction:
@@ -287,7 +287,10 @@ func TestInstallMeshConfigAccess(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules, _ := json.Marshal(role.Object["rules"])
-	if want := `[{"apiGroups":[""],"resourceNames":["istio"],"resources":["configmaps"],"verbs":["get","list","watch"]}]`; string(rules) != want {
+	if want := `[{"apiGroups":[""],"resourceNames":["istio"],"resources":["configmaps"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["networking.istio.io"],"resources":["destinationrules","envoyfilters"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["extensions.istio.io"],"resources":["wasmplugins","trafficextensions"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["telemetry.istio.io"],"resources":["telemetries"],"verbs":["get","list","watch"]}]`; string(rules) != want {
 		t.Errorf("rules %s, want %s", rules, want)
 	}
 	rb, err := c.dyn.Resource(gvrRoleBinding).Namespace("istio-root").Get(context.Background(), "detour:shop:detour", metav1.GetOptions{})
@@ -339,6 +342,23 @@ func TestInstallRefusesUnsupportedConfig(t *testing.T) {
 	in.Force = true
 	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
 		t.Fatalf("install --bind svc/web --force: %v", err)
+	}
+}
+
+// A mesh-wide EnvoyFilter (no selector) in the mesh's root namespace refuses the bind: the check
+// reads the installer's root namespace, not istio-system whatever it is.
+func TestInstallRefusesRootNamespaceConfig(t *testing.T) {
+	c := newCluster(t)
+	ef := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+		"metadata": map[string]any{"name": "mesh-wide", "namespace": "istio-root"}, "spec": map[string]any{}}}
+	if err := c.dyn.Tracker().Create(gvrEnvoyFilter, ef, "istio-root"); err != nil {
+		t.Fatal(err)
+	}
+	in := c.installer()
+	in.RootNamespace = "istio-root"
+	err := in.Install(context.Background(), []Target{{Service: "web"}})
+	if err == nil || !strings.Contains(err.Error(), "EnvoyFilter istio-root/mesh-wide (on shop/web)") {
+		t.Fatalf("install --bind svc/web with a mesh-wide EnvoyFilter in the root namespace: %v", err)
 	}
 }
 

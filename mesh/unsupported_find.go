@@ -9,6 +9,7 @@ import (
 	extensionsv1alpha1 "istio.io/client-go/pkg/apis/extensions/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	telemetryv1 "istio.io/client-go/pkg/apis/telemetry/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -48,6 +49,9 @@ func FindUnsupported(ctx context.Context, client dynamic.Interface, ns, gateway,
 	if u.extensions, err = listKind[extensionsv1alpha1.TrafficExtension](ctx, client, gvrTrafficExtension, namespaces); err != nil {
 		return nil, err
 	}
+	if u.telemetries, err = listKind[telemetryv1.Telemetry](ctx, client, gvrTelemetry, namespaces); err != nil {
+		return nil, err
+	}
 	return applies{ns: ns, gateway: gateway, root: root, bound: services}.find(u)
 }
 
@@ -57,6 +61,7 @@ var (
 	gvrEnvoyFilter      = schema.GroupVersionResource{Group: "networking.istio.io", Version: "v1alpha3", Resource: "envoyfilters"}
 	gvrWasmPlugin       = schema.GroupVersionResource{Group: "extensions.istio.io", Version: "v1alpha1", Resource: "wasmplugins"}
 	gvrTrafficExtension = schema.GroupVersionResource{Group: "extensions.istio.io", Version: "v1alpha1", Resource: "trafficextensions"}
+	gvrTelemetry        = schema.GroupVersionResource{Group: "telemetry.istio.io", Version: "v1", Resource: "telemetries"}
 )
 
 // listKind lists one kind in namespaces, decoded into its Istio type (nil: the kind is not
