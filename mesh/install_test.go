@@ -69,7 +69,8 @@ func newCluster(t *testing.T) *cluster {
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		gvrGateway: "GatewayList", gvrService: "ServiceList",
 		gvrVirtualService: "VirtualServiceList", gvrDestinationRule: "DestinationRuleList", gvrEnvoyFilter: "EnvoyFilterList",
-		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList", gvrTelemetry: "TelemetryList"}, class, web)
+		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList", gvrTelemetry: "TelemetryList",
+		gvrRoute("httproutes"): "HTTPRouteList", gvrRoute("grpcroutes"): "GRPCRouteList", gvrRoute("tcproutes"): "TCPRouteList", gvrRoute("tlsroutes"): "TLSRouteList"}, class, web)
 	c.dyn.PrependReactor("*", "*", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		switch a := a.(type) {
 		case k8stesting.PatchAction:
@@ -387,5 +388,33 @@ func TestInstallGracePeriodCoversTheDrain(t *testing.T) {
 	d := cfg.Waypoint.Drain
 	if need := d.Period.Duration + d.Timeout.Duration + 5*time.Second; time.Duration(grace)*time.Second < need {
 		t.Fatalf("terminationGracePeriodSeconds %d < drain period %s + timeout %s + 5s", grace, d.Period, d.Timeout)
+	}
+}
+
+func gvrRoute(resource string) schema.GroupVersionResource {
+	return schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: resource}
+}
+
+// An HTTPRoute on the service to bind with a filter detour does not handle (ExtensionRef)
+// refuses the bind, naming the route and the field; --force binds anyway.
+func TestInstallRefusesUnsupportedRoute(t *testing.T) {
+	c := newCluster(t)
+	hr := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+		"metadata": map[string]any{"name": "ext", "namespace": "shop"},
+		"spec": map[string]any{"parentRefs": []any{map[string]any{"group": "", "kind": "Service", "name": "web"}},
+			"rules": []any{map[string]any{"filters": []any{map[string]any{"type": "ExtensionRef",
+				"extensionRef": map[string]any{"group": "example.com", "kind": "Thing", "name": "x"}}}}}}}}
+	if err := c.dyn.Tracker().Create(gvrRoute("httproutes"), hr, "shop"); err != nil {
+		t.Fatal(err)
+	}
+	in := c.installer()
+	err := in.Install(context.Background(), []Target{{Service: "web"}})
+	if err == nil || !strings.Contains(err.Error(), "HTTPRoute shop/ext (on shop/web): not applied") ||
+		!strings.Contains(err.Error(), "spec.rules[0].filters[0].extensionRef is not a field detour knows of Filter") {
+		t.Fatalf("install --bind svc/web with an ExtensionRef route: %v", err)
+	}
+	in.Force = true
+	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
+		t.Fatalf("install --bind svc/web --force: %v", err)
 	}
 }

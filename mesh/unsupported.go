@@ -49,6 +49,7 @@ type unsupportedListers struct {
 	wasmPlugins      func() ([]*extensionsv1alpha1.WasmPlugin, error)
 	extensions       func() ([]*extensionsv1alpha1.TrafficExtension, error)
 	telemetries      func() ([]*telemetryv1.Telemetry, error)
+	routes           func() []refusedRoute // the routes detour refuses (unsupported_routes.go)
 }
 
 // unsupportedInformers watches the kinds of Unsupported that the API server serves and this
@@ -210,6 +211,9 @@ func (a applies) find(u unsupportedListers) ([]Unsupported, error) {
 			}
 		}
 	}
+	if u.routes != nil {
+		a.routes(&out, u.routes())
+	}
 	slices.SortFunc(out, func(x, y Unsupported) int {
 		return cmp.Or(strings.Compare(x.Kind, y.Kind), strings.Compare(x.Namespace, y.Namespace), strings.Compare(x.Name, y.Name))
 	})
@@ -361,6 +365,29 @@ func (d *Discovery) reportUnsupported(list []Unsupported) {
 	if d.UnsupportedConfig != nil {
 		d.UnsupportedConfig(list)
 	}
+}
+
+// logRefused warns, once per route and reason, of the refused routes that apply to no bound
+// service (those that do are in reported, warned of by reportUnsupported): not applied either,
+// so never silent.
+func (d *Discovery) logRefused(refused []refusedRoute, reported []Unsupported) {
+	in := make(map[string]bool, len(reported))
+	for _, u := range reported {
+		in[u.Kind+" "+u.Namespace+"/"+u.Name] = true
+	}
+	seen := make(map[string]string, len(refused))
+	for _, r := range refused {
+		key := r.kind + " " + r.meta.Namespace + "/" + r.meta.Name
+		if in[key] {
+			continue
+		}
+		seen[key] = r.reason
+		if d.logged[key] != r.reason {
+			d.log().Warn(fmt.Sprintf("mesh: %s %s/%s not applied: %s", r.kind, r.meta.Namespace, r.meta.Name, r.reason),
+				"kind", r.kind, "namespace", r.meta.Namespace, "name", r.meta.Name)
+		}
+	}
+	d.logged = seen
 }
 
 // UnsupportedFor is what would be reported for service namespace/name were it bound to this

@@ -22,7 +22,8 @@ import (
 // gauge) once services are bound to it, asked before anything is bound: for `detour install
 // --bind` and `detour doctor`. It reads each kind once in the waypoint's namespace and in the
 // root namespace (where a mesh-wide EnvoyFilter, WasmPlugin or DestinationRule lives); a kind
-// the API server does not serve is skipped. A kind it may not read fails the check, naming it:
+// the API server does not serve is skipped. The Gateway API routes of the waypoint's namespace
+// that detour would refuse are read there too (refusedRoute). A kind it may not read fails the check, naming it:
 // a refusal that cannot see is no refusal.
 func FindUnsupported(ctx context.Context, client dynamic.Interface, ns, gateway, root string, services []*route.Service) ([]Unsupported, error) {
 	if root == "" {
@@ -52,6 +53,11 @@ func FindUnsupported(ctx context.Context, client dynamic.Interface, ns, gateway,
 	if u.telemetries, err = listKind[telemetryv1.Telemetry](ctx, client, gvrTelemetry, namespaces); err != nil {
 		return nil, err
 	}
+	refused, err := findRefusedRoutes(ctx, client, []string{ns}) // routes live with the services
+	if err != nil {
+		return nil, err
+	}
+	u.routes = func() []refusedRoute { return refused }
 	return applies{ns: ns, gateway: gateway, root: root, bound: services}.find(u)
 }
 
