@@ -248,6 +248,12 @@ func (d *Discovery) Run(ctx context.Context) error {
 			}
 		}
 	}
+	ul.routes = func() []refusedRoute {
+		if r := d.refused.Load(); r != nil {
+			return *r
+		}
+		return nil
+	}
 	l := listers{
 		namespace: func(name string) (*corev1.Namespace, error) { return nss.Lister().Get(name) },
 		services:  func() ([]*corev1.Service, error) { return svc.Lister().List(labels.Everything()) },
@@ -282,12 +288,6 @@ func (d *Discovery) Run(ctx context.Context) error {
 		tcpRoutes:   ri.tcp,
 		tlsRoutes:   ri.tls,
 		unsupported: ul,
-	}
-	ul.routes = func() []refusedRoute {
-		if r := d.refused.Load(); r != nil {
-			return *r
-		}
-		return nil
 	}
 	d.unsupListers.Store(&ul)
 	d.rebuild(l)
