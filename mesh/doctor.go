@@ -162,7 +162,7 @@ func (d *Doctor) checkUnsupported(ctx context.Context, add func(Finding)) {
 	default:
 		add(Finding{Check: "unsupported", Say: fmt.Sprintf("%d Istio object(s) that detour does not implement apply to %s, so traffic through detour differs from Istio's waypoint:%s",
 			len(found), d.Service, describeUnsupported(found)),
-			Fix: "move their intent to Gateway API routes and AuthorizationPolicies (which detour applies), or accept the difference (detour install --bind ... --force)"})
+			Fix: "move their intent to Gateway API routes and AuthorizationPolicies (which detour applies; for a route detour refuses, drop the field it names), or accept the difference (detour install --bind ... --force)"})
 	}
 }
 

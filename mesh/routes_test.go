@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"bytes"
+	"encoding/json"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -147,4 +148,22 @@ func TestRefusedRoutesReported(t *testing.T) {
 	if n := strings.Count(buf.String(), "level=WARN"); n != 3 || !strings.Contains(buf.String(), "HTTPRoute shop/other-sticky not applied: spec.rules[0].sessionPersistence") {
 		t.Errorf("%d warnings:\n%s", n, buf.String())
 	}
+}
+
+// Any HTTPRoute spec the gateway-api types decode converts or is refused with a reason; the
+// conversion (and unknownField's path search on refusal) never panics.
+func FuzzConvertHTTPRoute(f *testing.F) {
+	f.Add([]byte(`{"parentRefs":[{"name":"reviews"}],"rules":[{"sessionPersistence":{"sessionName":"s"}}]}`))
+	f.Add([]byte(`{"rules":[{"filters":[{"type":"ExtensionRef","extensionRef":{"group":"x","kind":"Y","name":"z"}}]}]}`))
+	f.Add([]byte(`{"rules":[{"backendRefs":[{"name":"v1","port":80,"weight":3}]}]}`))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		var spec gwv1.HTTPRouteSpec
+		if json.Unmarshal(doc, &spec) != nil {
+			return
+		}
+		var into httproute.HTTPRouteSpec
+		if err := convert(spec, &into); err != nil && err.Error() == "" {
+			t.Fatal("refused without a reason")
+		}
+	})
 }
