@@ -61,12 +61,12 @@ type unsupportedListers struct {
 func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler) ([]istioinformers.SharedInformerFactory, unsupportedListers) {
 	var u unsupportedListers
 	var out []istioinformers.SharedInformerFactory
-	if f, ok := d.unsupportedIn(ctx, d.Namespace, opts, handler, &u); ok {
+	if f, ok := d.unsupportedIn(ctx, d.Namespace, false, opts, handler, &u); ok {
 		out = append(out, f)
 	}
 	if root := d.rootNamespace(); d.Namespace != "" && root != d.Namespace {
 		ropts := []istioinformers.SharedInformerOption{istioinformers.WithNamespace(root)}
-		if f, ok := d.unsupportedIn(ctx, root, ropts, handler, &u); ok {
+		if f, ok := d.unsupportedIn(ctx, root, true, ropts, handler, &u); ok {
 			out = append(out, f)
 		}
 	}
@@ -74,8 +74,10 @@ func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinform
 }
 
 // unsupportedIn registers, on a factory for namespace ns ("" all), the informers of the kinds
-// it may read, adding their listers to u's (ok: at least one is watched).
-func (d *Discovery) unsupportedIn(ctx context.Context, ns string, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler, u *unsupportedListers) (istioinformers.SharedInformerFactory, bool) {
+// it may read, adding their listers to u's (ok: at least one is watched). In the root
+// namespace (root) VirtualServices are not watched: one there applies to no waypoint's service
+// (and the installed Role there does not read them).
+func (d *Discovery) unsupportedIn(ctx context.Context, ns string, root bool, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler, u *unsupportedListers) (istioinformers.SharedInformerFactory, bool) {
 	f := istioinformers.NewSharedInformerFactoryWithOptions(d.Istio, 0, opts...)
 	lo := metav1.ListOptions{Limit: 1}
 	watched := false
@@ -93,8 +95,10 @@ func (d *Discovery) unsupportedIn(ctx context.Context, ns string, opts []istioin
 		watched = true
 		return true
 	}
-	if _, err := d.Istio.NetworkingV1().VirtualServices(ns).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer) {
-		u.virtualServices = joinLists(u.virtualServices, f.Networking().V1().VirtualServices().Lister().List)
+	if !root {
+		if _, err := d.Istio.NetworkingV1().VirtualServices(ns).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer) {
+			u.virtualServices = joinLists(u.virtualServices, f.Networking().V1().VirtualServices().Lister().List)
+		}
 	}
 	if _, err := d.Istio.NetworkingV1().DestinationRules(ns).List(ctx, lo); readable("DestinationRule", err, f.Networking().V1().DestinationRules().Informer) {
 		u.destinationRules = joinLists(u.destinationRules, f.Networking().V1().DestinationRules().Lister().List)
