@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -416,5 +417,23 @@ func TestInstallRefusesUnsupportedRoute(t *testing.T) {
 	in.Force = true
 	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
 		t.Fatalf("install --bind svc/web --force: %v", err)
+	}
+}
+
+// doctor svc/NAME reads the root namespace it is given (--root-namespace): a mesh-wide
+// Telemetry with tracing there fails the unsupported check, naming it.
+func TestDoctorUnsupportedInRootNamespace(t *testing.T) {
+	c := newCluster(t)
+	tel := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+		"metadata": map[string]any{"name": "tracing", "namespace": "istio-root"}, "spec": map[string]any{"tracing": []any{map[string]any{}}}}}
+	if err := c.dyn.Tracker().Create(gvrTelemetry, tel, "istio-root"); err != nil {
+		t.Fatal(err)
+	}
+	d := &Doctor{Dynamic: c.dyn, Namespace: "shop", Service: "web", RootNamespace: "istio-root"}
+	var got []string
+	d.checkUnsupported(context.Background(), func(f Finding) { got = append(got, fmt.Sprint(f.OK, " ", f.Say)) })
+	if len(got) != 1 || !strings.HasPrefix(got[0], "false 1 Istio object(s)") ||
+		!strings.Contains(got[0], "Telemetry istio-root/tracing (on shop/web): tracing (the mesh's default provider) is not done") {
+		t.Errorf("findings: %q", got)
 	}
 }
