@@ -78,6 +78,8 @@ type Discovery struct {
 	http   atomic.Pointer[httproute.Table]
 	l4     atomic.Pointer[l4route.Table]
 	unsup  atomic.Pointer[[]Unsupported]
+	// refused are the last snapshot's routes detour does not apply (see refusedRoute).
+	refused atomic.Pointer[[]refusedRoute]
 	// unsupListers are Run's listers of the kinds reported as Unsupported, for UnsupportedFor.
 	unsupListers atomic.Pointer[unsupportedListers]
 	engine       atomic.Pointer[authz.Engine]
@@ -90,6 +92,7 @@ type Discovery struct {
 	meshSeen bool              // owned by Run
 	meshData string            // owned by Run
 	reported map[string]string // owned by Run: the Unsupported objects warned of, and their services
+	logged   map[string]string // owned by Run: the refused routes bound to no service warned of, and why
 }
 
 // Routes is the current route table (an empty one before the first sync).
@@ -212,8 +215,8 @@ func (d *Discovery) Run(ctx context.Context) error {
 		ri.factory.Start(ctx.Done())
 		defer ri.factory.Shutdown()
 	}
-	uf, ul := d.unsupportedInformers(ctx, iopts, poke)
-	if uf != nil {
+	ufs, ul := d.unsupportedInformers(ctx, iopts, poke)
+	for _, uf := range ufs {
 		uf.Start(ctx.Done())
 		defer uf.Shutdown()
 	}
@@ -238,12 +241,18 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if err := ri.sync(ctx); err != nil {
 		return err
 	}
-	if uf != nil {
+	for _, uf := range ufs {
 		for typ, ok := range uf.WaitForCacheSync(ctx.Done()) {
 			if !ok {
 				return errors.Join(ctx.Err(), fmt.Errorf("mesh: %v never synced", typ))
 			}
 		}
+	}
+	ul.routes = func() []refusedRoute {
+		if r := d.refused.Load(); r != nil {
+			return *r
+		}
+		return nil
 	}
 	l := listers{
 		namespace: func(name string) (*corev1.Namespace, error) { return nss.Lister().Get(name) },
@@ -334,20 +343,20 @@ func (d *Discovery) rebuild(l listers) {
 		d.log().Error("mesh: routes not updated", "err", err)
 	} else {
 		d.routes.Store(table)
-		if hr, err := d.compileRoutes(l, table); err != nil {
-			d.log().Error("mesh: HTTP routes not updated", "err", err)
+		if hr, lr, refused, err := d.compileRoutes(l, table); err != nil {
+			d.log().Error("mesh: routes not updated", "err", err)
 		} else {
 			d.http.Store(hr)
-		}
-		if lr, err := d.compileL4Routes(l, table); err != nil {
-			d.log().Error("mesh: TCP and TLS routes not updated", "err", err)
-		} else {
 			d.l4.Store(lr)
+			d.refused.Store(&refused)
 		}
 		if us, err := d.findUnsupported(l.unsupported, table); err != nil {
 			d.log().Error("mesh: unsupported Istio objects not updated", "err", err)
 		} else {
 			d.reportUnsupported(us)
+			if r := d.refused.Load(); r != nil {
+				d.logRefused(*r, us)
+			}
 		}
 	}
 	ps, err := l.policies()

@@ -41,6 +41,9 @@ type Doctor struct {
 	Ambientz string
 	// Version, if set, is the CLI's version, compared with the waypoint's (doctor_install.go).
 	Version string
+	// RootNamespace is istiod's root namespace, where mesh-wide Istio config lives (the
+	// unsupported check reads it); default istio-system.
+	RootNamespace string
 }
 
 var gvrGateway = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}
@@ -145,17 +148,21 @@ func (d *Doctor) checkBinding(ctx context.Context, nsLabels map[string]string, a
 // its waypoint (what the waypoint's detour_unsupported_config gauge would show).
 func (d *Doctor) checkUnsupported(ctx context.Context, add func(Finding)) {
 	svc := &route.Service{Namespace: d.Namespace, Name: d.Service, Hostname: d.Service + "." + d.Namespace + ".svc.cluster.local"}
-	found, err := FindUnsupported(ctx, d.Dynamic, d.Namespace, d.name(), "", []*route.Service{svc})
+	root := d.RootNamespace
+	if root == "" {
+		root = "istio-system"
+	}
+	found, err := FindUnsupported(ctx, d.Dynamic, d.Namespace, d.name(), root, []*route.Service{svc})
 	switch {
 	case err != nil:
 		add(Finding{Check: "unsupported", Say: "cannot look for Istio config detour does not implement: " + err.Error(),
-			Fix: "grant list on virtualservices, destinationrules, envoyfilters, wasmplugins and trafficextensions in " + d.Namespace + " and istio-system"})
+			Fix: "grant list on virtualservices, destinationrules, envoyfilters, wasmplugins, trafficextensions, telemetries and the Gateway API routes in " + d.Namespace + " and " + root})
 	case len(found) == 0:
-		add(Finding{Check: "unsupported", OK: true, Say: "no VirtualService, DestinationRule, EnvoyFilter or WasmPlugin applies to " + d.Service + " at the waypoint"})
+		add(Finding{Check: "unsupported", OK: true, Say: "no VirtualService, DestinationRule, EnvoyFilter, WasmPlugin, TrafficExtension, Telemetry beyond the defaults or route detour refuses applies to " + d.Service + " at the waypoint"})
 	default:
 		add(Finding{Check: "unsupported", Say: fmt.Sprintf("%d Istio object(s) that detour does not implement apply to %s, so traffic through detour differs from Istio's waypoint:%s",
 			len(found), d.Service, describeUnsupported(found)),
-			Fix: "move their intent to Gateway API routes and AuthorizationPolicies (which detour applies), or accept the difference (detour install --bind ... --force)"})
+			Fix: "move their intent to Gateway API routes and AuthorizationPolicies (which detour applies; for a route detour refuses, drop the field it names), or accept the difference (detour install --bind ... --force)"})
 	}
 }
 

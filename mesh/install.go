@@ -73,7 +73,8 @@ type Installer struct {
 	TakeOver bool
 	// Force binds targets that Istio config detour does not implement would apply to
 	// (FindUnsupported: VirtualServices, DestinationRules, EnvoyFilters, WasmPlugins,
-	// TrafficExtensions); without it Install refuses them, naming each object.
+	// TrafficExtensions, Telemetry beyond the defaults, routes detour refuses); without it
+	// Install refuses them, naming each object.
 	Force bool
 	// DryRun validates everything on the API server and changes nothing.
 	DryRun bool
@@ -185,6 +186,7 @@ discovery:
 				// waypoint that may not read them leaves them out, logged)
 				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"virtualservices", "destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},
 				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins", "trafficextensions"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"telemetry.istio.io"}, "resources": []any{"telemetries"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
 		{gvrRoleBinding, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(nil),
@@ -209,6 +211,10 @@ discovery:
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": rootMeta,
 			"rules": []any{
 				map[string]any{"apiGroups": []any{""}, "resources": []any{"configmaps"}, "resourceNames": []any{MeshConfigMap}, "verbs": []any{"get", "list", "watch"}},
+				// the mesh-wide Istio objects detour does not implement, reported when they apply
+				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"extensions.istio.io"}, "resources": []any{"wasmplugins", "trafficextensions"}, "verbs": []any{"get", "list", "watch"}},
+				map[string]any{"apiGroups": []any{"telemetry.istio.io"}, "resources": []any{"telemetries"}, "verbs": []any{"get", "list", "watch"}},
 			}}},
 		{gvrRoleBinding, map[string]any{
 			"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": rootMeta,
@@ -419,7 +425,7 @@ func (in *Installer) checkUnsupported(ctx context.Context, targets []Target) err
 			add(item.GetName())
 		}
 	}
-	found, err := FindUnsupported(ctx, in.Client, in.Namespace, in.name(), "", svcs)
+	found, err := FindUnsupported(ctx, in.Client, in.Namespace, in.name(), in.rootNamespace(), svcs)
 	if err != nil {
 		return fmt.Errorf("%w (pass --force to bind without this check)", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -69,7 +70,8 @@ func newCluster(t *testing.T) *cluster {
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		gvrGateway: "GatewayList", gvrService: "ServiceList",
 		gvrVirtualService: "VirtualServiceList", gvrDestinationRule: "DestinationRuleList", gvrEnvoyFilter: "EnvoyFilterList",
-		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList"}, class, web)
+		gvrWasmPlugin: "WasmPluginList", gvrTrafficExtension: "TrafficExtensionList", gvrTelemetry: "TelemetryList",
+		gvrRoute("httproutes"): "HTTPRouteList", gvrRoute("grpcroutes"): "GRPCRouteList", gvrRoute("tcproutes"): "TCPRouteList", gvrRoute("tlsroutes"): "TLSRouteList"}, class, web)
 	c.dyn.PrependReactor("*", "*", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		switch a := a.(type) {
 		case k8stesting.PatchAction:
@@ -287,7 +289,10 @@ func TestInstallMeshConfigAccess(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules, _ := json.Marshal(role.Object["rules"])
-	if want := `[{"apiGroups":[""],"resourceNames":["istio"],"resources":["configmaps"],"verbs":["get","list","watch"]}]`; string(rules) != want {
+	if want := `[{"apiGroups":[""],"resourceNames":["istio"],"resources":["configmaps"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["networking.istio.io"],"resources":["destinationrules","envoyfilters"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["extensions.istio.io"],"resources":["wasmplugins","trafficextensions"],"verbs":["get","list","watch"]},` +
+		`{"apiGroups":["telemetry.istio.io"],"resources":["telemetries"],"verbs":["get","list","watch"]}]`; string(rules) != want {
 		t.Errorf("rules %s, want %s", rules, want)
 	}
 	rb, err := c.dyn.Resource(gvrRoleBinding).Namespace("istio-root").Get(context.Background(), "detour:shop:detour", metav1.GetOptions{})
@@ -342,6 +347,23 @@ func TestInstallRefusesUnsupportedConfig(t *testing.T) {
 	}
 }
 
+// A mesh-wide EnvoyFilter (no selector) in the mesh's root namespace refuses the bind: the check
+// reads the installer's root namespace, not istio-system whatever it is.
+func TestInstallRefusesRootNamespaceConfig(t *testing.T) {
+	c := newCluster(t)
+	ef := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+		"metadata": map[string]any{"name": "mesh-wide", "namespace": "istio-root"}, "spec": map[string]any{}}}
+	if err := c.dyn.Tracker().Create(gvrEnvoyFilter, ef, "istio-root"); err != nil {
+		t.Fatal(err)
+	}
+	in := c.installer()
+	in.RootNamespace = "istio-root"
+	err := in.Install(context.Background(), []Target{{Service: "web"}})
+	if err == nil || !strings.Contains(err.Error(), "EnvoyFilter istio-root/mesh-wide (on shop/web)") {
+		t.Fatalf("install --bind svc/web with a mesh-wide EnvoyFilter in the root namespace: %v", err)
+	}
+}
+
 // The Deployment's grace period covers the drain its own config document asks for (the
 // document decoded as the waypoint decodes it, defaults included), with the 5s to spare.
 func TestInstallGracePeriodCoversTheDrain(t *testing.T) {
@@ -367,5 +389,51 @@ func TestInstallGracePeriodCoversTheDrain(t *testing.T) {
 	d := cfg.Waypoint.Drain
 	if need := d.Period.Duration + d.Timeout.Duration + 5*time.Second; time.Duration(grace)*time.Second < need {
 		t.Fatalf("terminationGracePeriodSeconds %d < drain period %s + timeout %s + 5s", grace, d.Period, d.Timeout)
+	}
+}
+
+func gvrRoute(resource string) schema.GroupVersionResource {
+	return schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: resource}
+}
+
+// An HTTPRoute on the service to bind with a filter detour does not handle (ExtensionRef)
+// refuses the bind, naming the route and the field; --force binds anyway.
+func TestInstallRefusesUnsupportedRoute(t *testing.T) {
+	c := newCluster(t)
+	hr := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+		"metadata": map[string]any{"name": "ext", "namespace": "shop"},
+		"spec": map[string]any{"parentRefs": []any{map[string]any{"group": "", "kind": "Service", "name": "web"}},
+			"rules": []any{map[string]any{"filters": []any{map[string]any{"type": "ExtensionRef",
+				"extensionRef": map[string]any{"group": "example.com", "kind": "Thing", "name": "x"}}}}}}}}
+	if err := c.dyn.Tracker().Create(gvrRoute("httproutes"), hr, "shop"); err != nil {
+		t.Fatal(err)
+	}
+	in := c.installer()
+	err := in.Install(context.Background(), []Target{{Service: "web"}})
+	if err == nil || !strings.Contains(err.Error(), "HTTPRoute shop/ext (on shop/web): not applied") ||
+		!strings.Contains(err.Error(), "spec.rules[0].filters[0].extensionRef is not a field detour knows of Filter") {
+		t.Fatalf("install --bind svc/web with an ExtensionRef route: %v", err)
+	}
+	in.Force = true
+	if err := in.Install(context.Background(), []Target{{Service: "web"}}); err != nil {
+		t.Fatalf("install --bind svc/web --force: %v", err)
+	}
+}
+
+// doctor svc/NAME reads the root namespace it is given (--root-namespace): a mesh-wide
+// Telemetry with tracing there fails the unsupported check, naming it.
+func TestDoctorUnsupportedInRootNamespace(t *testing.T) {
+	c := newCluster(t)
+	tel := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+		"metadata": map[string]any{"name": "tracing", "namespace": "istio-root"}, "spec": map[string]any{"tracing": []any{map[string]any{}}}}}
+	if err := c.dyn.Tracker().Create(gvrTelemetry, tel, "istio-root"); err != nil {
+		t.Fatal(err)
+	}
+	d := &Doctor{Dynamic: c.dyn, Namespace: "shop", Service: "web", RootNamespace: "istio-root"}
+	var got []string
+	d.checkUnsupported(context.Background(), func(f Finding) { got = append(got, fmt.Sprint(f.OK, " ", f.Say)) })
+	if len(got) != 1 || !strings.HasPrefix(got[0], "false 1 Istio object(s)") ||
+		!strings.Contains(got[0], "Telemetry istio-root/tracing (on shop/web): tracing (the mesh's default provider) is not done") {
+		t.Errorf("findings: %q", got)
 	}
 }

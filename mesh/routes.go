@@ -162,78 +162,37 @@ func (ri *routeInformers) sync(ctx context.Context) error {
 	return nil
 }
 
-// compileRoutes converts the watched routes into proxy/httproute's types and compiles them
-// against table. A route using a field detour does not implement is refused (logged, not
-// applied) rather than applied without it.
-func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Table, error) {
+// compileRoutes converts the watched routes into proxy/httproute's and proxy/l4route's types
+// and compiles them against table. A route using a field detour does not implement, or one
+// its compiler refuses, is left out whole rather than applied without it, and returned as
+// refused (reported by findUnsupported and logRefused).
+func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Table, *l4route.Table, []refusedRoute, error) {
 	hs, err := l.httpRoutes()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	gs, err := l.grpcRoutes()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
-	var hrs []*httproute.HTTPRoute
-	for _, h := range hs {
-		r, err := HTTPRoute(h)
-		if err != nil {
-			d.log().Warn("mesh: HTTPRoute not applied", "namespace", h.Namespace, "name", h.Name, "err", err)
-			continue
-		}
-		hrs = append(hrs, r)
-	}
-	var grs []*httproute.GRPCRoute
-	for _, g := range gs {
-		r, err := GRPCRoute(g)
-		if err != nil {
-			d.log().Warn("mesh: GRPCRoute not applied", "namespace", g.Namespace, "name", g.Name, "err", err)
-			continue
-		}
-		grs = append(grs, r)
-	}
-	t, err := httproute.Compile(table, hrs, grs)
-	if err != nil {
-		d.log().Warn("mesh: routes not applied", "err", err) // the others are
-	}
-	return t, nil
-}
-
-// compileL4Routes converts the watched TCPRoutes and TLSRoutes into proxy/l4route's types and
-// compiles them against table, refusing (logged, not applied) a route with a field detour does
-// not implement.
-func (d *Discovery) compileL4Routes(l listers, table *route.Table) (*l4route.Table, error) {
 	tcps, err := l.tcpRoutes()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	tlss, err := l.tlsRoutes()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
-	var trs []*l4route.TCPRoute
-	for _, o := range tcps {
-		r := &l4route.TCPRoute{Metadata: meta(o.meta.Namespace, o.meta.Name, o.meta.CreationTimestamp.Time)}
-		if err := convert(o.spec, &r.Spec); err != nil {
-			d.log().Warn("mesh: TCPRoute not applied", "namespace", o.meta.Namespace, "name", o.meta.Name, "err", err)
-			continue
+	c := convertRoutes(hs, gs, tcps, tlss)
+	ht, herr := httproute.Compile(table, c.http, c.grpc)
+	lt, lerr := l4route.Compile(table, c.tcp, c.tls)
+	refused := append(append(c.refused, refusedBy(herr, c.byKey)...), refusedBy(lerr, c.byKey)...)
+	for _, err := range []error{herr, lerr} {
+		if err != nil && len(refusedBy(err, c.byKey)) == 0 {
+			d.log().Warn("mesh: routes not applied", "err", err) // no route named: not reported otherwise
 		}
-		trs = append(trs, r)
 	}
-	var lrs []*l4route.TLSRoute
-	for _, o := range tlss {
-		r := &l4route.TLSRoute{Metadata: meta(o.meta.Namespace, o.meta.Name, o.meta.CreationTimestamp.Time)}
-		if err := convert(o.spec, &r.Spec); err != nil {
-			d.log().Warn("mesh: TLSRoute not applied", "namespace", o.meta.Namespace, "name", o.meta.Name, "err", err)
-			continue
-		}
-		lrs = append(lrs, r)
-	}
-	t, err := l4route.Compile(table, trs, lrs)
-	if err != nil {
-		d.log().Warn("mesh: routes not applied", "err", err) // the others are
-	}
-	return t, nil
+	return ht, lt, refused, nil
 }
 
 // HTTPRoute converts a gateway-api HTTPRoute into proxy/httproute's (see convert).
@@ -264,6 +223,9 @@ func convert(spec, into any) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(into); err != nil {
+		if f := unknownField(b, into); f != "" {
+			return fmt.Errorf("mesh: %s", f)
+		}
 		return fmt.Errorf("mesh: a field detour does not implement: %w", err)
 	}
 	return nil

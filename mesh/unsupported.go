@@ -11,6 +11,7 @@ import (
 	extensionsv1alpha1 "istio.io/client-go/pkg/apis/extensions/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	telemetryv1 "istio.io/client-go/pkg/apis/telemetry/v1"
 	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -47,14 +48,36 @@ type unsupportedListers struct {
 	envoyFilters     func() ([]*networkingv1alpha3.EnvoyFilter, error)
 	wasmPlugins      func() ([]*extensionsv1alpha1.WasmPlugin, error)
 	extensions       func() ([]*extensionsv1alpha1.TrafficExtension, error)
+	telemetries      func() ([]*telemetryv1.Telemetry, error)
+	routes           func() []refusedRoute // the routes detour refuses (unsupported_routes.go)
 }
 
 // unsupportedInformers watches the kinds of Unsupported that the API server serves and this
-// waypoint may read (checked with one list each first: an informer on a kind it may not list
-// would never sync, and discovery would never be ready). One it cannot read is logged once and
-// left out. The factory is nil when none is watched.
-func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler) (istioinformers.SharedInformerFactory, unsupportedListers) {
+// waypoint may read, in the namespace it discovers and, when that is one namespace, in the
+// mesh's root namespace too (where mesh-wide EnvoyFilters, WasmPlugins, DestinationRules and
+// Telemetry live). Each kind and namespace is checked with one list first: an informer on a kind
+// it may not list would never sync, and discovery would never be ready. One it cannot read is
+// logged once and left out. It returns the factories to start (none when nothing is watched).
+func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler) ([]istioinformers.SharedInformerFactory, unsupportedListers) {
 	var u unsupportedListers
+	var out []istioinformers.SharedInformerFactory
+	if f, ok := d.unsupportedIn(ctx, d.Namespace, false, opts, handler, &u); ok {
+		out = append(out, f)
+	}
+	if root := d.rootNamespace(); d.Namespace != "" && root != d.Namespace {
+		ropts := []istioinformers.SharedInformerOption{istioinformers.WithNamespace(root)}
+		if f, ok := d.unsupportedIn(ctx, root, true, ropts, handler, &u); ok {
+			out = append(out, f)
+		}
+	}
+	return out, u
+}
+
+// unsupportedIn registers, on a factory for namespace ns ("" all), the informers of the kinds
+// it may read, adding their listers to u's (ok: at least one is watched). In the root
+// namespace (root) VirtualServices are not watched: one there applies to no waypoint's service
+// (and the installed Role there does not read them).
+func (d *Discovery) unsupportedIn(ctx context.Context, ns string, root bool, opts []istioinformers.SharedInformerOption, handler cache.ResourceEventHandler, u *unsupportedListers) (istioinformers.SharedInformerFactory, bool) {
 	f := istioinformers.NewSharedInformerFactoryWithOptions(d.Istio, 0, opts...)
 	lo := metav1.ListOptions{Limit: 1}
 	watched := false
@@ -62,40 +85,56 @@ func (d *Discovery) unsupportedInformers(ctx context.Context, opts []istioinform
 	// registers the informer with the factory, whose sync would then wait for it).
 	readable := func(kind string, err error, informer func() cache.SharedIndexInformer) bool {
 		if err != nil {
-			d.log().Warn("mesh: cannot read "+kind+"s; those that would apply to bound services are not reported", "err", err)
+			d.log().Warn("mesh: cannot read "+kind+"s; those that would apply to bound services are not reported", "namespace", ns, "err", err)
 			return false
 		}
 		if _, err := informer().AddEventHandler(handler); err != nil {
-			d.log().Warn("mesh: cannot watch "+kind+"s", "err", err)
+			d.log().Warn("mesh: cannot watch "+kind+"s", "namespace", ns, "err", err)
 			return false
 		}
 		watched = true
 		return true
 	}
-	if _, err := d.Istio.NetworkingV1().VirtualServices(d.Namespace).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer) {
-		l := f.Networking().V1().VirtualServices().Lister()
-		u.virtualServices = func() ([]*networkingv1.VirtualService, error) { return l.List(labels.Everything()) }
+	if !root {
+		if _, err := d.Istio.NetworkingV1().VirtualServices(ns).List(ctx, lo); readable("VirtualService", err, f.Networking().V1().VirtualServices().Informer) {
+			u.virtualServices = joinLists(u.virtualServices, f.Networking().V1().VirtualServices().Lister().List)
+		}
 	}
-	if _, err := d.Istio.NetworkingV1().DestinationRules(d.Namespace).List(ctx, lo); readable("DestinationRule", err, f.Networking().V1().DestinationRules().Informer) {
-		l := f.Networking().V1().DestinationRules().Lister()
-		u.destinationRules = func() ([]*networkingv1.DestinationRule, error) { return l.List(labels.Everything()) }
+	if _, err := d.Istio.NetworkingV1().DestinationRules(ns).List(ctx, lo); readable("DestinationRule", err, f.Networking().V1().DestinationRules().Informer) {
+		u.destinationRules = joinLists(u.destinationRules, f.Networking().V1().DestinationRules().Lister().List)
 	}
-	if _, err := d.Istio.NetworkingV1alpha3().EnvoyFilters(d.Namespace).List(ctx, lo); readable("EnvoyFilter", err, f.Networking().V1alpha3().EnvoyFilters().Informer) {
-		l := f.Networking().V1alpha3().EnvoyFilters().Lister()
-		u.envoyFilters = func() ([]*networkingv1alpha3.EnvoyFilter, error) { return l.List(labels.Everything()) }
+	if _, err := d.Istio.NetworkingV1alpha3().EnvoyFilters(ns).List(ctx, lo); readable("EnvoyFilter", err, f.Networking().V1alpha3().EnvoyFilters().Informer) {
+		u.envoyFilters = joinLists(u.envoyFilters, f.Networking().V1alpha3().EnvoyFilters().Lister().List)
 	}
-	if _, err := d.Istio.ExtensionsV1alpha1().WasmPlugins(d.Namespace).List(ctx, lo); readable("WasmPlugin", err, f.Extensions().V1alpha1().WasmPlugins().Informer) {
-		l := f.Extensions().V1alpha1().WasmPlugins().Lister()
-		u.wasmPlugins = func() ([]*extensionsv1alpha1.WasmPlugin, error) { return l.List(labels.Everything()) }
+	if _, err := d.Istio.ExtensionsV1alpha1().WasmPlugins(ns).List(ctx, lo); readable("WasmPlugin", err, f.Extensions().V1alpha1().WasmPlugins().Informer) {
+		u.wasmPlugins = joinLists(u.wasmPlugins, f.Extensions().V1alpha1().WasmPlugins().Lister().List)
 	}
-	if _, err := d.Istio.ExtensionsV1alpha1().TrafficExtensions(d.Namespace).List(ctx, lo); readable("TrafficExtension", err, f.Extensions().V1alpha1().TrafficExtensions().Informer) {
-		l := f.Extensions().V1alpha1().TrafficExtensions().Lister()
-		u.extensions = func() ([]*extensionsv1alpha1.TrafficExtension, error) { return l.List(labels.Everything()) }
+	if _, err := d.Istio.ExtensionsV1alpha1().TrafficExtensions(ns).List(ctx, lo); readable("TrafficExtension", err, f.Extensions().V1alpha1().TrafficExtensions().Informer) {
+		u.extensions = joinLists(u.extensions, f.Extensions().V1alpha1().TrafficExtensions().Lister().List)
 	}
-	if !watched {
-		return nil, u
+	if _, err := d.Istio.TelemetryV1().Telemetries(ns).List(ctx, lo); readable("Telemetry", err, f.Telemetry().V1().Telemetries().Informer) {
+		u.telemetries = joinLists(u.telemetries, f.Telemetry().V1().Telemetries().Lister().List)
 	}
-	return f, u
+	return f, watched
+}
+
+// joinLists is a lister of prev's objects (nil: none) and then list's.
+func joinLists[T any](prev func() ([]*T, error), list func(labels.Selector) ([]*T, error)) func() ([]*T, error) {
+	return func() ([]*T, error) {
+		var out []*T
+		if prev != nil {
+			p, err := prev()
+			if err != nil {
+				return nil, err
+			}
+			out = p
+		}
+		l, err := list(labels.Everything())
+		if err != nil {
+			return nil, err
+		}
+		return append(slices.Clip(out), l...), nil
+	}
 }
 
 // findUnsupported lists, by kind, namespace and name, the objects of u that would apply to the
@@ -114,14 +153,7 @@ func (d *Discovery) findUnsupported(u unsupportedListers, table *route.Table) ([
 func (a applies) find(u unsupportedListers) ([]Unsupported, error) {
 	var out []Unsupported
 	add := func(kind string, m metav1.ObjectMeta, svcs []*route.Service) {
-		if len(svcs) == 0 {
-			return
-		}
-		names := make([]string, 0, len(svcs))
-		for _, s := range svcs {
-			names = append(names, s.Namespace+"/"+s.Name)
-		}
-		out = append(out, Unsupported{Kind: kind, Namespace: m.Namespace, Name: m.Name, Services: names, Differs: differs[kind]})
+		a.add(&out, kind, m, svcs, differs[kind])
 	}
 	if u.virtualServices != nil {
 		list, err := u.virtualServices()
@@ -172,10 +204,36 @@ func (a applies) find(u unsupportedListers) ([]Unsupported, error) {
 			add("TrafficExtension", o.ObjectMeta, a.proxyWide(o.Namespace, o.Spec.GetSelector().GetMatchLabels(), o.Spec.GetTargetRefs()))
 		}
 	}
+	if u.telemetries != nil {
+		list, err := u.telemetries()
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range list {
+			if what := telemetryDiffers(&o.Spec); what != "" {
+				a.add(&out, "Telemetry", o.ObjectMeta, a.proxyWide(o.Namespace, o.Spec.GetSelector().GetMatchLabels(), telemetryRefs(o)), what)
+			}
+		}
+	}
+	if u.routes != nil {
+		a.routes(&out, u.routes())
+	}
 	slices.SortFunc(out, func(x, y Unsupported) int {
 		return cmp.Or(strings.Compare(x.Kind, y.Kind), strings.Compare(x.Namespace, y.Namespace), strings.Compare(x.Name, y.Name))
 	})
 	return out, nil
+}
+
+// add appends kind m to out when it applies to svcs (none: nothing to report).
+func (applies) add(out *[]Unsupported, kind string, m metav1.ObjectMeta, svcs []*route.Service, differs string) {
+	if len(svcs) == 0 {
+		return
+	}
+	names := make([]string, 0, len(svcs))
+	for _, s := range svcs {
+		names = append(names, s.Namespace+"/"+s.Name)
+	}
+	*out = append(*out, Unsupported{Kind: kind, Namespace: m.Namespace, Name: m.Name, Services: names, Differs: differs})
 }
 
 // applies decides which bound services an object would apply to at Istio's waypoint.
@@ -311,6 +369,29 @@ func (d *Discovery) reportUnsupported(list []Unsupported) {
 	if d.UnsupportedConfig != nil {
 		d.UnsupportedConfig(list)
 	}
+}
+
+// logRefused warns, once per route and reason, of the refused routes that apply to no bound
+// service (those that do are in reported, warned of by reportUnsupported): not applied either,
+// so never silent.
+func (d *Discovery) logRefused(refused []refusedRoute, reported []Unsupported) {
+	in := make(map[string]bool, len(reported))
+	for _, u := range reported {
+		in[u.Kind+" "+u.Namespace+"/"+u.Name] = true
+	}
+	seen := make(map[string]string, len(refused))
+	for _, r := range refused {
+		key := r.kind + " " + r.meta.Namespace + "/" + r.meta.Name
+		if in[key] {
+			continue
+		}
+		seen[key] = r.reason
+		if d.logged[key] != r.reason {
+			d.log().Warn(fmt.Sprintf("mesh: %s %s/%s not applied: %s", r.kind, r.meta.Namespace, r.meta.Name, r.reason),
+				"kind", r.kind, "namespace", r.meta.Namespace, "name", r.meta.Name)
+		}
+	}
+	d.logged = seen
 }
 
 // UnsupportedFor is what would be reported for service namespace/name were it bound to this

@@ -9,6 +9,7 @@ import (
 	extensionsv1alpha1 "istio.io/client-go/pkg/apis/extensions/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	telemetryv1 "istio.io/client-go/pkg/apis/telemetry/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -21,7 +22,8 @@ import (
 // gauge) once services are bound to it, asked before anything is bound: for `detour install
 // --bind` and `detour doctor`. It reads each kind once in the waypoint's namespace and in the
 // root namespace (where a mesh-wide EnvoyFilter, WasmPlugin or DestinationRule lives); a kind
-// the API server does not serve is skipped. A kind it may not read fails the check, naming it:
+// the API server does not serve is skipped. The Gateway API routes of the waypoint's namespace
+// that detour would refuse are read there too (refusedRoute). A kind it may not read fails the check, naming it:
 // a refusal that cannot see is no refusal.
 func FindUnsupported(ctx context.Context, client dynamic.Interface, ns, gateway, root string, services []*route.Service) ([]Unsupported, error) {
 	if root == "" {
@@ -48,6 +50,14 @@ func FindUnsupported(ctx context.Context, client dynamic.Interface, ns, gateway,
 	if u.extensions, err = listKind[extensionsv1alpha1.TrafficExtension](ctx, client, gvrTrafficExtension, namespaces); err != nil {
 		return nil, err
 	}
+	if u.telemetries, err = listKind[telemetryv1.Telemetry](ctx, client, gvrTelemetry, namespaces); err != nil {
+		return nil, err
+	}
+	refused, err := findRefusedRoutes(ctx, client, []string{ns}) // routes live with the services
+	if err != nil {
+		return nil, err
+	}
+	u.routes = func() []refusedRoute { return refused }
 	return applies{ns: ns, gateway: gateway, root: root, bound: services}.find(u)
 }
 
@@ -57,6 +67,7 @@ var (
 	gvrEnvoyFilter      = schema.GroupVersionResource{Group: "networking.istio.io", Version: "v1alpha3", Resource: "envoyfilters"}
 	gvrWasmPlugin       = schema.GroupVersionResource{Group: "extensions.istio.io", Version: "v1alpha1", Resource: "wasmplugins"}
 	gvrTrafficExtension = schema.GroupVersionResource{Group: "extensions.istio.io", Version: "v1alpha1", Resource: "trafficextensions"}
+	gvrTelemetry        = schema.GroupVersionResource{Group: "telemetry.istio.io", Version: "v1", Resource: "telemetries"}
 )
 
 // listKind lists one kind in namespaces, decoded into its Istio type (nil: the kind is not

@@ -7,12 +7,16 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	extensionsapi "istio.io/api/extensions/v1alpha1"
 	networkingapi "istio.io/api/networking/v1alpha3"
+	telemetryapi "istio.io/api/telemetry/v1alpha1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 	extensionsv1alpha1 "istio.io/client-go/pkg/apis/extensions/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	telemetryv1 "istio.io/client-go/pkg/apis/telemetry/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/detour-mesh/detour/proxy/authz"
@@ -135,5 +139,53 @@ func TestFindUnsupported(t *testing.T) {
 	}
 	if calls != 3 || len(d.UnsupportedObjects()) != len(want) {
 		t.Errorf("callback called %d times, objects %d", calls, len(d.UnsupportedObjects()))
+	}
+}
+
+// Telemetry beyond the defaults (telemetryDiffers) that would apply to the waypoint is
+// reported with what is not done; one with only the defaults, or not applying, is not.
+func TestFindUnsupportedTelemetry(t *testing.T) {
+	table, err := route.NewTable([]*route.Service{{Namespace: "mesh", Name: "ratings", Hostname: "ratings.mesh.svc.cluster.local",
+		VIPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 96, 0, 2})}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel := func(ns, name string, spec *telemetryapi.Telemetry) *telemetryv1.Telemetry {
+		o := &telemetryv1.Telemetry{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+		proto.Merge(&o.Spec, spec)
+		return o
+	}
+	prom := []*telemetryapi.ProviderRef{{Name: "prometheus"}}
+	u := unsupportedListers{telemetries: func() ([]*telemetryv1.Telemetry, error) {
+		return []*telemetryv1.Telemetry{
+			tel("istio-system", "mesh-default", &telemetryapi.Telemetry{Metrics: []*telemetryapi.Metrics{{Providers: prom}}}),
+			tel("istio-system", "mesh-tracing", &telemetryapi.Telemetry{Tracing: []*telemetryapi.Tracing{{RandomSamplingPercentage: wrapperspb.Double(10)}}}),
+			tel("mesh", "no-spans", &telemetryapi.Telemetry{Tracing: []*telemetryapi.Tracing{{DisableSpanReporting: wrapperspb.Bool(true)}}}),
+			tel("mesh", "logs", &telemetryapi.Telemetry{AccessLogging: []*telemetryapi.AccessLogging{{Providers: []*telemetryapi.ProviderRef{{Name: "otel"}}}}}),
+			tel("mesh", "no-logs", &telemetryapi.Telemetry{AccessLogging: []*telemetryapi.AccessLogging{{Disabled: wrapperspb.Bool(true)}}}),
+			tel("mesh", "overrides", &telemetryapi.Telemetry{
+				TargetRefs: []*typev1beta1.PolicyTargetReference{{Kind: "Service", Name: "ratings"}},
+				Metrics:    []*telemetryapi.Metrics{{Providers: prom, Overrides: []*telemetryapi.MetricsOverrides{{Disabled: wrapperspb.Bool(true)}}}}}),
+			tel("mesh", "other-app", &telemetryapi.Telemetry{Selector: &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": "x"}},
+				Tracing: []*telemetryapi.Tracing{{}}}),
+			tel("elsewhere", "ns-wide", &telemetryapi.Telemetry{Tracing: []*telemetryapi.Tracing{{}}}),
+		}, nil
+	}}
+	d := &Discovery{Waypoint: authz.Waypoint{Namespace: "mesh", Gateway: "detour", RootNamespace: "istio-system"}}
+	got, err := d.findUnsupported(u, table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, o := range got {
+		lines = append(lines, o.Kind+" "+o.Namespace+"/"+o.Name+": "+o.Differs)
+	}
+	want := []string{
+		"Telemetry istio-system/mesh-tracing: tracing (the mesh's default provider) is not done (detour reports no spans)",
+		"Telemetry mesh/logs: access logging (otel) is not done (detour writes its own access log)",
+		"Telemetry mesh/overrides: metrics overrides not applied (detour exports Istio's standard metrics to Prometheus, labels unchanged)",
+	}
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Errorf("unsupported:\n%s\nwant\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
 	}
 }

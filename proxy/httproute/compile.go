@@ -79,7 +79,7 @@ func (c *compiler) httpRoute(hr *HTTPRoute) error {
 	for i := range hr.Spec.Rules {
 		rule, rms, err := c.httpRule(hr, i)
 		if err != nil {
-			return fmt.Errorf("httproute: %s: rules[%d]: %w", name, i, err)
+			return fmt.Errorf("httproute: %w", &RouteError{Kind: "HTTPRoute", Namespace: hr.Metadata.Namespace, Name: hr.Metadata.Name, Err: fmt.Errorf("rules[%d]: %w", i, err)})
 		}
 		rule.Route = fmt.Sprintf("%s#%d", name, i)
 		ms = append(ms, rms...)
@@ -96,7 +96,7 @@ func (c *compiler) grpcRoute(gr *GRPCRoute) error {
 	for i := range gr.Spec.Rules {
 		rule, rms, err := c.grpcRule(gr, i)
 		if err != nil {
-			return fmt.Errorf("httproute: %s: rules[%d]: %w", name, i, err)
+			return fmt.Errorf("httproute: %w", &RouteError{Kind: "GRPCRoute", Namespace: gr.Metadata.Namespace, Name: gr.Metadata.Name, Err: fmt.Errorf("rules[%d]: %w", i, err)})
 		}
 		rule.Route = fmt.Sprintf("%s#%d", name, i)
 		ms = append(ms, rms...)

@@ -1,6 +1,7 @@
 package httproute
 
 import (
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -192,6 +193,11 @@ func TestCompileErrors(t *testing.T) {
 		_, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, tc.doc)}, nil)
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("Compile(%s) = %v\nwant %s", tc.doc, err, tc.want)
+		}
+		// The refused route is named by kind, namespace and name (mesh reports it so).
+		var re *RouteError
+		if !errors.As(err, &re) || re.Kind != "HTTPRoute" || re.Namespace != "shop" || re.Name != "a" || !strings.HasPrefix(re.Err.Error(), "rules[0]: ") {
+			t.Errorf("Compile(%s): %#v is no RouteError naming HTTPRoute shop/a", tc.doc, err)
 		}
 	}
 }

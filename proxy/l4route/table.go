@@ -233,19 +233,22 @@ func (t *Table) add(svcs httproute.Services, order int, kind string, meta httpro
 		return fmt.Errorf("l4route: a %s needs metadata.name and metadata.namespace", kind)
 	}
 	name := kind + " " + meta.Namespace + "/" + meta.Name
+	refused := func(err error) error {
+		return fmt.Errorf("l4route: %w", &httproute.RouteError{Kind: kind, Namespace: meta.Namespace, Name: meta.Name, Err: err})
+	}
 	if len(rules) != 1 {
-		return fmt.Errorf("l4route: %s: has %d rules; a %s has exactly one (gateway.networking.k8s.io/v1), merge them into one rule's backendRefs", name, len(rules), kind)
+		return refused(fmt.Errorf("has %d rules; a %s has exactly one (gateway.networking.k8s.io/v1), merge them into one rule's backendRefs", len(rules), kind))
 	}
 	rule, err := compileRule(svcs, meta.Namespace, rules[0])
 	if err != nil {
-		return fmt.Errorf("l4route: %s: rules[0]: %w", name, err)
+		return refused(fmt.Errorf("rules[0]: %w", err))
 	}
 	rule.Route = name
 	var es []*entry
 	if kind == "TCPRoute" {
 		es = []*entry{{rule: rule, order: order}}
 	} else if es, err = tlsEntries(hosts, rule, order); err != nil {
-		return fmt.Errorf("l4route: %s: %w", name, err)
+		return refused(err)
 	}
 	t.attach(svcs, meta.Namespace, parents, kind == "TLSRoute", es)
 	return nil

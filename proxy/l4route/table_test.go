@@ -1,6 +1,7 @@
 package l4route
 
 import (
+	"errors"
 	"net/netip"
 	"strings"
 	"testing"
@@ -8,6 +9,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/detour-mesh/detour/proxy/httproute"
 	"github.com/detour-mesh/detour/proxy/route"
 )
 
@@ -236,6 +238,11 @@ func TestCompileErrors(t *testing.T) {
 		_, err := compile(t, tc.doc)
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("Compile(%s) = %v\nwant %s", tc.doc, err, tc.want)
+		}
+		// A refused route is named by kind, namespace and name (mesh reports it so).
+		var re *httproute.RouteError
+		if named := errors.As(err, &re); named != strings.Contains(tc.doc, "namespace: shop") {
+			t.Errorf("Compile(%s): %#v: RouteError %v", tc.doc, err, named)
 		}
 	}
 	// One bad route is left out; the others apply.

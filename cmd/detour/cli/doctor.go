@@ -36,7 +36,7 @@ func newDoctorCmd() *cobra.Command {
 			if k.namespace == "" {
 				return errors.New("--namespace is required")
 			}
-			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: authz.Principal(developer), Ambientz: ambientz, Version: Version}
+			d := &mesh.Doctor{Namespace: k.namespace, Name: k.name, Developer: authz.Principal(developer), Ambientz: ambientz, Version: Version, RootNamespace: k.rootNamespace}
 			if len(args) == 1 {
 				name, ok := strings.CutPrefix(args[0], "svc/")
 				if !ok || name == "" {
@@ -85,6 +85,7 @@ func newDoctorCmd() *cobra.Command {
 	}
 	k.register(cmd)
 	o.register(cmd)
+	cmd.Flags().StringVar(&k.rootNamespace, "root-namespace", "istio-system", "istiod's root namespace, where mesh-wide Istio config (EnvoyFilters, Telemetry, DestinationRules) is looked for")
 	cmd.Flags().StringVar(&k.kubeContext, "context", "", "the kubeconfig context to use (default: its current context)")
 	cmd.Flags().StringVar(&developer, "developer", "", "check that this SPIFFE ID may steal from the service")
 	cmd.Flags().StringVar(&ambientz, "istiod", "", "istiod's /debug/ambientz URL, to check what ztunnel is told")

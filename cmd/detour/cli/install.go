@@ -107,7 +107,7 @@ func newInstallCmd() *cobra.Command {
 	k.registerRoot(cmd)
 	cmd.Flags().StringArrayVar(&binds, "bind", nil, "bind namespace, or svc/NAME, to this waypoint (repeatable)")
 	cmd.Flags().BoolVar(&takeOver, "take-over", false, "replace another waypoint's binding (uninstall restores it)")
-	cmd.Flags().BoolVar(&force, "force", false, "bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin) applies")
+	cmd.Flags().BoolVar(&force, "force", false, "bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin, Telemetry, a route it refuses) applies")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "validate every object on the API server (server-side dry run), change nothing")
 	cmd.Flags().BoolVar(&print, "print", false, "print the manifests instead of applying them (no cluster needed)")
 	o.register(cmd)

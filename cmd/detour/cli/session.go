@@ -247,7 +247,7 @@ func newSessionCmd(mode string, log func() *slog.Logger) *cobra.Command {
 	fl.StringVar(&c.method, "method", "", "only requests with this method")
 	fl.DurationVar(&c.grace, "grace", devsession.DefaultGrace, "after a lost tunnel, how long to keep reconnecting to resume the session (the waypoint keeps it, its traffic going to the real service, at most its own grace); 0 ends the session with its tunnel")
 	fl.BoolVar(&c.bind, "bind", false, "bind the service to the waypoint for this session only (it must be unbound; reverted when the session ends, or by a lease if the waypoint dies)")
-	fl.BoolVar(&c.force, "force", false, "with --bind: bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin) applies to the service")
+	fl.BoolVar(&c.force, "force", false, "with --bind: bind even where Istio config detour does not implement (VirtualService, DestinationRule, EnvoyFilter, WasmPlugin, Telemetry, a route it refuses) applies to the service")
 	cmd.ValidArgsFunction = targetArg(&c.tunnel, &c.namespace)
 	completeKube(cmd, &c.tunnel)
 	return cmd
