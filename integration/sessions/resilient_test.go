@@ -397,7 +397,7 @@ func TestReplicaGone(t *testing.T) {
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
-	go func() { // 20 requests/s through replica B, every other one matched
+	wg.Go(func() { // 20 requests/s through replica B, every other one matched; wg.Wait waits for it too
 		tick := time.NewTicker(50 * time.Millisecond)
 		defer tick.Stop()
 		for i := 0; ; i++ {
@@ -420,7 +420,7 @@ func TestReplicaGone(t *testing.T) {
 				}
 			})
 		}
-	}()
+	})
 	time.Sleep(time.Second)
 	front.Point(b.tunnel)
 	a.waypoint.Process.Kill()
