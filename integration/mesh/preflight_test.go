@@ -66,10 +66,25 @@ func nothingLeft(t *testing.T, c *testbed.Cluster, ns string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = dyn.Resource(schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}).
-		Get(ctx, "debugsessions.detour.dev", metav1.GetOptions{})
-	if !apierrors.IsNotFound(err) {
-		t.Errorf("the DebugSession CRD left behind: %v", err)
+	// A deleted CRD goes when the API server's finalizer (customresourcecleanup) has removed its
+	// objects, a moment after the delete: it must be terminating at once and gone soon after.
+	crds := dyn.Resource(schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"})
+	wait, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for {
+		crd, err := crds.Get(wait, "debugsessions.detour.dev", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return
+		}
+		if err == nil && crd.GetDeletionTimestamp() == nil {
+			t.Errorf("the DebugSession CRD left behind, not being deleted")
+			return
+		}
+		if wait.Err() != nil {
+			t.Errorf("the DebugSession CRD still there 30 s after its delete: %v", err)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
