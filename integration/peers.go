@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -181,4 +182,40 @@ func serveIstioOn(t testing.TB, srv *http.Server, l net.Listener, tlsCfg *tls.Co
 // IstioDialer is Istio's Go HBONE client through proxy.
 func IstioDialer(p *PKI, proxy string) istiohbone.Dialer {
 	return istiohbone.NewDialer(istiohbone.Config{ProxyAddress: proxy, TLS: p.ClientTLS.Clone()})
+}
+
+// FreePort is a port number free on TCP on every ip a moment ago.
+func FreePort(t testing.TB, ips ...string) int {
+	t.Helper()
+	ls := ListenSamePort(t, ips)
+	for _, l := range ls {
+		l.Close()
+	}
+	return ls[0].Addr().(*net.TCPAddr).Port
+}
+
+// ListenSamePort listens on one port number on every ip (closed at the end of the test).
+func ListenSamePort(t testing.TB, ips []string) []net.Listener {
+	t.Helper()
+	for range 20 {
+		first := ListenAt(t, ips[0]+":0")
+		ls := []net.Listener{first}
+		port := strconv.Itoa(first.Addr().(*net.TCPAddr).Port)
+		for _, ip := range ips[1:] {
+			l, err := net.Listen("tcp", net.JoinHostPort(ip, port))
+			if err != nil {
+				break
+			}
+			t.Cleanup(func() { l.Close() })
+			ls = append(ls, l)
+		}
+		if len(ls) == len(ips) {
+			return ls
+		}
+		for _, l := range ls {
+			l.Close()
+		}
+	}
+	t.Fatalf("no port free on all of %v", ips)
+	return nil
 }

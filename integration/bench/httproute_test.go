@@ -61,13 +61,7 @@ func BenchmarkHTTPRoutes(b *testing.B) {
 	for _, name := range []string{"none", "100-rules"} {
 		b.Run(name, func(b *testing.B) {
 			p := it.NewPKI(b)
-			issue := func(id string) identity.Source {
-				svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-			}
+			issue := func(id string) identity.Source { return p.Source(b, id) }
 			bl, err := net.Listen("tcp", "127.0.0.2:0")
 			if err != nil {
 				b.Fatal(err)

@@ -38,13 +38,7 @@ type sessionBed struct {
 
 func newSessionBed(b *testing.B, targetPort int) *sessionBed {
 	p := it.NewPKI(b)
-	issue := func(id string) identity.Source {
-		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-	}
+	issue := func(id string) identity.Source { return p.Source(b, id) }
 	bl, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {
 		b.Fatal(err)

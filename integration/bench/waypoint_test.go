@@ -42,13 +42,7 @@ func newWaypointBed(b *testing.B, sinkPort int) *waypointBed {
 // Forwarder to sinkPort.
 func newWaypointBedWith(b *testing.B, sinkPort int, backend hbone.Handler) *waypointBed {
 	p := it.NewPKI(b)
-	issue := func(id string) identity.Source {
-		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-	}
+	issue := func(id string) identity.Source { return p.Source(b, id) }
 	backendID := issue("spiffe://cluster.local/ns/demo/sa/echo")
 	bl, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {

@@ -85,8 +85,8 @@ func newBed(t *testing.T, o bedOptions) *bed {
 	if b.ca, err = devca.Init(filepath.Join(b.dir, "ca"), trustDomain); err != nil {
 		t.Fatal(err)
 	}
-	b.port = freePort(t, append([]string{selfIP, "127.0.0.4"}, podIPs...)...)
-	hl, tl := listenSamePort(t, podIPs), listenSamePort(t, podIPs)
+	b.port = it.FreePort(t, append([]string{selfIP, "127.0.0.4"}, podIPs...)...)
+	hl, tl := it.ListenSamePort(t, podIPs), it.ListenSamePort(t, podIPs)
 	b.httpPort, b.tcpPort = hl[0].Addr().(*net.TCPAddr).Port, tl[0].Addr().(*net.TCPAddr).Port
 	for i, ip := range podIPs {
 		p := &pod{name: fmt.Sprintf("pod%d", i+2), ip: ip}
@@ -248,40 +248,6 @@ func httpApp(t *testing.T, l net.Listener, name string) {
 	done := make(chan struct{})
 	go func() { srv.Serve(l); close(done) }()
 	t.Cleanup(func() { srv.Close(); <-done })
-}
-
-// freePort is a port number free on TCP on every ip a moment ago.
-func freePort(t *testing.T, ips ...string) int {
-	ls := listenSamePort(t, ips)
-	for _, l := range ls {
-		l.Close()
-	}
-	return ls[0].Addr().(*net.TCPAddr).Port
-}
-
-// listenSamePort listens on one port number on every ip (closed at the end of the test).
-func listenSamePort(t *testing.T, ips []string) []net.Listener {
-	for range 20 {
-		first := it.ListenAt(t, ips[0]+":0")
-		ls := []net.Listener{first}
-		port := strconv.Itoa(first.Addr().(*net.TCPAddr).Port)
-		for _, ip := range ips[1:] {
-			l, err := net.Listen("tcp", net.JoinHostPort(ip, port))
-			if err != nil {
-				break
-			}
-			t.Cleanup(func() { l.Close() })
-			ls = append(ls, l)
-		}
-		if len(ls) == len(ips) {
-			return ls
-		}
-		for _, l := range ls {
-			l.Close()
-		}
-	}
-	t.Fatalf("no port free on all of %v", ips)
-	return nil
 }
 
 // waitListening waits until addr accepts connections, or p exits.

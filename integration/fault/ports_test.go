@@ -22,7 +22,7 @@ func TestPortTaken(t *testing.T) {
 	} {
 		t.Run(tc.name+"-"+tc.network, func(t *testing.T) {
 			b := newBed(t, bedOptions{})
-			taken := fmt.Sprintf("127.0.0.1:%d", freePort(t, "127.0.0.1"))
+			taken := fmt.Sprintf("127.0.0.1:%d", it.FreePort(t, "127.0.0.1"))
 			if tc.network == "tcp" {
 				it.ListenAt(t, taken)
 			} else {

@@ -74,13 +74,8 @@ var pods = []struct {
 
 func newBed(t *testing.T) *bed {
 	b := &bed{pki: it.NewPKI(t), vips: map[string]netip.Addr{}}
-	podID := issue(t, b.pki, "spiffe://cluster.local/ns/"+suite.MeshNamespace+"/sa/default")
-	probe, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.hbone = probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
+	podID := b.pki.Source(t, "spiffe://cluster.local/ns/"+suite.MeshNamespace+"/sa/default")
+	b.hbone = it.FreePort(t, "127.0.0.2")
 	for _, p := range pods {
 		l, err := net.Listen("tcp", net.JoinHostPort(p.ip, strconv.Itoa(b.hbone)))
 		if err != nil {
@@ -129,14 +124,6 @@ func newBed(t *testing.T) *bed {
 		t.Fatalf("mesh/manifests.yaml gave services %v, want echo, echo-v1, echo-v2", b.vips)
 	}
 	return b
-}
-
-func issue(t *testing.T, p *it.PKI, id string) identity.Source {
-	svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
 }
 
 // docs splits a multi-document YAML file of the conformance module.
@@ -208,7 +195,7 @@ func (b *bed) waypointDial(t *testing.T, manifests []string) (*nethttp.Client, f
 	onward := &hbone.Dialer{Logger: quiet}
 	t.Cleanup(func() { onward.Close() })
 	wp := it.DetourServer(t, b.pki, &waypoint.Handler{Routes: func() *route.Table { return table }, Balancer: &route.Balancer{},
-		Identity: issue(t, b.pki, it.ServerID), Dialer: onward, HBONEPort: uint16(b.hbone), Logger: quiet,
+		Identity: b.pki.Source(t, it.ServerID), Dialer: onward, HBONEPort: uint16(b.hbone), Logger: quiet,
 		HTTPRoutes: func() *httproute.Table { return routes }})
 	d := it.IstioDialer(b.pki, wp.Addr().String())
 	var p nethttp.Protocols

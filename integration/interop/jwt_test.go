@@ -55,19 +55,8 @@ func newJWTBed(t *testing.T, samplesJWKS string) *jwtBed {
 	it.QuietIstio()
 	p := it.NewPKI(t)
 	quiet := slog.New(slog.DiscardHandler)
-	issue := func(id string) identity.Source {
-		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-	}
-	probe, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hbonePort := probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
+	issue := func(id string) identity.Source { return p.Source(t, id) }
+	hbonePort := it.FreePort(t, "127.0.0.2")
 	hl, err := net.Listen("tcp", net.JoinHostPort("127.0.0.2", strconv.Itoa(hbonePort)))
 	if err != nil {
 		t.Skipf("port %d not free on 127.0.0.2: %v", hbonePort, err)

@@ -4,12 +4,10 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
@@ -50,19 +48,8 @@ func TestIstioL4RoutesThroughDetourWaypoint(t *testing.T) {
 	it.QuietIstio()
 	p := it.NewPKI(t)
 	quiet := slog.New(slog.DiscardHandler)
-	issue := func(id string) identity.Source {
-		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-	}
-	probe, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hbonePort := probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
+	issue := func(id string) identity.Source { return p.Source(t, id) }
+	hbonePort := it.FreePort(t, "127.0.0.2")
 	cert, pool := selfSigned(t, "web.example.com")
 	seen := &pods{hits: map[string]int{}}
 	podID := issue("spiffe://cluster.local/ns/demo/sa/web")

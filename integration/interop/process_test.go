@@ -68,12 +68,7 @@ func newProcBed(t *testing.T, samplesJWKS string) *procBed {
 	if b.ca, err = devca.Init(b.caDir, "cluster.local"); err != nil {
 		t.Fatal(err)
 	}
-	probe, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.port = probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
+	b.port = it.FreePort(t, "127.0.0.2")
 	hl, err := net.Listen("tcp", net.JoinHostPort("127.0.0.2", strconv.Itoa(b.port)))
 	if err != nil {
 		t.Skipf("port %d not free on 127.0.0.2: %v", b.port, err)

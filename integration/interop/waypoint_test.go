@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/detour-mesh/detour/hbone"
 	"github.com/detour-mesh/detour/identity"
@@ -24,19 +23,8 @@ import (
 func TestIstioThroughDetourWaypoint(t *testing.T) {
 	p := it.NewPKI(t)
 	quiet := slog.New(slog.DiscardHandler)
-	issue := func(id string) identity.Source {
-		svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
-	}
-	probe, err := net.Listen("tcp", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := probe.Addr().(*net.TCPAddr).Port
-	probe.Close()
+	issue := func(id string) identity.Source { return p.Source(t, id) }
+	port := it.FreePort(t, "127.0.0.2")
 	backend := issue("spiffe://cluster.local/ns/demo/sa/echo")
 	var eps []route.Endpoint
 	hits := map[string]*it.CountingListener{}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/detour-mesh/detour/identity"
 	"github.com/detour-mesh/detour/identity/devca"
 )
 
@@ -37,4 +38,15 @@ func NewPair(t testing.TB, serverID, clientID string) *Pair {
 		t.Fatal(err)
 	}
 	return &Pair{CA: ca, ServerTLS: ca.ServerTLS(srv), ClientTLS: ca.ClientTLS(cli, spiffeid.RequireFromString(serverID))}
+}
+
+// Source issues id (a SPIFFE ID in cluster.local) from the pair's CA, with no expiry of its own,
+// as a static identity source trusting the CA; it fails t on any error.
+func (p *Pair) Source(t testing.TB, id string) identity.Source {
+	t.Helper()
+	svid, err := p.CA.Issue(id, time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return identity.Static(&identity.Identity{SVID: svid, Bundle: p.CA.Bundle()})
 }
