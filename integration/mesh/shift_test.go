@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -248,8 +249,9 @@ type shiftResult struct {
 
 // httpShift sends the HTTP load and moves HTTPRoute split from 100/0 to 0/100 under it.
 func (b *shiftBed) httpShift(t *testing.T) {
-	fresh := b.transport(true)
-	kept := b.transport(false)
+	var keptDials atomic.Int64
+	fresh := b.transport(true, nil)
+	kept := b.transport(false, &keptDials)
 	defer kept.CloseIdleConnections()
 	for _, tr := range []*http.Transport{fresh, kept} { // the bed works before the load
 		if r := b.get(tr); r.err != nil || r.version != "reviews-v1" {
@@ -278,7 +280,8 @@ func (b *shiftBed) httpShift(t *testing.T) {
 		_, err = b.gc.GatewayV1().HTTPRoutes(b.ns).Update(ctx, hr, metav1.UpdateOptions{})
 		return err
 	})
-	l.check(t, "HTTPRoute", l.Wait(), shiftRequests, updated)
+	l.check(t, "HTTPRoute", "requests", l.Wait(), shiftRequests, updated)
+	t.Logf("HTTPRoute: the %d kept-alive requests (and 1 before the load) went over %d connections", shiftRequests/2, keptDials.Load())
 }
 
 // tcpShift sends the TCP load and moves TCPRoute split from 100/0 to 0/100 under it.
@@ -305,7 +308,7 @@ func (b *shiftBed) tcpShift(t *testing.T) {
 		_, err = b.gc.GatewayV1().TCPRoutes(b.ns).Update(ctx, tr, metav1.UpdateOptions{})
 		return err
 	})
-	l.check(t, "TCPRoute", l.Wait(), shiftConns, updated)
+	l.check(t, "TCPRoute", "connections", l.Wait(), shiftConns, updated)
 }
 
 // shift waits for the load's request At, updates the route on the API server (update, retried
@@ -341,7 +344,7 @@ func (b *shiftBed) shift(t *testing.T, l *shiftLoad, takes func() bool, update f
 }
 
 // check classifies every sample against the update's write and the waypoint taking it.
-func (l *shiftLoad) check(t *testing.T, kind string, samples []it.Sample[shiftResult], want int, updated time.Time) {
+func (l *shiftLoad) check(t *testing.T, kind, noun string, samples []it.Sample[shiftResult], want int, updated time.Time) {
 	t.Helper()
 	ta := it.Tally{Counts: map[string]int{}}
 	var firstV2, lastV1 time.Duration
@@ -377,8 +380,8 @@ func (l *shiftLoad) check(t *testing.T, kind string, samples []it.Sample[shiftRe
 			lastV1, seenV1 = at, true
 		}
 	}
-	t.Logf("%s: %d requests; from the update's return: first started at v2 %v, last started at v1 %v; %d failed or misrouted:\n%s",
-		kind, len(samples), firstV2.Round(time.Millisecond), lastV1.Round(time.Millisecond), len(ta.Failures), ta.Lines(24))
+	t.Logf("%s: %d %s; from the update's return: first started at v2 %v, last started at v1 %v; %d failed or misrouted:\n%s",
+		kind, len(samples), noun, firstV2.Round(time.Millisecond), lastV1.Round(time.Millisecond), len(ta.Failures), ta.Lines(24))
 	if len(samples) != want {
 		t.Errorf("%s: %d results, want %d", kind, len(samples), want)
 	}
@@ -397,9 +400,13 @@ func (l *shiftLoad) check(t *testing.T, kind string, samples []it.Sample[shiftRe
 }
 
 // transport sends HTTP to reviews through the waypoint, each connection an HBONE stream as
-// ztunnel opens one per client connection; fresh: one connection per request.
-func (b *shiftBed) transport(fresh bool) *http.Transport {
+// ztunnel opens one per client connection; fresh: one connection per request. dials, if set,
+// counts the connections.
+func (b *shiftBed) transport(fresh bool, dials *atomic.Int64) *http.Transport {
 	return &http.Transport{DisableKeepAlives: fresh, MaxIdleConnsPerHost: 16, DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		if dials != nil {
+			dials.Add(1)
+		}
 		return b.z.Dial(ctx, b.wp, b.wpID, net.JoinHostPort(b.vip, "80"), netip.MustParseAddrPort("127.0.0.1:41234"))
 	}}
 }
