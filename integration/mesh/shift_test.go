@@ -347,8 +347,7 @@ func (b *shiftBed) shift(t *testing.T, l *shiftLoad, takes func() bool, update f
 func (l *shiftLoad) check(t *testing.T, kind, noun string, samples []it.Sample[shiftResult], want int, updated time.Time) {
 	t.Helper()
 	ta := it.Tally{Counts: map[string]int{}}
-	var firstV2, lastV1 time.Duration
-	seenV2, seenV1 := false, false
+	var firstV2, lastV1 *time.Duration // from the update's return to the request's start
 	for _, sm := range samples {
 		r := sm.Result
 		phase := "during" // the update: either version is right
@@ -373,15 +372,15 @@ func (l *shiftLoad) check(t *testing.T, kind, noun string, samples []it.Sample[s
 			ta.Failures = append(ta.Failures, fmt.Sprintf("%s, started after the waypoint took the update, answered by %s", conn, r.version))
 		}
 		at := r.started.Sub(updated)
-		if r.version == "reviews-v2" && (!seenV2 || at < firstV2) {
-			firstV2, seenV2 = at, true
+		if r.version == "reviews-v2" && (firstV2 == nil || at < *firstV2) {
+			firstV2 = &at
 		}
-		if r.version == "reviews-v1" && (!seenV1 || at > lastV1) {
-			lastV1, seenV1 = at, true
+		if r.version == "reviews-v1" && (lastV1 == nil || at > *lastV1) {
+			lastV1 = &at
 		}
 	}
 	t.Logf("%s: %d %s; from the update's return: first started at v2 %v, last started at v1 %v; %d failed or misrouted:\n%s",
-		kind, len(samples), noun, firstV2.Round(time.Millisecond), lastV1.Round(time.Millisecond), len(ta.Failures), ta.Lines(24))
+		kind, len(samples), noun, since(firstV2), since(lastV1), len(ta.Failures), ta.Lines(24))
 	if len(samples) != want {
 		t.Errorf("%s: %d results, want %d", kind, len(samples), want)
 	}
@@ -397,6 +396,14 @@ func (l *shiftLoad) check(t *testing.T, kind, noun string, samples []it.Sample[s
 			t.Errorf("%s: no request %s the update: the load did not cover it", kind, k)
 		}
 	}
+}
+
+// since prints a logged time, "none" when nil.
+func since(d *time.Duration) string {
+	if d == nil {
+		return "none"
+	}
+	return d.Round(time.Millisecond).String()
 }
 
 // transport sends HTTP to reviews through the waypoint, each connection an HBONE stream as
