@@ -212,11 +212,13 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	gateway := d.gatewayLister(ctx, ri, poke) // before the factory starts
 	if ri.factory != nil {
 		ri.factory.Start(ctx.Done())
 		defer ri.factory.Shutdown()
 	}
 	ufs, ul := d.unsupportedInformers(ctx, iopts, poke)
+	ul.gateway = gateway
 	for _, uf := range ufs {
 		uf.Start(ctx.Done())
 		defer uf.Shutdown()

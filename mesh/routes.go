@@ -40,6 +40,7 @@ type routeInformers struct {
 	grpc    func() ([]*gwv1.GRPCRoute, error)
 	tcp     func() ([]l4Object, error)
 	tls     func() ([]l4Object, error)
+	served  map[string]bool // the kinds gatewayGroupVersion serves
 }
 
 // l4Object is a TCPRoute or TLSRoute of either version, converted in compileL4Routes.
@@ -70,6 +71,7 @@ func (d *Discovery) routeInformers(handler cache.ResourceEventHandler) (*routeIn
 		return ri, nil
 	}
 	served := servedKinds(d, gatewayGroupVersion)
+	ri.served = served
 	var opts []gwinformers.SharedInformerOption
 	if d.Namespace != "" {
 		opts = append(opts, gwinformers.WithNamespace(d.Namespace))
