@@ -93,6 +93,7 @@ type Discovery struct {
 	meshData string            // owned by Run
 	reported map[string]string // owned by Run: the Unsupported objects warned of, and their services
 	logged   map[string]string // owned by Run: the refused routes bound to no service warned of, and why
+	scoped   map[string]bool   // owned by Run: the routes out of this waypoint's scope logged (logOutOfScope)
 }
 
 // Routes is the current route table (an empty one before the first sync).
@@ -211,11 +212,13 @@ func (d *Discovery) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	gateway := d.gatewayLister(ctx, ri, poke) // before the factory starts
 	if ri.factory != nil {
 		ri.factory.Start(ctx.Done())
 		defer ri.factory.Shutdown()
 	}
 	ufs, ul := d.unsupportedInformers(ctx, iopts, poke)
+	ul.gateway = gateway
 	for _, uf := range ufs {
 		uf.Start(ctx.Done())
 		defer uf.Shutdown()

@@ -10,9 +10,11 @@ import (
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/detour-mesh/detour/proxy/authz"
 	"github.com/detour-mesh/detour/proxy/route"
@@ -88,6 +90,9 @@ func (d *Doctor) Check(ctx context.Context) ([]Finding, error) {
 	default:
 		add(Finding{Check: "gateway", OK: true, Say: "Gateway " + d.Namespace + "/" + d.name() + " is Programmed"})
 	}
+	if err == nil {
+		d.checkScope(gw.Object, add)
+	}
 
 	// The waypoint Service has a ready endpoint.
 	slices, err := d.Kube.DiscoveryV1().EndpointSlices(d.Namespace).List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=" + d.name()})
@@ -119,6 +124,19 @@ func (d *Doctor) Check(ctx context.Context) ([]Finding, error) {
 		}
 	}
 	return out, nil
+}
+
+// checkScope: the Gateway admits only its own namespace's services, those the installed
+// waypoint (discovering its namespace only, as detour install writes it) sees (scope.go).
+func (d *Doctor) checkScope(obj map[string]any, add func(Finding)) {
+	var gw gwv1.Gateway
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj, &gw); err != nil {
+		return // the gateway check reported what is wrong with it
+	}
+	if what := admitsOthers(&gw, d.Namespace); what != "" {
+		add(Finding{Check: "scope", Say: "Gateway " + d.Namespace + "/" + d.name() + ": " + what,
+			Fix: "kubectl -n " + d.Namespace + " edit gateway " + d.name() + " (remove the mesh listener's allowedRoutes)"})
+	}
 }
 
 // checkBinding: the service (or its namespace) uses this waypoint.

@@ -182,6 +182,9 @@ discovery:
 				// the routes a waypoint applies (Discovery waits for their informers to sync: without
 				// these a cluster serving the Gateway API would never make the waypoint ready)
 				map[string]any{"apiGroups": []any{"gateway.networking.k8s.io"}, "resources": []any{"httproutes", "grpcroutes", "tcproutes", "tlsroutes"}, "verbs": []any{"get", "list", "watch"}},
+				// its own Gateway: whether it admits services of other namespaces, which this
+				// one-namespace waypoint cannot see (reported as unsupported, scope.go)
+				map[string]any{"apiGroups": []any{"gateway.networking.k8s.io"}, "resources": []any{"gateways"}, "verbs": []any{"get", "list", "watch"}},
 				// the Istio objects detour does not implement, reported when they would apply (a
 				// waypoint that may not read them leaves them out, logged)
 				map[string]any{"apiGroups": []any{"networking.istio.io"}, "resources": []any{"virtualservices", "destinationrules", "envoyfilters"}, "verbs": []any{"get", "list", "watch"}},

@@ -40,6 +40,7 @@ type routeInformers struct {
 	grpc    func() ([]*gwv1.GRPCRoute, error)
 	tcp     func() ([]l4Object, error)
 	tls     func() ([]l4Object, error)
+	served  map[string]bool // the kinds gatewayGroupVersion serves
 }
 
 // l4Object is a TCPRoute or TLSRoute of either version, converted in compileL4Routes.
@@ -70,6 +71,7 @@ func (d *Discovery) routeInformers(handler cache.ResourceEventHandler) (*routeIn
 		return ri, nil
 	}
 	served := servedKinds(d, gatewayGroupVersion)
+	ri.served = served
 	var opts []gwinformers.SharedInformerOption
 	if d.Namespace != "" {
 		opts = append(opts, gwinformers.WithNamespace(d.Namespace))
@@ -184,8 +186,9 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 		return nil, nil, nil, err
 	}
 	c := convertRoutes(hs, gs, tcps, tlss)
-	ht, herr := httproute.Compile(table, c.http, c.grpc)
-	lt, lerr := l4route.Compile(table, c.tcp, c.tls)
+	ht, herr := httproute.Compile(table, d.Waypoint.Namespace, c.http, c.grpc)
+	lt, lerr := l4route.Compile(table, d.Waypoint.Namespace, c.tcp, c.tls)
+	d.logOutOfScope(append(ht.OutOfScope(), lt.OutOfScope()...))
 	refused := append(append(c.refused, refusedBy(herr, c.byKey)...), refusedBy(lerr, c.byKey)...)
 	for _, err := range []error{herr, lerr} {
 		if err != nil && len(refusedBy(err, c.byKey)) == 0 {
@@ -193,6 +196,23 @@ func (d *Discovery) compileRoutes(l listers, table *route.Table) (*httproute.Tab
 		}
 	}
 	return ht, lt, refused, nil
+}
+
+// logOutOfScope logs, once per route and parent, the routes this waypoint does not apply because
+// of their namespace (neither the parent Service's nor the waypoint's: httproute.Scope). Not a
+// warning: Istio's waypoint leaves them out too; they are consumer routes, which only sidecars
+// apply. Only a waypoint discovering every namespace reads such routes.
+func (d *Discovery) logOutOfScope(routes []httproute.OutOfScope) {
+	seen := make(map[string]bool, len(routes))
+	for _, r := range routes {
+		key := r.String()
+		seen[key] = true
+		if !d.scoped[key] {
+			d.log().Info("mesh: "+key+" not applied: a waypoint applies only routes in the service's namespace or its own, as Istio's does",
+				"kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "service", r.Service)
+		}
+	}
+	d.scoped = seen
 }
 
 // HTTPRoute converts a gateway-api HTTPRoute into proxy/httproute's (see convert).

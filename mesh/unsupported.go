@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/detour-mesh/detour/proxy/route"
 )
@@ -50,6 +51,8 @@ type unsupportedListers struct {
 	extensions       func() ([]*extensionsv1alpha1.TrafficExtension, error)
 	telemetries      func() ([]*telemetryv1.Telemetry, error)
 	routes           func() []refusedRoute // the routes detour refuses (unsupported_routes.go)
+	// gateway is this waypoint's own Gateway (scope.go); only Discovery's snapshot reads it.
+	gateway func() (*gwv1.Gateway, error)
 }
 
 // unsupportedInformers watches the kinds of Unsupported that the API server serves and this
@@ -146,7 +149,15 @@ func (d *Discovery) findUnsupported(u unsupportedListers, table *route.Table) ([
 			bound = append(bound, s)
 		}
 	}
-	return applies{ns: d.Waypoint.Namespace, gateway: d.Waypoint.Gateway, root: d.rootNamespace(), bound: bound}.find(u)
+	out, err := applies{ns: d.Waypoint.Namespace, gateway: d.Waypoint.Gateway, root: d.rootNamespace(), bound: bound}.find(u)
+	if err != nil {
+		return nil, err
+	}
+	gw, err := d.gatewayScope(u.gateway)
+	if err != nil || gw == nil {
+		return out, err
+	}
+	return sortUnsupported(append(out, *gw)), nil
 }
 
 // find lists, by kind, namespace and name, the objects of u that apply to a.bound.
@@ -218,10 +229,15 @@ func (a applies) find(u unsupportedListers) ([]Unsupported, error) {
 	if u.routes != nil {
 		a.routes(&out, u.routes())
 	}
-	slices.SortFunc(out, func(x, y Unsupported) int {
+	return sortUnsupported(out), nil
+}
+
+// sortUnsupported orders list by kind, namespace and name.
+func sortUnsupported(list []Unsupported) []Unsupported {
+	slices.SortFunc(list, func(x, y Unsupported) int {
 		return cmp.Or(strings.Compare(x.Kind, y.Kind), strings.Compare(x.Namespace, y.Namespace), strings.Compare(x.Name, y.Name))
 	})
-	return out, nil
+	return list
 }
 
 // add appends kind m to out when it applies to svcs (none: nothing to report).

@@ -209,8 +209,8 @@ func findRefusedRoutes(ctx context.Context, client dynamic.Interface, namespaces
 		g, _ = gs()
 	}
 	c := convertRoutes(h, g, tcps, tlss)
-	_, herr := httproute.Compile(noServices{}, c.http, c.grpc)
-	_, lerr := l4route.Compile(noServices{}, c.tcp, c.tls)
+	_, herr := httproute.Compile(noServices{}, "", c.http, c.grpc)
+	_, lerr := l4route.Compile(noServices{}, "", c.tcp, c.tls)
 	return append(append(c.refused, refusedBy(herr, c.byKey)...), refusedBy(lerr, c.byKey)...), nil
 }
 

@@ -80,7 +80,7 @@ func BenchmarkHTTPRoutes(b *testing.B) {
 			if name == "100-rules" {
 				hrs = append(hrs, hundredRules())
 			}
-			routes, err := httproute.Compile(table, hrs, nil)
+			routes, err := httproute.Compile(table, "demo", hrs, nil)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -66,7 +66,7 @@ func newWaypointBedWith(b *testing.B, sinkPort int, backend hbone.Handler) *wayp
 	if err != nil {
 		b.Fatal(err)
 	}
-	l4, err := l4route.Compile(table, []*l4route.TCPRoute{tcp}, nil)
+	l4, err := l4route.Compile(table, "demo", []*l4route.TCPRoute{tcp}, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -188,7 +188,7 @@ func (b *bed) waypointDial(t *testing.T, manifests []string) (*nethttp.Client, f
 			}
 		}
 	}
-	routes, err := httproute.Compile(table, hrs, grs)
+	routes, err := httproute.Compile(table, suite.MeshNamespace, hrs, grs)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -85,7 +85,7 @@ func TestIstioL4RoutesThroughDetourWaypoint(t *testing.T) {
 		}
 		tcps = append(tcps, r)
 	}
-	rt, err := l4route.Compile(table, tcps, tlss)
+	rt, err := l4route.Compile(table, "demo", tcps, tlss)
 	if err != nil {
 		t.Fatal(err)
 	}

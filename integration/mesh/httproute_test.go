@@ -63,7 +63,7 @@ func TestDiscoveryHTTPRoutes(t *testing.T) {
 	runDiscovery(ctx, t, d)
 	backend := func() string {
 		r := httptest.NewRequest("GET", "/", nil)
-		m, attached := d.HTTPRoutes().Match(ns, "reviews", 80, "default", r, "/", false)
+		m, attached := d.HTTPRoutes().Match(ns, "reviews", 80, r, "/", false)
 		if !attached || m.Rule == nil {
 			return ""
 		}
@@ -87,7 +87,7 @@ func TestDiscoveryHTTPRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone := within(t, "a deleted route", func() bool {
-		_, attached := d.HTTPRoutes().Match(ns, "reviews", 80, "default", httptest.NewRequest("GET", "/", nil), "/", false)
+		_, attached := d.HTTPRoutes().Match(ns, "reviews", 80, httptest.NewRequest("GET", "/", nil), "/", false)
 		return !attached
 	})
 	t.Logf("reflected after: weight change %s, deletion %s", took.Round(time.Millisecond), gone.Round(time.Millisecond))

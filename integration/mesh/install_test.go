@@ -209,6 +209,8 @@ func mayDiscover(t *testing.T, c *testbed.Cluster, ns, sa string, want bool) {
 		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "grpcroutes", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "tcproutes", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "tlsroutes", Namespace: ns}, want},
+		// its own Gateway: whether it admits services of other namespaces (mesh/scope.go)
+		{authzv1.ResourceAttributes{Verb: "watch", Group: "gateway.networking.k8s.io", Resource: "gateways", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "watch", Group: "networking.istio.io", Resource: "virtualservices", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "destinationrules", Namespace: ns}, want},
 		{authzv1.ResourceAttributes{Verb: "list", Group: "networking.istio.io", Resource: "envoyfilters", Namespace: ns}, want},

@@ -66,7 +66,7 @@ func TestDiscoveryL4Routes(t *testing.T) {
 	d := &mesh.Discovery{Kube: c.Client, Istio: ic, Gateway: gc, Waypoint: authz.Waypoint{Namespace: ns, Gateway: "detour"}}
 	runDiscovery(ctx, t, d)
 	backend := func(port uint16, tls bool, sni string) string {
-		rule := d.L4Routes().For(ns, "db", port, "default").Match(tls, sni)
+		rule := d.L4Routes().For(ns, "db", port).Match(tls, sni)
 		if rule == nil {
 			return ""
 		}
@@ -95,6 +95,6 @@ func TestDiscoveryL4Routes(t *testing.T) {
 	if err := gc.GatewayV1().TCPRoutes(ns).Delete(ctx, tr.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	gone := within(t, "a deleted route", func() bool { return d.L4Routes().For(ns, "db", 5432, "default") == nil })
+	gone := within(t, "a deleted route", func() bool { return d.L4Routes().For(ns, "db", 5432) == nil })
 	t.Logf("reflected after: weight change %s, deletion %s", took.Round(time.Millisecond), gone.Round(time.Millisecond))
 }

@@ -177,12 +177,14 @@ type Static struct {
 	ExtensionProviders []ExtensionProvider `json:"extensionProviders"`
 	// HTTPRoutes and GRPCRoutes are Gateway API objects (gateway.networking.k8s.io/v1) whose
 	// parentRefs name services above; see proxy/httproute for the fields detour implements (any
-	// other is refused). Default none.
+	// other is refused). A route applies, to every caller, to parent services in its own
+	// namespace or, when it is in waypoint.namespace, in any namespace; a route naming a service
+	// in a third namespace is refused (Istio's waypoint would not apply it). Default none.
 	HTTPRoutes []httproute.HTTPRoute `json:"httpRoutes,omitempty"`
 	GRPCRoutes []httproute.GRPCRoute `json:"grpcRoutes,omitempty"`
 	// TCPRoutes and TLSRoutes are Gateway API objects (gateway.networking.k8s.io/v1 or
 	// v1alpha2) whose parentRefs name services above; see proxy/l4route for the fields detour
-	// implements (any other is refused). Default none.
+	// implements (any other is refused). Namespaces as for HTTPRoutes. Default none.
 	TCPRoutes []l4route.TCPRoute `json:"tcpRoutes,omitempty"`
 	TLSRoutes []l4route.TLSRoute `json:"tlsRoutes,omitempty"`
 }

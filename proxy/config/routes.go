@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 
 	"go.yaml.in/yaml/v3"
@@ -25,7 +26,11 @@ func (c *Config) HTTPRoutes() (*httproute.Table, error) {
 			grs = append(grs, &s.GRPCRoutes[i])
 		}
 	}
-	return httproute.Compile(table, hrs, grs)
+	t, err := httproute.Compile(table, c.Waypoint.Namespace, hrs, grs)
+	if err != nil {
+		return nil, err
+	}
+	return t, outOfScope(c.Waypoint.Namespace, t.OutOfScope())
 }
 
 // L4Routes compiles the static discovery's TCPRoutes and TLSRoutes against its services.
@@ -44,7 +49,21 @@ func (c *Config) L4Routes() (*l4route.Table, error) {
 			tlss = append(tlss, &s.TLSRoutes[i])
 		}
 	}
-	return l4route.Compile(table, tcps, tlss)
+	t, err := l4route.Compile(table, c.Waypoint.Namespace, tcps, tlss)
+	if err != nil {
+		return nil, err
+	}
+	return t, outOfScope(c.Waypoint.Namespace, t.OutOfScope())
+}
+
+// outOfScope refuses static routes the waypoint would not apply because of their namespace
+// (httproute.Scope): a document never says more than detour does.
+func outOfScope(waypointNS string, routes []httproute.OutOfScope) error {
+	var errs []error
+	for _, r := range routes {
+		errs = append(errs, fmt.Errorf("discovery.static: %s: the route is in neither the service's namespace nor the waypoint's (%s), so the waypoint does not apply it, as Istio's does not (a consumer route; move it to one of those namespaces)", r, waypointNS))
+	}
+	return errors.Join(errs...)
 }
 
 // checkRoutes names the YAML line of a field discovery.static.httpRoutes[], grpcRoutes[],

@@ -27,7 +27,7 @@ func TestDecodeRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := httptest.NewRequest("GET", "/v1", nil)
-	if m, attached := rt.Match("demo", "echo", 80, "demo", r, "/v1", false); !attached || m.Rule != nil {
+	if m, attached := rt.Match("demo", "echo", 80, r, "/v1", false); !attached || m.Rule != nil {
 		t.Errorf("/v1 on a routed service: attached %v, rule %v; want attached, no rule (404)", attached, m.Rule)
 	}
 }
@@ -42,9 +42,13 @@ func TestDecodeRoutesErrors(t *testing.T) {
 			`httproute: HTTPRoute demo/split: rules[0]: filters[0]: filter type "ExtensionRef" is not supported here (detour implements RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and for HTTPRoute RequestRedirect, URLRewrite and CORS)`},
 		{withRoutes + "    grpcRoutes:\n    - metadata: {name: g, namespace: demo}\n      spec: {rules: [{matches: [{method: {service: a, verb: b}}]}]}\n",
 			"line 34: discovery.static.grpcRoutes[0].spec.rules[0].matches[0].method.verb is not a field detour knows of MethodMatch"},
+		// A consumer route (neither the service's namespace nor the waypoint's) is refused: the
+		// waypoint would not apply it, as Istio's does not.
+		{strings.Replace(strings.Replace(withRoutes, "name: split, namespace: demo}", "name: split, namespace: frontend}", 1), "name: echo, port: 80}]", "name: echo, namespace: demo, port: 80}]", 1),
+			"discovery.static: HTTPRoute frontend/split (parent Service demo/echo): " + outOfScopeWhy},
 	} {
 		_, err := Decode([]byte(tc.doc))
-		if err == nil || err.Error() != tc.want {
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || err.Error() != tc.want) {
 			t.Errorf("Decode = %v\nwant %s", err, tc.want)
 		}
 	}
@@ -78,7 +82,7 @@ func TestDecodeL4Routes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs := rt.For("demo", "echo", 80, "demo")
+	rs := rt.For("demo", "echo", 80)
 	if !rs.NeedsSNI() || rs.Match(true, "a.example.com").Route != "TLSRoute demo/sni" || rs.Match(false, "").Route != "TCPRoute demo/db" {
 		t.Errorf("static TCPRoute and TLSRoute not attached to echo:80 as written")
 	}
@@ -92,12 +96,18 @@ func TestDecodeL4RoutesErrors(t *testing.T) {
 			"line 28: discovery.static.tcpRoutes[0].spec.hostnames is not a field detour knows of TCPRouteSpec"},
 		{strings.Replace(withL4Routes, "weight: 2}]\n", "weight: 2}]\n        - backendRefs: [{name: echo, port: 80}]\n", 1),
 			"l4route: TCPRoute demo/db: has 2 rules; a TCPRoute has exactly one (gateway.networking.k8s.io/v1), merge them into one rule's backendRefs"},
+		{strings.Replace(withL4Routes, "parentRefs: [{name: echo}]", "parentRefs: [{name: echo, namespace: demo}]", 1),
+			""},
+		{strings.Replace(strings.Replace(withL4Routes, "name: sni, namespace: demo}", "name: sni, namespace: frontend}", 1), "parentRefs: [{name: echo}]", "parentRefs: [{name: echo, namespace: demo}]", 1),
+			"discovery.static: TLSRoute frontend/sni (parent Service demo/echo): " + outOfScopeWhy},
 		{strings.Replace(withL4Routes, `"*.example.com"`, `"*"`, 1),
 			`l4route: TLSRoute demo/sni: hostnames[0]: "*" is not a hostname (lower-case RFC 1123 labels, optionally a first label *.; no IP)`},
 	} {
 		_, err := Decode([]byte(tc.doc))
-		if err == nil || err.Error() != tc.want {
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || err.Error() != tc.want) {
 			t.Errorf("Decode = %v\nwant %s", err, tc.want)
 		}
 	}
 }
+
+const outOfScopeWhy = "the route is in neither the service's namespace nor the waypoint's (demo), so the waypoint does not apply it, as Istio's does not (a consumer route; move it to one of those namespaces)"

@@ -17,7 +17,7 @@ func BenchmarkMatch(b *testing.B) {
 		fmt.Fprintf(&doc, "  - matches: [{path: {type: Exact, value: /r%d}, method: GET, headers: [{name: x-tenant, value: t%d}]}]\n    backendRefs: [{name: reviews-v1, port: 80}]\n", i, i)
 	}
 	doc.WriteString("  - backendRefs: [{name: reviews-v2, port: 80}]\n")
-	tbl, err := Compile(services(b), []*HTTPRoute{mustHTTP(b, doc.String())}, nil)
+	tbl, err := Compile(services(b), "shop", []*HTTPRoute{mustHTTP(b, doc.String())}, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -30,7 +30,7 @@ func BenchmarkMatch(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				m, attached := tbl.Match("shop", "reviews", tc.port, "shop", r, "/echo/item", false)
+				m, attached := tbl.Match("shop", "reviews", tc.port, r, "/echo/item", false)
 				if attached && m.Rule.Pick(func(int) int { return 0 }).Name != "reviews-v2" {
 					b.Fatal("wrong rule")
 				}

@@ -19,14 +19,18 @@ type Services interface {
 }
 
 // Compile builds the table of routes attached to services (parentRefs of kind Service),
-// once per snapshot. A route that cannot be compiled (an unsupported filter, a bad regular
+// once per snapshot, for the waypoint in namespace waypointNS: a route applies, to every
+// caller, to a parent Service in its own namespace or, when the route is in waypointNS, to a
+// parent Service in any namespace; a route in a third namespace is not applied and is listed by
+// Table.OutOfScope (Istio's waypoint does the same: listener_waypoint.go
+// getVirtualServiceForWaypoint). A route that cannot be compiled (an unsupported filter, a bad regular
 // expression or duration) is left out whole, as Istio leaves it unaccepted, and named in the
 // returned error; the others still apply. A backendRef that names no known Service is kept and
 // answers 500 (Istio's InvalidDestinationNotFound). Cross-namespace backendRefs need no
 // ReferenceGrant: Istio does not enforce them for mesh parents (route_collections.go passes
 // enforceRefGrant = !mesh).
-func Compile(svcs Services, https []*HTTPRoute, grpcs []*GRPCRoute) (*Table, error) {
-	c := &compiler{svcs: svcs, t: &Table{ports: map[portKey]*portRoutes{}}}
+func Compile(svcs Services, waypointNS string, https []*HTTPRoute, grpcs []*GRPCRoute) (*Table, error) {
+	c := &compiler{svcs: svcs, waypointNS: waypointNS, t: &Table{ports: map[portKey]*portRoutes{}}}
 	type routeRef struct {
 		meta Metadata
 		http *HTTPRoute
@@ -65,9 +69,10 @@ func Compile(svcs Services, https []*HTTPRoute, grpcs []*GRPCRoute) (*Table, err
 }
 
 type compiler struct {
-	svcs  Services
-	t     *Table
-	order int
+	svcs       Services
+	waypointNS string
+	t          *Table
+	order      int
 }
 
 func (c *compiler) httpRoute(hr *HTTPRoute) error {
@@ -84,7 +89,7 @@ func (c *compiler) httpRoute(hr *HTTPRoute) error {
 		rule.Route = fmt.Sprintf("%s#%d", name, i)
 		ms = append(ms, rms...)
 	}
-	return c.attach(hr.Metadata.Namespace, hr.Spec.ParentRefs, ms, false)
+	return c.attach("HTTPRoute", hr.Metadata, hr.Spec.ParentRefs, ms, false)
 }
 
 func (c *compiler) grpcRoute(gr *GRPCRoute) error {
@@ -101,13 +106,14 @@ func (c *compiler) grpcRoute(gr *GRPCRoute) error {
 		rule.Route = fmt.Sprintf("%s#%d", name, i)
 		ms = append(ms, rms...)
 	}
-	return c.attach(gr.Metadata.Namespace, gr.Spec.ParentRefs, ms, true)
+	return c.attach("GRPCRoute", gr.Metadata, gr.Spec.ParentRefs, ms, true)
 }
 
-// attach adds a route's matches to each Service port its parentRefs name: to every caller
-// when the route is in the Service's namespace (a producer route), to callers in the route's
-// namespace only otherwise (a consumer route, GEP-1294).
-func (c *compiler) attach(ns string, parents []ParentRef, ms []*match, grpc bool) error {
+// attach adds a route's matches to each Service port its parentRefs name, for every caller,
+// when the route is in the Service's namespace or in the waypoint's (see Compile); a parent in
+// a third namespace is recorded as out of scope instead.
+func (c *compiler) attach(kind string, meta Metadata, parents []ParentRef, ms []*match, grpc bool) error {
+	ns := meta.Namespace
 	for _, p := range parents {
 		if !isService(p.Group, p.Kind) {
 			continue // a Gateway's route, not the mesh's
@@ -119,6 +125,11 @@ func (c *compiler) attach(ns string, parents []ParentRef, ms []*match, grpc bool
 		svc := c.svcs.Service(pns, p.Name)
 		if svc == nil {
 			continue // not attached: no such Service (yet)
+		}
+		scope, ok := Scope(ns, pns, c.waypointNS)
+		if !ok {
+			c.t.outOfScope = append(c.t.outOfScope, OutOfScope{Kind: kind, Namespace: ns, Name: meta.Name, Service: pns + "/" + p.Name})
+			continue
 		}
 		for _, port := range svc.Ports {
 			if p.Port != nil && int32(port.Port) != *p.Port {
@@ -132,17 +143,39 @@ func (c *compiler) attach(ns string, parents []ParentRef, ms []*match, grpc bool
 			if grpc {
 				set = &pr.grpc
 			}
-			if ns == pns {
-				set.producer = append(set.producer, ms...)
+			if scope == ServiceNamespace {
+				set.serviceNS = append(set.serviceNS, ms...)
 			} else {
-				if set.consumer == nil {
-					set.consumer = map[string][]*match{}
-				}
-				set.consumer[ns] = append(set.consumer[ns], ms...)
+				set.waypointNS = append(set.waypointNS, ms...)
 			}
 		}
 	}
 	return nil
+}
+
+// RouteScope says why a waypoint applies a route to a parent Service.
+type RouteScope int
+
+const (
+	// ServiceNamespace: the route is in the Service's namespace (a producer route).
+	ServiceNamespace RouteScope = iota
+	// WaypointNamespace: the route is in the waypoint's namespace, the Service in another; it
+	// comes before the Service's own routes.
+	WaypointNamespace
+)
+
+// Scope decides whether the waypoint in waypointNS applies a route in routeNS to a parent
+// Service in serviceNS, as Istio's waypoint does (pilot/pkg/networking/core/listener_waypoint.go,
+// getVirtualServiceForWaypoint: the route's namespace is the service's or the waypoint's; ok is
+// false otherwise). proxy/l4route decides with it too.
+func Scope(routeNS, serviceNS, waypointNS string) (scope RouteScope, ok bool) {
+	switch routeNS {
+	case serviceNS:
+		return ServiceNamespace, true
+	case waypointNS:
+		return WaypointNamespace, true
+	}
+	return 0, false
 }
 
 // IsService reports whether p names a Service (group "" or "core", kind Service, the defaults):

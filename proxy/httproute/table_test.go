@@ -2,6 +2,7 @@ package httproute
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -58,7 +59,7 @@ spec:
 `
 
 func TestMatchPrecedence(t *testing.T) {
-	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, matching)}, nil)
+	tbl, err := Compile(services(t), "shop", []*HTTPRoute{mustHTTP(t, matching)}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,12 +87,12 @@ func TestMatchPrecedence(t *testing.T) {
 		if tc.header != "" {
 			r.Header.Set("Version", tc.header)
 		}
-		got := result(tbl.Match("shop", "reviews", 80, "shop", r, r.URL.EscapedPath(), false))
+		got := result(tbl.Match("shop", "reviews", 80, r, r.URL.EscapedPath(), false))
 		if got != tc.want {
 			t.Errorf("%s %s (version %q) went to %s, want %s", tc.method, tc.target, tc.header, got, tc.want)
 		}
 	}
-	if _, attached := tbl.Match("shop", "reviews", 7070, "shop", httptest.NewRequest("GET", "/", nil), "/", false); attached {
+	if _, attached := tbl.Match("shop", "reviews", 7070, httptest.NewRequest("GET", "/", nil), "/", false); attached {
 		t.Error("port 7070 has no route but is attached")
 	}
 }
@@ -110,7 +111,11 @@ func result(m Matched, attached bool) string {
 	return b.Name
 }
 
-func TestConsumerRouteOnlyForItsNamespace(t *testing.T) {
+// Which namespaces' routes a waypoint applies, as Istio's (listener_waypoint.go
+// getVirtualServiceForWaypoint, buildWaypointInboundHTTPRouteConfig): those in the Service's
+// namespace and those in the waypoint's own, to every caller, the waypoint's first; a route in a
+// third namespace (a consumer route, GEP-1294) to nobody.
+func TestRouteNamespaces(t *testing.T) {
 	consumer := mustHTTP(t, `
 metadata: {name: mine, namespace: frontend}
 spec:
@@ -125,24 +130,68 @@ spec:
   rules:
   - matches: [{path: {type: Exact, value: /only}}]
     backendRefs: [{name: reviews-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /shop}}]
+    backendRefs: [{name: reviews-v1, port: 80}]
 `)
-	tbl, err := Compile(services(t), []*HTTPRoute{consumer, producer}, nil)
+	waypoints := mustHTTP(t, `
+metadata: {name: ours, namespace: mesh}
+spec:
+  parentRefs: [{kind: Service, name: reviews, namespace: shop, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /mesh}}, {path: {type: PathPrefix, value: /shop/deeper}}]
+    backendRefs: [{name: reviews-v2, namespace: shop, port: 80}]
+`)
+	all := []*HTTPRoute{consumer, producer, waypoints}
+	for _, tc := range []struct {
+		waypointNS string
+		path       string
+		port       uint16
+		want       string // backend, "404" or "-" (not attached)
+	}{
+		// The waypoint in the Service's namespace: only shop's route applies, to every caller.
+		{"shop", "/only", 80, "reviews-v1"},
+		{"shop", "/other", 80, "404"}, // frontend's catch-all is not applied
+		{"shop", "/mesh", 80, "404"},  // nor mesh's: a third namespace here
+		{"shop", "/only", 7070, "reviews-v1"},
+		// The waypoint in mesh: mesh's route first, then shop's; frontend's still not.
+		{"mesh", "/mesh/x", 80, "reviews-v2"},
+		{"mesh", "/shop/deeper", 80, "reviews-v2"}, // mesh's prefix before shop's shorter one
+		{"mesh", "/shop/x", 80, "reviews-v1"},      // none of mesh's matches: shop's do
+		{"mesh", "/only", 80, "reviews-v1"},
+		{"mesh", "/other", 80, "404"},
+		{"mesh", "/mesh", 7070, "404"}, // mesh's route is for port 80 only
+		// The waypoint in frontend: frontend's route is the waypoint's namespace's.
+		{"frontend", "/other", 80, "reviews-v2"},
+		{"frontend", "/only", 7070, "reviews-v2"}, // before shop's Exact: the waypoint's first
+	} {
+		tbl, err := Compile(services(t), tc.waypointNS, all, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := httptest.NewRequest("GET", tc.path, nil)
+		if got := result(tbl.Match("shop", "reviews", tc.port, r, tc.path, false)); got != tc.want {
+			t.Errorf("waypoint in %s: %s on port %d went to %s, want %s", tc.waypointNS, tc.path, tc.port, got, tc.want)
+		}
+	}
+	tbl, err := Compile(services(t), "shop", all, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := httptest.NewRequest("GET", "/other", nil)
-	for _, tc := range []struct{ caller, want string }{{"frontend", "reviews-v2"}, {"shop", "404"}, {"elsewhere", "404"}} {
-		if got := result(tbl.Match("shop", "reviews", 80, tc.caller, r, "/other", false)); got != tc.want {
-			t.Errorf("caller in %s went to %s, want %s", tc.caller, got, tc.want)
-		}
+	want := "[HTTPRoute frontend/mine (parent Service shop/reviews) HTTPRoute mesh/ours (parent Service shop/reviews)]"
+	if got := fmt.Sprint(tbl.OutOfScope()); got != want {
+		t.Errorf("out of scope: %s\nwant %s", got, want)
 	}
-	if got := result(tbl.Match("shop", "reviews", 7070, "frontend", r, "/other", false)); got != "reviews-v2" {
-		t.Errorf("a parentRef without port attaches to every port; 7070 went to %s", got)
+	tbl, err = Compile(services(t), "shop", []*HTTPRoute{consumer}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tbl.Attached("shop", "reviews", 80) {
+		t.Error("a consumer route alone attached to the port, want no route (forwarded as before)")
 	}
 }
 
 func TestWeightsAndInvalidBackends(t *testing.T) {
-	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, `
+	tbl, err := Compile(services(t), "shop", []*HTTPRoute{mustHTTP(t, `
 metadata: {name: split, namespace: shop}
 spec:
   parentRefs: [{kind: Service, name: reviews, port: 80}]
@@ -161,7 +210,7 @@ spec:
 		t.Fatal(err)
 	}
 	r := httptest.NewRequest("GET", "/split", nil)
-	m, _ := tbl.Match("shop", "reviews", 80, "shop", r, "/split", false)
+	m, _ := tbl.Match("shop", "reviews", 80, r, "/split", false)
 	counts := map[string]int{}
 	for i := range 100 {
 		counts[m.Rule.Pick(func(n int) int { return i % n }).Name]++
@@ -169,11 +218,11 @@ spec:
 	if counts["reviews-v1"] != 70 || counts["reviews-v2"] != 30 {
 		t.Errorf("weights 70/30 over 100 draws gave %v", counts)
 	}
-	m, _ = tbl.Match("shop", "reviews", 80, "shop", r, "/none", false)
+	m, _ = tbl.Match("shop", "reviews", 80, r, "/none", false)
 	if b := m.Rule.Pick(func(int) int { return 0 }); b != nil {
 		t.Errorf("no weighted backend picked %v, want none (500)", b)
 	}
-	m, _ = tbl.Match("shop", "reviews", 80, "shop", r, "/missing", false)
+	m, _ = tbl.Match("shop", "reviews", 80, r, "/missing", false)
 	if b := m.Rule.Pick(func(int) int { return 0 }); b == nil || b.Invalid != "backend(nosuch.shop) not found" {
 		t.Errorf("missing backend = %+v, want invalid", b)
 	}
@@ -190,7 +239,7 @@ func TestCompileErrors(t *testing.T) {
 		{`{metadata: {name: a, namespace: shop}, spec: {rules: [{timeouts: {request: 1s, backendRequest: 2s}}]}}`,
 			`httproute: HTTPRoute shop/a: rules[0]: timeouts.backendRequest 2s is longer than timeouts.request 1s`},
 	} {
-		_, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, tc.doc)}, nil)
+		_, err := Compile(services(t), "shop", []*HTTPRoute{mustHTTP(t, tc.doc)}, nil)
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("Compile(%s) = %v\nwant %s", tc.doc, err, tc.want)
 		}
@@ -210,7 +259,7 @@ func TestDecodeRefusesUnknownFields(t *testing.T) {
 }
 
 func TestFilters(t *testing.T) {
-	tbl, err := Compile(services(t), []*HTTPRoute{mustHTTP(t, `
+	tbl, err := Compile(services(t), "shop", []*HTTPRoute{mustHTTP(t, `
 metadata: {name: f, namespace: shop}
 spec:
   parentRefs: [{kind: Service, name: reviews, port: 80}]
@@ -238,7 +287,7 @@ spec:
 	}
 	do := func(target string) (*http.Request, Matched) {
 		r := httptest.NewRequest("GET", "http://reviews"+target, nil)
-		m, _ := tbl.Match("shop", "reviews", 80, "shop", r, r.URL.EscapedPath(), false)
+		m, _ := tbl.Match("shop", "reviews", 80, r, r.URL.EscapedPath(), false)
 		return r, m
 	}
 	for target, want := range map[string]string{

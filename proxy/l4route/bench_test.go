@@ -35,7 +35,7 @@ func BenchmarkMatch(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	tbl, err := Compile(services(b), []*TCPRoute{tcp}, tlss)
+	tbl, err := Compile(services(b), "shop", []*TCPRoute{tcp}, tlss)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func BenchmarkMatch(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				rs := tbl.For("shop", tc.svc, tc.port, "shop")
+				rs := tbl.For("shop", tc.svc, tc.port)
 				if rs == nil {
 					continue
 				}

@@ -27,10 +27,10 @@ func FuzzDecodeCompile(f *testing.F) {
 		if r, err := DecodeTLSRoute(doc); err == nil {
 			tlss = append(tlss, r)
 		}
-		tbl, _ := Compile(svcs, tcps, tlss)
-		for _, port := range []uint16{443, 5432} {
-			for _, caller := range []string{"shop", "other"} {
-				rs := tbl.For("shop", "db", port, caller)
+		for _, waypointNS := range []string{"shop", "other"} {
+			tbl, _ := Compile(svcs, waypointNS, tcps, tlss)
+			for _, port := range []uint16{443, 5432} {
+				rs := tbl.For("shop", "db", port)
 				for _, sni := range []string{"", "a.b", "x.c", "C.", "."} {
 					if rule := rs.Match(true, sni); rule != nil {
 						rule.Pick(func(n int) int { return n - 1 })

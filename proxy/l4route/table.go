@@ -22,7 +22,8 @@ import (
 // Table holds the compiled TCPRoutes and TLSRoutes of one snapshot. Immutable; safe for
 // concurrent use. A nil *Table has no routes.
 type Table struct {
-	ports map[portKey]*portRoutes
+	ports      map[portKey]*portRoutes
+	outOfScope []httproute.OutOfScope
 }
 
 type portKey struct {
@@ -32,25 +33,21 @@ type portKey struct {
 
 type portRoutes struct {
 	tls, tcp set
-	// Built once compiled, so For allocates nothing: the routes every caller sees, and those of
-	// the namespaces with consumer routes.
-	all  *Routes
-	byNS map[string]*Routes
+	// Built once compiled, so For allocates nothing: the routes every caller sees.
+	all *Routes
 }
 
-// set: the producer routes (every caller) and the consumer routes by the caller's namespace
-// (those callers only, in place of the producer routes of the same kind; GEP-1294).
+// set is the routes of one kind on one service port as Istio's waypoint selects them
+// (pilot/pkg/networking/core/listener_waypoint.go: getVirtualServiceForWaypoint keeps routes in
+// the service's namespace or the waypoint's, for every caller; getWaypointTCPRoutes takes the
+// first match in the order VirtualServicesForGateway lists them, the waypoint's namespace
+// first). Routes in any other namespace are not applied (Table.OutOfScope names them).
 type set struct {
-	producer []*entry
-	consumer map[string][]*entry
+	waypointNS, serviceNS []*entry
 }
 
-func (s *set) for_(callerNS string) []*entry {
-	if es, ok := s.consumer[callerNS]; ok {
-		return es
-	}
-	return s.producer
-}
+// joined is the set in match order: the waypoint's namespace's routes, then the Service's.
+func (s *set) joined() []*entry { return slices.Concat(s.waypointNS, s.serviceNS) }
 
 // entry is one route on one port: for a TLSRoute, one of its hostnames.
 type entry struct {
@@ -91,9 +88,18 @@ type Routes struct {
 	tls, tcp []*entry
 }
 
-// For returns the routes attached to service namespace/name's port for a caller in callerNS;
+// OutOfScope lists the routes left out because of their namespace (see Compile), in Compile's
+// order.
+func (t *Table) OutOfScope() []httproute.OutOfScope {
+	if t == nil {
+		return nil
+	}
+	return t.outOfScope
+}
+
+// For returns the routes attached to service namespace/name's port, the same for every caller;
 // nil when none applies (forward as without routes).
-func (t *Table) For(namespace, name string, port uint16, callerNS string) *Routes {
+func (t *Table) For(namespace, name string, port uint16) *Routes {
 	if t == nil {
 		return nil
 	}
@@ -101,10 +107,7 @@ func (t *Table) For(namespace, name string, port uint16, callerNS string) *Route
 	if p == nil {
 		return nil
 	}
-	r := p.byNS[callerNS]
-	if r == nil {
-		r = p.all
-	}
+	r := p.all
 	if len(r.tls) == 0 && len(r.tcp) == 0 {
 		return nil
 	}
@@ -115,9 +118,12 @@ func (t *Table) For(namespace, name string, port uint16, callerNS string) *Route
 func (r *Routes) NeedsSNI() bool { return r != nil && len(r.tls) > 0 }
 
 // Match is the rule for a stream: when it is TLS, the first TLSRoute whose hostnames match
-// sni (exact before wildcard, the longest wildcard first); else, or when none matches, the
-// port's TCPRoute (GEP-1294: TLSRoutes before TCPRoutes), the oldest when several attach (the
-// spec's conflict rule; v1 has one rule per route). nil: no route takes the stream, which is
+// sni (those in the waypoint's namespace first, then the Service's; within one namespace exact
+// before wildcard, the longest wildcard first); else, or when none matches, the port's first
+// TCPRoute (GEP-1294: TLSRoutes before TCPRoutes, as listener_waypoint.go getWaypointTCPRoutes
+// tries every selected route's TLS before any TCP): the waypoint's namespace's before the
+// Service's, the oldest when several attach (the spec's conflict rule; v1 has one rule per
+// route). nil: no route takes the stream, which is
 // refused.
 func (r *Routes) Match(tls bool, sni string) *Rule {
 	if r == nil {
@@ -172,13 +178,17 @@ func (r *Rule) Pick(intn func(int) int) *Backend {
 	return nil
 }
 
-// Compile builds the table of TCPRoutes and TLSRoutes attached to services, once per snapshot.
+// Compile builds the table of TCPRoutes and TLSRoutes attached to services, once per snapshot,
+// for the waypoint in namespace waypointNS, with proxy/httproute's rule (httproute.Scope): a
+// route applies, to every caller, to a parent Service in its own namespace or, when the route is
+// in waypointNS, to one in any namespace; a route in a third namespace is not applied and is
+// listed by Table.OutOfScope.
 // A route that cannot be compiled (more than one rule, a bad hostname or weight) is left out
 // whole, as Istio leaves it unaccepted, and named in the returned error; the others still apply.
 // A backendRef that names no known Service is kept and refuses the connections drawn for it.
 // Cross-namespace backendRefs need no ReferenceGrant (Istio does not enforce them for mesh
 // parents: route_collections.go converts with enforceRefGrant = !mesh).
-func Compile(svcs httproute.Services, tcps []*TCPRoute, tlss []*TLSRoute) (*Table, error) {
+func Compile(svcs httproute.Services, waypointNS string, tcps []*TCPRoute, tlss []*TLSRoute) (*Table, error) {
 	type routeRef struct {
 		meta httproute.Metadata
 		tcp  *TCPRoute
@@ -203,32 +213,25 @@ func Compile(svcs httproute.Services, tcps []*TCPRoute, tlss []*TLSRoute) (*Tabl
 	for order, r := range all {
 		var err error
 		if r.tcp != nil {
-			err = t.add(svcs, order, "TCPRoute", r.meta, r.tcp.Spec.ParentRefs, nil, r.tcp.Spec.Rules)
+			err = t.add(svcs, waypointNS, order, "TCPRoute", r.meta, r.tcp.Spec.ParentRefs, nil, r.tcp.Spec.Rules)
 		} else {
-			err = t.add(svcs, order, "TLSRoute", r.meta, r.tls.Spec.ParentRefs, r.tls.Spec.Hostnames, r.tls.Spec.Rules)
+			err = t.add(svcs, waypointNS, order, "TLSRoute", r.meta, r.tls.Spec.ParentRefs, r.tls.Spec.Hostnames, r.tls.Spec.Rules)
 		}
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for _, p := range t.ports {
-		slices.SortStableFunc(p.tls.producer, cmpTLS)
-		for _, es := range p.tls.consumer {
-			slices.SortStableFunc(es, cmpTLS)
-		}
-		p.all = &Routes{tls: p.tls.producer, tcp: p.tcp.producer}
-		p.byNS = map[string]*Routes{}
-		for _, m := range []map[string][]*entry{p.tls.consumer, p.tcp.consumer} {
-			for ns := range m {
-				p.byNS[ns] = &Routes{tls: p.tls.for_(ns), tcp: p.tcp.for_(ns)}
-			}
-		}
+		slices.SortStableFunc(p.tls.waypointNS, cmpTLS)
+		slices.SortStableFunc(p.tls.serviceNS, cmpTLS)
+		p.all = &Routes{tls: p.tls.joined(), tcp: p.tcp.joined()}
+		p.tls, p.tcp = set{}, set{}
 	}
 	return t, errors.Join(errs...)
 }
 
 // add compiles one route (hosts is nil for a TCPRoute) and attaches it to its parents.
-func (t *Table) add(svcs httproute.Services, order int, kind string, meta httproute.Metadata, parents []httproute.ParentRef, hosts []string, rules []RouteRule) error {
+func (t *Table) add(svcs httproute.Services, waypointNS string, order int, kind string, meta httproute.Metadata, parents []httproute.ParentRef, hosts []string, rules []RouteRule) error {
 	if meta.Name == "" || meta.Namespace == "" {
 		return fmt.Errorf("l4route: a %s needs metadata.name and metadata.namespace", kind)
 	}
@@ -250,7 +253,7 @@ func (t *Table) add(svcs httproute.Services, order int, kind string, meta httpro
 	} else if es, err = tlsEntries(hosts, rule, order); err != nil {
 		return refused(err)
 	}
-	t.attach(svcs, meta.Namespace, parents, kind == "TLSRoute", es)
+	t.attach(svcs, waypointNS, kind, meta, parents, es)
 	return nil
 }
 
@@ -292,10 +295,11 @@ func tlsEntries(hosts []string, rule *Rule, order int) ([]*entry, error) {
 	return es, nil
 }
 
-// attach adds a route's entries to each Service port its parentRefs name: to every caller
-// when the route is in the Service's namespace (a producer route), to callers in the route's
-// namespace only otherwise (a consumer route, GEP-1294).
-func (t *Table) attach(svcs httproute.Services, ns string, parents []httproute.ParentRef, tls bool, es []*entry) {
+// attach adds a route's entries to each Service port its parentRefs name, for every caller,
+// when the route is in the Service's namespace or in the waypoint's (httproute.Scope); a parent
+// in a third namespace is recorded as out of scope instead.
+func (t *Table) attach(svcs httproute.Services, waypointNS, kind string, meta httproute.Metadata, parents []httproute.ParentRef, es []*entry) {
+	ns := meta.Namespace
 	for _, p := range parents {
 		if !p.IsService() {
 			continue // a Gateway's route, not the mesh's
@@ -308,6 +312,11 @@ func (t *Table) attach(svcs httproute.Services, ns string, parents []httproute.P
 		if svc == nil {
 			continue // not attached: no such Service (yet)
 		}
+		scope, ok := httproute.Scope(ns, pns, waypointNS)
+		if !ok {
+			t.outOfScope = append(t.outOfScope, httproute.OutOfScope{Kind: kind, Namespace: ns, Name: meta.Name, Service: pns + "/" + p.Name})
+			continue
+		}
 		for _, port := range svc.Ports {
 			if (p.Port != nil && int32(port.Port) != *p.Port) || (p.SectionName != nil && port.Name != *p.SectionName) {
 				continue
@@ -319,17 +328,14 @@ func (t *Table) attach(svcs httproute.Services, ns string, parents []httproute.P
 				t.ports[k] = pr
 			}
 			s := &pr.tcp
-			if tls {
+			if kind == "TLSRoute" {
 				s = &pr.tls
 			}
-			if ns == pns {
-				s.producer = append(s.producer, es...)
-				continue
+			if scope == httproute.ServiceNamespace {
+				s.serviceNS = append(s.serviceNS, es...)
+			} else {
+				s.waypointNS = append(s.waypointNS, es...)
 			}
-			if s.consumer == nil {
-				s.consumer = map[string][]*entry{}
-			}
-			s.consumer[ns] = append(s.consumer[ns], es...)
 		}
 	}
 }

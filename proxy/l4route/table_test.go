@@ -2,6 +2,7 @@ package l4route
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -30,6 +31,13 @@ func services(t testing.TB) *route.Table {
 
 func compile(t *testing.T, docs ...string) (*Table, error) {
 	t.Helper()
+	return compileFor(t, "shop", docs...)
+}
+
+// compileFor compiles docs (each created a second after the one before) for a waypoint in
+// waypointNS.
+func compileFor(t *testing.T, waypointNS string, docs ...string) (*Table, error) {
+	t.Helper()
 	var tcps []*TCPRoute
 	var tlss []*TLSRoute
 	for i, doc := range docs {
@@ -49,7 +57,7 @@ func compile(t *testing.T, docs ...string) (*Table, error) {
 		r.Metadata.CreationTimestamp = time.Unix(int64(i), 0)
 		tcps = append(tcps, r)
 	}
-	return Compile(services(t), tcps, tlss)
+	return Compile(services(t), waypointNS, tcps, tlss)
 }
 
 const (
@@ -107,7 +115,7 @@ spec:
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs := tbl.For("shop", "db", 443, "shop")
+	rs := tbl.For("shop", "db", 443)
 	if !rs.NeedsSNI() {
 		t.Fatal("a port with a TLSRoute needs the SNI")
 	}
@@ -136,16 +144,16 @@ spec:
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs = tbl.For("shop", "db", 443, "shop")
+	rs = tbl.For("shop", "db", 443)
 	for sni, want := range map[string]string{"api.example.com": "db-v1", "other.org": "refused", "": "refused"} {
 		if got := backendOf(rs.Match(true, sni)); got != want {
 			t.Errorf("Match(%q) = %s, want %s", sni, got, want)
 		}
 	}
-	if got := backendOf(tbl.For("shop", "db", 5432, "shop").Match(true, "api.example.com")); got != "db-v2" {
+	if got := backendOf(tbl.For("shop", "db", 5432).Match(true, "api.example.com")); got != "db-v2" {
 		t.Errorf("port 5432 = %s, want the wildcard route's db-v2 (it has no port)", got)
 	}
-	if tbl.For("shop", "db-v1", 443, "shop") != nil || tbl.For("shop", "db", 80, "shop") != nil {
+	if tbl.For("shop", "db-v1", 443) != nil || tbl.For("shop", "db", 80) != nil {
 		t.Error("routes attached where no parentRef names them")
 	}
 }
@@ -168,7 +176,7 @@ spec:
 	if err != nil {
 		t.Fatal(err)
 	}
-	rule := tbl.For("shop", "db", 5432, "shop").Match(false, "")
+	rule := tbl.For("shop", "db", 5432).Match(false, "")
 	counts := map[string]int{}
 	for n := range 4 {
 		counts[rule.Pick(func(int) int { return n }).Name]++
@@ -176,7 +184,7 @@ spec:
 	if counts["db-v1"] != 3 || counts["db-v2"] != 1 {
 		t.Errorf("draws 0..3 over weights 3:1 = %v, want db-v1 3, db-v2 1", counts)
 	}
-	broken := tbl.For("shop", "db-v1", 5432, "shop").Match(false, "")
+	broken := tbl.For("shop", "db-v1", 5432).Match(false, "")
 	var invalid []string
 	for n := range 3 {
 		invalid = append(invalid, broken.Pick(func(int) int { return n }).Invalid)
@@ -186,39 +194,113 @@ spec:
 	if strings.Join(invalid, "|") != strings.Join(want, "|") {
 		t.Errorf("invalid backends:\n%q\nwant\n%q", invalid, want)
 	}
-	if b := tbl.For("shop", "db-v2", 5432, "shop").Match(false, "").Pick(func(int) int { return 0 }); b != nil {
+	if b := tbl.For("shop", "db-v2", 5432).Match(false, "").Pick(func(int) int { return 0 }); b != nil {
 		t.Errorf("a rule without backends picked %+v, want none (refused)", b)
 	}
 }
 
-// A route from the caller's namespace replaces the producer routes of its kind for that
-// caller only; the oldest of several TCPRoutes wins.
-func TestConsumerAndConflicts(t *testing.T) {
+// The oldest of several TCPRoutes of the Service's namespace wins, for every caller.
+func TestConflicts(t *testing.T) {
 	tbl, err := compile(t, tcpRoute, `
 kind: TCPRoute
 metadata: {name: newer, namespace: shop}
 spec:
   parentRefs: [{name: db}]
   rules: [{backendRefs: [{name: db-v3, port: 5432}]}]
-`, `
-kind: TCPRoute
-metadata: {name: mine, namespace: tenant}
-spec:
-  parentRefs: [{name: db, namespace: shop, port: 5432}]
-  rules: [{backendRefs: [{name: db-v3, namespace: shop, port: 5432}]}]
 `)
 	if err != nil {
 		t.Fatal(err)
 	}
 	one := func(int) int { return 0 }
-	if got := tbl.For("shop", "db", 5432, "shop").Match(false, "").Pick(one).Name; got != "db-v1" {
-		t.Errorf("producer: %s, want the older route's db-v1", got)
+	if got := tbl.For("shop", "db", 5432).Match(false, "").Pick(one).Name; got != "db-v1" {
+		t.Errorf("port 5432: %s, want the older route's db-v1", got)
 	}
-	if got := tbl.For("shop", "db", 5432, "tenant").Match(false, "").Pick(one); got.Name != "db-v3" || got.Namespace != "shop" {
-		t.Errorf("consumer: %+v, want shop/db-v3", got)
+	if got := tbl.For("shop", "db", 443).Match(false, "").Pick(one).Name; got != "db-v3" {
+		t.Errorf("port 443: %s, want the only route there, newer's db-v3", got)
 	}
-	if got := tbl.For("shop", "db", 443, "tenant").Match(false, "").Pick(one).Name; got != "db-v3" {
-		t.Errorf("consumer on another port: %s, want the producer route newer's db-v3", got)
+}
+
+// Which namespaces' routes a waypoint applies, as Istio's (listener_waypoint.go
+// getVirtualServiceForWaypoint, getWaypointTCPRoutes): those in the Service's namespace and
+// those in the waypoint's own, to every caller, the waypoint's first (TLS before TCP across
+// both); a route in a third namespace (a consumer route) to nobody.
+func TestRouteNamespaces(t *testing.T) {
+	consumer := `
+kind: TCPRoute
+metadata: {name: mine, namespace: tenant}
+spec:
+  parentRefs: [{name: db, namespace: shop, port: 5432}]
+  rules: [{backendRefs: [{name: db-v3, namespace: shop, port: 5432}]}]
+`
+	waypoints := `
+kind: TCPRoute
+metadata: {name: ours, namespace: mesh}
+spec:
+  parentRefs: [{name: db, namespace: shop, port: 5432}]
+  rules: [{backendRefs: [{name: db-v2, namespace: shop, port: 5432}]}]
+`
+	waypointsTLS := `
+kind: TLSRoute
+metadata: {name: ours-tls, namespace: mesh}
+spec:
+  parentRefs: [{name: db, namespace: shop}]
+  hostnames: ["*.example.com"]
+  rules: [{backendRefs: [{name: db-v3, namespace: shop, port: 443}]}]
+`
+	one := func(int) int { return 0 }
+	pick := func(rs *Routes, tls bool, sni string) string {
+		if rs == nil {
+			return "-"
+		}
+		return backendOf(rs.Match(tls, sni))
+	}
+	// The waypoint in mesh: shop's routes and mesh's apply, mesh's first although newest (and
+	// its wildcard before shop's exact hostname); tenant's does not.
+	tbl, err := compileFor(t, "mesh", tcpRoute, tlsExact, consumer, waypoints, waypointsTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		port uint16
+		tls  bool
+		sni  string
+		want string
+	}{
+		{5432, false, "", "db-v2"},               // mesh/ours before shop/split
+		{443, true, "api.example.com", "db-v3"},  // mesh/ours-tls before shop/exact
+		{443, true, "other.org", "refused"},      // no TLSRoute matches, no TCPRoute on 443
+		{5432, true, "api.example.com", "db-v3"}, // TLS before TCP, across namespaces
+	} {
+		if got := pick(tbl.For("shop", "db", tc.port), tc.tls, tc.sni); got != tc.want {
+			t.Errorf("waypoint in mesh, port %d tls %v %q: %s, want %s", tc.port, tc.tls, tc.sni, got, tc.want)
+		}
+	}
+	want := "TCPRoute tenant/mine (parent Service shop/db)"
+	if got := fmt.Sprint(tbl.OutOfScope()); got != "["+want+"]" {
+		t.Errorf("out of scope: %s, want [%s]", got, want)
+	}
+	// The waypoint in shop, the Service's namespace: mesh's routes are a third namespace's too.
+	tbl, err = compileFor(t, "shop", tcpRoute, tlsExact, consumer, waypoints, waypointsTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := tbl.For("shop", "db", 5432).Match(false, "").Pick(one).Name; got != "db-v1" {
+		t.Errorf("waypoint in shop, port 5432: %s, want shop/split's db-v1", got)
+	}
+	if got := pick(tbl.For("shop", "db", 443), true, "api.example.com"); got != "db-v1" {
+		t.Errorf("waypoint in shop, api.example.com: %s, want shop/exact's db-v1", got)
+	}
+	want = "[TCPRoute tenant/mine (parent Service shop/db) TCPRoute mesh/ours (parent Service shop/db) TLSRoute mesh/ours-tls (parent Service shop/db)]"
+	if got := fmt.Sprint(tbl.OutOfScope()); got != want {
+		t.Errorf("out of scope: %s\nwant %s", got, want)
+	}
+	// Only third namespaces' routes: the port is not routed at all.
+	tbl, err = compileFor(t, "shop", consumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs := tbl.For("shop", "db", 5432); rs != nil {
+		t.Errorf("a consumer route alone: routes %+v, want none", rs)
 	}
 }
 
@@ -247,8 +329,8 @@ func TestCompileErrors(t *testing.T) {
 	}
 	// One bad route is left out; the others apply.
 	tbl, err := compile(t, tcpRoute, `{kind: TCPRoute, metadata: {name: two, namespace: shop}, spec: {parentRefs: [{name: db-v1}], rules: [{}, {}]}}`)
-	if err == nil || tbl.For("shop", "db", 5432, "shop") == nil || tbl.For("shop", "db-v1", 5432, "shop") != nil {
-		t.Errorf("a bad route beside a good one: err %v, good attached %v", err, tbl.For("shop", "db", 5432, "shop") != nil)
+	if err == nil || tbl.For("shop", "db", 5432) == nil || tbl.For("shop", "db-v1", 5432) != nil {
+		t.Errorf("a bad route beside a good one: err %v, good attached %v", err, tbl.For("shop", "db", 5432) != nil)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/detour-mesh/detour/hbone"
@@ -56,7 +55,7 @@ func (hs *httpStream) routeHTTP(w *recorder, r *http.Request, path string, grpc 
 	if hs.h.HTTPRoutes == nil || hs.svc == "" || !hs.serviceAddressed() {
 		return false
 	}
-	m, attached := hs.h.HTTPRoutes().Match(hs.svcNS, hs.svc, hs.port, callerNamespace(hs.req.PeerID.Path()), r, path, grpc)
+	m, attached := hs.h.HTTPRoutes().Match(hs.svcNS, hs.svc, hs.port, r, path, grpc)
 	if !attached {
 		return false
 	}
@@ -127,16 +126,6 @@ func (h *Handler) routed(req *hbone.Request, dest *route.Destination) bool {
 		return false
 	}
 	return h.HTTPRoutes().Attached(dest.Service.Namespace, dest.Service.Name, dest.Port.Port)
-}
-
-// callerNamespace is the namespace of a SPIFFE path /ns/NS/sa/SA ("" for any other).
-func callerNamespace(p string) string {
-	rest, ok := strings.CutPrefix(p, "/ns/")
-	if !ok {
-		return ""
-	}
-	ns, _, _ := strings.Cut(rest, "/")
-	return ns
 }
 
 func (h *Handler) intn(n int) int {

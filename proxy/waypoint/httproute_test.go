@@ -40,7 +40,7 @@ func newRouteBed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) 
 	ports := []route.Port{{Name: "http", Port: 80, TargetPort: uint16(appPort)}, {Name: "grpc", Port: 7070, TargetPort: uint16(appPort), AppProtocol: "grpc"}}
 	b.podBed = newPodBed(t, ports, func(ip, sa string) { b.serveApp(t, listen(t, ip, appPort), sa) }, func(h *waypoint.Handler, table *route.Table) {
 		grpcs, https := kinds(routes, "GRPCRoute")
-		rt, err := httproute.Compile(table, decodeAll(t, https, httproute.DecodeHTTPRoute), decodeAll(t, grpcs, httproute.DecodeGRPCRoute))
+		rt, err := httproute.Compile(table, "demo", decodeAll(t, https, httproute.DecodeHTTPRoute), decodeAll(t, grpcs, httproute.DecodeGRPCRoute))
 		if err != nil {
 			t.Fatal(err)
 		}

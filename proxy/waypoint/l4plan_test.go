@@ -43,7 +43,7 @@ func TestPlanL4Routes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt, err := l4route.Compile(table, []*l4route.TCPRoute{tcp("split", "db", "db-v2"), tcp("dead", "empty", "empty"), tcp("front", "front", "db")}, []*l4route.TLSRoute{tls})
+	rt, err := l4route.Compile(table, "demo", []*l4route.TCPRoute{tcp("split", "db", "db-v2"), tcp("dead", "empty", "empty"), tcp("front", "front", "db")}, []*l4route.TLSRoute{tls})
 	if err != nil {
 		t.Fatal(err)
 	}

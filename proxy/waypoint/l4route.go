@@ -46,7 +46,7 @@ func (h *Handler) l4For(req *hbone.Request, dest *route.Destination) *l4route.Ro
 	if proto, declared := protocolOf(dest.Port); declared && (proto == sniff.HTTP1 || proto == sniff.HTTP2) {
 		return nil
 	}
-	return h.L4Routes().For(dest.Service.Namespace, dest.Service.Name, dest.Port.Port, callerNamespace(req.PeerID.Path()))
+	return h.L4Routes().For(dest.Service.Namespace, dest.Service.Name, dest.Port.Port)
 }
 
 // l4Choice is where a routed stream goes: the backend its routes drew, with that backend's

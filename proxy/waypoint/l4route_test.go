@@ -60,7 +60,7 @@ func newL4Bed(t *testing.T, tweak func(*waypoint.Handler), routes ...string) *l4
 		{Name: "data", Port: 9000, TargetPort: uint16(tcpPort)}}
 	b.podBed = newPodBed(t, ports, apps, func(h *waypoint.Handler, table *route.Table) {
 		tlss, tcps := kinds(routes, "TLSRoute")
-		rt, err := l4route.Compile(table, decodeAll(t, tcps, l4route.DecodeTCPRoute), decodeAll(t, tlss, l4route.DecodeTLSRoute))
+		rt, err := l4route.Compile(table, "demo", decodeAll(t, tcps, l4route.DecodeTCPRoute), decodeAll(t, tlss, l4route.DecodeTLSRoute))
 		if err != nil {
 			t.Fatal(err)
 		}
