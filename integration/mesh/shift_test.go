@@ -475,7 +475,7 @@ func (b *shiftBed) echo(i int) shiftResult {
 // httpBackend is the backend the waypoint's HTTP route table picks for GET / to reviews:80
 // (weights 100/0 or 0/100 make the draw irrelevant).
 func (b *shiftBed) httpBackend() string {
-	m, attached := b.d.HTTPRoutes().Match(b.ns, "reviews", 80, "default", httptest.NewRequest("GET", "/", nil), "/", false)
+	m, attached := b.d.HTTPRoutes().Match(b.ns, "reviews", 80, httptest.NewRequest("GET", "/", nil), "/", false)
 	if !attached || m.Rule == nil {
 		return ""
 	}
@@ -488,7 +488,7 @@ func (b *shiftBed) httpBackend() string {
 // l4Backend is the backend the waypoint's L4 route table picks for a TCP connection to
 // reviews:5432.
 func (b *shiftBed) l4Backend() string {
-	rule := b.d.L4Routes().For(b.ns, "reviews", 5432, "default").Match(false, "")
+	rule := b.d.L4Routes().For(b.ns, "reviews", 5432).Match(false, "")
 	if rule == nil {
 		return ""
 	}
